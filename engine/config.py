@@ -1,0 +1,425 @@
+"""Run configuration: one dataclass per section, validated at construction.
+
+Ground floor: imports neither torch nor Qt, so the studio can build its forms from these
+dataclasses (field docs become tooltips, ``choices`` become combo boxes, ``min``/``max`` ranges).
+Errors name the field (``sparsity.level must be in [0, 1), got 1.5``) so the CLI and the form can
+show them next to the value that is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``key`` is the dotted field name (e.g. ``train.lr``)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+STAGES = ("vocab", "pretrain", "finetune", "prompt")
+DEVICES = ("auto", "cpu", "cuda")
+DISTRIBUTIONS = ("uniform", "erk")
+KERNELS = ("auto", "dense", "sparse")
+TASKS = ("lm", "pubmedqa", "hoc")
+
+
+def _f(default: Any, doc: str, **meta: Any) -> Any:
+    """A dataclass field carrying its documentation and UI hints in metadata."""
+    meta["doc"] = doc
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Section:
+    """Shared validation: type checks from annotations, then ranges and choices from metadata."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+            value = _coerce(key, getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+            meta = f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise ConfigError(key, f"{key} must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                lo, hi = meta.get("min"), meta.get("max")
+                lo_open, hi_open = meta.get("min_open", False), meta.get("max_open", False)
+                bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+                    hi is not None and (value > hi or (hi_open and value == hi))
+                )
+                if bad:
+                    raise ConfigError(key, f"{key} must be {_range_text(meta)}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks of one section."""
+
+
+def _range_text(meta: dict) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        left = "(" if meta.get("min_open") else "["
+        right = ")" if meta.get("max_open") else "]"
+        return f"in {left}{lo:g}, {hi:g}{right}"
+    if lo is not None:
+        return f"> {lo:g}" if meta.get("min_open") else f">= {lo:g}"
+    return f"< {hi:g}" if meta.get("max_open") else f"<= {hi:g}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation; allow int -> float and str -> [str] (corpus lists)."""
+    origin = get_origin(hint)
+    if origin is Union:
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None and type(None) in get_args(hint):
+            return None
+        errors = []
+        for a in args:
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(key, f"{key} must be {names}, got {value!r}")
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _type_name(t: Any) -> str:
+    if get_origin(t) is list:
+        return f"a list of {_type_name(get_args(t)[0])}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    SECTION = "model"
+    n_layer: int = _f(4, "Number of transformer blocks.", min=1, max=256)
+    n_head: int = _f(4, "Attention heads per block; d_model must be divisible by it.", min=1, max=256)
+    d_model: int = _f(128, "Width of the residual stream (embedding size).", min=8, max=65536)
+    n_ctx: int = _f(128, "Training context length in tokens.", min=8, max=65536)
+    n_positions: int = _f(
+        0, "Size of the learned position table (the model's maximum context); 0 means equal to n_ctx.", min=0, max=65536
+    )
+    dropout: float = _f(0.0, "Dropout on attention and residual paths (0 disables it).", min=0.0, max=1.0, max_open=True)
+    bias: bool = _f(True, "Use biases in linear layers and layer norms (GPT-2 style).")
+
+    def check(self) -> None:
+        if self.d_model % self.n_head:
+            raise ConfigError("model.n_head", f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_positions and self.n_ctx > self.n_positions:
+            raise ConfigError(
+                "model.n_ctx",
+                f"model.n_ctx ({self.n_ctx}) exceeds the model's maximum context model.n_positions ({self.n_positions})",
+            )
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions or self.n_ctx
+
+
+@dataclass(frozen=True)
+class TokenizerConfig(_Section):
+    SECTION = "tokenizer"
+    vocab_size: int = _f(8192, "Byte-level BPE vocabulary size, special tokens included (the paper: 42,384).", min=1, max=1_000_000)
+    min_frequency: int = _f(2, "Minimum count of a pair to be merged.", min=1, max=1_000_000)
+    lowercase: bool = _f(False, "Lowercase text before tokenizing.")
+
+    # 256 byte symbols + <|endoftext|> + <|pad|>
+    MIN_VOCAB = 258
+
+    def check(self) -> None:
+        if self.vocab_size < self.MIN_VOCAB:
+            raise ConfigError(
+                "tokenizer.vocab_size",
+                f"tokenizer.vocab_size must be at least {self.MIN_VOCAB} (256 bytes + 2 special tokens), got {self.vocab_size}",
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    SECTION = "data"
+    corpus: list[str] = _f(
+        ["builtin:hpo"],
+        "Training text: 'builtin:hpo' (HPO term definitions, works offline) or local .txt/.jsonl/.json/.csv/.parquet files or folders.",
+        kind="corpus",
+    )
+    text_field: str = _f("text", "Column holding the text in .jsonl/.json/.csv/.parquet files.")
+    val_fraction: float = _f(0.05, "Fraction of documents held out for validation.", min=0.0, max=0.5, min_open=True)
+    max_documents: int = _f(0, "Use at most this many documents (0 = all); handy for quick trials.", min=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, str):  # a single path is the common case in TOML and --set
+            object.__setattr__(self, "corpus", [self.corpus])
+        super().__post_init__()
+
+    def check(self) -> None:
+        if not self.corpus or not all(s.strip() for s in self.corpus):
+            raise ConfigError("data.corpus", "data.corpus is empty: give 'builtin:hpo' or at least one file or folder")
+        if not self.text_field:
+            raise ConfigError("data.text_field", "data.text_field must not be empty")
+
+
+@dataclass(frozen=True)
+class SparsityConfig(_Section):
+    SECTION = "sparsity"
+    level: float = _f(0.75, "Fraction of zero weights in the sparse matrices (attention q/k/v/out and MLP).", min=0.0, max=1.0, max_open=True)
+    distribution: str = _f("uniform", "How sparsity is spread over layers: same level everywhere, or Erdős–Rényi-Kernel.", choices=DISTRIBUTIONS)
+    kernel: str = _f("auto", "Matmul path for sparse layers: time both and keep the faster (auto), masked dense, or the sparse CPU core.", choices=KERNELS)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    SECTION = "train"
+    max_steps: int = _f(300, "Optimizer steps to run.", min=1, max=10_000_000)
+    batch_size: int = _f(8, "Sequences per micro-batch.", min=1, max=65536)
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, max=4096)
+    lr: float = _f(3e-3, "Peak learning rate (AdamW).", min=0.0, max=10.0, min_open=True)
+    min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of the peak (cosine decay).", min=0.0, max=1.0)
+    warmup_steps: int = _f(30, "Linear warm-up steps.", min=0)
+    weight_decay: float = _f(0.1, "AdamW weight decay, applied to weight matrices only.", min=0.0, max=10.0)
+    beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0, max_open=True)
+    beta2: float = _f(0.95, "AdamW beta2.", min=0.0, max=1.0, max_open=True)
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).", min=0.0)
+    eval_every: int = _f(50, "Validation every this many steps (and at the end).", min=1)
+    eval_batches: int = _f(8, "Validation micro-batches per evaluation.", min=1)
+    checkpoint_every: int = _f(100, "Checkpoint every this many steps (and at the end).", min=1)
+    log_every: int = _f(1, "Emit training metrics every this many steps.", min=1)
+    seed: int = _f(1337, "Random seed for init, masks and data order.", min=0)
+    device: str = _f("auto", "Where to train: auto picks CUDA when available.", choices=DEVICES)
+    threads: int = _f(0, "CPU threads for torch (0 = all cores).", min=0, max=1024)
+
+    def check(self) -> None:
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError("train.warmup_steps", f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+
+
+@dataclass(frozen=True)
+class TaskConfig(_Section):
+    SECTION = "task"
+    name: str = _f("lm", "Fine-tuning task: causal LM on a corpus, PubMedQA (yes/no/maybe) or HoC (10 hallmarks).", choices=TASKS)
+    train: str = _f("", "Training file (PubMedQA: PQA-L JSON; HoC: JSONL; lm: uses data.corpus).", kind="path")
+    dev: str = _f("", "Development file; empty: the fold's dev split (PubMedQA) or a held-out part of train.", kind="path")
+    splits: str = _f("", "PubMedQA 10-fold split file (pqal_splits.json); empty: looked up next to the train file.", kind="path")
+    fold: int = _f(0, "Cross-validation fold (0-9) when a split file is used.", min=0, max=9)
+    head: str = _f("lm", "HoC: predict labels as text (lm) or with a classification head (classifier).", choices=("lm", "classifier"))
+    predict: str = _f("likelihood", "PubMedQA prediction: compare answer likelihoods, or greedy generation + parsing.", choices=("likelihood", "generate"))
+
+
+@dataclass(frozen=True)
+class PromptConfig(_Section):
+    SECTION = "prompt"
+    n_tokens: int = _f(20, "Number of learned virtual-token embeddings.", min=1, max=1024)
+    init: str = _f("vocab", "Initialise from sampled vocabulary embeddings, or from the embedding of init_text.", choices=("vocab", "text"))
+    init_text: str = _f("", "Text whose token embeddings initialise the prompt when init = 'text'.")
+    lr: float = _f(0.3, "Learning rate of the prompt vectors (Lester et al. use ~0.3).", min=0.0, max=100.0, min_open=True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "tokenizer": TokenizerConfig,
+    "data": DataConfig,
+    "sparsity": SparsityConfig,
+    "train": TrainConfig,
+    "task": TaskConfig,
+    "prompt": PromptConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    """A whole run: top-level keys plus one object per section."""
+
+    SECTION = ""
+    name: str = _f("", "Run name shown in the studio (default: preset name + stage).")
+    stage: str = _f("pretrain", "Pipeline stage this run performs.", choices=STAGES)
+    parent: str = _f("", "Parent run id (fine-tuning and prompting start from it; a pre-training may reuse its tokenizer).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in SECTIONS and not isinstance(getattr(self, f.name), SECTIONS[f.name]):
+                raise ConfigError(f.name, f"{f.name} must be a table of settings")
+        for f in dataclasses.fields(self):
+            if f.name in SECTIONS:
+                continue
+            value = _coerce(f.name, getattr(self, f.name), str)
+            object.__setattr__(self, f.name, value)
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ConfigError(f.name, f"{f.name} must be one of {', '.join(map(repr, f.metadata['choices']))}, got {value!r}")
+        if self.stage in ("finetune", "prompt") and not self.parent:
+            raise ConfigError("parent", f"parent is required for stage {self.stage!r}: give the id of the run to start from")
+
+    # -- conversions -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, overrides: dict[str, Any]) -> "RunConfig":
+        """Copy with dotted-key overrides (``{"train.lr": 1e-3}``), validated."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(d, key, value)
+        return from_dict(d)
+
+
+def field_docs() -> dict[str, dict]:
+    """Every dotted key with its default, type name, doc and UI hints (for forms and docs)."""
+    out: dict[str, dict] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            cls = SECTIONS[f.name]
+            hints = get_type_hints(cls)
+            for sf in dataclasses.fields(cls):
+                out[f"{f.name}.{sf.name}"] = _field_info(sf, hints[sf.name])
+        else:
+            out[f.name] = _field_info(f, str)
+    return out
+
+
+def _field_info(f: dataclasses.Field, hint: Any) -> dict:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    info = {"default": default, "type": getattr(hint, "__name__", str(hint))}
+    info.update(f.metadata)
+    return info
+
+
+def all_keys() -> list[str]:
+    return list(field_docs())
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    known = all_keys()
+    if key not in known:
+        if len(parts) == 1 and key in SECTIONS:
+            raise ConfigError(key, f"{key} is a section; set one of its keys, e.g. {key}.{next(k for k in known if k.startswith(key + '.')).split('.', 1)[1]}")
+        raise ConfigError(key, _unknown_key_message(key, known))
+    if len(parts) == 1:
+        d[key] = value
+    else:
+        d.setdefault(parts[0], {})[parts[1]] = value
+
+
+def _unknown_key_message(key: str, known: list[str]) -> str:
+    tail = key.split(".")[-1]
+    if tail in SECTIONS:  # 'train.sparsity' -> the section's main key
+        close = [k for k in known if k.startswith(tail + ".")][:1]
+    else:
+        close = [k for k in known if k.split(".")[-1] == tail][:1] or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {key!r}{hint}"
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Build and validate a RunConfig from nested dicts (TOML/JSON), rejecting unknown keys."""
+    if not isinstance(d, dict):
+        raise ConfigError("", "configuration must be a table of settings")
+    known = all_keys()
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(key, f"{key} must be a table of settings ([{key}]), got {value!r}")
+            for sub in value:
+                if f"{key}.{sub}" not in known:
+                    raise ConfigError(f"{key}.{sub}", _unknown_key_message(f"{key}.{sub}", known))
+            kwargs[key] = SECTIONS[key](**value)
+        elif key in known:
+            kwargs[key] = value
+        else:
+            raise ConfigError(key, _unknown_key_message(key, known))
+    return RunConfig(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML value (numbers, booleans, lists, quoted strings); bare text stays a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(item, f"--set expects key=value, got {item!r}")
+        key, _, value = item.partition("=")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("config", f"{p}: not a valid TOML file ({e})") from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML file (or start from defaults), apply dotted overrides, validate once at the end."""
+    d = load_toml(path) if path else {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(d, key, value)
+    return from_dict(d)

@@ -1,0 +1,298 @@
+"""The run database: the source of truth for runs, metrics, evaluations, checkpoints and artifacts.
+
+SQLite in WAL mode through sqlite-utils, so the studio reads while the engine writes. The schema is
+built by ordered migrations recorded in ``schema_migrations``. Ground floor: no torch, no Qt.
+The engine process of a run is the only writer of that run's rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import sqlite_utils
+
+from .paths import default_db_path
+
+FINAL_STATUSES = ("completed", "stopped", "failed", "crashed")
+LIVE_STATUSES = ("created", "running", "paused")
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db["runs"].create(
+        {
+            "id": str, "name": str, "stage": str, "parent_id": str, "status": str, "config": str,
+            "created_at": float, "started_at": float, "finished_at": float, "heartbeat_at": float,
+            "host": str, "pid": int, "pid_start": str, "versions": str, "run_dir": str,
+            "summary": str, "meta": str, "error": str, "tags": str, "notes": str, "archived": int,
+        },
+        pk="id",
+        not_null={"stage", "status", "config", "created_at"},
+        defaults={"tags": "[]", "notes": "", "archived": 0, "summary": "{}", "meta": "{}"},
+    )
+    db["runs"].create_index(["status"])
+    db["runs"].create_index(["parent_id"])
+    db["metrics"].create(
+        {"run_id": str, "step": int, "tokens": int, "wall_time": float, "flops": float, "flops_dense": float,
+         "name": str, "value": float},
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["metrics"].create_index(["run_id", "name", "step"])
+    db["evaluations"].create(
+        {"id": int, "run_id": str, "step": int, "task": str, "split": str, "data_path": str,
+         "metrics": str, "baselines": str, "created_at": float},
+        pk="id", foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["evaluations"].create_index(["run_id"])
+    db["checkpoints"].create(
+        {"id": int, "run_id": str, "step": int, "tokens": int, "path": str, "bytes": int,
+         "is_final": int, "created_at": float},
+        pk="id", foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["checkpoints"].create_index(["run_id", "step"])
+    db["artifacts"].create(
+        {"id": int, "run_id": str, "kind": str, "path": str, "meta": str, "created_at": float},
+        pk="id", foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["artifacts"].create_index(["run_id", "kind"])
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
+    (1, "initial schema", _m001_initial),
+]
+
+
+def _process_start(pid: int) -> str:
+    """Kernel start time of a process (Linux), so a recycled pid is not mistaken for our run."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def pid_alive(pid: int | None, start: str | None = None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if start:
+        now = _process_start(pid)
+        if now and now != start:
+            return False
+    # a zombie (killed, not yet reaped by its parent) is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return False
+    except OSError:
+        pass
+    return True
+
+
+class RunDB:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path).expanduser() if path else default_db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA busy_timeout = 30000")
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.migrate()
+
+    # -- schema ------------------------------------------------------------------------------------
+    def migrate(self) -> None:
+        with self.db.conn:
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at REAL)")
+        done = {r[0] for r in self.db.execute("SELECT version FROM schema_migrations").fetchall()}
+        for version, name, fn in MIGRATIONS:
+            if version in done:
+                continue
+            try:
+                with self.db.conn:
+                    fn(self.db)
+                    self.db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, name, time.time()])
+            except sqlite3.OperationalError as e:
+                # another process migrated at the same moment
+                if "already exists" not in str(e):
+                    raise
+
+    def schema_version(self) -> int:
+        row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return row[0] or 0
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- runs --------------------------------------------------------------------------------------
+    def create_run(self, *, name: str, stage: str, config: dict, parent_id: str | None = None,
+                   run_dir: str = "", versions: dict | None = None, run_id: str | None = None) -> str:
+        run_id = run_id or secrets.token_hex(4)
+        self.db["runs"].insert(
+            {
+                "id": run_id, "name": name, "stage": stage, "parent_id": parent_id or None, "status": "created",
+                "config": json.dumps(config, sort_keys=True), "created_at": time.time(), "host": socket.gethostname(),
+                "versions": json.dumps(versions or {}), "run_dir": run_dir, "summary": "{}", "meta": "{}",
+                "tags": "[]", "notes": "", "archived": 0,
+            }
+        )
+        return run_id
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        for key in ("config", "summary", "meta", "versions", "tags"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        self.db["runs"].update(run_id, fields)
+
+    def mark_running(self, run_id: str) -> None:
+        pid = os.getpid()
+        now = time.time()
+        self.update_run(run_id, status="running", pid=pid, pid_start=_process_start(pid), host=socket.gethostname(),
+                        started_at=now, heartbeat_at=now, finished_at=None, error=None)
+
+    def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
+        fields: dict[str, Any] = {"status": status}
+        if status in FINAL_STATUSES:
+            fields["finished_at"] = time.time()
+        if error is not None:
+            fields["error"] = error
+        self.update_run(run_id, **fields)
+
+    def merge_meta(self, run_id: str, **items: Any) -> None:
+        meta = self.get_run(run_id)["meta"]
+        meta.update(items)
+        self.update_run(run_id, meta=meta)
+
+    def get_run(self, run_id: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        if not rows:
+            # allow a unique prefix, as git does
+            rows = list(self.db.query("SELECT * FROM runs WHERE id LIKE ?", [run_id + "%"])) if len(run_id) >= 3 else []
+            if len(rows) != 1:
+                return None
+        return _decode_run(rows[0])
+
+    def list_runs(self, include_archived: bool = True) -> list[dict]:
+        where = "" if include_archived else "WHERE archived = 0"
+        return [_decode_run(r) for r in self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at DESC")]
+
+    def delete_run(self, run_id: str) -> None:
+        with self.db.conn:
+            for table in ("metrics", "evaluations", "checkpoints", "artifacts"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            self.db.execute("DELETE FROM runs WHERE id = ?", [run_id])
+
+    def reap_crashed(self) -> list[str]:
+        """Mark ``running``/``paused`` rows of this host whose process is gone as ``crashed``."""
+        host = socket.gethostname()
+        crashed = []
+        for r in self.db.query("SELECT id, pid, pid_start, host FROM runs WHERE status IN ('running', 'paused')"):
+            if r["host"] == host and not pid_alive(r["pid"], r["pid_start"]):
+                self.set_status(r["id"], "crashed", error="the engine process ended without finishing the run")
+                crashed.append(r["id"])
+        return crashed
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def log_metrics(self, run_id: str, step: int, tokens: int, wall_time: float, flops: float,
+                    flops_dense: float, values: dict[str, float]) -> None:
+        rows = [
+            (run_id, step, tokens, wall_time, flops, flops_dense, name, float(v))
+            for name, v in values.items() if v is not None
+        ]
+        with self.db.conn:
+            self.db.conn.executemany(
+                "INSERT INTO metrics (run_id, step, tokens, wall_time, flops, flops_dense, name, value) VALUES (?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            self.db.conn.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [time.time(), run_id])
+
+    def insert_metric_rows(self, rows: Iterable[tuple]) -> None:
+        """Bulk insert of (run_id, step, tokens, wall_time, flops, flops_dense, name, value) tuples."""
+        with self.db.conn:
+            self.db.conn.executemany(
+                "INSERT INTO metrics (run_id, step, tokens, wall_time, flops, flops_dense, name, value) VALUES (?,?,?,?,?,?,?,?)",
+                rows,
+            )
+
+    def metrics(self, run_id: str, names: Iterable[str] | None = None, after_step: int = -1) -> list[dict]:
+        sql = "SELECT step, tokens, wall_time, flops, flops_dense, name, value FROM metrics WHERE run_id = ? AND step > ?"
+        args: list[Any] = [run_id, after_step]
+        if names:
+            names = list(names)
+            sql += f" AND name IN ({','.join('?' * len(names))})"
+            args += names
+        return list(self.db.query(sql + " ORDER BY step, rowid", args))
+
+    def truncate_metrics(self, run_id: str, after_step: int) -> None:
+        """Drop rows past a checkpoint before resuming, so a resumed run does not repeat steps."""
+        with self.db.conn:
+            self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, after_step])
+            self.db.execute("DELETE FROM evaluations WHERE run_id = ? AND step > ?", [run_id, after_step])
+
+    def metric_names(self, run_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metrics WHERE run_id = ?", [run_id]).fetchall()]
+
+    # -- evaluations, checkpoints, artifacts -------------------------------------------------------
+    def add_evaluation(self, run_id: str, step: int, task: str, split: str, metrics: dict,
+                       baselines: dict | None = None, data_path: str = "") -> int:
+        with self.db.conn:
+            return self.db["evaluations"].insert(
+                {"run_id": run_id, "step": step, "task": task, "split": split, "data_path": data_path,
+                 "metrics": json.dumps(metrics), "baselines": json.dumps(baselines or {}), "created_at": time.time()}
+            ).last_pk
+
+    def evaluations(self, run_id: str) -> list[dict]:
+        out = []
+        for r in self.db.query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY id", [run_id]):
+            r["metrics"] = json.loads(r["metrics"] or "{}")
+            r["baselines"] = json.loads(r["baselines"] or "{}")
+            out.append(r)
+        return out
+
+    def add_checkpoint(self, run_id: str, step: int, tokens: int, path: str, nbytes: int, is_final: bool) -> None:
+        with self.db.conn:
+            self.db["checkpoints"].insert(
+                {"run_id": run_id, "step": step, "tokens": tokens, "path": path, "bytes": nbytes,
+                 "is_final": int(is_final), "created_at": time.time()}
+            )
+
+    def checkpoints(self, run_id: str) -> list[dict]:
+        return list(self.db.query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step, id", [run_id]))
+
+    def latest_checkpoint(self, run_id: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step DESC, id DESC LIMIT 1", [run_id]))
+        return rows[0] if rows else None
+
+    def add_artifact(self, run_id: str, kind: str, path: str, meta: dict | None = None) -> None:
+        with self.db.conn:
+            self.db["artifacts"].insert(
+                {"run_id": run_id, "kind": kind, "path": path, "meta": json.dumps(meta or {}), "created_at": time.time()}
+            )
+
+    def artifacts(self, run_id: str, kind: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM artifacts WHERE run_id = ?", [run_id]
+        if kind:
+            sql += " AND kind = ?"
+            args.append(kind)
+        out = []
+        for r in self.db.query(sql + " ORDER BY id", args):
+            r["meta"] = json.loads(r["meta"] or "{}")
+            out.append(r)
+        return out
+
+
+def _decode_run(r: dict) -> dict:
+    r = dict(r)
+    for key, default in (("config", "{}"), ("summary", "{}"), ("meta", "{}"), ("versions", "{}"), ("tags", "[]")):
+        r[key] = json.loads(r.get(key) or default)
+    return r
