@@ -222,7 +222,7 @@ class TrainConfig(_Section):
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, max=4096)
     lr: float = _f(3e-3, "Peak learning rate (AdamW).", min=0.0, max=10.0, min_open=True)
     min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of the peak (cosine decay).", min=0.0, max=1.0)
-    warmup_steps: int = _f(30, "Linear warm-up steps.", min=0)
+    warmup_steps: int = _f(30, "Linear warm-up steps (a run shorter than this warms up throughout).", min=0)
     weight_decay: float = _f(0.1, "AdamW weight decay, applied to weight matrices only.", min=0.0, max=10.0)
     beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0, max_open=True)
     beta2: float = _f(0.95, "AdamW beta2.", min=0.0, max=1.0, max_open=True)
@@ -235,9 +235,6 @@ class TrainConfig(_Section):
     device: str = _f("auto", "Where to train: auto picks CUDA when available.", choices=DEVICES)
     threads: int = _f(0, "CPU threads for torch (0 = all cores).", min=0, max=1024)
 
-    def check(self) -> None:
-        if self.warmup_steps > self.max_steps:
-            raise ConfigError("train.warmup_steps", f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps})")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,364 @@
+"""The engine's command line: ``mediswift`` (also ``python -m engine``).
+
+Exit codes: 0 success (a stopped run included), 1 internal failure, 2 bad input (one clear line on
+stderr naming the field or file, plus an ``error`` event on stdout for commands that stream events).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, parse_overrides
+from .events import EventWriter
+from .paths import default_db_path, default_runs_dir, list_presets, resolve_preset
+from .rundb import RunDB
+from .session import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, key: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.key, self.path = key, path
+
+
+def _db(args) -> RunDB:
+    db = RunDB(args.db or default_db_path())
+    db.reap_crashed()  # any command notices runs whose engine died
+    return db
+
+
+def _run_or_fail(db: RunDB, run_id: str) -> dict:
+    row = db.get_run(run_id)
+    if row is None:
+        raise CliError(f"unknown run: {run_id} (see `mediswift runs list`)", key="run_id")
+    return row
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+
+
+# -- train ------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from .session import InputError, RunSession
+
+    events = EventWriter()
+    db = _db(args)
+    resume_row = None
+    overrides = parse_overrides(args.set)
+    if args.resume:
+        resume_row = db.get_run(args.resume)
+        if resume_row is None:
+            raise CliError(f"cannot resume: unknown run {args.resume}", key="resume")
+        if resume_row["status"] in ("running", "paused"):
+            raise CliError(f"cannot resume run {resume_row['id']}: it is still {resume_row['status']} (pid {resume_row['pid']})", key="resume")
+        if resume_row["status"] == "completed" and "train.max_steps" not in overrides:
+            raise CliError(f"run {resume_row['id']} already completed; to train further add --set train.max_steps=N", key="resume")
+        from .config import from_dict
+
+        cfg = from_dict(resume_row["config"]).replace(overrides)
+        ckpt = db.latest_checkpoint(resume_row["id"])
+        if ckpt is None or not Path(ckpt["path"]).is_file():
+            raise CliError(f"cannot resume run {resume_row['id']}: it has no checkpoint to continue from", key="resume")
+        ckpt_path = ckpt["path"]
+    else:
+        if not args.config:
+            raise CliError("train needs a CONFIG.toml (or a preset name such as 'demo'), or --resume RUN_ID", key="config")
+        path = resolve_preset(args.config)
+        if not path.is_file():
+            raise CliError(f"config file not found: {args.config} (presets: {', '.join(list_presets())})", key="config", path=str(path))
+        cfg = load_config(path, overrides)
+        ckpt_path = None
+    _check_inputs(cfg, db)
+
+    runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(db.path)
+    session = RunSession(db, events, cfg, runs_dir, resume_id=resume_row["id"] if resume_row else None)
+    from .control import Control
+
+    control = Control()
+    control.install()
+    try:
+        status = _run_stage(session, control, ckpt_path)
+        return 0 if status in ("completed", "stopped") else 1
+    except InputError as e:
+        session.fail(str(e), key=e.key, path=e.path)
+        _stderr_error(str(e))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        session.fail("interrupted twice; stopped without a final checkpoint", status="stopped")
+        return 130
+    except Exception as e:  # noqa: BLE001 - record any failure before exiting
+        import traceback
+
+        session.log.error(traceback.format_exc())
+        session.fail(f"{type(e).__name__}: {e}")
+        return 1
+    finally:
+        control.uninstall()
+        session.close()
+
+
+def _run_stage(session, control, ckpt_path):
+    stage = session.cfg.stage
+    if stage in ("vocab", "pretrain"):
+        from .pretrain import run_pretrain
+
+        return run_pretrain(session, control, ckpt_path)
+    try:
+        from .finetune import run_finetune
+    except ImportError:
+        from .session import InputError
+
+        raise InputError(f"stage {stage!r} is not available in this build", key="stage") from None
+    return run_finetune(session, control, ckpt_path)
+
+
+def _check_inputs(cfg, db: RunDB) -> None:
+    """Checks that need no heavy work, done before a run row exists (so bad input leaves no run behind)."""
+    from .corpus import CorpusError, check_corpus_spec
+
+    if cfg.stage in ("vocab", "pretrain") or cfg.task.name == "lm":
+        try:
+            check_corpus_spec(cfg.data.corpus)
+        except CorpusError as e:
+            raise CliError(str(e), key=e.key, path=e.path) from None
+    if cfg.parent:
+        parent = db.get_run(cfg.parent)
+        if parent is None:
+            raise CliError(f"parent run not found: {cfg.parent}", key="parent")
+        if cfg.stage in ("finetune", "prompt") and parent["stage"] == "vocab":
+            raise CliError(f"parent run {cfg.parent} is a vocabulary run; fine-tuning needs a trained model", key="parent")
+        if cfg.stage in ("vocab", "pretrain") and parent["stage"] not in ("vocab", "pretrain"):
+            raise CliError(f"parent run {cfg.parent} is a {parent['stage']} run; a {cfg.stage} run can only reuse a vocabulary or pre-training run's tokenizer", key="parent")
+
+
+# -- runs, inspect, metrics -------------------------------------------------------------------------
+
+
+def cmd_runs_list(args) -> int:
+    db = _db(args)
+    runs = db.list_runs()
+    rows = [
+        {"id": r["id"], "name": r["name"], "stage": r["stage"], "status": r["status"], "parent": r["parent_id"],
+         "created_at": r["created_at"], "finished_at": r["finished_at"], "summary": r["summary"], "tags": r["tags"],
+         "run_dir": r["run_dir"]}
+        for r in runs
+    ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no runs yet; start one with: mediswift train demo")
+        return 0
+    print(f"{'id':10} {'name':20} {'stage':9} {'status':10} {'step':>6} {'val loss':>9}  parent")
+    for r in rows:
+        s = r["summary"]
+        vl = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "-"
+        print(f"{r['id']:10} {r['name'][:20]:20} {r['stage']:9} {r['status']:10} {s.get('step', 0):>6} {vl:>9}  {r['parent'] or ''}")
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    db = _db(args)
+    row = _run_or_fail(db, args.run_id)
+    out = {
+        "id": row["id"], "name": row["name"], "stage": row["stage"], "status": row["status"], "parent": row["parent_id"],
+        "config": row["config"], "summary": row["summary"], "meta": row["meta"], "error": row["error"],
+        "created_at": row["created_at"], "started_at": row["started_at"], "finished_at": row["finished_at"],
+        "host": row["host"], "pid": row["pid"], "versions": row["versions"], "run_dir": row["run_dir"],
+        "tags": row["tags"], "notes": row["notes"],
+        "checkpoints": db.checkpoints(row["id"]), "evaluations": db.evaluations(row["id"]),
+        "children": [r["id"] for r in db.list_runs() if r["parent_id"] == row["id"]],
+    }
+    if args.json:
+        _print_json(out)
+    else:
+        print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_run import inspect_checkpoint
+
+    db = _db(args)
+    row = _run_or_fail(db, args.run_id)
+    ckpt = db.latest_checkpoint(row["id"])
+    if ckpt is None or not Path(ckpt["path"]).is_file():
+        raise CliError(f"run {row['id']} has no checkpoint yet", key="run_id")
+    report = inspect_checkpoint(ckpt["path"])
+    report.update({"run_id": row["id"], "checkpoint": ckpt["path"], "step": ckpt["step"]})
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"run {row['id']} at step {ckpt['step']}: {report['params']['total']:,} parameters, "
+              f"{report['params']['nonzero']:,} nonzero, sparsity {report['sparsity']['total']:.4f}")
+        for name, v in report["sparsity"]["layers"].items():
+            print(f"  {name:32} {v:.4f}")
+        f = report["flops_per_token"]
+        print(f"training FLOPs per token: {f['sparse']:.4g} sparse, {f['dense']:.4g} dense-equivalent ({f['dense'] / f['sparse']:.2f}x)")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    db = _db(args)
+    row = _run_or_fail(db, args.run_id)
+    rows = db.metrics(row["id"], names=args.name or None)
+    cols = ["step", "tokens", "wall_time", "flops", "flops_dense", "name", "value"]
+    if args.csv:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r[c] for c in cols])
+    else:
+        _print_json(rows)
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .estimate import estimate
+
+    path = resolve_preset(args.config)
+    if not path.is_file():
+        raise CliError(f"config file not found: {args.config}", key="config", path=str(path))
+    cfg = load_config(path, parse_overrides(args.set))
+    result = estimate(cfg, probe_steps=args.probe_steps)
+    if args.json:
+        _print_json(result)
+    else:
+        p, f = result["params"], result["flops"]
+        print(f"parameters: {p['total']:,} total, {p['nonzero']:,} nonzero")
+        print(f"training FLOPs: {f['sparse']:.3e} sparse vs {f['dense']:.3e} dense-equivalent ({f['saving']:.2f}x fewer)")
+        print(f"tokens: {result['tokens']:,}; memory ≈ {result['memory_bytes'] / 2**20:,.0f} MiB")
+        if result["eta_seconds"] is not None:
+            print(f"measured step: {result['step_seconds'] * 1000:.0f} ms → ETA {result['eta_seconds'] / 60:.1f} min (training only)")
+        elif result.get("probe_skipped"):
+            print(f"no probe: {result['probe_skipped']}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    names = list_presets()
+    if args.json:
+        _print_json([{"name": n, "path": str(resolve_preset(n))} for n in names])
+    else:
+        print("\n".join(names))
+    return 0
+
+
+def cmd_config_keys(args) -> int:
+    from .config import field_docs
+
+    docs = field_docs()
+    if args.json:
+        _print_json(docs)
+    else:
+        for key, info in docs.items():
+            extra = f" (one of: {', '.join(info['choices'])})" if "choices" in info else ""
+            print(f"{key} = {json.dumps(info['default'])}\n    {info['doc']}{extra}")
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mediswift", description="MediSwift engine: sparse pre-training of domain GPT models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, db=True):
+        if db:
+            sp.add_argument("--db", help="run database (default: $MEDISWIFT_DB or ~/.local/share/mediswift/runs.db)")
+        return sp
+
+    t = common(sub.add_parser("train", help="start (or --resume) a run; streams JSON-line events on stdout"))
+    t.add_argument("config", nargs="?", help="CONFIG.toml, or a preset name (see `mediswift presets`)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_steps=100")
+    t.add_argument("--runs-dir", help="folder for run folders (default: next to the database, or $MEDISWIFT_RUNS_DIR)")
+    t.add_argument("--resume", metavar="RUN_ID", help="continue a stopped or crashed run from its last checkpoint")
+    t.set_defaults(fn=cmd_train)
+
+    r = sub.add_parser("runs", help="list or show runs")
+    rs = r.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    rl = common(rs.add_parser("list", help="every run in the database"))
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(fn=cmd_runs_list)
+    rsh = common(rs.add_parser("show", help="one run: config, status, summary, checkpoints, evaluations"))
+    rsh.add_argument("run_id")
+    rsh.add_argument("--json", action="store_true")
+    rsh.set_defaults(fn=cmd_runs_show)
+
+    i = common(sub.add_parser("inspect", help="sparsity, parameters and FLOPs from a run's latest checkpoint"))
+    i.add_argument("run_id")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    m = common(sub.add_parser("metrics", help="a run's metric rows (step, tokens, name, value)"))
+    m.add_argument("run_id")
+    fmt = m.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    m.add_argument("--name", action="append", help="only these metric names")
+    m.set_defaults(fn=cmd_metrics)
+
+    e = sub.add_parser("estimate", help="parameters, FLOPs, memory and a measured ETA before launching")
+    e.add_argument("config")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--probe-steps", type=int, default=3, help="training steps to time for the ETA (0 = no probe)")
+    e.set_defaults(fn=cmd_estimate)
+
+    pr = sub.add_parser("presets", help="bundled presets")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=cmd_presets)
+
+    ck = sub.add_parser("config-keys", help="every config key with its default and meaning")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(fn=cmd_config_keys)
+
+    for register in _extra_commands():
+        register(sub, common)
+    return p
+
+
+def _extra_commands():
+    """Commands that live in their own modules (evaluation, export)."""
+    out = []
+    for modname in ("engine.eval_cli", "engine.export_cli"):
+        try:
+            mod = __import__(modname, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        out.append(mod.register)
+    return out
+
+
+def _stderr_error(message: str) -> None:
+    sys.stderr.write(f"mediswift: error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    streams_events = args.command in ("train",)
+    try:
+        return args.fn(args)
+    except (ConfigError, CliError, InputError) as e:
+        _stderr_error(str(e))
+        if streams_events:
+            EventWriter().emit("error", message=str(e), key=getattr(e, "key", None) or None, path=getattr(e, "path", None))
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

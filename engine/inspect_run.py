@@ -1,0 +1,49 @@
+"""Report a checkpoint from its tensors: measured sparsity per layer, parameters, FLOPs per token."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import from_dict
+from .flops import FlopModel
+
+# attention q/k/v/out and MLP fc/proj weights: the sparse-eligible matrices
+SPARSE_WEIGHT = re.compile(r"^blocks\.\d+\.(attn\.(q|k|v|out)|mlp\.(fc|proj))\.weight$")
+
+
+def inspect_state(model_state: dict[str, torch.Tensor], n_layer: int, d_model: int, n_ctx: int, vocab_size: int) -> dict:
+    layers: dict[str, float] = {}
+    sparse_numel = sparse_nnz = 0
+    total = nonzero = 0
+    seen: set[int] = set()
+    for name, t in model_state.items():
+        key = t.untyped_storage().data_ptr()
+        nz = int(torch.count_nonzero(t))
+        if SPARSE_WEIGHT.match(name):
+            layers[name.removesuffix(".weight")] = 1.0 - nz / t.numel()
+            sparse_numel += t.numel()
+            sparse_nnz += nz
+        if key in seen:  # tied embeddings share storage: count once
+            continue
+        seen.add(key)
+        total += t.numel()
+        nonzero += nz
+    fm = FlopModel(n_layer, d_model, n_ctx, vocab_size, sparse_numel, sparse_nnz)
+    return {
+        "sparsity": {"total": 1.0 - sparse_nnz / sparse_numel if sparse_numel else 0.0, "layers": layers},
+        "params": {"total": total, "nonzero": nonzero, "sparse_eligible": sparse_numel, "sparse_nonzero": sparse_nnz},
+        "flops_per_token": {"dense": fm.train_per_token(False), "sparse": fm.train_per_token(True),
+                            "forward_dense": fm.forward_per_token(False), "forward_sparse": fm.forward_per_token(True)},
+    }
+
+
+def inspect_checkpoint(path: str) -> dict:
+    ck = load_checkpoint(path)
+    cfg = from_dict(ck["config"])
+    state = {k: v for k, v in ck["model"].items()}
+    report = inspect_state(state, cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, ck["vocab_size"])
+    report["stage"] = ck.get("stage", cfg.stage)
+    report["masks"] = bool(ck.get("masks"))
+    return report

@@ -1,0 +1,22 @@
+"""Sparse matmul core: kernels for training a linear layer with a static unstructured mask.
+
+Public API (used by the engine's SparseLinear module):
+
+* ``SparsePattern.from_mask(mask)`` - index structures, built once per layer.
+* ``sparse_linear(x, weight, bias, pattern)`` - autograd op, ``x @ (weight*mask).T + bias``.
+* ``kernel_available()`` - numba kernels import and match a dense reference.
+* ``time_kernels(pattern, n_tokens, repeats=3)`` - dense vs sparse ms for one training step.
+
+numba is imported lazily (first kernel use), so importing this package is cheap
+and works without numba; without it ``sparse_linear`` computes densely.
+"""
+import os
+
+# numba reads this once at import; the SDDMM reduction only vectorises with SLP on.
+os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
+
+from .pattern import SparsePattern  # noqa: E402
+from .ops import kernel_available, sparse_linear, time_kernels, SparseLinearFunction  # noqa: E402
+
+__all__ = ["SparsePattern", "sparse_linear", "kernel_available", "time_kernels",
+           "SparseLinearFunction"]

@@ -1,0 +1,301 @@
+"""Numba kernels for the three products of a sparse linear layer.
+
+Layout: activations are kept feature-major in token tiles, ``[ntiles, features, T]``
+with T = 128 tokens, so one feature of one tile is 512 contiguous bytes (eight
+AVX-512 vectors).  Every hot loop is emitted as explicit LLVM vector IR through
+``numba.extending.intrinsic``: plain numba loops keep the accumulators in memory
+(load + store per FMA), which costs ~3x.  Intrinsics live in this file on purpose:
+numba's on-disk cache is keyed on the njit function's source file, so code
+generators kept elsewhere could be served stale from the cache.
+
+All functions are dtype-generic; float32 uses 16 lanes, float64 8 lanes (the
+float64 specialisation exists for gradcheck).
+"""
+import os
+
+# Must be set before numba is imported (reads it once); the reduction loops
+# only vectorise with SLP on.
+os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
+
+import numpy as np  # noqa: E402
+import numba  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+from llvmlite import ir  # noqa: E402
+
+if not numba.config.SLP_VECTORIZE:  # numba imported earlier by someone else
+    numba.config.SLP_VECTORIZE = True
+
+T = 128        # tokens per tile (one feature of a tile = 512 B for fp32)
+VEC_BYTES = 64  # AVX-512 register
+
+
+def _lanes(dtype):
+    return VEC_BYTES // dtype.bitwidth * 8
+
+
+def _llvm_float(dtype):
+    return ir.FloatType() if dtype.bitwidth == 32 else ir.DoubleType()
+
+
+def _data_ptr(context, builder, aryty, ary):
+    return context.make_array(aryty)(context, builder, ary).data
+
+
+def _vload(builder, base_ptr, elem_off, vty):
+    p = builder.gep(base_ptr, [elem_off])
+    return builder.load(builder.bitcast(p, vty.as_pointer()), align=4)
+
+
+def _vstore(builder, val, base_ptr, elem_off, vty):
+    p = builder.gep(base_ptr, [elem_off])
+    builder.store(val, builder.bitcast(p, vty.as_pointer()), align=4)
+
+
+def _splat(builder, scalar, vty):
+    i32 = ir.IntType(32)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(i32, 0))
+    mask = ir.Constant(ir.VectorType(i32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask)
+
+
+def _fma(builder, a, b, c):
+    vty = a.type
+    suffix = "v%df%d" % (vty.count, 32 if isinstance(vty.element, ir.FloatType) else 64)
+    fn = builder.module.declare_intrinsic("llvm.fma." + suffix, fnty=ir.FunctionType(vty, [vty] * 3))
+    return builder.call(fn, [a, b, c])
+
+
+@intrinsic
+def _spmm_seg(typingctx, x, xbase, idx, val, start, end, y, ybase, accumulate):
+    """y[ybase:ybase+T] (+)= sum_j val[j] * x[xbase + idx[j]*T : +T], j in [start, end).
+
+    The T outputs live in registers for the whole segment: per nonzero one
+    broadcast and T/lanes FMAs with a memory operand.
+    """
+    sig = types.void(x, xbase, idx, val, start, end, y, ybase, accumulate)
+
+    def codegen(context, builder, signature, args):
+        xa, xbase, idxa, vala, start, end, ya, ybase, accumulate = args
+        xty, _, idxty, valty, _, _, yty, _, _ = signature.args
+        ft = _llvm_float(xty.dtype)
+        L = _lanes(xty.dtype)
+        nv = T // L
+        vty = ir.VectorType(ft, L)
+        i64 = ir.IntType(64)
+        xp = _data_ptr(context, builder, xty, xa)
+        ip = _data_ptr(context, builder, idxty, idxa)
+        wp = _data_ptr(context, builder, valty, vala)
+        yp = _data_ptr(context, builder, yty, ya)
+        xbase = builder.sext(xbase, i64) if xbase.type.width < 64 else xbase
+        ybase = builder.sext(ybase, i64) if ybase.type.width < 64 else ybase
+        start = builder.sext(start, i64) if start.type.width < 64 else start
+        end = builder.sext(end, i64) if end.type.width < 64 else end
+
+        zero = ir.Constant(vty, [0.0] * L)
+        pre = builder.basic_block
+        ld = builder.append_basic_block("spmm.load")
+        ent = builder.append_basic_block("spmm.entry")
+        loop = builder.append_basic_block("spmm.loop")
+        done = builder.append_basic_block("spmm.done")
+        acc_flag = builder.icmp_unsigned("!=", accumulate, ir.Constant(accumulate.type, 0))
+        builder.cbranch(acc_flag, ld, ent)
+
+        builder.position_at_end(ld)
+        loaded = [_vload(builder, yp, builder.add(ybase, ir.Constant(i64, k * L)), vty)
+                  for k in range(nv)]
+        builder.branch(ent)
+
+        builder.position_at_end(ent)
+        init = []
+        for k in range(nv):
+            ph = builder.phi(vty)
+            ph.add_incoming(loaded[k], ld)
+            ph.add_incoming(zero, pre)
+            init.append(ph)
+        nonempty = builder.icmp_signed("<", start, end)
+        builder.cbranch(nonempty, loop, done)
+
+        builder.position_at_end(loop)
+        j = builder.phi(i64)
+        j.add_incoming(start, ent)
+        accs = []
+        for k in range(nv):
+            ph = builder.phi(vty)
+            ph.add_incoming(init[k], ent)
+            accs.append(ph)
+        # unsigned column index: zext lets LLVM fold it straight into the address
+        c = builder.zext(builder.load(builder.gep(ip, [j])), i64)
+        w = _splat(builder, builder.load(builder.gep(wp, [j])), vty)
+        off = builder.add(xbase, builder.mul(c, ir.Constant(i64, T)))
+        new = []
+        for k in range(nv):
+            v = _vload(builder, xp, builder.add(off, ir.Constant(i64, k * L)), vty)
+            new.append(_fma(builder, w, v, accs[k]))
+        jn = builder.add(j, ir.Constant(i64, 1))
+        j.add_incoming(jn, loop)
+        for k in range(nv):
+            accs[k].add_incoming(new[k], loop)
+        builder.cbranch(builder.icmp_signed("<", jn, end), loop, done)
+
+        builder.position_at_end(done)
+        fin = []
+        for k in range(nv):
+            ph = builder.phi(vty)
+            ph.add_incoming(init[k], ent)
+            ph.add_incoming(new[k], loop)
+            fin.append(ph)
+        for k in range(nv):
+            _vstore(builder, fin[k], yp, builder.add(ybase, ir.Constant(i64, k * L)), vty)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase):
+    """p[pbase + (j-start)*L : +L] += lane-partial of dot(dy[dybase:+T], x[xbase+idx[j]*T:+T]).
+
+    The dy row stays in registers; each nonzero keeps an L-lane partial sum that
+    is reduced to a scalar only once, after all token tiles.
+    """
+    sig = types.void(x, xbase, idx, start, end, dy, dybase, p, pbase)
+
+    def codegen(context, builder, signature, args):
+        xa, xbase, idxa, start, end, dya, dybase, pa, pbase = args
+        xty, _, idxty, _, _, dyty, _, pty, _ = signature.args
+        ft = _llvm_float(xty.dtype)
+        L = _lanes(xty.dtype)
+        nv = T // L
+        vty = ir.VectorType(ft, L)
+        i64 = ir.IntType(64)
+
+        def w64(v):
+            return builder.sext(v, i64) if v.type.width < 64 else v
+        xbase, start, end, dybase, pbase = map(w64, (xbase, start, end, dybase, pbase))
+        xp = _data_ptr(context, builder, xty, xa)
+        ip = _data_ptr(context, builder, idxty, idxa)
+        dp = _data_ptr(context, builder, dyty, dya)
+        pp = _data_ptr(context, builder, pty, pa)
+
+        d = [_vload(builder, dp, builder.add(dybase, ir.Constant(i64, k * L)), vty)
+             for k in range(nv)]
+        ent = builder.basic_block
+        loop = builder.append_basic_block("sddmm.loop")
+        done = builder.append_basic_block("sddmm.done")
+        builder.cbranch(builder.icmp_signed("<", start, end), loop, done)
+
+        builder.position_at_end(loop)
+        j = builder.phi(i64)
+        j.add_incoming(start, ent)
+        c = builder.zext(builder.load(builder.gep(ip, [j])), i64)
+        off = builder.add(xbase, builder.mul(c, ir.Constant(i64, T)))
+        # two independent FMA chains halve the dependency latency per nonzero
+        s = [None, None]
+        for k in range(nv):
+            v = _vload(builder, xp, builder.add(off, ir.Constant(i64, k * L)), vty)
+            h = k & 1
+            s[h] = builder.fmul(d[k], v) if s[h] is None else _fma(builder, d[k], v, s[h])
+        tot = builder.fadd(s[0], s[1]) if s[1] is not None else s[0]
+        poff = builder.add(pbase, builder.mul(builder.sub(j, start), ir.Constant(i64, L)))
+        _vstore(builder, builder.fadd(_vload(builder, pp, poff, vty), tot), pp, poff, vty)
+        jn = builder.add(j, ir.Constant(i64, 1))
+        j.add_incoming(jn, loop)
+        builder.cbranch(builder.icmp_signed("<", jn, end), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# Rows per work item.  Within an item the loop runs column block by column
+# block, so one activation block (CB features x T tokens) is reused from L1 by
+# all RC rows while their partial outputs stay in L1/L2.
+RC = 32
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def spmm_tiles(xt, nin, idx, val, ptr, nout, ncb, ntiles, yt):
+    """yt[t, o, :] = sum_i W[o, i] xt[t, i, :] with W as column-blocked CSR."""
+    nrc = (nout + RC - 1) // RC
+    for item in prange(ntiles * nrc):
+        t = item // nrc
+        r0 = (item - t * nrc) * RC
+        r1 = min(r0 + RC, nout)
+        xbase = t * nin * T
+        for cb in range(ncb):
+            prow = cb * nout
+            for o in range(r0, r1):
+                s = ptr[prow + o]
+                e = ptr[prow + o + 1]
+                if e > s or cb == 0:
+                    _spmm_seg(xt, xbase, idx, val, s, e, yt, (t * nout + o) * T, cb > 0)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def sddmm_tiles(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out):
+    """out[j] = sum_n dy[n, row(j)] x[n, idx[j]] for every stored nonzero j."""
+    L = 64 // xt.itemsize
+    nrc = (nout + RC - 1) // RC
+    for item in prange(ncb * nrc):
+        cb = item // nrc
+        r0 = (item - cb * nrc) * RC
+        r1 = min(r0 + RC, nout)
+        prow = cb * nout
+        s0 = ptr[prow + r0]
+        e0 = ptr[prow + r1]
+        if e0 == s0:
+            continue
+        part = np.zeros((e0 - s0) * L, dtype=xt.dtype)
+        for t in range(ntiles):
+            xbase = t * nin * T
+            for o in range(r0, r1):
+                s = ptr[prow + o]
+                e = ptr[prow + o + 1]
+                if e > s:
+                    _sddmm_seg(xt, xbase, idx, s, e, dyt, (t * nout + o) * T, part, (s - s0) * L)
+        for j in range(e0 - s0):
+            acc = part[j * L]
+            for l in range(1, L):
+                acc += part[j * L + l]
+            out[s0 + j] = acc
+
+
+FB = 16  # features per transpose block: one 64-byte line of a row-major fp32 row
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def to_tiles(x, n, f, ntiles, out):
+    """Row-major x[n, f] -> out[ntiles, f, T], zero-padding the last tile."""
+    nfb = (f + FB - 1) // FB
+    for item in prange(ntiles * nfb):
+        t = item // nfb
+        f0 = (item - t * nfb) * FB
+        f1 = min(f0 + FB, f)
+        kmax = min(T, n - t * T)
+        for k in range(kmax):
+            r = t * T + k
+            for i in range(f0, f1):
+                out[(t * f + i) * T + k] = x[r, i]
+        for k in range(kmax, T):
+            for i in range(f0, f1):
+                out[(t * f + i) * T + k] = 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def from_tiles(yt, n, f, ntiles, bias, use_bias, y):
+    """Tiled yt[ntiles, f, T] -> row-major y[n, f] (+ bias)."""
+    nfb = (f + FB - 1) // FB
+    for item in prange(ntiles * nfb):
+        t = item // nfb
+        f0 = (item - t * nfb) * FB
+        f1 = min(f0 + FB, f)
+        kmax = min(T, n - t * T)
+        for k in range(kmax):
+            r = t * T + k
+            if use_bias:
+                for i in range(f0, f1):
+                    y[r, i] = yt[(t * f + i) * T + k] + bias[i]
+            else:
+                for i in range(f0, f1):
+                    y[r, i] = yt[(t * f + i) * T + k]

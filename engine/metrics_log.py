@@ -1,0 +1,77 @@
+"""One metrics call fanned out to sinks: JSON-lines events, the run database, a terminal progress bar."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from .events import EventWriter
+from .rundb import RunDB
+
+
+@dataclass
+class Point:
+    """Where a measurement was taken: every metric row carries these axes."""
+    step: int
+    tokens: int
+    wall_time: float
+    flops: float
+    flops_dense: float
+
+
+class Sink(Protocol):
+    def write(self, point: Point, metrics: dict[str, float]) -> None: ...
+
+
+class EventSink:
+    def __init__(self, events: EventWriter, run_id: str):
+        self.events, self.run_id = events, run_id
+
+    def write(self, point: Point, metrics: dict[str, float]) -> None:
+        self.events.emit("metrics", run_id=self.run_id, step=point.step, tokens=point.tokens,
+                         wall_time=round(point.wall_time, 4), flops=point.flops, flops_dense=point.flops_dense,
+                         metrics=metrics)
+
+
+class DatabaseSink:
+    def __init__(self, db: RunDB, run_id: str):
+        self.db, self.run_id = db, run_id
+
+    def write(self, point: Point, metrics: dict[str, float]) -> None:
+        self.db.log_metrics(self.run_id, point.step, point.tokens, point.wall_time, point.flops, point.flops_dense, metrics)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total_steps: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = total_steps
+        self.enabled = self.stream.isatty()
+        self._last = 0.0
+
+    def write(self, point: Point, metrics: dict[str, float]) -> None:
+        if not self.enabled or (time.monotonic() - self._last < 0.2 and point.step < self.total):
+            return
+        self._last = time.monotonic()
+        frac = point.step / max(1, self.total)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        eta = point.wall_time / frac - point.wall_time if frac > 0 else 0.0
+        loss = metrics.get("loss")
+        text = f"\r[{bar}] {point.step}/{self.total} loss {loss:.4f} " if loss is not None else f"\r[{bar}] {point.step}/{self.total} "
+        text += f"{metrics.get('tokens_per_s', 0):,.0f} tok/s ETA {eta:,.0f}s "
+        self.stream.write(text)
+        if point.step >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+class MetricsLogger:
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+
+    def log(self, metrics: dict[str, float], point: Point) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        for sink in self.sinks:
+            sink.write(point, clean)

@@ -1,0 +1,120 @@
+"""GPT-2/3 style decoder, readable top to bottom.
+
+Pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output embeddings, init std 0.02 with
+residual projections scaled by 1/sqrt(2 * n_layer), attention through scaled_dot_product_attention.
+The attention q/k/v/output and both MLP matrices are SparseLinear: they may carry a static mask
+(sparse pre-training) or none (dense fine-tuning). Embeddings, norms, biases and the LM head are dense.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .sparse_linear import SparseLinear
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.q = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.k = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.v = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.out = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.out.residual = True
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        h = self.n_head
+        q = self.q(x).view(B, T, h, C // h).transpose(1, 2)  # [B, h, T, C/h]
+        k = self.k(x).view(B, T, h, C // h).transpose(1, 2)  # [B, h, T, C/h]
+        v = self.v(x).view(B, T, h, C // h).transpose(1, 2)  # [B, h, T, C/h]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)      # [B, T, C]
+        return self.resid_drop(self.out(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = SparseLinear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
+        self.proj = SparseLinear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))  # [B, T, C] -> [B, T, 4C] -> [B, T, C]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.wte = nn.Embedding(vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied embeddings
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(m, "residual", False) else 0.02
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def sparse_layers(self) -> dict[str, SparseLinear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, SparseLinear)}
+
+    def embed(self, idx: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position embeddings; ``prefix`` [B, P, C] (soft prompt vectors) goes in front."""
+        tok = self.wte(idx)                                    # [B, T, C]
+        if prefix is not None:
+            tok = torch.cat([prefix.to(tok.dtype), tok], dim=1)  # [B, P+T, C]
+        T = tok.shape[1]
+        if T > self.cfg.max_positions:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's maximum context {self.cfg.max_positions}")
+        pos = torch.arange(T, device=idx.device)
+        return self.drop(tok + self.wpe(pos))                  # [B, T, C]
+
+    def hidden(self, idx: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(idx, prefix)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)                                    # [B, T, C]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, prefix: torch.Tensor | None = None):
+        """Logits [B, T, V]; with targets [B, T] (-100 = ignore) also the mean cross-entropy."""
+        logits = self.lm_head(self.hidden(idx, prefix))        # [B, T, V]
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights count once

@@ -1,0 +1,354 @@
+"""The vocabulary and sparse pre-training stages.
+
+corpus → tokenizer (learned here, or the parent's) → cached token blocks → GPT with static masks →
+AdamW loop with warm-up + cosine, clipping, accumulation, validation, atomic checkpoints, resume,
+pause/stop between steps, and one metrics call per step fanned out to events and the database.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .control import Control
+from .corpus import CorpusError, load_corpus
+from .data import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
+from .flops import flop_model_for
+from .metrics_log import Point
+from .model import GPT
+from .optim import make_optimizer, make_scheduler
+from .session import InputError, RunSession
+from .sparsity import apply_sparsity, load_masks, mask_gradients, masks_state, measure_sparsity, sparse_param_counts
+from .vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device is 'cuda' but no CUDA device is available", key="train.device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def parent_tokenizer_path(db, parent_id: str) -> Path:
+    parent = db.get_run(parent_id)
+    if parent is None:
+        raise InputError(f"parent run not found: {parent_id}", key="parent")
+    path = Path(parent["run_dir"]) / TOKENIZER_FILE
+    if not path.is_file():
+        raise InputError(f"parent run {parent_id} has no tokenizer ({path})", key="parent", path=str(path))
+    return path
+
+
+def prepare_tokenizer(s: RunSession, documents: list[str], resuming: bool):
+    """Learn the vocabulary, or reuse the parent's (or this run's own when resuming)."""
+    own = s.run_dir / TOKENIZER_FILE
+    if resuming and own.is_file():
+        return load_tokenizer(own)
+    cfg = s.cfg
+    if cfg.parent:
+        tok = load_tokenizer(parent_tokenizer_path(s.db, cfg.parent))
+        s.info(f"reusing the tokenizer of parent run {cfg.parent} ({tok.get_vocab_size()} tokens)")
+    else:
+        t = time.monotonic()
+        s.info(f"learning a byte-level BPE vocabulary of {cfg.tokenizer.vocab_size} tokens on {len(documents)} documents")
+        tok = train_tokenizer(documents, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cfg.tokenizer.lowercase,
+                              progress=lambda d, n: s.progress("tokenizer", d, n))
+        s.info(f"vocabulary learned in {time.monotonic() - t:.1f}s ({tok.get_vocab_size()} tokens)")
+    path = save_tokenizer(tok, s.run_dir)
+    s.db.add_artifact(s.run_id, "tokenizer", str(path), {"vocab_size": tok.get_vocab_size()})
+    return tok
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def choose_kernels(s: RunSession, model: GPT, tokens_per_batch: int, device: torch.device) -> dict[str, str]:
+    """Pick the matmul path per sparse layer: forced by sparsity.kernel, or timed once per shape (auto)."""
+    layers = {n: m for n, m in model.sparse_layers().items() if m.is_sparse}
+    want = s.cfg.sparsity.kernel
+    if not layers:
+        return {}
+    if device.type != "cpu":
+        choice = {n: "dense" for n in layers}  # GPU runs use cuBLAS on the masked weight
+    else:
+        try:
+            from .kernels import kernel_available, time_kernels
+            ok = kernel_available()
+        except ImportError:
+            ok = False
+        if not ok:
+            if want == "sparse":
+                s.warn("the sparse matmul core is unavailable here; using the masked dense path")
+            choice = {n: "dense" for n in layers}
+        elif want in ("dense", "sparse"):
+            choice = {n: want for n in layers}
+        else:
+            by_shape: dict[tuple, str] = {}
+            timings = {}
+            for name, m in layers.items():
+                key = tuple(m.weight.shape)
+                if key not in by_shape:
+                    t = time_kernels(m.pattern(), tokens_per_batch)
+                    by_shape[key] = "sparse" if t["sparse_ms"] < t["dense_ms"] else "dense"
+                    timings["x".join(map(str, key))] = {**t, "kernel": by_shape[key]}
+                choice[name] = by_shape[key]
+            s.db.merge_meta(s.run_id, kernel_timings=timings)
+            s.info("kernel choice per layer shape (out x in): " + ", ".join(
+                f"{k}: {v['kernel']} (dense {v['dense_ms']:.1f} ms, sparse {v['sparse_ms']:.1f} ms)" for k, v in timings.items()))
+    for name, m in layers.items():
+        m.set_kernel(choice[name])
+    return choice
+
+
+def summary_of(state: dict) -> dict:
+    return {k: v for k, v in state.items() if v is not None}
+
+
+class Pretrainer:
+    def __init__(self, s: RunSession, control: Control, resume_ckpt: str | None = None):
+        self.s = s
+        self.cfg: RunConfig = s.cfg
+        self.control = control
+        self.resume_ckpt = resume_ckpt
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        s, cfg = self.s, self.cfg
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = resolve_device(tc.device)
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
+
+        t = time.monotonic()
+        corpus = load_corpus(cfg.data.corpus, cfg.data.text_field, cfg.data.max_documents)
+        s.info(f"corpus: {len(corpus.documents)} documents, {corpus.n_chars:,} characters from {'; '.join(corpus.sources)}")
+        self.tok = prepare_tokenizer(s, corpus.documents, self.resume_ckpt is not None)
+        self.vocab_size = self.tok.get_vocab_size()
+        if cfg.stage == "vocab":
+            return
+        cache_dir = s.run_dir.parent / ".cache"
+        splits = tokenize_corpus(corpus, self.tok, cfg.data.val_fraction, tc.seed, cache_dir,
+                                 progress=lambda d, n: s.progress("tokenize", d, n))
+        s.info(f"tokens: {len(splits.train):,} train ({splits.n_train_docs} docs), {len(splits.val):,} validation "
+               f"({splits.n_val_docs} docs){' from cache' if splits.from_cache else ''}; data ready in {time.monotonic() - t:.1f}s")
+        check_enough_tokens(splits, cfg.model.n_ctx)
+        self.train_loader = BlockLoader(splits.train, cfg.model.n_ctx, tc.batch_size, tc.seed)
+        self.val_batches = BlockLoader(splits.val, cfg.model.n_ctx, tc.batch_size, tc.seed, shuffle=False).fixed_batches(tc.eval_batches)
+        epochs = tc.max_steps * tc.batch_size * tc.grad_accum / self.train_loader.n_blocks
+        if epochs > 10:
+            s.warn(f"the run covers the training data {epochs:.1f} times; expect overfitting (use a larger corpus or fewer steps)")
+
+        self.model = GPT(cfg.model, self.vocab_size)
+        apply_sparsity(self.model, cfg.sparsity.level, cfg.sparsity.distribution, tc.seed)
+        self.model.to(self.device)
+        self.opt = make_optimizer(list(self.model.named_parameters()), tc)
+        self.sched = make_scheduler(self.opt, tc)
+        self.step = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.flops_dense = 0.0
+        self.wall_offset = 0.0
+        self.best_val = math.inf
+        self.last_val = None
+        kernels = None
+        if self.resume_ckpt:
+            kernels = self._load(self.resume_ckpt)
+        self.fm = flop_model_for(self.model)
+        self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.n_ctx
+        if kernels:
+            for name, m in self.model.sparse_layers().items():
+                m.set_kernel(kernels.get(name, "dense"))
+            self.kernels = kernels
+        else:
+            self.kernels = choose_kernels(s, self.model, tc.batch_size * cfg.model.n_ctx, self.device)
+        counts = sparse_param_counts(self.model)
+        self.sparsity = measure_sparsity(self.model)
+        s.db.merge_meta(s.run_id, params=counts, vocab_size=self.vocab_size, kernels=self.kernels,
+                        flops_per_token={"dense": self.fm.train_per_token(False), "sparse": self.fm.train_per_token(True)},
+                        train_tokens=int(len(splits.train)), val_tokens=int(len(splits.val)))
+        s.info(f"model: {counts['total']:,} parameters, {counts['nonzero']:,} nonzero; sparsity {self.sparsity['total']:.3f}; "
+               f"training FLOPs per token {self.fm.train_per_token(True):.3g} sparse vs {self.fm.train_per_token(False):.3g} dense "
+               f"({self.fm.saving():.2f}x); device {self.device}")
+
+    def _load(self, path: str) -> dict:
+        ck = load_checkpoint(path)
+        if ck.get("vocab_size") != self.vocab_size:
+            raise InputError(f"checkpoint {path} was trained with {ck.get('vocab_size')} tokens, the tokenizer has {self.vocab_size}",
+                             path=str(path))
+        load_masks(self.model, ck["masks"])
+        self.model.load_state_dict(ck["model"])
+        self.model.to(self.device)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.train_loader.load_state(ck["data"])
+        set_rng_state(ck["rng"])
+        self.step, self.tokens = ck["step"], ck["tokens"]
+        self.flops, self.flops_dense, self.wall_offset = ck["flops"], ck["flops_dense"], ck["wall_time"]
+        self.best_val = ck.get("best_val", math.inf)
+        self.s.db.truncate_metrics(self.s.run_id, self.step)
+        self.s.info(f"resumed from {path} at step {self.step}")
+        return ck.get("kernels") or {}
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def wall(self) -> float:
+        return self.wall_offset + (time.monotonic() - self._t_start) - self._paused
+
+    def point(self) -> Point:
+        return Point(self.step, self.tokens, self.wall(), self.flops, self.flops_dense)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def run(self) -> str:
+        s, tc = self.s, self.cfg.train
+        s.start(0 if self.cfg.stage == "vocab" else tc.max_steps)
+        self.setup()
+        if self.cfg.stage == "vocab":
+            s.finish("completed", 0, {"vocab_size": self.vocab_size})
+            return "completed"
+        logger = s.metrics_logger(tc.max_steps)
+        self._t_start = time.monotonic()
+        self._paused = 0.0
+        status = "completed"
+        self.model.train()
+        while self.step < tc.max_steps:
+            if self.control.stop_requested.is_set():
+                status = "stopped"
+                break
+            if self.control.pause_requested.is_set():
+                self._pause_wait()
+                continue
+            t = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            dt = time.perf_counter() - t
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.flops += self.fm.train_per_token(True) * self.tokens_per_step
+            self.flops_dense += self.fm.train_per_token(False) * self.tokens_per_step
+            metrics = {}
+            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                metrics = {"loss": loss, "lr": self.sched.get_last_lr()[0], "grad_norm": grad_norm,
+                           "tokens_per_s": self.tokens_per_step / dt, "step_time": dt, "sparsity": self.sparsity["total"]}
+            if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
+                metrics.update(self.evaluate())
+            if metrics:
+                logger.log(metrics, self.point())
+            if self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
+                self.save(final=False)
+        if status == "stopped" and self.step > 0:
+            metrics = self.evaluate() if self.step % tc.eval_every else {}
+            if metrics:
+                logger.log(metrics, self.point())
+        self.save(final=True)
+        s.finish(status, self.step, self.summary())
+        return status
+
+    def _pause_wait(self) -> None:
+        t = time.monotonic()
+        self.s.status("paused")
+        self.s.info(f"paused at step {self.step}")
+        while self.control.pause_requested.is_set() and not self.control.stop_requested.is_set():
+            self.control.wake.wait(0.5)
+            self.control.wake.clear()
+        self._paused += time.monotonic() - t
+        self.s.status("running")
+        self.s.info("resumed" if not self.control.stop_requested.is_set() else "stopping")
+
+    def train_step(self) -> tuple[float, float]:
+        tc = self.cfg.train
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(tc.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                _, loss = self.model(x, y)
+            (loss / tc.grad_accum).backward()
+            total += loss.item()
+        mask_gradients(self.model)
+        if tc.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        else:
+            grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None)))
+        self.opt.step()
+        self.sched.step()
+        return total / tc.grad_accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        losses = []
+        for x, y in self.val_batches:
+            with self.autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            losses.append(loss.item())
+        self.model.train()
+        val = float(np.mean(losses))
+        self.last_val = val
+        self.best_val = min(self.best_val, val)
+        self.sparsity = measure_sparsity(self.model)
+        out = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0)), "sparsity": self.sparsity["total"]}
+        out.update({f"sparsity/{k}": v for k, v in self.sparsity["layers"].items()})
+        self.s.events.emit("eval", run_id=self.s.run_id, step=self.step, split="val",
+                           metrics={"loss": val, "perplexity": out["val_perplexity"]})
+        self.s.db.add_evaluation(self.s.run_id, self.step, "lm", "val", {"loss": val, "perplexity": out["val_perplexity"]})
+        self.s.db.update_run(self.s.run_id, summary=self.summary())
+        return out
+
+    def summary(self) -> dict:
+        last = self.s.db.db.execute(
+            "SELECT value FROM metrics WHERE run_id = ? AND name = 'loss' ORDER BY step DESC LIMIT 1", [self.s.run_id]
+        ).fetchone()
+        return summary_of({
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "flops_dense": self.flops_dense,
+            "wall_time": self.wall(), "train_loss": last[0] if last else None, "val_loss": self.last_val,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "sparsity": self.sparsity["total"], "vocab_size": self.vocab_size,
+        })
+
+    def save(self, final: bool) -> None:
+        path = self.s.run_dir / "checkpoints" / checkpoint_name(self.step)
+        state = {
+            "format": 1, "stage": self.cfg.stage, "config": self.cfg.to_dict(), "vocab_size": self.vocab_size,
+            "model": self.model.state_dict(), "masks": masks_state(self.model),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "data": self.train_loader.state(), "rng": rng_state(), "step": self.step, "tokens": self.tokens,
+            "flops": self.flops, "flops_dense": self.flops_dense, "wall_time": self.wall(), "best_val": self.best_val,
+            "kernels": self.kernels, "tokenizer": TOKENIZER_FILE,
+        }
+        nbytes = save_checkpoint(state, path)
+        self.s.db.add_checkpoint(self.s.run_id, self.step, self.tokens, str(path), nbytes, final)
+        self.s.db.update_run(self.s.run_id, summary=self.summary())
+        self.s.events.emit("checkpoint", run_id=self.s.run_id, step=self.step, path=str(path), bytes=nbytes, final=final)
+
+
+def run_pretrain(s: RunSession, control: Control, resume_ckpt: str | None = None) -> str:
+    try:
+        return Pretrainer(s, control, resume_ckpt).run()
+    except (CorpusError, DataError) as e:
+        raise InputError(str(e), key=getattr(e, "key", None), path=getattr(e, "path", None)) from None

@@ -1,0 +1,121 @@
+"""The lifecycle of one run, shared by every stage: database row, run folder, log file, events.
+
+A session creates (or re-opens, for --resume) the run's row, writes ``engine.log`` in the run
+folder, emits ``run_started``/``run_finished``/``error`` events, and always leaves the row in a
+final status: completed, stopped or failed. The engine process is the only writer of its run's rows.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import RunConfig
+from .events import EventWriter
+from .metrics_log import DatabaseSink, EventSink, MetricsLogger, ProgressBar
+from .rundb import RunDB
+
+
+class InputError(ValueError):
+    """Bad user input (exit code 2): names the config key and/or the file."""
+
+    def __init__(self, message: str, key: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.path = path
+
+
+def package_versions() -> dict[str, str]:
+    out = {"mediswift": __version__, "python": platform.python_version()}
+    for name in ("torch", "numpy", "tokenizers", "datasets", "numba", "sqlite_utils"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            try:
+                mod = __import__(name)
+            except ImportError:
+                continue
+        out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+class RunSession:
+    def __init__(self, db: RunDB, events: EventWriter, cfg: RunConfig, runs_dir: Path, resume_id: str | None = None):
+        self.db = db
+        self.events = events
+        self.cfg = cfg
+        if resume_id:
+            row = db.get_run(resume_id)
+            self.run_id = row["id"]
+            self.run_dir = Path(row["run_dir"])
+            db.update_run(self.run_id, config=cfg.to_dict(), versions=package_versions())
+        else:
+            name = cfg.name or f"{cfg.stage}"
+            self.run_id = db.create_run(name=name, stage=cfg.stage, config=cfg.to_dict(), parent_id=cfg.parent or None,
+                                        versions=package_versions())
+            self.run_dir = Path(runs_dir).expanduser().resolve() / self.run_id
+            db.update_run(self.run_id, run_dir=str(self.run_dir))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = self._make_logger()
+        self.t0 = time.monotonic()
+        self.finished = False
+
+    def _make_logger(self) -> logging.Logger:
+        log = logging.getLogger(f"mediswift.run.{self.run_id}")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        fh = logging.FileHandler(self.run_dir / "engine.log", encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+        err = logging.StreamHandler(sys.stderr)
+        err.setFormatter(logging.Formatter("[mediswift] %(message)s"))
+        log.addHandler(err)
+        return log
+
+    # -- events ------------------------------------------------------------------------------------
+    def start(self, max_steps: int) -> None:
+        self.db.mark_running(self.run_id)
+        row = self.db.get_run(self.run_id)
+        self.events.emit("run_started", run_id=self.run_id, name=row["name"], stage=self.cfg.stage,
+                         config=self.cfg.to_dict(), run_dir=str(self.run_dir), pid=row["pid"], max_steps=max_steps,
+                         parent=self.cfg.parent or None, db=str(self.db.path))
+        self.info(f"run {self.run_id} ({self.cfg.stage}) started; folder {self.run_dir}")
+
+    def info(self, message: str) -> None:
+        self.log.info(message)
+        self.events.emit("log", run_id=self.run_id, message=message)
+
+    def warn(self, message: str) -> None:
+        self.log.warning("warning: " + message)
+        self.events.emit("warning", run_id=self.run_id, message=message)
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        self.events.emit("progress", run_id=self.run_id, phase=phase, done=done, total=total)
+
+    def status(self, status: str) -> None:
+        self.db.set_status(self.run_id, status)
+        self.events.emit("status", run_id=self.run_id, status=status)
+
+    def metrics_logger(self, total_steps: int) -> MetricsLogger:
+        return MetricsLogger([EventSink(self.events, self.run_id), DatabaseSink(self.db, self.run_id), ProgressBar(total_steps)])
+
+    def finish(self, status: str, step: int, summary: dict) -> None:
+        self.db.update_run(self.run_id, summary=summary)
+        self.db.set_status(self.run_id, status)
+        self.events.emit("run_finished", run_id=self.run_id, status=status, step=step, summary=summary)
+        self.info(f"run {self.run_id} {status} at step {step}")
+        self.finished = True
+
+    def fail(self, message: str, key: str | None = None, path: str | None = None, status: str = "failed") -> None:
+        self.db.set_status(self.run_id, status, error=message)
+        self.log.error("error: " + message)
+        self.events.emit("error", run_id=self.run_id, message=message, key=key, path=path)
+        self.events.emit("run_finished", run_id=self.run_id, status=status, step=-1, summary={})
+        self.finished = True
+
+    def close(self) -> None:
+        for h in list(self.log.handlers):
+            h.close()
+            self.log.removeHandler(h)

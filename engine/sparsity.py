@@ -1,0 +1,95 @@
+"""Static unstructured sparsity: choose masks at init, keep masked weights exactly zero, measure.
+
+Per-layer levels are ``uniform`` (every sparse matrix at the target level) or ``erk``
+(Erdős–Rényi-Kernel: density proportional to (n_in + n_out) / (n_in * n_out), scaled so the total
+number of nonzeros matches the target; layers that would exceed density 1 stay dense and the rest
+is redistributed). Within a matrix the zero positions are uniformly random, exactly
+round(level * numel) of them.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import GPT
+
+
+def layer_densities(shapes: dict[str, tuple[int, int]], level: float, distribution: str) -> dict[str, float]:
+    if distribution == "uniform" or level == 0.0:
+        return {name: 1.0 - level for name in shapes}
+    if distribution != "erk":
+        raise ValueError(f"unknown sparsity distribution {distribution!r}")
+    numel = {n: s[0] * s[1] for n, s in shapes.items()}
+    raw = {n: (s[0] + s[1]) / (s[0] * s[1]) for n, s in shapes.items()}
+    budget = (1.0 - level) * sum(numel.values())
+    dense: set[str] = set()
+    while True:
+        free = [n for n in shapes if n not in dense]
+        remaining = budget - sum(numel[n] for n in dense)
+        scale = remaining / sum(raw[n] * numel[n] for n in free)
+        over = [n for n in free if scale * raw[n] > 1.0]
+        if not over:
+            out = {n: 1.0 for n in dense}
+            out.update({n: scale * raw[n] for n in free})
+            return out
+        dense.update(over)
+
+
+def random_mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> torch.Tensor:
+    numel = shape[0] * shape[1]
+    n_zero = int(round((1.0 - density) * numel))
+    mask = torch.ones(numel, dtype=torch.bool)
+    if n_zero:
+        mask[torch.randperm(numel, generator=generator)[:n_zero]] = False
+    return mask.view(shape)
+
+
+def apply_sparsity(model: GPT, level: float, distribution: str, seed: int) -> dict[str, float]:
+    """Draw and install masks on every SparseLinear; returns the per-layer target levels."""
+    layers = model.sparse_layers()
+    if level == 0.0:
+        for m in layers.values():
+            m.set_mask(None)
+        return {name: 0.0 for name in layers}
+    shapes = {name: tuple(m.weight.shape) for name, m in layers.items()}
+    densities = layer_densities(shapes, level, distribution)
+    g = torch.Generator().manual_seed(seed + 7919)  # separate stream from weight init
+    for name, m in layers.items():
+        m.set_mask(random_mask(shapes[name], densities[name], g))
+    return {name: 1.0 - d for name, d in densities.items()}
+
+
+def masks_state(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: m.mask.cpu() for name, m in model.sparse_layers().items() if m.mask is not None}
+
+
+def load_masks(model: GPT, masks: dict[str, torch.Tensor]) -> None:
+    for name, m in model.sparse_layers().items():
+        m.set_mask(masks[name] if name in masks else None)
+
+
+def mask_gradients(model: GPT) -> None:
+    for m in model.sparse_layers().values():
+        m.mask_grad()
+
+
+@torch.no_grad()
+def measure_sparsity(model: GPT) -> dict:
+    """Fraction of exactly-zero entries in each sparse-eligible matrix, and in all of them together."""
+    layers: dict[str, float] = {}
+    zeros = total = 0
+    for name, m in model.sparse_layers().items():
+        z = int((m.weight == 0).sum())
+        n = m.weight.numel()
+        layers[name] = z / n
+        zeros += z
+        total += n
+    return {"total": zeros / total if total else 0.0, "layers": layers}
+
+
+def sparse_param_counts(model: GPT) -> dict[str, int]:
+    """Parameters in sparse-eligible matrices (numel and nonzero) and everything else."""
+    sparse_numel = sum(m.weight.numel() for m in model.sparse_layers().values())
+    sparse_nnz = sum(int(m.mask.sum()) if m.mask is not None else m.weight.numel() for m in model.sparse_layers().values())
+    total = model.num_params()
+    return {"total": total, "sparse_numel": sparse_numel, "sparse_nonzero": sparse_nnz,
+            "nonzero": total - sparse_numel + sparse_nnz}

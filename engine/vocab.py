@@ -1,0 +1,75 @@
+"""Domain vocabulary: byte-level BPE learned on the run's corpus with `tokenizers`.
+
+Byte-level means every string encodes (no unknown token); two special tokens delimit documents
+and pad batches. The tokenizer is saved as ``tokenizer.json`` in the run folder and reused by
+every child run.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, normalizers
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOT, PAD]
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def train_tokenizer(documents: list[str], vocab_size: int, min_frequency: int = 2, lowercase: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    total = len(documents)
+
+    def batches(size: int = 1000) -> Iterable[list[str]]:
+        for i in range(0, total, size):
+            if progress:
+                progress(i, total)
+            yield documents[i:i + size]
+        if progress:
+            progress(total, total)
+
+    tok.train_from_iterator(batches(), trainer=trainer, length=total)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / TOKENIZER_FILE
+    tmp = path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {p}")
+    return Tokenizer.from_file(str(p))
+
+
+def special_ids(tok: Tokenizer) -> tuple[int, int]:
+    eot, pad = tok.token_to_id(EOT), tok.token_to_id(PAD)
+    if eot is None or pad is None:
+        raise ValueError(f"tokenizer lacks the special tokens {EOT} and {PAD}")
+    return eot, pad
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()[:16]
