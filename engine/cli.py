@@ -77,6 +77,13 @@ def cmd_train(args) -> int:
         cfg = load_config(path, overrides)
         ckpt_path = None
     _check_inputs(cfg, db)
+    if cfg.stage in ("finetune", "prompt"):
+        from .config import load_toml
+        from .finetune import child_config
+
+        # the model shape comes from the parent; only an explicitly given model.n_ctx is honoured
+        explicit = set(overrides) | ({f"model.{k}" for k in load_toml(path).get("model", {})} if not resume_row else set())
+        cfg = child_config(cfg, db, explicit, resuming=bool(resume_row))
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(db.path)
     session = RunSession(db, events, cfg, runs_dir, resume_id=resume_row["id"] if resume_row else None)

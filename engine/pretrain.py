@@ -105,6 +105,7 @@ def choose_kernels(s: RunSession, model: GPT, tokens_per_batch: int, device: tor
         else:
             by_shape: dict[tuple, str] = {}
             timings = {}
+            choice = {}
             for name, m in layers.items():
                 key = tuple(m.weight.shape)
                 if key not in by_shape:

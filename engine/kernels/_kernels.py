@@ -261,41 +261,107 @@ def sddmm_tiles(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out):
             out[s0 + j] = acc
 
 
-FB = 16  # features per transpose block: one 64-byte line of a row-major fp32 row
+@intrinsic
+def _transpose_block(typingctx, src, soff, sstride, dst, doff, dstride, bias, boff, use_bias):
+    """Transpose one LxL block (L = lanes): dst[doff + c*dstride + r] = src[soff + r*sstride + c].
+
+    L vector loads, log2(L) butterfly rounds of two-input shuffles, L vector
+    stores: full cache lines on both sides instead of scalar strided copies.
+    With ``use_bias`` bias[boff + r] is added to every element of output row c
+    (i.e. to lane r), which is how the forward adds b to the row-major Y.
+    """
+    sig = types.void(src, soff, sstride, dst, doff, dstride, bias, boff, use_bias)
+
+    def codegen(context, builder, signature, args):
+        sa, soff, sstride, da, doff, dstride, ba, boff, use_bias = args
+        sty, _, _, dty, _, _, bty, _, _ = signature.args
+        ft = _llvm_float(sty.dtype)
+        L = _lanes(sty.dtype)
+        vty = ir.VectorType(ft, L)
+        i32 = ir.IntType(32)
+        i64 = ir.IntType(64)
+
+        def w64(v):
+            return builder.sext(v, i64) if v.type.width < 64 else v
+        soff, sstride, doff, dstride, boff = map(w64, (soff, sstride, doff, dstride, boff))
+        sp = _data_ptr(context, builder, sty, sa)
+        dp = _data_ptr(context, builder, dty, da)
+        bp = _data_ptr(context, builder, bty, ba)
+        v = [_vload(builder, sp, builder.add(soff, builder.mul(ir.Constant(i64, r), sstride)), vty)
+             for r in range(L)]
+        # round b swaps bit b of the row index with bit b of the lane index
+        m = 1
+        while m < L:
+            nv = list(v)
+            for r0 in range(L):
+                if r0 & m:
+                    continue
+                r1 = r0 | m
+                lo = [c if not (c & m) else L + (c ^ m) for c in range(L)]
+                hi = [L + c if (c & m) else (c ^ m) for c in range(L)]
+                nv[r0] = builder.shuffle_vector(v[r0], v[r1], ir.Constant(ir.VectorType(i32, L), lo))
+                nv[r1] = builder.shuffle_vector(v[r0], v[r1], ir.Constant(ir.VectorType(i32, L), hi))
+            v = nv
+            m <<= 1
+        flag = builder.icmp_unsigned("!=", use_bias, ir.Constant(use_bias.type, 0))
+        with builder.if_then(flag):
+            bvec = _vload(builder, bp, boff, vty)  # only touched when there is a bias
+            for c in range(L):
+                _vstore(builder, builder.fadd(v[c], bvec), dp,
+                        builder.add(doff, builder.mul(ir.Constant(i64, c), dstride)), vty)
+        with builder.if_then(builder.not_(flag)):
+            for c in range(L):
+                _vstore(builder, v[c], dp, builder.add(doff, builder.mul(ir.Constant(i64, c), dstride)), vty)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def to_tiles(x, n, f, ntiles, out):
-    """Row-major x[n, f] -> out[ntiles, f, T], zero-padding the last tile."""
-    nfb = (f + FB - 1) // FB
+def to_tiles(x, n, f, ntiles, out, dummy):
+    """Row-major x[n, f] (flat) -> out[ntiles, f, T], zero-padding the last tile."""
+    L = 64 // x.itemsize
+    nfb = (f + L - 1) // L
     for item in prange(ntiles * nfb):
         t = item // nfb
-        f0 = (item - t * nfb) * FB
-        f1 = min(f0 + FB, f)
+        f0 = (item - t * nfb) * L
+        f1 = min(f0 + L, f)
         kmax = min(T, n - t * T)
-        for k in range(kmax):
+        kfast = 0
+        if f1 - f0 == L:
+            kfast = kmax - kmax % L
+            for k0 in range(0, kfast, L):
+                _transpose_block(x, (t * T + k0) * f + f0, f, out, (t * f + f0) * T + k0, T,
+                                 dummy, 0, False)
+        for k in range(kfast, kmax):
             r = t * T + k
             for i in range(f0, f1):
-                out[(t * f + i) * T + k] = x[r, i]
-        for k in range(kmax, T):
-            for i in range(f0, f1):
+                out[(t * f + i) * T + k] = x[r * f + i]
+        for i in range(f0, f1):
+            for k in range(kmax, T):
                 out[(t * f + i) * T + k] = 0
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def from_tiles(yt, n, f, ntiles, bias, use_bias, y):
-    """Tiled yt[ntiles, f, T] -> row-major y[n, f] (+ bias)."""
-    nfb = (f + FB - 1) // FB
+    """Tiled yt[ntiles, f, T] -> row-major y[n, f] (flat), + bias if use_bias."""
+    L = 64 // yt.itemsize
+    nfb = (f + L - 1) // L
     for item in prange(ntiles * nfb):
         t = item // nfb
-        f0 = (item - t * nfb) * FB
-        f1 = min(f0 + FB, f)
+        f0 = (item - t * nfb) * L
+        f1 = min(f0 + L, f)
         kmax = min(T, n - t * T)
-        for k in range(kmax):
+        kfast = 0
+        if f1 - f0 == L:
+            kfast = kmax - kmax % L
+            for k0 in range(0, kfast, L):
+                _transpose_block(yt, (t * f + f0) * T + k0, T, y, (t * T + k0) * f + f0, f,
+                                 bias, f0, use_bias)
+        for k in range(kfast, kmax):
             r = t * T + k
-            if use_bias:
-                for i in range(f0, f1):
-                    y[r, i] = yt[(t * f + i) * T + k] + bias[i]
-            else:
-                for i in range(f0, f1):
-                    y[r, i] = yt[(t * f + i) * T + k]
+            for i in range(f0, f1):
+                v = yt[(t * f + i) * T + k]
+                if use_bias:
+                    v += bias[i]
+                y[r * f + i] = v

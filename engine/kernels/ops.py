@@ -66,7 +66,7 @@ def _tile(a2):
     n, f = a2.shape
     nt = (n + T - 1) // T
     out = torch.empty(nt * f * T, dtype=a2.dtype)
-    _K.to_tiles(a2.numpy(), n, f, nt, out.numpy())
+    _K.to_tiles(a2.reshape(-1).numpy(), n, f, nt, out.numpy(), _dummy(a2.dtype))
     return out, nt
 
 
@@ -76,7 +76,7 @@ def _untile(yt, n, f, nt, bias):
         b, use = _dummy(yt.dtype), False
     else:
         b, use = bias.detach().to(yt.dtype).contiguous().numpy(), True
-    _K.from_tiles(yt.numpy(), n, f, nt, b, use, y.numpy())
+    _K.from_tiles(yt.numpy(), n, f, nt, b, use, y.view(-1).numpy())
     return y
 
 

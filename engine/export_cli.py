@@ -1,0 +1,104 @@
+"""CLI commands: ``export`` (metrics or config), ``export-config``, ``export-hf``. Registered by engine.cli."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _cli():
+    from . import cli  # imported late: engine.cli imports this module while building its parser
+
+    return cli
+
+
+def cmd_export(args) -> int:
+    from .export import ExportError, export_config, export_metrics
+
+    cli = _cli()
+    db = cli._db(args)
+    fmt = args.format or Path(args.out).suffix.lstrip(".").lower()
+    try:
+        if fmt == "toml":
+            if len(args.run_ids) != 1:
+                raise cli.CliError("--format toml exports one run's config: give exactly one RUN_ID", key="run_ids")
+            path = export_config(db, args.run_ids[0], args.out)
+            print(f"wrote the config of run {args.run_ids[0]} to {path}")
+            return 0
+        n = export_metrics(db, args.run_ids, args.out, fmt or None, names=args.name or None)
+    except ExportError as e:
+        raise cli.CliError(str(e), key="run_ids") from None
+    print(f"wrote {n:,} metric rows of {len(args.run_ids)} run(s) to {args.out}")
+    return 0
+
+
+def cmd_export_config(args) -> int:
+    from .export import ExportError, config_toml
+
+    cli = _cli()
+    db = cli._db(args)
+    try:
+        text = config_toml(db, args.run_id)
+    except ExportError as e:
+        raise cli.CliError(str(e), key="run_id") from None
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote the config of run {args.run_id} to {args.out}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from .export import ExportError
+    from .export_hf import export_hf, verify_export
+
+    cli = _cli()
+    db = cli._db(args)
+    try:
+        report = export_hf(db, args.run_id, args.out, overwrite=args.overwrite)
+    except ExportError as e:
+        raise cli.CliError(str(e), key="run_id") from None
+    if args.verify:
+        try:
+            report["verify"] = verify_export(db, args.run_id, args.out)
+        except ImportError:
+            raise cli.CliError("--verify needs the transformers package (pip install transformers)") from None
+    if args.json:
+        sys.stdout.write(json.dumps(report, default=str) + "\n")
+        return 0
+    print(f"exported run {report['run_id']} (weights of {report['model_run']}) to {report['out']}: {', '.join(report['files'])}")
+    print(f"sparsity of the exported attention/MLP matrices: {report['sparsity']['matrices']:.1%} (stored dense, zeros included)")
+    if report["skipped"]:
+        print(f"not exported (no GPT-2 equivalent): {', '.join(report['skipped'])}")
+    if report["prompt"]:
+        print(f"soft prompt: {report['prompt']['n_tokens']} vectors in {report['prompt']['file']} (see README.md)")
+    if "verify" in report:
+        v = report["verify"]
+        print(f"verified with transformers: same tokens {v['same_tokens']}, max |logit diff| {v['max_abs_diff']:.2e}")
+        if not v["same_tokens"] or v["max_abs_diff"] > 1e-4:
+            return 1
+    return 0
+
+
+def register(sub, common) -> None:
+    e = common(sub.add_parser("export", help="metrics of one or many runs to one CSV/JSON/Parquet file (or a config as TOML)"))
+    e.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    e.add_argument("--format", choices=("csv", "json", "parquet", "toml"), help="default: from the --out suffix")
+    e.add_argument("--out", required=True, metavar="PATH")
+    e.add_argument("--name", action="append", metavar="METRIC", help="only these metric names (repeatable)")
+    e.set_defaults(fn=cmd_export)
+
+    c = common(sub.add_parser("export-config", help="a run's config as TOML, re-runnable with `mediswift train FILE`"))
+    c.add_argument("run_id")
+    c.add_argument("--out", metavar="PATH", help="file to write (default: stdout)")
+    c.set_defaults(fn=cmd_export_config)
+
+    h = common(sub.add_parser("export-hf", help="the model in Hugging Face format (GPT2LMHeadModel + tokenizer + model card)"))
+    h.add_argument("run_id")
+    h.add_argument("--out", required=True, metavar="DIR")
+    h.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    h.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits (needs transformers)")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_export_hf)

@@ -1,0 +1,423 @@
+"""Hand a trained model to the Hugging Face ecosystem: a folder that ``GPT2LMHeadModel.from_pretrained``
+and ``AutoTokenizer.from_pretrained`` load offline, plus a model card.
+
+Our GPT is GPT-2 up to layout: GPT-2 keeps its projections in ``Conv1D`` (weight stored [in, out], the
+transpose of nn.Linear) and fuses q, k, v into one ``c_attn``. Our MLP uses the exact (erf) GELU, which
+is transformers' ``"gelu"``; ``"gelu_new"`` (tanh) would drift by ~1e-3 in the logits. Sparse weights are
+written as dense tensors holding their zeros: transformers has no sparse format, and the card says so.
+
+transformers itself is not needed to export (config.json is written by hand); ``verify_export`` uses it
+when installed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .config import RunConfig, from_dict
+from .export import ExportError, lineage, summary_row
+from .rundb import RunDB
+from .vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
+
+SPARSE_SUFFIXES = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight", "mlp.fc.weight", "mlp.proj.weight")
+PROMPT_FILE = "soft_prompt.safetensors"
+PROMPT_KEYS = ("prompt", "soft_prompt", "prompt_embeddings", "embeddings", "weight")
+
+
+# -- weights --------------------------------------------------------------------------------------
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fine-tuned model may sit inside a wrapper (``model.wte.weight``): find the GPT by its embedding."""
+    hits = [k for k in state if k.endswith("wte.weight")]
+    if not hits:
+        raise ExportError("checkpoint has no token embedding (wte.weight); is it a GPT checkpoint?")
+    prefix = min(hits, key=len)[: -len("wte.weight")]
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
+
+
+def gpt2_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our state dict -> GPT-2's tensor names and layout; also the names we could not place."""
+    src = {k: v.detach().to("cpu") for k, v in _strip_prefix(state).items()}
+    for name, mask in (masks or {}).items():  # masked weights are zero already; enforce it for the export
+        key = f"{name}.weight"
+        if key in src:
+            src[key] = src[key] * mask.to(src[key].dtype)
+    d = cfg.model.d_model
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return src[key]
+
+    def bias(key: str, n: int) -> torch.Tensor:
+        # bias=False models: GPT-2 always has biases, zeros are the exact equivalent
+        return take(key) if key in src else torch.zeros(n, dtype=src["wte.weight"].dtype)
+
+    out: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": take("wte.weight"),
+        "transformer.wpe.weight": take("wpe.weight"),
+        "transformer.ln_f.weight": take("ln_f.weight"),
+        "transformer.ln_f.bias": bias("ln_f.bias", d),
+    }
+    for i in range(cfg.model.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        out[h + "ln_1.weight"] = take(b + "ln1.weight")
+        out[h + "ln_1.bias"] = bias(b + "ln1.bias", d)
+        out[h + "ln_2.weight"] = take(b + "ln2.weight")
+        out[h + "ln_2.bias"] = bias(b + "ln2.bias", d)
+        qkv = torch.cat([take(b + f"attn.{p}.weight") for p in "qkv"], dim=0)        # [3d, d] (out, in)
+        out[h + "attn.c_attn.weight"] = qkv.t()                                       # Conv1D: [d, 3d]
+        out[h + "attn.c_attn.bias"] = torch.cat([bias(b + f"attn.{p}.bias", d) for p in "qkv"])
+        out[h + "attn.c_proj.weight"] = take(b + "attn.out.weight").t()              # [d, d]
+        out[h + "attn.c_proj.bias"] = bias(b + "attn.out.bias", d)
+        out[h + "mlp.c_fc.weight"] = take(b + "mlp.fc.weight").t()                   # [d, 4d]
+        out[h + "mlp.c_fc.bias"] = bias(b + "mlp.fc.bias", 4 * d)
+        out[h + "mlp.c_proj.weight"] = take(b + "mlp.proj.weight").t()               # [4d, d]
+        out[h + "mlp.c_proj.bias"] = bias(b + "mlp.proj.bias", d)
+    if "lm_head.weight" in src:
+        if not torch.equal(src["lm_head.weight"], src["wte.weight"]):
+            raise ExportError("the LM head is not tied to the token embedding; GPT-2 export needs tied weights")
+        used.add("lm_head.weight")  # tied: GPT-2 re-ties it on load, so it is not stored twice
+    out = {k: v.contiguous() for k, v in out.items()}
+    return out, sorted(set(src) - used)
+
+
+def gpt2_config(cfg: RunConfig, vocab_size: int, eot: int, pad: int) -> dict:
+    m = cfg.model
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_positions": m.max_positions,
+        "n_embd": m.d_model,
+        "n_layer": m.n_layer,
+        "n_head": m.n_head,
+        "n_inner": 4 * m.d_model,
+        "activation_function": "gelu",  # exact erf GELU, as torch.nn.functional.gelu in engine/model.py
+        "resid_pdrop": m.dropout,
+        "embd_pdrop": m.dropout,
+        "attn_pdrop": m.dropout,
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "pad_token_id": pad,
+        "dtype": "float32",
+        "torch_dtype": "float32",
+    }
+
+
+# -- finding what to export -----------------------------------------------------------------------
+
+
+def _model_run(db: RunDB, run: dict) -> dict:
+    """The run whose weights are exported: the run itself, or for a soft-prompt run its parent model."""
+    if run["stage"] != "prompt":
+        return run
+    parent = db.get_run(run["parent_id"]) if run.get("parent_id") else None
+    if parent is None:
+        raise ExportError(f"prompt run {run['id']} has no parent model to export (parent {run.get('parent_id')!r} not found)")
+    return parent
+
+
+def _checkpoint_path(db: RunDB, run: dict) -> Path:
+    if run["stage"] == "vocab":
+        raise ExportError(f"run {run['id']} is a vocabulary run: it has no model weights to export")
+    ck = db.latest_checkpoint(run["id"])
+    if ck is None or not Path(ck["path"]).is_file():
+        raise ExportError(f"run {run['id']} has no checkpoint file to export")
+    return Path(ck["path"])
+
+
+def _tokenizer_path(db: RunDB, run: dict) -> Path:
+    """The run's tokenizer, else the nearest ancestor's (child runs reuse their parent's vocabulary)."""
+    for r in reversed(lineage(db, run["id"])):
+        p = Path(r.get("run_dir") or "") / TOKENIZER_FILE
+        if r.get("run_dir") and p.is_file():
+            return p
+    raise ExportError(f"no {TOKENIZER_FILE} found for run {run['id']} or its ancestors")
+
+
+def _prompt_tensor(db: RunDB, run: dict, d_model: int) -> tuple[torch.Tensor, str] | None:
+    """The learned soft prompt [P, d] of a prompt run: its 'prompt' artifact, else its checkpoint."""
+    candidates = [Path(a["path"]) for a in reversed(db.artifacts(run["id"], "prompt"))]
+    ck = db.latest_checkpoint(run["id"])
+    if ck:
+        candidates.append(Path(ck["path"]))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        t = _find_prompt(obj, d_model)
+        if t is not None:
+            return t, str(path)
+    return None
+
+
+def _find_prompt(obj: Any, d_model: int) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu")
+        t = t.squeeze(0) if t.dim() == 3 and t.shape[0] == 1 else t
+        return t if t.dim() == 2 and t.shape[1] == d_model else None
+    if isinstance(obj, dict):
+        for key in PROMPT_KEYS:
+            if key in obj:
+                t = _find_prompt(obj[key], d_model)
+                if t is not None:
+                    return t
+        tensors = [v for v in obj.values() if isinstance(v, (torch.Tensor, dict))]
+        if len(tensors) == 1:
+            return _find_prompt(tensors[0], d_model)
+    return None
+
+
+# -- the export -------------------------------------------------------------------------------------
+
+
+def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = False) -> dict:
+    """Write config.json, model.safetensors, tokenizer files, generation_config.json and README.md.
+
+    Returns a report (paths, exported tensors, skipped tensors, sparsity of the exported matrices).
+    """
+    from safetensors.torch import save_file
+
+    run = db.get_run(run_id)
+    if run is None:
+        raise ExportError(f"unknown run: {run_id}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty (use --overwrite to replace its files)")
+    model_run = _model_run(db, run)
+    ck_path = _checkpoint_path(db, model_run)
+    ck = load_checkpoint(ck_path)
+    cfg = from_dict(ck["config"])
+    tok_path = _tokenizer_path(db, model_run)
+    tok = load_tokenizer(tok_path)
+    vocab_size = int(ck.get("vocab_size") or tok.get_vocab_size())
+    if tok.get_vocab_size() != vocab_size:
+        raise ExportError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint {vocab_size}")
+    eot, pad = special_ids(tok)
+
+    tensors, skipped = gpt2_state_dict(ck["model"], cfg, ck.get("masks"))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", gpt2_config(cfg, vocab_size, eot, pad))
+    _write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": pad})
+    shutil.copyfile(tok_path, out / TOKENIZER_FILE)
+    _write_json(out / "tokenizer_config.json", {
+        # the generic fast tokenizer reads tokenizer.json as is: same pre-tokenizer, merges and specials
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD,
+        "model_max_length": cfg.model.max_positions,
+        "clean_up_tokenization_spaces": False,
+    })
+    _write_json(out / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD})
+
+    prompt_info = None
+    if run["stage"] == "prompt":
+        found = _prompt_tensor(db, run, cfg.model.d_model)
+        if found is None:
+            raise ExportError(f"prompt run {run['id']} has no soft prompt (no 'prompt' artifact with a [P, {cfg.model.d_model}] tensor)")
+        prompt, src = found
+        save_file({"prompt_embeddings": prompt.contiguous()}, str(out / PROMPT_FILE),
+                  metadata={"format": "pt", "run_id": run["id"], "n_tokens": str(prompt.shape[0])})
+        prompt_info = {"file": PROMPT_FILE, "n_tokens": int(prompt.shape[0]), "source": src}
+
+    sparsity = _exported_sparsity(tensors)
+    (out / "README.md").write_text(
+        model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info), encoding="utf-8")
+    return {"run_id": run["id"], "model_run": model_run["id"], "checkpoint": str(ck_path), "out": str(out),
+            "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, "prompt": prompt_info,
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _exported_sparsity(tensors: dict[str, torch.Tensor]) -> dict:
+    """Zeros in the exported attention and MLP matrices, counted from the tensors written."""
+    zeros = total = 0
+    for k, t in tensors.items():
+        if k.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight")):
+            zeros += int((t == 0).sum())
+            total += t.numel()
+    all_params = sum(t.numel() for t in tensors.values())
+    nonzero = sum(int(torch.count_nonzero(t)) for t in tensors.values())
+    return {"matrices": zeros / total if total else 0.0, "params_total": all_params, "params_nonzero": nonzero}
+
+
+# -- model card -------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, tensors: dict,
+               skipped: list[str], sparsity: dict, prompt_info: dict | None) -> str:
+    chain = lineage(db, model_run["id"]) + ([run] if run is not model_run else [])
+    m = cfg.model
+    title = run.get("name") or run["id"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [gpt2, mediswift, sparse-pretraining, biomedical]",
+        "---",
+        "",
+        f"# {title} ({run['id']})",
+        "",
+        f"A GPT-2-style causal language model trained with MediSwift Studio {__version__} "
+        f"(stage **{run['stage']}**, status {run['status']}). Exported from checkpoint step {ck.get('step')} "
+        f"of run `{model_run['id']}`.",
+        "",
+        "## Architecture",
+        "",
+        f"- {m.n_layer} layer{'s' if m.n_layer != 1 else ''}, width {m.d_model}, {m.n_head} heads, context {m.max_positions} tokens, "
+        f"vocabulary {ck.get('vocab_size')} (byte-level BPE with `{EOT}` and `{PAD}`)",
+        f"- {sparsity['params_total']:,} parameters, {sparsity['params_nonzero']:,} nonzero",
+        "- pre-LayerNorm blocks, learned positions, exact (erf) GELU (`activation_function: gelu`), tied input/output embeddings",
+        "",
+        "## Sparsity",
+        "",
+    ]
+    if sparsity["matrices"] > 0:
+        lines += [
+            f"{sparsity['matrices']:.1%} of the attention (q, k, v, output) and MLP weights are exactly zero "
+            f"(configured: {cfg.sparsity.level:.0%}, {cfg.sparsity.distribution}).",
+            "",
+            "**The weights are stored as dense tensors that contain these zeros.** transformers has no sparse "
+            "format, so this model runs at dense speed and size; the masks are not part of the export. "
+            "Fine-tuning it with transformers trains the zero weights too (as MediSwift's dense fine-tuning does).",
+        ]
+    else:
+        lines.append("The exported weights are dense (no zero-masked matrices).")
+    lines += ["", "## Training data", ""]
+    for r in chain:
+        c = r.get("config") or {}
+        data, task = c.get("data") or {}, c.get("task") or {}
+        meta = r.get("meta") or {}
+        if r["stage"] in ("vocab", "pretrain") or task.get("name") == "lm":
+            corpus = ", ".join(f"`{s}`" for s in data.get("corpus", []))
+            extra = f", at most {data['max_documents']:,} documents" if data.get("max_documents") else ""
+            toks = f"; {meta['train_tokens']:,} training / {meta.get('val_tokens', 0):,} validation tokens" if meta.get("train_tokens") else ""
+            lines.append(f"- `{r['id']}` ({r['stage']}): {corpus}{extra}{toks}")
+        else:
+            lines.append(f"- `{r['id']}` ({r['stage']}): task {task.get('name')}, train `{task.get('train') or '-'}`, "
+                         f"dev `{task.get('dev') or '-'}`")
+    lines += ["", "## Stages and lineage (root first)", "",
+              "| run | name | stage | status | steps | tokens | FLOPs spent | dense-equivalent FLOPs | wall time (s) | sparsity |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    spent = dense = 0.0
+    for r in chain:
+        s = summary_row(db, r)
+        spent += s["flops"] or 0.0
+        dense += s["flops_dense"] or 0.0
+        steps = (r.get("summary") or {}).get("step")
+        lines.append(f"| `{r['id']}` | {r.get('name') or ''} | {r['stage']} | {r['status']} | {_fmt(steps)} | {_fmt(s['tokens'])} | "
+                     f"{_fmt(s['flops'])} | {_fmt(s['flops_dense'])} | {_fmt(s['wall_time'])} | {_fmt(s['sparsity'])} |")
+    lines += ["", "## Training FLOPs", ""]
+    if spent:
+        lines.append(f"All stages together: {spent:.3e} FLOPs spent on nonzero weights vs {dense:.3e} for the same model "
+                     f"dense ({dense / spent:.2f}x). Counted as 3 × forward FLOPs per token (MediSwift's formula); "
+                     "wall time is measured separately.")
+    else:
+        lines.append("No FLOP counters recorded.")
+    lines += ["", "## Evaluation", ""]
+    evals = [(r["id"], e) for r in chain for e in db.evaluations(r["id"])]
+    if evals:
+        lines += ["| run | step | task | split | scores |", "|---|---|---|---|---|"]
+        for rid, e in evals[-30:]:  # the card stays readable for long runs: latest evaluations only
+            scores = ", ".join(f"{k} {_fmt(v)}" for k, v in e["metrics"].items())
+            lines.append(f"| `{rid}` | {e['step']} | {e['task']} | {e['split']} | {scores} |")
+    else:
+        lines.append("No evaluations recorded.")
+    lines += [
+        "", "## Use", "", "```python",
+        "from transformers import AutoTokenizer, GPT2LMHeadModel",
+        "tok = AutoTokenizer.from_pretrained(\"PATH\")",
+        "model = GPT2LMHeadModel.from_pretrained(\"PATH\")",
+        "ids = tok(\"Abnormality of the\", return_tensors=\"pt\").input_ids",
+        "print(tok.decode(model.generate(ids, max_new_tokens=20)[0]))",
+        "```",
+        "", "The tokenizer adds no BOS token (as in training): documents are separated by "
+        f"`{EOT}`, batches padded with `{PAD}`.",
+    ]
+    if prompt_info:
+        lines += [
+            "", "## Soft prompt", "",
+            f"This run learned {prompt_info['n_tokens']} virtual-token embeddings on a frozen model; they are in "
+            f"`{prompt_info['file']}` (tensor `prompt_embeddings`, shape [{prompt_info['n_tokens']}, {m.d_model}]). "
+            "The model weights above are those of the parent run. Put the prompt in front of the token embeddings:",
+            "", "```python", "from safetensors.torch import load_file",
+            f"prompt = load_file(\"PATH/{prompt_info['file']}\")[\"prompt_embeddings\"]",
+            "emb = model.transformer.wte(ids)                       # [1, T, d]",
+            "x = torch.cat([prompt[None].to(emb.dtype), emb], 1)    # [1, P+T, d]",
+            "logits = model(inputs_embeds=x).logits[:, prompt.shape[0]:]",
+            "```",
+            "", "Positions count the prompt tokens too (prompt at positions 0..P-1), as in training.",
+        ]
+    if skipped:
+        lines += ["", "## Not exported", "",
+                  "These checkpoint tensors have no place in GPT2LMHeadModel (e.g. a classification head): "
+                  + ", ".join(f"`{k}`" for k in skipped)]
+    lines += ["", "## Training configuration", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+# -- verification (needs transformers) ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def verify_export(db: RunDB, run_id: str, out_dir: str | Path, text: str = "Abnormality of the heart.") -> dict:
+    """Load the export with transformers (offline) and compare logits and tokenization with the engine."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from .model import GPT
+    from .sparsity import load_masks
+
+    run = db.get_run(run_id)
+    model_run = _model_run(db, run)
+    ck = load_checkpoint(_checkpoint_path(db, model_run))
+    cfg = from_dict(ck["config"])
+    ours = GPT(cfg.model, ck["vocab_size"])
+    load_masks(ours, ck.get("masks") or {})
+    ours.load_state_dict(_strip_prefix(ck["model"]), strict=False)
+    ours.eval()
+    tok = load_tokenizer(_tokenizer_path(db, model_run))
+    hf_tok = AutoTokenizer.from_pretrained(str(out_dir))
+    hf = GPT2LMHeadModel.from_pretrained(str(out_dir)).eval()
+    ids = tok.encode(text).ids[: cfg.model.max_positions]
+    hf_ids = hf_tok(text)["input_ids"][: cfg.model.max_positions]
+    x = torch.tensor([ids])
+    a = ours(x)[0]
+    b = hf(x).logits
+    return {"same_tokens": ids == hf_ids, "max_abs_diff": float((a - b).abs().max()), "n_tokens": len(ids)}

@@ -1,0 +1,25 @@
+"""Fine-tuning tasks: PubMedQA (yes/no/maybe), HoC (10 hallmarks, multi-label), plain causal LM.
+
+A task reads its labelled files (any path: the same code scores the unseen test files), turns each
+record into an ``Example`` (prompt segments + answer text + label), and scores predictions.
+Problems with the user's files are ``TaskError`` (exit code 2), naming the config key and the file.
+"""
+from __future__ import annotations
+
+from .base import Example, TaskError
+
+
+def get_task(name: str):
+    """The task module for ``task.name`` (pubmedqa, hoc, lm)."""
+    if name == "pubmedqa":
+        from . import pubmedqa as mod
+    elif name == "hoc":
+        from . import hoc as mod
+    elif name == "lm":
+        from . import lm as mod
+    else:
+        raise TaskError(f"unknown task {name!r} (tasks: pubmedqa, hoc, lm)", key="task.name")
+    return mod
+
+
+__all__ = ["Example", "TaskError", "get_task"]

@@ -1,0 +1,212 @@
+"""What every labelled task shares: examples, truncation to the context window, batching, F1.
+
+An example is four text segments: ``head`` (kept), ``context`` (the only part ever cut, from its
+end), ``tail`` (the answer cue, kept) and ``target`` (the answer, the only tokens with a loss).
+Segments are tokenized separately and concatenated, so cutting the context never changes the
+tokens of the question or the answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..vocab import special_ids
+
+
+class TaskError(ValueError):
+    """A problem with the task's data or settings (exit code 2)."""
+
+    def __init__(self, message: str, key: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.path = path
+
+
+@dataclass
+class Example:
+    id: str
+    head: str
+    context: str
+    tail: str
+    target: str
+    label: Any  # int class index (single-label) or tuple of class indices (multi-label)
+
+
+@dataclass
+class Encoded:
+    ids: list[int]        # prompt + answer (+ end-of-text)
+    answer_start: int     # first answer token; the loss covers ids[answer_start:]
+    context_cut: bool = False
+    question_cut: bool = False
+
+
+@dataclass
+class Truncation:
+    """Counts of examples whose context (or, as a last resort, question) was cut."""
+    context: set = field(default_factory=set)
+    question: set = field(default_factory=set)
+
+    def message(self, what: str, n: int, n_ctx: int) -> str | None:
+        if not self.context and not self.question:
+            return None
+        msg = (f"{what}: {len(self.context)} of {n} examples had their context truncated to fit the "
+               f"{n_ctx}-token window (question and answer kept)")
+        if self.question:
+            msg += f"; {len(self.question)} left no room for any context, so the start of their question was cut too"
+        return msg
+
+
+class Encoder:
+    """Tokenizes example segments once and fits them into ``budget`` tokens."""
+
+    def __init__(self, tok, budget: int):
+        self.tok = tok
+        self.budget = budget
+        self.eot, self.pad = special_ids(tok)
+        self._cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+
+    def parts(self, ex: Example) -> tuple[list[int], list[int], list[int]]:
+        key = id(ex)
+        if key not in self._cache:
+            self._cache[key] = (self.ids(ex.head), self.ids(ex.context), self.ids(ex.tail))
+        return self._cache[key]
+
+    def prompt(self, ex: Example, reserve: int, trunc: Truncation | None = None) -> list[int]:
+        """Prompt ids leaving ``reserve`` tokens for the answer; cuts the context's end first."""
+        h, c, t = self.parts(ex)
+        room = self.budget - reserve - len(h) - len(t)
+        if room >= len(c):
+            return h + c + t
+        if room >= 0:
+            if trunc is not None:
+                trunc.context.add(ex.id)
+            return h + c[:room] + t
+        keep_head = self.budget - reserve - len(t)
+        if keep_head <= 0:
+            raise TaskError(
+                f"the context window of {self.budget} tokens cannot hold even the answer cue and answer of example "
+                f"{ex.id}; use a larger model.n_ctx (or fewer prompt.n_tokens)", key="model.n_ctx")
+        if trunc is not None:
+            trunc.context.add(ex.id)
+            trunc.question.add(ex.id)
+        return h[-keep_head:] + t  # keep the end of the question, next to the answer cue
+
+    def answer_ids(self, text: str) -> list[int]:
+        return self.ids(text) + [self.eot]
+
+    def train(self, ex: Example, trunc: Truncation | None = None) -> Encoded:
+        ans = self.answer_ids(ex.target)
+        p = self.prompt(ex, len(ans), trunc)
+        return Encoded(p + ans, len(p))
+
+
+def collate_lm(encoded: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and next-token targets with -100 everywhere but the answer tokens."""
+    L = max(len(e.ids) for e in encoded) - 1
+    x = torch.full((len(encoded), L), pad, dtype=torch.long)
+    y = torch.full((len(encoded), L), -100, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids = torch.tensor(e.ids, dtype=torch.long)
+        n = len(e.ids) - 1
+        x[i, :n] = ids[:-1]
+        # position j predicts ids[j + 1]; only answer tokens count
+        y[i, e.answer_start - 1:n] = ids[e.answer_start:]
+    return x, y
+
+
+def collate_prompts(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompts and the index of each one's last token (where a classifier head reads)."""
+    L = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), L), pad, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
+    return x, last
+
+
+class ExampleLoader:
+    """Examples in a seeded per-epoch order; ``state`` is the resume position (like BlockLoader)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n == 0:
+            raise TaskError("no training examples", key="task.train")
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.pos = 0
+        self._order = self._make_order(0)
+
+    def _make_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._make_order(self.epoch)
+
+    def next_indices(self) -> list[int]:
+        idx: list[int] = []
+        while len(idx) < self.batch_size:
+            if self.pos >= self.n:
+                self.epoch += 1
+                self.pos = 0
+                self._order = self._make_order(self.epoch)
+            take = min(self.batch_size - len(idx), self.n - self.pos)
+            idx.extend(self._order[self.pos:self.pos + take].tolist())
+            self.pos += take
+        return idx
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def single_label_metrics(gold: Sequence[int], pred: Sequence[int], classes: Sequence[str]) -> dict:
+    """Accuracy and macro-F1 over the fixed class list (a class never predicted nor present scores 0).
+
+    ``pred`` may hold -1 for an answer that could not be parsed: wrong, and in no class's counts.
+    """
+    n = len(gold)
+    correct = sum(int(g == p) for g, p in zip(gold, pred))
+    per_class = {}
+    for c, name in enumerate(classes):
+        tp = sum(1 for g, p in zip(gold, pred) if g == c and p == c)
+        fp = sum(1 for g, p in zip(gold, pred) if g != c and p == c)
+        fn = sum(1 for g, p in zip(gold, pred) if g == c and p != c)
+        per_class[name] = _f1(tp, fp, fn)
+    return {"n": n, "accuracy": correct / n if n else 0.0,
+            "macro_f1": sum(per_class.values()) / len(classes) if classes else 0.0,
+            "f1_per_class": per_class, "unparsed": sum(1 for p in pred if p < 0)}
+
+
+def multi_label_metrics(gold: Sequence[Sequence[int]], pred: Sequence[Sequence[int]], classes: Sequence[str]) -> dict:
+    """Document-level micro-F1 (pooled over every document × label) and macro-F1 (mean over labels)."""
+    tp = np.zeros(len(classes), dtype=np.int64)
+    fp = np.zeros(len(classes), dtype=np.int64)
+    fn = np.zeros(len(classes), dtype=np.int64)
+    exact = 0
+    for g, p in zip(gold, pred):
+        g, p = set(g), set(p)
+        exact += int(g == p)
+        for c in range(len(classes)):
+            tp[c] += c in g and c in p
+            fp[c] += c not in g and c in p
+            fn[c] += c in g and c not in p
+    per_class = {name: _f1(int(tp[c]), int(fp[c]), int(fn[c])) for c, name in enumerate(classes)}
+    T, P, N = int(tp.sum()), int(fp.sum()), int(fn.sum())
+    n = len(gold)
+    return {"n": n, "micro_f1": _f1(T, P, N), "macro_f1": sum(per_class.values()) / len(classes),
+            "precision": T / (T + P) if T + P else 0.0, "recall": T / (T + N) if T + N else 0.0,
+            "exact_match": exact / n if n else 0.0, "f1_per_class": per_class}

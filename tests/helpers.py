@@ -1,0 +1,66 @@
+"""Shared test helpers: real data from ../shared/data, a temporary run database, the real CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+PUBMED_TRAIN = SHARED_DATA / "pubmed_abstracts" / "train.txt"
+
+# A model small enough that a whole run takes seconds on two cores.
+TINY = [
+    "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_ctx=32",
+    "tokenizer.vocab_size=300", "data.max_documents=300", "train.batch_size=4",
+    "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2", "train.checkpoint_every=3",
+    "train.warmup_steps=2", "train.threads=1",
+]
+
+
+def sets(*items: str) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        out += ["--set", item]
+    return out
+
+
+def tiny(*extra: str) -> list[str]:
+    """--set arguments for the tiny model; later items override earlier ones."""
+    merged: dict[str, str] = {}
+    for item in (*TINY, *extra):
+        key, _, value = item.partition("=")
+        merged[key] = value
+    return sets(*(f"{k}={v}" for k, v in merged.items()))
+
+
+def engine_env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env["MEDISWIFT_HOME"] = str(tmp_path / "home")
+    env.pop("MEDISWIFT_DB", None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.rc = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+    def of_type(self, t: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == t]
+
+    @property
+    def run_id(self) -> str | None:
+        started = self.of_type("run_started")
+        return started[0]["run_id"] if started else None
+
+
+def needs_shared_data():
+    return pytest.mark.skipif(not PUBMED_TRAIN.is_file(), reason=f"shared data missing: {PUBMED_TRAIN}")

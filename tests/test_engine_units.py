@@ -1,0 +1,165 @@
+"""Unit tests of the engine's parts: config, FLOPs, masks, data order, database, events, layering."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from engine.config import ConfigError, RunConfig, field_docs, load_config, parse_overrides
+from engine.data import BlockLoader, split_documents
+from engine.events import EventWriter, parse_line, validate_event, EventError
+from engine.flops import flop_model_for, flop_model_for_config
+from engine.model import GPT
+from engine.config import ModelConfig
+from engine.optim import lr_factor
+from engine.paths import PRESETS_DIR, list_presets
+from engine.rundb import RunDB
+from engine.sparsity import apply_sparsity, layer_densities, measure_sparsity
+
+from helpers import REPO
+
+
+def test_presets_load_and_match_the_paper_shapes():
+    assert {"demo", "gpt3-125m", "mediswift-med", "mediswift-xl"} <= set(list_presets())
+    demo = load_config(PRESETS_DIR / "demo.toml")
+    assert demo.sparsity.level == 0.75 and demo.data.corpus == ["builtin:hpo"]
+    med = load_config(PRESETS_DIR / "mediswift-med.toml")
+    xl = load_config(PRESETS_DIR / "mediswift-xl.toml")
+    assert (med.model.n_layer, med.model.d_model, xl.model.n_layer, xl.model.d_model) == (24, 1024, 24, 2048)
+    for c in (med, xl, load_config(PRESETS_DIR / "gpt3-125m.toml")):
+        assert c.model.n_ctx == 2048 and c.tokenizer.vocab_size == 42384
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = load_config(PRESETS_DIR / "demo.toml", parse_overrides(["train.lr=1e-3", "data.corpus=a.txt", "model.bias=false"]))
+    assert cfg.train.lr == 1e-3 and cfg.data.corpus == ["a.txt"] and cfg.model.bias is False
+    with pytest.raises(ConfigError) as e:
+        load_config(None, parse_overrides(["train.sparsity=0.5"]))
+    assert "did you mean 'sparsity.level'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        RunConfig(stage="finetune")
+    assert e.value.key == "parent"
+    # JSON round trip gives the same config
+    assert load_config(None).replace({}).to_dict() == RunConfig().to_dict()
+
+
+def test_field_docs_cover_every_key_for_forms():
+    docs = field_docs()
+    assert "sparsity.level" in docs and docs["sparsity.level"]["max"] == 1.0
+    assert docs["sparsity.distribution"]["choices"] == ("uniform", "erk")
+    assert all(info["doc"] for info in docs.values())
+
+
+def test_paper_flop_ratios():
+    med = flop_model_for_config(24, 1024, 2048, 42384, 0.75)
+    xl = flop_model_for_config(24, 2048, 2048, 42384, 0.75)
+    assert med.saving() == pytest.approx(2.0, abs=0.05)
+    assert xl.saving() == pytest.approx(2.5, abs=0.06)
+
+
+@pytest.mark.parametrize("n_layer,d_model,n_ctx,vocab", [(2, 64, 64, 500), (1, 128, 128, 300)])
+def test_dense_flops_agree_with_flop_counter(n_layer, d_model, n_ctx, vocab):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=n_layer, n_head=4, d_model=d_model, n_ctx=n_ctx), vocab)
+    x = torch.randint(0, vocab, (2, n_ctx))
+    counter = FlopCounterMode(display=False)
+    # the CPU flash-attention kernel has no FLOP formula registered; the math backend runs the same
+    # attention as matmuls the counter sees (full T x T scores, as the formula's 4·L·n_ctx·d assumes)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        _, loss = model(x, x)
+        loss.backward()
+    measured = counter.get_total_flops()
+    predicted = flop_model_for(model).train_per_token(sparse=False) * x.numel()
+    assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def test_uniform_and_erk_masks_hit_the_target():
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=64, n_ctx=16), 300)
+    apply_sparsity(model, 0.9, "uniform", seed=1)
+    report = measure_sparsity(model)
+    assert report["total"] == pytest.approx(0.9, abs=1e-4)
+    assert all(v == pytest.approx(0.9, abs=1e-3) for v in report["layers"].values())
+    shapes = {"a": (64, 64), "b": (256, 64), "c": (8, 8)}
+    dens = layer_densities(shapes, 0.9, "erk")
+    nnz = sum(dens[n] * shapes[n][0] * shapes[n][1] for n in shapes)
+    assert nnz == pytest.approx(0.1 * sum(a * b for a, b in shapes.values()))
+    assert dens["c"] == 1.0 and dens["a"] > dens["b"]  # small layers keep more weights
+    # the same seed draws the same masks
+    m2 = GPT(ModelConfig(n_layer=2, n_head=2, d_model=64, n_ctx=16), 300)
+    apply_sparsity(m2, 0.9, "uniform", seed=1)
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(model.sparse_layers().values(), m2.sparse_layers().values()))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_block_loader_is_deterministic_and_resumable():
+    tokens = np.arange(10_000, dtype=np.int32)
+    a = BlockLoader(tokens, 16, 4, seed=3)
+    batches = [a.next_batch()[0] for _ in range(200)]  # crosses several epochs
+    b = BlockLoader(tokens, 16, 4, seed=3)
+    for _ in range(77):
+        b.next_batch()
+    c = BlockLoader(tokens, 16, 4, seed=3)
+    c.load_state(b.state())
+    assert all(torch.equal(c.next_batch()[0], batches[i]) for i in range(77, 200))
+    x, y = a.next_batch()
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    train, val = split_documents(100, 0.1, seed=0)
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
+
+
+def test_event_schema_round_trip():
+    buf = io.StringIO()
+    w = EventWriter(buf)
+    w.emit("metrics", run_id="r1", step=1, tokens=10, wall_time=0.1, flops=1.0, flops_dense=2.0, metrics={"loss": float("nan")})
+    line = buf.getvalue()
+    event = parse_line(line)
+    assert event["type"] == "metrics" and event["metrics"]["loss"] is None  # NaN becomes null: still valid JSON
+    with pytest.raises(EventError):
+        w.emit("metrics", run_id="r1")
+    with pytest.raises(EventError):
+        validate_event({"type": "nonsense", "v": 1, "time": 0})
+    assert parse_line("some library print") is None
+
+
+def test_rundb_migrations_wal_and_crash_reaping(tmp_path):
+    db = RunDB(tmp_path / "r.db")
+    assert db.schema_version() >= 1
+    assert db.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rid = db.create_run(name="x", stage="pretrain", config={})
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    db.update_run(rid, status="running", pid=proc.pid, host=__import__("socket").gethostname())
+    assert db.reap_crashed() == []
+    proc.kill()
+    proc.wait()
+    assert db.reap_crashed() == [rid]
+    assert db.get_run(rid)["status"] == "crashed"
+    assert RunDB(tmp_path / "r.db").schema_version() == db.schema_version()  # re-opening migrates nothing
+
+
+def test_import_layering_contracts():
+    r = subprocess.run([sys.executable, "-m", "importlinter.cli", "--config", str(REPO / "pyproject.toml")],
+                       capture_output=True, text=True, cwd=REPO)
+    if "No module named" in r.stderr:
+        r = subprocess.run(["lint-imports"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "BROKEN" not in r.stdout
+
+
+def test_ground_floor_imports_without_torch():
+    code = ("import sys; import engine.config, engine.events, engine.rundb, engine.paths; "
+            "bad = [m for m in ('torch', 'PySide6', 'tokenizers') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    assert out == "[]"
