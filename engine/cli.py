@@ -53,6 +53,8 @@ def cmd_train(args) -> int:
     db = _db(args)
     resume_row = None
     overrides = parse_overrides(args.set)
+    if args.resume and args.config:
+        raise CliError("give either CONFIG or --resume RUN_ID (a resumed run keeps its own config; adjust it with --set)", key="config")
     if args.resume:
         resume_row = db.get_run(args.resume)
         if resume_row is None:

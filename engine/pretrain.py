@@ -25,7 +25,8 @@ from .metrics_log import Point
 from .model import GPT
 from .optim import make_optimizer, make_scheduler
 from .session import InputError, RunSession
-from .sparsity import apply_sparsity, load_masks, mask_gradients, masks_state, measure_sparsity, sparse_param_counts
+from .train_step import train_step
+from .sparsity import apply_sparsity, load_masks, masks_state, measure_sparsity, sparse_param_counts
 from .vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
 
 
@@ -282,23 +283,15 @@ class Pretrainer:
 
     def train_step(self) -> tuple[float, float]:
         tc = self.cfg.train
-        self.opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(tc.grad_accum):
-            x, y = self.train_loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                _, loss = self.model(x, y)
-            (loss / tc.grad_accum).backward()
-            total += loss.item()
-        mask_gradients(self.model)
-        if tc.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
-        else:
-            grad_norm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None)))
-        self.opt.step()
+
+        def batches():
+            for _ in range(tc.grad_accum):
+                x, y = self.train_loader.next_batch()
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+        loss, grad_norm = train_step(self.model, self.opt, batches(), tc.grad_accum, tc.grad_clip, self.autocast)
         self.sched.step()
-        return total / tc.grad_accum, grad_norm
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -212,3 +212,19 @@ def test_vocabulary_stage_alone(cli, db_path):
     assert tok.token_to_id(EOT) is not None and tok.token_to_id(PAD) is not None
     text = "Hepatocellular carcinoma ✓"
     assert tok.decode(tok.encode(text).ids) == text  # byte-level: lossless
+
+
+def test_sparse_core_and_masked_dense_give_the_same_loss_curve(cli, db_path):
+    from engine.kernels import kernel_available
+
+    if not kernel_available():
+        pytest.skip("sparse matmul core unavailable on this machine")
+    curves = {}
+    for kernel in ("dense", "sparse"):
+        r = cli("train", "demo", *tiny(CORPUS, "train.max_steps=8", f"sparsity.kernel={kernel}", "model.d_model=64",
+                                       "model.n_ctx=64", "train.eval_every=4"))
+        assert r.rc == 0, r.stderr
+        curves[kernel] = [m["metrics"]["loss"] for m in r.of_type("metrics") if "loss" in m["metrics"]]
+        assert RunDB(db_path).get_run(r.run_id)["meta"]["kernels"]["blocks.0.mlp.fc"] == kernel
+    assert len(curves["dense"]) == 8
+    assert curves["sparse"] == pytest.approx(curves["dense"], rel=1e-4)
