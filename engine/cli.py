@@ -357,7 +357,8 @@ def _stderr_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    streams_events = args.command in ("train",)
+    # commands whose stdout a program reads get the error as an event too
+    streams_events = args.command == "train" or (args.command == "estimate" and args.json)
     try:
         return args.fn(args)
     except (ConfigError, CliError, InputError) as e:

@@ -67,14 +67,14 @@ class _Section:
                     hi is not None and (value > hi or (hi_open and value == hi))
                 )
                 if bad:
-                    raise ConfigError(key, f"{key} must be {_range_text(meta)}, got {value!r}")
+                    raise ConfigError(key, f"{key} must be {range_text(meta)}, got {value!r}")
         self.check()
 
     def check(self) -> None:
         """Cross-field checks of one section."""
 
 
-def _range_text(meta: dict) -> str:
+def range_text(meta: dict) -> str:
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and hi is not None:
         left = "(" if meta.get("min_open") else "["

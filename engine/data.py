@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -74,7 +76,8 @@ def tokenize_corpus(corpus: Corpus, tok, val_fraction: float, seed: int, cache_d
     splits = TokenSplits(parts["train"], parts["val"], len(train_idx), len(val_idx), cache, False)
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
+        # unique temporary name: runs starting together may build the same cache at once
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
         np.savez(tmp, train=splits.train, val=splits.val, n_train_docs=splits.n_train_docs, n_val_docs=splits.n_val_docs)
         tmp.replace(cache)
     return splits

@@ -124,8 +124,11 @@ def _decode(tok, ids: list[int]) -> str:
 
 @torch.no_grad()
 def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Example], tc,
-                      trunc: Truncation | None = None) -> dict:
-    """Predict every example the way the run is set up (head, task.predict) and score it."""
+                      trunc: Truncation | None = None, predictions: list | None = None) -> dict:
+    """Predict every example the way the run is set up (head, task.predict) and score it.
+
+    ``predictions`` (a list) receives each example's predicted label, for inspection and tests.
+    """
     if not examples:
         raise TaskError("no examples to evaluate", key="data")
     was_training = scorer.model.training
@@ -167,6 +170,8 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
                 prompts = [enc.prompt(ex, max_new, trunc) for ex in examples]
                 gen = scorer.generate(prompts, max_new, enc.eot, enc.budget)
                 pred = [task.parse(_decode(enc.tok, g)) for g in gen]
+        if predictions is not None:
+            predictions.extend(pred)
         metrics = (multi_label_metrics(gold, pred, task.CLASSES) if task.MULTI_LABEL
                    else single_label_metrics(gold, pred, task.CLASSES))
         metrics["loss"] = float(loss)

@@ -210,38 +210,71 @@ def metric_names(db: RunDB, run_ids: Iterable[str]) -> list[str]:
     return sorted(names)
 
 
-def load_series(db: RunDB, run_id: str, name: str) -> np.ndarray:
-    """One metric of one run as a structured array (SERIES_DTYPE) ordered by step.
+def load_series(db: RunDB, run_id: str, name: str, max_points: int | None = None,
+                steps: tuple[int, int] | None = None) -> np.ndarray:
+    return load_series_counted(db, run_id, name, max_points, steps)[0]
 
-    One query on the (run_id, name, step) index, fed straight into numpy: no per-row dicts.
+
+def load_series_counted(db: RunDB, run_id: str, name: str, max_points: int | None = None,
+                        steps: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+    """One metric of one run as a structured array (SERIES_DTYPE) ordered by step, and the number of
+    rows it has in the database (estimated from the logging interval when thinned).
+
+    ``steps`` limits it to an inclusive step range. With ``max_points``, a longer series is thinned to
+    about that many rows by keeping every k-th step (plus the first and last): the stride is tested on
+    the (run_id, name, step) index alone and only the kept rows are read from the table, which is what
+    makes 20 runs × 100k rows cheap to overview. Charts re-read a zoomed range at full resolution.
     """
-    cur = db.db.conn.execute(
-        "SELECT step, tokens, wall_time, flops, flops_dense, value FROM metrics WHERE run_id = ? AND name = ? "
-        "ORDER BY step", [run_id, name])
-    return np.fromiter(cur, dtype=SERIES_DTYPE)
+    conn = db.db.conn
+    where = "run_id = ? AND name = ?"
+    args: list[Any] = [run_id, name]
+    if steps is not None:
+        where += " AND step BETWEEN ? AND ?"
+        args += [int(steps[0]), int(steps[1])]
+    cols = "step, tokens, wall_time, flops, flops_dense, value"
+    if max_points:
+        # three index seeks instead of a COUNT scan: first two steps (the logging gap) and the last
+        head = [r[0] for r in conn.execute(f"SELECT step FROM metrics WHERE {where} ORDER BY step LIMIT 2", args)]
+        tail = conn.execute(f"SELECT step FROM metrics WHERE {where} ORDER BY step DESC LIMIT 1", args).fetchone()
+        if len(head) == 2:
+            lo, hi = head[0], tail[0]
+            gap = max(head[1] - head[0], 1)  # steps between logged rows (train.log_every)
+            n = (hi - lo) // gap + 1
+            if n > max_points:
+                stride = gap * math.ceil(n / max_points)
+                keep = f"SELECT rowid FROM metrics WHERE {where} AND (step % ? = 0 OR step = ? OR step = ?)"
+                cur = conn.execute(f"SELECT {cols} FROM metrics WHERE rowid IN ({keep}) ORDER BY step",
+                                   [*args, stride, lo, hi])
+                return np.fromiter(cur, dtype=SERIES_DTYPE), n
+    # one query on the (run_id, name, step) index, fed straight into numpy: no per-row dicts
+    arr = np.fromiter(conn.execute(f"SELECT {cols} FROM metrics WHERE {where} ORDER BY step", args), dtype=SERIES_DTYPE)
+    return arr, arr.size
 
 
-def eval_series(db: RunDB, run_id: str) -> dict[str, np.ndarray]:
-    """Numeric evaluation scores as series ``"{task}/{split}/{metric}"`` -> (step, value) structured arrays
-    with x columns borrowed from the training rows at the same (or nearest earlier) step."""
-    frames = db.db.conn.execute(
-        "SELECT step, MAX(tokens), MAX(wall_time), MAX(flops), MAX(flops_dense) FROM metrics WHERE run_id = ? "
-        "AND name = 'loss' GROUP BY step ORDER BY step", [run_id]).fetchall()
-    fr = np.array(frames, dtype=np.float64).reshape(-1, 5)
+def eval_series(db: RunDB, run_id: str, frames: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Numeric evaluation scores as series ``"{task}/{split}/{metric}"`` (SERIES_DTYPE).
+
+    Evaluations carry only a step; their other x columns are interpolated from ``frames`` (the run's
+    training-loss series, read here unless the caller has it already).
+    """
     by_key: dict[str, list[tuple[int, float]]] = {}
     for r in db.evaluations(run_id):
         for metric, v in (r["metrics"] or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 by_key.setdefault(f"{r['task']}/{r['split']}/{metric}", []).append((int(r["step"]), float(v)))
+    if not by_key:
+        return {}
+    if frames is None:
+        frames = load_series(db, run_id, "loss", max_points=4096)  # only to interpolate x positions
     out = {}
     for key, pts in by_key.items():
         pts.sort()
         arr = np.zeros(len(pts), dtype=SERIES_DTYPE)
         arr["step"] = [p[0] for p in pts]
         arr["value"] = [p[1] for p in pts]
-        if len(fr):
-            for i, col in enumerate(("tokens", "wall_time", "flops", "flops_dense"), start=1):
-                arr[col] = np.interp(arr["step"], fr[:, 0], fr[:, i])
+        if len(frames):
+            for col in ("tokens", "wall_time", "flops", "flops_dense"):
+                arr[col] = np.interp(arr["step"], frames["step"], frames[col])
         out[key] = arr
     return out
 

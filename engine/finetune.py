@@ -146,7 +146,7 @@ class FineTuner:
         self.model = GPT(cfg.model, self.vocab_size)
         self.model.load_state_dict(pck["model"])
         masked = {n: m for n, m in (pck.get("masks") or {}).items()}
-        numel = sum(m.numel() for m in self.model.sparse_layers().values())
+        numel = sum(m.weight.numel() for m in self.model.sparse_layers().values())
         nnz = numel - sum(int((~m).sum()) for m in masked.values())
         self.model.to(self.device)
         self.head = None

@@ -41,6 +41,8 @@ def inspect_state(model_state: dict[str, torch.Tensor], n_layer: int, d_model: i
 
 def inspect_checkpoint(path: str) -> dict:
     ck = load_checkpoint(path)
+    if "model" not in ck and ck.get("parent_checkpoint"):  # a soft-prompt run: the model is its parent's
+        ck = {**ck, "model": load_checkpoint(ck["parent_checkpoint"])["model"]}
     cfg = from_dict(ck["config"])
     state = {k: v for k, v in ck["model"].items()}
     report = inspect_state(state, cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, ck["vocab_size"])

@@ -50,7 +50,7 @@ def nearest_tokens(vectors: torch.Tensor, wte: torch.Tensor, tok, k: int = 5) ->
     """For each prompt vector, the k vocabulary tokens of highest cosine similarity."""
     sim = F.normalize(vectors.float(), dim=-1) @ F.normalize(wte.float(), dim=-1).T  # [P, V]
     top = sim.topk(min(k, sim.shape[1]), dim=-1)
-    return [[{"id": int(i), "token": tok.decode([int(i)]), "cos": round(float(s), 4)}
+    return [[{"id": int(i), "token": tok.decode([int(i)]), "piece": tok.id_to_token(int(i)), "cos": round(float(s), 4)}
              for s, i in zip(top.values[p], top.indices[p])] for p in range(vectors.shape[0])]
 
 

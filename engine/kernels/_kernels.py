@@ -153,17 +153,17 @@ def _spmm_seg(typingctx, x, xbase, idx, val, start, end, y, ybase, accumulate):
 
 
 @intrinsic
-def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase):
+def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase, first):
     """p[pbase + (j-start)*L : +L] += lane-partial of dot(dy[dybase:+T], x[xbase+idx[j]*T:+T]).
 
     The dy row stays in registers; each nonzero keeps an L-lane partial sum that
     is reduced to a scalar only once, after all token tiles.
     """
-    sig = types.void(x, xbase, idx, start, end, dy, dybase, p, pbase)
+    sig = types.void(x, xbase, idx, start, end, dy, dybase, p, pbase, first)
 
     def codegen(context, builder, signature, args):
-        xa, xbase, idxa, start, end, dya, dybase, pa, pbase = args
-        xty, _, idxty, _, _, dyty, _, pty, _ = signature.args
+        xa, xbase, idxa, start, end, dya, dybase, pa, pbase, first = args
+        xty, _, idxty, _, _, dyty, _, pty, _, _ = signature.args
         ft = _llvm_float(xty.dtype)
         L = _lanes(xty.dtype)
         nv = T // L
@@ -198,7 +198,9 @@ def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase):
             s[h] = builder.fmul(d[k], v) if s[h] is None else _fma(builder, d[k], v, s[h])
         tot = builder.fadd(s[0], s[1]) if s[1] is not None else s[0]
         poff = builder.add(pbase, builder.mul(builder.sub(j, start), ir.Constant(i64, L)))
-        _vstore(builder, builder.fadd(_vload(builder, pp, poff, vty), tot), pp, poff, vty)
+        # first tile stores, later ones accumulate: the buffer needs no zeroing
+        prev = builder.select(first, ir.Constant(vty, [0.0] * L), _vload(builder, pp, poff, vty))
+        _vstore(builder, builder.fadd(prev, tot), pp, poff, vty)
         jn = builder.add(j, ir.Constant(i64, 1))
         j.add_incoming(jn, loop)
         builder.cbranch(builder.icmp_signed("<", jn, end), loop, done)
@@ -208,14 +210,78 @@ def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase):
     return sig, codegen
 
 
-# Rows per work item.  Within an item the loop runs column block by column
-# block, so one activation block (CB features x T tokens) is reused from L1 by
-# all RC rows while their partial outputs stay in L1/L2.
-RC = 32
+@intrinsic
+def _reduce_lanes(typingctx, part, pbase, ngroups, red):
+    """red[g*L + i] = sum of the L lanes of partial row g*L + i of ``part``.
+
+    A pairwise fold tree over L rows at a time (L-1 folds of two shuffles and
+    one add) instead of L scalar adds per row.
+    """
+    sig = types.void(part, pbase, ngroups, red)
+
+    def codegen(context, builder, signature, args):
+        pa, pbase, ngroups, ra = args
+        pty, _, _, rty = signature.args
+        ft = _llvm_float(pty.dtype)
+        L = _lanes(pty.dtype)
+        vty = ir.VectorType(ft, L)
+        i32 = ir.IntType(32)
+        i64 = ir.IntType(64)
+        pbase = builder.sext(pbase, i64) if pbase.type.width < 64 else pbase
+        ngroups = builder.sext(ngroups, i64) if ngroups.type.width < 64 else ngroups
+        pp = _data_ptr(context, builder, pty, pa)
+        rp = _data_ptr(context, builder, rty, ra)
+        ent = builder.basic_block
+        loop = builder.append_basic_block("red.loop")
+        done = builder.append_basic_block("red.done")
+        builder.cbranch(builder.icmp_signed("<", ir.Constant(i64, 0), ngroups), loop, done)
+        builder.position_at_end(loop)
+        g = builder.phi(i64)
+        g.add_incoming(ir.Constant(i64, 0), ent)
+        base = builder.add(pbase, builder.mul(g, ir.Constant(i64, L * L)))
+        # each entry: (vector, list of row ids of its lane groups)
+        vecs = [(_vload(builder, pp, builder.add(base, ir.Constant(i64, r * L)), vty), [r])
+                for r in range(L)]
+        width = L
+        while width > 1:
+            half = width // 2
+            nxt = []
+            for a in range(0, len(vecs), 2):
+                (u, ug), (v, vg) = vecs[a], vecs[a + 1]
+                lo, hi, groups = [], [], []
+                for q in range(2 * len(ug)):
+                    src = (q % 2) * L + (q // 2) * width
+                    lo += [src + i for i in range(half)]
+                    hi += [src + half + i for i in range(half)]
+                    groups.append((ug if q % 2 == 0 else vg)[q // 2])
+                mlo = ir.Constant(ir.VectorType(i32, L), lo)
+                mhi = ir.Constant(ir.VectorType(i32, L), hi)
+                nxt.append((builder.fadd(builder.shuffle_vector(u, v, mlo),
+                                         builder.shuffle_vector(u, v, mhi)), groups))
+            vecs = nxt
+            width = half
+        vec, order = vecs[0]
+        # lane q now holds row order[q]; put row r in lane r
+        inv = [order.index(r) for r in range(L)]
+        vec = builder.shuffle_vector(vec, ir.Constant(vty, ir.Undefined),
+                                     ir.Constant(ir.VectorType(i32, L), inv))
+        _vstore(builder, vec, rp, builder.mul(g, ir.Constant(i64, L)), vty)
+        gn = builder.add(g, ir.Constant(i64, 1))
+        g.add_incoming(gn, loop)
+        builder.cbranch(builder.icmp_signed("<", gn, ngroups), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# RC (an argument) = rows per work item.  Within an item the loop runs column
+# block by column block, so one activation block (CB features x T tokens) is
+# reused from L1/L2 by all RC rows while their partial outputs stay in L1/L2.
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def spmm_tiles(xt, nin, idx, val, ptr, nout, ncb, ntiles, yt):
+def spmm_tiles(xt, nin, idx, val, ptr, nout, ncb, ntiles, yt, RC):
     """yt[t, o, :] = sum_i W[o, i] xt[t, i, :] with W as column-blocked CSR."""
     nrc = (nout + RC - 1) // RC
     for item in prange(ntiles * nrc):
@@ -233,32 +299,61 @@ def spmm_tiles(xt, nin, idx, val, ptr, nout, ncb, ntiles, yt):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def sddmm_tiles(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out):
-    """out[j] = sum_n dy[n, row(j)] x[n, idx[j]] for every stored nonzero j."""
+def sddmm_tiles(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, g, RC, CB, nwork, maxnnz):
+    """g[o*nin + c] = sum_n dy[n, o] x[n, c] at every stored nonzero (o, c), 0 elsewhere.
+
+    g is the flattened dense weight gradient and needs no zeroing: each work
+    item (column block x RC rows) writes its whole dense sub-block, so the
+    writes are contiguous row chunks instead of a scatter into a zeroed array.
+    """
     L = 64 // xt.itemsize
     nrc = (nout + RC - 1) // RC
-    for item in prange(ncb * nrc):
-        cb = item // nrc
-        r0 = (item - cb * nrc) * RC
-        r1 = min(r0 + RC, nout)
-        prow = cb * nout
-        s0 = ptr[prow + r0]
-        e0 = ptr[prow + r1]
-        if e0 == s0:
-            continue
-        part = np.zeros((e0 - s0) * L, dtype=xt.dtype)
-        for t in range(ntiles):
-            xbase = t * nin * T
+    nitems = ncb * nrc
+    ngmax = (maxnnz + L - 1) // L
+    # static interleaved split over workers: each allocates its scratch once
+    # (a fresh buffer per item cost as much as the reduction itself)
+    for w in prange(nwork):
+        # numba aligns new arrays to 32 B only; a partial sum straddling two
+        # cache lines costs a split load and store per nonzero, so realign to 64 B
+        buf = np.empty((ngmax * L + 1) * L, dtype=xt.dtype)
+        a0 = ((-buf.ctypes.data) % 64) // xt.itemsize
+        part = buf[a0:]
+        red = np.empty(ngmax * L + 1, dtype=xt.dtype)
+        for item in range(w, nitems, nwork):
+            cb = item // nrc
+            r0 = (item - cb * nrc) * RC
+            r1 = min(r0 + RC, nout)
+            c0 = cb * CB
+            c1 = min(c0 + CB, nin)
+            prow = cb * nout
+            s0 = ptr[prow + r0]
+            nnz = ptr[prow + r1] - s0
+            if nnz > 0:
+                # no zeroing: tile 0 stores every live row; padding rows only
+                # feed lanes of red that are never read
+                for t in range(ntiles):
+                    xbase = t * nin * T
+                    for o in range(r0, r1):
+                        s = ptr[prow + o]
+                        e = ptr[prow + o + 1]
+                        if e > s:
+                            _sddmm_seg(xt, xbase, idx, s, e, dyt, (t * nout + o) * T, part,
+                                       (s - s0) * L, t == 0)
+                _reduce_lanes(part, 0, (nnz + L - 1) // L, red)
             for o in range(r0, r1):
-                s = ptr[prow + o]
-                e = ptr[prow + o + 1]
-                if e > s:
-                    _sddmm_seg(xt, xbase, idx, s, e, dyt, (t * nout + o) * T, part, (s - s0) * L)
-        for j in range(e0 - s0):
-            acc = part[j * L]
-            for l in range(1, L):
-                acc += part[j * L + l]
-            out[s0 + j] = acc
+                base = o * nin
+                for c in range(c0, c1):
+                    g[base + c] = 0
+                for j in range(ptr[prow + o], ptr[prow + o + 1]):
+                    g[base + idx[j]] = red[j - s0]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gather(w, flat, out):
+    """out[j] = w[flat[j]]: the weight values in a plan's entry order (numba
+    runs this ~3x faster than torch's index_select)."""
+    for j in prange(flat.size):
+        out[j] = w[flat[j]]
 
 
 @intrinsic

@@ -5,6 +5,7 @@ scratch buffers come from ``torch.empty`` because torch's allocator aligns to
 64 bytes, so every 512-byte feature row of a tile starts on a cache line.
 """
 import statistics
+import threading
 import time
 
 import torch
@@ -48,8 +49,7 @@ def kernel_available():
                 ctx = _fwd_tiles(x, p)
                 y = _forward(ctx, w, None, p)
                 dx = _grad_input(dy, w, p, _tile(dy)[0])
-                dw = _grad_weight_values(ctx, _tile(dy)[0], p)
-                gw = _scatter(dw, p, torch.float32)
+                gw = _grad_weight(ctx, _tile(dy)[0], p, torch.float32)
                 ok = (torch.allclose(y, x @ w.T, atol=1e-4)
                       and torch.allclose(dx, dy @ w, atol=1e-4)
                       and torch.allclose(gw, (dy.T @ x) * mask, atol=1e-4))
@@ -59,13 +59,33 @@ def kernel_available():
     return _AVAILABLE
 
 
+_WS = threading.local()
+
+
+def _scratch(name, numel, dtype):
+    """Reusable scratch buffer per thread.  Fresh multi-MB allocations are
+    mmap'ed and page-faulted on every step, which costs as much as a small
+    layer's whole kernel; intermediates (tiled Y, dY, dX) never escape."""
+    bufs = getattr(_WS, "bufs", None)
+    if bufs is None:
+        bufs = _WS.bufs = {}
+    key = (name, dtype)
+    b = bufs.get(key)
+    if b is None or b.numel() < numel:
+        b = bufs[key] = torch.empty(max(numel, 1), dtype=dtype)
+    return b[:numel]
+
+
 # --- building blocks (each one of the timed products uses them) -------------
 
-def _tile(a2):
+def _tile(a2, scratch=None):
     """Row-major [n, f] tensor -> (flat tiled [ntiles*f*T] tensor, ntiles)."""
     n, f = a2.shape
     nt = (n + T - 1) // T
-    out = torch.empty(nt * f * T, dtype=a2.dtype)
+    if scratch is None:
+        out = torch.empty(nt * f * T, dtype=a2.dtype)
+    else:
+        out = _scratch(scratch, nt * f * T, a2.dtype)
     _K.to_tiles(a2.reshape(-1).numpy(), n, f, nt, out.numpy(), _dummy(a2.dtype))
     return out, nt
 
@@ -101,12 +121,25 @@ def _fwd_tiles(x2, p):
     return _Tiles(xt, nt, x2.shape[0])
 
 
+def _gather(weight, pl, name):
+    """The weight's values at a plan's nonzeros, in the plan's entry order."""
+    vals = _scratch(name, pl.np_flat.size, weight.dtype)
+    _K.gather(weight.reshape(-1).numpy(), pl.np_flat, vals.numpy())
+    return vals
+
+
+def _nworkers():
+    import numba
+    return numba.get_num_threads()
+
+
 def _forward(tiles, weight, bias, p):
     """Y = X W^T (+ b) from tiled X; gathers W's values (O(nnz))."""
-    vals = weight.reshape(-1).index_select(0, p.fwd_flat)
-    yt = torch.empty(tiles.nt * p.out_features * T, dtype=tiles.xt.dtype)
-    _K.spmm_tiles(tiles.xt.numpy(), p.in_features, p.fwd_idx, vals.numpy(), p.fwd_ptr,
-                  p.out_features, p.fwd_ncb, tiles.nt, yt.numpy())
+    pl = p.fwd
+    vals = _gather(weight, pl, "vals_fwd")
+    yt = _scratch("yt", tiles.nt * p.out_features * T, tiles.xt.dtype)
+    _K.spmm_tiles(tiles.xt.numpy(), p.in_features, pl.idx, vals.numpy(), pl.ptr,
+                  p.out_features, pl.ncb, tiles.nt, yt.numpy(), pl.rc)
     return _untile(yt, tiles.n, p.out_features, tiles.nt, bias)
 
 
@@ -114,25 +147,23 @@ def _grad_input(dy2, weight, p, dyt):
     """dX = dY W via W^T's column-blocked CSR."""
     n = dy2.shape[0]
     nt = (n + T - 1) // T
-    vals = weight.reshape(-1).index_select(0, p.bwd_flat)
-    dxt = torch.empty(nt * p.in_features * T, dtype=dyt.dtype)
-    _K.spmm_tiles(dyt.numpy(), p.out_features, p.bwd_idx, vals.numpy(), p.bwd_ptr,
-                  p.in_features, p.bwd_ncb, nt, dxt.numpy())
+    pl = p.bwd
+    vals = _gather(weight, pl, "vals_bwd")
+    dxt = _scratch("dxt", nt * p.in_features * T, dyt.dtype)
+    _K.spmm_tiles(dyt.numpy(), p.out_features, pl.idx, vals.numpy(), pl.ptr,
+                  p.in_features, pl.ncb, nt, dxt.numpy(), pl.rc)
     return _untile(dxt, n, p.in_features, nt, None)
 
 
-def _grad_weight_values(tiles, dyt, p):
-    """dW at the mask's nonzeros only (SDDMM), in the forward entry order."""
-    out = torch.empty(p.nnz, dtype=dyt.dtype)
-    _K.sddmm_tiles(tiles.xt.numpy(), p.in_features, dyt.numpy(), p.out_features, p.fwd_idx,
-                   p.fwd_ptr, p.fwd_ncb, tiles.nt, out.numpy())
-    return out
-
-
-def _scatter(vals, p, dtype):
-    g = torch.zeros(p.out_features * p.in_features, dtype=dtype)
-    g[p.fwd_flat] = vals.to(dtype)
-    return g.view(p.out_features, p.in_features)
+def _grad_weight(tiles, dyt, p, dtype):
+    """Dense [out, in] weight gradient: SDDMM values at the mask's nonzeros
+    (never a dense dY^T X product), exact zeros elsewhere."""
+    pl = p.sdd
+    # every element is written by the kernel (zeros off-mask): no zero-fill pass
+    g = torch.empty(p.out_features * p.in_features, dtype=dyt.dtype)
+    _K.sddmm_tiles(tiles.xt.numpy(), p.in_features, dyt.numpy(), p.out_features, pl.idx,
+                   pl.ptr, pl.ncb, tiles.nt, g.numpy(), pl.rc, pl.cb, _nworkers(), pl.max_item)
+    return g.view(p.out_features, p.in_features).to(dtype)
 
 
 def _compute_dtype(*ts):
@@ -158,6 +189,7 @@ class SparseLinearFunction(torch.autograd.Function):
         n = x2.shape[0]
         ctx.pattern, ctx.lead, ctx.x_dtype, ctx.dt = p, lead, x.dtype, dt
         ctx.has_bias = bias is not None
+        ctx.b_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(weight)
         if n == 0 or p.nnz == 0 or not kernel_available():
             y = x2 @ (w * p.mask.to(dt)).T
@@ -189,13 +221,13 @@ class SparseLinearFunction(torch.autograd.Function):
             if need_w:
                 gw = ((gy2.T @ ctx.x2) * p.mask.to(dt)).to(weight.dtype)
         else:
-            dyt = _tile(gy2)[0] if (need_x or need_w) else None
+            dyt = _tile(gy2, "dyt")[0] if (need_x or need_w) else None
             if need_x:
                 gx = _grad_input(gy2, w, p, dyt).reshape(*ctx.lead, p.in_features).to(ctx.x_dtype)
             if need_w:
-                gw = _scatter(_grad_weight_values(ctx.tiles, dyt, p), p, weight.dtype)
+                gw = _grad_weight(ctx.tiles, dyt, p, weight.dtype)
         if need_b and ctx.has_bias:
-            gb = gy2.sum(0)
+            gb = gy2.sum(0).to(ctx.b_dtype)
         return gx, gw, gb, None
 
 
@@ -232,9 +264,9 @@ def time_kernels(pattern, n_tokens, repeats=3):
     def sparse():
         tiles = _fwd_tiles(x, p)
         _forward(tiles, w, None, p)
-        dyt = _tile(dy)[0]
+        dyt = _tile(dy, "dyt")[0]
         _grad_input(dy, w, p, dyt)
-        _scatter(_grad_weight_values(tiles, dyt, p), p, torch.float32)
+        _grad_weight(tiles, dyt, p, torch.float32)
 
     with torch.no_grad():
         d = _median_ms(dense, repeats)

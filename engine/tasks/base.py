@@ -53,7 +53,7 @@ class Truncation:
         if not self.context and not self.question:
             return None
         msg = (f"{what}: {len(self.context)} of {n} examples had their context truncated to fit the "
-               f"{n_ctx}-token window (question and answer kept)")
+               f"{n_ctx}-token window (question or cue, and answer kept)")
         if self.question:
             msg += f"; {len(self.question)} left no room for any context, so the start of their question was cut too"
         return msg

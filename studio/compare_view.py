@@ -1,0 +1,557 @@
+"""Compare past runs: overlay their curves on one shared x-axis.
+
+The x-axis switches in one click between step, tokens, FLOPs spent, dense-equivalent FLOPs and
+wall time: sparse pre-training is judged at *equal FLOPs spent*, where a 75 % sparse run has taken
+many more steps than a dense one for the same compute. Each run keeps one colour in every chart and
+in the run list (the legend); unchecking a run hides it. Curves are read from the database one SQL
+query per (run, metric) straight into numpy, so 20 runs × 100k rows load in well under a second.
+
+``CompareView`` is the charts; ``ComparePanel`` puts it beside the config diff and summary table.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QColor, QIcon, QPixmap
+from PySide6.QtWidgets import (
+    QButtonGroup, QCheckBox, QComboBox, QFileDialog, QGridLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+    QListWidgetItem, QMessageBox, QPushButton, QSlider, QSplitter, QTabWidget, QToolButton, QVBoxLayout, QWidget,
+)
+
+from engine.export import SERIES_DTYPE, ExportError, eval_series, export_metrics, load_series_counted, metric_names
+from engine.rundb import RunDB
+
+from .chart_export import ChartExportDialog
+from .config_diff import ConfigDiffView
+from .summary_table import SummaryTable
+
+# key -> (button text, axis label, SI unit for pyqtgraph's prefixes)
+X_AXES = {
+    "step": ("Step", "step", None),
+    "tokens": ("Tokens", "tokens", None),
+    "flops": ("FLOPs spent", "FLOPs spent", "FLOP"),
+    "flops_dense": ("Dense-equiv. FLOPs", "dense-equivalent FLOPs", "FLOP"),
+    "wall_time": ("Wall time", "wall time", "s"),
+}
+# fixed charts: (metric name, title, y label, unit); two more charts let the user pick any metric
+FIXED_PANELS = (
+    ("loss", "Training loss", "loss", None),
+    ("val_loss", "Validation loss", "loss", None),
+    ("sparsity", "Sparsity", "fraction of zero weights", None),
+    ("tokens_per_s", "Throughput", "tokens/s", None),
+)
+FREE_PANELS = 2
+EVAL_PREFIX = "eval:"  # free-panel choices that come from the evaluations table (task scores)
+# colour-blind-friendly, distinguishable on white (Okabe–Ito, then Tableau)
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C564B", "#7F7F7F",
+           "#BCBD22", "#17BECF", "#9467BD")
+EVAL_METRICS = ("val_loss", "val_perplexity")  # logged at evaluations only: markers, no smoothing
+SPARSE_POINTS = 20  # any series this short is drawn the same way
+MAX_POINTS = 2000  # rows read per curve for the overview (a chart is ~500 px wide); zooming re-reads finer
+REFINE_MS = 250
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing), vectorised chunk by chunk.
+
+    Within a chunk s_j = w^(j+1)·s_-1 + (1-w)·w^j·Σ_{i<=j} x_i·w^-i; chunks stay short enough that
+    w^-i cannot overflow. A NaN repeats the previous output.
+    """
+    y = np.asarray(values, dtype=np.float64)
+    if weight <= 0.0 or y.size == 0:
+        return y
+    w = float(weight)
+    k = max(1, min(4096, int(250.0 / -math.log10(w))))
+    out = np.empty_like(y)
+    last, count = 0.0, 0
+    for s in range(0, y.size, k):
+        x = y[s:s + k]
+        if np.isnan(x).any():  # rare: step through, a NaN repeats the previous output (the average stands still)
+            for i, v in enumerate(x):
+                if np.isnan(v):
+                    v = last / (1.0 - w ** count) if count else 0.0
+                last, count = w * last + (1.0 - w) * v, count + 1
+                out[s + i] = last / (1.0 - w ** count)
+            continue
+        j = np.arange(x.size, dtype=np.float64)
+        wj = w ** j
+        acc = w * wj * last + (1.0 - w) * wj * np.cumsum(x / wj)
+        n = count + 1 + j
+        out[s:s + x.size] = acc / (1.0 - w ** n)
+        last, count = float(acc[-1]), int(n[-1])
+    return out
+
+
+def run_label(run: dict) -> str:
+    """Legend text: name, sparsity when it matters, and a short id (names repeat across runs)."""
+    name = run.get("name") or run["id"]
+    level = (run.get("config") or {}).get("sparsity", {}).get("level")
+    sparse = f" · {level:.0%} sparse" if run["stage"] == "pretrain" and level is not None else ""
+    return f"{name}{sparse} [{run['id'][:6]}]"
+
+
+def _swatch(color: str) -> QIcon:
+    pm = QPixmap(14, 14)
+    pm.fill(QColor(color))
+    return QIcon(pm)
+
+
+class _Panel(QWidget):
+    """One chart: a header (fixed title or a metric picker, export button) over a PlotWidget."""
+
+    def __init__(self, title: str, y_label: str, unit: str | None, free: bool):
+        super().__init__()
+        self.metric: str | None = None
+        self.title = title
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(2)
+        head = QHBoxLayout()
+        self.picker: QComboBox | None = None
+        if free:
+            self.picker = QComboBox()
+            self.picker.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+            head.addWidget(self.picker)
+        head.addStretch(1)
+        self.export_button = QToolButton(text="Export…", toolTip="Save this chart as PNG or SVG")
+        head.addWidget(self.export_button)
+        lay.addLayout(head)
+        self.widget = pg.PlotWidget(background="w")
+        self.plot: pg.PlotItem = self.widget.getPlotItem()
+        self.plot.setTitle(title, size="10pt", color="#222")
+        self.plot.setLabel("left", y_label, units=unit)
+        # without a unit, pyqtgraph's "(x0.001)" scaling of the axis only confuses (sparsity, lr)
+        self.plot.getAxis("left").enableAutoSIPrefix(unit is not None)
+        self.plot.showGrid(x=True, y=True, alpha=0.25)
+        self.plot.setDownsampling(auto=True, mode="peak")
+        self.plot.setClipToView(True)
+        for side in ("left", "bottom"):
+            self.plot.getAxis(side).setTextPen("#333")
+            self.plot.getAxis(side).setPen("#888")
+        lay.addWidget(self.widget, 1)
+
+    def set_title(self, title: str, y_label: str) -> None:
+        self.title = title
+        self.plot.setTitle(title, size="10pt", color="#222")
+        self.plot.setLabel("left", y_label)
+
+
+class CompareView(QWidget):
+    """Overlay the curves of several runs.
+
+    Signals: ``runs_changed(list)`` — the checked (compared) run ids, in colour order;
+    ``x_axis_changed(str)`` — one of ``X_AXES``.
+    """
+
+    runs_changed = Signal(list)
+    x_axis_changed = Signal(str)
+
+    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+        super().__init__(parent)
+        self.db = db
+        self.x_axis = "flops"
+        self.smoothing = 0.6
+        self.show_raw = True
+        self.runs: dict[str, dict] = {}           # every listed run (for the picker)
+        self.selected: list[str] = []             # compared runs, in colour order
+        self.colors: dict[str, str] = {}
+        self.hidden: set[str] = set()             # compared but not drawn
+        self._series: dict[tuple[str, str], np.ndarray] = {}  # overview rows per (run, metric)
+        self._total: dict[tuple[str, str], int] = {}           # rows in the database per (run, metric)
+        self._evals: dict[str, dict[str, np.ndarray]] = {}
+        self.curves: dict[tuple[str, int], tuple[pg.PlotDataItem, pg.PlotDataItem]] = {}  # (run, panel) -> (raw, main)
+        self._build()
+        self._refine_timer = QTimer(self, singleShot=True, interval=REFINE_MS)
+        self._refine_timer.timeout.connect(self.refine)
+        self.panels[0].plot.sigXRangeChanged.connect(lambda *_a: self._refine_timer.start())
+        self.reload_runs()
+        if run_ids:
+            self.set_runs(list(run_ids))
+
+    # -- layout ---------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        bar = QHBoxLayout()
+        bar.addWidget(QLabel("x axis:"))
+        self.x_buttons = QButtonGroup(self)
+        self.x_buttons.setExclusive(True)
+        for key, (text, _label, _unit) in X_AXES.items():
+            b = QToolButton(text=text, checkable=True, objectName=f"x_{key}")
+            b.setToolTip("Compare at equal compute: sparse runs take more steps for the same FLOPs" if key == "flops" else "")
+            if key == "flops":
+                f = b.font()
+                f.setBold(True)
+                b.setFont(f)
+            b.clicked.connect(lambda _c=False, k=key: self.set_x_axis(k))
+            self.x_buttons.addButton(b)
+            bar.addWidget(b)
+            if key == self.x_axis:
+                b.setChecked(True)
+        bar.addSpacing(16)
+        bar.addWidget(QLabel("smoothing:"))
+        self.smooth_slider = QSlider(Qt.Orientation.Horizontal, objectName="smoothing", minimum=0, maximum=99)
+        self.smooth_slider.setValue(int(round(self.smoothing * 100)))
+        self.smooth_slider.setFixedWidth(120)
+        self.smooth_slider.setToolTip("Exponential moving average weight (0 = raw values)")
+        self.smooth_label = QLabel(f"{self.smoothing:.2f}")
+        self.smooth_slider.valueChanged.connect(lambda v: self.set_smoothing(v / 100))
+        bar.addWidget(self.smooth_slider)
+        bar.addWidget(self.smooth_label)
+        self.raw_box = QCheckBox("raw", objectName="show_raw", checked=True, toolTip="Show the unsmoothed values faintly")
+        self.raw_box.toggled.connect(self._set_show_raw)
+        bar.addWidget(self.raw_box)
+        bar.addStretch(1)
+        self.export_metrics_button = QPushButton("Export metrics…", objectName="export_metrics")
+        self.export_metrics_button.clicked.connect(self._export_metrics_dialog)
+        bar.addWidget(self.export_metrics_button)
+
+        left = QWidget()
+        lv = QVBoxLayout(left)
+        lv.setContentsMargins(0, 0, 0, 0)
+        self.search = QLineEdit(placeholderText="filter runs: name, id, tag, note", objectName="run_filter")
+        self.search.textChanged.connect(self._filter_list)
+        self.archived_box = QCheckBox("show archived", objectName="show_archived")
+        self.archived_box.toggled.connect(lambda _on: self.reload_runs())
+        self.run_list = QListWidget(objectName="run_list")
+        self.run_list.setToolTip("Check runs to compare; the swatch is the run's colour in every chart")
+        self.run_list.itemChanged.connect(self._item_changed)
+        reload = QPushButton("Reload")
+        reload.clicked.connect(self.refresh)
+        lv.addWidget(self.search)
+        lv.addWidget(self.run_list, 1)
+        row = QHBoxLayout()
+        row.addWidget(self.archived_box)
+        row.addStretch(1)
+        row.addWidget(reload)
+        lv.addLayout(row)
+
+        charts = QWidget()
+        grid = QGridLayout(charts)
+        grid.setContentsMargins(0, 0, 0, 0)
+        self.panels: list[_Panel] = []
+        for metric, title, y_label, unit in FIXED_PANELS:
+            p = _Panel(title, y_label, unit, free=False)
+            p.metric = metric
+            self.panels.append(p)
+        for i in range(FREE_PANELS):
+            p = _Panel(f"Metric {i + 1}", "value", None, free=True)
+            p.picker.currentIndexChanged.connect(lambda _i, panel=p: self._pick_metric(panel))
+            self.panels.append(p)
+        for i, p in enumerate(self.panels):
+            grid.addWidget(p, i // 3, i % 3)
+            p.export_button.clicked.connect(lambda _c=False, panel=p: self.export_chart_dialog(panel.title))
+            if i:
+                p.plot.setXLink(self.panels[0].plot)  # one shared x-axis across the charts
+        self.legend = self.panels[0].plot.addLegend(offset=(-8, 8), labelTextSize="8pt")
+        self._update_x_labels()
+
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(left)
+        split.addWidget(charts)
+        split.setStretchFactor(1, 1)
+        split.setSizes([230, 1000])
+        lay = QVBoxLayout(self)
+        lay.addLayout(bar)
+        lay.addWidget(split, 1)
+
+    # -- runs -------------------------------------------------------------------------------------------
+    def reload_runs(self) -> None:
+        """Re-read the run list (names, tags, archive flags) keeping the current selection."""
+        self.runs = {r["id"]: r for r in self.db.list_runs(include_archived=True)}
+        show_archived = self.archived_box.isChecked()
+        self.run_list.blockSignals(True)
+        self.run_list.clear()
+        for rid, r in self.runs.items():
+            if r.get("archived") and not show_archived and rid not in self.selected:
+                continue
+            item = QListWidgetItem(run_label(r))
+            item.setData(Qt.ItemDataRole.UserRole, rid)
+            item.setToolTip(f"{rid} · {r['stage']} · {r['status']}" + (f"\ntags: {', '.join(r['tags'])}" if r.get("tags") else ""))
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Checked if rid in self.selected else Qt.CheckState.Unchecked)
+            if rid in self.colors:
+                item.setIcon(_swatch(self.colors[rid]))
+            self.run_list.addItem(item)
+        self.run_list.blockSignals(False)
+        self._filter_list(self.search.text())
+
+    def _filter_list(self, text: str) -> None:
+        words = text.lower().split()
+        for i in range(self.run_list.count()):
+            item = self.run_list.item(i)
+            r = self.runs[item.data(Qt.ItemDataRole.UserRole)]
+            hay = " ".join([r["id"], r.get("name") or "", r["stage"], r["status"], " ".join(r.get("tags") or []),
+                            r.get("notes") or ""]).lower()
+            item.setHidden(not all(w in hay for w in words))
+
+    def _item_changed(self, item: QListWidgetItem) -> None:
+        rid = item.data(Qt.ItemDataRole.UserRole)
+        on = item.checkState() == Qt.CheckState.Checked
+        ids = [r for r in self.selected if r != rid] + ([rid] if on else [])
+        self.set_runs(ids)
+
+    def _drop_run(self, run_id: str) -> None:
+        for key in [k for k in self.curves if k[0] == run_id]:
+            for c in self.curves.pop(key):
+                self.panels[key[1]].plot.removeItem(c)
+
+    def run_ids(self) -> list[str]:
+        return list(self.selected)
+
+    def set_runs(self, run_ids: list[str]) -> None:
+        """Compare exactly these runs (ids or unique prefixes); unknown ids are ignored."""
+        resolved = []
+        for rid in run_ids:
+            row = self.runs.get(rid) or self.db.get_run(rid)
+            if row is not None and row["id"] not in resolved:
+                self.runs.setdefault(row["id"], row)
+                resolved.append(row["id"])
+        for rid in [r for r in self.selected if r not in resolved]:
+            self._drop_run(rid)
+        self.selected = resolved
+        used = {self.colors[r] for r in resolved if r in self.colors}
+        free = [c for c in PALETTE if c not in used]
+        for i, rid in enumerate(r for r in resolved if r not in self.colors):
+            self.colors[rid] = free[i] if i < len(free) else pg.intColor(len(self.colors), hues=17).name()
+        self._refresh_picker_choices()
+        self.reload_runs()
+        self._redraw()
+        self.runs_changed.emit(list(self.selected))
+
+    def set_run_visible(self, run_id: str, visible: bool) -> None:
+        """Show or hide one compared run without forgetting it (its colour stays)."""
+        (self.hidden.discard if visible else self.hidden.add)(run_id)
+        for (rid, _p), (raw, main) in self.curves.items():
+            if rid == run_id:
+                main.setVisible(visible)
+                raw.setVisible(visible and self._raw_wanted() and main.opts["symbol"] is None)
+
+    def refresh(self) -> None:
+        """Drop cached rows and re-read everything (runs that were still training have grown)."""
+        self._series.clear()
+        self._total.clear()
+        self._evals.clear()
+        self.reload_runs()
+        self._refresh_picker_choices()
+        self._redraw()
+
+    # -- data -------------------------------------------------------------------------------------------
+    def series(self, run_id: str, metric: str) -> np.ndarray:
+        key = (run_id, metric)
+        if key not in self._series:
+            if metric.startswith(EVAL_PREFIX):
+                self._eval_keys(run_id)
+                self._series[key] = self._evals[run_id].get(metric[len(EVAL_PREFIX):], np.zeros(0, SERIES_DTYPE))
+            else:
+                self._series[key], self._total[key] = load_series_counted(self.db, run_id, metric, MAX_POINTS)
+        return self._series[key]
+
+    def _refresh_picker_choices(self) -> None:
+        fixed = {m for m, *_ in FIXED_PANELS}
+        names = [n for n in metric_names(self.db, self.selected) if n not in fixed and not n.startswith("sparsity/")]
+        evals = sorted({k for rid in self.selected for k in self._eval_keys(rid) if not k.startswith("lm/")})
+        choices = [EVAL_PREFIX + k for k in evals] + names
+        defaults = choices[:] + ["lr", "grad_norm"]
+        for i, p in enumerate(self.panels[len(FIXED_PANELS):]):
+            current = p.picker.currentData()
+            p.picker.blockSignals(True)
+            p.picker.clear()
+            for c in choices:
+                p.picker.addItem(("task score: " + c[len(EVAL_PREFIX):]) if c.startswith(EVAL_PREFIX) else c, c)
+            want = current if current in choices else (defaults[i] if i < len(defaults) else None)
+            if want in choices:
+                p.picker.setCurrentIndex(choices.index(want))
+            p.picker.blockSignals(False)
+            self._set_free_metric(p, p.picker.currentData())
+
+    def _eval_keys(self, run_id: str) -> list[str]:
+        if run_id not in self._evals:
+            # language-model validation has its own chart; only task evaluations need parsing here
+            has_tasks = self.db.db.conn.execute(
+                "SELECT 1 FROM evaluations WHERE run_id = ? AND task != 'lm' LIMIT 1", [run_id]).fetchone()
+            # x positions come from the (cached) training-loss rows
+            self._evals[run_id] = eval_series(self.db, run_id, self.series(run_id, "loss")) if has_tasks else {}
+        return list(self._evals[run_id])
+
+    def _set_free_metric(self, panel: _Panel, metric: str | None) -> None:
+        panel.metric = metric
+        if metric is None:
+            panel.set_title("(no metric)", "value")
+        elif metric.startswith(EVAL_PREFIX):
+            panel.set_title("Task score: " + metric[len(EVAL_PREFIX):], "score")
+        else:
+            panel.set_title(metric, metric)
+
+    def _pick_metric(self, panel: _Panel) -> None:
+        self._set_free_metric(panel, panel.picker.currentData())
+        self._redraw_panel(self.panels.index(panel))
+
+    # -- drawing ----------------------------------------------------------------------------------------
+    def set_x_axis(self, axis: str) -> None:
+        if axis not in X_AXES:
+            raise ValueError(f"unknown x axis {axis!r}; one of {', '.join(X_AXES)}")
+        self.x_axis = axis
+        for b in self.x_buttons.buttons():
+            b.setChecked(b.objectName() == f"x_{axis}")
+        self._update_x_labels()
+        self._redraw()
+        self.x_axis_changed.emit(axis)
+
+    def set_smoothing(self, weight: float) -> None:
+        self.smoothing = min(max(float(weight), 0.0), 0.99)
+        self.smooth_label.setText(f"{self.smoothing:.2f}")
+        if self.smooth_slider.value() != int(round(self.smoothing * 100)):
+            self.smooth_slider.blockSignals(True)
+            self.smooth_slider.setValue(int(round(self.smoothing * 100)))
+            self.smooth_slider.blockSignals(False)
+        self._redraw()
+
+    def _set_show_raw(self, on: bool) -> None:
+        self.show_raw = on
+        self._redraw()
+
+    def _raw_wanted(self) -> bool:
+        return self.show_raw and self.smoothing > 0
+
+    def _update_x_labels(self) -> None:
+        _text, label, unit = X_AXES[self.x_axis]
+        for p in self.panels:
+            p.plot.setLabel("bottom", label, units=unit)
+
+    def _redraw(self) -> None:
+        self.legend.clear()
+        for p in self.panels:
+            p.plot.disableAutoRange()  # one range fit after all curves are in, not one per curve
+        for i in range(len(self.panels)):
+            self._redraw_panel(i)
+        for p in self.panels:
+            p.plot.enableAutoRange()
+
+    def _redraw_panel(self, index: int) -> None:
+        panel = self.panels[index]
+        for key in [k for k in self.curves if k[1] == index]:
+            for c in self.curves.pop(key):
+                panel.plot.removeItem(c)
+        if panel.metric is None:
+            return
+        for rid in self.selected:
+            data = self.series(rid, panel.metric)
+            if data.size == 0:
+                continue
+            color = self.colors[rid]
+            sparse = self._is_sparse(panel.metric, data)
+            raw = pg.PlotDataItem(pen=pg.mkPen(QColor(color).lighter(170), width=1))
+            opts = dict(symbol="o", symbolSize=5, symbolBrush=color, symbolPen=None) if sparse else {}
+            name = run_label(self.runs[rid]) if index == 0 else None
+            main = pg.PlotDataItem(pen=pg.mkPen(color, width=2), name=name, **opts)
+            self._set_curve_data(raw, main, data, self._total.get((rid, panel.metric), data.size), sparse)
+            raw.setVisible(not sparse and self._raw_wanted() and rid not in self.hidden)
+            main.setVisible(rid not in self.hidden)
+            panel.plot.addItem(raw)
+            panel.plot.addItem(main)
+            self.curves[(rid, index)] = (raw, main)
+
+    @staticmethod
+    def _is_sparse(metric: str, data: np.ndarray) -> bool:
+        return metric in EVAL_METRICS or metric.startswith(EVAL_PREFIX) or data.size < SPARSE_POINTS
+
+    def _set_curve_data(self, raw: pg.PlotDataItem, main: pg.PlotDataItem, data: np.ndarray, total: int,
+                        sparse: bool = False) -> None:
+        x = data[self.x_axis].astype(np.float64)
+        y = data["value"]
+        if sparse:
+            smooth = y
+        else:
+            # a thinned series keeps every k-th row: w^k per kept point smooths like w per row
+            k = max(1.0, (total - 1) / max(data.size - 1, 1))
+            smooth = ema(y, self.smoothing ** k if self.smoothing > 0 else 0.0)
+        raw.setData(x, y)
+        main.setData(x, smooth)
+
+    def refine(self) -> None:
+        """Re-read the visible range of thinned curves at up to MAX_POINTS rows (after zoom or pan)."""
+        (x0, x1), _ = self.panels[0].plot.viewRange()
+        for (rid, index), (raw, main) in self.curves.items():
+            metric = self.panels[index].metric
+            key = (rid, metric)
+            over = self._series.get(key)
+            total = self._total.get(key, 0)
+            if over is None or total <= over.size:
+                continue  # not thinned: everything is drawn already
+            x = over[self.x_axis]
+            i0 = max(int(np.searchsorted(x, x0, side="left")) - 1, 0)
+            i1 = min(int(np.searchsorted(x, x1, side="right")), over.size - 1)
+            if (i1 - i0) > 0.8 * over.size:
+                self._set_curve_data(raw, main, over, total, self._is_sparse(metric, over))  # zoomed out: the overview
+                continue
+            lo, hi = int(over["step"][i0]), int(over["step"][i1])
+            detail, n = load_series_counted(self.db, rid, metric, MAX_POINTS, steps=(lo, hi))
+            merged = np.concatenate([over[:i0], detail, over[i1 + 1:]])
+            k_total = int(round(n * over.size / max(i1 - i0 + 1, 1)))  # density of the visible part, for smoothing
+            self._set_curve_data(raw, main, merged, max(k_total, merged.size), self._is_sparse(metric, merged))
+
+    # -- exports ----------------------------------------------------------------------------------------
+    def plots(self) -> dict[str, pg.PlotItem]:
+        """Chart title -> PlotItem, for exporting."""
+        return {p.title: p.plot for p in self.panels}
+
+    def export_chart_dialog(self, title: str | None = None) -> None:
+        ChartExportDialog(self.plots(), title, self).exec()
+
+    def export_metrics(self, path: str | Path, fmt: str | None = None) -> int:
+        return export_metrics(self.db, self.selected, path, fmt)
+
+    def _export_metrics_dialog(self) -> None:
+        if not self.selected:
+            QMessageBox.information(self, "Export metrics", "Check at least one run to export its metrics.")
+            return
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Export metrics", "metrics.csv", "CSV (*.csv);;JSON (*.json);;Parquet (*.parquet)")
+        if not path:
+            return
+        fmt = Path(path).suffix.lstrip(".").lower()
+        if fmt not in ("csv", "json", "parquet"):
+            fmt = chosen.split()[0].lower()
+            path += f".{fmt}"
+        try:
+            n = self.export_metrics(path, fmt)
+        except (ExportError, OSError) as e:
+            QMessageBox.warning(self, "Export metrics", str(e))
+            return
+        QMessageBox.information(self, "Export metrics", f"Wrote {n:,} rows of {len(self.selected)} run(s) to {path}")
+
+
+class ComparePanel(QWidget):
+    """Charts, config diff and summary of the same runs, in tabs; the charts' run list drives the others."""
+
+    runs_changed = Signal(list)
+    run_activated = Signal(str)  # double-click in the summary: the main window may open that run
+
+    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+        super().__init__(parent)
+        self.db = db
+        self.tabs = QTabWidget()
+        self.charts = CompareView(db)
+        self.diff = ConfigDiffView(db)
+        self.summary = SummaryTable(db)
+        self.tabs.addTab(self.charts, "Charts")
+        self.tabs.addTab(self.diff, "Config diff")
+        self.tabs.addTab(self.summary, "Summary")
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.tabs)
+        self.charts.runs_changed.connect(self._runs_changed)
+        self.summary.run_activated.connect(self.run_activated)
+        if run_ids:
+            self.charts.set_runs(list(run_ids))
+
+    def set_runs(self, run_ids: list[str]) -> None:
+        self.charts.set_runs(run_ids)
+
+    def _runs_changed(self, ids: list) -> None:
+        self.diff.set_runs(ids)
+        self.summary.set_runs(ids)
+        self.runs_changed.emit(ids)

@@ -1,0 +1,81 @@
+"""Config diff: every config key of the selected runs side by side, "differences only" by default."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QBrush, QColor
+from PySide6.QtWidgets import QAbstractItemView, QCheckBox, QHBoxLayout, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+
+from engine.export import config_diff
+from engine.rundb import RunDB
+
+DIFF_BRUSH = QBrush(QColor("#fff3c4"))
+
+
+def display_value(v: Any) -> str:
+    if v is None:
+        return "—"  # the key does not exist in that run's config (an older version)
+    if isinstance(v, str):
+        return v if v else '""'
+    return json.dumps(v)
+
+
+class ConfigDiffView(QWidget):
+    """Rows: dotted config keys (``train.lr``); columns: runs. Differing rows are highlighted."""
+
+    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+        super().__init__(parent)
+        self.db = db
+        self.run_ids_: list[str] = []
+        self.only_diff = QCheckBox("Differences only", objectName="differences_only", checked=True)
+        self.only_diff.toggled.connect(lambda _on: self._fill())
+        self.info = QLabel()
+        self.table = QTableWidget(objectName="config_diff")
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setAlternatingRowColors(True)
+        self.table.verticalHeader().setVisible(False)
+        bar = QHBoxLayout()
+        bar.addWidget(self.only_diff)
+        bar.addStretch(1)
+        bar.addWidget(self.info)
+        lay = QVBoxLayout(self)
+        lay.addLayout(bar)
+        lay.addWidget(self.table, 1)
+        self.set_runs(list(run_ids))
+
+    def set_runs(self, run_ids: list[str]) -> None:
+        self.runs = [r for r in (self.db.get_run(i) for i in run_ids) if r is not None]
+        self.run_ids_ = [r["id"] for r in self.runs]
+        self._fill()
+
+    def keys(self) -> list[str]:
+        """The keys shown, top to bottom."""
+        return [self.table.item(i, 0).text() for i in range(self.table.rowCount())]
+
+    def _fill(self) -> None:
+        rows = config_diff({r["id"]: r["config"] for r in self.runs}, self.only_diff.isChecked())
+        n_diff = sum(1 for *_x, differs in rows if differs) if not self.only_diff.isChecked() else len(rows)
+        self.table.clear()
+        self.table.setColumnCount(1 + len(self.runs))
+        self.table.setHorizontalHeaderLabels(["key"] + [f"{r.get('name') or ''} [{r['id'][:6]}]" for r in self.runs])
+        self.table.setRowCount(len(rows))
+        for i, (key, values, differs) in enumerate(rows):
+            k = QTableWidgetItem(key)
+            self.table.setItem(i, 0, k)
+            for j, v in enumerate(values):
+                item = QTableWidgetItem(display_value(v))
+                item.setData(Qt.ItemDataRole.UserRole, v)
+                if differs:
+                    item.setBackground(DIFF_BRUSH)
+                self.table.setItem(i, j + 1, item)
+            if differs:
+                f = k.font()
+                f.setBold(True)
+                k.setFont(f)
+        self.table.resizeColumnsToContents()
+        if len(self.runs) < 2:
+            self.info.setText("select two or more runs to compare their configs")
+        else:
+            self.info.setText(f"{n_diff} differing key{'s' if n_diff != 1 else ''}")

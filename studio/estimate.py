@@ -1,0 +1,161 @@
+"""Pre-launch estimate: parameters, FLOPs dense vs sparse, memory and a measured ETA.
+
+Runs ``python -m engine estimate CONFIG --set ... --json --probe-steps N`` in a QProcess, so the UI
+never blocks; a newer request cancels the one in flight (the form changes faster than torch imports).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QTimer, Signal
+from PySide6.QtWidgets import (
+    QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+)
+
+from . import formatting as fmt
+from .engine_process import EngineProcess, parse_json_output
+
+
+class EstimateRunner(QObject):
+    """One estimate at a time; ``done(result)`` or ``failed(message, key, path)``."""
+
+    done = Signal(dict)
+    failed = Signal(str, object, object)
+    started = Signal()
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self.proc: EngineProcess | None = None
+        self._stdout: list[str] = []
+        self._events: list[dict] = []
+
+    def run(self, args: list[str]) -> None:
+        self.cancel()
+        self._stdout, self._events = [], []
+        proc = EngineProcess(args, self, launcher=False)
+        proc.stdout_text.connect(self._stdout.append)
+        proc.event.connect(self._events.append)
+        proc.start_failed.connect(lambda msg: self.failed.emit(msg, None, None))
+        proc.finished.connect(lambda code, p=proc: self._finished(p, code))
+        self.proc = proc
+        proc.start()
+        self.started.emit()
+
+    def cancel(self) -> None:
+        if self.proc is not None:
+            old, self.proc = self.proc, None
+            old.finished.disconnect()
+            if old.is_running():
+                old.proc.kill()
+                old.proc.waitForFinished(2000)
+            old.deleteLater()
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.is_running()
+
+    def _finished(self, proc: EngineProcess, code: int) -> None:
+        if proc is not self.proc:
+            return
+        self.proc = None
+        result, events = parse_json_output("\n".join(self._stdout))
+        errors = [e for e in self._events + events if e["type"] == "error"]
+        if code == 0 and isinstance(result, dict):
+            self.done.emit(result)
+        elif errors:
+            e = errors[-1]
+            self.failed.emit(e["message"], e.get("key"), e.get("path"))
+        else:
+            lines = [ln.split("error: ", 1)[-1] for ln in proc.stderr_lines if ln.strip()]
+            self.failed.emit(lines[-1] if lines else f"estimate failed (exit code {code})", None, None)
+        proc.deleteLater()
+
+
+class EstimatePanel(QGroupBox):
+    """Shows the last estimate; re-estimates (debounced) when the form changes, if enabled."""
+
+    def __init__(self, args_for: Callable[[int], list[str] | None], parent: QWidget | None = None):
+        super().__init__("Estimate", parent)
+        self.args_for = args_for
+        self.runner = EstimateRunner(self)
+        self.runner.done.connect(self.show_result)
+        self.runner.failed.connect(self.show_error)
+        self.result: dict | None = None
+        self.error: tuple | None = None
+        self.debounce = QTimer(self, singleShot=True, interval=1200)
+        self.debounce.timeout.connect(self.estimate)
+
+        lay = QVBoxLayout(self)
+        form = QFormLayout()
+        self.labels: dict[str, QLabel] = {}
+        for key, title in (("params", "Parameters"), ("flops", "Training FLOPs"), ("saving", "Sparse saving"),
+                           ("tokens", "Tokens"), ("memory", "Memory"), ("eta", "ETA")):
+            lab = QLabel("–", objectName=f"estimate:{key}")
+            lab.setTextInteractionFlags(lab.textInteractionFlags() | lab.textInteractionFlags().TextSelectableByMouse)
+            self.labels[key] = lab
+            form.addRow(title, lab)
+        lay.addLayout(form)
+        self.status = QLabel("", objectName="estimate:status")
+        self.status.setWordWrap(True)
+        self.status.setStyleSheet("color: #666;")
+        lay.addWidget(self.status)
+        row = QHBoxLayout()
+        self.button = QPushButton("Estimate", objectName="estimate")
+        self.button.clicked.connect(self.estimate)
+        self.probe = QSpinBox(objectName="probe_steps")
+        self.probe.setRange(0, 100)
+        self.probe.setValue(3)
+        self.probe.setToolTip("Training steps timed to measure the ETA (0: analytic estimate only)")
+        self.auto = QCheckBox("auto", objectName="estimate:auto")
+        self.auto.setToolTip("Re-estimate a moment after each change")
+        self.auto.setChecked(True)
+        row.addWidget(self.button)
+        row.addWidget(QLabel("probe steps"))
+        row.addWidget(self.probe)
+        row.addWidget(self.auto)
+        row.addStretch(1)
+        lay.addLayout(row)
+
+    def config_changed(self, valid: bool) -> None:
+        self.button.setEnabled(valid)
+        if valid and self.auto.isChecked():
+            self.debounce.start()
+        elif not valid:
+            self.debounce.stop()
+            self.runner.cancel()
+            self.status.setText("Fix the marked fields to estimate.")
+
+    def estimate(self) -> None:
+        args = self.args_for(self.probe.value())
+        if args is None:
+            return
+        self.status.setText("Estimating… (timing a few steps)" if self.probe.value() else "Estimating…")
+        self.runner.run(args)
+
+    def show_result(self, r: dict) -> None:
+        self.result, self.error = r, None
+        p, f = r.get("params") or {}, r.get("flops") or {}
+        total, nonzero = p.get("total"), p.get("nonzero")
+        share = f" ({100 * nonzero / total:.0f} % nonzero)" if total and nonzero is not None else ""
+        self.labels["params"].setText(f"{fmt.si(total)} total, {fmt.si(nonzero)} nonzero{share}")
+        self.labels["flops"].setText(f"{fmt.flops(f.get('sparse'))} sparse vs {fmt.flops(f.get('dense'))} dense")
+        saving = f.get("saving")
+        self.labels["saving"].setText(_saving_text(saving, f.get("dense"), f.get("sparse")))
+        self.labels["tokens"].setText(fmt.si(r.get("tokens")))
+        self.labels["memory"].setText(fmt.nbytes(r.get("memory_bytes")))
+        step = r.get("step_seconds")
+        eta = r.get("eta_seconds")
+        self.labels["eta"].setText(fmt.duration(eta) + (f"  ({step * 1000:.0f} ms/step measured)" if step else "")
+                                   if eta is not None else "– (set probe steps > 0 to measure)")
+        self.status.setText("")
+
+    def show_error(self, message: str, key: Any = None, path: Any = None) -> None:
+        self.result, self.error = None, (message, key, path)
+        self.status.setText(f"<span style='color:#c9302c'>{message}</span>")
+
+
+def _saving_text(saving: float | None, dense: float | None, sparse: float | None) -> str:
+    if dense and sparse:
+        return f"{dense / sparse:.2f}× fewer FLOPs ({fmt.flops(dense - sparse)} saved)"
+    if saving is not None:
+        return f"{saving:.2f}"
+    return "–"

@@ -1,0 +1,221 @@
+"""One editor widget per config field, chosen from the field's type and UI hints in ``field_docs()``.
+
+Every editor exposes ``value()``/``set_value()``, a ``changed`` signal and ``set_error()``. Values the
+user typed that do not parse are passed on as text, so the engine's own validation names the problem.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtWidgets import (
+    QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+)
+
+from engine.config import range_text  # the same wording as the engine's messages
+
+INT_LIMIT = 2**31 - 1
+ERROR_STYLE = "border: 1px solid #d9534f; background: #fff3f3;"
+BUILTIN_CORPUS = "builtin:hpo"
+
+
+def tooltip(key: str, info: dict) -> str:
+    lines = [f"<b>{key}</b> ({info['type']})", info.get("doc", "")]
+    if "choices" in info:
+        lines.append("choices: " + ", ".join(map(str, info["choices"])))
+    if info.get("min") is not None or info.get("max") is not None:
+        lines.append("must be " + range_text(info))
+    lines.append(f"default: {info['default']!r}")
+    return "<br>".join(lines)
+
+
+class FieldEditor(QObject):
+    changed = Signal()
+
+    def __init__(self, key: str, info: dict, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.key, self.info = key, info
+        self.container = QWidget(parent)
+        lay = QVBoxLayout(self.container)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(1)
+        self.row = QHBoxLayout()
+        lay.addLayout(self.row)
+        self.error_label = QLabel(self.container)
+        self.error_label.setObjectName(f"error:{key}")
+        self.error_label.setStyleSheet("color: #c9302c; font-size: 11px;")
+        self.error_label.setWordWrap(True)
+        self.error_label.hide()
+        lay.addWidget(self.error_label)
+        self.widget = self._build()
+        self.widget.setObjectName(f"field:{key}")
+        self.widget.setToolTip(tooltip(key, info))
+        self.row.insertWidget(0, self.widget, 1)
+        self.error: str | None = None
+
+    def _build(self) -> QWidget:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def value(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_value(self, value: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_error(self, message: str | None) -> None:
+        self.error = message
+        self.widget.setStyleSheet(ERROR_STYLE if message else "")
+        self.error_label.setText(message or "")
+        self.error_label.setVisible(bool(message))
+
+
+class IntEditor(FieldEditor):
+    def _build(self) -> QWidget:
+        w = QSpinBox()
+        lo, hi = self.info.get("min"), self.info.get("max")
+        w.setRange(int(lo) if lo is not None else -INT_LIMIT, int(min(hi, INT_LIMIT)) if hi is not None else INT_LIMIT)
+        w.setGroupSeparatorShown(True)
+        w.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # no accidental wheel edits while scrolling the form
+        w.valueChanged.connect(self.changed)
+        return w
+
+    def value(self) -> int:
+        return self.widget.value()
+
+    def set_value(self, value: Any) -> None:
+        self.widget.setValue(int(value))
+
+
+class FloatEditor(FieldEditor):
+    """Free text, so 3e-4 and 0.0003 both work and an out-of-range value gets the engine's message."""
+
+    def _build(self) -> QWidget:
+        w = QLineEdit()
+        if self.info.get("min") is not None or self.info.get("max") is not None:
+            w.setPlaceholderText(range_text(self.info))
+        w.textChanged.connect(self.changed)
+        return w
+
+    def value(self) -> Any:
+        text = self.widget.text().strip()
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    def set_value(self, value: Any) -> None:
+        self.widget.setText(repr(float(value)) if isinstance(value, (int, float)) else str(value))
+
+
+class BoolEditor(FieldEditor):
+    def _build(self) -> QWidget:
+        w = QCheckBox()
+        w.toggled.connect(self.changed)
+        return w
+
+    def value(self) -> bool:
+        return self.widget.isChecked()
+
+    def set_value(self, value: Any) -> None:
+        self.widget.setChecked(bool(value))
+
+
+class ChoiceEditor(FieldEditor):
+    def __init__(self, key: str, info: dict, parent: QWidget | None = None, labels: dict | None = None):
+        self.labels = labels or {}
+        super().__init__(key, info, parent)
+
+    def _build(self) -> QWidget:
+        w = QComboBox()
+        for choice in self.info["choices"]:
+            w.addItem(self.labels.get(choice, str(choice)), choice)
+        w.currentIndexChanged.connect(self.changed)
+        return w
+
+    def value(self) -> Any:
+        return self.widget.currentData()
+
+    def set_value(self, value: Any) -> None:
+        i = self.widget.findData(value)
+        if i < 0:  # an unknown value from a file: keep it visible so validation can name it
+            self.widget.addItem(str(value), value)
+            i = self.widget.count() - 1
+        self.widget.setCurrentIndex(i)
+
+
+class TextEditor(FieldEditor):
+    def _build(self) -> QWidget:
+        w = QLineEdit()
+        w.textChanged.connect(self.changed)
+        if self.info.get("kind") == "path":
+            btn = QPushButton("…")
+            btn.setFixedWidth(28)
+            btn.setToolTip("Choose a file")
+            btn.clicked.connect(self._browse)
+            self.row.addWidget(btn)
+        return w
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self.container, f"Choose {self.key}")
+        if path:
+            self.widget.setText(path)
+
+    def value(self) -> str:
+        return self.widget.text()
+
+    def set_value(self, value: Any) -> None:
+        self.widget.setText("" if value is None else str(value))
+
+
+class CorpusEditor(FieldEditor):
+    """Files, folders and the embedded corpus, as a '; '-separated list with pickers."""
+
+    SEP = "; "
+
+    def _build(self) -> QWidget:
+        w = QLineEdit()
+        w.setPlaceholderText("builtin:hpo; /path/to/abstracts.jsonl; /path/to/folder")
+        w.textChanged.connect(self.changed)
+        for text, tip, slot in (
+            ("Files…", "Add .txt/.jsonl/.json/.csv/.parquet files", self._add_files),
+            ("Folder…", "Add a folder of text files", self._add_folder),
+            ("Built-in", "Use the embedded HPO definitions corpus (works offline)", self._use_builtin),
+        ):
+            btn = QPushButton(text)
+            btn.setObjectName(f"corpus:{text.strip('…').lower()}")
+            btn.setToolTip(tip)
+            btn.clicked.connect(slot)
+            self.row.addWidget(btn)
+        return w
+
+    def _extend(self, items: list[str]) -> None:
+        current = [c for c in self.value() if c]
+        self.set_value(current + [i for i in items if i not in current])
+
+    def _add_files(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(
+            self.container, "Add corpus files", "", "Text data (*.txt *.jsonl *.json *.csv *.parquet);;All files (*)")
+        self._extend(paths)
+
+    def _add_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self.container, "Add a corpus folder")
+        if path:
+            self._extend([path])
+
+    def _use_builtin(self) -> None:
+        self.set_value([BUILTIN_CORPUS])
+
+    def value(self) -> list[str]:
+        return [p.strip() for p in self.widget.text().split(";") if p.strip()]
+
+    def set_value(self, value: Any) -> None:
+        items = [value] if isinstance(value, str) else list(value or [])
+        self.widget.setText(self.SEP.join(map(str, items)))
+
+
+def make_editor(key: str, info: dict, parent: QWidget | None = None, labels: dict | None = None) -> FieldEditor:
+    if "choices" in info:
+        return ChoiceEditor(key, info, parent, labels)
+    if info.get("kind") == "corpus":
+        return CorpusEditor(key, info, parent)
+    return {"int": IntEditor, "float": FloatEditor, "bool": BoolEditor}.get(info["type"], TextEditor)(key, info, parent)

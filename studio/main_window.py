@@ -1,0 +1,226 @@
+"""The main window: New run (form + estimate), Runs (browser), and one tab per opened run.
+
+Closing never kills a run: the default answer keeps runs going, and the next start re-attaches to
+every run still marked running (after reaping the ones whose engine died).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QTimer
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QTabWidget, QVBoxLayout, QWidget
+
+from engine.paths import default_db_path, default_runs_dir
+from engine.rundb import LIVE_STATUSES, RunDB
+
+from .engine_process import EngineProcess, train_args
+from .estimate import EstimatePanel
+from .run_form import RunForm
+from .run_view import RunView
+from .runs_browser import RunsBrowser
+
+REAP_MS = 5000
+KEEP, STOP, CANCEL = "keep", "stop", "cancel"
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, db_path: str | Path | None = None, runs_dir: str | Path | None = None, attach: bool = True):
+        super().__init__()
+        self.db = RunDB(db_path or default_db_path())
+        self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir(self.db.path)
+        self.views: list[RunView] = []
+        self.close_policy: str | None = None  # tests and scripts answer the close question without a dialog
+        self.setWindowTitle(f"MediSwift Studio — {self.db.path}")
+        self.resize(1500, 950)
+
+        self.form = RunForm(self.db, self.runs_dir)
+        self.estimate = EstimatePanel(lambda n: self.form.estimate_args(n) if self.form.is_valid() else None)
+        self.form.add_side_widget(self.estimate)
+        self.form.changed.connect(lambda: self.estimate.config_changed(self.form.is_valid()))
+        self.form.start_requested.connect(self.start_run)
+        self.estimate.runner.failed.connect(self._estimate_failed)
+        self.browser = RunsBrowser(self.db)
+        self.browser.open_requested.connect(self.open_run)
+        self.browser.clone_requested.connect(self.clone_run)
+        self.browser.resume_requested.connect(self.resume_run)
+
+        self.tabs = QTabWidget(objectName="tabs")
+        self.tabs.setTabsClosable(True)
+        self.tabs.setDocumentMode(True)
+        self.tabs.tabCloseRequested.connect(self._close_tab)
+        self.tabs.addTab(self.form, "New run")
+        self.tabs.addTab(self.browser, "Runs")
+        for i in range(2):  # the two fixed pages cannot be closed
+            self.tabs.tabBar().setTabButton(i, self.tabs.tabBar().ButtonPosition.RightSide, None)
+        self.setCentralWidget(self.tabs)
+        self._menus()
+        self.db_label = QLabel(f"database: {self.db.path}")
+        self.statusBar().addPermanentWidget(self.db_label)
+
+        self.reap_timer = QTimer(self, interval=REAP_MS)
+        self.reap_timer.timeout.connect(self._reap)
+        self.reap_timer.start()
+        self.estimate.config_changed(self.form.is_valid())
+        if attach:
+            self.reattach()
+
+    def _menus(self) -> None:
+        file = self.menuBar().addMenu("&File")
+        for text, slot, key in (("New run", lambda: self.tabs.setCurrentWidget(self.form), QKeySequence.StandardKey.New),
+                                ("Import TOML…", self.form.import_toml, QKeySequence.StandardKey.Open),
+                                ("Export TOML…", self.form.export_toml, QKeySequence.StandardKey.SaveAs),
+                                ("Quit", self.close, QKeySequence.StandardKey.Quit)):
+            a = QAction(text, self)
+            a.setShortcut(key)
+            a.triggered.connect(slot)
+            file.addAction(a)
+        run = self.menuBar().addMenu("&Run")
+        for text, slot in (("Start", self.start_run), ("Pause", lambda: self._on_current("pause")),
+                           ("Resume", lambda: self._on_current("resume")), ("Stop", lambda: self._on_current("stop"))):
+            a = QAction(text, self)
+            a.triggered.connect(slot)
+            run.addAction(a)
+        view = self.menuBar().addMenu("&View")
+        a = QAction("Runs", self)
+        a.triggered.connect(lambda: self.tabs.setCurrentWidget(self.browser))
+        view.addAction(a)
+
+    # -- runs -----------------------------------------------------------------------------------------------
+    def _add_view(self, view: RunView, title: str) -> RunView:
+        self.views.append(view)
+        view.resume_requested.connect(self.resume_run)
+        view.engine_error.connect(self._engine_error)
+        view.status_changed.connect(self._view_status)
+        self.tabs.addTab(view, title)
+        self.tabs.setCurrentWidget(view)
+        return view
+
+    def start_run(self) -> RunView | None:
+        """Start the form's run through the launcher; its tab follows the events."""
+        if not self.form.is_valid():
+            self.statusBar().showMessage("Fix the marked fields first.", 5000)
+            return None
+        self.estimate.runner.cancel()  # the probe would compete with the run for the CPU
+        proc = EngineProcess(self.form.run_args(self.db.path, self.runs_dir), self)
+        view = self._add_view(RunView(self.db), self.form.config.name or "new run")
+        view.attach_process(proc)
+        proc.event.connect(lambda ev, v=view: ev["type"] == "run_started" and self._retitle(v))
+        proc.start()
+        self.statusBar().showMessage("run started", 3000)
+        return view
+
+    def resume_run(self, run_id: str) -> RunView | None:
+        view = self.view_for(run_id) or self.open_run(run_id)
+        if view is None or view.process is not None:
+            return view
+        proc = EngineProcess(train_args(None, db=self.db.path, runs_dir=self.runs_dir, resume=view.run_id), self)
+        view.attach_process(proc)
+        proc.start()
+        self.tabs.setCurrentWidget(view)
+        return view
+
+    def open_run(self, run_id: str) -> RunView | None:
+        view = self.view_for(run_id)
+        if view is None:
+            view = RunView(self.db)
+            if not view.attach_run(run_id):
+                view.deleteLater()
+                return None
+            self._add_view(view, view.title)
+        self.tabs.setCurrentWidget(view)
+        return view
+
+    def clone_run(self, run_id: str) -> None:
+        if self.form.clone_run(run_id):
+            self.tabs.setCurrentWidget(self.form)
+
+    def view_for(self, run_id: str) -> RunView | None:
+        return next((v for v in self.views if v.run_id == run_id), None)
+
+    def reattach(self) -> list[str]:
+        """Open a tab for every run still live in the database (after reaping dead engines)."""
+        self.db.reap_crashed()
+        ids = [r["id"] for r in self.db.list_runs() if r["status"] in LIVE_STATUSES and r["status"] != "created"]
+        for run_id in reversed(ids):
+            self.open_run(run_id)
+        if ids:
+            self.statusBar().showMessage(f"re-attached to {len(ids)} running run(s)", 5000)
+        return ids
+
+    def _retitle(self, view: RunView) -> None:
+        i = self.tabs.indexOf(view)
+        if i >= 0:
+            self.tabs.setTabText(i, view.title)
+
+    def _view_status(self, run_id: str, status: str) -> None:
+        view = self.view_for(run_id)
+        if view is not None:
+            i = self.tabs.indexOf(view)
+            marks = {"running": "▶ ", "paused": "⏸ ", "crashed": "✖ ", "failed": "✖ "}
+            if i >= 0:
+                self.tabs.setTabText(i, marks.get(status, "") + view.title)
+        if status in ("completed", "stopped"):
+            self.form.editors["parent"].refresh(self.db, ("vocab", "pretrain", "finetune"))
+
+    def _engine_error(self, ev: dict) -> None:
+        """An engine error naming a field or file: show it at that field in the form."""
+        if ev.get("key") or ev.get("path"):
+            self.form.show_engine_error(ev["message"], ev.get("key"), ev.get("path"))
+            self.tabs.setCurrentWidget(self.form)
+        self.statusBar().showMessage(ev["message"], 10000)
+
+    def _estimate_failed(self, message: str, key, path) -> None:
+        if key or path:
+            self.form.show_engine_error(message, key, path)
+
+    def _on_current(self, action: str) -> None:
+        view = self.tabs.currentWidget()
+        if isinstance(view, RunView):
+            getattr(view, action)()
+
+    def _reap(self) -> None:
+        if self.db.reap_crashed():
+            self.browser.refresh()
+
+    def _close_tab(self, i: int) -> None:
+        view = self.tabs.widget(i)
+        if isinstance(view, RunView):
+            view.detach()  # a live run keeps going; reopen it from Runs
+            self.views.remove(view)
+            self.tabs.removeTab(i)
+            view.deleteLater()
+
+    # -- closing ---------------------------------------------------------------------------------------------
+    def live_views(self) -> list[RunView]:
+        return [v for v in self.views if v.is_live()]
+
+    def ask_close(self, live: list[RunView]) -> str:
+        box = QMessageBox(self)
+        box.setWindowTitle("Runs still training")
+        box.setText(f"{len(live)} run(s) are still training.")
+        box.setInformativeText("They keep running in the background and reappear here when you reopen the studio.")
+        keep = box.addButton("Keep running", QMessageBox.ButtonRole.AcceptRole)
+        stop = box.addButton("Stop them", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        box.exec()
+        clicked = box.clickedButton()
+        return KEEP if clicked is keep else STOP if clicked is stop else CANCEL
+
+    def closeEvent(self, event) -> None:
+        live = self.live_views()
+        answer = KEEP
+        if live:
+            answer = self.close_policy or self.ask_close(live)
+        if answer == CANCEL:
+            event.ignore()
+            return
+        for view in self.views:
+            if answer == STOP and view.is_live():
+                view.stop()
+            view.detach()
+        self.estimate.runner.cancel()
+        self.reap_timer.stop()
+        self.browser.timer.stop()
+        event.accept()

@@ -1,0 +1,410 @@
+"""The new-run form, generated from the engine's config dataclasses.
+
+Field docs become tooltips, ``choices`` combo boxes, min/max spin ranges. Every edit is validated by
+the engine's own code (``engine.config``), and the message lands next to the field it names; Start
+stays disabled until the whole configuration is valid. The run is described as a base TOML file plus
+``--set`` overrides, which is also the command line shown in the preview.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (
+    QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
+    QScrollArea, QSizePolicy, QSplitter, QVBoxLayout, QWidget,
+)
+
+from engine import config as cfgmod
+from engine.config import SECTIONS, ConfigError, RunConfig, field_docs, from_dict
+from engine.paths import list_presets, resolve_preset
+from engine.rundb import RunDB
+
+from .engine_process import command_preview, train_args
+from .field_editors import FieldEditor, make_editor
+
+STAGE_LABELS = {
+    "vocab": "Vocabulary",
+    "pretrain": "Sparse pre-training",
+    "finetune": "Dense fine-tuning",
+    "prompt": "Soft prompting",
+}
+SECTION_TITLES = {
+    "model": "Model", "tokenizer": "Tokenizer", "data": "Data", "sparsity": "Sparsity",
+    "train": "Training", "task": "Task (fine-tuning and prompting)", "prompt": "Soft prompt",
+}
+# sections a stage does not read are hidden, so the form only asks what matters
+HIDDEN_SECTIONS = {
+    "vocab": {"model", "sparsity", "train", "task", "prompt"},
+    "pretrain": {"task", "prompt"},
+    "finetune": {"sparsity", "prompt", "tokenizer"},
+    "prompt": {"sparsity", "tokenizer"},
+}
+# which parent stages a stage can start from
+PARENT_STAGES = {"vocab": (), "pretrain": ("vocab", "pretrain"), "finetune": ("pretrain", "finetune"),
+                 "prompt": ("pretrain", "finetune")}
+DEFAULT_PRESET = "demo"
+
+
+def nested(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        if "." in key:
+            sec, sub = key.split(".", 1)
+            out.setdefault(sec, {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(d: dict) -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+def validate(flat: dict[str, Any]) -> tuple[RunConfig | None, dict[str, str]]:
+    """All errors the engine would raise, one per section (it stops at the first), keyed by dotted field."""
+    d = nested(flat)
+    errors: dict[str, str] = {}
+    for sec, cls in SECTIONS.items():
+        try:
+            cls(**d.get(sec, {}))
+        except ConfigError as e:
+            errors[e.key] = str(e)
+        except TypeError as e:  # an unknown key in a section
+            errors[sec] = str(e)
+    top = {k: v for k, v in d.items() if k not in SECTIONS}
+    try:
+        RunConfig(**top)
+    except ConfigError as e:
+        errors[e.key] = str(e)
+    if errors:
+        return None, errors
+    try:
+        return from_dict(d), {}
+    except ConfigError as e:
+        return None, {e.key: str(e)}
+
+
+class RunForm(QWidget):
+    """Preset, stage, parent and every config field; emits ``changed`` after each edit."""
+
+    changed = Signal()
+    start_requested = Signal()
+
+    def __init__(self, db: RunDB, runs_dir: Path, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.db, self.runs_dir = db, Path(runs_dir)
+        self.docs = field_docs()
+        self.editors: dict[str, FieldEditor] = {}
+        self.groups: dict[str, QGroupBox] = {}
+        self.base_path: Path | None = None
+        self.base_flat: dict[str, Any] = {}
+        self.config: RunConfig | None = None
+        self.errors: dict[str, str] = {}
+        self.engine_errors: dict[str, str] = {}  # from a failed launch; cleared when the field is edited
+        self._loading = False
+        self._build()
+        self.load_preset(DEFAULT_PRESET if DEFAULT_PRESET in list_presets() else (list_presets() or [None])[0])
+
+    # -- layout ----------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        top = QHBoxLayout()
+        self.preset_combo = QComboBox(objectName="preset")
+        self.preset_combo.addItems(list_presets())
+        self.preset_combo.setToolTip("Bundled starting points (resources/presets); the form shows their values")
+        self.preset_combo.activated.connect(lambda _i: self.load_preset(self.preset_combo.currentText()))
+        top.addWidget(QLabel("Preset"))
+        top.addWidget(self.preset_combo)
+        for text, slot, tip in (
+            ("Import TOML…", self.import_toml, "Load a configuration file"),
+            ("Export TOML…", self.export_toml, "Save the current configuration as a TOML file"),
+            ("Clone run…", self.choose_clone, "Start from the configuration of a past run"),
+            ("Reset", self.reset, "Back to the values of the preset or file"),
+        ):
+            b = QPushButton(text)
+            b.setToolTip(tip)
+            b.clicked.connect(slot)
+            top.addWidget(b)
+        top.addStretch(1)
+        self.base_label = QLabel(objectName="base")
+        self.base_label.setStyleSheet("color: #666;")
+        top.addWidget(self.base_label)
+
+        # stage, name and parent come first: they decide which sections matter
+        head = QFormLayout()
+        for key in ("name", "stage", "parent"):
+            info = self.docs[key]
+            ed = make_editor(key, info, self, labels=STAGE_LABELS) if key != "parent" else None
+            if key == "parent":
+                ed = ParentEditor(key, info, self)
+            self._add_editor(ed)
+            head.addRow(key.capitalize(), ed.container)
+        self.editors["stage"].changed.connect(self._stage_changed)
+        head_box = QGroupBox("Run")
+        head_box.setLayout(head)
+
+        fields = QWidget()
+        col = QVBoxLayout(fields)
+        col.addWidget(head_box)
+        for sec in SECTIONS:
+            box = QGroupBox(SECTION_TITLES.get(sec, sec))
+            form = QFormLayout(box)
+            form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+            for key, info in self.docs.items():
+                if key.startswith(sec + "."):
+                    ed = make_editor(key, info, box)
+                    self._add_editor(ed)
+                    label = QLabel(key.split(".", 1)[1])
+                    label.setToolTip(ed.widget.toolTip())
+                    form.addRow(label, ed.container)
+            self.groups[sec] = box
+            col.addWidget(box)
+        col.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(fields)
+
+        # right: estimate slot, command preview, Start
+        self.side = QVBoxLayout()
+        self.summary = QLabel(objectName="summary")
+        self.summary.setWordWrap(True)
+        self.preview = QPlainTextEdit(objectName="preview")
+        self.preview.setReadOnly(True)
+        self.preview.setMaximumHeight(110)
+        self.preview.setToolTip("The same run from a terminal")
+        self.start_button = QPushButton("Start run", objectName="start")
+        self.start_button.setMinimumHeight(36)
+        self.start_button.setStyleSheet("QPushButton:enabled { font-weight: bold; }")
+        self.start_button.clicked.connect(self.start_requested)
+        self.side.addWidget(QLabel("<b>Command</b>"))
+        self.side.addWidget(self.preview)
+        self.side.addWidget(self.summary)
+        self.side.addStretch(1)
+        self.side.addWidget(self.start_button)
+        side_w = QWidget()
+        side_w.setLayout(self.side)
+        side_w.setMinimumWidth(340)
+
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(scroll)
+        split.addWidget(side_w)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addWidget(split, 1)
+
+    def _add_editor(self, ed: FieldEditor) -> None:
+        self.editors[ed.key] = ed
+        ed.changed.connect(lambda key=ed.key: self._edited(key))
+
+    def add_side_widget(self, w: QWidget) -> None:
+        """The estimate panel sits above the command preview."""
+        self.side.insertWidget(0, w)
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def load_preset(self, name: str | None) -> None:
+        if not name:
+            self.load_dict({}, None)
+            return
+        path = resolve_preset(name)
+        self.preset_combo.setCurrentText(name)
+        self.load_file(path)
+
+    def load_file(self, path: str | Path) -> bool:
+        try:
+            d = cfgmod.load_toml(path)
+        except ConfigError as e:
+            QMessageBox.warning(self, "Cannot read configuration", str(e))
+            return False
+        self.load_dict(d, Path(path))
+        return True
+
+    def load_dict(self, d: dict, base_path: Path | None) -> None:
+        """Show a (possibly partial) configuration: missing keys take their defaults."""
+        flat = {k: info["default"] for k, info in self.docs.items()}
+        flat.update(flatten(d))
+        self.base_path = base_path
+        self.base_flat = dict(flat)
+        self._loading = True
+        try:
+            for key, ed in self.editors.items():
+                ed.set_value(flat.get(key))
+        finally:
+            self._loading = False
+        self.engine_errors.clear()
+        self.base_label.setText(f"from {base_path.name}" if base_path else "from defaults")
+        self._stage_changed()
+        self.revalidate()
+
+    def reset(self) -> None:
+        self.load_dict(nested(self.base_flat), self.base_path)
+
+    def import_toml(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import configuration", "", "TOML (*.toml);;All files (*)")
+        if path:
+            self.load_file(path)
+
+    def export_toml(self, path: str | None = None) -> str | None:
+        if self.config is None:
+            QMessageBox.warning(self, "Cannot export", "Fix the marked fields first.")
+            return None
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Export configuration", f"{self.config.name or 'run'}.toml",
+                                                  "TOML (*.toml)")
+        if path:
+            Path(path).write_text(self.config.to_toml(), encoding="utf-8")
+        return path or None
+
+    def choose_clone(self) -> None:
+        from .runs_browser import pick_run  # a small dialog; imported late to keep this module light
+
+        run_id = pick_run(self, self.db, "Clone the configuration of…")
+        if run_id:
+            self.clone_run(run_id)
+
+    def clone_run(self, run_id: str) -> bool:
+        """Load a past run's stored configuration; it is saved as a file so the command stays reproducible."""
+        run = self.db.get_run(run_id)
+        if not run:
+            return False
+        d = dict(run["config"])
+        d["name"] = f"{run['name'] or run['id']}-clone"
+        folder = self.clone_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"clone-{run['id']}-{time.strftime('%Y%m%d-%H%M%S')}.toml"
+        try:
+            path.write_text(from_dict(d).to_toml(), encoding="utf-8")
+        except ConfigError:  # an old config the current engine rejects: load it anyway, fields get marked
+            path = None
+        self.load_dict(d, path)
+        return True
+
+    def clone_dir(self) -> Path:
+        return Path(self.db.path).parent / "studio" / "configs"
+
+    # -- stage and parent --------------------------------------------------------------------------------
+    def _stage_changed(self) -> None:
+        stage = self.editors["stage"].value()
+        for sec, box in self.groups.items():
+            box.setVisible(sec not in HIDDEN_SECTIONS.get(stage, set()))
+        parent = self.editors["parent"]
+        parent.refresh(self.db, PARENT_STAGES.get(stage, ()))
+        parent.widget.setEnabled(bool(PARENT_STAGES.get(stage)))
+
+    # -- validation --------------------------------------------------------------------------------------
+    def values(self) -> dict[str, Any]:
+        return {key: ed.value() for key, ed in self.editors.items()}
+
+    def _edited(self, key: str) -> None:
+        if self._loading:
+            return
+        self.engine_errors.pop(key, None)
+        self.revalidate()
+
+    def revalidate(self) -> None:
+        self.config, self.errors = validate(self.values())
+        shown = {**self.errors, **self.engine_errors}
+        for key, ed in self.editors.items():
+            ed.set_error(shown.get(key))
+        loose = [msg for key, msg in shown.items() if key not in self.editors]
+        if shown:
+            self.summary.setText("<span style='color:#c9302c'>" + "<br>".join(
+                f"• {m}" for m in [*loose, *[shown[k] for k in shown if k in self.editors]]) + "</span>")
+        else:
+            self.summary.setText("<span style='color:#2e7d32'>Configuration is valid.</span>")
+        self.start_button.setEnabled(self.is_valid())
+        self.preview.setPlainText(self.command_preview())
+        self.changed.emit()
+
+    def is_valid(self) -> bool:
+        return self.config is not None and not self.errors and not self.engine_errors
+
+    def show_engine_error(self, message: str, key: str | None = None, path: str | None = None) -> None:
+        """An error the engine reported at launch: put it on the field (or the file's field) it names."""
+        target = key if key in self.editors else None
+        if target is None and path:
+            for k, ed in self.editors.items():
+                v = ed.value()
+                if (isinstance(v, list) and any(path in str(i) or str(i) in path for i in v if i)) or (
+                        isinstance(v, str) and v and (path in v or v in path) and k not in ("name", "stage")):
+                    target = k
+                    break
+        self.engine_errors[target or (key or path or "engine")] = message
+        self.revalidate()
+
+    # -- what to run -----------------------------------------------------------------------------------
+    def overrides(self) -> dict[str, Any]:
+        """Fields that differ from the base file, as ``--set`` items (files keep the command short)."""
+        out = {}
+        for key, value in self.values().items():
+            if key not in self.base_flat or self.base_flat[key] != value:
+                out[key] = value
+        return out
+
+    def run_args(self, db: str | Path | None = None, runs_dir: str | Path | None = None) -> list[str]:
+        return train_args(self.base_path, self.overrides(), db=db, runs_dir=runs_dir)
+
+    def estimate_args(self, probe_steps: int) -> list[str]:
+        args = train_args(self.base_path, self.overrides())
+        return ["estimate", *args[1:], "--json", "--probe-steps", str(probe_steps)]
+
+    def command_preview(self) -> str:
+        return command_preview(self.run_args(self.db.path, self.runs_dir))
+
+    def set_field(self, key: str, value: Any) -> None:
+        """Programmatic edit (tests, screenshots), exactly as if typed."""
+        self.editors[key].set_value(value)
+
+
+class ParentEditor(FieldEditor):
+    """Editable combo of past runs a stage can start from; free text takes an id or prefix."""
+
+    def _build(self) -> QWidget:
+        w = QComboBox()
+        w.setEditable(True)
+        w.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        w.lineEdit().setPlaceholderText("none")
+        w.currentTextChanged.connect(self.changed)
+        return w
+
+    def refresh(self, db: RunDB, stages: tuple[str, ...]) -> None:
+        current = self.value()
+        self.widget.blockSignals(True)
+        self.widget.clear()
+        self.widget.addItem("", "")
+        for run in db.list_runs(include_archived=False):
+            if run["stage"] in stages and run["status"] in ("completed", "stopped"):
+                self.widget.addItem(f"{run['id']} — {run['name']} ({STAGE_LABELS.get(run['stage'], run['stage'])}, "
+                                    f"{run['status']})", run["id"])
+        self.widget.blockSignals(False)
+        self.set_value(current)
+
+    def value(self) -> str:
+        text = self.widget.currentText().strip()
+        i = self.widget.findText(text)
+        if i >= 0 and self.widget.itemData(i) is not None:
+            return self.widget.itemData(i)
+        return text
+
+    def set_value(self, value: Any) -> None:
+        value = value or ""
+        i = self.widget.findData(value)
+        if i >= 0:
+            self.widget.setCurrentIndex(i)
+        else:
+            self.widget.setEditText(str(value))
+
+
+def config_json(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,148 @@
+"""Summary table: one row per run — status, stage, parameters, sparsity, tokens, FLOPs spent vs
+dense-equivalent, wall time, best validation loss, task scores, parent. Sortable by the numbers
+(not their text); "Copy as CSV" puts the raw values on the clipboard."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QSortFilterProxyModel, Qt, Signal
+from PySide6.QtGui import QGuiApplication, QStandardItem, QStandardItemModel
+from PySide6.QtWidgets import (
+    QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QMessageBox, QPushButton, QTableView, QVBoxLayout, QWidget,
+)
+
+from engine.export import ExportError, export_config, summary_rows
+from engine.rundb import RunDB
+
+from . import formatting as fmt
+
+SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+
+# (header, row key, formatter) — the CSV uses the row key as its column name and the raw value
+COLUMNS: tuple[tuple[str, str, Any], ...] = (
+    ("Run", "name", str),
+    ("Id", "id", str),
+    ("Status", "status", str),
+    ("Stage", "stage", str),
+    ("Params", "params_total", fmt.number),
+    ("Nonzero", "params_nonzero", fmt.number),
+    ("Sparsity", "sparsity", lambda v: "–" if v is None else f"{v:.1%}"),
+    ("Tokens", "tokens", lambda v: fmt.si(v)),
+    ("FLOPs spent", "flops", fmt.flops),
+    ("Dense-equiv. FLOPs", "flops_dense", fmt.flops),
+    ("Saving", "saving", lambda v: "–" if v is None else f"{v:.2f}×"),
+    ("Wall time", "wall_time", fmt.duration),
+    ("Best val loss", "best_val_loss", lambda v: "–" if v is None else f"{v:.4f}"),
+)
+TAIL = (("Parent", "parent", str), ("Tags", "tags", lambda v: ", ".join(v or [])))
+
+
+def table_rows(db: RunDB, run_ids: list[str]) -> tuple[list[dict], list[str]]:
+    """Summary rows flattened for the table (task scores become columns) and the score keys."""
+    rows = summary_rows(db, run_ids)
+    score_keys = sorted({k for r in rows for k in r["scores"]})
+    for r in rows:
+        r["saving"] = r["flops_dense"] / r["flops"] if r["flops"] and r["flops_dense"] else None
+        for k in score_keys:
+            r[f"score:{k}"] = r["scores"].get(k)
+    return rows, score_keys
+
+
+class SummaryTable(QWidget):
+    """Signals: ``run_activated(str)`` on double-click of a row."""
+
+    run_activated = Signal(str)
+
+    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+        super().__init__(parent)
+        self.db = db
+        self.rows: list[dict] = []
+        self.columns: list[tuple[str, str, Any]] = []
+        self.model = QStandardItemModel(self)
+        self.proxy = QSortFilterProxyModel(self)
+        self.proxy.setSourceModel(self.model)
+        self.proxy.setSortRole(SORT_ROLE)
+        self.view = QTableView(objectName="summary_table")
+        self.view.setModel(self.proxy)
+        self.view.setSortingEnabled(True)
+        self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.view.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.view.setAlternatingRowColors(True)
+        self.view.verticalHeader().setVisible(False)
+        self.view.doubleClicked.connect(self._activated)
+        copy = QPushButton("Copy as CSV", objectName="copy_csv")
+        copy.clicked.connect(self.copy_csv)
+        toml = QPushButton("Export config as TOML…", objectName="export_toml")
+        toml.setToolTip("Save the selected run's config; `mediswift train FILE` re-runs it")
+        toml.clicked.connect(self._export_toml_dialog)
+        self.info = QLabel()
+        bar = QHBoxLayout()
+        bar.addWidget(copy)
+        bar.addWidget(toml)
+        bar.addStretch(1)
+        bar.addWidget(self.info)
+        lay = QVBoxLayout(self)
+        lay.addLayout(bar)
+        lay.addWidget(self.view, 1)
+        self.set_runs(list(run_ids))
+
+    def set_runs(self, run_ids: list[str]) -> None:
+        self.rows, score_keys = table_rows(self.db, [i for i in run_ids if self.db.get_run(i) is not None])
+        self.columns = list(COLUMNS) + [(k, f"score:{k}", lambda v: "–" if v is None else f"{v:.4g}") for k in score_keys] + list(TAIL)
+        self.model.clear()
+        self.model.setHorizontalHeaderLabels([c[0] for c in self.columns])
+        for r in self.rows:
+            items = []
+            for _h, key, f in self.columns:
+                v = r.get(key)
+                item = QStandardItem(f(v) if v is not None or f is str else "–")
+                # numbers sort as numbers; missing values sort first
+                item.setData(v if isinstance(v, (int, float)) else (float("-inf") if v is None else str(v)), SORT_ROLE)
+                item.setData(r["id"], Qt.ItemDataRole.UserRole)
+                if isinstance(v, (int, float)):
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                items.append(item)
+            self.model.appendRow(items)
+        self.view.resizeColumnsToContents()
+        self.info.setText(f"{len(self.rows)} run{'s' if len(self.rows) != 1 else ''}")
+
+    def csv_text(self) -> str:
+        """The table in its current sort order, raw values (full precision), one header row."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([key for _h, key, _f in self.columns])
+        by_id = {r["id"]: r for r in self.rows}
+        for i in range(self.proxy.rowCount()):
+            rid = self.proxy.index(i, 0).data(Qt.ItemDataRole.UserRole)
+            r = by_id[rid]
+            w.writerow(["" if r.get(k) is None else (";".join(r[k]) if isinstance(r.get(k), list) else r[k])
+                        for _h, k, _f in self.columns])
+        return buf.getvalue()
+
+    def copy_csv(self) -> str:
+        text = self.csv_text()
+        QGuiApplication.clipboard().setText(text)
+        return text
+
+    def selected_run(self) -> str | None:
+        idx = self.view.selectionModel().selectedRows()
+        return idx[0].data(Qt.ItemDataRole.UserRole) if idx else None
+
+    def _activated(self, index) -> None:
+        self.run_activated.emit(index.data(Qt.ItemDataRole.UserRole))
+
+    def _export_toml_dialog(self) -> None:
+        rid = self.selected_run() or (self.rows[0]["id"] if len(self.rows) == 1 else None)
+        if rid is None:
+            QMessageBox.information(self, "Export config", "Select a run first.")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export config", f"{rid}.toml", "TOML (*.toml)")
+        if not path:
+            return
+        try:
+            export_config(self.db, rid, Path(path))
+        except (ExportError, OSError, ValueError) as e:
+            QMessageBox.warning(self, "Export config", str(e))

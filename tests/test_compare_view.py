@@ -1,0 +1,231 @@
+"""Compare view, config diff, summary table, chart/metric export and run notes, on three real tiny runs."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import subprocess
+import sys
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QImage
+
+from engine.export import METRIC_COLUMNS
+from engine.rundb import RunDB
+
+from helpers import REPO, engine_env, tiny
+
+LEVELS = {"dense": 0.0, "half": 0.5, "quarter": 0.75}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny runs that differ only in name and sparsity."""
+    tmp = tmp_path_factory.mktemp("compare")
+    db_path = tmp / "runs.db"
+    RunDB(db_path).close()  # migrate once, before three processes open it
+    def start(name: str, level: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "engine", "train", "demo", "--db", str(db_path),
+                                 *tiny(f"name={name}", f"sparsity.level={level}", "sparsity.kernel=dense")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=engine_env(tmp))
+
+    # the first run fills the shared token cache alone: concurrent first writers of one cache file race
+    items = list(LEVELS.items())
+    for batch in (items[:1], items[1:]):
+        procs = [start(name, level) for name, level in batch]
+        for p in procs:
+            _out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+    db = RunDB(db_path)
+    by_name = {r["name"]: r["id"] for r in db.list_runs()}
+    db.ids = [by_name[n] for n in LEVELS]
+    db.tmp = tmp
+    yield db
+    db.close()
+
+
+def _column(db: RunDB, rid: str, name: str, col: str) -> np.ndarray:
+    return np.array([r[0] for r in db.db.execute(
+        f"SELECT {col} FROM metrics WHERE run_id = ? AND name = ? ORDER BY step", [rid, name]).fetchall()], dtype=float)
+
+
+def test_equal_flops_axis_uses_the_database_counters(qtbot, runs):
+    from studio.compare_view import FIXED_PANELS, CompareView
+
+    view = CompareView(runs, runs.ids)
+    qtbot.addWidget(view)
+    view.resize(1200, 700)
+    assert view.run_ids() == runs.ids
+    qtbot.mouseClick(view.findChild(type(view.x_buttons.buttons()[0]), "x_step"), Qt.MouseButton.LeftButton)
+    assert view.x_axis == "step"
+    with qtbot.waitSignal(view.x_axis_changed) as sig:  # one click: equal FLOPs spent
+        qtbot.mouseClick(view.findChild(type(view.x_buttons.buttons()[0]), "x_flops"), Qt.MouseButton.LeftButton)
+    assert sig.args == ["flops"]
+    panel_of = {m: i for i, (m, *_r) in enumerate(FIXED_PANELS)}
+    finals = {}
+    for rid in runs.ids:
+        for metric in ("loss", "val_loss", "sparsity"):
+            raw, main = view.curves[(rid, panel_of[metric])]
+            np.testing.assert_array_equal(main.xData, _column(runs, rid, metric, "flops"))
+        raw, main = view.curves[(rid, panel_of["loss"])]
+        np.testing.assert_array_equal(raw.yData, _column(runs, rid, "loss", "value"))
+        finals[rid] = main.xData[-1]
+    dense, half, quarter = (finals[r] for r in runs.ids)
+    assert dense > half > quarter  # same steps, fewer FLOPs spent the sparser the run
+
+    view.set_x_axis("flops_dense")  # the dense-equivalent counter is the same for all three
+    xs = [view.curves[(rid, 0)][1].xData for rid in runs.ids]
+    for rid, x in zip(runs.ids, xs):
+        np.testing.assert_array_equal(x, _column(runs, rid, "loss", "flops_dense"))
+    np.testing.assert_allclose(xs[0], xs[2])
+
+    view.set_smoothing(0.0)
+    np.testing.assert_array_equal(view.curves[(runs.ids[2], 0)][1].yData, _column(runs, runs.ids[2], "loss", "value"))
+    assert not view.curves[(runs.ids[2], 0)][0].isVisible()  # no raw shadow without smoothing
+
+    # unchecking a run in the list drops it; its colour comes back when it is checked again
+    color = view.colors[runs.ids[1]]
+    item = next(view.run_list.item(i) for i in range(view.run_list.count())
+                if view.run_list.item(i).data(Qt.ItemDataRole.UserRole) == runs.ids[1])
+    with qtbot.waitSignal(view.runs_changed):
+        item.setCheckState(Qt.CheckState.Unchecked)
+    assert view.run_ids() == [runs.ids[0], runs.ids[2]] and (runs.ids[1], 0) not in view.curves
+    view.set_runs(runs.ids)
+    assert view.colors[runs.ids[1]] == color
+    view.set_run_visible(runs.ids[0], False)
+    assert not view.curves[(runs.ids[0], 0)][1].isVisible()
+
+
+def test_ema_matches_the_recurrence():
+    from studio.compare_view import ema
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=10_000)
+    y[5] = np.nan
+    w = 0.95
+    last, out = 0.0, []
+    for i, v in enumerate(y):
+        v = out[-1] if np.isnan(v) else v
+        last = w * last + (1 - w) * v
+        out.append(last / (1 - w ** (i + 1)))
+    np.testing.assert_allclose(ema(y, w), out, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(ema(y[:3], 0.0), y[:3])
+
+
+def test_config_diff_shows_only_differing_keys(qtbot, runs):
+    from studio.config_diff import ConfigDiffView
+
+    view = ConfigDiffView(runs, runs.ids)
+    qtbot.addWidget(view)
+    assert view.only_diff.isChecked()
+    assert view.keys() == ["name", "sparsity.level"]
+    levels = [view.table.item(1, j).data(Qt.ItemDataRole.UserRole) for j in (1, 2, 3)]
+    assert levels == [0.0, 0.5, 0.75]
+    view.only_diff.setChecked(False)
+    assert len(view.keys()) > 30 and "train.lr" in view.keys()
+
+
+def test_studio_exports_metrics_csv_and_charts_that_match(qtbot, runs, tmp_path):
+    from studio.chart_export import ChartExportDialog, export_plot
+    from studio.compare_view import CompareView
+
+    view = CompareView(runs, runs.ids)
+    qtbot.addWidget(view)
+    view.show()
+    n = view.export_metrics(tmp_path / "m.csv", "csv")
+    with open(tmp_path / "m.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert tuple(rows[0]) == METRIC_COLUMNS
+    expected = []
+    for rid in runs.ids:
+        expected += runs.db.execute(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics WHERE run_id = ? ORDER BY step, rowid",
+                                    [rid]).fetchall()
+    assert n == len(rows) - 1 == len(expected)
+    assert [(r[0], int(r[1]), float(r[4]), r[6], float(r[7])) for r in rows[1:]] == \
+           [(e[0], e[1], e[4], e[6], e[7]) for e in expected]
+
+    plot = view.plots()["Training loss"]
+    png = export_plot(plot, tmp_path / "loss.png", 640, 360)
+    img = QImage(str(png))
+    assert (img.width(), img.height()) == (640, 360)
+    # the curves made it into the picture: some pixels carry the first run's colour family
+    assert len({img.pixelColor(x, y).name() for x in range(0, 640, 4) for y in range(0, 360, 4)}) > 5
+    svg = export_plot(plot, tmp_path / "loss.svg", 800, 450).read_text()
+    assert re.search(r'<svg[^>]*width="800(px)?"', svg) and re.search(r'<svg[^>]*height="450(px)?"', svg)
+    assert "<path" in svg or "<polyline" in svg
+
+    dlg = ChartExportDialog(view.plots(), "Sparsity")
+    qtbot.addWidget(dlg)
+    dlg.format.setCurrentText("PNG")
+    dlg.width_box.setValue(300)
+    dlg.height_box.setValue(200)
+    dlg.path.setText(str(tmp_path / "sparsity.png"))
+    dlg._save()
+    assert dlg.written is not None and QImage(str(dlg.written)).size().toTuple() == (300, 200)
+
+
+def test_summary_table_sorts_by_numbers_and_copies_csv(qtbot, runs):
+    from studio.summary_table import SummaryTable
+
+    table = SummaryTable(runs, runs.ids)
+    qtbot.addWidget(table)
+    col = [c[1] for c in table.columns].index("flops")
+    table.view.sortByColumn(col, Qt.SortOrder.AscendingOrder)
+    rows = list(csv.DictReader(io.StringIO(table.copy_csv())))
+    assert [r["name"] for r in rows] == ["quarter", "half", "dense"]  # fewest FLOPs spent first
+    for r in rows:
+        s = runs.get_run(r["id"])["summary"]
+        assert float(r["flops"]) == s["flops"] and float(r["flops_dense"]) == s["flops_dense"]
+        assert float(r["best_val_loss"]) == pytest.approx(min(_column(runs, r["id"], "val_loss", "value")))
+        assert int(r["params_total"]) == runs.get_run(r["id"])["meta"]["params"]["total"]
+    assert float(rows[0]["sparsity"]) == pytest.approx(0.75, abs=0.01)
+
+
+def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
+    from studio import run_notes
+    from studio.run_notes import RunNotesEditor, search_runs
+
+    rid = runs.ids[1]
+    editor = RunNotesEditor(runs, rid)
+    qtbot.addWidget(editor)
+    editor.tags.setText("sparse,  baseline, sparse")
+    editor.notes.setPlainText("half the weights\nlooks fine")
+    with qtbot.waitSignal(editor.saved):
+        qtbot.mouseClick(editor.save_button, Qt.MouseButton.LeftButton)
+    row = runs.get_run(rid)
+    assert row["tags"] == ["sparse", "baseline"] and row["notes"].startswith("half the weights")
+    assert [r["id"] for r in search_runs(runs, "BASELINE")] == [rid]
+    assert [r["id"] for r in search_runs(runs, "weights fine")] == [rid]
+
+    editor.confirm = lambda *_a: True
+    editor.toggle_archive()
+    assert runs.get_run(rid)["archived"] == 1 and rid not in [r["id"] for r in runs.list_runs(include_archived=False)]
+    editor.toggle_archive()
+    assert runs.get_run(rid)["archived"] == 0
+
+    # a throwaway run with a folder and rows: delete removes both, after a yes
+    doomed = runs.create_run(name="doomed", stage="pretrain", config=runs.get_run(rid)["config"])
+    folder = runs.tmp / "runs" / doomed
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "x.pt").write_bytes(b"x")
+    runs.update_run(doomed, run_dir=str(folder), status="completed")
+    runs.insert_metric_rows([(doomed, 1, 1, 0.0, 1.0, 1.0, "loss", 1.0)])
+    editor.set_run(doomed)
+    editor.confirm = lambda *_a: False
+    assert not editor.delete() and folder.is_dir()
+    editor.confirm = lambda *_a: True
+    with qtbot.waitSignal(editor.deleted):
+        assert editor.delete()
+    assert runs.get_run(doomed) is None and not folder.exists()
+    assert runs.db.execute("SELECT COUNT(*) FROM metrics WHERE run_id = ?", [doomed]).fetchone()[0] == 0
+
+    live = runs.create_run(name="live", stage="pretrain", config=runs.get_run(rid)["config"])
+    runs.update_run(live, status="running", pid=os.getpid())  # this very process: alive
+    with pytest.raises(run_notes.RunBusyError):
+        run_notes.delete_run(runs, live)
+    runs.delete_run(live)
