@@ -59,7 +59,7 @@ class Dense:
 
 class Ours:
     """Exactly the calls sparse_linear makes; X/dY tiling, value gathers,
-    un-tiling and the scatter of dW into a dense [out, in] gradient included.
+    the row-major outputs and the dense [out, in] dW included.
     The tiling of dY is shared by dX and dW and is counted in dX."""
     name = "ours"
 
@@ -194,7 +194,7 @@ def main(argv=None):
         print("  fwd: Y = X W^T   dX = dY W   dW = dY^T X (sparse impls: only at mask nonzeros)")
         print(f"  median of {args.repeats} interleaved repeats after a warm-up; GF/s = dense-equivalent "
               "GFLOP/s (2*N*in*out per product / time, regardless of sparsity)")
-        print("  ours includes X/dY tiling, value gathers, un-tiling and the dense dW scatter"
+        print("  ours includes X/dY tiling, value gathers, row-major Y/dX and the dense dW"
               + ("; sparseprop reports dX+dW together (in the dW column)" if _SPLinear else
                  "; sparseprop not installed"))
         hdr = (f"{'N':>5} {'in':>5} {'out':>5} {'sp':>5} {'impl':<13}"
@@ -219,6 +219,13 @@ def main(argv=None):
                           flush=True)
                 if not args.json:
                     print()
+    if not args.json:
+        import numba
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # every product ran on the calling thread
+            layer = "not started"
+        print(f"numba threading layer: {layer}, load average at end {os.getloadavg()[0]:.1f}")
     return 0
 
 

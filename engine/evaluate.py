@@ -84,17 +84,55 @@ class Scorer:
                 rows = members[s:s + self.batch_size]
                 x = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
                 done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-                for _ in range(min(max_new, limit - length)):
+                cache: list = []
+                for step in range(min(max_new, limit - length)):
                     with self.autocast():
-                        nxt = self.logits(x)[:, -1].float().argmax(-1)  # [B]
+                        h = self._cached_hidden(x if step == 0 else nxt.unsqueeze(1), cache)
+                        nxt = self.model.lm_head(h[:, -1]).float().argmax(-1)  # [B]
                     for j, r in enumerate(rows):
                         if not done[j]:
                             out[r].append(int(nxt[j]))
                     done |= nxt == eot
                     if bool(done.all()):
                         break
-                    x = torch.cat([x, nxt.unsqueeze(1)], dim=1)
         return [o[:o.index(eot)] if eot in o else o for o in out]
+
+    def _cached_hidden(self, x: torch.Tensor, cache: list) -> torch.Tensor:
+        """GPT.hidden with a key/value cache, so each generated token costs one position, not the whole sequence.
+
+        First call: the prompt (with the soft prompt in front); later calls: one new token each.
+        Mirrors model.py's blocks (eval mode, no dropout); the generation test checks it against full forwards.
+        """
+        m = self.model
+        first = not cache
+        if first:
+            prefix = self.prompt(x.shape[0]) if self.prompt is not None else None
+            h = m.embed(x, prefix)                                            # [B, P+T, C]
+        else:
+            pos = cache[0][0].shape[2]
+            if pos >= m.cfg.max_positions:
+                raise ValueError(f"generation exceeds the model's maximum context {m.cfg.max_positions}")
+            h = m.wte(x) + m.wpe(torch.arange(pos, pos + x.shape[1], device=x.device))  # [B, 1, C]
+        for i, block in enumerate(m.blocks):
+            a = block.attn
+            B, T, C = h.shape
+            n = a.n_head
+            z = block.ln1(h)
+            q = a.q(z).view(B, T, n, C // n).transpose(1, 2)                  # [B, n, T, C/n]
+            k = a.k(z).view(B, T, n, C // n).transpose(1, 2)
+            v = a.v(z).view(B, T, n, C // n).transpose(1, 2)
+            if first:
+                cache.append((k, v))
+            else:
+                k = torch.cat([cache[i][0], k], dim=2)                        # [B, n, past+T, C/n]
+                v = torch.cat([cache[i][1], v], dim=2)
+                cache[i] = (k, v)
+            # the first call is causal over the prompt; a single new token may see every cached position
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=first)
+            h = h + a.out(y.transpose(1, 2).contiguous().view(B, T, C))
+            h = h + block.mlp(block.ln2(h))
+        h = m.ln_f(h)
+        return h[:, self.n_prefix:] if first else h
 
     @torch.no_grad()
     def block_loss(self, tokens: np.ndarray, n_ctx: int, max_blocks: int = 0) -> dict:
@@ -152,10 +190,15 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
                 pred = lg.argmax(-1).tolist()
                 loss = loss_sum / len(examples)
         else:
-            encoded = [enc.train(ex, trunc) for ex in examples]
+            encoded = []
+            for ex in examples:
+                try:
+                    encoded.append(enc.train(ex, trunc))
+                except TaskError:
+                    pass  # a gold answer longer than the window has no loss; it is still predicted below
             lps = scorer.answer_logprobs(encoded, enc.pad)
             n_tok = sum(len(e.ids) - e.answer_start for e in encoded)
-            loss = -sum(lps) / n_tok
+            loss = -sum(lps) / n_tok if n_tok else float("nan")
             if not task.MULTI_LABEL and tc.predict == "likelihood":
                 cands = [enc.answer_ids(c) for c in task.candidates()]
                 reserve = max(len(c) for c in cands)
@@ -167,6 +210,7 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
                 pred = scores.argmax(1).tolist()
             else:
                 max_new = tc.max_new_tokens if task.MULTI_LABEL else min(tc.max_new_tokens, 8)  # 'yes.' needs few
+                max_new = max(1, min(max_new, enc.budget // 2))  # small windows: keep room for the input
                 prompts = [enc.prompt(ex, max_new, trunc) for ex in examples]
                 gen = scorer.generate(prompts, max_new, enc.eot, enc.budget)
                 pred = [task.parse(_decode(enc.tok, g)) for g in gen]

@@ -241,13 +241,26 @@ class FineTuner:
         overlap = {e.id for e in train} & {e.id for e in dev}
         if overlap:
             s.warn(f"{len(overlap)} development examples are also training examples")
-        self.train, self.dev = train, dev
         self.enc = Encoder(self.tok, self.budget)
         trunc = Truncation()
         if self.head is not None:
             self.train_prompts = [self.enc.prompt(ex, 0, trunc) for ex in train]
         else:
-            self.train_enc = [self.enc.train(ex, trunc) for ex in train]
+            kept, self.train_enc = [], []
+            for ex in train:
+                try:
+                    self.train_enc.append(self.enc.train(ex, trunc))
+                    kept.append(ex)
+                except TaskError:
+                    pass  # its answer alone overflows the window
+            if len(kept) < len(train):
+                s.warn(f"{len(train) - len(kept)} of {len(train)} training examples were skipped: their answer does "
+                       f"not fit the {self.budget}-token window")
+            if not kept:
+                raise TaskError(f"no training example fits the {self.budget}-token window; use a larger model.n_ctx",
+                                key="model.n_ctx")
+            train = kept
+        self.train, self.dev = train, dev
         msg = trunc.message(f"{cfg.task.name} training", len(train), self.budget)
         if msg:
             s.warn(msg)

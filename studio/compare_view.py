@@ -252,7 +252,7 @@ class CompareView(QWidget):
         split.addWidget(left)
         split.addWidget(charts)
         split.setStretchFactor(1, 1)
-        split.setSizes([230, 1000])
+        split.setSizes([300, 1000])  # room for 'name · 75% sparse [id]' in the run list
         lay = QVBoxLayout(self)
         lay.addLayout(bar)
         lay.addWidget(split, 1)
@@ -423,12 +423,12 @@ class CompareView(QWidget):
 
     def _redraw(self) -> None:
         self.legend.clear()
-        for p in self.panels:
-            p.plot.disableAutoRange()  # one range fit after all curves are in, not one per curve
-        for i in range(len(self.panels)):
-            self._redraw_panel(i)
+        # auto-range stays on while curves are replaced: with it off, clip-to-view cuts each new curve to
+        # the old x range and the fit afterwards keeps that cut (fitting is lazy, once per paint, anyway)
         for p in self.panels:
             p.plot.enableAutoRange()
+        for i in range(len(self.panels)):
+            self._redraw_panel(i)
 
     def _redraw_panel(self, index: int) -> None:
         panel = self.panels[index]

@@ -123,6 +123,10 @@ class EstimatePanel(QGroupBox):
             self.debounce.stop()
             self.runner.cancel()
             self.status.setText("Fix the marked fields to estimate.")
+        elif not self.runner.is_running():
+            # the numbers shown belong to an earlier configuration: say so instead of a stale error
+            self.status.setText("The form changed since this estimate: press Estimate to update it."
+                                if self.result is not None else "")
 
     def estimate(self) -> None:
         args = self.args_for(self.probe.value())

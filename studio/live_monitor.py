@@ -1,19 +1,25 @@
 """Live charts of one run (pyqtgraph): loss, validation loss, learning rate, throughput, sparsity,
-a layer × step sparsity heatmap and cumulative FLOPs spent vs dense-equivalent.
+a layer × step sparsity heatmap and cumulative FLOPs spent vs dense-equivalent; for fine-tuning and
+soft prompting, the task scores on the development set (``dev_accuracy``, ``dev_macro_f1``,
+``dev_micro_f1``: the rows ``engine.finetune`` logs) with the majority baseline, shown only when present.
 
-Plot items are created once; a timer hands each changed curve views of its growing numpy buffers
-(``setData``), and pyqtgraph's peak downsampling plus clip-to-view keep redraws cheap at millions of
-points while keeping spikes (min and max of each bin are drawn).
+Plot items are created once; a timer hands each changed curve the points worth drawing of its
+growing numpy buffers: the min and max of each bin (``PeakDecimator``, kept incrementally, so spikes
+stay), at most ~4k points whatever the length; a zoomed-in view gets the visible part at full detail.
+Monitors that are not on screen skip their ticks and catch up when shown.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Qt, QTimer
-from PySide6.QtWidgets import QCheckBox, QComboBox, QGridLayout, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QCheckBox, QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget,
+)
 
 from . import formatting as fmt
-from .plot_buffers import EMA
+from .chart_export import ChartExportDialog
+from .plot_buffers import EMA, PeakDecimator, peak_indices
 from .run_data import LAYER_PREFIX, RunData
 
 pg.setConfigOptions(antialias=False, background="w", foreground="#333")
@@ -24,6 +30,12 @@ RAW_PEN = pg.mkPen("#9ecae1", width=1)
 EMA_PEN = pg.mkPen("#08519c", width=2)
 VAL_PEN = pg.mkPen("#e6550d", width=2)
 REFRESH_MS = 100
+MAX_BINS = 1024  # min+max per bin: ~2k points per curve, ~4 per pixel of a chart a third of the screen wide
+ZOOM_MS = 60  # after a zoom or pan settles, the visible part is re-read at full detail
+TASK_PREFIX = "dev_"  # task scores on the development set, logged as metric rows at each evaluation
+DEV_LOSS = "dev_loss"  # drawn with the losses, not with the scores (another scale)
+TASK_COLORS = {"dev_accuracy": "#1f77b4", "dev_macro_f1": "#2ca02c", "dev_micro_f1": "#9467bd"}
+TASK_NAMES = {"dev_accuracy": "accuracy", "dev_macro_f1": "macro-F1", "dev_micro_f1": "micro-F1"}
 
 
 def _configure(plot: pg.PlotItem, title: str, y_label: str, units: str | None = None) -> None:
@@ -41,12 +53,20 @@ class LiveMonitor(QWidget):
         self.data = data or RunData()
         self.x_axis = "step"
         self.ema = EMA(0.6)
+        self.task_curves: dict[str, pg.PlotDataItem] = {}
+        self._full: dict[pg.PlotDataItem, tuple[np.ndarray, np.ndarray]] = {}  # what each curve holds, undecimated
+        self._decimators: dict[pg.PlotDataItem, PeakDecimator] = {}
+        self._detail: dict[pg.PlotDataItem, tuple[int, int, np.ndarray]] = {}  # zoomed part: (i0, i1, indices)
+        self.baseline_lines: list[pg.InfiniteLine] = []
         self._drawn_version = -1
         self._heat_version = -1
         self._build()
         self.timer = QTimer(self, interval=REFRESH_MS)
         self.timer.timeout.connect(self.refresh)
         self.timer.start()
+        self.zoom_timer = QTimer(self, singleShot=True, interval=ZOOM_MS)
+        self.zoom_timer.timeout.connect(self._zoomed)
+        self.loss_plot.sigXRangeChanged.connect(lambda *_a: self.zoom_timer.start())  # x is linked: one is enough
 
     # -- layout ---------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -80,9 +100,14 @@ class LiveMonitor(QWidget):
         for w in (self.log_loss, self.log_x, self.log_flops, self.grid):
             bar.addWidget(w)
         bar.addStretch(1)
+        self.export_button = QPushButton("Export chart…", objectName="export_chart")
+        self.export_button.setToolTip("Save one of these charts as PNG or SVG at a chosen size")
+        self.export_button.clicked.connect(lambda _c=False: self.export_chart_dialog())
+        bar.addWidget(self.export_button)
 
         # headline numbers, as in a W&B run summary
         self.summary: dict[str, QLabel] = {}
+        self.summary_titles: dict[str, QLabel] = {}
         strip = QGridLayout()
         for i, (key, title) in enumerate((("step", "Step"), ("tokens", "Tokens"), ("loss", "Loss (EMA)"),
                                           ("val", "Val loss / ppl"), ("tps", "Tokens/s"), ("sparsity", "Sparsity"),
@@ -94,6 +119,7 @@ class LiveMonitor(QWidget):
             strip.addWidget(t, 0, i)
             strip.addWidget(v, 1, i)
             self.summary[key] = v
+            self.summary_titles[key] = t
         self.flops_saved_label = self.summary["saved"]
 
         self.glw = pg.GraphicsLayoutWidget()
@@ -103,6 +129,9 @@ class LiveMonitor(QWidget):
         self.loss_ema = self.loss_plot.plot(pen=EMA_PEN, name="train (EMA)")
         self.val_curve = self.loss_plot.plot(pen=VAL_PEN, symbol="o", symbolSize=6, symbolBrush="#e6550d",
                                              symbolPen=None, name="validation")
+        # a task fine-tune's loss on the development set; its legend entry appears with its first point
+        self.dev_loss_curve = pg.PlotDataItem(pen=VAL_PEN, symbol="o", symbolSize=6, symbolBrush="#e6550d",
+                                              symbolPen=None, name="development")
         self.lr_plot = self.glw.addPlot(row=0, col=1)
         _configure(self.lr_plot, "Learning rate", "lr")
         self.lr_curve = self.lr_plot.plot(pen=pg.mkPen("#31a354", width=2), name="lr")
@@ -115,7 +144,7 @@ class LiveMonitor(QWidget):
                                                 name="dense-equivalent")
         self.sparse_curve = self.flops_plot.plot(pen=pg.mkPen("#d62728", width=2), name="sparse (spent)")
         self.sparsity_plot = self.glw.addPlot(row=1, col=1)
-        _configure(self.sparsity_plot, "Sparsity and gradient norm", "sparsity")
+        _configure(self.sparsity_plot, "Sparsity and gradient norm", "sparsity / grad norm")
         self.sparsity_curve = self.sparsity_plot.plot(pen=pg.mkPen("#636363", width=2), name="sparsity")
         self.grad_curve = self.sparsity_plot.plot(pen=pg.mkPen("#fdae6b", width=1), name="grad norm")
         self.heat_plot = self.glw.addPlot(row=1, col=2)
@@ -129,10 +158,24 @@ class LiveMonitor(QWidget):
         self.heat_empty = pg.TextItem("no per-layer sparsity logged yet", color="#999", anchor=(0.5, 0.5))
         self.heat_plot.addItem(self.heat_empty)
         self.heat_empty.setPos(0.5, 0.5)
+        # task scores: built now (plot items are created once), put on the grid with the first score
+        self.task_plot = pg.PlotItem()
+        _configure(self.task_plot, "Task scores (development set)", "score")
+        self.task_plot.setYRange(0, 1, padding=0.02)
+        self.task_plot.getAxis("left").enableAutoSIPrefix(False)
+        self.task_plot.setXLink(self.loss_plot)
+        self.task_shown = False
         self.line_plots = [self.loss_plot, self.lr_plot, self.tps_plot, self.flops_plot, self.sparsity_plot]
         for p in self.line_plots[1:]:
             p.setXLink(self.loss_plot)
         self._label_x()
+        # a legend entry appears with its curve's first point: a fine-tune logs no validation loss or
+        # sparsity, and an empty "validation" entry would only mislead
+        self._unlisted: dict[pg.PlotDataItem, tuple[pg.PlotItem, str]] = {}
+        for plot, curve in ((self.loss_plot, self.val_curve), (self.sparsity_plot, self.sparsity_curve),
+                            (self.sparsity_plot, self.grad_curve)):
+            plot.legend.removeItem(curve)
+            self._unlisted[curve] = (plot, curve.name())
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -153,7 +196,7 @@ class LiveMonitor(QWidget):
 
     def _label_x(self) -> None:
         label, units = X_AXIS_LABELS[self.x_axis]
-        for p in self.line_plots:
+        for p in [*self.line_plots, self.task_plot]:
             p.setLabel("bottom", label, units=units)
 
     def set_smoothing(self, w: float) -> None:
@@ -162,14 +205,108 @@ class LiveMonitor(QWidget):
         self.redraw(force=True)
 
     def _set_log_x(self, on: bool) -> None:
-        for p in self.line_plots:
+        for p in [*self.line_plots, self.task_plot]:
             p.setLogMode(x=on)
+
+    # -- task scores -----------------------------------------------------------------------------------
+    def _show_task_plot(self) -> None:
+        """Put the score chart on the grid: in the heatmap's place when no layer sparsity is logged (a
+        dense fine-tune has none), else on a row of its own."""
+        if self.task_shown:
+            return
+        self.task_shown = True
+        if not self.data.layer_names():
+            self.glw.removeItem(self.heat_plot)
+            self.heat_plot.hide()
+            self.glw.addItem(self.task_plot, row=1, col=2)
+        else:
+            self.glw.addItem(self.task_plot, row=2, col=0, colspan=3)
+        self.line_plots.append(self.task_plot)
+        self.task_plot.setLogMode(x=self.log_x.isChecked())
+
+    def _task_curve(self, name: str) -> pg.PlotDataItem:
+        curve = self.task_curves.get(name)
+        if curve is None:
+            color = TASK_COLORS.get(name, pg.intColor(len(self.task_curves) + 3).name())
+            curve = self.task_plot.plot(pen=pg.mkPen(color, width=2), symbol="o", symbolSize=5, symbolBrush=color,
+                                        symbolPen=None, name=TASK_NAMES.get(name, name[len(TASK_PREFIX):]))
+            self.task_curves[name] = curve
+        return curve
+
+    def set_baselines(self, baselines: dict[str, float], kind: str = "majority") -> None:
+        """Dashed lines at a baseline's scores (``{"dev_accuracy": 0.55, ...}``), in each score's colour."""
+        for line in self.baseline_lines:
+            self.task_plot.removeItem(line)
+        self.baseline_lines = []
+        for name, value in baselines.items():
+            color = TASK_COLORS.get(name, "#777")
+            line = pg.InfiniteLine(pos=value, angle=0, pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DashLine),
+                                   label=f"{kind} {TASK_NAMES.get(name, name)} {value:.3f}",
+                                   labelOpts={"position": 0.02, "color": color, "anchors": [(0, 1), (0, 1)]})
+            self.task_plot.addItem(line)
+            self.baseline_lines.append(line)
+
+    def task_metric_names(self) -> list[str]:
+        return sorted(n for n in self.data.series if n.startswith(TASK_PREFIX) and n != DEV_LOSS)
+
+    # -- export ----------------------------------------------------------------------------------------
+    def plots(self) -> dict[str, pg.PlotItem]:
+        """Chart title -> PlotItem of the charts on screen (for export)."""
+        out = {}
+        for p in [*self.line_plots, *([self.heat_plot] if not self.task_shown or self.data.layer_names() else [])]:
+            title = p.titleLabel.text or "chart"
+            out[title] = p
+        return out
+
+    def export_chart_dialog(self, title: str | None = None) -> None:
+        ChartExportDialog(self.plots(), title, self).exec()
 
     # -- drawing ---------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Timer tick: redraw only when the data changed since the last tick."""
-        if self.data.version != self._drawn_version:
+        """Timer tick: redraw only when the data changed since the last tick and the charts are on screen
+        (a run in a background tab costs nothing; its changes wait in ``data.dirty``)."""
+        if self.data.version != self._drawn_version and self.isVisible():
             self.redraw()
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        self.refresh()
+
+    def _draw(self, curve: pg.PlotDataItem, x: np.ndarray, y: np.ndarray) -> None:
+        """Hand ``curve`` the points worth drawing; the full arrays stay for queries and zooming."""
+        self._full[curve] = (x, y)
+        dec = self._decimators.get(curve)
+        if dec is None:
+            dec = self._decimators[curve] = PeakDecimator(MAX_BINS)
+        idx = dec.indices(y) if len(x) == len(y) else None
+        if idx is None:
+            curve.setData(x, y)
+            return
+        detail = self._detail.get(curve)
+        if detail is not None and detail[1] <= len(y):
+            i0, i1, inner = detail
+            idx = np.concatenate([idx[idx < i0], inner, idx[idx >= i1]])
+        curve.setData(x[idx], y[idx])
+
+    def _zoomed(self) -> None:
+        """The x range changed: draw the visible part of long curves at full detail (or drop it when the
+        view follows the data again)."""
+        auto_x = self.loss_plot.getViewBox().autoRangeEnabled()[0]
+        (x0, x1), _ = self.loss_plot.viewRange()
+        changed = False
+        for curve, (x, y) in self._full.items():
+            if len(x) <= 2 * MAX_BINS or len(x) != len(y) or self.log_x.isChecked():
+                continue
+            i0 = max(int(np.searchsorted(x, x0, side="left")) - 1, 0)
+            i1 = min(int(np.searchsorted(x, x1, side="right")) + 1, len(x))
+            if auto_x or (i1 - i0) * 2 > len(x):  # most of the series is visible: the overview is as fine
+                changed |= self._detail.pop(curve, None) is not None
+                continue
+            self._detail[curve] = (i0, i1, peak_indices(y, i0, i1, MAX_BINS))
+            changed = True
+        if changed:
+            for curve, (x, y) in list(self._full.items()):
+                self._draw(curve, x, y)
 
     def redraw(self, force: bool = False) -> None:
         d, ax = self.data, self.x_axis
@@ -183,21 +320,36 @@ class LiveMonitor(QWidget):
                 self.ema.reset()
             self.ema.extend(y[len(self.ema.out):])
             x = loss.x(ax)
-            self.loss_raw.setData(x, y)
-            self.loss_ema.setData(x, self.ema.values())
+            self._draw(self.loss_raw, x, y)
+            self._draw(self.loss_ema, x, self.ema.values())
         for name, curve in (("lr", self.lr_curve), ("tokens_per_s", self.tps_curve),
                             ("sparsity", self.sparsity_curve), ("grad_norm", self.grad_curve)):
             s = d.series.get(name)
             if s is not None and name in dirty:
-                curve.setData(s.x(ax), s.y())
+                self._draw(curve, s.x(ax), s.y())
         if "val" in dirty and "loss" in d.val:
             s = d.val["loss"]
-            self.val_curve.setData(s.x(ax), s.y())
+            self._draw(self.val_curve, s.x(ax), s.y())
+        for name in sorted(n for n in dirty if n.startswith(TASK_PREFIX)):  # sorted: a stable legend order
+            s = d.series.get(name)
+            if s is None or not len(s):
+                continue
+            if name == DEV_LOSS:
+                if self.dev_loss_curve.scene() is None:
+                    self.loss_plot.addItem(self.dev_loss_curve)
+                self._draw(self.dev_loss_curve, s.x(ax), s.y())
+                continue
+            self._show_task_plot()
+            self._draw(self._task_curve(name), s.x(ax), s.y())
         if "frames" in dirty and len(d.frames):
             col = {"step": 0, "tokens": 1, "flops": 2, "wall_time": 3}[ax]
             x = d.frames.column(col)
-            self.sparse_curve.setData(x, d.frames.column(2))
-            self.dense_curve.setData(x, d.frames.column(4))
+            self._draw(self.sparse_curve, x, d.frames.column(2))
+            self._draw(self.dense_curve, x, d.frames.column(4))
+        if self._unlisted:
+            for curve in [c for c in self._unlisted if c.yData is not None and len(c.yData)]:
+                plot, name = self._unlisted.pop(curve)
+                plot.legend.addItem(curve, name)
         if any(n.startswith(LAYER_PREFIX) for n in dirty) and d.version != self._heat_version:
             self._draw_heatmap()
         self._update_summary()
@@ -224,7 +376,12 @@ class LiveMonitor(QWidget):
         self.summary["tokens"].setText(fmt.si(d.frames.last(1)) if len(d.frames) else "–")
         self.summary["loss"].setText(f"{self.ema.values()[-1]:.4f}" if len(self.ema.out) else "–")
         vl, ppl = d.latest_val("loss"), d.latest_val("perplexity")
-        self.summary["val"].setText("–" if vl is None else f"{vl:.4f}" + (f" / {ppl:.1f}" if ppl else ""))
+        score = next((n for n in ("dev_accuracy", "dev_micro_f1") if n in d.series), None)
+        if vl is None and score is not None:  # a task fine-tune: its headline is the development score
+            self.summary_titles["val"].setText(f"Dev {TASK_NAMES[score]}")
+            self.summary["val"].setText(f"{d.latest(score):.3f}")
+        else:
+            self.summary["val"].setText("–" if vl is None else f"{vl:.4f}" + (f" / {ppl:.1f}" if ppl else ""))
         tps = d.latest("tokens_per_s")
         self.summary["tps"].setText(fmt.si(tps))
         sp = d.latest("sparsity")
@@ -239,8 +396,12 @@ class LiveMonitor(QWidget):
     # -- queries for tests and the runs browser -----------------------------------------------------------
     def curve_points(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The full (not downsampled) data a curve holds."""
-        curve = {"loss": self.loss_raw, "loss_ema": self.loss_ema, "val_loss": self.val_curve, "lr": self.lr_curve,
-                 "tokens_per_s": self.tps_curve, "sparsity": self.sparsity_curve, "flops": self.sparse_curve,
-                 "flops_dense": self.dense_curve, "grad_norm": self.grad_curve}[name]
-        x, y = curve.getOriginalDataset()
+        curves = {"loss": self.loss_raw, "loss_ema": self.loss_ema, "val_loss": self.val_curve, "lr": self.lr_curve,
+                  "tokens_per_s": self.tps_curve, "sparsity": self.sparsity_curve, "flops": self.sparse_curve,
+                  "flops_dense": self.dense_curve, "grad_norm": self.grad_curve, DEV_LOSS: self.dev_loss_curve,
+                  **self.task_curves}
+        if name not in curves:
+            return np.empty(0), np.empty(0)
+        curve = curves[name]
+        x, y = self._full.get(curve, (None, None))
         return (np.asarray(x) if x is not None else np.empty(0)), (np.asarray(y) if y is not None else np.empty(0))

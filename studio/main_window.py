@@ -1,4 +1,5 @@
-"""The main window: New run (form + estimate), Runs (browser), and one tab per opened run.
+"""The main window: New run (form + estimate), Runs (browser), Compare (opened from the browser's
+selection) and one tab per opened run.
 
 Closing never kills a run: the default answer keeps runs going, and the next start re-attaches to
 every run still marked running (after reaping the ones whose engine died).
@@ -7,15 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import QLabel, QMainWindow, QMessageBox, QTabWidget, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget, QVBoxLayout, QWidget
 
 from engine.paths import default_db_path, default_runs_dir
 from engine.rundb import LIVE_STATUSES, RunDB
 
+from .compare_view import ComparePanel
 from .engine_process import EngineProcess, train_args
 from .estimate import EstimatePanel
+from .hf_export import HfExportJob
 from .run_form import RunForm
 from .run_view import RunView
 from .runs_browser import RunsBrowser
@@ -30,6 +33,8 @@ class MainWindow(QMainWindow):
         self.db = RunDB(db_path or default_db_path())
         self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir(self.db.path)
         self.views: list[RunView] = []
+        self.compare: ComparePanel | None = None  # created on first use: it reads every run's series
+        self.hf_jobs: list[HfExportJob] = []
         self.close_policy: str | None = None  # tests and scripts answer the close question without a dialog
         self.setWindowTitle(f"MediSwift Studio — {self.db.path}")
         self.resize(1500, 950)
@@ -44,6 +49,9 @@ class MainWindow(QMainWindow):
         self.browser.open_requested.connect(self.open_run)
         self.browser.clone_requested.connect(self.clone_run)
         self.browser.resume_requested.connect(self.resume_run)
+        self.browser.compare_requested.connect(self.open_compare)
+        self.browser.export_hf_requested.connect(lambda rid: self.export_hf(rid))
+        self.browser.run_deleted.connect(self._run_deleted)
 
         self.tabs = QTabWidget(objectName="tabs")
         self.tabs.setTabsClosable(True)
@@ -81,10 +89,15 @@ class MainWindow(QMainWindow):
             a = QAction(text, self)
             a.triggered.connect(slot)
             run.addAction(a)
+        a = QAction("Export chart…", self)
+        a.triggered.connect(self._export_current_chart)
+        run.addAction(a)
         view = self.menuBar().addMenu("&View")
-        a = QAction("Runs", self)
-        a.triggered.connect(lambda: self.tabs.setCurrentWidget(self.browser))
-        view.addAction(a)
+        for text, slot in (("Runs", lambda: self.tabs.setCurrentWidget(self.browser)),
+                           ("Compare selected runs", self.browser.compare_selected)):
+            a = QAction(text, self)
+            a.triggered.connect(slot)
+            view.addAction(a)
 
     # -- runs -----------------------------------------------------------------------------------------------
     def _add_view(self, view: RunView, title: str) -> RunView:
@@ -135,6 +148,57 @@ class MainWindow(QMainWindow):
         if self.form.clone_run(run_id):
             self.tabs.setCurrentWidget(self.form)
 
+    def open_compare(self, run_ids: list[str]) -> ComparePanel:
+        """The Compare tab showing these runs (one tab, re-pointed on each request)."""
+        if self.compare is None or self.tabs.indexOf(self.compare) < 0:
+            self.compare = ComparePanel(self.db, run_ids)
+            self.compare.run_activated.connect(self.open_run)
+            self.tabs.insertTab(2, self.compare, "Compare")
+        else:
+            self.compare.charts.reload_runs()  # runs finished since the tab was opened
+            self.compare.set_runs(list(run_ids))
+        self.tabs.setCurrentWidget(self.compare)
+        return self.compare
+
+    def export_hf(self, run_id: str, out_dir: str | None = None) -> HfExportJob | None:
+        """``mediswift export-hf`` for a run, in the background; the result is reported when it ends."""
+        if not out_dir:
+            run = self.db.get_run(run_id) or {"name": run_id}
+            out_dir = QFileDialog.getExistingDirectory(self, f"Export {run.get('name') or run_id} to a new folder")
+            if not out_dir:
+                return None
+        job = HfExportJob(self.db.path, run_id, out_dir, parent=self)
+        job.done.connect(lambda ok, msg, _r, j=job: self._hf_done(j, ok, msg))
+        self.hf_jobs.append(job)
+        job.start()
+        self.statusBar().showMessage(f"exporting run {run_id} to Hugging Face format in {out_dir}…")
+        return job
+
+    def _hf_done(self, job: HfExportJob, ok: bool, message: str) -> None:
+        self.statusBar().showMessage(("exported: " if ok else "export failed: ") + message.splitlines()[0], 10000)
+        box = QMessageBox(QMessageBox.Icon.Information if ok else QMessageBox.Icon.Warning, "Export to Hugging Face",
+                          message, QMessageBox.StandardButton.Ok, self)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()  # not exec(): the report must not block the event loop (live runs keep drawing)
+        if job in self.hf_jobs:
+            self.hf_jobs.remove(job)
+        job.deleteLater()
+
+    def _run_deleted(self, run_id: str) -> None:
+        view = self.view_for(run_id)
+        if view is not None:
+            self._close_tab(self.tabs.indexOf(view))
+        if self.compare is not None:
+            self.compare.charts.reload_runs()
+        self.form.refresh_parents()
+
+    def _export_current_chart(self) -> None:
+        view = self.tabs.currentWidget()
+        if isinstance(view, RunView):
+            view.monitor.export_chart_dialog()
+        elif isinstance(view, ComparePanel):
+            view.charts.export_chart_dialog()
+
     def view_for(self, run_id: str) -> RunView | None:
         return next((v for v in self.views if v.run_id == run_id), None)
 
@@ -161,7 +225,7 @@ class MainWindow(QMainWindow):
             if i >= 0:
                 self.tabs.setTabText(i, marks.get(status, "") + view.title)
         if status in ("completed", "stopped"):
-            self.form.editors["parent"].refresh(self.db, ("vocab", "pretrain", "finetune"))
+            self.form.refresh_parents()
 
     def _engine_error(self, ev: dict) -> None:
         """An engine error naming a field or file: show it at that field in the form."""
@@ -185,7 +249,11 @@ class MainWindow(QMainWindow):
 
     def _close_tab(self, i: int) -> None:
         view = self.tabs.widget(i)
-        if isinstance(view, RunView):
+        if view is self.compare:
+            self.tabs.removeTab(i)
+            self.compare = None
+            view.deleteLater()
+        elif isinstance(view, RunView):
             view.detach()  # a live run keeps going; reopen it from Runs
             self.views.remove(view)
             self.tabs.removeTab(i)

@@ -147,3 +147,76 @@ def minmax_thin(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarr
         keep.extend((i, j) if i <= j else (j, i))
     idx = np.unique(np.asarray(keep, dtype=np.int64))
     return x[idx], y[idx]
+
+
+class PeakDecimator:
+    """Which points of a growing series to draw: the min and the max of each bin, kept incrementally.
+
+    pyqtgraph's own peak downsampling re-reads every point on each ``setData`` (and so does its bounds
+    check), which costs ~10 ms per curve at a million points. Here the bins are a power of two long;
+    finished bins are computed once, the open tail on every call, and when there are more than
+    ``max_bins`` bins, neighbours merge (the bin length doubles). A short series is drawn whole.
+    """
+
+    def __init__(self, max_bins: int = 2048):
+        self.max_bins = max_bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.bin = 1
+        self.lo = np.empty(0, np.int64)  # per finished bin: index of its minimum
+        self.hi = np.empty(0, np.int64)  # and of its maximum
+        self._n = 0
+
+    def indices(self, y: np.ndarray) -> np.ndarray | None:
+        """Indices into ``y`` to draw, in order; None when the whole series should be drawn."""
+        n = len(y)
+        if n <= 2 * self.max_bins:
+            if len(self.lo):
+                self.reset()
+            return None
+        if n < self._n:  # truncated (a resume): start over
+            self.reset()
+        self._n = n
+        while n // self.bin > self.max_bins:
+            k = len(self.lo) // 2  # an odd last bin is dropped and recomputed at the new length
+            a, b = self.lo[0:2 * k:2], self.lo[1:2 * k:2]
+            self.lo = np.where(y[b] < y[a], b, a)  # NaN compares False: keeps the other one
+            a, b = self.hi[0:2 * k:2], self.hi[1:2 * k:2]
+            self.hi = np.where(y[b] > y[a], b, a)
+            self.bin *= 2
+        done, complete = len(self.lo), n // self.bin
+        if complete > done:
+            block = y[done * self.bin:complete * self.bin].reshape(-1, self.bin)
+            nan = np.isnan(block)
+            offsets = np.arange(done, complete, dtype=np.int64) * self.bin
+            self.lo = np.concatenate([self.lo, np.argmin(np.where(nan, np.inf, block), axis=1) + offsets])
+            self.hi = np.concatenate([self.hi, np.argmax(np.where(nan, -np.inf, block), axis=1) + offsets])
+        first, second = np.minimum(self.lo, self.hi), np.maximum(self.lo, self.hi)
+        idx = np.empty(2 * len(first), np.int64)
+        idx[0::2], idx[1::2] = first, second
+        start = complete * self.bin
+        if start < n:  # the open bin: its extremes, and its last point so the curve reaches "now"
+            tail = y[start:]
+            t = np.isnan(tail)
+            ends = sorted({start + int(np.argmin(np.where(t, np.inf, tail))),
+                           start + int(np.argmax(np.where(t, -np.inf, tail))), n - 1})
+            idx = np.concatenate([idx, np.asarray(ends, np.int64)])
+        return idx
+
+
+def peak_indices(y: np.ndarray, i0: int, i1: int, max_bins: int) -> np.ndarray:
+    """Min/max indices of ``y[i0:i1]`` in at most ``max_bins`` equal bins (a zoomed-in part, at once)."""
+    n = i1 - i0
+    if n <= 2 * max_bins:
+        return np.arange(i0, i1, dtype=np.int64)
+    b = -(-n // max_bins)
+    m = n // b
+    block = y[i0:i0 + m * b].reshape(m, b)
+    nan = np.isnan(block)
+    off = i0 + np.arange(m, dtype=np.int64) * b
+    lo = np.argmin(np.where(nan, np.inf, block), axis=1) + off
+    hi = np.argmax(np.where(nan, -np.inf, block), axis=1) + off
+    idx = np.empty(2 * m, np.int64)
+    idx[0::2], idx[1::2] = np.minimum(lo, hi), np.maximum(lo, hi)
+    return np.concatenate([idx, np.arange(i0 + m * b, i1, dtype=np.int64)])

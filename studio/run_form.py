@@ -43,9 +43,15 @@ HIDDEN_SECTIONS = {
     "finetune": {"sparsity", "prompt", "tokenizer"},
     "prompt": {"sparsity", "tokenizer"},
 }
-# which parent stages a stage can start from
+# which parent stages a stage can start from, the usual one first: a pre-training reuses a vocabulary
+# (or pre-training) run's tokenizer, fine-tuning starts from a sparse pre-training (or another
+# fine-tune), soft prompting from a fine-tuned model (or a pre-trained one)
 PARENT_STAGES = {"vocab": (), "pretrain": ("vocab", "pretrain"), "finetune": ("pretrain", "finetune"),
-                 "prompt": ("pretrain", "finetune")}
+                 "prompt": ("finetune", "pretrain")}
+PARENT_STATUSES = ("completed", "stopped")  # a finished model (stopped runs end on a checkpoint)
+# task fields that only one task reads: disabled for the others so the form says what matters
+TASK_ONLY = {"task.splits": ("pubmedqa",), "task.fold": ("pubmedqa",), "task.predict": ("pubmedqa",),
+             "task.head": ("hoc",), "task.train": ("pubmedqa", "hoc"), "task.dev": ("pubmedqa", "hoc")}
 DEFAULT_PRESET = "demo"
 
 
@@ -156,7 +162,8 @@ class RunForm(QWidget):
         fields = QWidget()
         col = QVBoxLayout(fields)
         col.addWidget(head_box)
-        for sec in SECTIONS:
+        # task and prompt first: a fine-tune or prompt run is mostly about them (pre-training hides both)
+        for sec in sorted(SECTIONS, key=lambda k: k not in ("task", "prompt")):
             box = QGroupBox(SECTION_TITLES.get(sec, sec))
             form = QFormLayout(box)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
@@ -169,6 +176,7 @@ class RunForm(QWidget):
                     form.addRow(label, ed.container)
             self.groups[sec] = box
             col.addWidget(box)
+        self.editors["task.name"].changed.connect(self._task_changed)
         col.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -245,6 +253,7 @@ class RunForm(QWidget):
         self.engine_errors.clear()
         self.base_label.setText(f"from {base_path.name}" if base_path else "from defaults")
         self._stage_changed()
+        self._task_changed()
         self.revalidate()
 
     def reset(self) -> None:
@@ -298,9 +307,22 @@ class RunForm(QWidget):
         stage = self.editors["stage"].value()
         for sec, box in self.groups.items():
             box.setVisible(sec not in HIDDEN_SECTIONS.get(stage, set()))
+        self.refresh_parents()
+
+    def refresh_parents(self) -> None:
+        """Re-list the runs the current stage can start from (after a run finished, say)."""
+        stage = self.editors["stage"].value()
         parent = self.editors["parent"]
         parent.refresh(self.db, PARENT_STAGES.get(stage, ()))
         parent.widget.setEnabled(bool(PARENT_STAGES.get(stage)))
+
+    def _task_changed(self) -> None:
+        task = self.editors["task.name"].value()
+        for key, tasks in TASK_ONLY.items():
+            if key in self.editors:
+                self.editors[key].widget.setEnabled(task in tasks)
+                for b in self.editors[key].container.findChildren(QPushButton):
+                    b.setEnabled(task in tasks)
 
     # -- validation --------------------------------------------------------------------------------------
     def values(self) -> dict[str, Any]:
@@ -383,12 +405,17 @@ class ParentEditor(FieldEditor):
         self.widget.blockSignals(True)
         self.widget.clear()
         self.widget.addItem("", "")
-        for run in db.list_runs(include_archived=False):
-            if run["stage"] in stages and run["status"] in ("completed", "stopped"):
-                self.widget.addItem(f"{run['id']} — {run['name']} ({STAGE_LABELS.get(run['stage'], run['stage'])}, "
-                                    f"{run['status']})", run["id"])
+        runs = [r for r in db.list_runs(include_archived=False)
+                if r["stage"] in stages and r["status"] in PARENT_STATUSES]
+        runs.sort(key=lambda r: stages.index(r["stage"]))  # stable: newest first within a stage
+        for run in runs:
+            self.widget.addItem(parent_label(run), run["id"])
         self.widget.blockSignals(False)
         self.set_value(current)
+
+    def run_ids(self) -> list[str]:
+        """The runs offered (tests, scripts)."""
+        return [self.widget.itemData(i) for i in range(1, self.widget.count()) if self.widget.itemData(i)]
 
     def value(self) -> str:
         text = self.widget.currentText().strip()
@@ -404,6 +431,17 @@ class ParentEditor(FieldEditor):
             self.widget.setCurrentIndex(i)
         else:
             self.widget.setEditText(str(value))
+
+
+def parent_label(run: dict) -> str:
+    """'ab12cd34 — hpo-sparse75 (Sparse pre-training, 75 % sparse, completed)'."""
+    cfg = run.get("config") or {}
+    extra = ""
+    if run["stage"] == "pretrain" and (cfg.get("sparsity") or {}).get("level") is not None:
+        extra = f", {100 * cfg['sparsity']['level']:.0f} % sparse"
+    elif run["stage"] in ("finetune", "prompt") and (cfg.get("task") or {}).get("name"):
+        extra = f", {cfg['task']['name']}"
+    return f"{run['id']} — {run['name']} ({STAGE_LABELS.get(run['stage'], run['stage'])}{extra}, {run['status']})"
 
 
 def config_json(cfg: RunConfig) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
-    QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget,
+    QHBoxLayout, QHeaderView, QLabel, QMessageBox, QProgressBar, QPushButton, QSplitter, QTableWidget,
+    QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
 
 from engine.rundb import FINAL_STATUSES, RunDB, pid_alive
@@ -91,9 +92,18 @@ class RunView(QWidget):
 
         self.monitor = LiveMonitor(self.data)
         self.log = LogPane()
+        # below the charts: the log, and for a soft-prompt run the nearest vocabulary tokens of each
+        # learned prompt vector (what the prompt "reads as")
+        self.bottom = QTabWidget(objectName="run_bottom")
+        self.bottom.setDocumentMode(True)
+        self.bottom.setTabBarAutoHide(True)  # a lone "Log" tab would only take a row
+        self.bottom.addTab(self.log, "Log")
+        self.prompt_table = QTableWidget(objectName="prompt_tokens")
+        self.prompt_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.prompt_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.monitor)
-        split.addWidget(self.log)
+        split.addWidget(self.bottom)
         split.setStretchFactor(0, 4)
         split.setStretchFactor(1, 1)
         lay = QVBoxLayout(self)
@@ -137,8 +147,49 @@ class RunView(QWidget):
         self._set_status(run["status"])
         if run["status"] in ("crashed", "failed"):
             self._show_crash(None)
+        self._show_results(run)
         self.monitor.redraw(force=True)
         return True
+
+    # -- results of fine-tuning and prompting ---------------------------------------------------------
+    def _show_results(self, run: dict) -> None:
+        """Majority baselines on the score chart; a prompt run's nearest tokens (both from the database)."""
+        majority = ((run.get("meta") or {}).get("baselines") or {}).get("majority") or {}
+        scores = {f"dev_{k}": float(v) for k, v in majority.items()
+                  if k in ("accuracy", "macro_f1", "micro_f1") and isinstance(v, (int, float))}
+        if scores:
+            self.monitor.set_baselines(scores)
+        if run.get("stage") == "prompt":
+            self.show_prompt_tokens(self.prompt_tokens(run))
+
+    def prompt_tokens(self, run: dict) -> list[list[tuple[str, float | None]]]:
+        """Per prompt vector, its nearest vocabulary tokens (token, cosine) from the run's prompt artifact,
+        else the token strings kept in the run's meta."""
+        for art in reversed(self.db.artifacts(run["id"], "prompt")):
+            rows = (art.get("meta") or {}).get("nearest_tokens")
+            if rows:
+                return [[(t.get("token", ""), t.get("cos")) if isinstance(t, dict) else (str(t), None) for t in row]
+                        for row in rows]
+        rows = (run.get("meta") or {}).get("prompt_nearest_tokens") or []
+        return [[(str(t), None) for t in row] for row in rows]
+
+    def show_prompt_tokens(self, rows: list[list[tuple[str, float | None]]]) -> None:
+        t = self.prompt_table
+        k = max((len(r) for r in rows), default=0)
+        t.setRowCount(len(rows))
+        t.setColumnCount(k)
+        t.setHorizontalHeaderLabels([f"nearest {i + 1}" for i in range(k)])
+        t.setVerticalHeaderLabels([f"v{i}" for i in range(len(rows))])
+        for i, row in enumerate(rows):
+            for j, (token, cos) in enumerate(row):
+                # a BPE token's leading space is part of it: show it (and line breaks) visibly
+                item = QTableWidgetItem(token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅")
+                if cos is not None:
+                    item.setToolTip(f"cosine similarity {cos:.3f}")
+                t.setItem(i, j, item)
+        if self.bottom.indexOf(t) < 0:
+            self.bottom.addTab(t, "Soft prompt: nearest tokens")
+        self.bottom.setTabText(self.bottom.indexOf(t), f"Soft prompt: nearest tokens ({len(rows)} vectors)")
 
     def _set_run(self, run: dict) -> None:
         self.run, self.run_id = run, run["id"]
@@ -195,6 +246,7 @@ class RunView(QWidget):
             self._set_run(run)
             self.data.add_db_rows(self.db.metrics(run["id"], after_step=-1))
             self.data.add_db_evaluations(self.db.evaluations(run["id"]))
+            self._show_results(run)
             status = run["status"]
         else:
             status = "failed"
@@ -238,6 +290,7 @@ class RunView(QWidget):
             self._set_status(run["status"])
             if run["status"] in FINAL_STATUSES:
                 self.data.add_db_rows(self.db.metrics(self.run_id, after_step=self.data.last_step or -1))
+                self._show_results(run)
                 self.poll_timer.stop()
                 if run["status"] in ("crashed", "failed"):
                     self._show_crash(None)

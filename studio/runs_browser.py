@@ -1,26 +1,36 @@
-"""Every run in the database: status, stage, lineage (parent → child tree), tags and notes, with filter
-and search. Opening a run shows its charts from the database; a live one keeps filling (re-attach).
+"""Every run in the database: status, stage, lineage (parent → child tree) with each stage's best score
+next to its majority baseline, tags and notes, with filter and search. Opening a run shows its charts
+from the database; a live one keeps filling (re-attach). Several selected runs open in the Compare tab
+or export their metrics; one selected run exports its config (TOML) or its model (Hugging Face).
+Tags, notes, archive and delete use the one ``RunNotesEditor``.
 """
 from __future__ import annotations
 
 import json
 import time
 
-from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QColor
+from pathlib import Path
+
+from PySide6.QtCore import QItemSelectionModel, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QColor
 from PySide6.QtWidgets import (
-    QComboBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QPushButton,
-    QSplitter, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget,
+    QAbstractItemView, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+    QLineEdit, QMessageBox, QPlainTextEdit, QPushButton, QSizePolicy, QSplitter, QTreeWidget, QTreeWidgetItem,
+    QVBoxLayout, QWidget,
 )
 
 from engine.config import ConfigError, from_dict
+from engine.export import FORMATS, ExportError, export_config, export_metrics
 from engine.rundb import RunDB
 
 from . import formatting as fmt
+from .lineage import best_scores, chain_html, score_text
 from .run_form import STAGE_LABELS
+from .run_notes import RunNotesEditor
 from .run_view import STATUS_COLORS
 
-COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Created", "Tags", "Notes")
+COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Best score (baseline)", "Created", "Tags",
+           "Notes")
 REFRESH_MS = 3000
 
 
@@ -40,11 +50,15 @@ class RunsBrowser(QWidget):
     open_requested = Signal(str)
     clone_requested = Signal(str)
     resume_requested = Signal(str)
+    compare_requested = Signal(list)  # the selected run ids, in list order
+    export_hf_requested = Signal(str)
+    run_deleted = Signal(str)
 
     def __init__(self, db: RunDB, parent: QWidget | None = None):
         super().__init__(parent)
         self.db = db
         self.runs: dict[str, dict] = {}
+        self.scores: dict[str, dict] = {}
         self._current: str | None = None
         self._build()
         self.timer = QTimer(self, interval=REFRESH_MS)
@@ -66,11 +80,14 @@ class RunsBrowser(QWidget):
         for k, label in STAGE_LABELS.items():
             self.stage_filter.addItem(label, k)
         self.stage_filter.currentIndexChanged.connect(self.refresh)
+        self.archived_box = QCheckBox("show archived", objectName="show_archived")
+        self.archived_box.toggled.connect(self.refresh)
         refresh = QPushButton("Refresh")
         refresh.clicked.connect(self.refresh)
         bar.addWidget(self.search, 1)
         bar.addWidget(self.status_filter)
         bar.addWidget(self.stage_filter)
+        bar.addWidget(self.archived_box)
         bar.addWidget(refresh)
 
         self.tree = QTreeWidget(objectName="runs_tree")
@@ -78,9 +95,12 @@ class RunsBrowser(QWidget):
         self.tree.setAlternatingRowColors(True)
         self.tree.setSortingEnabled(False)
         self.tree.setUniformRowHeights(True)
+        # several runs selected (Ctrl/Shift-click) are compared or exported together
+        self.tree.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.tree.itemDoubleClicked.connect(lambda item, _c: self.open_requested.emit(item.data(0, Qt.ItemDataRole.UserRole)))
         self.tree.currentItemChanged.connect(self._selected)
-        for i, w in enumerate((170, 72, 130, 76, 50, 60, 64, 112, 110)):
+        self.tree.itemSelectionChanged.connect(self._selection_changed)
+        for i, w in enumerate((190, 72, 130, 76, 50, 60, 64, 330, 112, 110)):
             self.tree.setColumnWidth(i, w)
 
         # details of the selected run
@@ -89,28 +109,53 @@ class RunsBrowser(QWidget):
         self.detail = QLabel(objectName="run_detail")
         self.detail.setWordWrap(True)
         self.detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.tags_edit = QLineEdit(placeholderText="comma-separated", objectName="tags")
-        self.notes_edit = QPlainTextEdit(objectName="notes")
-        self.notes_edit.setMaximumHeight(90)
-        save = QPushButton("Save tags and notes")
-        save.clicked.connect(self.save_meta)
+        self.pipeline = QLabel(objectName="pipeline")
+        self.pipeline.setWordWrap(True)
+        self.pipeline.setToolTip("The run's pipeline (vocabulary → sparse → dense → prompt), each stage with its best "
+                                 "score and, in brackets, its majority-class (or zero-shot) baseline")
         self.config_view = QPlainTextEdit(objectName="run_config")
         self.config_view.setReadOnly(True)
         self.config_view.setStyleSheet("font-family: monospace; font-size: 11px;")
-        actions = QHBoxLayout()
-        self.action_buttons = {}
-        for key, text, sig in (("open", "Open charts", self.open_requested), ("clone", "Clone config", self.clone_requested),
-                               ("resume", "Resume", self.resume_requested)):
-            b = QPushButton(text, objectName=f"browser:{key}")
-            b.clicked.connect(lambda _=False, s=sig: self._current and s.emit(self._current))
-            b.setEnabled(False)
-            self.action_buttons[key] = b
-            actions.addWidget(b)
-        form.addRow(self.detail)
-        form.addRow(actions)
-        form.addRow("Tags", self.tags_edit)
-        form.addRow("Notes", self.notes_edit)
-        form.addRow(save)
+        self.action_buttons: dict[str, QPushButton] = {}
+        rows = (
+            (("open", "Open charts", lambda: self._emit_current(self.open_requested)),
+             ("clone", "Clone config", lambda: self._emit_current(self.clone_requested)),
+             ("resume", "Resume", lambda: self._emit_current(self.resume_requested))),
+            (("compare", "Compare selected", self.compare_selected),
+             ("export_metrics", "Export metrics…", lambda: self.export_metrics_dialog()),
+             ("export_toml", "Export TOML…", lambda: self.export_toml_dialog()),
+             ("export_hf", "Export to Hugging Face…", lambda: self._emit_current(self.export_hf_requested))),
+        )
+        tips = {"compare": "Overlay the selected runs (Ctrl/Shift-click to select several) in the Compare tab",
+                "export_metrics": "The selected runs' metric rows to one CSV, JSON or Parquet file",
+                "export_toml": "This run's configuration as a TOML file (`mediswift train FILE` re-runs it)",
+                "export_hf": "mediswift export-hf: the model as a transformers folder (GPT-2 layout + tokenizer + card)"}
+        for row in rows:
+            line = QHBoxLayout()
+            for key, text, slot in row:
+                b = QPushButton(text, objectName=f"browser:{key}")
+                b.setToolTip(tips.get(key, ""))
+                b.clicked.connect(lambda _=False, f=slot: f())
+                b.setEnabled(False)
+                self.action_buttons[key] = b
+                line.addWidget(b)
+                act = QAction(text, self.tree)  # the same actions on the list's context menu
+                act.triggered.connect(lambda _=False, f=slot: f())
+                self.tree.addAction(act)
+            form.addRow(line)
+        self.tree.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
+        self.notes = RunNotesEditor(self.db)
+        self.notes.layout().setContentsMargins(0, 0, 0, 0)
+        self.notes.title.hide()  # the details above already name the run
+        self.notes.notes.setMaximumHeight(90)
+        self.notes.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        self.notes.saved.connect(lambda _rid: self.refresh())
+        self.notes.archived_changed.connect(lambda _rid, _on: self.refresh())
+        self.notes.deleted.connect(self._deleted)
+        form.insertRow(0, self.detail)
+        form.insertRow(1, QLabel("<b>Pipeline</b>"))
+        form.insertRow(2, self.pipeline)
+        form.addRow(self.notes)
         form.addRow(QLabel("<b>Configuration</b>"))
         form.addRow(self.config_view)
 
@@ -138,8 +183,9 @@ class RunsBrowser(QWidget):
 
     def refresh(self) -> None:
         self.db.reap_crashed()
-        runs = self.db.list_runs()
+        runs = self.db.list_runs(include_archived=self.archived_box.isChecked())
         self.runs = {r["id"]: r for r in runs}
+        self.scores = best_scores(self.db)
         last = self._last_values()
         vals = {}
         for r in self.db.db.execute("SELECT run_id, metrics FROM evaluations WHERE split = 'val' ORDER BY id").fetchall():
@@ -153,7 +199,8 @@ class RunsBrowser(QWidget):
             while p and p in self.runs and p not in shown:
                 shown.add(p)
                 p = self.runs[p].get("parent_id")
-        current = self._current
+        current, selected = self._current, set(self.selected_ids())
+        self.tree.blockSignals(True)  # a rebuild is not a new selection
         self.tree.clear()
         items: dict[str, QTreeWidgetItem] = {}
         for r in sorted((self.runs[i] for i in shown), key=lambda r: r["created_at"]):
@@ -162,17 +209,31 @@ class RunsBrowser(QWidget):
                 r.get("name") or "", r["id"], STAGE_LABELS.get(r["stage"], r["stage"]), r["status"],
                 f"{loss[1]:,}" if loss else "", f"{loss[0]:.4f}" if loss else "",
                 f"{vals[r['id']]:.4f}" if vals.get(r["id"]) is not None else "",
+                score_text(self.scores.get(r["id"])),
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])), ", ".join(r.get("tags") or []),
                 (r.get("notes") or "").splitlines()[0] if r.get("notes") else "",
             ])
             item.setData(0, Qt.ItemDataRole.UserRole, r["id"])
             item.setForeground(3, QColor(STATUS_COLORS.get(r["status"], "#333")))
+            item.setForeground(7, QColor("#2e5c8a"))
+            item.setToolTip(7, item.text(7))  # the column is often narrower than score and baseline
+            if r.get("archived"):
+                for c in range(len(COLUMNS)):
+                    item.setForeground(c, QColor("#999"))
             parent = items.get(r.get("parent_id") or "")
             (parent.addChild(item) if parent else self.tree.addTopLevelItem(item))
             items[r["id"]] = item
         self.tree.expandAll()
+        # keep the multi-selection across the periodic rebuild
         if current in items:
-            self.tree.setCurrentItem(items[current])
+            self.tree.setCurrentItem(items[current], 0, QItemSelectionModel.SelectionFlag.NoUpdate)
+        for rid in selected & set(items):
+            items[rid].setSelected(True)
+        self.tree.blockSignals(False)
+        if current not in items:
+            current = None
+        self._selected(items.get(current) if current else None)
+        self._selection_changed()
 
     def item_for(self, run_id: str) -> QTreeWidgetItem | None:
         for i in range(self.tree.topLevelItemCount()):
@@ -189,12 +250,16 @@ class RunsBrowser(QWidget):
         same = run_id == self._current
         self._current = run_id
         run = self.runs.get(run_id) if run_id else None
-        for b in self.action_buttons.values():
-            b.setEnabled(run is not None)
+        for key in ("open", "clone", "resume", "export_toml", "export_hf"):
+            self.action_buttons[key].setEnabled(run is not None)
         if run is None:
             self.detail.setText("")
+            self.pipeline.setText("")
+            self.notes.set_run(None)
             return
         self.action_buttons["resume"].setEnabled(run["status"] in ("stopped", "crashed", "failed"))
+        # the model lives in a checkpoint; a vocabulary run has none
+        self.action_buttons["export_hf"].setEnabled(run["stage"] != "vocab" and bool(self.db.latest_checkpoint(run_id)))
         ckpts = self.db.checkpoints(run_id)
         summary = run.get("summary") or {}
         lines = [f"<b>{run.get('name') or run_id}</b> ({run_id}) — {STAGE_LABELS.get(run['stage'], run['stage'])}",
@@ -210,9 +275,9 @@ class RunsBrowser(QWidget):
         if run.get("error"):
             lines.append(f"<span style='color:#c9302c'>error: {run['error']}</span>")
         self.detail.setText("<br>".join(lines))
-        if not (same and (self.tags_edit.hasFocus() or self.notes_edit.hasFocus())):  # a refresh must not eat typing
-            self.tags_edit.setText(", ".join(run.get("tags") or []))
-            self.notes_edit.setPlainText(run.get("notes") or "")
+        self.pipeline.setText(chain_html(self.runs, run_id, self.scores))
+        if not (same and (self.notes.tags.hasFocus() or self.notes.notes.hasFocus())):  # a refresh must not eat typing
+            self.notes.set_run(run_id)
         self.config_view.setPlainText(config_text(run.get("config") or {}))
 
     def select(self, run_id: str) -> None:
@@ -220,13 +285,86 @@ class RunsBrowser(QWidget):
         if item is not None:
             self.tree.setCurrentItem(item)
 
-    def save_meta(self) -> None:
-        """Tags and notes are the user's annotations: the only columns the studio writes."""
-        if not self._current:
-            return
-        tags = [t.strip() for t in self.tags_edit.text().split(",") if t.strip()]
-        self.db.update_run(self._current, tags=tags, notes=self.notes_edit.toPlainText())
+    def select_many(self, run_ids: list[str]) -> None:
+        """Select these runs (the last one current), as Ctrl-clicks would."""
+        self.tree.clearSelection()
+        for rid in run_ids:
+            item = self.item_for(rid)
+            if item is not None:
+                self.tree.setCurrentItem(item, 0, QItemSelectionModel.SelectionFlag.Select)
+
+    def selected_ids(self) -> list[str]:
+        """Selected runs in the order the list shows them (which is the colour order in Compare)."""
+        chosen = {id(it) for it in self.tree.selectedItems()}
+        out = []
+        for i in range(self.tree.topLevelItemCount()):
+            stack = [self.tree.topLevelItem(i)]
+            while stack:
+                it = stack.pop(0)
+                if id(it) in chosen:
+                    out.append(it.data(0, Qt.ItemDataRole.UserRole))
+                stack[:0] = [it.child(j) for j in range(it.childCount())]
+        return out
+
+    def _selection_changed(self) -> None:
+        n = len(self.selected_ids())
+        self.action_buttons["compare"].setEnabled(n >= 1)
+        self.action_buttons["export_metrics"].setEnabled(n >= 1)
+        self.action_buttons["compare"].setText(f"Compare selected ({n})" if n > 1 else "Compare selected")
+
+    def _emit_current(self, sig) -> None:
+        if self._current:
+            sig.emit(self._current)
+
+    def compare_selected(self) -> list[str]:
+        ids = self.selected_ids() or ([self._current] if self._current else [])
+        if ids:
+            self.compare_requested.emit(ids)
+        return ids
+
+    def _deleted(self, run_id: str) -> None:
+        self._current = None
         self.refresh()
+        self.run_deleted.emit(run_id)
+
+    # -- exports -------------------------------------------------------------------------------------------
+    def export_metrics_dialog(self, path: str | None = None, fmt: str | None = None) -> int | None:
+        """The selected runs' metrics to one CSV/JSON/Parquet file (the format follows the suffix)."""
+        ids = self.selected_ids()
+        if not ids:
+            return None
+        if not path:
+            path, chosen = QFileDialog.getSaveFileName(self, f"Export metrics of {len(ids)} run(s)", "metrics.csv",
+                                                       "CSV (*.csv);;JSON (*.json);;Parquet (*.parquet)")
+            if not path:
+                return None
+            if Path(path).suffix.lstrip(".").lower() not in FORMATS:
+                path += "." + chosen.split()[0].lower()
+        try:
+            n = export_metrics(self.db, ids, path, fmt)
+        except (ExportError, OSError) as e:
+            QMessageBox.warning(self, "Export metrics", str(e))
+            return None
+        win = self.window()
+        if hasattr(win, "statusBar"):
+            win.statusBar().showMessage(f"wrote {n:,} metric rows of {len(ids)} run(s) to {path}", 8000)
+        return n
+
+    def export_toml_dialog(self, path: str | None = None) -> Path | None:
+        """The current run's stored config as a re-runnable TOML."""
+        run = self.runs.get(self._current or "")
+        if run is None:
+            return None
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Export configuration", f"{run.get('name') or run['id']}.toml",
+                                                  "TOML (*.toml)")
+            if not path:
+                return None
+        try:
+            return export_config(self.db, run["id"], path)
+        except (ExportError, ConfigError, OSError) as e:
+            QMessageBox.warning(self, "Export TOML", f"Cannot export the configuration of {run['id']}: {e}")
+            return None
 
 
 def config_text(config: dict) -> str:

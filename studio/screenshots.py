@@ -1,8 +1,9 @@
 """Regenerate the README screenshots: ``python -m studio.screenshots OUTDIR``.
 
 Works offscreen. Uses a temporary database and launches real tiny runs itself: one that completes,
-one (a child of the first) caught mid-run for the live monitor and then stopped, so the runs browser
-shows lineage, statuses, tags and notes.
+one (a child of the first) caught mid-run for the live monitor and then stopped, a third at another
+sparsity (the three are compared at equal FLOPs), and, when the shared PubMedQA data is there, a dense
+fine-tune and a soft prompt on top of the first, so the runs browser shows the pipeline with scores.
 """
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from pathlib import Path
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 SIZE = (1600, 1000)
+# the shared PubMedQA data (next to the checkout); without it the pipeline shots are skipped
+PUBMEDQA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"
+TASK_QUICK = {"task.train": str(PUBMEDQA), "task.fold": 0, "task.max_examples": 48, "train.max_steps": 24,
+              "train.eval_every": 6, "train.checkpoint_every": 24, "train.warmup_steps": 2, "train.threads": 1,
+              "train.batch_size": 8}
 TINY = {
     "model.n_layer": 2, "model.d_model": 64, "model.n_head": 2, "model.n_ctx": 64, "tokenizer.vocab_size": 512,
     "data.max_documents": 2000, "train.batch_size": 8, "train.max_steps": 240, "train.warmup_steps": 20,
@@ -39,6 +45,25 @@ def settle(app, seconds: float = 0.4) -> None:
         time.sleep(0.02)
 
 
+def pipeline_run(app, win, preset: str, values: dict):
+    """Start a fine-tuning or prompting run from its preset; None (with the reason) if it did not complete."""
+    win.form.load_preset(preset)
+    win.tabs.setCurrentWidget(win.form)
+    win.form.refresh_parents()
+    for k, v in values.items():
+        win.form.set_field(k, v)
+    if not win.form.is_valid():
+        print(f"{preset}: the form rejects the configuration: {win.form.errors}", flush=True)
+        return None
+    view = win.start_run()
+    wait(app, lambda: view.status in ("completed", "failed", "crashed", "stopped") and view.process is None, 300,
+         f"the {preset} run")
+    if view.status != "completed":
+        print(f"{preset}: run {view.status}: {view.banner.text()[:400]}", flush=True)
+        return None
+    return view
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -46,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtWidgets import QApplication, QScrollArea
 
     from .main_window import KEEP, MainWindow
 
@@ -86,6 +111,31 @@ def main(argv: list[str] | None = None) -> int:
     wait(app, lambda: second.status in ("stopped", "crashed", "failed", "completed"), 120, "the stop")
     win.db.update_run(second.run_id, tags=["sparse-90"], notes="Higher sparsity; stopped early to compare.")
 
+    # 2b. a third sparsity, for the comparison at equal FLOPs
+    win.form.load_preset("demo")
+    win.tabs.setCurrentWidget(win.form)
+    for k, v in {**TINY, "name": "hpo-sparse50", "sparsity.level": 0.5}.items():
+        win.form.set_field(k, v)
+    third = win.start_run()
+    wait(app, lambda: third.status in ("completed", "failed", "crashed"), 240, "the third run")
+
+    # 2c. the pipeline on PubMedQA: dense fine-tune of the first run, then a soft prompt on the fine-tune
+    tuned = prompted = None
+    if PUBMEDQA.is_file():
+        tuned = pipeline_run(app, win, "finetune-pubmedqa", {**TASK_QUICK, "name": "pubmedqa-dense",
+                                                            "parent": first.run_id})
+        if tuned is not None:
+            tuned.monitor.redraw(force=True)
+            shoot("finetune_run.png")
+            prompted = pipeline_run(app, win, "prompt-pubmedqa", {**TASK_QUICK, "name": "pubmedqa-prompt",
+                                                                 "prompt.n_tokens": 8, "parent": tuned.run_id})
+            if prompted is not None:
+                prompted.bottom.setCurrentWidget(prompted.prompt_table)
+                prompted.monitor.redraw(force=True)
+                shoot("prompt_run.png")
+    else:
+        print(f"no PubMedQA data at {PUBMEDQA}: skipping the fine-tuning and prompting screenshots", flush=True)
+
     # 3. the new-run form with an estimate (demo preset, with its measured ETA)
     win.form.load_preset("demo")
     win.form.set_field("sparsity.kernel", "dense")
@@ -95,11 +145,27 @@ def main(argv: list[str] | None = None) -> int:
     wait(app, lambda: not win.estimate.runner.is_running(), 180, "the estimate")
     shoot("new_run_form.png")
 
-    # 4. the runs browser
+    # 3b. the form for a fine-tune: compatible parents only, the task section with its file pickers
+    if tuned is not None:
+        win.form.load_preset("finetune-pubmedqa")
+        win.form.refresh_parents()
+        win.form.set_field("parent", first.run_id)
+        win.form.set_field("task.train", str(PUBMEDQA))
+        win.tabs.setCurrentWidget(win.form)
+        win.form.findChild(QScrollArea).verticalScrollBar().setValue(0)  # run, task and prompt sections on top
+        shoot("new_run_finetune.png")
+
+    # 4. the runs browser (the deepest run selected: its pipeline chain shows each stage's best score)
     win.browser.refresh()
     win.tabs.setCurrentWidget(win.browser)
-    win.browser.select(second.run_id)
+    win.browser.select((prompted or tuned or second).run_id)
     shoot("runs_browser.png")
+
+    # 4b. the three sparsities compared at equal FLOPs spent, opened from a multi-selection
+    win.browser.select_many([third.run_id, first.run_id, second.run_id])
+    panel = win.open_compare(win.browser.selected_ids())
+    panel.charts.set_x_axis("flops")
+    shoot("compare.png")
 
     # 5. a finished run opened from the browser: charts from the database
     view = win.open_run(first.run_id)

@@ -14,6 +14,7 @@ import torch
 from engine.config import ModelConfig, TaskConfig
 from engine.evaluate import Scorer, evaluate_examples, majority_baseline
 from engine.model import GPT
+from engine.prompting import SoftPrompt
 from engine.rundb import RunDB
 from engine.tasks import hoc, pubmedqa
 from engine.tasks.base import Encoder, Example, multi_label_metrics, single_label_metrics
@@ -107,18 +108,22 @@ def test_greedy_generation_matches_manual_loop(tok):
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=64), tok.get_vocab_size()).eval()
     enc = Encoder(tok, 64)
     prompts = [enc.ids("the patients were"), enc.ids("tumour growth"), enc.ids("the mice were")]
-    got = Scorer(model, batch_size=2).generate(prompts, 5, enc.eot, 64)
-    for p, g in zip(prompts, got):
-        ids = list(p)
-        want = []
-        with torch.no_grad():
-            for _ in range(5):
-                nxt = int(model(torch.tensor([ids]))[0][0, -1].argmax())
-                if nxt == enc.eot:
-                    break
-                want.append(nxt)
-                ids.append(nxt)
-        assert g == want
+    soft = SoftPrompt(4, 32)
+    torch.nn.init.normal_(soft.weight, std=0.5)
+    for prompt in (None, soft):  # the cached generation path, with and without a soft prompt in front
+        got = Scorer(model, prompt, batch_size=2).generate(prompts, 5, enc.eot, 60)
+        for p, g in zip(prompts, got):
+            ids = list(p)
+            want = []
+            with torch.no_grad():
+                for _ in range(5):
+                    prefix = soft.weight.unsqueeze(0) if prompt is not None else None
+                    nxt = int(model(torch.tensor([ids]), prefix=prefix)[0][0, -1].argmax())
+                    if nxt == enc.eot:
+                        break
+                    want.append(nxt)
+                    ids.append(nxt)
+            assert g == want
 
 
 # -- the eval command --------------------------------------------------------------------------------

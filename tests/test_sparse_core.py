@@ -60,6 +60,7 @@ def test_kernels_available():
 @pytest.mark.parametrize("n,in_f,out_f,sp", [
     (37, 50, 19, 0.5),      # ragged everything
     (128, 64, 64, 0.75),    # exactly one tile / one column block
+    (512, 96, 80, 0.75),    # even number of tiles (SDDMM takes tiles in pairs)
     (300, 200, 130, 0.9),   # partial tile, several column blocks
     (257, 96, 160, 0.0),    # dense mask
     (200, 150, 90, 0.99),   # nearly empty
@@ -68,6 +69,20 @@ def test_kernels_available():
 def test_matches_dense(n, in_f, out_f, sp):
     g = torch.Generator().manual_seed(n + in_f)
     _check(torch.randn(n, in_f, generator=g), _mask(out_f, in_f, sp, g), seed=n)
+
+
+@pytest.mark.parametrize("n,in_f,out_f,sp", [(37, 50, 19, 0.5), (300, 200, 130, 0.9),
+                                              (257, 96, 160, 0.0)])
+def test_parallel_path(monkeypatch, n, in_f, out_f, sp):
+    """Small products run serially; force the multi-worker kernels (ragged
+    items, more workers than items) through the same checks."""
+    import numba
+    from engine.kernels import ops
+    monkeypatch.setattr(ops, "SERIAL_WORK", 0)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = torch.Generator().manual_seed(n + 11)
+    _check(torch.randn(n, in_f, generator=g), _mask(out_f, in_f, sp, g, empty_rows=(1,)), seed=n)
 
 
 def test_empty_rows_and_columns_and_no_bias():

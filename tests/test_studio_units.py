@@ -174,3 +174,47 @@ def test_downsampled_curve_keeps_a_spike(qtbot):
     assert len(x) < n / 10
     assert y.max() == 30.0
     assert m.curve_points("loss")[1].shape == (n,)
+
+
+def test_peak_decimator_incremental_equals_from_scratch_and_keeps_extremes():
+    from studio.plot_buffers import PeakDecimator
+
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=60_000)
+    y[41_234] = 50.0  # a spike
+    y[7_000] = np.nan  # a missing value must not break min/max
+    grown = PeakDecimator(max_bins=256)
+    n = 0
+    while n < len(y):  # fed as a live run feeds it: the array grows between calls
+        n = min(len(y), n + 997)
+        idx = grown.indices(y[:n])
+    scratch = PeakDecimator(max_bins=256).indices(y)
+    assert np.array_equal(idx, scratch)
+    assert len(idx) <= 2 * 256 + 3 and np.all(np.diff(idx) >= 0)
+    assert idx[-1] == len(y) - 1 and np.nanmax(y[idx]) == 50.0 and np.nanmin(y[idx]) == np.nanmin(y)
+    assert PeakDecimator(max_bins=256).indices(y[:300]) is None  # short: drawn whole
+
+
+def test_zoom_draws_the_visible_part_at_full_detail(qtbot):
+    from studio.live_monitor import LiveMonitor
+
+    m = LiveMonitor()
+    qtbot.addWidget(m)
+    m.resize(800, 600)
+    m.show()
+    n = 100_000
+    steps = np.arange(1, n + 1, dtype=float)
+    s = Series()
+    s.extend(np.column_stack([steps, steps, steps, steps, np.sin(steps / 7.0)]))
+    m.data.series["loss"] = s
+    m.data.frames.extend(np.column_stack([steps, steps, steps, steps, steps]))
+    m.redraw(force=True)
+    assert len(m.loss_raw.getData()[0]) < 5_000  # the overview
+    m.loss_plot.setXRange(50_000, 50_500, padding=0)
+    m._zoomed()
+    x, _y = m.loss_raw.getData()
+    inside = x[(x >= 50_000) & (x <= 50_500)]
+    assert np.array_equal(inside, np.arange(50_000, 50_501))  # every point of the visible part
+    m.loss_plot.enableAutoRange()
+    m._zoomed()
+    assert len(m.loss_raw.getData()[0]) < 5_000

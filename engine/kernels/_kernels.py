@@ -1,8 +1,9 @@
 """Numba kernels for the three products of a sparse linear layer.
 
-Layout: activations are kept feature-major in token tiles, ``[ntiles, features, T]``
-with T = 128 tokens, so one feature of one tile is 512 contiguous bytes (eight
-AVX-512 vectors).  Every hot loop is emitted as explicit LLVM vector IR through
+Layout: the SpMM/SDDMM inputs are kept feature-major in token tiles,
+``[ntiles, features, T]`` with T = 128 tokens, so one feature of one tile is 512
+contiguous bytes (eight AVX-512 vectors); the SpMMs write their outputs
+straight back to row-major.  Every hot loop is emitted as explicit LLVM vector IR through
 ``numba.extending.intrinsic``: plain numba loops keep the accumulators in memory
 (load + store per FMA), which costs ~3x.  Intrinsics live in this file on purpose:
 numba's on-disk cache is keyed on the njit function's source file, so code
@@ -16,6 +17,12 @@ import os
 # Must be set before numba is imported (reads it once); the reduction loops
 # only vectorise with SLP on.
 os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
+# numba's "omp" layer (its default pick here) brings a second libgomp next to
+# torch's, and both runtimes' idle workers spin: on a busy 2-core machine a
+# 128x128 layer step took 50 ms instead of 2 ms.  The workqueue layer's idle
+# threads sleep.  An explicit NUMBA_THREADING_LAYER still wins.
+_LAYER_SET = "NUMBA_THREADING_LAYER" in os.environ
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 import numpy as np  # noqa: E402
 import numba  # noqa: E402
@@ -25,6 +32,8 @@ from llvmlite import ir  # noqa: E402
 
 if not numba.config.SLP_VECTORIZE:  # numba imported earlier by someone else
     numba.config.SLP_VECTORIZE = True
+if not _LAYER_SET and numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"  # (no effect once numba's pool has started)
 
 T = 128        # tokens per tile (one feature of a tile = 512 B for fp32)
 VEC_BYTES = 64  # AVX-512 register
@@ -211,6 +220,65 @@ def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase, first
 
 
 @intrinsic
+def _sddmm_seg2(typingctx, x, xbase, xstride, idx, start, end, dy, dybase, dystride, p, pbase, first):
+    """Like _sddmm_seg for two token tiles at once (x and dy offsets + stride):
+    both dy rows (16 registers) stay live, so the partial-sum read-modify-write
+    and the loop overhead are paid once per nonzero for 256 tokens."""
+    sig = types.void(x, xbase, xstride, idx, start, end, dy, dybase, dystride, p, pbase, first)
+
+    def codegen(context, builder, signature, args):
+        xa, xbase, xstride, idxa, start, end, dya, dybase, dystride, pa, pbase, first = args
+        xty, _, _, idxty, _, _, dyty, _, _, pty, _, _ = signature.args
+        ft = _llvm_float(xty.dtype)
+        L = _lanes(xty.dtype)
+        nv = T // L
+        vty = ir.VectorType(ft, L)
+        i64 = ir.IntType(64)
+
+        def w64(v):
+            return builder.sext(v, i64) if v.type.width < 64 else v
+        xbase, xstride, start, end, dybase, dystride, pbase = map(
+            w64, (xbase, xstride, start, end, dybase, dystride, pbase))
+        xp = _data_ptr(context, builder, xty, xa)
+        ip = _data_ptr(context, builder, idxty, idxa)
+        dp = _data_ptr(context, builder, dyty, dya)
+        pp = _data_ptr(context, builder, pty, pa)
+        dyb2 = builder.add(dybase, dystride)
+        d = [_vload(builder, dp, builder.add(b, ir.Constant(i64, k * L)), vty)
+             for b in (dybase, dyb2) for k in range(nv)]
+        ent = builder.basic_block
+        loop = builder.append_basic_block("sddmm2.loop")
+        done = builder.append_basic_block("sddmm2.done")
+        builder.cbranch(builder.icmp_signed("<", start, end), loop, done)
+
+        builder.position_at_end(loop)
+        j = builder.phi(i64)
+        j.add_incoming(start, ent)
+        c = builder.zext(builder.load(builder.gep(ip, [j])), i64)
+        off = builder.add(xbase, builder.mul(c, ir.Constant(i64, T)))
+        off2 = builder.add(off, xstride)
+        # four independent FMA chains of four
+        s = [None] * 4
+        for q, o in enumerate((off, off2)):
+            for k in range(nv):
+                v = _vload(builder, xp, builder.add(o, ir.Constant(i64, k * L)), vty)
+                h = (k & 1) + 2 * q
+                dv = d[q * nv + k]
+                s[h] = builder.fmul(dv, v) if s[h] is None else _fma(builder, dv, v, s[h])
+        tot = builder.fadd(builder.fadd(s[0], s[1]), builder.fadd(s[2], s[3]))
+        poff = builder.add(pbase, builder.mul(builder.sub(j, start), ir.Constant(i64, L)))
+        prev = builder.select(first, ir.Constant(vty, [0.0] * L), _vload(builder, pp, poff, vty))
+        _vstore(builder, builder.fadd(prev, tot), pp, poff, vty)
+        jn = builder.add(j, ir.Constant(i64, 1))
+        j.add_incoming(jn, loop)
+        builder.cbranch(builder.icmp_signed("<", jn, end), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _reduce_lanes(typingctx, part, pbase, ngroups, red):
     """red[g*L + i] = sum of the L lanes of partial row g*L + i of ``part``.
 
@@ -275,16 +343,32 @@ def _reduce_lanes(typingctx, part, pbase, ngroups, red):
     return sig, codegen
 
 
+# Every parallel kernel is a serial ``*_part(..., w, nwork)`` that does work
+# items w, w + nwork, ... plus a ``*_par(..., nwork)`` wrapper that runs the
+# parts in a prange.  numba's parfor lowering compiles plain scalar loops
+# inside a prange body poorly (a zero-fill + scatter ran 4-5x slower than the
+# same loop in a serial njit), and small products call the part directly,
+# skipping the thread pool (see ops._nwork).
+
 # RC (an argument) = rows per work item.  Within an item the loop runs column
 # block by column block, so one activation block (CB features x T tokens) is
 # reused from L1/L2 by all RC rows while their partial outputs stay in L1/L2.
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def spmm_tiles(xt, nin, idx, val, ptr, nout, ncb, ntiles, yt, RC):
-    """yt[t, o, :] = sum_i W[o, i] xt[t, i, :] with W as column-blocked CSR."""
+@njit(cache=True, nogil=True)
+def spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, w, nwork):
+    """y[r, o] = sum_i W[o, i] x[r, i] (+ bias[o]) for the work items w, w + nwork, ...
+    (item = token tile x RC output rows), W as column-blocked CSR, x tiled,
+    y row-major [n, nout] (flat).
+
+    An item's RC x T outputs build up in a small scratch that stays in L1 and
+    are transposed into y as soon as its last column block is done: no tiled
+    copy of the whole output makes a round trip through memory."""
+    L = 64 // xt.itemsize
     nrc = (nout + RC - 1) // RC
-    for item in prange(ntiles * nrc):
+    buf = np.empty(RC * T + L, dtype=xt.dtype)
+    acc = buf[((-buf.ctypes.data) % 64) // xt.itemsize:]
+    for item in range(w, ntiles * nrc, nwork):
         t = item // nrc
         r0 = (item - t * nrc) * RC
         r1 = min(r0 + RC, nout)
@@ -295,65 +379,122 @@ def spmm_tiles(xt, nin, idx, val, ptr, nout, ncb, ntiles, yt, RC):
                 s = ptr[prow + o]
                 e = ptr[prow + o + 1]
                 if e > s or cb == 0:
-                    _spmm_seg(xt, xbase, idx, val, s, e, yt, (t * nout + o) * T, cb > 0)
+                    _spmm_seg(xt, xbase, idx, val, s, e, acc, (o - r0) * T, cb > 0)
+        kmax = min(T, n - t * T)
+        kfast = kmax - kmax % L
+        ofast = r0 + (r1 - r0) - (r1 - r0) % L
+        for o0 in range(r0, ofast, L):
+            for k0 in range(0, kfast, L):
+                _transpose_block(acc, (o0 - r0) * T + k0, T, y, (t * T + k0) * nout + o0, nout,
+                                 bias, o0, use_bias)
+        for o in range(r0, r1):
+            k1 = kfast if o < ofast else 0
+            for k in range(k1, kmax):
+                v = acc[(o - r0) * T + k]
+                if use_bias:
+                    v += bias[o]
+                y[(t * T + k) * nout + o] = v
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def sddmm_tiles(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, g, RC, CB, nwork, maxnnz):
-    """g[o*nin + c] = sum_n dy[n, o] x[n, c] at every stored nonzero (o, c), 0 elsewhere.
+def spmm_par(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, nwork):
+    for w in prange(nwork):
+        spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, w, nwork)
 
-    g is the flattened dense weight gradient and needs no zeroing: each work
-    item (column block x RC rows) writes its whole dense sub-block, so the
-    writes are contiguous row chunks instead of a scatter into a zeroed array.
-    """
+
+@njit(cache=True, nogil=True)
+def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, w, nwork):
     L = 64 // xt.itemsize
     nrc = (nout + RC - 1) // RC
-    nitems = ncb * nrc
     ngmax = (maxnnz + L - 1) // L
-    # static interleaved split over workers: each allocates its scratch once
-    # (a fresh buffer per item cost as much as the reduction itself)
-    for w in prange(nwork):
-        # numba aligns new arrays to 32 B only; a partial sum straddling two
-        # cache lines costs a split load and store per nonzero, so realign to 64 B
-        buf = np.empty((ngmax * L + 1) * L, dtype=xt.dtype)
-        a0 = ((-buf.ctypes.data) % 64) // xt.itemsize
-        part = buf[a0:]
-        red = np.empty(ngmax * L + 1, dtype=xt.dtype)
-        for item in range(w, nitems, nwork):
-            cb = item // nrc
-            r0 = (item - cb * nrc) * RC
-            r1 = min(r0 + RC, nout)
-            c0 = cb * CB
-            c1 = min(c0 + CB, nin)
-            prow = cb * nout
-            s0 = ptr[prow + r0]
-            nnz = ptr[prow + r1] - s0
-            if nnz > 0:
-                # no zeroing: tile 0 stores every live row; padding rows only
-                # feed lanes of red that are never read
-                for t in range(ntiles):
-                    xbase = t * nin * T
-                    for o in range(r0, r1):
-                        s = ptr[prow + o]
-                        e = ptr[prow + o + 1]
-                        if e > s:
-                            _sddmm_seg(xt, xbase, idx, s, e, dyt, (t * nout + o) * T, part,
-                                       (s - s0) * L, t == 0)
-                _reduce_lanes(part, 0, (nnz + L - 1) // L, red)
+    # one scratch per worker, reused by all its items (a fresh buffer per
+    # item cost as much as the reduction itself).  numba aligns new arrays to
+    # 32 B only; a partial sum straddling two cache lines costs a split load
+    # and store per nonzero, so realign to 64 B
+    buf = np.empty((ngmax * L + 1) * L, dtype=xt.dtype)
+    a0 = ((-buf.ctypes.data) % 64) // xt.itemsize
+    part = buf[a0:]
+    red = np.empty(ngmax * L + 1, dtype=xt.dtype)
+    # interleaved items: neighbouring row groups of one column block run at
+    # the same time on all workers and share the activation block in L3
+    for item in range(w, ncb * nrc, nwork):
+        cb = item // nrc
+        r0 = (item - cb * nrc) * RC
+        r1 = min(r0 + RC, nout)
+        prow = cb * nout
+        s0 = ptr[prow + r0]
+        nnz = ptr[prow + r1] - s0
+        if nnz == 0:
+            continue
+        # no zeroing: tile 0 stores every live row; padding rows only
+        # feed lanes of red that are never read
+        for t in range(0, ntiles - 1, 2):
+            xbase = t * nin * T
             for o in range(r0, r1):
-                base = o * nin
-                for c in range(c0, c1):
-                    g[base + c] = 0
-                for j in range(ptr[prow + o], ptr[prow + o + 1]):
-                    g[base + idx[j]] = red[j - s0]
+                s = ptr[prow + o]
+                e = ptr[prow + o + 1]
+                if e > s:
+                    _sddmm_seg2(xt, xbase, nin * T, idx, s, e, dyt, (t * nout + o) * T,
+                                nout * T, part, (s - s0) * L, t == 0)
+        if ntiles % 2 == 1:
+            t = ntiles - 1
+            xbase = t * nin * T
+            for o in range(r0, r1):
+                s = ptr[prow + o]
+                e = ptr[prow + o + 1]
+                if e > s:
+                    _sddmm_seg(xt, xbase, idx, s, e, dyt, (t * nout + o) * T, part,
+                               (s - s0) * L, t == 0)
+        _reduce_lanes(part, 0, (nnz + L - 1) // L, red)
+        for j in range(nnz):
+            out[s0 + j] = red[j]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gather(w, flat, out):
-    """out[j] = w[flat[j]]: the weight values in a plan's entry order (numba
-    runs this ~3x faster than torch's index_select)."""
-    for j in prange(flat.size):
-        out[j] = w[flat[j]]
+def sddmm_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, nwork):
+    """out[j] = sum_n dy[n, row(j)] x[n, idx[j]] for every stored nonzero j (plan order)."""
+    for w in prange(nwork):
+        sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, w, nwork)
+
+
+@njit(cache=True, nogil=True)
+def densify_part(idx, ptr, nout, ncb, nin, RC, vals, g, w, nwork):
+    """Dense row-major g[o, :] (flat) from a plan's values: zeros off-mask.
+    By groups of RC rows: the group's rows of g (RC * nin * 4 B) stay in L2
+    while its column blocks' values, contiguous runs of ``vals``, are written
+    in.  Row-at-a-time jumped between column blocks of ``vals``, and column
+    block order strides over all of g (3-4x slower either way)."""
+    nrg = (nout + RC - 1) // RC
+    for rg in range(w, nrg, nwork):
+        r0 = rg * RC
+        r1 = min(r0 + RC, nout)
+        g[r0 * nin:r1 * nin] = 0
+        for cb in range(ncb):
+            prow = cb * nout
+            for o in range(r0, r1):
+                base = o * nin
+                for j in range(ptr[prow + o], ptr[prow + o + 1]):
+                    g[base + idx[j]] = vals[j]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def densify_par(idx, ptr, nout, ncb, nin, RC, vals, g, nwork):
+    for w in prange(nwork):
+        densify_part(idx, ptr, nout, ncb, nin, RC, vals, g, w, nwork)
+
+
+@njit(cache=True, nogil=True)
+def gather_part(wt, flat, out, w, nwork):
+    """out[j] = wt[flat[j]]: the weight values in a plan's entry order."""
+    n = flat.size
+    for j in range(w * n // nwork, (w + 1) * n // nwork):
+        out[j] = wt[flat[j]]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def gather_par(wt, flat, out, nwork):
+    for w in prange(nwork):
+        gather_part(wt, flat, out, w, nwork)
 
 
 @intrinsic
@@ -412,12 +553,12 @@ def _transpose_block(typingctx, src, soff, sstride, dst, doff, dstride, bias, bo
     return sig, codegen
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def to_tiles(x, n, f, ntiles, out, dummy):
+@njit(cache=True, nogil=True)
+def to_tiles_part(x, n, f, ntiles, out, dummy, w, nwork):
     """Row-major x[n, f] (flat) -> out[ntiles, f, T], zero-padding the last tile."""
     L = 64 // x.itemsize
     nfb = (f + L - 1) // L
-    for item in prange(ntiles * nfb):
+    for item in range(w, ntiles * nfb, nwork):
         t = item // nfb
         f0 = (item - t * nfb) * L
         f1 = min(f0 + L, f)
@@ -438,25 +579,6 @@ def to_tiles(x, n, f, ntiles, out, dummy):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def from_tiles(yt, n, f, ntiles, bias, use_bias, y):
-    """Tiled yt[ntiles, f, T] -> row-major y[n, f] (flat), + bias if use_bias."""
-    L = 64 // yt.itemsize
-    nfb = (f + L - 1) // L
-    for item in prange(ntiles * nfb):
-        t = item // nfb
-        f0 = (item - t * nfb) * L
-        f1 = min(f0 + L, f)
-        kmax = min(T, n - t * T)
-        kfast = 0
-        if f1 - f0 == L:
-            kfast = kmax - kmax % L
-            for k0 in range(0, kfast, L):
-                _transpose_block(yt, (t * f + f0) * T + k0, T, y, (t * T + k0) * f + f0, f,
-                                 bias, f0, use_bias)
-        for k in range(kfast, kmax):
-            r = t * T + k
-            for i in range(f0, f1):
-                v = yt[(t * f + i) * T + k]
-                if use_bias:
-                    v += bias[i]
-                y[r * f + i] = v
+def to_tiles_par(x, n, f, ntiles, out, dummy, nwork):
+    for w in prange(nwork):
+        to_tiles_part(x, n, f, ntiles, out, dummy, w, nwork)

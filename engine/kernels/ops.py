@@ -65,7 +65,8 @@ _WS = threading.local()
 def _scratch(name, numel, dtype):
     """Reusable scratch buffer per thread.  Fresh multi-MB allocations are
     mmap'ed and page-faulted on every step, which costs as much as a small
-    layer's whole kernel; intermediates (tiled Y, dY, dX) never escape."""
+    layer's whole kernel; intermediates (tiled dY, gathered weight values,
+    SDDMM values) never escape."""
     bufs = getattr(_WS, "bufs", None)
     if bufs is None:
         bufs = _WS.bufs = {}
@@ -86,18 +87,8 @@ def _tile(a2, scratch=None):
         out = torch.empty(nt * f * T, dtype=a2.dtype)
     else:
         out = _scratch(scratch, nt * f * T, a2.dtype)
-    _K.to_tiles(a2.reshape(-1).numpy(), n, f, nt, out.numpy(), _dummy(a2.dtype))
+    _call("to_tiles", n * f, a2.reshape(-1).numpy(), n, f, nt, out.numpy(), _dummy(a2.dtype))
     return out, nt
-
-
-def _untile(yt, n, f, nt, bias):
-    y = torch.empty(n, f, dtype=yt.dtype)
-    if bias is None:
-        b, use = _dummy(yt.dtype), False
-    else:
-        b, use = bias.detach().to(yt.dtype).contiguous().numpy(), True
-    _K.from_tiles(yt.numpy(), n, f, nt, b, use, y.view(-1).numpy())
-    return y
 
 
 _DUMMIES = {}
@@ -122,25 +113,56 @@ def _fwd_tiles(x2, p):
 
 
 def _gather(weight, pl, name):
-    """The weight's values at a plan's nonzeros, in the plan's entry order."""
+    """The weight's values at a plan's nonzeros, in the plan's entry order
+    (numba's loop, not index_select: same speed on one thread, and it splits
+    over the workers like the other kernels)."""
     vals = _scratch(name, pl.np_flat.size, weight.dtype)
-    _K.gather(weight.reshape(-1).numpy(), pl.np_flat, vals.numpy())
+    _call("gather", vals.numel(), weight.reshape(-1).numpy(), pl.np_flat, vals.numpy())
     return vals
 
 
-def _nworkers():
+# Below this much work (elements moved, or multiply-adds) a product runs on the
+# calling thread: a numba parallel launch costs tens of microseconds, more
+# when torch's OpenMP workers are still spinning on the other core, and the
+# demo model's 128x128 layers are only ~100 us of work in all.
+SERIAL_WORK = 1 << 21
+
+
+def _nwork(work):
+    # numba's workqueue layer aborts the process on concurrent launches from
+    # two Python threads, so only the main thread uses the pool
+    if work < SERIAL_WORK or threading.current_thread() is not threading.main_thread():
+        return 1
     import numba
-    return numba.get_num_threads()
+    # the engine sizes its thread use with torch.set_num_threads; follow it
+    return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
+
+
+def _call(name, work, *args):
+    """Run kernel ``name``: its serial part directly, or the prange wrapper."""
+    nw = _nwork(work)
+    if nw == 1:
+        getattr(_K, name + "_part")(*args, 0, 1)
+    else:
+        getattr(_K, name + "_par")(*args, nw)
+
+
+def _bias_arg(bias, dtype):
+    if bias is None:
+        return _dummy(dtype), False
+    return bias.detach().to(dtype).contiguous().numpy(), True
 
 
 def _forward(tiles, weight, bias, p):
-    """Y = X W^T (+ b) from tiled X; gathers W's values (O(nnz))."""
+    """Y = X W^T (+ b), row-major, from tiled X; gathers W's values (O(nnz))."""
     pl = p.fwd
+    dt = tiles.xt.dtype
     vals = _gather(weight, pl, "vals_fwd")
-    yt = _scratch("yt", tiles.nt * p.out_features * T, tiles.xt.dtype)
-    _K.spmm_tiles(tiles.xt.numpy(), p.in_features, pl.idx, vals.numpy(), pl.ptr,
-                  p.out_features, pl.ncb, tiles.nt, yt.numpy(), pl.rc)
-    return _untile(yt, tiles.n, p.out_features, tiles.nt, bias)
+    y = torch.empty(tiles.n, p.out_features, dtype=dt)
+    b, use = _bias_arg(bias, dt)
+    _call("spmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, pl.idx, vals.numpy(),
+          pl.ptr, p.out_features, pl.ncb, tiles.nt, tiles.n, y.view(-1).numpy(), b, use, pl.rc)
+    return y
 
 
 def _grad_input(dy2, weight, p, dyt):
@@ -149,20 +171,23 @@ def _grad_input(dy2, weight, p, dyt):
     nt = (n + T - 1) // T
     pl = p.bwd
     vals = _gather(weight, pl, "vals_bwd")
-    dxt = _scratch("dxt", nt * p.in_features * T, dyt.dtype)
-    _K.spmm_tiles(dyt.numpy(), p.out_features, pl.idx, vals.numpy(), pl.ptr,
-                  p.in_features, pl.ncb, nt, dxt.numpy(), pl.rc)
-    return _untile(dxt, n, p.in_features, nt, None)
+    dx = torch.empty(n, p.in_features, dtype=dyt.dtype)
+    _call("spmm", p.nnz * nt * T, dyt.numpy(), p.out_features, pl.idx, vals.numpy(), pl.ptr,
+          p.in_features, pl.ncb, nt, n, dx.view(-1).numpy(), _dummy(dyt.dtype), False, pl.rc)
+    return dx
 
 
 def _grad_weight(tiles, dyt, p, dtype):
     """Dense [out, in] weight gradient: SDDMM values at the mask's nonzeros
     (never a dense dY^T X product), exact zeros elsewhere."""
     pl = p.sdd
-    # every element is written by the kernel (zeros off-mask): no zero-fill pass
+    vals = _scratch("dw_vals", p.nnz, dyt.dtype)
+    _call("sddmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, dyt.numpy(),
+          p.out_features, pl.idx, pl.ptr, pl.ncb, tiles.nt, vals.numpy(), pl.rc, pl.max_item)
+    # densify writes every element (zeros off-mask): no separate zero fill
     g = torch.empty(p.out_features * p.in_features, dtype=dyt.dtype)
-    _K.sddmm_tiles(tiles.xt.numpy(), p.in_features, dyt.numpy(), p.out_features, pl.idx,
-                   pl.ptr, pl.ncb, tiles.nt, g.numpy(), pl.rc, pl.cb, _nworkers(), pl.max_item)
+    _call("densify", g.numel(), pl.idx, pl.ptr, p.out_features, pl.ncb, p.in_features, 32,
+          vals.numpy(), g.numpy())
     return g.view(p.out_features, p.in_features).to(dtype)
 
 

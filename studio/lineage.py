@@ -1,0 +1,110 @@
+"""The pipeline of a run (vocabulary → sparse pre-training → dense fine-tuning → soft prompting) and
+each stage's best score, read from the ``evaluations`` table, next to its majority baseline.
+
+Scores are task-specific: PubMedQA accuracy and macro-F1, HoC micro-F1, language modelling the
+validation loss (lower is better; its reference is the zero-shot parent, there is no majority class).
+"""
+from __future__ import annotations
+
+import html
+import json
+
+from engine.rundb import RunDB
+
+# task -> (metric that decides "best", higher is better, metrics shown)
+HEADLINE = {
+    "pubmedqa": ("accuracy", True, ("accuracy", "macro_f1")),
+    "hoc": ("micro_f1", True, ("micro_f1",)),
+    "lm": ("loss", False, ("loss",)),
+}
+METRIC_LABELS = {"accuracy": "acc", "macro_f1": "macro-F1", "micro_f1": "micro-F1", "loss": "val loss"}
+TASK_LABELS = {"pubmedqa": "PubMedQA", "hoc": "HoC", "lm": "LM"}
+STAGE_SHORT = {"vocab": "vocab", "pretrain": "sparse", "finetune": "dense", "prompt": "prompt"}
+
+
+def _numeric(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def best_from_rows(rows: list[dict]) -> dict | None:
+    """Best evaluation of one run from its rows (``metrics``/``baselines`` decoded).
+
+    Task evaluations win over LM ones (a fine-tune on PubMedQA is judged by PubMedQA); the baseline
+    is the majority class of the task when stored, else the zero-shot parent.
+    """
+    tasks = [r for r in rows if r.get("task") in HEADLINE and r["task"] != "lm"] or [r for r in rows if r.get("task") == "lm"]
+    if not tasks:
+        return None
+    task = tasks[-1]["task"]
+    key, higher, shown = HEADLINE[task]
+    scored = [r for r in tasks if r["task"] == task and key in _numeric(r["metrics"])]
+    if not scored:
+        return None
+    best = (max if higher else min)(scored, key=lambda r: _numeric(r["metrics"])[key])
+    metrics = _numeric(best["metrics"])
+    baseline, baseline_kind = {}, ""
+    for r in reversed(tasks):  # the final evaluation carries the baselines
+        b = r.get("baselines") or {}
+        for kind in ("majority", "zero_shot"):
+            vals = _numeric(b.get(kind) or {})
+            if any(m in vals for m in shown):
+                baseline, baseline_kind = vals, kind
+                break
+        if baseline:
+            break
+    return {"task": task, "step": best["step"], "metrics": {m: metrics[m] for m in shown if m in metrics},
+            "baseline": {m: baseline[m] for m in shown if m in baseline}, "baseline_kind": baseline_kind}
+
+
+def best_scores(db: RunDB) -> dict[str, dict]:
+    """Run id -> best score, for every run with evaluations (one query: the browser shows all runs)."""
+    by_run: dict[str, list[dict]] = {}
+    for rid, step, task, split, metrics, baselines in db.db.execute(
+            "SELECT run_id, step, task, split, metrics, baselines FROM evaluations ORDER BY id").fetchall():
+        by_run.setdefault(rid, []).append({"step": step, "task": task, "split": split,
+                                           "metrics": json.loads(metrics or "{}"),
+                                           "baselines": json.loads(baselines or "{}")})
+    out = {}
+    for rid, rows in by_run.items():
+        b = best_from_rows(rows)
+        if b is not None:
+            out[rid] = b
+    return out
+
+
+def score_text(best: dict | None, baseline: bool = True) -> str:
+    """'PubMedQA acc 0.620 · macro-F1 0.450 (majority 0.552 · 0.237)'."""
+    if not best:
+        return ""
+    parts = " · ".join(f"{METRIC_LABELS.get(m, m)} {v:.3f}" for m, v in best["metrics"].items())
+    text = f"{TASK_LABELS.get(best['task'], best['task'])} {parts}"
+    if baseline and best["baseline"]:
+        kind = "majority" if best["baseline_kind"] == "majority" else "zero-shot"
+        text += f" ({kind} " + " · ".join(f"{v:.3f}" for v in best["baseline"].values()) + ")"
+    return text
+
+
+def chain(runs: dict[str, dict], run_id: str) -> list[dict]:
+    """The run and its ancestors, root first; ``runs`` maps id -> run row (a missing parent ends it)."""
+    out, seen = [], set()
+    row = runs.get(run_id)
+    while row is not None and row["id"] not in seen:
+        out.append(row)
+        seen.add(row["id"])
+        row = runs.get(row.get("parent_id") or "")
+    return out[::-1]
+
+
+def chain_html(runs: dict[str, dict], run_id: str, scores: dict[str, dict]) -> str:
+    """sparse → dense → prompt, one stage a line with its best score and baseline (rich text for a QLabel;
+    one line per stage keeps the side panel narrow)."""
+    lines = []
+    for i, r in enumerate(chain(runs, run_id)):
+        name = html.escape(r.get("name") or r["id"])
+        if r["id"] == run_id:
+            name = f"<b>{name}</b>"
+        score = html.escape(score_text(scores.get(r["id"])))
+        lines.append(("&nbsp;&nbsp;" * i + "→ " if i else "")
+                     + f"<span style='color:#777'>{STAGE_SHORT.get(r['stage'], r['stage'])}</span> {name}"
+                     + (f" <span style='color:#2e5c8a'>— {score}</span>" if score else ""))
+    return "<br>".join(lines)
