@@ -404,6 +404,9 @@ def spmm_par(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC
 
 @njit(cache=True, nogil=True)
 def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, w, nwork):
+    """out[j] = sum_n dy[n, row(j)] x[n, idx[j]] for the stored nonzeros j of
+    work items w, w + nwork, ... (item = column block x RC rows); token tiles
+    are taken in pairs (_sddmm_seg2), an odd last one alone."""
     L = 64 // xt.itemsize
     nrc = (nout + RC - 1) // RC
     ngmax = (maxnnz + L - 1) // L
@@ -485,7 +488,9 @@ def densify_par(idx, ptr, nout, ncb, nin, RC, vals, g, nwork):
 
 @njit(cache=True, nogil=True)
 def gather_part(wt, flat, out, w, nwork):
-    """out[j] = wt[flat[j]]: the weight values in a plan's entry order."""
+    """out[j] = wt[flat[j]]: the weight values in a plan's entry order.
+    (Walking W row by row for the forward plan instead was faster for some
+    shapes and slower for others: not worth a second kernel.)"""
     n = flat.size
     for j in range(w * n // nwork, (w + 1) * n // nwork):
         out[j] = wt[flat[j]]
