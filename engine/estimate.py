@@ -9,6 +9,7 @@ import torch
 from .config import RunConfig
 from .flops import flop_model_for_config
 from .model import GPT
+from .optim import make_optimizer
 from .sparsity import apply_sparsity, mask_gradients
 
 
@@ -68,7 +69,7 @@ def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device) -> dict
             for layer in model.sparse_layers().values():
                 layer.set_kernel("sparse")
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(list(model.named_parameters()), tc)
     x = torch.randint(0, vocab, (tc.batch_size, m.n_ctx), device=device)
     times = []
     for i in range(steps + 1):

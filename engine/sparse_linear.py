@@ -49,7 +49,8 @@ class SparseLinear(nn.Linear):
 
     def mask_grad(self) -> None:
         """Zero gradient entries of masked weights, so AdamW moments and decay never move them."""
-        if self.mask is not None and self.weight.grad is not None:
+        # the sparse core already returns exact zeros off the mask: skip a pass over the weight
+        if self.mask is not None and self.weight.grad is not None and self.kernel != "sparse":
             self.weight.grad.mul_(self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
