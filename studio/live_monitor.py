@@ -27,8 +27,8 @@ pg.setConfigOptions(antialias=False, background="w", foreground="#333")
 X_AXIS_LABELS = {"step": ("step", None), "tokens": ("tokens", None), "flops": ("FLOPs spent", "FLOP"),
                  "wall_time": ("wall time", "s")}
 RAW_PEN = pg.mkPen("#9ecae1", width=1)
-EMA_PEN = pg.mkPen("#08519c", width=2)
-VAL_PEN = pg.mkPen("#e6550d", width=2)
+EMA_PEN = pg.mkPen("#08519c", width=1)
+VAL_PEN = pg.mkPen("#e6550d", width=1)
 REFRESH_MS = 100
 MAX_BINS = 1024  # min+max per bin: ~2k points per curve, ~4 per pixel of a chart a third of the screen wide
 ZOOM_MS = 60  # after a zoom or pan settles, the visible part is re-read at full detail
@@ -134,18 +134,18 @@ class LiveMonitor(QWidget):
                                               symbolPen=None, name="development")
         self.lr_plot = self.glw.addPlot(row=0, col=1)
         _configure(self.lr_plot, "Learning rate", "lr")
-        self.lr_curve = self.lr_plot.plot(pen=pg.mkPen("#31a354", width=2), name="lr")
+        self.lr_curve = self.lr_plot.plot(pen=pg.mkPen("#31a354", width=1), name="lr")
         self.tps_plot = self.glw.addPlot(row=0, col=2)
         _configure(self.tps_plot, "Throughput", "tokens/s")
         self.tps_curve = self.tps_plot.plot(pen=pg.mkPen("#756bb1", width=1), name="tokens/s")
         self.flops_plot = self.glw.addPlot(row=1, col=0)
         _configure(self.flops_plot, "Cumulative training FLOPs", "FLOPs", units="FLOP")
-        self.dense_curve = self.flops_plot.plot(pen=pg.mkPen("#999", width=2, style=Qt.PenStyle.DashLine),
+        self.dense_curve = self.flops_plot.plot(pen=pg.mkPen("#999", width=1, style=Qt.PenStyle.DashLine),
                                                 name="dense-equivalent")
-        self.sparse_curve = self.flops_plot.plot(pen=pg.mkPen("#d62728", width=2), name="sparse (spent)")
+        self.sparse_curve = self.flops_plot.plot(pen=pg.mkPen("#d62728", width=1), name="sparse (spent)")
         self.sparsity_plot = self.glw.addPlot(row=1, col=1)
         _configure(self.sparsity_plot, "Sparsity and gradient norm", "sparsity / grad norm")
-        self.sparsity_curve = self.sparsity_plot.plot(pen=pg.mkPen("#636363", width=2), name="sparsity")
+        self.sparsity_curve = self.sparsity_plot.plot(pen=pg.mkPen("#636363", width=1), name="sparsity")
         self.grad_curve = self.sparsity_plot.plot(pen=pg.mkPen("#fdae6b", width=1), name="grad norm")
         self.heat_plot = self.glw.addPlot(row=1, col=2)
         self.heat_plot.setTitle("Sparsity per layer (layer × step)", size="10pt")
@@ -228,7 +228,7 @@ class LiveMonitor(QWidget):
         curve = self.task_curves.get(name)
         if curve is None:
             color = TASK_COLORS.get(name, pg.intColor(len(self.task_curves) + 3).name())
-            curve = self.task_plot.plot(pen=pg.mkPen(color, width=2), symbol="o", symbolSize=5, symbolBrush=color,
+            curve = self.task_plot.plot(pen=pg.mkPen(color, width=1), symbol="o", symbolSize=5, symbolBrush=color,
                                         symbolPen=None, name=TASK_NAMES.get(name, name[len(TASK_PREFIX):]))
             self.task_curves[name] = curve
         return curve
