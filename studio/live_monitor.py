@@ -38,6 +38,12 @@ TASK_COLORS = {"dev_accuracy": "#1f77b4", "dev_macro_f1": "#2ca02c", "dev_micro_
 TASK_NAMES = {"dev_accuracy": "accuracy", "dev_macro_f1": "macro-F1", "dev_micro_f1": "micro-F1"}
 
 
+def _nice_ceil(v: float) -> float:
+    """Smallest 1, 2, 2.5 or 5 × 10^k not below v (a range end that keeps tick labels round)."""
+    k = 10.0 ** np.floor(np.log10(v))
+    return float(next(m * k for m in (1, 2, 2.5, 5, 10) if m * k >= v))
+
+
 def _configure(plot: pg.PlotItem, title: str, y_label: str, units: str | None = None) -> None:
     plot.setTitle(title, size="10pt")
     plot.setLabel("left", y_label, units=units)
@@ -168,6 +174,10 @@ class LiveMonitor(QWidget):
         self.line_plots = [self.loss_plot, self.lr_plot, self.tps_plot, self.flops_plot, self.sparsity_plot]
         for p in self.line_plots[1:]:
             p.setXLink(self.loss_plot)
+        # the shared x range follows the run in ~25 % jumps until the user zooms or pans (see _follow_x)
+        self._following_x = True
+        for p in [*self.line_plots, self.task_plot]:
+            p.getViewBox().sigRangeChangedManually.connect(self._stop_following_x)
         self._label_x()
         # a legend entry appears with its curve's first point: a fine-tune logs no validation loss or
         # sparsity, and an empty "validation" entry would only mislead
@@ -190,9 +200,10 @@ class LiveMonitor(QWidget):
         if i != self.x_combo.currentIndex():
             self.x_combo.setCurrentIndex(i)
         self._label_x()
-        self.redraw(force=True)
+        self._following_x = True
         for p in self.line_plots:
             p.enableAutoRange()
+        self.redraw(force=True)
 
     def _label_x(self) -> None:
         label, units = X_AXIS_LABELS[self.x_axis]
@@ -207,6 +218,33 @@ class LiveMonitor(QWidget):
     def _set_log_x(self, on: bool) -> None:
         for p in [*self.line_plots, self.task_plot]:
             p.setLogMode(x=on)
+            if on:  # log views are in log10 units: leave the x range to pyqtgraph's auto-range
+                p.enableAutoRange(x=True)
+        self._following_x = not on
+
+    def _stop_following_x(self, *_args) -> None:
+        self._following_x = False
+
+    def _follow_x(self) -> None:
+        """Grow the shared x range in steps of about 25 % instead of with every point.
+
+        Axis ticks are laid out again whenever a range changes; with auto-range that happened on
+        every redraw and cost about a third of it. A view the user zoomed or panned is left alone."""
+        d = self.data
+        vb = self.loss_plot.getViewBox()
+        auto = bool(vb.autoRangeEnabled()[0])
+        if auto and not self.log_x.isChecked():
+            self._following_x = True  # auto-range asked for (the "A" button, a new x axis): we take it over
+        if not self._following_x or not len(d.frames):
+            return
+        xs = d.frames.column({"step": 0, "tokens": 1, "flops": 2, "wall_time": 3}[self.x_axis])
+        x0, x1 = float(xs[0]), float(xs[-1])
+        lo, hi = vb.viewRange()[0]
+        if not auto and lo <= x0 and x1 <= hi and (hi - x0) <= 3 * max(x1 - x0, 1e-12):
+            return
+        for p in [*self.line_plots, self.task_plot]:
+            p.enableAutoRange(x=False)
+        self.loss_plot.setXRange(min(x0, 0.0) if x0 >= 0 else x0, x0 + _nice_ceil(1.25 * max(x1 - x0, 1e-12)), padding=0)
 
     # -- task scores -----------------------------------------------------------------------------------
     def _show_task_plot(self) -> None:
@@ -352,6 +390,7 @@ class LiveMonitor(QWidget):
                 plot.legend.addItem(curve, name)
         if any(n.startswith(LAYER_PREFIX) for n in dirty) and d.version != self._heat_version:
             self._draw_heatmap()
+        self._follow_x()
         self._update_summary()
 
     def _draw_heatmap(self) -> None:

@@ -218,3 +218,31 @@ def test_zoom_draws_the_visible_part_at_full_detail(qtbot):
     m.loss_plot.enableAutoRange()
     m._zoomed()
     assert len(m.loss_raw.getData()[0]) < 5_000
+
+
+def test_x_range_follows_the_run_in_jumps_and_respects_a_user_zoom(qtbot):
+    from studio.live_monitor import LiveMonitor
+
+    m = LiveMonitor()
+    qtbot.addWidget(m)
+    m.resize(800, 600)
+    m.show()
+
+    def add(a: int, b: int) -> None:
+        for s in range(a, b + 1):
+            m.data.add_metrics(s, s * 64, s * 0.01, s * 1e6, s * 2.5e6, {"loss": 3.0, "lr": 1e-3})
+        m.redraw()
+
+    add(1, 100)
+    lo, hi = m.loss_plot.getViewBox().viewRange()[0]
+    assert lo <= 1 and hi >= 100  # every point is in view
+    add(101, 110)
+    assert m.loss_plot.getViewBox().viewRange()[0] == [lo, hi]  # small growth: no new range, no tick re-layout
+    add(111, 400)
+    lo2, hi2 = m.loss_plot.getViewBox().viewRange()[0]
+    assert hi2 >= 400 and hi2 <= 3 * 400
+    assert m.lr_plot.getViewBox().viewRange()[0] == [lo2, hi2]  # the charts share the x axis
+    m.loss_plot.getViewBox().sigRangeChangedManually.emit([True, True])  # the user zoomed
+    m.loss_plot.setXRange(50, 60, padding=0)
+    add(401, 900)
+    assert m.loss_plot.getViewBox().viewRange()[0] == pytest.approx([50, 60])
