@@ -13,7 +13,6 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,12 @@ from .corpus import CorpusError, load_corpus
 from .data import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
 from .evaluate import Scorer, evaluate_examples, head_loss, head_targets, headline, majority_baseline
 from .flops import FlopModel
-from .metrics_log import Point
 from .model import GPT
 from .optim import make_optimizer, make_scheduler
 from .pretrain import resolve_device, rng_state, set_rng_state, summary_of
 from .prompting import PROMPT_FILE, SoftPrompt, init_ids, nearest_tokens, save_prompt
 from .session import InputError, RunSession
+from .stage_loop import StageLoop
 from .tasks import TaskError, get_task
 from .tasks.base import Encoder, ExampleLoader, Truncation, collate_lm, collate_prompts
 from .vocab import TOKENIZER_FILE, load_tokenizer
@@ -105,7 +104,7 @@ def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming:
 # -- the run -----------------------------------------------------------------------------------------
 
 
-class FineTuner:
+class FineTuner(StageLoop):
     def __init__(self, s: RunSession, control: Control, resume_ckpt: str | None = None):
         self.s = s
         self.cfg: RunConfig = s.cfg
@@ -311,17 +310,6 @@ class FineTuner:
         self.s.info(f"resumed from {self.resume_ckpt} at step {self.step}")
 
     # -- the loop ----------------------------------------------------------------------------------
-    def wall(self) -> float:
-        return self.wall_offset + (time.monotonic() - self._t_start) - self._paused
-
-    def point(self) -> Point:
-        return Point(self.step, self.tokens, self.wall(), self.flops, self.flops_dense)
-
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     def run(self) -> str:
         s, tc = self.s, self.cfg.train
         s.start(tc.max_steps)
@@ -357,17 +345,6 @@ class FineTuner:
         self.save(final=True)
         s.finish(status, self.step, self.summary())
         return status
-
-    def _pause_wait(self) -> None:
-        t = time.monotonic()
-        self.s.status("paused")
-        self.s.info(f"paused at step {self.step}")
-        while self.control.pause_requested.is_set() and not self.control.stop_requested.is_set():
-            self.control.wake.wait(0.5)
-            self.control.wake.clear()
-        self._paused += time.monotonic() - t
-        self.s.status("running")
-        self.s.info("resumed" if not self.control.stop_requested.is_set() else "stopping")
 
     def _batch_loss(self) -> tuple[torch.Tensor, int, int]:
         """Loss of one micro-batch, its (unpadded-shape) token count and its sequence length with prefix."""

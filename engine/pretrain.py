@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,10 @@ from .control import Control
 from .corpus import CorpusError, load_corpus
 from .data import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
 from .flops import flop_model_for
-from .metrics_log import Point
 from .model import GPT
 from .optim import make_optimizer, make_scheduler
 from .session import InputError, RunSession
+from .stage_loop import StageLoop
 from .train_step import train_step
 from .sparsity import apply_sparsity, load_masks, masks_state, measure_sparsity, sparse_param_counts
 from .vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
@@ -126,7 +125,7 @@ def summary_of(state: dict) -> dict:
     return {k: v for k, v in state.items() if v is not None}
 
 
-class Pretrainer:
+class Pretrainer(StageLoop):
     def __init__(self, s: RunSession, control: Control, resume_ckpt: str | None = None):
         self.s = s
         self.cfg: RunConfig = s.cfg
@@ -215,17 +214,6 @@ class Pretrainer:
         return ck.get("kernels") or {}
 
     # -- the loop ----------------------------------------------------------------------------------
-    def wall(self) -> float:
-        return self.wall_offset + (time.monotonic() - self._t_start) - self._paused
-
-    def point(self) -> Point:
-        return Point(self.step, self.tokens, self.wall(), self.flops, self.flops_dense)
-
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     def run(self) -> str:
         s, tc = self.s, self.cfg.train
         s.start(0 if self.cfg.stage == "vocab" else tc.max_steps)
@@ -269,17 +257,6 @@ class Pretrainer:
         self.save(final=True)
         s.finish(status, self.step, self.summary())
         return status
-
-    def _pause_wait(self) -> None:
-        t = time.monotonic()
-        self.s.status("paused")
-        self.s.info(f"paused at step {self.step}")
-        while self.control.pause_requested.is_set() and not self.control.stop_requested.is_set():
-            self.control.wake.wait(0.5)
-            self.control.wake.clear()
-        self._paused += time.monotonic() - t
-        self.s.status("running")
-        self.s.info("resumed" if not self.control.stop_requested.is_set() else "stopping")
 
     def train_step(self) -> tuple[float, float]:
         tc = self.cfg.train

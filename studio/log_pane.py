@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from PySide6.QtGui import QTextCursor
-from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QPlainTextEdit, QPushButton, QTextEdit, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QPushButton, QTextEdit, QVBoxLayout, QWidget
 
 COLORS = {"stderr": "#555", "log": "#222", "warning": "#b8860b", "error": "#c9302c", "studio": "#1f77b4"}
 MAX_BLOCKS = 20000  # keep memory bounded on week-long runs

@@ -6,7 +6,7 @@ run seen first live and then re-read from the database (or the other way round) 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+
 from typing import Any, Iterable
 
 import numpy as np

@@ -7,7 +7,6 @@ held, new evaluations, the row's status) and tailing the run's engine.log.
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
