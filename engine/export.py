@@ -242,9 +242,14 @@ def load_series_counted(db: RunDB, run_id: str, name: str, max_points: int | Non
             n = (hi - lo) // gap + 1
             if n > max_points:
                 stride = gap * math.ceil(n / max_points)
-                keep = f"SELECT rowid FROM metrics WHERE {where} AND (step % ? = 0 OR step = ? OR step = ?)"
-                cur = conn.execute(f"SELECT {cols} FROM metrics WHERE rowid IN ({keep}) ORDER BY step",
-                                   [*args, stride, lo, hi])
+                # generate the kept steps (lo, lo + stride, …, and hi) and seek each one in the covering
+                # (run_id, name, step, …) index: ~max_points lookups instead of a scan of the series
+                kept = ("WITH RECURSIVE s(v) AS (SELECT ? UNION ALL SELECT v + ? FROM s WHERE v + ? <= ?), "
+                        "t(v) AS (SELECT v FROM s UNION SELECT ?) ")
+                cur = conn.execute(
+                    kept + f"SELECT {', '.join('m.' + c for c in cols.split(', '))} FROM t CROSS JOIN metrics m "
+                    "ON m.run_id = ? AND m.name = ? AND m.step = t.v ORDER BY m.step",
+                    [lo, stride, stride, hi, hi, run_id, name])
                 return np.fromiter(cur, dtype=SERIES_DTYPE), n
     # one query on the (run_id, name, step) index, fed straight into numpy: no per-row dicts
     arr = np.fromiter(conn.execute(f"SELECT {cols} FROM metrics WHERE {where} ORDER BY step", args), dtype=SERIES_DTYPE)
