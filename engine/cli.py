@@ -10,13 +10,13 @@ import csv
 import json
 import os
 import sys
+from pathlib import Path
 
 # Idle OpenMP threads of torch (and numba) spin by default; when cores are shared (the studio, a
 # second run, tests) the spinning threads steal the cores the working ones need and steps get
 # several times slower. Passive waiting costs little when the machine is quiet. A user's own
 # setting wins. Must happen before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from pathlib import Path
 
 from .config import ConfigError, load_config, parse_overrides
 from .events import EventWriter
