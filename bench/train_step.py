@@ -8,7 +8,8 @@ Prints tokens/s of:
 
 Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo] [--steps N] [--json]
 The default shape is GPT-2 small (12 layers, d 768, n_ctx 512, vocab 50,257); --quick uses the demo
-shape. Each figure is the median of N timed steps after warm-up steps.
+shape. All configurations run round-robin (one timed step each per round, after warm-up steps);
+each figure is the median over the rounds.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI runs (engine/cli.py)
 
 import torch  # noqa: E402
 
@@ -35,17 +37,6 @@ SHAPES = {
     "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, n_ctx=512, vocab=50257, batch=1),
     "demo": dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, vocab=4096, batch=16),
 }
-
-
-def time_steps(step_fn, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step_fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step_fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def ours(shape: dict, level: float, kernel: str):
@@ -121,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="gpt2-small")
     ap.add_argument("--quick", action="store_true", help="the demo shape (seconds instead of minutes)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--level", type=float, default=0.75)
     ap.add_argument("--json", action="store_true")
@@ -131,22 +122,39 @@ def main() -> None:
     rows = {}
 
     dense_model, dense_step = ours(shape, 0.0, "dense")
-    rows["ours_dense"] = time_steps(dense_step, args.warmup, args.steps)
-    fm_dense = flop_model_for(dense_model)
-    del dense_model, dense_step
-
-    hf_model, hf_step = hf(shape)
-    rows["hf_gpt2_dense"] = time_steps(hf_step, args.warmup, args.steps)
-    del hf_model, hf_step
-
+    _hf_model, hf_step = hf(shape)
     sparse_model, sparse_step = ours(shape, args.level, "sparse")
-    rows["ours_sparse_core"] = time_steps(sparse_step, args.warmup, args.steps)
-    fm_sparse = flop_model_for(sparse_model)
-    for m in sparse_model.sparse_layers().values():
-        m.set_kernel("dense")
-    rows["ours_sparse_masked_dense"] = time_steps(sparse_step, args.warmup, args.steps)
-    chosen = auto_kernels(sparse_model, tokens)
-    rows["ours_sparse_auto"] = time_steps(sparse_step, args.warmup, args.steps)
+    fm_dense, fm_sparse = flop_model_for(dense_model), flop_model_for(sparse_model)
+    chosen_by_shape = auto_kernels(sparse_model, tokens)
+    auto_choice = {n: m.kernel for n, m in sparse_model.sparse_layers().items()}
+    chosen = chosen_by_shape
+
+    def with_kernels(kernel: str | None):
+        def step():
+            for n, m in sparse_model.sparse_layers().items():
+                m.set_kernel(auto_choice[n] if kernel is None else kernel)
+            sparse_step()
+        return step
+
+    configs = {
+        "ours_dense": dense_step,
+        "hf_gpt2_dense": hf_step,
+        "ours_sparse_core": with_kernels("sparse"),
+        "ours_sparse_masked_dense": with_kernels("dense"),
+        "ours_sparse_auto": with_kernels(None),
+    }
+    # round-robin: one timed step of each configuration per round, so drifts in machine speed
+    # (other processes, clocks) hit every configuration alike; the median over rounds is reported
+    for fn in configs.values():
+        for _ in range(args.warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(args.steps):
+        for name, fn in configs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    rows = {k: statistics.median(v) for k, v in times.items()}
 
     log_ms = logging_overhead_ms()
     flop_ratio = fm_dense.train_per_token(False) / fm_sparse.train_per_token(True)
