@@ -83,24 +83,23 @@ def tokenize_corpus(corpus: Corpus, tok, val_fraction: float, seed: int, cache_d
     return splits
 
 
-class BlockLoader:
-    """Non-overlapping n_ctx blocks in a seeded per-epoch order; ``state`` is the resume position."""
+class SeededOrder:
+    """Batches of indices 0..n-1 in a seeded per-epoch order; ``state`` (epoch, position) is all a
+    checkpoint needs to resume the exact same stream. Shared by token blocks and task examples."""
 
-    def __init__(self, tokens: np.ndarray, n_ctx: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.tokens = torch.from_numpy(tokens.astype(np.int64))
-        self.n_ctx = n_ctx
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.n = n
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.n_blocks = (len(tokens) - 1) // n_ctx
         self.epoch = 0
         self.pos = 0
         self._order = self._make_order(0)
 
     def _make_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(self.n_blocks)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -109,17 +108,30 @@ class BlockLoader:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._make_order(self.epoch)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = []
+    def next_indices(self) -> list[int]:
+        idx: list[int] = []
         while len(idx) < self.batch_size:
-            if self.pos >= self.n_blocks:
+            if self.pos >= self.n:
                 self.epoch += 1
                 self.pos = 0
                 self._order = self._make_order(self.epoch)
-            take = min(self.batch_size - len(idx), self.n_blocks - self.pos)
+            take = min(self.batch_size - len(idx), self.n - self.pos)
             idx.extend(self._order[self.pos:self.pos + take].tolist())
             self.pos += take
-        return self._gather(idx)
+        return idx
+
+
+class BlockLoader(SeededOrder):
+    """Non-overlapping n_ctx blocks in a seeded per-epoch order; ``state`` is the resume position."""
+
+    def __init__(self, tokens: np.ndarray, n_ctx: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.n_ctx = n_ctx
+        self.n_blocks = (len(tokens) - 1) // n_ctx
+        super().__init__(self.n_blocks, batch_size, seed, shuffle)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._gather(self.next_indices())
 
     def _gather(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.tensor(idx, dtype=torch.int64) * self.n_ctx

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..data import SeededOrder
 from ..vocab import special_ids
 
 
@@ -130,40 +131,13 @@ def collate_prompts(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tenso
     return x, last
 
 
-class ExampleLoader:
+class ExampleLoader(SeededOrder):
     """Examples in a seeded per-epoch order; ``state`` is the resume position (like BlockLoader)."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n == 0:
             raise TaskError("no training examples", key="task.train")
-        self.n = n
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.pos = 0
-        self._order = self._make_order(0)
-
-    def _make_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._make_order(self.epoch)
-
-    def next_indices(self) -> list[int]:
-        idx: list[int] = []
-        while len(idx) < self.batch_size:
-            if self.pos >= self.n:
-                self.epoch += 1
-                self.pos = 0
-                self._order = self._make_order(self.epoch)
-            take = min(self.batch_size - len(idx), self.n - self.pos)
-            idx.extend(self._order[self.pos:self.pos + take].tolist())
-            self.pos += take
-        return idx
+        super().__init__(n, batch_size, seed)
 
 
 # -- metrics ---------------------------------------------------------------------------------------
