@@ -35,11 +35,15 @@ class EventSink:
 
 
 class DatabaseSink:
+    """Rows are deferred and committed every ``rundb.FLUSH_S`` (and before any other write of the run):
+    fast steps share a commit, slow steps still reach the database as they happen."""
+
     def __init__(self, db: RunDB, run_id: str):
         self.db, self.run_id = db, run_id
 
     def write(self, point: Point, metrics: dict[str, float]) -> None:
-        self.db.log_metrics(self.run_id, point.step, point.tokens, point.wall_time, point.flops, point.flops_dense, metrics)
+        self.db.log_metrics(self.run_id, point.step, point.tokens, point.wall_time, point.flops, point.flops_dense,
+                            metrics, defer=True)
 
 
 class ProgressBar:

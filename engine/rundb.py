@@ -21,6 +21,9 @@ from .paths import default_db_path
 
 FINAL_STATUSES = ("completed", "stopped", "failed", "crashed")
 LIVE_STATUSES = ("created", "running", "paused")
+# deferred metric rows (the engine's per-step logging) are committed together at most this far apart; one
+# commit per step rewrites a leaf page of the (run, name, step) index per metric name and caps at ~45k rows/s
+FLUSH_S = 0.5
 
 
 def _m001_initial(db: sqlite_utils.Database) -> None:
@@ -119,6 +122,8 @@ class RunDB:
         self.db.execute("PRAGMA busy_timeout = 30000")
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous = NORMAL")
+        self._pending: list[tuple] = []  # deferred metric rows, written by flush_metrics
+        self._flushed_at = float("-inf")  # the first rows go out at once
         self.migrate()
 
     # -- schema ------------------------------------------------------------------------------------
@@ -143,6 +148,7 @@ class RunDB:
         return row[0] or 0
 
     def close(self) -> None:
+        self.flush_metrics()
         self.db.conn.close()
 
     # -- runs --------------------------------------------------------------------------------------
@@ -160,6 +166,7 @@ class RunDB:
         return run_id
 
     def update_run(self, run_id: str, **fields: Any) -> None:
+        self.flush_metrics()  # a status, summary or meta change never lands before the metrics logged ahead of it
         for key in ("config", "summary", "meta", "versions", "tags"):
             if key in fields and not isinstance(fields[key], str):
                 fields[key] = json.dumps(fields[key], sort_keys=True)
@@ -198,6 +205,7 @@ class RunDB:
         return [_decode_run(r) for r in self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at DESC")]
 
     def delete_run(self, run_id: str) -> None:
+        self.flush_metrics()
         with self.db.conn:
             for table in ("metrics", "evaluations", "checkpoints", "artifacts"):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
@@ -215,17 +223,31 @@ class RunDB:
 
     # -- metrics -----------------------------------------------------------------------------------
     def log_metrics(self, run_id: str, step: int, tokens: int, wall_time: float, flops: float,
-                    flops_dense: float, values: dict[str, float]) -> None:
-        rows = [
+                    flops_dense: float, values: dict[str, float], defer: bool = False) -> None:
+        """One step's metric rows. With ``defer`` they may wait up to FLUSH_S for the next commit; any other
+        write through this object (status, checkpoint, evaluation, close) and any read of metrics commits them
+        first, so a crash loses at most the last FLUSH_S of rows, all past the last checkpoint."""
+        self._pending.extend(
             (run_id, step, tokens, wall_time, flops, flops_dense, name, float(v))
             for name, v in values.items() if v is not None
-        ]
+        )
+        if not defer or time.monotonic() - self._flushed_at >= FLUSH_S:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Commit deferred metric rows, with a heartbeat for each run they belong to."""
+        self._flushed_at = time.monotonic()
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        now = time.time()
         with self.db.conn:
             self.db.conn.executemany(
                 "INSERT INTO metrics (run_id, step, tokens, wall_time, flops, flops_dense, name, value) VALUES (?,?,?,?,?,?,?,?)",
                 rows,
             )
-            self.db.conn.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [time.time(), run_id])
+            for run_id in {r[0] for r in rows}:
+                self.db.conn.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [now, run_id])
 
     def insert_metric_rows(self, rows: Iterable[tuple]) -> None:
         """Bulk insert of (run_id, step, tokens, wall_time, flops, flops_dense, name, value) tuples."""
@@ -236,6 +258,7 @@ class RunDB:
             )
 
     def metrics(self, run_id: str, names: Iterable[str] | None = None, after_step: int = -1) -> list[dict]:
+        self.flush_metrics()
         sql = "SELECT step, tokens, wall_time, flops, flops_dense, name, value FROM metrics WHERE run_id = ? AND step > ?"
         args: list[Any] = [run_id, after_step]
         if names:
@@ -246,16 +269,19 @@ class RunDB:
 
     def truncate_metrics(self, run_id: str, after_step: int) -> None:
         """Drop rows past a checkpoint before resuming, so a resumed run does not repeat steps."""
+        self.flush_metrics()
         with self.db.conn:
             self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, after_step])
             self.db.execute("DELETE FROM evaluations WHERE run_id = ? AND step > ?", [run_id, after_step])
 
     def metric_names(self, run_id: str) -> list[str]:
+        self.flush_metrics()
         return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metrics WHERE run_id = ?", [run_id]).fetchall()]
 
     # -- evaluations, checkpoints, artifacts -------------------------------------------------------
     def add_evaluation(self, run_id: str, step: int, task: str, split: str, metrics: dict,
                        baselines: dict | None = None, data_path: str = "") -> int:
+        self.flush_metrics()
         with self.db.conn:
             return self.db["evaluations"].insert(
                 {"run_id": run_id, "step": step, "task": task, "split": split, "data_path": data_path,
@@ -271,6 +297,7 @@ class RunDB:
         return out
 
     def add_checkpoint(self, run_id: str, step: int, tokens: int, path: str, nbytes: int, is_final: bool) -> None:
+        self.flush_metrics()  # a resume replays from here: every metric up to this step must be on disk
         with self.db.conn:
             self.db["checkpoints"].insert(
                 {"run_id": run_id, "step": step, "tokens": tokens, "path": path, "bytes": nbytes,
@@ -285,6 +312,7 @@ class RunDB:
         return rows[0] if rows else None
 
     def add_artifact(self, run_id: str, kind: str, path: str, meta: dict | None = None) -> None:
+        self.flush_metrics()
         with self.db.conn:
             self.db["artifacts"].insert(
                 {"run_id": run_id, "kind": kind, "path": path, "meta": json.dumps(meta or {}), "created_at": time.time()}

@@ -116,6 +116,7 @@ class RunSession:
         self.finished = True
 
     def close(self) -> None:
+        self.db.flush_metrics()
         for h in list(self.log.handlers):
             h.close()
             self.log.removeHandler(h)

@@ -51,7 +51,10 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
            "#BCBD22", "#17BECF", "#9467BD")
 EVAL_METRICS = ("val_loss", "val_perplexity")  # logged at evaluations only: markers, no smoothing
 SPARSE_POINTS = 20  # any series this short is drawn the same way
-MAX_POINTS = 2000  # rows read per curve for the overview (a chart is ~500 px wide); zooming re-reads finer
+MARKER_POINTS = 100  # evaluation series up to this long get a marker per point; longer ones are plain lines
+# rows read per curve for the overview: two per horizontal pixel of a chart, within these bounds (the database
+# seek per row is the cost that matters with 20 runs × 6 charts); zooming re-reads the visible range as finely
+POINTS_PER_PIXEL, MIN_POINTS, MAX_POINTS = 2, 600, 4000
 REFINE_MS = 250
 
 
@@ -126,6 +129,8 @@ class _Panel(QWidget):
         self.plot.setLabel("left", y_label, units=unit)
         # without a unit, pyqtgraph's "(x0.001)" scaling of the axis only confuses (sparsity, lr)
         self.plot.getAxis("left").enableAutoSIPrefix(unit is not None)
+        # a fixed width: otherwise new tick labels re-lay out the chart and re-fit every linked view
+        self.plot.getAxis("left").setWidth(64)
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.setDownsampling(auto=True, mode="peak")
         self.plot.setClipToView(True)
@@ -163,7 +168,10 @@ class CompareView(QWidget):
         self._series: dict[tuple[str, str], np.ndarray] = {}  # overview rows per (run, metric)
         self._total: dict[tuple[str, str], int] = {}           # rows in the database per (run, metric)
         self._evals: dict[str, dict[str, np.ndarray]] = {}
-        self.curves: dict[tuple[str, int], tuple[pg.PlotDataItem, pg.PlotDataItem]] = {}  # (run, panel) -> (raw, main)
+        self.curves: dict[tuple[str, int], tuple[pg.PlotCurveItem, pg.GraphicsObject]] = {}  # (run, panel) -> (raw, main)
+        self._refined: set[tuple[str, int]] = set()  # curves showing a zoomed range re-read finer
+        self._refined_for: tuple | None = None  # the view range refine() last read for
+        self._unsmoothed: set[tuple[str, int]] = set()  # evaluation curves: drawn as logged, no raw shadow
         self._build()
         self._refine_timer = QTimer(self, singleShot=True, interval=REFINE_MS)
         self._refine_timer.timeout.connect(self.refine)
@@ -295,6 +303,7 @@ class CompareView(QWidget):
 
     def _drop_run(self, run_id: str) -> None:
         for key in [k for k in self.curves if k[0] == run_id]:
+            self._refined.discard(key)
             for c in self.curves.pop(key):
                 self.panels[key[1]].plot.removeItem(c)
 
@@ -324,10 +333,11 @@ class CompareView(QWidget):
     def set_run_visible(self, run_id: str, visible: bool) -> None:
         """Show or hide one compared run without forgetting it (its colour stays)."""
         (self.hidden.discard if visible else self.hidden.add)(run_id)
-        for (rid, _p), (raw, main) in self.curves.items():
+        for (rid, index), (raw, main) in self.curves.items():
             if rid == run_id:
                 main.setVisible(visible)
-                raw.setVisible(visible and self._raw_wanted() and main.opts["symbol"] is None)
+                raw.setVisible(visible and self._raw_wanted() and (rid, index) not in self._unsmoothed)
+        self.fit()
 
     def refresh(self) -> None:
         """Drop cached rows and re-read everything (runs that were still training have grown)."""
@@ -346,8 +356,13 @@ class CompareView(QWidget):
                 self._eval_keys(run_id)
                 self._series[key] = self._evals[run_id].get(metric[len(EVAL_PREFIX):], np.zeros(0, SERIES_DTYPE))
             else:
-                self._series[key], self._total[key] = load_series_counted(self.db, run_id, metric, MAX_POINTS)
+                self._series[key], self._total[key] = load_series_counted(self.db, run_id, metric, self.points_per_curve())
         return self._series[key]
+
+    def points_per_curve(self) -> int:
+        """Rows to read per curve: more than the chart has pixels across would not show."""
+        width = self.panels[0].plot.vb.width()
+        return int(min(MAX_POINTS, max(MIN_POINTS, POINTS_PER_PIXEL * width)))
 
     def _refresh_picker_choices(self) -> None:
         fixed = {m for m, *_ in FIXED_PANELS}
@@ -387,7 +402,7 @@ class CompareView(QWidget):
 
     def _pick_metric(self, panel: _Panel) -> None:
         self._set_free_metric(panel, panel.picker.currentData())
-        self._redraw_panel(self.panels.index(panel))
+        self._redraw_panels([self.panels.index(panel)])
 
     # -- drawing ----------------------------------------------------------------------------------------
     def set_x_axis(self, axis: str) -> None:
@@ -422,58 +437,108 @@ class CompareView(QWidget):
             p.plot.setLabel("bottom", label, units=unit)
 
     def _redraw(self) -> None:
+        self._refined_for = None
         self.legend.clear()
-        # auto-range stays on while curves are replaced: with it off, clip-to-view cuts each new curve to
-        # the old x range and the fit afterwards keeps that cut (fitting is lazy, once per paint, anyway)
-        for p in self.panels:
-            p.plot.enableAutoRange()
-        for i in range(len(self.panels)):
-            self._redraw_panel(i)
+        self._redraw_panels(range(len(self.panels)))
 
-    def _redraw_panel(self, index: int) -> None:
-        panel = self.panels[index]
-        for key in [k for k in self.curves if k[1] == index]:
-            for c in self.curves.pop(key):
-                panel.plot.removeItem(c)
-        if panel.metric is None:
-            return
-        for rid in self.selected:
-            data = self.series(rid, panel.metric)
-            if data.size == 0:
+    def _redraw_panels(self, indices) -> None:
+        """Replace the curves of these charts: compute every curve's arrays, fit the ranges, then add the items.
+
+        The ranges are fitted from the arrays before any item exists. pyqtgraph's lazy auto-range fits at
+        paint time, and with clip-to-view and downsampling each fit changes what the curves show, which
+        asks for another fit and paint: 240 curves arriving at once cost ~3 paints per chart and a
+        re-clip of every curve per range change. The user's zoom, pan and "A" button work as usual.
+        """
+        planned = []
+        for index in indices:
+            panel = self.panels[index]
+            for key in [k for k in self.curves if k[1] == index]:
+                self._refined.discard(key)
+                for c in self.curves.pop(key):
+                    panel.plot.removeItem(c)
+            if panel.metric is None:
                 continue
+            for rid in self.selected:
+                data = self.series(rid, panel.metric)
+                if data.size:
+                    sparse = self._is_sparse(panel.metric, data)
+                    total = self._total.get((rid, panel.metric), data.size)
+                    planned.append((index, rid, sparse, *self._curve_arrays(data, total, sparse)))
+        shown = [(index, x, ys) for index, rid, sparse, x, y, smooth in planned if rid not in self.hidden
+                 for ys in ((y, smooth) if self._raw_wanted() and not sparse else (smooth,))]
+        self._fit(shown, indices, fit_x=len(indices) == len(self.panels))
+        for index, rid, sparse, x, y, smooth in planned:
             color = self.colors[rid]
-            sparse = self._is_sparse(panel.metric, data)
-            raw = pg.PlotDataItem(pen=pg.mkPen(QColor(color).lighter(170), width=1))
-            opts = dict(symbol="o", symbolSize=5, symbolBrush=color, symbolPen=None) if sparse else {}
             name = run_label(self.runs[rid]) if index == 0 else None
-            main = pg.PlotDataItem(pen=pg.mkPen(color, width=2), name=name, **opts)
-            self._set_curve_data(raw, main, data, self._total.get((rid, panel.metric), data.size), sparse)
+            # plain curve items for lines: PlotDataItem's clipping, downsampling and inner scatter item cost
+            # ~3 ms per curve to set up, and a thinned curve has at most a few thousand points to draw
+            raw = pg.PlotCurveItem(x, y, pen=pg.mkPen(QColor(color).lighter(170), width=1))
+            if sparse and x.size <= MARKER_POINTS:
+                main = pg.PlotDataItem(x, smooth, pen=pg.mkPen(color, width=1), name=name, symbol="o", symbolSize=5,
+                                       symbolBrush=color, symbolPen=None)
+            else:
+                main = pg.PlotCurveItem(x, smooth, pen=pg.mkPen(color, width=1), name=name)
+            (self._unsmoothed.add if sparse else self._unsmoothed.discard)((rid, index))
             raw.setVisible(not sparse and self._raw_wanted() and rid not in self.hidden)
             main.setVisible(rid not in self.hidden)
-            panel.plot.addItem(raw)
-            panel.plot.addItem(main)
+            self.panels[index].plot.addItem(raw)
+            self.panels[index].plot.addItem(main)
             self.curves[(rid, index)] = (raw, main)
+
+    def _fit(self, curves, panels, fit_x: bool = True) -> None:
+        """Set the shared x range (``fit_x``) and the y range of ``panels`` to the extent of ``curves``,
+        given as (panel index, x, y) arrays."""
+        def extent(arrays):
+            lo, hi = math.inf, -math.inf
+            for a in arrays:
+                a = a[np.isfinite(a)]
+                if a.size:
+                    lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+            return (lo, hi) if lo <= hi else None
+
+        for i in panels:
+            self.panels[i].plot.vb.disableAutoRange()
+            ys = extent(y for index, _x, y in curves if index == i)
+            if ys is not None:
+                self.panels[i].plot.vb.setYRange(*ys, padding=0.05)
+        xs = extent(x for _i, x, _y in curves) if fit_x else None
+        if xs is not None:
+            self.panels[0].plot.vb.setXRange(*xs, padding=0.02)  # the other charts are x-linked to it
+        for p in self.panels:  # apply the ranges now, not in the first paint (which would ask for a second)
+            p.plot.vb.updateMatrix()
+
+    def fit(self) -> None:
+        """Fit every chart to its visible curves (after showing or hiding a run)."""
+        shown = [(i, c.xData, c.yData) for (_rid, i), pair in self.curves.items() for c in pair
+                 if c.isVisible() and c.xData is not None]
+        self._fit(shown, range(len(self.panels)))
 
     @staticmethod
     def _is_sparse(metric: str, data: np.ndarray) -> bool:
         return metric in EVAL_METRICS or metric.startswith(EVAL_PREFIX) or data.size < SPARSE_POINTS
 
-    def _set_curve_data(self, raw: pg.PlotDataItem, main: pg.PlotDataItem, data: np.ndarray, total: int,
-                        sparse: bool = False) -> None:
+    def _curve_arrays(self, data: np.ndarray, total: int, sparse: bool = False):
+        """(x, raw y, smoothed y) of one curve on the current x axis."""
         x = data[self.x_axis].astype(np.float64)
         y = data["value"]
         if sparse:
-            smooth = y
-        else:
-            # a thinned series keeps every k-th row: w^k per kept point smooths like w per row
-            k = max(1.0, (total - 1) / max(data.size - 1, 1))
-            smooth = ema(y, self.smoothing ** k if self.smoothing > 0 else 0.0)
+            return x, y, y
+        # a thinned series keeps every k-th row: w^k per kept point smooths like w per row
+        k = max(1.0, (total - 1) / max(data.size - 1, 1))
+        return x, y, ema(y, self.smoothing ** k if self.smoothing > 0 else 0.0)
+
+    def _set_curve_data(self, raw: pg.PlotCurveItem, main: pg.GraphicsObject, data: np.ndarray, total: int,
+                        sparse: bool = False) -> None:
+        x, y, smooth = self._curve_arrays(data, total, sparse)
         raw.setData(x, y)
         main.setData(x, smooth)
 
     def refine(self) -> None:
-        """Re-read the visible range of thinned curves at up to MAX_POINTS rows (after zoom or pan)."""
+        """Re-read the visible range of thinned curves as finely as the overview (after zoom or pan)."""
         (x0, x1), _ = self.panels[0].plot.viewRange()
+        if self._refined_for == (x0, x1, self.x_axis, len(self.curves)):
+            return  # this range is drawn already (a zoom timer firing after an explicit refine)
+        self._refined_for = (x0, x1, self.x_axis, len(self.curves))
         for (rid, index), (raw, main) in self.curves.items():
             metric = self.panels[index].metric
             key = (rid, metric)
@@ -484,14 +549,17 @@ class CompareView(QWidget):
             x = over[self.x_axis]
             i0 = max(int(np.searchsorted(x, x0, side="left")) - 1, 0)
             i1 = min(int(np.searchsorted(x, x1, side="right")), over.size - 1)
-            if (i1 - i0) > 0.8 * over.size:
-                self._set_curve_data(raw, main, over, total, self._is_sparse(metric, over))  # zoomed out: the overview
+            if (i1 - i0) > 0.8 * over.size:  # zoomed out: the overview (already drawn unless a zoom refined it)
+                if (rid, index) in self._refined:
+                    self._refined.discard((rid, index))
+                    self._set_curve_data(raw, main, over, total, self._is_sparse(metric, over))
                 continue
             lo, hi = int(over["step"][i0]), int(over["step"][i1])
-            detail, n = load_series_counted(self.db, rid, metric, MAX_POINTS, steps=(lo, hi))
+            detail, n = load_series_counted(self.db, rid, metric, self.points_per_curve(), steps=(lo, hi))
             merged = np.concatenate([over[:i0], detail, over[i1 + 1:]])
             k_total = int(round(n * over.size / max(i1 - i0 + 1, 1)))  # density of the visible part, for smoothing
             self._set_curve_data(raw, main, merged, max(k_total, merged.size), self._is_sparse(metric, merged))
+            self._refined.add((rid, index))
 
     # -- exports ----------------------------------------------------------------------------------------
     def plots(self) -> dict[str, pg.PlotItem]:

@@ -229,3 +229,50 @@ def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
     with pytest.raises(run_notes.RunBusyError):
         run_notes.delete_run(runs, live)
     runs.delete_run(live)
+
+
+def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
+    """Two 6,000-step runs: the overview reads a thinned series spanning the whole run, the ranges fit
+    the data (and re-fit when a run is hidden), and zooming re-reads the visible steps from the database."""
+    from studio.compare_view import CompareView
+
+    db = RunDB(tmp_path / "runs.db")
+    steps = np.arange(1, 6001)
+    ids = []
+    for i, scale in enumerate((1.0, 3.0)):
+        rid = db.create_run(name=f"long{i}", stage="pretrain", config={})
+        loss = scale * (2.0 + np.exp(-steps / 1500.0))
+        rows = [(rid, int(s), int(s) * 64, s * 0.1, s * 1e9, s * 2e9, "loss", float(v)) for s, v in zip(steps, loss)]
+        rows += [(rid, int(s), int(s) * 64, s * 0.1, s * 1e9, s * 2e9, "val_loss", float(scale)) for s in steps[::25]]
+        db.insert_metric_rows(rows)
+        ids.append(rid)
+    view = CompareView(db)
+    qtbot.addWidget(view)
+    view.resize(1200, 700)
+    view.show()
+    qtbot.waitExposed(view)
+    view.set_x_axis("step")
+    view.set_runs(ids)
+    per_curve = view.points_per_curve()
+    raw, main = view.curves[(ids[1], 0)]
+    assert raw.xData.size <= per_curve + 1 < steps.size
+    assert (raw.xData[0], raw.xData[-1]) == (1, 6000)  # thinned, but from the first step to the last
+    (x0, x1), (y0, y1) = view.panels[0].plot.viewRange()
+    assert x0 <= 1 and x1 >= 6000
+    assert y0 <= 2.0 and y1 >= 3.0 * 3.0  # both runs' losses are inside the fitted range
+    assert type(view.curves[(ids[0], 1)][1]).__name__ == "PlotCurveItem"  # 240 evaluations: a line, no markers
+
+    view.set_run_visible(ids[1], False)  # the larger run hidden: the y range shrinks to the other one
+    (_x0, _x1), (_y0, y1) = view.panels[0].plot.viewRange()
+    assert 3.0 <= y1 < 4.0
+
+    view.panels[0].plot.setXRange(3000, 3300, padding=0)
+    view.refine()
+    x, y = view.curves[(ids[0], 0)][0].getData()
+    inside = (x >= 3000) & (x <= 3300)
+    np.testing.assert_array_equal(x[inside], np.arange(3000, 3301))  # every step of the zoomed range, from the DB
+    np.testing.assert_allclose(y[inside], 2.0 + np.exp(-np.arange(3000, 3301) / 1500.0))
+    view.panels[0].plot.setXRange(1, 6000, padding=0)
+    view.refine()  # zoomed out again: back to the overview
+    assert view.curves[(ids[0], 0)][0].xData.size <= per_curve + 1
+    db.close()

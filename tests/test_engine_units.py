@@ -148,6 +148,33 @@ def test_rundb_migrations_wal_and_crash_reaping(tmp_path):
     assert RunDB(tmp_path / "r.db").schema_version() == db.schema_version()  # re-opening migrates nothing
 
 
+def test_deferred_metric_rows_commit_before_any_other_write(tmp_path, monkeypatch):
+    import engine.rundb as rundb
+
+    writer, reader = RunDB(tmp_path / "r.db"), RunDB(tmp_path / "r.db")
+    rid = writer.create_run(name="x", stage="pretrain", config={})
+
+    def committed() -> int:
+        return reader.db.execute("SELECT COUNT(*) FROM metrics WHERE run_id = ?", [rid]).fetchone()[0]
+
+    monkeypatch.setattr(rundb, "FLUSH_S", 3600.0)
+    writer.log_metrics(rid, 1, 64, 0.1, 1.0, 2.0, {"loss": 5.0, "lr": 0.1})  # the first rows go out at once
+    assert committed() == 2
+    for step in (2, 3):
+        writer.log_metrics(rid, step, 64 * step, 0.1 * step, 1.0, 2.0, {"loss": 4.0, "lr": 0.1}, defer=True)
+    assert committed() == 2  # waiting for the next commit
+    writer.add_checkpoint(rid, 3, 192, "ckpt.pt", 10, False)  # a resume point never precedes its metrics
+    assert committed() == 6
+    writer.log_metrics(rid, 4, 256, 0.4, 1.0, 2.0, {"loss": 3.0}, defer=True)
+    writer.set_status(rid, "completed")
+    assert committed() == 7 and reader.get_run(rid)["heartbeat_at"] is not None
+    monkeypatch.setattr(rundb, "FLUSH_S", 0.0)  # slow steps: every step commits as it happens
+    writer.log_metrics(rid, 5, 320, 0.5, 1.0, 2.0, {"loss": 2.0}, defer=True)
+    assert committed() == 8
+    writer.close()
+    reader.close()
+
+
 def test_import_layering_contracts():
     r = subprocess.run([sys.executable, "-m", "importlinter.cli", "--config", str(REPO / "pyproject.toml")],
                        capture_output=True, text=True, cwd=REPO)

@@ -95,7 +95,7 @@ def test_compare_opens_from_a_browser_multi_selection(qtbot, window, db):
     assert set(panel.charts.run_ids()) == {ids[0], ids[2]}
     # each compared run has a loss curve holding its database rows on the FLOPs axis
     for rid in (ids[0], ids[2]):
-        x, y = panel.charts.curves[(rid, 0)][1].getOriginalDataset()
+        x, y = panel.charts.curves[(rid, 0)][1].getData()
         assert len(y) == 20
     assert {r["id"] for r in panel.summary.rows} == {ids[0], ids[2]}  # the summary tab follows
     # a second selection re-points the same tab
