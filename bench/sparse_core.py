@@ -19,6 +19,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+# as the engine's CLI runs (engine/cli.py): OpenMP workers that spin after a dense product would hold
+# the cores the next implementation's threads need
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -190,7 +193,8 @@ def main(argv=None):
         print("Sparse linear core: one training step of one linear layer, fp32, no bias, "
               f"{torch.get_num_threads()} threads, "
               + ("thread CPU time" if args.cpu_time else "wall clock")
-              + f", load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+              + f", load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
         print("  fwd: Y = X W^T   dX = dY W   dW = dY^T X (sparse impls: only at mask nonzeros)")
         print(f"  median of {args.repeats} interleaved repeats after a warm-up; GF/s = dense-equivalent "
               "GFLOP/s (2*N*in*out per product / time, regardless of sparsity)")

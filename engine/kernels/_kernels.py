@@ -487,19 +487,19 @@ def densify_par(idx, ptr, nout, ncb, nin, RC, vals, g, nwork):
 
 
 @njit(cache=True, nogil=True)
-def gather_part(wt, flat, out, w, nwork):
-    """out[j] = wt[flat[j]]: the weight values in a plan's entry order.
-    (Walking W row by row for the forward plan instead was faster for some
-    shapes and slower for others: not worth a second kernel.)"""
+def gather_part(wt, flat, pos, out, w, nwork):
+    """out[pos[k]] = wt[flat[k]] for the row-major nonzeros k of this worker's share: the weight's
+    values in a plan's entry order. The reads stream through the weight; the writes fall in one
+    sequential run per column block of the plan."""
     n = flat.size
-    for j in range(w * n // nwork, (w + 1) * n // nwork):
-        out[j] = wt[flat[j]]
+    for k in range(w * n // nwork, (w + 1) * n // nwork):
+        out[pos[k]] = wt[flat[k]]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gather_par(wt, flat, out, nwork):
+def gather_par(wt, flat, pos, out, nwork):
     for w in prange(nwork):
-        gather_part(wt, flat, out, w, nwork)
+        gather_part(wt, flat, pos, out, w, nwork)
 
 
 @intrinsic

@@ -112,12 +112,10 @@ def _fwd_tiles(x2, p):
     return _Tiles(xt, nt, x2.shape[0])
 
 
-def _gather(weight, pl, name):
-    """The weight's values at a plan's nonzeros, in the plan's entry order
-    (numba's loop, not index_select: same speed on one thread, and it splits
-    over the workers like the other kernels)."""
-    vals = _scratch(name, pl.np_flat.size, weight.dtype)
-    _call("gather", vals.numel(), weight.reshape(-1).numpy(), pl.np_flat, vals.numpy())
+def _gather(weight, p, pl, name):
+    """The weight's values at a plan's nonzeros, in the plan's entry order."""
+    vals = _scratch(name, p.nnz, weight.dtype)
+    _call("gather", vals.numel() * GATHER_COST, weight.reshape(-1).numpy(), p.flat, pl.pos, vals.numpy())
     return vals
 
 
@@ -126,6 +124,8 @@ def _gather(weight, pl, name):
 # when torch's OpenMP workers are still spinning on the other core, and the
 # demo model's 128x128 layers are only ~100 us of work in all.
 SERIAL_WORK = 1 << 21
+# A gather moves one value per nonzero but is memory-bound: two threads only pay off from ~1M values
+GATHER_COST = 2
 
 
 def _nwork(work):
@@ -157,7 +157,7 @@ def _forward(tiles, weight, bias, p):
     """Y = X W^T (+ b), row-major, from tiled X; gathers W's values (O(nnz))."""
     pl = p.fwd
     dt = tiles.xt.dtype
-    vals = _gather(weight, pl, "vals_fwd")
+    vals = _gather(weight, p, pl, "vals_fwd")
     y = torch.empty(tiles.n, p.out_features, dtype=dt)
     b, use = _bias_arg(bias, dt)
     _call("spmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, pl.idx, vals.numpy(),
@@ -170,7 +170,7 @@ def _grad_input(dy2, weight, p, dyt):
     n = dy2.shape[0]
     nt = (n + T - 1) // T
     pl = p.bwd
-    vals = _gather(weight, pl, "vals_bwd")
+    vals = _gather(weight, p, pl, "vals_bwd")
     dx = torch.empty(n, p.in_features, dtype=dyt.dtype)
     _call("spmm", p.nnz * nt * T, dyt.numpy(), p.out_features, pl.idx, vals.numpy(), pl.ptr,
           p.in_features, pl.ncb, nt, n, dx.view(-1).numpy(), _dummy(dyt.dtype), False, pl.rc)

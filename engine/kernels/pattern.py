@@ -8,9 +8,9 @@ CB = 64
 
 class _Plan:
     """One column-blocked CSR (see ``_blocked_csr``) plus the work-item height."""
-    __slots__ = ("ncb", "ptr", "idx", "flat", "np_flat", "rc", "cb", "max_item", "n_rows")
+    __slots__ = ("ncb", "ptr", "idx", "pos", "rc", "cb", "max_item", "n_rows")
 
-    def __init__(self, rows, cols, n_rows, n_cols, flat, cb, rc):
+    def __init__(self, rows, cols, n_rows, n_cols, cb, rc):
         self.cb, self.rc, self.n_rows = int(cb), int(rc), int(n_rows)
         self.ncb = max(1, (n_cols + cb - 1) // cb)
         blk = cols // cb
@@ -21,8 +21,12 @@ class _Plan:
         np.cumsum(counts, out=self.ptr[1:])
         # unsigned 32-bit indices: half the index traffic, zero-extended in the kernels
         self.idx = np.ascontiguousarray(cols[order].astype(np.uint32))
-        self.np_flat = np.ascontiguousarray(flat[order])
-        self.flat = torch.from_numpy(self.np_flat)
+        # pos[k]: where the k-th nonzero of the weight in row-major order sits in this plan. Values are
+        # gathered by walking the weight row-major and scattering: its reads stream, the writes go to
+        # one sequential run per column block (reading in plan order instead strides across rows,
+        # 3-4x slower at 50 %)
+        self.pos = np.empty(order.size, dtype=np.uint32)
+        self.pos[order] = np.arange(order.size, dtype=np.uint32)
         # most nonzeros of one work item (column block x rc rows): sizes the
         # SDDMM's per-thread scratch
         r0 = np.arange(0, max(n_rows, 1), self.rc)
@@ -43,8 +47,9 @@ class SparsePattern:
     * ``sdd``: W again (its own block width), for the weight gradient; SDDMM
       results come out in this plan's entry order and are written into the
       dense gradient row group by row group (``densify``).
-    * ``plan.flat``: int64 offsets into the flattened dense weight, used to
-      gather the weight's values in plan order, O(nnz) per product.
+    * ``flat``: int64 offsets of the nonzeros into the flattened dense weight,
+      row-major; with ``plan.pos`` they gather the weight's values in plan
+      order, O(nnz) per product.
     """
 
     def __init__(self):
@@ -65,11 +70,11 @@ class SparsePattern:
         self.out_features = int(out_f)
         self.in_features = int(in_f)
         self.nnz = int(rows.size)
-        flat = rows * in_f + cols
+        self.flat = np.ascontiguousarray(rows * in_f + cols)
         d = self.density
-        self.fwd = _Plan(rows, cols, out_f, in_f, flat, cb_fwd or _cb_spmm(d), rc_fwd or RC_SPMM)
-        self.bwd = _Plan(cols, rows, in_f, out_f, flat, cb_bwd or _cb_spmm(d), rc_fwd or RC_SPMM)
-        self.sdd = _Plan(rows, cols, out_f, in_f, flat, cb_sdd or _cb_sddmm(d), rc_sdd or RC_SDDMM)
+        self.fwd = _Plan(rows, cols, out_f, in_f, cb_fwd or _cb_spmm(d), rc_fwd or RC_SPMM)
+        self.bwd = _Plan(cols, rows, in_f, out_f, cb_bwd or _cb_spmm(d), rc_fwd or RC_SPMM)
+        self.sdd = _Plan(rows, cols, out_f, in_f, cb_sdd or _cb_sddmm(d), rc_sdd or RC_SDDMM)
         self.mask = torch.from_numpy(m.copy())
         return self
 
