@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.export import SERIES_DTYPE, ExportError, eval_series, export_metrics, load_series_counted, metric_names
-from engine.rundb import RunDB
+from engine.rundb import LIVE_STATUSES, RunDB
 
 from .chart_export import ChartExportDialog
 from .config_diff import ConfigDiffView
@@ -56,6 +56,7 @@ MARKER_POINTS = 100  # evaluation series up to this long get a marker per point;
 # seek per row is the cost that matters with 20 runs × 6 charts); zooming re-reads the visible range as finely
 POINTS_PER_PIXEL, MIN_POINTS, MAX_POINTS = 2, 600, 4000
 REFINE_MS = 250
+LIVE_POLL_MS = 3000  # how often compared runs that are still training are re-read
 
 
 def ema(values: np.ndarray, weight: float) -> np.ndarray:
@@ -176,6 +177,10 @@ class CompareView(QWidget):
         self._refine_timer = QTimer(self, singleShot=True, interval=REFINE_MS)
         self._refine_timer.timeout.connect(self.refine)
         self.panels[0].plot.sigXRangeChanged.connect(lambda *_a: self._refine_timer.start())
+        self._fitted: list | None = None  # every chart's range as the last fit set it (a user zoom differs)
+        self._live: set[str] = set()      # compared runs that were training at the last poll
+        self._live_timer = QTimer(self, interval=LIVE_POLL_MS)
+        self._live_timer.timeout.connect(self.poll_live)  # runs while the view is shown
         self.reload_runs()
         if run_ids:
             self.set_runs(list(run_ids))
@@ -226,7 +231,8 @@ class CompareView(QWidget):
         self.run_list = QListWidget(objectName="run_list")
         self.run_list.setToolTip("Check runs to compare; the swatch is the run's colour in every chart")
         self.run_list.itemChanged.connect(self._item_changed)
-        reload = QPushButton("Reload")
+        reload = QPushButton("Reload", toolTip="Re-read every compared run (runs still training are re-read "
+                             "every few seconds anyway)")
         reload.clicked.connect(self.refresh)
         lv.addWidget(self.search)
         lv.addWidget(self.run_list, 1)
@@ -339,6 +345,39 @@ class CompareView(QWidget):
                 raw.setVisible(visible and self._raw_wanted() and (rid, index) not in self._unsmoothed)
         self.fit()
 
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        self._live_timer.start()
+        self.poll_live()  # a run may have grown while another tab was in front
+
+    def hideEvent(self, event) -> None:
+        self._live_timer.stop()
+        super().hideEvent(event)
+
+    def poll_live(self) -> None:
+        """Re-read the curves of compared runs that are training (and of those that just ended), so the
+        charts follow them. The axes keep following too, unless the user has zoomed or panned."""
+        status = {rid: (self.db.get_run(rid) or {}).get("status") for rid in self.selected}
+        live = {rid for rid, st in status.items() if st in LIVE_STATUSES}
+        grown = live | (self._live & set(self.selected))
+        self._live = live
+        if not grown:
+            return
+        for key in [k for k in self._series if k[0] in grown]:
+            del self._series[key]
+            self._total.pop(key, None)
+        for rid in grown:
+            self._evals.pop(rid, None)
+            if rid in self.runs:
+                self.runs[rid]["status"] = status[rid]
+        follow = self._fitted is None or self._fitted == self._ranges()
+        self._redraw(fit=follow)
+        if not follow:
+            self.refine()  # the user's zoomed range, re-read as finely as before
+
+    def _ranges(self) -> list:
+        return [p.plot.vb.viewRange() for p in self.panels]
+
     def refresh(self) -> None:
         """Drop cached rows and re-read everything (runs that were still training have grown)."""
         self._series.clear()
@@ -436,12 +475,12 @@ class CompareView(QWidget):
         for p in self.panels:
             p.plot.setLabel("bottom", label, units=unit)
 
-    def _redraw(self) -> None:
+    def _redraw(self, fit: bool = True) -> None:
         self._refined_for = None
         self.legend.clear()
-        self._redraw_panels(range(len(self.panels)))
+        self._redraw_panels(range(len(self.panels)), fit)
 
-    def _redraw_panels(self, indices) -> None:
+    def _redraw_panels(self, indices, fit: bool = True) -> None:
         """Replace the curves of these charts: compute every curve's arrays, fit the ranges, then add the items.
 
         The ranges are fitted from the arrays before any item exists. pyqtgraph's lazy auto-range fits at
@@ -466,7 +505,8 @@ class CompareView(QWidget):
                     planned.append((index, rid, sparse, *self._curve_arrays(data, total, sparse)))
         shown = [(index, x, ys) for index, rid, sparse, x, y, smooth in planned if rid not in self.hidden
                  for ys in ((y, smooth) if self._raw_wanted() and not sparse else (smooth,))]
-        self._fit(shown, indices, fit_x=len(indices) == len(self.panels))
+        if fit:
+            self._fit(shown, indices, fit_x=len(indices) == len(self.panels))
         for index, rid, sparse, x, y, smooth in planned:
             color = self.colors[rid]
             name = run_label(self.runs[rid]) if index == 0 else None
@@ -506,6 +546,7 @@ class CompareView(QWidget):
             self.panels[0].plot.vb.setXRange(*xs, padding=0.02)  # the other charts are x-linked to it
         for p in self.panels:  # apply the ranges now, not in the first paint (which would ask for a second)
             p.plot.vb.updateMatrix()
+        self._fitted = self._ranges()
 
     def fit(self) -> None:
         """Fit every chart to its visible curves (after showing or hiding a run)."""

@@ -276,3 +276,41 @@ def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
     view.refine()  # zoomed out again: back to the overview
     assert view.curves[(ids[0], 0)][0].xData.size <= per_curve + 1
     db.close()
+
+
+def test_runs_still_training_are_followed_unless_the_user_zoomed(qtbot, tmp_path):
+    from studio.compare_view import CompareView
+
+    db = RunDB(tmp_path / "runs.db")
+    rid = db.create_run(name="live", stage="pretrain", config={})
+    db.update_run(rid, status="running")
+
+    def log(first: int, last: int) -> None:
+        db.insert_metric_rows([(rid, s, s * 64, s * 0.1, s * 1e9, s * 2e9, "loss", 5.0 - s / 1000) for s in range(first, last + 1)])
+
+    log(1, 100)
+    view = CompareView(db)
+    qtbot.addWidget(view)
+    view.resize(1000, 600)
+    view.set_x_axis("step")
+    view.set_runs([rid])
+    assert view.curves[(rid, 0)][1].xData[-1] == 100
+    log(101, 200)
+    view.poll_live()  # what the live timer runs every few seconds
+    assert view.curves[(rid, 0)][1].xData[-1] == 200
+    assert view.panels[0].plot.viewRange()[0][1] >= 200  # the axis follows the run
+
+    view.panels[0].plot.setXRange(10, 50, padding=0)  # the user zooms: the range is theirs now
+    log(201, 300)
+    view.poll_live()
+    assert view.curves[(rid, 0)][1].xData[-1] == 300
+    assert view.panels[0].plot.viewRange()[0] == pytest.approx([10, 50])
+
+    db.update_run(rid, status="completed")
+    log(301, 310)  # the last rows, written as the run ends
+    view.poll_live()  # one more read for a run that has just ended, then it stays cached
+    assert view.curves[(rid, 0)][1].xData[-1] == 310
+    log(311, 320)
+    view.poll_live()
+    assert view.curves[(rid, 0)][1].xData[-1] == 310
+    db.close()
