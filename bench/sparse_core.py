@@ -61,25 +61,27 @@ class Dense:
 
 
 class Ours:
-    """Exactly the calls sparse_linear makes; X/dY tiling, value gathers,
-    the row-major outputs and the dense [out, in] dW included.
+    """Exactly the calls sparse_linear makes on a layer's packed values (the weight at the mask's
+    nonzeros, as SparseLinear stores it): X/dY tiling, values scattered into each plan's order, the
+    row-major outputs, and the weight gradient at the nonzeros (values-shaped; no dense dW exists).
     The tiling of dY is shared by dX and dW and is counted in dX."""
     name = "ours"
 
     def __init__(self, x, w, dy, mask):
-        self.x, self.w, self.dy = x, w, dy
+        self.x, self.dy = x, dy
         self.p = SparsePattern.from_mask(mask)
+        self.v = self.p.pack(w)
 
     def step(self):
-        x, w, dy, p = self.x, self.w, self.dy, self.p
+        x, v, dy, p = self.x, self.v, self.dy, self.p
         t0 = _clock()
         tiles = ops._fwd_tiles(x, p)
-        ops._forward(tiles, w, None, p)
+        ops._forward(tiles, v, None, p)
         t1 = _clock()
         dyt = ops._tile(dy, "dyt")[0]
-        ops._grad_input(dy, w, p, dyt)
+        ops._grad_input(dy, v, p, dyt)
         t2 = _clock()
-        ops._grad_weight(tiles, dyt, p, torch.float32)
+        ops._grad_values(tiles, dyt, p)
         t3 = _clock()
         return {"fwd": (t1 - t0) * 1e3, "dx": (t2 - t1) * 1e3, "dw": (t3 - t2) * 1e3}
 
@@ -198,7 +200,8 @@ def main(argv=None):
         print("  fwd: Y = X W^T   dX = dY W   dW = dY^T X (sparse impls: only at mask nonzeros)")
         print(f"  median of {args.repeats} interleaved repeats after a warm-up; GF/s = dense-equivalent "
               "GFLOP/s (2*N*in*out per product / time, regardless of sparsity)")
-        print("  ours includes X/dY tiling, value gathers, row-major Y/dX and the dense dW"
+        print("  ours includes X/dY tiling, value scatters, row-major Y/dX; its dW is the gradient of the "
+              "packed nonzeros (no dense dW)"
               + ("; sparseprop reports dX+dW together (in the dW column)" if _SPLinear else
                  "; sparseprop not installed"))
         hdr = (f"{'N':>5} {'in':>5} {'out':>5} {'sp':>5} {'impl':<13}"

@@ -10,7 +10,7 @@ from .config import RunConfig
 from .flops import flop_model_for_config
 from .model import GPT
 from .optim import make_optimizer
-from .sparsity import apply_sparsity, mask_gradients
+from .sparsity import apply_sparsity
 
 
 def available_memory() -> int:
@@ -78,7 +78,6 @@ def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device) -> dict
             with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False):
                 _, loss = model(x, x)
             loss.backward()
-        mask_gradients(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":

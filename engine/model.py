@@ -117,4 +117,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # tied weights count once
+        """Parameters of the model as defined, zeros of masked matrices included (tied weights once)."""
+        stored = sum(p.numel() for p in self.parameters())
+        return stored + sum(m.out_features * m.in_features - m.values.numel()
+                            for m in self.sparse_layers().values() if m.is_sparse)

@@ -11,11 +11,12 @@ from .config import TrainConfig
 def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
     seen: set[int] = set()
     decay, no_decay = [], []
-    for _, p in params:
+    for name, p in params:
         if not p.requires_grad or id(p) in seen:  # tied weights appear twice
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        # a masked matrix trains as its packed nonzeros (SparseLinear.values): still a matrix
+        (decay if p.dim() >= 2 or name.endswith(".values") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     # fused: one kernel over all tensors (the per-tensor loop cost a large share of a CPU step);

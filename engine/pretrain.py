@@ -107,7 +107,7 @@ def choose_kernels(s: RunSession, model: GPT, tokens_per_batch: int, device: tor
             timings = {}
             choice = {}
             for name, m in layers.items():
-                key = tuple(m.weight.shape)
+                key = (m.out_features, m.in_features)
                 if key not in by_shape:
                     t = time_kernels(m.pattern(), tokens_per_batch)
                     by_shape[key] = "sparse" if t["sparse_ms"] < t["dense_ms"] else "dense"

@@ -1,9 +1,12 @@
 """The one interface every sparse weight matrix goes through.
 
-``SparseLinear`` is an nn.Linear whose weight may carry a static mask. Two compute paths give the
-same function: ``dense`` multiplies the masked dense weight (MKL/cuBLAS), ``sparse`` calls the
-sparse matmul core (engine.kernels) that only touches the nonzeros. The weight stays a dense
-Parameter either way, so checkpoints, the optimizer and fine-tuning see one format.
+``SparseLinear`` is an nn.Linear whose weight may carry a static mask. A masked layer stores only
+its nonzeros: the trainable parameter is ``values`` (the weight at the mask's nonzeros, row-major),
+so its gradient, the AdamW moments and weight decay never touch the zeros, and no dense weight
+gradient exists. Two compute paths give the same function: ``dense`` unpacks the values into the
+dense matrix and uses MKL/cuBLAS, ``sparse`` calls the sparse matmul core (engine.kernels) that
+only touches the nonzeros. ``layer.weight`` still reads as the dense matrix, and state dicts hold
+the dense ``weight`` (zeros included), so checkpoints, exports and fine-tuning see one format.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ class SparseLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("mask", None, persistent=False)  # bool [out, in] or None (dense)
+        self.register_buffer("flat", None, persistent=False)  # int64 offsets of the nonzeros, row-major
         self.kernel = "dense"
         self._pattern = None  # sparse-core index structures, built once per mask
 
@@ -23,17 +27,36 @@ class SparseLinear(nn.Linear):
     def is_sparse(self) -> bool:
         return self.mask is not None
 
+    def __getattr__(self, name: str):
+        # a masked layer has no dense weight Parameter: reading .weight unpacks the values (a copy)
+        if name == "weight" and "values" in self._parameters:
+            values = self._parameters["values"]
+            dense = values.new_zeros(self.out_features * self.in_features)
+            return dense.index_copy(0, self._buffers["flat"], values.detach()).view(self.out_features, self.in_features)
+        return super().__getattr__(name)
+
     def set_mask(self, mask: torch.Tensor | None) -> None:
-        """Install (or drop, with None) a static mask and zero the masked weights."""
+        """Install (or drop, with None) a static mask. The weights off the mask are dropped; the
+        ``values`` Parameter keeps its identity when the mask is re-installed (resume), so an
+        optimizer built on it stays valid."""
         self._pattern = None
+        dense = self.weight.detach()
         if mask is None:
-            self.mask = None
+            if "values" in self._parameters:
+                del self._parameters["values"]
+                self.weight = nn.Parameter(dense.clone())
+            self.mask = self.flat = None
             self.kernel = "dense"
             return
-        assert mask.shape == self.weight.shape and mask.dtype == torch.bool
-        self.mask = mask.to(self.weight.device)
-        with torch.no_grad():
-            self.weight.mul_(self.mask)
+        assert mask.shape == (self.out_features, self.in_features) and mask.dtype == torch.bool
+        self.mask = mask.to(dense.device)
+        self.flat = self.mask.reshape(-1).nonzero().squeeze(1)
+        packed = dense.reshape(-1)[self.flat].clone()
+        if "values" in self._parameters:
+            self._parameters["values"].data = packed
+        else:
+            del self._parameters["weight"]
+            self.values = nn.Parameter(packed)
 
     def set_kernel(self, kernel: str) -> None:
         if kernel == "sparse" and not self.is_sparse:
@@ -47,18 +70,40 @@ class SparseLinear(nn.Linear):
             self._pattern = SparsePattern.from_mask(self.mask.cpu())
         return self._pattern
 
-    def mask_grad(self) -> None:
-        """Zero gradient entries of masked weights, so AdamW moments and decay never move them."""
-        # the sparse core already returns exact zeros off the mask: skip a pass over the weight
-        if self.mask is not None and self.weight.grad is not None and self.kernel != "sparse":
-            self.weight.grad.mul_(self.mask)
+    def nonzero_count(self) -> int:
+        w = self._parameters.get("values")
+        return int(torch.count_nonzero(w if w is not None else self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "sparse" and self.mask is not None and x.device.type == "cpu" and not torch.is_autocast_enabled():
+        if self.mask is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.kernel == "sparse" and x.device.type == "cpu" and not torch.is_autocast_enabled():
             from .kernels import sparse_linear
 
-            return sparse_linear(x, self.weight, self.bias, self.pattern())
-        return F.linear(x, self.weight, self.bias)
+            return sparse_linear(x, self.values, self.bias, self.pattern())
+        # the dense path: unpack (differentiable: the weight's gradient is gathered back at the mask)
+        dense = self.values.new_zeros(self.out_features * self.in_features).index_copy(0, self.flat, self.values)
+        return F.linear(x, dense.view(self.out_features, self.in_features), self.bias)
+
+    # state dicts hold the dense weight, so every reader of checkpoints sees an nn.Linear
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "values" in self._parameters:
+            del destination[prefix + "values"]
+            destination[prefix + "weight"] = self.weight
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if "values" in self._parameters and key in state_dict:
+            weight = state_dict.pop(key)
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, "
+                                  f"the layer is {(self.out_features, self.in_features)}")
+            else:
+                state_dict[prefix + "values"] = weight.reshape(-1)[self.flat.to(weight.device)]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         extra = f", sparse={self.is_sparse}, kernel={self.kernel}" if self.is_sparse else ""

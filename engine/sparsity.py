@@ -50,7 +50,7 @@ def apply_sparsity(model: GPT, level: float, distribution: str, seed: int) -> di
         for m in layers.values():
             m.set_mask(None)
         return {name: 0.0 for name in layers}
-    shapes = {name: tuple(m.weight.shape) for name, m in layers.items()}
+    shapes = {name: (m.out_features, m.in_features) for name, m in layers.items()}
     densities = layer_densities(shapes, level, distribution)
     g = torch.Generator().manual_seed(seed + 7919)  # separate stream from weight init
     for name, m in layers.items():
@@ -67,19 +67,14 @@ def load_masks(model: GPT, masks: dict[str, torch.Tensor]) -> None:
         m.set_mask(masks[name] if name in masks else None)
 
 
-def mask_gradients(model: GPT) -> None:
-    for m in model.sparse_layers().values():
-        m.mask_grad()
-
-
 @torch.no_grad()
 def measure_sparsity(model: GPT) -> dict:
     """Fraction of exactly-zero entries in each sparse-eligible matrix, and in all of them together."""
     layers: dict[str, float] = {}
     zeros = total = 0
     for name, m in model.sparse_layers().items():
-        z = int((m.weight == 0).sum())
-        n = m.weight.numel()
+        n = m.out_features * m.in_features
+        z = n - m.nonzero_count()
         layers[name] = z / n
         zeros += z
         total += n
@@ -88,8 +83,9 @@ def measure_sparsity(model: GPT) -> dict:
 
 def sparse_param_counts(model: GPT) -> dict[str, int]:
     """Parameters in sparse-eligible matrices (numel and nonzero) and everything else."""
-    sparse_numel = sum(m.weight.numel() for m in model.sparse_layers().values())
-    sparse_nnz = sum(int(m.mask.sum()) if m.mask is not None else m.weight.numel() for m in model.sparse_layers().values())
+    sparse_numel = sum(m.out_features * m.in_features for m in model.sparse_layers().values())
+    sparse_nnz = sum(int(m.mask.sum()) if m.mask is not None else m.out_features * m.in_features
+                     for m in model.sparse_layers().values())
     total = model.num_params()
     return {"total": total, "sparse_numel": sparse_numel, "sparse_nonzero": sparse_nnz,
             "nonzero": total - sparse_numel + sparse_nnz}

@@ -1,13 +1,12 @@
-"""One optimizer step: accumulate micro-batches, mask gradients, clip, step. Shared by the training
-loops and the benchmarks, so what is measured is what trains."""
+"""One optimizer step: accumulate micro-batches, clip, step. Shared by the training loops and the
+benchmarks, so what is measured is what trains. Masked matrices train as their packed nonzeros
+(SparseLinear.values), so there is no gradient to mask."""
 from __future__ import annotations
 
 from contextlib import nullcontext
 from typing import Iterable
 
 import torch
-
-from .sparsity import mask_gradients
 
 
 def train_step(model, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -19,7 +18,6 @@ def train_step(model, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.
             _, loss = model(x, y)
         (loss / n_batches).backward()
         total += loss.item()
-    mask_gradients(model)  # masked weights get no gradient, so AdamW moments and decay leave them at zero
     params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))

@@ -96,6 +96,53 @@ def test_uniform_and_erk_masks_hit_the_target():
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(model.sparse_layers().values(), m2.sparse_layers().values()))
 
 
+def test_masked_layers_store_and_train_only_their_nonzeros():
+    from engine.config import TrainConfig
+    from engine.optim import make_optimizer
+    from engine.sparsity import load_masks, masks_state
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=16)
+    model = GPT(cfg, 64)
+    dense_total = model.num_params()
+    apply_sparsity(model, 0.75, "uniform", seed=0)
+    assert model.num_params() == dense_total  # the model's size counts the zeros
+    fc = model.blocks[0].mlp.fc
+    nnz = int(fc.mask.sum())
+    assert "weight" not in dict(fc.named_parameters()) and fc.values.shape == (nnz,)
+    assert torch.all(fc.weight[~fc.mask] == 0) and fc.weight.shape == (fc.out_features, fc.in_features)
+
+    state = model.state_dict()  # dense weights, zeros included: what checkpoints and exports read
+    assert state["blocks.0.mlp.fc.weight"].shape == (128, 32) and "blocks.0.mlp.fc.values" not in state
+    opt = make_optimizer(list(model.named_parameters()), TrainConfig(weight_decay=0.1))
+    assert any(p is fc.values for p in opt.param_groups[0]["params"])  # decayed like the matrix it is
+    x = torch.randint(0, 64, (2, 16))
+    outs = {}
+    for kernel in ("dense", "sparse"):
+        fc.set_kernel(kernel)
+        model.zero_grad()
+        _, loss = model(x, x)
+        loss.backward()
+        outs[kernel] = (loss.item(), fc.values.grad.clone())
+    assert outs["sparse"][0] == pytest.approx(outs["dense"][0], rel=1e-5)
+    torch.testing.assert_close(outs["sparse"][1], outs["dense"][1], rtol=1e-4, atol=1e-6)
+    assert outs["dense"][1].shape == (nnz,)  # no dense gradient on either path
+
+    values = fc.values
+    opt.step()
+    load_masks(model, masks_state(model))  # a resume re-installs the masks before loading the state
+    assert fc.values is values  # the optimizer's parameter stays the layer's
+    other = GPT(cfg, 64)
+    load_masks(other, masks_state(model))
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other.blocks[0].mlp.fc.values, fc.values)
+    dense = GPT(cfg, 64)  # fine-tuning: the same checkpoint into a model without masks
+    dense.load_state_dict(model.state_dict())
+    assert torch.equal(dense.blocks[0].mlp.fc.weight, fc.weight)
+    fc.set_mask(None)  # dropping the mask gives back a dense Parameter with the same values
+    assert torch.equal(dict(fc.named_parameters())["weight"], dense.blocks[0].mlp.fc.weight)
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)

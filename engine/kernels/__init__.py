@@ -3,7 +3,8 @@
 Public API (used by the engine's SparseLinear module):
 
 * ``SparsePattern.from_mask(mask)`` - index structures, built once per layer.
-* ``sparse_linear(x, weight, bias, pattern)`` - autograd op, ``x @ (weight*mask).T + bias``.
+* ``sparse_linear(x, values, bias, pattern)`` - autograd op, ``x @ W.T + bias`` with W's nonzeros
+  given as ``values`` (row-major, ``pattern.pack(W)``); gradients are values-shaped.
 * ``kernel_available()`` - numba kernels import and match a dense reference.
 * ``time_kernels(pattern, n_tokens, repeats=3)`` - dense vs sparse ms for one training step.
 

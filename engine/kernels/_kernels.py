@@ -403,10 +403,10 @@ def spmm_par(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC
 
 
 @njit(cache=True, nogil=True)
-def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, w, nwork):
-    """out[j] = sum_n dy[n, row(j)] x[n, idx[j]] for the stored nonzeros j of
-    work items w, w + nwork, ... (item = column block x RC rows); token tiles
-    are taken in pairs (_sddmm_seg2), an odd last one alone."""
+def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, RC, maxnnz, w, nwork):
+    """out[src[j]] = sum_n dy[n, row(j)] x[n, idx[j]] for the stored nonzeros j of
+    work items w, w + nwork, ... (item = column block x RC rows): the gradient of the
+    layer's row-major values. Token tiles are taken in pairs (_sddmm_seg2), an odd last one alone."""
     L = 64 // xt.itemsize
     nrc = (nout + RC - 1) // RC
     ngmax = (maxnnz + L - 1) // L
@@ -450,56 +450,29 @@ def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, w, nw
                                (s - s0) * L, t == 0)
         _reduce_lanes(part, 0, (nnz + L - 1) // L, red)
         for j in range(nnz):
-            out[s0 + j] = red[j]
+            out[src[s0 + j]] = red[j]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def sddmm_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, nwork):
-    """out[j] = sum_n dy[n, row(j)] x[n, idx[j]] for every stored nonzero j (plan order)."""
+def sddmm_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, RC, maxnnz, nwork):
+    """out[src[j]] = sum_n dy[n, row(j)] x[n, idx[j]] for every stored nonzero j."""
     for w in prange(nwork):
-        sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, RC, maxnnz, w, nwork)
+        sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, RC, maxnnz, w, nwork)
 
 
 @njit(cache=True, nogil=True)
-def densify_part(idx, ptr, nout, ncb, nin, RC, vals, g, w, nwork):
-    """Dense row-major g[o, :] (flat) from a plan's values: zeros off-mask.
-    By groups of RC rows: the group's rows of g (RC * nin * 4 B) stay in L2
-    while its column blocks' values, contiguous runs of ``vals``, are written
-    in.  Row-at-a-time jumped between column blocks of ``vals``, and column
-    block order strides over all of g (3-4x slower either way)."""
-    nrg = (nout + RC - 1) // RC
-    for rg in range(w, nrg, nwork):
-        r0 = rg * RC
-        r1 = min(r0 + RC, nout)
-        g[r0 * nin:r1 * nin] = 0
-        for cb in range(ncb):
-            prow = cb * nout
-            for o in range(r0, r1):
-                base = o * nin
-                for j in range(ptr[prow + o], ptr[prow + o + 1]):
-                    g[base + idx[j]] = vals[j]
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def densify_par(idx, ptr, nout, ncb, nin, RC, vals, g, nwork):
-    for w in prange(nwork):
-        densify_part(idx, ptr, nout, ncb, nin, RC, vals, g, w, nwork)
-
-
-@njit(cache=True, nogil=True)
-def gather_part(wt, flat, pos, out, w, nwork):
-    """out[pos[k]] = wt[flat[k]] for the row-major nonzeros k of this worker's share: the weight's
-    values in a plan's entry order. The reads stream through the weight; the writes fall in one
-    sequential run per column block of the plan."""
-    n = flat.size
+def scatter_part(src, pos, out, w, nwork):
+    """out[pos[k]] = src[k] for this worker's share of k: a layer's values (row-major) in a plan's
+    entry order. The reads stream; the writes fall in one sequential run per column block."""
+    n = src.size
     for k in range(w * n // nwork, (w + 1) * n // nwork):
-        out[pos[k]] = wt[flat[k]]
+        out[pos[k]] = src[k]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def gather_par(wt, flat, pos, out, nwork):
+def scatter_par(src, pos, out, nwork):
     for w in prange(nwork):
-        gather_part(wt, flat, pos, out, w, nwork)
+        scatter_part(src, pos, out, w, nwork)
 
 
 @intrinsic

@@ -46,13 +46,14 @@ def kernel_available():
                 x = torch.randn(5, 70, generator=g)
                 dy = torch.randn(5, 9, generator=g)
                 p = SparsePattern.from_mask(mask)
+                v = p.pack(w)
                 ctx = _fwd_tiles(x, p)
-                y = _forward(ctx, w, None, p)
-                dx = _grad_input(dy, w, p, _tile(dy)[0])
-                gw = _grad_weight(ctx, _tile(dy)[0], p, torch.float32)
+                y = _forward(ctx, v, None, p)
+                dx = _grad_input(dy, v, p, _tile(dy)[0])
+                gv = _grad_values(ctx, _tile(dy)[0], p)
                 ok = (torch.allclose(y, x @ w.T, atol=1e-4)
                       and torch.allclose(dx, dy @ w, atol=1e-4)
-                      and torch.allclose(gw, (dy.T @ x) * mask, atol=1e-4))
+                      and torch.allclose(gv, p.pack(dy.T @ x), atol=1e-4))
                 _AVAILABLE = bool(ok)
             except Exception:
                 _AVAILABLE = False
@@ -65,7 +66,7 @@ _WS = threading.local()
 def _scratch(name, numel, dtype):
     """Reusable scratch buffer per thread.  Fresh multi-MB allocations are
     mmap'ed and page-faulted on every step, which costs as much as a small
-    layer's whole kernel; intermediates (tiled dY, gathered weight values,
+    layer's whole kernel; intermediates (tiled dY, values in plan order,
     SDDMM values) never escape."""
     bufs = getattr(_WS, "bufs", None)
     if bufs is None:
@@ -112,11 +113,11 @@ def _fwd_tiles(x2, p):
     return _Tiles(xt, nt, x2.shape[0])
 
 
-def _gather(weight, p, pl, name):
-    """The weight's values at a plan's nonzeros, in the plan's entry order."""
-    vals = _scratch(name, p.nnz, weight.dtype)
-    _call("gather", vals.numel() * GATHER_COST, weight.reshape(-1).numpy(), p.flat, pl.pos, vals.numpy())
-    return vals
+def _plan_values(values, p, pl, name):
+    """A layer's values (row-major) in a plan's entry order."""
+    out = _scratch(name, p.nnz, values.dtype)
+    _call("scatter", p.nnz * SCATTER_COST, values.numpy(), pl.pos, out.numpy())
+    return out
 
 
 # Below this much work (elements moved, or multiply-adds) a product runs on the
@@ -124,8 +125,8 @@ def _gather(weight, p, pl, name):
 # when torch's OpenMP workers are still spinning on the other core, and the
 # demo model's 128x128 layers are only ~100 us of work in all.
 SERIAL_WORK = 1 << 21
-# A gather moves one value per nonzero but is memory-bound: two threads only pay off from ~1M values
-GATHER_COST = 2
+# A scatter moves one value per nonzero and is memory-bound: two threads only pay off from ~1M values
+SCATTER_COST = 2
 
 
 def _nwork(work):
@@ -153,11 +154,11 @@ def _bias_arg(bias, dtype):
     return bias.detach().to(dtype).contiguous().numpy(), True
 
 
-def _forward(tiles, weight, bias, p):
-    """Y = X W^T (+ b), row-major, from tiled X; gathers W's values (O(nnz))."""
+def _forward(tiles, values, bias, p):
+    """Y = X W^T (+ b), row-major, from tiled X and the layer's values."""
     pl = p.fwd
     dt = tiles.xt.dtype
-    vals = _gather(weight, p, pl, "vals_fwd")
+    vals = _plan_values(values, p, pl, "vals_fwd")
     y = torch.empty(tiles.n, p.out_features, dtype=dt)
     b, use = _bias_arg(bias, dt)
     _call("spmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, pl.idx, vals.numpy(),
@@ -165,30 +166,26 @@ def _forward(tiles, weight, bias, p):
     return y
 
 
-def _grad_input(dy2, weight, p, dyt):
+def _grad_input(dy2, values, p, dyt):
     """dX = dY W via W^T's column-blocked CSR."""
     n = dy2.shape[0]
     nt = (n + T - 1) // T
     pl = p.bwd
-    vals = _gather(weight, p, pl, "vals_bwd")
+    vals = _plan_values(values, p, pl, "vals_bwd")
     dx = torch.empty(n, p.in_features, dtype=dyt.dtype)
     _call("spmm", p.nnz * nt * T, dyt.numpy(), p.out_features, pl.idx, vals.numpy(), pl.ptr,
           p.in_features, pl.ncb, nt, n, dx.view(-1).numpy(), _dummy(dyt.dtype), False, pl.rc)
     return dx
 
 
-def _grad_weight(tiles, dyt, p, dtype):
-    """Dense [out, in] weight gradient: SDDMM values at the mask's nonzeros
-    (never a dense dY^T X product), exact zeros elsewhere."""
+def _grad_values(tiles, dyt, p):
+    """Gradient of the layer's values: dY^T X at the mask's nonzeros only (SDDMM), row-major.
+    No dense [out, in] product or gradient is ever formed."""
     pl = p.sdd
-    vals = _scratch("dw_vals", p.nnz, dyt.dtype)
+    g = torch.empty(p.nnz, dtype=dyt.dtype)
     _call("sddmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, dyt.numpy(),
-          p.out_features, pl.idx, pl.ptr, pl.ncb, tiles.nt, vals.numpy(), pl.rc, pl.max_item)
-    # densify writes every element (zeros off-mask): no separate zero fill
-    g = torch.empty(p.out_features * p.in_features, dtype=dyt.dtype)
-    _call("densify", g.numel(), pl.idx, pl.ptr, p.out_features, pl.ncb, p.in_features, 32,
-          vals.numpy(), g.numpy())
-    return g.view(p.out_features, p.in_features).to(dtype)
+          p.out_features, pl.idx, pl.ptr, pl.ncb, tiles.nt, g.numpy(), pl.src, pl.rc, pl.max_item)
+    return g
 
 
 def _compute_dtype(*ts):
@@ -200,31 +197,30 @@ def _compute_dtype(*ts):
 
 class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern):
+    def forward(ctx, x, values, bias, pattern):
         p = pattern
-        if weight.shape != (p.out_features, p.in_features):
-            raise ValueError(f"weight shape {tuple(weight.shape)} does not match pattern "
-                             f"[{p.out_features}, {p.in_features}]")
+        if values.shape != (p.nnz,):
+            raise ValueError(f"values shape {tuple(values.shape)} does not match the pattern's {p.nnz} nonzeros")
         if x.shape[-1] != p.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {p.in_features}")
-        dt = _compute_dtype(weight)
+        dt = _compute_dtype(values)
         lead = x.shape[:-1]
         x2 = x.detach().reshape(-1, p.in_features).to(dt).contiguous()
-        w = weight.detach().to(dt).contiguous()
+        v = values.detach().to(dt).contiguous()
         n = x2.shape[0]
         ctx.pattern, ctx.lead, ctx.x_dtype, ctx.dt = p, lead, x.dtype, dt
         ctx.has_bias = bias is not None
         ctx.b_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(values)
         if n == 0 or p.nnz == 0 or not kernel_available():
-            y = x2 @ (w * p.mask.to(dt)).T
+            y = x2 @ p.unpack(v).T
             if bias is not None:
                 y = y + bias.detach().to(dt)
             ctx.dense, ctx.tiles = True, None
             ctx.x2 = x2 if ctx.needs_input_grad[1] else None
             return y.reshape(*lead, p.out_features).to(x.dtype)
         tiles = _fwd_tiles(x2, p)
-        y = _forward(tiles, w, bias, p)
+        y = _forward(tiles, v, bias, p)
         # the tiled X is what the SDDMM reads; keep it instead of X itself
         ctx.dense, ctx.x2 = False, None
         ctx.tiles = tiles if ctx.needs_input_grad[1] else None
@@ -232,33 +228,33 @@ class SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        (weight,) = ctx.saved_tensors
+        (values,) = ctx.saved_tensors
         p, dt = ctx.pattern, ctx.dt
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
         gy2 = gy.reshape(-1, p.out_features).to(dt).contiguous()
-        w = weight.detach().to(dt).contiguous()
-        gx = gw = gb = None
+        v = values.detach().to(dt).contiguous()
+        gx = gv = gb = None
         if ctx.dense:
             # exact dense path (empty input / empty mask / no kernels)
-            wm = w * p.mask.to(dt)
             if need_x:
-                gx = (gy2 @ wm).reshape(*ctx.lead, p.in_features).to(ctx.x_dtype)
-            if need_w:
-                gw = ((gy2.T @ ctx.x2) * p.mask.to(dt)).to(weight.dtype)
+                gx = (gy2 @ p.unpack(v)).reshape(*ctx.lead, p.in_features).to(ctx.x_dtype)
+            if need_v:
+                gv = p.pack(gy2.T @ ctx.x2).to(values.dtype)
         else:
-            dyt = _tile(gy2, "dyt")[0] if (need_x or need_w) else None
+            dyt = _tile(gy2, "dyt")[0] if (need_x or need_v) else None
             if need_x:
-                gx = _grad_input(gy2, w, p, dyt).reshape(*ctx.lead, p.in_features).to(ctx.x_dtype)
-            if need_w:
-                gw = _grad_weight(ctx.tiles, dyt, p, weight.dtype)
+                gx = _grad_input(gy2, v, p, dyt).reshape(*ctx.lead, p.in_features).to(ctx.x_dtype)
+            if need_v:
+                gv = _grad_values(ctx.tiles, dyt, p).to(values.dtype)
         if need_b and ctx.has_bias:
             gb = gy2.sum(0).to(ctx.b_dtype)
-        return gx, gw, gb, None
+        return gx, gv, gb, None
 
 
-def sparse_linear(x, weight, bias, pattern):
-    """``x @ (weight * mask).T + bias`` with sparse kernels; differentiable in x, weight, bias."""
-    return SparseLinearFunction.apply(x, weight, bias, pattern)
+def sparse_linear(x, values, bias, pattern):
+    """``x @ W.T + bias`` where W holds ``values`` at the pattern's nonzeros (row-major) and zeros
+    elsewhere, with sparse kernels; differentiable in x, values and bias."""
+    return SparseLinearFunction.apply(x, values, bias, pattern)
 
 
 # --- timing for the engine's per-shape "auto" choice ---------------------------
@@ -279,19 +275,21 @@ def time_kernels(pattern, n_tokens, repeats=3):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n_tokens, p.in_features, generator=g)
     w = torch.randn(p.out_features, p.in_features, generator=g) * p.mask
+    v = p.pack(w)
     dy = torch.randn(n_tokens, p.out_features, generator=g)
 
-    def dense():
-        x @ w.T
-        dy @ w
-        dy.T @ x
+    def dense():  # the dense path of a packed layer: unpack, three dense products, pack the gradient
+        wd = p.unpack(v)
+        x @ wd.T
+        dy @ wd
+        p.pack(dy.T @ x)
 
     def sparse():
         tiles = _fwd_tiles(x, p)
-        _forward(tiles, w, None, p)
+        _forward(tiles, v, None, p)
         dyt = _tile(dy, "dyt")[0]
-        _grad_input(dy, w, p, dyt)
-        _grad_weight(tiles, dyt, p, torch.float32)
+        _grad_input(dy, v, p, dyt)
+        _grad_values(tiles, dyt, p)
 
     with torch.no_grad():
         d = _median_ms(dense, repeats)

@@ -8,7 +8,7 @@ CB = 64
 
 class _Plan:
     """One column-blocked CSR (see ``_blocked_csr``) plus the work-item height."""
-    __slots__ = ("ncb", "ptr", "idx", "pos", "rc", "cb", "max_item", "n_rows")
+    __slots__ = ("ncb", "ptr", "idx", "pos", "src", "rc", "cb", "max_item", "n_rows")
 
     def __init__(self, rows, cols, n_rows, n_cols, cb, rc):
         self.cb, self.rc, self.n_rows = int(cb), int(rc), int(n_rows)
@@ -27,6 +27,7 @@ class _Plan:
         # 3-4x slower at 50 %)
         self.pos = np.empty(order.size, dtype=np.uint32)
         self.pos[order] = np.arange(order.size, dtype=np.uint32)
+        self.src = np.ascontiguousarray(order.astype(np.uint32))  # the inverse: plan entry -> row-major k
         # most nonzeros of one work item (column block x rc rows): sizes the
         # SDDMM's per-thread scratch
         r0 = np.arange(0, max(n_rows, 1), self.rc)
@@ -44,12 +45,12 @@ class SparsePattern:
 
     * ``fwd``: W cut into column blocks, for Y = X W^T.
     * ``bwd``: W^T cut into blocks of output features, for dX = dY W.
-    * ``sdd``: W again (its own block width), for the weight gradient; SDDMM
-      results come out in this plan's entry order and are written into the
-      dense gradient row group by row group (``densify``).
+    * ``sdd``: W again (its own block width), for the weight gradient; the
+      SDDMM writes each result straight to its row-major position.
     * ``flat``: int64 offsets of the nonzeros into the flattened dense weight,
-      row-major; with ``plan.pos`` they gather the weight's values in plan
-      order, O(nnz) per product.
+      row-major. A layer's trainable *values* are the weight at these offsets
+      (``pack``/``unpack``); ``plan.pos`` scatters them into a plan's order,
+      O(nnz) per product. No dense weight or weight gradient is involved.
     """
 
     def __init__(self):
@@ -71,12 +72,22 @@ class SparsePattern:
         self.in_features = int(in_f)
         self.nnz = int(rows.size)
         self.flat = np.ascontiguousarray(rows * in_f + cols)
+        self.flat_t = torch.from_numpy(self.flat)
         d = self.density
         self.fwd = _Plan(rows, cols, out_f, in_f, cb_fwd or _cb_spmm(d), rc_fwd or RC_SPMM)
         self.bwd = _Plan(cols, rows, in_f, out_f, cb_bwd or _cb_spmm(d), rc_fwd or RC_SPMM)
         self.sdd = _Plan(rows, cols, out_f, in_f, cb_sdd or _cb_sddmm(d), rc_sdd or RC_SDDMM)
         self.mask = torch.from_numpy(m.copy())
         return self
+
+    def pack(self, weight):
+        """The values of a dense [out, in] weight at the mask's nonzeros, row-major."""
+        return weight.reshape(-1)[self.flat_t.to(weight.device)]
+
+    def unpack(self, values):
+        """Dense [out, in] weight with ``values`` at the mask's nonzeros and zeros elsewhere."""
+        dense = values.new_zeros(self.out_features * self.in_features)
+        return dense.index_copy(0, self.flat_t.to(values.device), values).view(self.out_features, self.in_features)
 
     @property
     def density(self):
