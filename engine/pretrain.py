@@ -208,6 +208,14 @@ class Pretrainer(StageLoop):
         self.model.load_state_dict(ck["model"])
         self.model.to(self.device)
         self.opt.load_state_dict(ck["optimizer"])
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                moment = self.opt.state.get(p, {}).get("exp_avg")
+                if moment is not None and moment.shape != p.shape:
+                    # checkpoints from before masked matrices were stored packed hold dense moments
+                    raise InputError(f"checkpoint {path} holds optimizer state of shape {tuple(moment.shape)} for a "
+                                     f"parameter of shape {tuple(p.shape)}: it was written by an older version and "
+                                     "cannot be resumed; fine-tune or export from it, or start a new run", path=str(path))
         self.sched.load_state_dict(ck["scheduler"])
         self.train_loader.load_state(ck["data"])
         set_rng_state(ck["rng"])

@@ -126,6 +126,23 @@ def test_resume_unknown_run_and_missing_config(cli, tmp_path):
     _assert_bad(cli("train", str(wrong)), "model.n_layer must be an integer", key="model.n_layer")
 
 
+def test_resume_from_a_checkpoint_with_dense_optimizer_moments_is_refused(cli, db_path):
+    import torch
+
+    first = cli("train", "demo", *tiny(f"data.corpus={PUBMED_TRAIN}", "train.max_steps=2"))
+    assert first.rc == 0, first.stderr
+    path = RunDB(db_path).latest_checkpoint(first.run_id)["path"]
+    ck = torch.load(path, weights_only=False)
+    # what an older version wrote: moments of a masked matrix at its full [out, in] shape
+    state = ck["optimizer"]["state"]
+    i = max((k for k, v in state.items() if v["exp_avg"].dim() == 1), key=lambda k: state[k]["exp_avg"].numel())
+    state[i] = {k: (v.new_zeros(128, 32) if k != "step" else v) for k, v in state[i].items()}
+    torch.save(ck, path)
+    r = cli("train", "--resume", first.run_id, "--set", "train.max_steps=4")
+    _assert_bad(r, "written by an older version", "cannot be resumed")
+    _no_live_runs(db_path)
+
+
 def test_unknown_parent(cli):
     _assert_bad(cli("train", "demo", *tiny(f"data.corpus={PUBMED_TRAIN}", "parent=0badc0de")), "parent run not found", key="parent")
 

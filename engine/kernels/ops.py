@@ -259,17 +259,21 @@ def sparse_linear(x, values, bias, pattern):
 
 # --- timing for the engine's per-shape "auto" choice ---------------------------
 
-def _median_ms(fn, repeats):
-    fn()  # warm-up (JIT / cache load, first-touch of buffers)
-    ts = []
+def _interleaved_ms(fns, repeats):
+    """Median ms of each function, run in turns (one call of each per round, after a warm-up round),
+    so a change in machine load during the timing hits every candidate alike."""
+    for fn in fns:
+        fn()  # warm-up (JIT / cache load, first-touch of buffers)
+    ts = [[] for _ in fns]
     for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+        for fn, out in zip(fns, ts):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in ts]
 
 
-def time_kernels(pattern, n_tokens, repeats=3):
+def time_kernels(pattern, n_tokens, repeats=5):
     """Median ms of forward + dX + dW for this layer shape: dense torch vs our kernels."""
     p = pattern
     g = torch.Generator().manual_seed(0)
@@ -292,6 +296,7 @@ def time_kernels(pattern, n_tokens, repeats=3):
         _grad_values(tiles, dyt, p)
 
     with torch.no_grad():
-        d = _median_ms(dense, repeats)
-        s = _median_ms(sparse, repeats) if kernel_available() else float("inf")
+        if not kernel_available():
+            return {"dense_ms": float(_interleaved_ms([dense], repeats)[0]), "sparse_ms": float("inf")}
+        d, s = _interleaved_ms([dense, sparse], repeats)
     return {"dense_ms": float(d), "sparse_ms": float(s)}
