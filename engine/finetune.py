@@ -12,7 +12,6 @@ import dataclasses
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -315,36 +314,21 @@ class FineTuner(StageLoop):
         s.start(tc.max_steps)
         self.setup()
         logger = s.metrics_logger(tc.max_steps)
-        self._t_start = time.monotonic()
-        self._paused = 0.0
-        status = "completed"
-        while self.step < tc.max_steps:
-            if self.control.stop_requested.is_set():
-                status = "stopped"
-                break
-            if self.control.pause_requested.is_set():
-                self._pause_wait()
-                continue
-            t = time.perf_counter()
-            loss, grad_norm, n_tok = self.train_step()
-            dt = time.perf_counter() - t
-            self.step += 1
-            self.tokens += n_tok
-            metrics = {}
-            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                metrics = {"loss": loss, "lr": self.sched.get_last_lr()[0], "grad_norm": grad_norm,
-                           "tokens_per_s": n_tok / dt, "step_time": dt}
-            if self.step % tc.eval_every == 0 and self.step < tc.max_steps:
-                metrics.update(self.evaluate(final=False))
-            if metrics:
-                logger.log(metrics, self.point())
-            if self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
-                self.save(final=False)
-        if self.step > 0:
-            logger.log(self.evaluate(final=True), self.point())
+        status = self.run_steps(logger)
         self.save(final=True)
         s.finish(status, self.step, self.summary())
         return status
+
+    # -- the loop's hooks (StageLoop.run_steps) ----------------------------------------------------
+    def evaluates_at(self, step: int) -> bool:
+        return step % self.cfg.train.eval_every == 0 and step < self.cfg.train.max_steps
+
+    def evaluate_now(self) -> dict:
+        return self.evaluate(final=False)
+
+    def final_metrics(self, status: str) -> dict:
+        # the last dev evaluation also stores the baselines next to the run's score
+        return self.evaluate(final=True) if self.step > 0 else {}
 
     def _batch_loss(self) -> tuple[torch.Tensor, int, int]:
         """Loss of one micro-batch, its (unpadded-shape) token count and its sequence length with prefix."""

@@ -235,46 +235,38 @@ class Pretrainer(StageLoop):
             s.finish("completed", 0, {"vocab_size": self.vocab_size})
             return "completed"
         logger = s.metrics_logger(tc.max_steps)
-        self._t_start = time.monotonic()
-        self._paused = 0.0
-        status = "completed"
         self.model.train()
-        while self.step < tc.max_steps:
-            if self.control.stop_requested.is_set():
-                status = "stopped"
-                break
-            if self.control.pause_requested.is_set():
-                self._pause_wait()
-                continue
-            trial = self._trial["plan"].pop(0) if self._trial and self._trial["plan"] else None
-            if trial:
-                self._set_kernels(self._trial["mix"] if trial == "mix" else {n: "dense" for n in self.kernels})
-            t = time.perf_counter()
-            loss, grad_norm = self.train_step()
-            dt = time.perf_counter() - t
-            if trial:
-                self._record_trial(trial, dt)
-            self.step += 1
-            self.tokens += self.tokens_per_step
-            self.flops += self.fm.train_per_token(True) * self.tokens_per_step
-            self.flops_dense += self.fm.train_per_token(False) * self.tokens_per_step
-            metrics = {}
-            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                metrics = {"loss": loss, "lr": self.sched.get_last_lr()[0], "grad_norm": grad_norm,
-                           "tokens_per_s": self.tokens_per_step / dt, "step_time": dt, "sparsity": self.sparsity["total"]}
-            if self.step % tc.eval_every == 0 or self.step == tc.max_steps:
-                metrics.update(self.evaluate())
-            if metrics:
-                logger.log(metrics, self.point())
-            if self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
-                self.save(final=False)
-        if status == "stopped" and self.step > 0:
-            metrics = self.evaluate() if self.step % tc.eval_every else {}
-            if metrics:
-                logger.log(metrics, self.point())
+        status = self.run_steps(logger)
         self.save(final=True)
         s.finish(status, self.step, self.summary())
         return status
+
+    # -- the loop's hooks (StageLoop.run_steps) ----------------------------------------------------
+    def before_step(self) -> None:
+        self._in_trial = self._trial["plan"].pop(0) if self._trial and self._trial["plan"] else None
+        if self._in_trial:
+            self._set_kernels(self._trial["mix"] if self._in_trial == "mix" else {n: "dense" for n in self.kernels})
+
+    def after_step(self, seconds: float, tokens: int) -> None:
+        if self._in_trial:
+            self._record_trial(self._in_trial, seconds)
+        self.flops += self.fm.train_per_token(True) * tokens
+        self.flops_dense += self.fm.train_per_token(False) * tokens
+
+    def step_metrics(self) -> dict:
+        return {"sparsity": self.sparsity["total"]}
+
+    def evaluates_at(self, step: int) -> bool:
+        return step % self.cfg.train.eval_every == 0 or step == self.cfg.train.max_steps
+
+    def evaluate_now(self) -> dict:
+        return self.evaluate()
+
+    def final_metrics(self, status: str) -> dict:
+        # a stopped run gets a last validation unless its last step had one
+        if status == "stopped" and self.step > 0 and self.step % self.cfg.train.eval_every:
+            return self.evaluate()
+        return {}
 
     def _set_kernels(self, choice: dict[str, str]) -> None:
         for name, m in self.model.sparse_layers().items():
@@ -294,7 +286,7 @@ class Pretrainer(StageLoop):
         self.s.info(f"kernel trial over the first steps: per-shape choice {mix * 1000:.0f} ms/step, all dense "
                     f"{dense * 1000:.0f} ms/step; keeping {'the per-shape choice' if mix < dense else 'dense'}")
 
-    def train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float, int]:
         tc = self.cfg.train
 
         def batches():
@@ -304,7 +296,7 @@ class Pretrainer(StageLoop):
 
         loss, grad_norm = train_step(self.model, self.opt, batches(), tc.grad_accum, tc.grad_clip, self.autocast)
         self.sched.step()
-        return loss, grad_norm
+        return loss, grad_norm, self.tokens_per_step
 
     @torch.no_grad()
     def evaluate(self) -> dict:
