@@ -105,10 +105,7 @@ def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming:
 
 class FineTuner(StageLoop):
     def __init__(self, s: RunSession, control: Control, resume_ckpt: str | None = None):
-        self.s = s
-        self.cfg: RunConfig = s.cfg
-        self.control = control
-        self.resume_ckpt = resume_ckpt
+        super().__init__(s, control, resume_ckpt)
         self.prompting = self.cfg.stage == "prompt"
 
     # -- setup -------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
-from .config import RunConfig
 from .control import Control
 from .corpus import CorpusError, load_corpus
 from .data import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
@@ -126,12 +125,6 @@ def summary_of(state: dict) -> dict:
 
 
 class Pretrainer(StageLoop):
-    def __init__(self, s: RunSession, control: Control, resume_ckpt: str | None = None):
-        self.s = s
-        self.cfg: RunConfig = s.cfg
-        self.control = control
-        self.resume_ckpt = resume_ckpt
-
     # -- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
         s, cfg = self.s, self.cfg

@@ -8,13 +8,14 @@ from contextlib import nullcontext
 
 import torch
 
+from .config import RunConfig
 from .metrics_log import Point
 
 
 class StageLoop:
     # set by the stage: session, config, control, device, scheduler, counters
     s: object
-    cfg: object
+    cfg: RunConfig
     control: object
     device: torch.device
     sched: object
@@ -23,6 +24,12 @@ class StageLoop:
     flops: float
     flops_dense: float
     wall_offset: float
+
+    def __init__(self, s, control, resume_ckpt: str | None = None):
+        self.s = s
+        self.cfg = s.cfg
+        self.control = control
+        self.resume_ckpt = resume_ckpt
 
     # -- hooks ----------------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, int]:
