@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .sparse_linear import SparseLinear
+from .sparse_linear import SparseGroup, SparseLinear
 
 
 class CausalSelfAttention(nn.Module):
@@ -28,13 +28,12 @@ class CausalSelfAttention(nn.Module):
         self.out = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.out.residual = True
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.qkv = SparseGroup()  # q, k, v in one product on the sparse core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         h = self.n_head
-        q = self.q(x).view(B, T, h, C // h).transpose(1, 2)  # [B, h, T, C/h]
-        k = self.k(x).view(B, T, h, C // h).transpose(1, 2)  # [B, h, T, C/h]
-        v = self.v(x).view(B, T, h, C // h).transpose(1, 2)  # [B, h, T, C/h]
+        q, k, v = (t.view(B, T, h, C // h).transpose(1, 2) for t in self.qkv((self.q, self.k, self.v), x))  # [B, h, T, C/h]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)      # [B, T, C]
         return self.resid_drop(self.out(y))

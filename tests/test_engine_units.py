@@ -143,6 +143,32 @@ def test_masked_layers_store_and_train_only_their_nonzeros():
     assert torch.equal(dict(fc.named_parameters())["weight"], dense.blocks[0].mlp.fc.weight)
 
 
+def test_attention_inputs_share_one_sparse_product():
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=16), 64)
+    apply_sparsity(model, 0.5, "erk", seed=0)
+    attn = model.blocks[0].attn
+    x = torch.randint(0, 64, (3, 16))
+    results = {}
+    for kernel in ("dense", "sparse"):
+        for m in model.sparse_layers().values():
+            m.set_kernel(kernel)
+        model.zero_grad()
+        _, loss = model(x, x)
+        loss.backward()
+        results[kernel] = (loss.item(), [m.values.grad.clone() for m in (attn.q, attn.k, attn.v)])
+    assert attn.qkv._pattern is not None and attn.qkv._pattern.nnz == sum(int(m.mask.sum()) for m in (attn.q, attn.k, attn.v))
+    assert results["sparse"][0] == pytest.approx(results["dense"][0], rel=1e-5)
+    for sparse, dense in zip(results["sparse"][1], results["dense"][1]):
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-6)
+    stale = attn.qkv._pattern
+    apply_sparsity(model, 0.75, "uniform", seed=3)  # new masks: the stacked pattern is rebuilt
+    for m in model.sparse_layers().values():
+        m.set_kernel("sparse")
+    model(x, x)
+    assert attn.qkv._pattern is not stale and attn.qkv._pattern.density == pytest.approx(0.25, abs=1e-3)
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
