@@ -28,6 +28,7 @@ class SparseLinear(nn.Linear):
         self.kernel = "dense"
         self._pattern = None  # sparse-core index structures, built once per mask
         self.mask_id = 0
+        self._dense = None  # (key, dense weight) for the dense path, refreshed when the values change
 
     @property
     def is_sparse(self) -> bool:
@@ -46,6 +47,7 @@ class SparseLinear(nn.Linear):
         ``values`` Parameter keeps its identity when the mask is re-installed (resume), so an
         optimizer built on it stays valid."""
         self._pattern = None
+        self._dense = None
         self.mask_id = next(_MASK_IDS)
         dense = self.weight.detach()
         if mask is None:
@@ -92,9 +94,21 @@ class SparseLinear(nn.Linear):
             from .kernels import sparse_linear
 
             return sparse_linear(x, self.values, self.bias, self.pattern())
-        # the dense path: unpack (differentiable: the weight's gradient is gathered back at the mask)
-        dense = self.values.new_zeros(self.out_features * self.in_features).index_copy(0, self.flat, self.values)
-        return F.linear(x, dense.view(self.out_features, self.in_features), self.bias)
+        return _PackedDenseLinear.apply(x, self.values, self.bias, self._dense_weight(), self.flat)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The dense matrix for the dense path. Its buffer is kept between calls: the zeros never move,
+        so each call only writes the nonzeros again (no zero fill, no fresh allocation). It is written
+        on every call because optimizers update the values in place, fused AdamW without even
+        bumping their version counter."""
+        v = self.values
+        key = (self.mask_id, v.device, v.dtype)
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, v.new_zeros(self.out_features * self.in_features))
+        buf = self._dense[1]
+        with torch.no_grad():
+            buf.index_copy_(0, self.flat, v)
+        return buf.view(self.out_features, self.in_features)
 
     # state dicts hold the dense weight, so every reader of checkpoints sees an nn.Linear
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -119,6 +133,38 @@ class SparseLinear(nn.Linear):
     def extra_repr(self) -> str:
         extra = f", sparse={self.is_sparse}, kernel={self.kernel}" if self.is_sparse else ""
         return super().extra_repr() + extra
+
+
+class _PackedDenseLinear(torch.autograd.Function):
+    """``x @ W.T + b`` with W the packed layer's dense matrix; the weight's gradient comes back as
+    the gradient of its values (the dense product's gradient read at the mask)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, weight, flat):
+        # the layer's buffer is held by reference, not saved: a second forward of the layer before
+        # this backward rewrites it with the same values, which a saved tensor's version check would
+        # reject (the values only change at the optimizer step, after every backward of the step)
+        ctx.save_for_backward(x, flat)
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        ctx.v_dtype = values.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, flat = ctx.saved_tensors
+        weight = ctx.weight
+        need_x, need_v, need_b = ctx.needs_input_grad[:3]
+        gx = gv = gb = None
+        # products in the gradient's dtype (bf16 under CUDA autocast); autograd casts gx back to x's
+        if need_x:
+            gx = gy @ weight.to(gy.dtype)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if need_v:
+            gv = (gy2.T @ x.reshape(-1, x.shape[-1]).to(gy.dtype)).reshape(-1)[flat].to(ctx.v_dtype)
+        if need_b and ctx.has_bias:
+            gb = gy2.sum(0)
+        return gx, gv, gb, None, None
 
 
 class SparseGroup:

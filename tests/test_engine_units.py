@@ -262,3 +262,23 @@ def test_ground_floor_imports_without_torch():
             "bad = [m for m in ('torch', 'PySide6', 'tokenizers') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout.strip()
     assert out == "[]"
+
+
+def test_dense_path_of_a_packed_layer_follows_in_place_updates_and_repeated_use():
+    from engine.sparse_linear import SparseLinear
+
+    torch.manual_seed(2)
+    layer = SparseLinear(12, 8)
+    layer.set_mask(torch.rand(8, 12) < 0.5)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)  # updates without a version bump
+    x = torch.randn(5, 12)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)  # the new values, not stale ones
+    # the same layer twice in one graph, then one backward: gradients of both uses add up
+    layer.zero_grad()
+    (layer(x).sum() + 2 * layer(x).sum()).backward()
+    expected = 3 * layer.pattern().pack(torch.ones(5, 8).T @ x)
+    torch.testing.assert_close(layer.values.grad, expected)
