@@ -343,7 +343,8 @@ class CompareView(QWidget):
             if rid == run_id:
                 main.setVisible(visible)
                 raw.setVisible(visible and self._raw_wanted() and (rid, index) not in self._unsmoothed)
-        self.fit()
+        if self._at_fit():
+            self.fit()
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
@@ -370,10 +371,7 @@ class CompareView(QWidget):
             self._evals.pop(rid, None)
             if rid in self.runs:
                 self.runs[rid]["status"] = status[rid]
-        follow = self._fitted is None or self._fitted == self._ranges()
-        self._redraw(fit=follow)
-        if not follow:
-            self.refine()  # the user's zoomed range, re-read as finely as before
+        self._redraw_keeping_zoom()
 
     def _ranges(self) -> list:
         return [p.plot.vb.viewRange() for p in self.panels]
@@ -461,11 +459,21 @@ class CompareView(QWidget):
             self.smooth_slider.blockSignals(True)
             self.smooth_slider.setValue(int(round(self.smoothing * 100)))
             self.smooth_slider.blockSignals(False)
-        self._redraw()
+        self._redraw_keeping_zoom()
 
     def _set_show_raw(self, on: bool) -> None:
         self.show_raw = on
-        self._redraw()
+        self._redraw_keeping_zoom()
+
+    def _at_fit(self) -> bool:
+        """Whether the charts still show the ranges the last fit set (the user has not zoomed or panned)."""
+        return self._fitted is None or self._fitted == self._ranges()
+
+    def _redraw_keeping_zoom(self) -> None:
+        follow = self._at_fit()
+        self._redraw(fit=follow)
+        if not follow:
+            self.refine()  # the user's zoomed range, re-read as finely as before
 
     def _raw_wanted(self) -> bool:
         return self.show_raw and self.smoothing > 0

@@ -305,6 +305,9 @@ def test_runs_still_training_are_followed_unless_the_user_zoomed(qtbot, tmp_path
     view.poll_live()
     assert view.curves[(rid, 0)][1].xData[-1] == 300
     assert view.panels[0].plot.viewRange()[0] == pytest.approx([10, 50])
+    view.set_smoothing(0.3)  # restyling keeps the zoom too
+    view.set_run_visible(rid, True)
+    assert view.panels[0].plot.viewRange()[0] == pytest.approx([10, 50])
 
     db.update_run(rid, status="completed")
     log(301, 310)  # the last rows, written as the run ends
