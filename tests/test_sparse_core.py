@@ -68,6 +68,8 @@ def test_kernels_available():
     (257, 96, 160, 0.0),    # dense mask
     (200, 150, 90, 0.99),   # nearly empty
     (1, 33, 17, 0.5),       # single token
+    (1100, 64, 48, 0.75),   # 9 tiles: the SDDMM runs token chunks of 4, 4 and 1 tiles
+    (1300, 40, 70, 0.5),    # 11 tiles: chunks of 4, 4 and 3
 ])
 def test_matches_dense(n, in_f, out_f, sp):
     g = torch.Generator().manual_seed(n + in_f)
@@ -75,7 +77,7 @@ def test_matches_dense(n, in_f, out_f, sp):
 
 
 @pytest.mark.parametrize("n,in_f,out_f,sp", [(37, 50, 19, 0.5), (300, 200, 130, 0.9),
-                                              (257, 96, 160, 0.0)])
+                                              (257, 96, 160, 0.0), (1300, 40, 70, 0.75)])
 def test_parallel_path(monkeypatch, n, in_f, out_f, sp):
     """Small products run serially; force the multi-worker kernels (ragged
     items, more workers than items) through the same checks."""

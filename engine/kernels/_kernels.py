@@ -403,10 +403,15 @@ def spmm_par(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC
 
 
 @njit(cache=True, nogil=True)
-def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, RC, maxnnz, w, nwork):
+def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, w, nwork):
     """out[src[j]] = sum_n dy[n, row(j)] x[n, idx[j]] for the stored nonzeros j of
     work items w, w + nwork, ... (item = column block x RC rows): the gradient of the
-    layer's row-major values. Token tiles are taken in pairs (_sddmm_seg2), an odd last one alone."""
+    layer's row-major values. Token tiles are taken in pairs (_sddmm_seg2), an odd last one alone.
+
+    Tokens run in chunks of CT tiles, all items of a chunk before the next chunk: each column
+    block re-reads dY, and a chunk of dY stays in L3 where the whole of it (N = 2048, 3072
+    outputs: 25 MB) would come from memory once per column block. Per-chunk sums meet in ``acc``
+    (plan order, this worker's items only) before the scatter into ``out``."""
     L = 64 // xt.itemsize
     nrc = (nout + RC - 1) // RC
     ngmax = (maxnnz + L - 1) // L
@@ -418,46 +423,60 @@ def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, RC, maxnnz, 
     a0 = ((-buf.ctypes.data) % 64) // xt.itemsize
     part = buf[a0:]
     red = np.empty(ngmax * L + 1, dtype=xt.dtype)
-    # interleaved items: neighbouring row groups of one column block run at
-    # the same time on all workers and share the activation block in L3
-    for item in range(w, ncb * nrc, nwork):
-        cb = item // nrc
-        r0 = (item - cb * nrc) * RC
-        r1 = min(r0 + RC, nout)
-        prow = cb * nout
-        s0 = ptr[prow + r0]
-        nnz = ptr[prow + r1] - s0
-        if nnz == 0:
-            continue
-        # no zeroing: tile 0 stores every live row; padding rows only
-        # feed lanes of red that are never read
-        for t in range(0, ntiles - 1, 2):
-            xbase = t * nin * T
-            for o in range(r0, r1):
-                s = ptr[prow + o]
-                e = ptr[prow + o + 1]
-                if e > s:
-                    _sddmm_seg2(xt, xbase, nin * T, idx, s, e, dyt, (t * nout + o) * T,
-                                nout * T, part, (s - s0) * L, t == 0)
-        if ntiles % 2 == 1:
-            t = ntiles - 1
-            xbase = t * nin * T
-            for o in range(r0, r1):
-                s = ptr[prow + o]
-                e = ptr[prow + o + 1]
-                if e > s:
-                    _sddmm_seg(xt, xbase, idx, s, e, dyt, (t * nout + o) * T, part,
-                               (s - s0) * L, t == 0)
-        _reduce_lanes(part, 0, (nnz + L - 1) // L, red)
-        for j in range(nnz):
-            out[src[s0 + j]] = red[j]
+    nchunks = (ntiles + CT - 1) // CT
+    for c in range(nchunks):
+        c0 = c * CT
+        c1 = min(c0 + CT, ntiles)
+        # interleaved items: neighbouring row groups of one column block run at
+        # the same time on all workers and share the activation block in L3
+        for item in range(w, ncb * nrc, nwork):
+            cb = item // nrc
+            r0 = (item - cb * nrc) * RC
+            r1 = min(r0 + RC, nout)
+            prow = cb * nout
+            s0 = ptr[prow + r0]
+            nnz = ptr[prow + r1] - s0
+            if nnz == 0:
+                continue
+            # no zeroing: the chunk's first tile stores every live row; padding rows only
+            # feed lanes of red that are never read
+            for t in range(c0, c1 - 1, 2):
+                xbase = t * nin * T
+                for o in range(r0, r1):
+                    s = ptr[prow + o]
+                    e = ptr[prow + o + 1]
+                    if e > s:
+                        _sddmm_seg2(xt, xbase, nin * T, idx, s, e, dyt, (t * nout + o) * T,
+                                    nout * T, part, (s - s0) * L, t == c0)
+            if (c1 - c0) % 2 == 1:
+                t = c1 - 1
+                xbase = t * nin * T
+                for o in range(r0, r1):
+                    s = ptr[prow + o]
+                    e = ptr[prow + o + 1]
+                    if e > s:
+                        _sddmm_seg(xt, xbase, idx, s, e, dyt, (t * nout + o) * T, part,
+                                   (s - s0) * L, t == c0)
+            _reduce_lanes(part, 0, (nnz + L - 1) // L, red)
+            if nchunks == 1:
+                for j in range(nnz):
+                    out[src[s0 + j]] = red[j]
+            elif c == 0:
+                for j in range(nnz):
+                    acc[s0 + j] = red[j]
+            elif c < nchunks - 1:
+                for j in range(nnz):
+                    acc[s0 + j] += red[j]
+            else:
+                for j in range(nnz):
+                    out[src[s0 + j]] = acc[s0 + j] + red[j]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def sddmm_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, RC, maxnnz, nwork):
+def sddmm_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, nwork):
     """out[src[j]] = sum_n dy[n, row(j)] x[n, idx[j]] for every stored nonzero j."""
     for w in prange(nwork):
-        sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, RC, maxnnz, w, nwork)
+        sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, w, nwork)
 
 
 @njit(cache=True, nogil=True)

@@ -125,6 +125,9 @@ def _plan_values(values, p, pl, name):
 # when torch's OpenMP workers are still spinning on the other core, and the
 # demo model's 128x128 layers are only ~100 us of work in all.
 SERIAL_WORK = 1 << 21
+# Token tiles per SDDMM chunk (even: the SDDMM takes tiles in pairs). 4 tiles = 512 tokens: a chunk of
+# dY for 3072 outputs is 6 MB, which stays in L3 while every column block re-reads it
+SDDMM_CHUNK_TILES = 4
 # A scatter moves one value per nonzero and is memory-bound: two threads only pay off from ~1M values
 SCATTER_COST = 2
 
@@ -183,8 +186,10 @@ def _grad_values(tiles, dyt, p):
     No dense [out, in] product or gradient is ever formed."""
     pl = p.sdd
     g = torch.empty(p.nnz, dtype=dyt.dtype)
+    acc = _scratch("sdd_acc", p.nnz if tiles.nt > SDDMM_CHUNK_TILES else 1, dyt.dtype)
     _call("sddmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, dyt.numpy(),
-          p.out_features, pl.idx, pl.ptr, pl.ncb, tiles.nt, g.numpy(), pl.src, pl.rc, pl.max_item)
+          p.out_features, pl.idx, pl.ptr, pl.ncb, tiles.nt, g.numpy(), pl.src, acc.numpy(), pl.rc, pl.max_item,
+          SDDMM_CHUNK_TILES)
     return g
 
 
