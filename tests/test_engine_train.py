@@ -66,7 +66,7 @@ def test_demo_shaped_run_completes_with_valid_events_and_rows(cli, db_path):
     assert len(csv_out) - 1 == len(db.metrics(r.run_id))
 
 
-def test_masked_weights_and_adamw_state_stay_exactly_zero(cli, db_path):
+def test_masked_weights_stay_zero_and_adamw_state_covers_only_the_nonzeros(cli, db_path):
     r = cli("train", "demo", *tiny(CORPUS, "train.max_steps=50", "train.checkpoint_every=50", "train.eval_every=50",
                                    "sparsity.level=0.8", "sparsity.distribution=erk", "train.weight_decay=0.5"))
     assert r.rc == 0, r.stderr

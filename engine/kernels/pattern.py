@@ -21,10 +21,10 @@ class _Plan:
         np.cumsum(counts, out=self.ptr[1:])
         # unsigned 32-bit indices: half the index traffic, zero-extended in the kernels
         self.idx = np.ascontiguousarray(cols[order].astype(np.uint32))
-        # pos[k]: where the k-th nonzero of the weight in row-major order sits in this plan. Values are
-        # gathered by walking the weight row-major and scattering: its reads stream, the writes go to
-        # one sequential run per column block (reading in plan order instead strides across rows,
-        # 3-4x slower at 50 %)
+        # pos[k]: where the k-th nonzero of the weight in row-major order sits in this plan. A layer's
+        # values (row-major) reach a plan by a scatter along pos: the reads stream and the writes go to
+        # one sequential run per column block (a gather in plan order strides across rows, 3-4x slower
+        # at 50 %)
         self.pos = np.empty(order.size, dtype=np.uint32)
         self.pos[order] = np.arange(order.size, dtype=np.uint32)
         self.src = np.ascontiguousarray(order.astype(np.uint32))  # the inverse: plan entry -> row-major k
