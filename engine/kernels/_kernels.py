@@ -161,6 +161,62 @@ def _spmm_seg(typingctx, x, xbase, idx, val, start, end, y, ybase, accumulate):
     return sig, codegen
 
 
+def _sddmm_codegen(context, builder, tys, arrays, xbase, xstride, start, end, dybase, dystride, pbase, first,
+                   ntiles):
+    """Body of the SDDMM segment intrinsics for ``ntiles`` (1 or 2) token tiles at once: the tiles'
+    dy rows stay in registers; per nonzero, two independent FMA chains per tile, one partial-sum
+    read-modify-write for all of them."""
+    xty, idxty, dyty, pty = tys
+    xa, idxa, dya, pa = arrays
+    ft = _llvm_float(xty.dtype)
+    L = _lanes(xty.dtype)
+    nv = T // L
+    vty = ir.VectorType(ft, L)
+    i64 = ir.IntType(64)
+
+    def w64(v):
+        return builder.sext(v, i64) if v.type.width < 64 else v
+    xbase, xstride, start, end, dybase, dystride, pbase = map(
+        w64, (xbase, xstride, start, end, dybase, dystride, pbase))
+    xp = _data_ptr(context, builder, xty, xa)
+    ip = _data_ptr(context, builder, idxty, idxa)
+    dp = _data_ptr(context, builder, dyty, dya)
+    pp = _data_ptr(context, builder, pty, pa)
+    dybases = [dybase, builder.add(dybase, dystride)][:ntiles]
+    d = [_vload(builder, dp, builder.add(b, ir.Constant(i64, k * L)), vty) for b in dybases for k in range(nv)]
+    ent = builder.basic_block
+    loop = builder.append_basic_block("sddmm.loop")
+    done = builder.append_basic_block("sddmm.done")
+    builder.cbranch(builder.icmp_signed("<", start, end), loop, done)
+
+    builder.position_at_end(loop)
+    j = builder.phi(i64)
+    j.add_incoming(start, ent)
+    c = builder.zext(builder.load(builder.gep(ip, [j])), i64)
+    off = builder.add(xbase, builder.mul(c, ir.Constant(i64, T)))
+    offs = [off, builder.add(off, xstride)][:ntiles]
+    # independent FMA chains (two per tile) halve the dependency latency per nonzero
+    s = [None] * (2 * ntiles)
+    for q, o in enumerate(offs):
+        for k in range(nv):
+            v = _vload(builder, xp, builder.add(o, ir.Constant(i64, k * L)), vty)
+            h = (k & 1) + 2 * q
+            dv = d[q * nv + k]
+            s[h] = builder.fmul(dv, v) if s[h] is None else _fma(builder, dv, v, s[h])
+    per_tile = [builder.fadd(s[2 * q], s[2 * q + 1]) if s[2 * q + 1] is not None else s[2 * q]
+                for q in range(ntiles)]
+    tot = per_tile[0] if ntiles == 1 else builder.fadd(per_tile[0], per_tile[1])
+    poff = builder.add(pbase, builder.mul(builder.sub(j, start), ir.Constant(i64, L)))
+    # the first tile stores, later ones accumulate: the buffer needs no zeroing
+    prev = builder.select(first, ir.Constant(vty, [0.0] * L), _vload(builder, pp, poff, vty))
+    _vstore(builder, builder.fadd(prev, tot), pp, poff, vty)
+    jn = builder.add(j, ir.Constant(i64, 1))
+    j.add_incoming(jn, loop)
+    builder.cbranch(builder.icmp_signed("<", jn, end), loop, done)
+    builder.position_at_end(done)
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase, first):
     """p[pbase + (j-start)*L : +L] += lane-partial of dot(dy[dybase:+T], x[xbase+idx[j]*T:+T]).
@@ -173,48 +229,9 @@ def _sddmm_seg(typingctx, x, xbase, idx, start, end, dy, dybase, p, pbase, first
     def codegen(context, builder, signature, args):
         xa, xbase, idxa, start, end, dya, dybase, pa, pbase, first = args
         xty, _, idxty, _, _, dyty, _, pty, _, _ = signature.args
-        ft = _llvm_float(xty.dtype)
-        L = _lanes(xty.dtype)
-        nv = T // L
-        vty = ir.VectorType(ft, L)
-        i64 = ir.IntType(64)
-
-        def w64(v):
-            return builder.sext(v, i64) if v.type.width < 64 else v
-        xbase, start, end, dybase, pbase = map(w64, (xbase, start, end, dybase, pbase))
-        xp = _data_ptr(context, builder, xty, xa)
-        ip = _data_ptr(context, builder, idxty, idxa)
-        dp = _data_ptr(context, builder, dyty, dya)
-        pp = _data_ptr(context, builder, pty, pa)
-
-        d = [_vload(builder, dp, builder.add(dybase, ir.Constant(i64, k * L)), vty)
-             for k in range(nv)]
-        ent = builder.basic_block
-        loop = builder.append_basic_block("sddmm.loop")
-        done = builder.append_basic_block("sddmm.done")
-        builder.cbranch(builder.icmp_signed("<", start, end), loop, done)
-
-        builder.position_at_end(loop)
-        j = builder.phi(i64)
-        j.add_incoming(start, ent)
-        c = builder.zext(builder.load(builder.gep(ip, [j])), i64)
-        off = builder.add(xbase, builder.mul(c, ir.Constant(i64, T)))
-        # two independent FMA chains halve the dependency latency per nonzero
-        s = [None, None]
-        for k in range(nv):
-            v = _vload(builder, xp, builder.add(off, ir.Constant(i64, k * L)), vty)
-            h = k & 1
-            s[h] = builder.fmul(d[k], v) if s[h] is None else _fma(builder, d[k], v, s[h])
-        tot = builder.fadd(s[0], s[1]) if s[1] is not None else s[0]
-        poff = builder.add(pbase, builder.mul(builder.sub(j, start), ir.Constant(i64, L)))
-        # first tile stores, later ones accumulate: the buffer needs no zeroing
-        prev = builder.select(first, ir.Constant(vty, [0.0] * L), _vload(builder, pp, poff, vty))
-        _vstore(builder, builder.fadd(prev, tot), pp, poff, vty)
-        jn = builder.add(j, ir.Constant(i64, 1))
-        j.add_incoming(jn, loop)
-        builder.cbranch(builder.icmp_signed("<", jn, end), loop, done)
-        builder.position_at_end(done)
-        return context.get_dummy_value()
+        zero = ir.Constant(ir.IntType(64), 0)
+        return _sddmm_codegen(context, builder, (xty, idxty, dyty, pty), (xa, idxa, dya, pa), xbase, zero,
+                              start, end, dybase, zero, pbase, first, 1)
 
     return sig, codegen
 
@@ -229,51 +246,8 @@ def _sddmm_seg2(typingctx, x, xbase, xstride, idx, start, end, dy, dybase, dystr
     def codegen(context, builder, signature, args):
         xa, xbase, xstride, idxa, start, end, dya, dybase, dystride, pa, pbase, first = args
         xty, _, _, idxty, _, _, dyty, _, _, pty, _, _ = signature.args
-        ft = _llvm_float(xty.dtype)
-        L = _lanes(xty.dtype)
-        nv = T // L
-        vty = ir.VectorType(ft, L)
-        i64 = ir.IntType(64)
-
-        def w64(v):
-            return builder.sext(v, i64) if v.type.width < 64 else v
-        xbase, xstride, start, end, dybase, dystride, pbase = map(
-            w64, (xbase, xstride, start, end, dybase, dystride, pbase))
-        xp = _data_ptr(context, builder, xty, xa)
-        ip = _data_ptr(context, builder, idxty, idxa)
-        dp = _data_ptr(context, builder, dyty, dya)
-        pp = _data_ptr(context, builder, pty, pa)
-        dyb2 = builder.add(dybase, dystride)
-        d = [_vload(builder, dp, builder.add(b, ir.Constant(i64, k * L)), vty)
-             for b in (dybase, dyb2) for k in range(nv)]
-        ent = builder.basic_block
-        loop = builder.append_basic_block("sddmm2.loop")
-        done = builder.append_basic_block("sddmm2.done")
-        builder.cbranch(builder.icmp_signed("<", start, end), loop, done)
-
-        builder.position_at_end(loop)
-        j = builder.phi(i64)
-        j.add_incoming(start, ent)
-        c = builder.zext(builder.load(builder.gep(ip, [j])), i64)
-        off = builder.add(xbase, builder.mul(c, ir.Constant(i64, T)))
-        off2 = builder.add(off, xstride)
-        # four independent FMA chains of four
-        s = [None] * 4
-        for q, o in enumerate((off, off2)):
-            for k in range(nv):
-                v = _vload(builder, xp, builder.add(o, ir.Constant(i64, k * L)), vty)
-                h = (k & 1) + 2 * q
-                dv = d[q * nv + k]
-                s[h] = builder.fmul(dv, v) if s[h] is None else _fma(builder, dv, v, s[h])
-        tot = builder.fadd(builder.fadd(s[0], s[1]), builder.fadd(s[2], s[3]))
-        poff = builder.add(pbase, builder.mul(builder.sub(j, start), ir.Constant(i64, L)))
-        prev = builder.select(first, ir.Constant(vty, [0.0] * L), _vload(builder, pp, poff, vty))
-        _vstore(builder, builder.fadd(prev, tot), pp, poff, vty)
-        jn = builder.add(j, ir.Constant(i64, 1))
-        j.add_incoming(jn, loop)
-        builder.cbranch(builder.icmp_signed("<", jn, end), loop, done)
-        builder.position_at_end(done)
-        return context.get_dummy_value()
+        return _sddmm_codegen(context, builder, (xty, idxty, dyty, pty), (xa, idxa, dya, pa), xbase, xstride,
+                              start, end, dybase, dystride, pbase, first, 2)
 
     return sig, codegen
 
