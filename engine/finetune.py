@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import shutil
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .evaluate import Scorer, evaluate_examples, head_loss, head_targets, headli
 from .flops import FlopModel
 from .model import GPT
 from .optim import make_optimizer, make_scheduler
-from .pretrain import resolve_device, rng_state, set_rng_state, summary_of
+from .pretrain import rng_state, set_rng_state, summary_of
 from .prompting import PROMPT_FILE, SoftPrompt, init_ids, nearest_tokens, save_prompt
 from .session import InputError, RunSession
 from .stage_loop import StageLoop
@@ -111,12 +110,7 @@ class FineTuner(StageLoop):
     # -- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
         s, cfg, tc = self.s, self.cfg, self.cfg.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        self.device = resolve_device(tc.device)
-        torch.manual_seed(tc.seed)
-        random.seed(tc.seed)
-        np.random.seed(tc.seed % 2**32)
+        self.start_runtime()
         resume = load_checkpoint(self.resume_ckpt) if self.resume_ckpt else None
 
         parent, ck_row = _parent(s.db, cfg)

@@ -28,14 +28,6 @@ from .sparsity import apply_sparsity, load_masks, masks_state, measure_sparsity,
 from .vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("train.device is 'cuda' but no CUDA device is available", key="train.device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def parent_tokenizer_path(db, parent_id: str) -> Path:
     parent = db.get_run(parent_id)
     if parent is None:
@@ -129,12 +121,7 @@ class Pretrainer(StageLoop):
     def setup(self) -> None:
         s, cfg = self.s, self.cfg
         tc = cfg.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        self.device = resolve_device(tc.device)
-        torch.manual_seed(tc.seed)
-        random.seed(tc.seed)
-        np.random.seed(tc.seed % 2**32)
+        self.start_runtime()
 
         t = time.monotonic()
         corpus = load_corpus(cfg.data.corpus, cfg.data.text_field, cfg.data.max_documents)

@@ -3,13 +3,24 @@ logging, evaluation and checkpoint cadence), the wall clock without pauses, the 
 point, bf16 autocast on CUDA. A stage fills in the hooks below."""
 from __future__ import annotations
 
+import random
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from .config import RunConfig
 from .metrics_log import Point
+from .session import InputError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device is 'cuda' but no CUDA device is available", key="train.device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 class StageLoop:
@@ -30,6 +41,16 @@ class StageLoop:
         self.cfg = s.cfg
         self.control = control
         self.resume_ckpt = resume_ckpt
+
+    def start_runtime(self) -> None:
+        """Threads, device and seeds from train.*: the first thing every stage's setup does."""
+        tc = self.cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = resolve_device(tc.device)
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
 
     # -- hooks ----------------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, int]:
