@@ -115,9 +115,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--level", type=float, default=0.75)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the shape's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    shape = SHAPES["demo" if args.quick else args.shape]
+    shape = dict(SHAPES["demo" if args.quick else args.shape])
+    if args.batch:
+        shape["batch"] = args.batch
     tokens = shape["batch"] * shape["n_ctx"]
     rows = {}
 

@@ -76,6 +76,33 @@ def _fma(builder, a, b, c):
 
 
 @intrinsic
+def _take(typingctx, ctr, i):
+    """Atomically ``old = ctr[i]; ctr[i] += 1; return old`` (int64): the next work item of a queue
+    that all workers of a product draw from."""
+    sig = types.int64(ctr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a, i = args
+        p = builder.gep(_data_ptr(context, builder, signature.args[0], a), [i])
+        return builder.atomic_rmw("add", p, ir.Constant(ir.IntType(64), 1), "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def _peek(typingctx, ctr, i):
+    """Atomic (acquire) read of ``ctr[i]``, for a wait on the other workers' progress."""
+    sig = types.int64(ctr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a, i = args
+        p = builder.gep(_data_ptr(context, builder, signature.args[0], a), [i])
+        return builder.load_atomic(p, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
 def _spmm_seg(typingctx, x, xbase, idx, val, start, end, y, ybase, accumulate):
     """y[ybase:ybase+T] (+)= sum_j val[j] * x[xbase + idx[j]*T : +T], j in [start, end).
 
@@ -317,9 +344,12 @@ def _reduce_lanes(typingctx, part, pbase, ngroups, red):
     return sig, codegen
 
 
-# Every parallel kernel is a serial ``*_part(..., w, nwork)`` that does work
-# items w, w + nwork, ... plus a ``*_par(..., nwork)`` wrapper that runs the
-# parts in a prange.  numba's parfor lowering compiles plain scalar loops
+# Every parallel kernel is a serial ``*_part(..., ctr, w, nwork)`` plus a ``*_par(..., ctr, nwork)``
+# wrapper that runs nwork parts in a prange. The parts draw work items in order from a shared queue
+# (``_take`` on the int64 counters ``ctr``, zeroed per call) instead of a fixed share each: on a machine
+# where one core is busy with something else, or wakes late, the other core takes over its items
+# rather than waiting for them at the end. Items still start in order, so neighbouring items (which
+# share an activation block or tile) run at the same time on all workers.  numba's parfor lowering compiles plain scalar loops
 # inside a prange body poorly (a zero-fill + scatter ran 4-5x slower than the
 # same loop in a serial njit), and small products call the part directly,
 # skipping the thread pool (see ops._nwork).
@@ -330,8 +360,8 @@ def _reduce_lanes(typingctx, part, pbase, ngroups, red):
 
 
 @njit(cache=True, nogil=True)
-def spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, w, nwork):
-    """y[r, o] = sum_i W[o, i] x[r, i] (+ bias[o]) for the work items w, w + nwork, ...
+def spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, ctr, w, nwork):
+    """y[r, o] = sum_i W[o, i] x[r, i] (+ bias[o]) for the work items this worker takes
     (item = token tile x RC output rows), W as column-blocked CSR, x tiled,
     y row-major [n, nout] (flat).
 
@@ -342,7 +372,11 @@ def spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, R
     nrc = (nout + RC - 1) // RC
     buf = np.empty(RC * T + L, dtype=xt.dtype)
     acc = buf[((-buf.ctypes.data) % 64) // xt.itemsize:]
-    for item in range(w, ntiles * nrc, nwork):
+    nitems = ntiles * nrc
+    while True:
+        item = _take(ctr, 0)
+        if item >= nitems:
+            break
         t = item // nrc
         r0 = (item - t * nrc) * RC
         r1 = min(r0 + RC, nout)
@@ -371,21 +405,24 @@ def spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, R
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def spmm_par(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, nwork):
+def spmm_par(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, ctr, nwork):
     for w in prange(nwork):
-        spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, w, nwork)
+        spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, ctr, w, nwork)
 
 
 @njit(cache=True, nogil=True)
-def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, w, nwork):
+def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, ctr, w, nwork):
     """out[src[j]] = sum_n dy[n, row(j)] x[n, idx[j]] for the stored nonzeros j of
-    work items w, w + nwork, ... (item = column block x RC rows): the gradient of the
+    the work items this worker takes (item = column block x RC rows): the gradient of the
     layer's row-major values. Token tiles are taken in pairs (_sddmm_seg2), an odd last one alone.
 
     Tokens run in chunks of CT tiles, all items of a chunk before the next chunk: each column
     block re-reads dY, and a chunk of dY stays in L3 where the whole of it (N = 2048, 3072
     outputs: 25 MB) would come from memory once per column block. Per-chunk sums meet in ``acc``
-    (plan order, this worker's items only) before the scatter into ``out``."""
+    (plan order) before the scatter into ``out``. Chunk c's items are queue ctr[2c]; ctr[2c + 1]
+    counts the finished ones, and no worker starts chunk c + 1 before all of chunk c is done, since
+    an item of the next chunk adds to the same ``acc`` entries. (A worker that never got to run has
+    taken no item, so this wait never waits on it.)"""
     L = 64 // xt.itemsize
     nrc = (nout + RC - 1) // RC
     ngmax = (maxnnz + L - 1) // L
@@ -398,12 +435,19 @@ def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, max
     part = buf[a0:]
     red = np.empty(ngmax * L + 1, dtype=xt.dtype)
     nchunks = (ntiles + CT - 1) // CT
+    nitems = ncb * nrc
     for c in range(nchunks):
         c0 = c * CT
         c1 = min(c0 + CT, ntiles)
-        # interleaved items: neighbouring row groups of one column block run at
+        if c > 0:
+            while _peek(ctr, 2 * c - 1) < nitems:
+                pass
+        # items in order: neighbouring row groups of one column block run at
         # the same time on all workers and share the activation block in L3
-        for item in range(w, ncb * nrc, nwork):
+        while True:
+            item = _take(ctr, 2 * c)
+            if item >= nitems:
+                break
             cb = item // nrc
             r0 = (item - cb * nrc) * RC
             r1 = min(r0 + RC, nout)
@@ -411,6 +455,7 @@ def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, max
             s0 = ptr[prow + r0]
             nnz = ptr[prow + r1] - s0
             if nnz == 0:
+                _take(ctr, 2 * c + 1)
                 continue
             # no zeroing: the chunk's first tile stores every live row; padding rows only
             # feed lanes of red that are never read
@@ -444,28 +489,30 @@ def sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, max
             else:
                 for j in range(nnz):
                     out[src[s0 + j]] = acc[s0 + j] + red[j]
+            _take(ctr, 2 * c + 1)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def sddmm_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, nwork):
+def sddmm_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, ctr, nwork):
     """out[src[j]] = sum_n dy[n, row(j)] x[n, idx[j]] for every stored nonzero j."""
     for w in prange(nwork):
-        sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, w, nwork)
+        sddmm_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, ctr, w, nwork)
 
 
 @njit(cache=True, nogil=True)
-def scatter_part(src, pos, out, w, nwork):
+def scatter_part(src, pos, out, ctr, w, nwork):
     """out[pos[k]] = src[k] for this worker's share of k: a layer's values (row-major) in a plan's
-    entry order. The reads stream; the writes fall in one sequential run per column block."""
+    entry order. The reads stream; the writes fall in one sequential run per column block.
+    (A fixed share: the work is uniform and too short for a queue to matter.)"""
     n = src.size
     for k in range(w * n // nwork, (w + 1) * n // nwork):
         out[pos[k]] = src[k]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def scatter_par(src, pos, out, nwork):
+def scatter_par(src, pos, out, ctr, nwork):
     for w in prange(nwork):
-        scatter_part(src, pos, out, w, nwork)
+        scatter_part(src, pos, out, ctr, w, nwork)
 
 
 @intrinsic
@@ -525,11 +572,15 @@ def _transpose_block(typingctx, src, soff, sstride, dst, doff, dstride, bias, bo
 
 
 @njit(cache=True, nogil=True)
-def to_tiles_part(x, n, f, ntiles, out, dummy, w, nwork):
+def to_tiles_part(x, n, f, ntiles, out, dummy, ctr, w, nwork):
     """Row-major x[n, f] (flat) -> out[ntiles, f, T], zero-padding the last tile."""
     L = 64 // x.itemsize
     nfb = (f + L - 1) // L
-    for item in range(w, ntiles * nfb, nwork):
+    nitems = ntiles * nfb
+    while True:
+        item = _take(ctr, 0)
+        if item >= nitems:
+            break
         t = item // nfb
         f0 = (item - t * nfb) * L
         f1 = min(f0 + L, f)
@@ -550,6 +601,6 @@ def to_tiles_part(x, n, f, ntiles, out, dummy, w, nwork):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def to_tiles_par(x, n, f, ntiles, out, dummy, nwork):
+def to_tiles_par(x, n, f, ntiles, out, dummy, ctr, nwork):
     for w in prange(nwork):
-        to_tiles_part(x, n, f, ntiles, out, dummy, w, nwork)
+        to_tiles_part(x, n, f, ntiles, out, dummy, ctr, w, nwork)

@@ -8,6 +8,7 @@ import statistics
 import threading
 import time
 
+import numpy as np
 import torch
 
 from .pattern import SparsePattern
@@ -142,13 +143,15 @@ def _nwork(work):
     return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
 
 
-def _call(name, work, *args):
-    """Run kernel ``name``: its serial part directly, or the prange wrapper."""
+def _call(name, work, *args, queues=1):
+    """Run kernel ``name``: its serial part directly, or the prange wrapper. ``queues`` zeroed int64
+    counters go with it (the work queues its parts draw items from; see _kernels)."""
     nw = _nwork(work)
+    ctr = np.zeros(queues, dtype=np.int64)
     if nw == 1:
-        getattr(_K, name + "_part")(*args, 0, 1)
+        getattr(_K, name + "_part")(*args, ctr, 0, 1)
     else:
-        getattr(_K, name + "_par")(*args, nw)
+        getattr(_K, name + "_par")(*args, ctr, nw)
 
 
 def _bias_arg(bias, dtype):
@@ -187,9 +190,10 @@ def _grad_values(tiles, dyt, p):
     pl = p.sdd
     g = torch.empty(p.nnz, dtype=dyt.dtype)
     acc = _scratch("sdd_acc", p.nnz if tiles.nt > SDDMM_CHUNK_TILES else 1, dyt.dtype)
+    nchunks = (tiles.nt + SDDMM_CHUNK_TILES - 1) // SDDMM_CHUNK_TILES
     _call("sddmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, dyt.numpy(),
           p.out_features, pl.idx, pl.ptr, pl.ncb, tiles.nt, g.numpy(), pl.src, acc.numpy(), pl.rc, pl.max_item,
-          SDDMM_CHUNK_TILES)
+          SDDMM_CHUNK_TILES, queues=2 * nchunks)
     return g
 
 
