@@ -181,3 +181,65 @@ def test_time_kernels_positive():
     assert set(r) >= {"dense_ms", "sparse_ms"}
     assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
     assert r["sparse_ms"] != float("inf")
+
+
+@pytest.mark.parametrize("kernel", ["spmm", "sddmm"])
+def test_work_queue_gives_the_serial_result_however_workers_run(kernel):
+    """The parallel kernels' workers draw items from a shared queue. Whether two workers run at the
+    same time (real threads; the kernels release the GIL), one after the other (a worker that only
+    starts once the other is done must find nothing left, and the SDDMM's wait between token chunks
+    must not wait on it), or a single worker does it all, every item is computed once and in the
+    same way, so the result is bitwise the serial one. 1300 tokens = 11 tiles = 3 SDDMM chunks; rows
+    32-63 are empty, so whole work items have no nonzeros (they count as done all the same)."""
+    import threading
+
+    import numpy as np
+    from engine.kernels import ops
+
+    assert kernel_available()
+    g = torch.Generator().manual_seed(12)
+    p = SparsePattern.from_mask(_mask(96, 80, 0.7, g, empty_rows=range(32, 64)))
+    assert p.sdd.rc == 32
+    x = torch.randn(1300, 80, generator=g)
+    dy = torch.randn(1300, 96, generator=g)
+    v = torch.randn(p.nnz, generator=g)
+    tiles = ops._fwd_tiles(x, p)
+    dyt = ops._tile(dy, "dyt")[0].clone()
+    nchunks = (tiles.nt + ops.SDDMM_CHUNK_TILES - 1) // ops.SDDMM_CHUNK_TILES
+    assert nchunks == 3
+
+    def launch():
+        """(fresh output, part(ctr, w, nwork), number of queue counters)"""
+        if kernel == "spmm":
+            pl = p.fwd
+            vals = ops._plan_values(v, p, pl, "vals_fwd").clone()
+            out = torch.zeros(1300, 96)
+            args = (tiles.xt.numpy(), 80, pl.idx, vals.numpy(), pl.ptr, 96, pl.ncb, tiles.nt, 1300,
+                    out.view(-1).numpy(), ops._dummy(torch.float32), False, pl.rc)
+            return out, lambda ctr, w, n: ops._K.spmm_part(*args, ctr, w, n), 1
+        pl = p.sdd
+        out, acc = torch.zeros(p.nnz), torch.zeros(p.nnz)
+        args = (tiles.xt.numpy(), 80, dyt.numpy(), 96, pl.idx, pl.ptr, pl.ncb, tiles.nt, out.numpy(), pl.src,
+                acc.numpy(), pl.rc, pl.max_item, ops.SDDMM_CHUNK_TILES)
+        return out, lambda ctr, w, n: ops._K.sddmm_part(*args, ctr, w, n), 2 * nchunks
+
+    serial, part, nq = launch()
+    part(np.zeros(nq, dtype=np.int64), 0, 1)
+    ref = (x @ p.unpack(v).T) if kernel == "spmm" else p.pack(dy.T @ x)
+    assert torch.allclose(serial, ref, rtol=1e-4, atol=1e-4)
+
+    one_after_other, part, nq = launch()
+    ctr = np.zeros(nq, dtype=np.int64)
+    part(ctr, 0, 2)
+    part(ctr, 1, 2)
+    assert torch.equal(one_after_other, serial)
+
+    for _ in range(5):
+        together, part, nq = launch()
+        ctr = np.zeros(nq, dtype=np.int64)
+        threads = [threading.Thread(target=part, args=(ctr, w, 2)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert torch.equal(together, serial)
