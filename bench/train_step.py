@@ -6,10 +6,11 @@ Prints tokens/s of:
   * our 75 %-sparse step (sparse matmul core, kernel "sparse", and the engine's "auto" choice)
     vs our dense step, next to the theoretical training-FLOP ratio of the two.
 
-Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo] [--steps N] [--json]
+Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo] [--steps N] [--batch B] [--json]
 The default shape is GPT-2 small (12 layers, d 768, n_ctx 512, vocab 50,257); --quick uses the demo
 shape. All configurations run round-robin (one timed step each per round, after warm-up steps);
-each figure is the median over the rounds.
+each figure is the median over the rounds. The process keeps freed memory for reuse, as the
+engine's training stages do (engine/memory.py), for every configuration alike.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 from engine.config import ModelConfig, TrainConfig  # noqa: E402
 from engine.flops import flop_model_for  # noqa: E402
+from engine.memory import keep_freed_memory  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.optim import make_optimizer  # noqa: E402
 from engine.sparsity import apply_sparsity  # noqa: E402
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the shape's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as every engine stage runs (engine/stage_loop.py); for all configurations
     shape = dict(SHAPES["demo" if args.quick else args.shape])
     if args.batch:
         shape["batch"] = args.batch
@@ -164,6 +167,7 @@ def main() -> None:
     result = {
         "shape": {k: v for k, v in shape.items()}, "tokens_per_step": tokens, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "sparsity": args.level,
+        "malloc_keeps_freed_memory": kept,
         "seconds_per_step": rows, "tokens_per_s": {k: tokens / v for k, v in rows.items()},
         "ratio_ours_dense_vs_hf": rows["hf_gpt2_dense"] / rows["ours_dense"],
         "ratio_sparse_core_vs_dense": rows["ours_dense"] / rows["ours_sparse_core"],
@@ -174,7 +178,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"shape {shape} — {tokens} tokens/step, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"shape {shape} — {tokens} tokens/step, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"freed memory kept for reuse: {'yes' if kept else 'no'}")
     print(f"{'step':28} {'s/step':>9} {'tokens/s':>10}")
     for k, v in rows.items():
         print(f"{k:28} {v:9.3f} {tokens / v:10.0f}")

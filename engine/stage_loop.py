@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
+from .memory import keep_freed_memory
 from .metrics_log import Point
 from .session import InputError
 
@@ -43,7 +44,9 @@ class StageLoop:
         self.resume_ckpt = resume_ckpt
 
     def start_runtime(self) -> None:
-        """Threads, device and seeds from train.*: the first thing every stage's setup does."""
+        """Threads, device and seeds from train.*, and malloc keeping freed buffers for the next step
+        (engine.memory): the first thing every stage's setup does."""
+        keep_freed_memory()
         tc = self.cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
