@@ -169,6 +169,29 @@ def test_attention_inputs_share_one_sparse_product():
     assert attn.qkv._pattern is not stale and attn.qkv._pattern.density == pytest.approx(0.25, abs=1e-3)
 
 
+def test_training_logits_take_the_transposed_product_with_the_same_loss_and_gradients():
+    """On CPU the loss's logits come from W h^T read transposed (a faster GEMM layout for a wide
+    vocabulary); loss and gradients must equal the plain head's, ignore_index included."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=16), 301)
+    x = torch.randint(0, 301, (3, 16))
+    y = x.clone()
+    y[0, :5] = -100
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 16, 301) and logits.stride(-1) != 1  # the transposed view
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    h = model.hidden(x)
+    plain_logits = model.lm_head(h)
+    ref = torch.nn.functional.cross_entropy(plain_logits.view(-1, 301), y.reshape(-1), ignore_index=-100)
+    ref.backward()
+    assert torch.allclose(logits, plain_logits, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-7)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, rtol=1e-5, atol=1e-7), n
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
