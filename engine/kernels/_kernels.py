@@ -346,13 +346,13 @@ def _reduce_lanes(typingctx, part, pbase, ngroups, red):
 
 # Every parallel kernel is a serial ``*_part(..., ctr, w, nwork)`` plus a ``*_par(..., ctr, nwork)``
 # wrapper that runs nwork parts in a prange. The parts draw work items in order from a shared queue
-# (``_take`` on the int64 counters ``ctr``, zeroed per call) instead of a fixed share each: on a machine
-# where one core is busy with something else, or wakes late, the other core takes over its items
-# rather than waiting for them at the end. Items still start in order, so neighbouring items (which
-# share an activation block or tile) run at the same time on all workers.  numba's parfor lowering compiles plain scalar loops
-# inside a prange body poorly (a zero-fill + scatter ran 4-5x slower than the
-# same loop in a serial njit), and small products call the part directly,
-# skipping the thread pool (see ops._nwork).
+# (``_take`` on the int64 counters ``ctr``, zeroed per call) instead of a fixed share each: on a
+# machine where one core is busy with something else, or wakes late, the other core takes over its
+# items rather than waiting for them at the end. Items still start in order, so neighbouring items
+# (which share an activation block or tile) run at the same time on all workers. numba's parfor
+# lowering compiles plain scalar loops inside a prange body poorly (a zero-fill + scatter ran 4-5x
+# slower than the same loop in a serial njit), and small products call the part directly, skipping
+# the thread pool (see ops._nwork).
 
 # RC (an argument) = rows per work item.  Within an item the loop runs column
 # block by column block, so one activation block (CB features x T tokens) is
