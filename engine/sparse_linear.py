@@ -77,6 +77,9 @@ class SparseLinear(nn.Linear):
             from .kernels import SparsePattern
 
             self._pattern = SparsePattern.from_mask(self.mask.cpu())
+            if self.flat.device.type == "cpu" and torch.equal(self.flat, self._pattern.flat_t):
+                # the same row-major offsets: keep one copy (8 bytes per nonzero)
+                self.flat = self._pattern.flat_t
         return self._pattern
 
     def nonzero_count(self) -> int:

@@ -305,3 +305,18 @@ def test_dense_path_of_a_packed_layer_follows_in_place_updates_and_repeated_use(
     (layer(x).sum() + 2 * layer(x).sum()).backward()
     expected = 3 * layer.pattern().pack(torch.ones(5, 8).T @ x)
     torch.testing.assert_close(layer.values.grad, expected)
+
+
+def test_sparse_kernel_structures_share_the_layers_mask_and_offsets():
+    """Per nonzero, a sparse layer keeps its values, the row-major offsets once (shared by the layer
+    and its kernel pattern), three index plans and one permutation per plan; the pattern holds the
+    layer's mask itself, not a copy."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=64, n_ctx=16), 50)
+    apply_sparsity(model, 0.75, "uniform", seed=0)
+    layer = model.sparse_layers()["blocks.0.mlp.fc"]
+    p = layer.pattern()
+    assert layer.flat.data_ptr() == p.flat_t.data_ptr()
+    assert layer.mask.data_ptr() == p.mask.data_ptr()
+    assert p.fwd.src is None and p.bwd.src is None and p.sdd.pos is None
+    assert p.fwd.pos.size == p.bwd.pos.size == p.sdd.src.size == layer.values.numel()

@@ -7,10 +7,12 @@ CB = 64
 
 
 class _Plan:
-    """One column-blocked CSR (see ``_blocked_csr``) plus the work-item height."""
+    """One column-blocked CSR (see ``_blocked_csr``) plus the work-item height, and the one
+    permutation its product needs: ``pos`` for a plan the values are scattered into (the SpMMs),
+    ``src`` for a plan whose results go back to the values (the SDDMM). The other is None."""
     __slots__ = ("ncb", "ptr", "idx", "pos", "src", "rc", "cb", "max_item", "n_rows")
 
-    def __init__(self, rows, cols, n_rows, n_cols, cb, rc):
+    def __init__(self, rows, cols, n_rows, n_cols, cb, rc, *, to_plan):
         self.cb, self.rc, self.n_rows = int(cb), int(rc), int(n_rows)
         self.ncb = max(1, (n_cols + cb - 1) // cb)
         blk = cols // cb
@@ -21,13 +23,16 @@ class _Plan:
         np.cumsum(counts, out=self.ptr[1:])
         # unsigned 32-bit indices: half the index traffic, zero-extended in the kernels
         self.idx = np.ascontiguousarray(cols[order].astype(np.uint32))
-        # pos[k]: where the k-th nonzero of the weight in row-major order sits in this plan. A layer's
-        # values (row-major) reach a plan by a scatter along pos: the reads stream and the writes go to
-        # one sequential run per column block (a gather in plan order strides across rows, 3-4x slower
-        # at 50 %)
-        self.pos = np.empty(order.size, dtype=np.uint32)
-        self.pos[order] = np.arange(order.size, dtype=np.uint32)
-        self.src = np.ascontiguousarray(order.astype(np.uint32))  # the inverse: plan entry -> row-major k
+        self.pos = self.src = None
+        if to_plan:
+            # pos[k]: where the k-th nonzero of the weight in row-major order sits in this plan. A layer's
+            # values (row-major) reach a plan by a scatter along pos: the reads stream and the writes go to
+            # one sequential run per column block (a gather in plan order strides across rows, 3-4x slower
+            # at 50 %)
+            self.pos = np.empty(order.size, dtype=np.uint32)
+            self.pos[order] = np.arange(order.size, dtype=np.uint32)
+        else:
+            self.src = np.ascontiguousarray(order.astype(np.uint32))  # the inverse: plan entry -> row-major k
         # most nonzeros of one work item (column block x rc rows): sizes the
         # SDDMM's per-thread scratch
         r0 = np.arange(0, max(n_rows, 1), self.rc)
@@ -74,10 +79,12 @@ class SparsePattern:
         self.flat = np.ascontiguousarray(rows * in_f + cols)
         self.flat_t = torch.from_numpy(self.flat)
         d = self.density
-        self.fwd = _Plan(rows, cols, out_f, in_f, cb_fwd or _cb_spmm(d), rc_fwd or RC_SPMM)
-        self.bwd = _Plan(cols, rows, in_f, out_f, cb_bwd or _cb_spmm(d), rc_fwd or RC_SPMM)
-        self.sdd = _Plan(rows, cols, out_f, in_f, cb_sdd or _cb_sddmm(d), rc_sdd or RC_SDDMM)
-        self.mask = torch.from_numpy(m.copy())
+        self.fwd = _Plan(rows, cols, out_f, in_f, cb_fwd or _cb_spmm(d), rc_fwd or RC_SPMM, to_plan=True)
+        self.bwd = _Plan(cols, rows, in_f, out_f, cb_bwd or _cb_spmm(d), rc_fwd or RC_SPMM, to_plan=True)
+        self.sdd = _Plan(rows, cols, out_f, in_f, cb_sdd or _cb_sddmm(d), rc_sdd or RC_SDDMM, to_plan=False)
+        # the mask it was built from, not a copy (a layer's mask can be GPT-2-sized; masks are never
+        # changed in place, a new mask means a new pattern)
+        self.mask = torch.from_numpy(m)
         return self
 
     def pack(self, weight):
