@@ -7,8 +7,8 @@ of zeroed pages back in: ~200,000 page faults and 0.5-1 s of kernel time per ste
 machine, for the dense and the sparse model alike. With mmap off and trimming off, freed blocks stay
 in the heap and the next step reuses them. The process then keeps its peak memory until it exits,
 which a training run reaches on its first steps anyway. Measured at GPT-2 small (one 512-token
-sequence per step): peak memory +10 % (sparse 3.5 -> 3.85 GB, dense 2.9 -> 3.2 GB), no page faults
-once the heap has settled (within 5 steps; flat over 40 steps). MEDISWIFT_KEEP_FREED_MEMORY=0 in the
+sequence per step): peak memory +10-15 % (75 % sparse 2.9 -> 3.2-3.3 GB, dense 2.9 -> 3.2 GB), no
+page faults once the heap has settled (within 5 steps; flat over 40 steps). MEDISWIFT_KEEP_FREED_MEMORY=0 in the
 environment turns it off.
 """
 from __future__ import annotations
