@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
-# Ten rounds of a step-like pattern: three 100 MB tensors allocated, computed on and freed, as each
+# Fourteen rounds of a step-like pattern: three 100 MB tensors allocated, computed on and freed, as each
 # training step does with the LM head's buffers; prints the page faults of each round.
 _PROBE = textwrap.dedent("""
     import resource, sys
@@ -17,7 +17,7 @@ _PROBE = textwrap.dedent("""
     from engine.memory import keep_freed_memory
     assert keep_freed_memory() == (sys.argv[2] == "keep")
     faults = []
-    for _ in range(10):
+    for _ in range(14):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         a = torch.ones(25 * 2**20)
         b = a * 2
@@ -40,12 +40,13 @@ def test_later_rounds_reuse_the_freed_buffers():
     kept = _faults("keep")
     assert kept[0] > 60_000                        # 300 MB of 4 KB pages faulted in at first
     # 64-byte-aligned blocks fit the holes of freed ones only once neighbours have merged: the heap
-    # settles within a few rounds (a GPT-2-small run: within its first 5 steps), then (nearly)
-    # nothing faults: the last five rounds together fault less than half of one round's buffers
-    assert sum(kept[5:]) < kept[0] // 2, kept
+    # settles within a few rounds (by round 8 in 18 of 18 trials here; a GPT-2-small run: within
+    # its first 5 steps), then (nearly) nothing faults: the last five rounds together fault less
+    # than half of one round's buffers
+    assert sum(kept[9:]) < kept[0] // 2, kept
     # the contrast: by default every round faults all of it in again
     default = _faults("default")
-    assert min(default[5:]) > default[0] // 2, default
+    assert min(default[9:]) > default[0] // 2, default
 
 
 def test_training_stages_apply_it(monkeypatch):
