@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+from helpers import REPO
 
 # Fourteen rounds of a step-like pattern: three 100 MB tensors allocated, computed on and freed, as each
 # training step does with the LM head's buffers; prints the page faults of each round.
@@ -30,7 +30,7 @@ _PROBE = textwrap.dedent("""
 
 def _faults(mode):
     env = dict(os.environ, MEDISWIFT_KEEP_FREED_MEMORY="1" if mode == "keep" else "0")
-    out = subprocess.run([sys.executable, "-c", _PROBE, ROOT, mode], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(REPO), mode], capture_output=True, text=True, check=True,
                          env=env)
     return [int(v) for v in out.stdout.split()]
 

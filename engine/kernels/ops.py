@@ -189,8 +189,8 @@ def _grad_values(tiles, dyt, p):
     No dense [out, in] product or gradient is ever formed."""
     pl = p.sdd
     g = torch.empty(p.nnz, dtype=dyt.dtype)
-    acc = _scratch("sdd_acc", p.nnz if tiles.nt > SDDMM_CHUNK_TILES else 1, dyt.dtype)
     nchunks = (tiles.nt + SDDMM_CHUNK_TILES - 1) // SDDMM_CHUNK_TILES
+    acc = _scratch("sdd_acc", p.nnz if nchunks > 1 else 1, dyt.dtype)  # per-chunk sums meet here
     _call("sddmm", p.nnz * tiles.nt * T, tiles.xt.numpy(), p.in_features, dyt.numpy(),
           p.out_features, pl.idx, pl.ptr, pl.ncb, tiles.nt, g.numpy(), pl.src, acc.numpy(), pl.rc, pl.max_item,
           SDDMM_CHUNK_TILES, queues=2 * nchunks)

@@ -7,7 +7,7 @@ CB = 64
 
 
 class _Plan:
-    """One column-blocked CSR (see ``_blocked_csr``) plus the work-item height, and the one
+    """One column-blocked CSR (layout: see SparsePattern) plus the work-item height, and the one
     permutation its product needs: ``pos`` for a plan the values are scattered into (the SpMMs),
     ``src`` for a plan whose results go back to the values (the SDDMM). The other is None."""
     __slots__ = ("ncb", "ptr", "idx", "pos", "src", "rc", "cb", "max_item", "n_rows")
