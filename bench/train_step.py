@@ -163,11 +163,16 @@ def main() -> None:
     rows = {k: statistics.median(v) for k, v in times.items()}
 
     log_ms = logging_overhead_ms()
+    import numba
+    try:
+        pool = numba.threading_layer()  # the sparse kernels' thread pool (engine/kernels/_kernels.py)
+    except ValueError:  # every product ran on the calling thread
+        pool = "not started"
     flop_ratio = fm_dense.train_per_token(False) / fm_sparse.train_per_token(True)
     result = {
         "shape": {k: v for k, v in shape.items()}, "tokens_per_step": tokens, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "sparsity": args.level,
-        "malloc_keeps_freed_memory": kept,
+        "malloc_keeps_freed_memory": kept, "numba_threading_layer": pool,
         "seconds_per_step": rows, "tokens_per_s": {k: tokens / v for k, v in rows.items()},
         "ratio_ours_dense_vs_hf": rows["hf_gpt2_dense"] / rows["ours_dense"],
         "ratio_sparse_core_vs_dense": rows["ours_dense"] / rows["ours_sparse_core"],
@@ -179,7 +184,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"shape {shape} — {tokens} tokens/step, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"freed memory kept for reuse: {'yes' if kept else 'no'}")
+          f"freed memory kept for reuse: {'yes' if kept else 'no'}, sparse kernels' thread pool: {pool}")
     print(f"{'step':28} {'s/step':>9} {'tokens/s':>10}")
     for k, v in rows.items():
         print(f"{k:28} {v:9.3f} {tokens / v:10.0f}")

@@ -215,8 +215,9 @@ def cmd_inspect(args) -> int:
     else:
         print(f"run {row['id']} at step {ckpt['step']}: {report['params']['total']:,} parameters, "
               f"{report['params']['nonzero']:,} nonzero, sparsity {report['sparsity']['total']:.4f}")
+        kernels = report["kernels"]
         for name, v in report["sparsity"]["layers"].items():
-            print(f"  {name:32} {v:.4f}")
+            print(f"  {name:32} {v:.4f}" + (f"  kernel {kernels[name]}" if name in kernels else ""))
         f = report["flops_per_token"]
         print(f"training FLOPs per token: {f['sparse']:.4g} sparse, {f['dense']:.4g} dense-equivalent ({f['dense'] / f['sparse']:.2f}x)")
     return 0
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsh.add_argument("--json", action="store_true")
     rsh.set_defaults(fn=cmd_runs_show)
 
-    i = common(sub.add_parser("inspect", help="sparsity, parameters and FLOPs from a run's latest checkpoint"))
+    i = common(sub.add_parser("inspect", help="sparsity and kernel per layer, parameters and FLOPs from a run's latest checkpoint"))
     i.add_argument("run_id")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)

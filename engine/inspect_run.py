@@ -1,4 +1,5 @@
-"""Report a checkpoint from its tensors: measured sparsity per layer, parameters, FLOPs per token."""
+"""Report a checkpoint from its tensors: measured sparsity per layer, parameters, FLOPs per token, and
+the matmul path (kernel) each sparse layer trained with."""
 from __future__ import annotations
 
 import re
@@ -48,4 +49,6 @@ def inspect_checkpoint(path: str) -> dict:
     report = inspect_state(state, cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, ck["vocab_size"])
     report["stage"] = ck.get("stage", cfg.stage)
     report["masks"] = bool(ck.get("masks"))
+    # the matmul path each sparse layer trained with ("sparse" core or masked "dense"), as pre-training chose it
+    report["kernels"] = dict(ck.get("kernels") or {})
     return report

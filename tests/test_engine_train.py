@@ -53,6 +53,12 @@ def test_demo_shaped_run_completes_with_valid_events_and_rows(cli, db_path):
     assert report["sparsity"]["total"] == pytest.approx(0.75, abs=1e-3)
     assert all(v == pytest.approx(0.75, abs=0.01) for v in report["sparsity"]["layers"].values())
     assert len(report["sparsity"]["layers"]) == 6  # q, k, v, out, fc, proj of one block
+    # the matmul path each layer trained with, as recorded in the run's metadata
+    assert report["kernels"] == RunDB(db_path).get_run(r.run_id)["meta"]["kernels"]
+    assert set(report["kernels"]) == set(report["sparsity"]["layers"])
+    assert set(report["kernels"].values()) <= {"sparse", "dense"}
+    layer_lines = {line.split()[0]: line for line in cli("inspect", r.run_id).stdout.splitlines() if line.startswith("  ")}
+    assert all(layer_lines[name].endswith(f"kernel {k}") for name, k in report["kernels"].items())
     assert report["params"]["nonzero"] < report["params"]["total"]
     assert report["flops_per_token"]["sparse"] < report["flops_per_token"]["dense"]
 

@@ -243,3 +243,47 @@ def test_work_queue_gives_the_serial_result_however_workers_run(kernel):
         for t in threads:
             t.join()
         assert torch.equal(together, serial)
+
+
+_POOL_PROBE = """
+import json, sys
+import torch
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(2)
+from engine.kernels import SparsePattern, kernel_available, ops
+import numba
+assert kernel_available()
+g = torch.Generator().manual_seed(0)
+mask = torch.rand(384, 512, generator=g) >= 0.5
+p = SparsePattern.from_mask(mask)
+x = torch.randn(1024, 512, generator=g)
+w = torch.randn(384, 512, generator=g) * mask
+assert ops._nwork(p.nnz * 1024) == 2  # large enough for the thread pool
+y = ops._forward(ops._fwd_tiles(x, p), p.pack(w), None, p)
+print(json.dumps({{"layer": numba.threading_layer(), "err": float((y - x @ w.T).abs().max())}}))
+"""
+
+
+@pytest.mark.parametrize("policy, pool", [("PASSIVE", "omp"), ("passive", "omp"), (None, "workqueue")])
+def test_kernels_run_on_the_openmp_pool_where_idle_openmp_workers_sleep(policy, pool):
+    """With OMP_WAIT_POLICY=PASSIVE (the engine's CLI sets it) the parallel kernels use numba's OpenMP
+    pool, whose calling thread computes its share at once; without it, idle OpenMP workers would spin
+    on the cores the products need, and the kernels use numba's workqueue pool. Either way a product
+    large enough for two threads matches the dense one. (A fresh process: numba picks its pool once.)"""
+    import ctypes.util
+    import json
+    import subprocess
+
+    if pool == "omp" and not ctypes.util.find_library("gomp"):
+        pytest.skip("no libgomp on this machine: numba falls back to its workqueue pool")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY"))}
+    env["NUMBA_NUM_THREADS"] = "2"  # two threads even on a one-core machine
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    r = subprocess.run([sys.executable, "-c", _POOL_PROBE.format(repo=repo)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["layer"] == pool
+    assert out["err"] < 1e-3
