@@ -8,9 +8,10 @@ Prints tokens/s of:
 
 Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo] [--steps N] [--batch B] [--json]
 The default shape is GPT-2 small (12 layers, d 768, n_ctx 512, vocab 50,257); --quick uses the demo
-shape. All configurations run round-robin (one timed step each per round, after warm-up steps);
-each figure is the median over the rounds. The process keeps freed memory for reuse, as the
-engine's training stages do (engine/memory.py), for every configuration alike.
+shape. All configurations run round-robin (per round, each runs an untimed step and then a timed
+one, after warm-up rounds); each figure is the median over the rounds. The process keeps freed
+memory for reuse, as the engine's training stages do (engine/memory.py), for every configuration
+alike.
 """
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ from engine.model import GPT  # noqa: E402
 from engine.optim import make_optimizer  # noqa: E402
 from engine.sparsity import apply_sparsity  # noqa: E402
 from engine.train_step import train_step  # noqa: E402
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
 
 SHAPES = {
     "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, n_ctx=512, vocab=50257, batch=1),
@@ -151,15 +162,24 @@ def main() -> None:
     }
     # round-robin: one timed step of each configuration per round, so drifts in machine speed
     # (other processes, clocks) hit every configuration alike; the median over rounds is reported
-    for fn in configs.values():
-        for _ in range(args.warmup):
+    for _ in range(args.warmup):  # warm-up rounds alike, so the heap reaches what every configuration needs
+        for fn in configs.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in configs}
+    # The five models share one heap, and a step right after another model's may first have to grow it
+    # (at 4 sequences per step, ~100,000 fresh pages for the dense model, every round). In a training
+    # run a step follows a step of the same model, so each timed step follows an untimed one of its own
+    # configuration. Minor page faults per timed step are reported: a timed step that still grew the
+    # heap (seen for the dense model at 8 sequences per step) shows there.
+    faults: dict[str, list[int]] = {k: [] for k in configs}
     for _ in range(args.steps):
         for name, fn in configs.items():
+            fn()
+            f0 = minor_faults()
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
+            faults[name].append(minor_faults() - f0)
     rows = {k: statistics.median(v) for k, v in times.items()}
 
     log_ms = logging_overhead_ms()
@@ -174,6 +194,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "sparsity": args.level,
         "malloc_keeps_freed_memory": kept, "numba_threading_layer": pool,
         "seconds_per_step": rows, "tokens_per_s": {k: tokens / v for k, v in rows.items()},
+        "page_faults_per_step": {k: int(statistics.median(v)) for k, v in faults.items()},
         "ratio_ours_dense_vs_hf": rows["hf_gpt2_dense"] / rows["ours_dense"],
         "ratio_sparse_core_vs_dense": rows["ours_dense"] / rows["ours_sparse_core"],
         "ratio_sparse_auto_vs_dense": rows["ours_dense"] / rows["ours_sparse_auto"],
@@ -185,9 +206,9 @@ def main() -> None:
         return
     print(f"shape {shape} — {tokens} tokens/step, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"freed memory kept for reuse: {'yes' if kept else 'no'}, sparse kernels' thread pool: {pool}")
-    print(f"{'step':28} {'s/step':>9} {'tokens/s':>10}")
+    print(f"{'step':28} {'s/step':>9} {'tokens/s':>10} {'page faults/step':>17}")
     for k, v in rows.items():
-        print(f"{k:28} {v:9.3f} {tokens / v:10.0f}")
+        print(f"{k:28} {v:9.3f} {tokens / v:10.0f} {result['page_faults_per_step'][k]:17,}")
     print(f"ours dense vs HF GPT2LMHeadModel (tokens/s ratio, target >= 1.0): {result['ratio_ours_dense_vs_hf']:.2f}x")
     print(f"{args.level:.0%}-sparse step vs dense step, sparse core:   {result['ratio_sparse_core_vs_dense']:.2f}x faster")
     print(f"{args.level:.0%}-sparse step vs dense step, auto kernels:  {result['ratio_sparse_auto_vs_dense']:.2f}x faster  {chosen}")

@@ -198,8 +198,9 @@ def test_work_queue_gives_the_serial_result_however_workers_run(kernel):
 
     assert kernel_available()
     g = torch.Generator().manual_seed(12)
-    p = SparsePattern.from_mask(_mask(96, 80, 0.7, g, empty_rows=range(32, 64)))
-    assert p.sdd.rc == 32
+    # 32-row items: three row groups, the middle one empty
+    p = SparsePattern.from_mask(_mask(96, 80, 0.7, g, empty_rows=range(32, 64)), rc_fwd=32, rc_sdd=32)
+    assert p.fwd.rc == p.sdd.rc == 32
     x = torch.randn(1300, 80, generator=g)
     dy = torch.randn(1300, 96, generator=g)
     v = torch.randn(p.nnz, generator=g)

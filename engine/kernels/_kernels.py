@@ -379,7 +379,7 @@ def spmm_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, R
     (item = token tile x RC output rows), W as column-blocked CSR, x tiled,
     y row-major [n, nout] (flat).
 
-    An item's RC x T outputs build up in a small scratch that stays in L1 and
+    An item's RC x T outputs build up in a small scratch that stays in L1/L2 and
     are transposed into y as soon as its last column block is done: no tiled
     copy of the whole output makes a round trip through memory."""
     L = 64 // xt.itemsize

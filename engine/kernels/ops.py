@@ -134,8 +134,8 @@ SCATTER_COST = 2
 
 
 def _nwork(work):
-    # numba's workqueue layer aborts the process on concurrent launches from
-    # two Python threads, so only the main thread uses the pool
+    # numba's workqueue pool (used where the OpenMP one is not, see _kernels) aborts the process on
+    # concurrent launches from two Python threads, so only the main thread uses a pool
     if work < SERIAL_WORK or threading.current_thread() is not threading.main_thread():
         return 1
     import numba
