@@ -160,8 +160,8 @@ def main() -> None:
         "ours_sparse_masked_dense": with_kernels("dense"),
         "ours_sparse_auto": with_kernels(None),
     }
-    # round-robin: one timed step of each configuration per round, so drifts in machine speed
-    # (other processes, clocks) hit every configuration alike; the median over rounds is reported
+    # round-robin: each configuration's steps once per round, so drifts in machine speed (other
+    # processes, clocks) hit every configuration alike; the median over rounds is reported
     for _ in range(args.warmup):  # warm-up rounds alike, so the heap reaches what every configuration needs
         for fn in configs.values():
             fn()

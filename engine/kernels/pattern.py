@@ -111,7 +111,7 @@ class SparsePattern:
 # stay in L2. Measured on Zen 4 (2 threads, OpenMP pool, the three GPT-2-small layer shapes, N = 512
 # and 2048, interleaved): against 32 rows, the SpMMs 0-6 % faster at 50 % and 3-17 % at 75-90 %
 # (most for the input gradient of the 3072-wide layers, whose 1.5 MB dY tile does not fit in L2), the
-# SDDMM 2-10 % faster at N = 2048 and even at N = 512. 256 rows: no better than 128.
+# SDDMM 2-10 % faster at N = 2048 and on par at N = 512. 256 rows: no better than 128.
 RC_SPMM = 128
 RC_SDDMM = 128
 
