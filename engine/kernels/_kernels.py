@@ -26,11 +26,12 @@ os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
 # 2-core machine a 128x128 layer step took 50 ms instead of 2 ms; there the workqueue pool, whose idle
 # threads sleep. Where OpenMP does not load (no libgomp), numba falls back to the workqueue pool.
 _LAYER_SET = "NUMBA_THREADING_LAYER" in os.environ
+_PRIORITY_SET = "NUMBA_THREADING_LAYER_PRIORITY" in os.environ  # a user's own order wins too
 _OMP_SLEEPS = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 _PRIORITY = ["omp", "workqueue", "tbb"]  # numba wants all three named
 if not _LAYER_SET:
     if _OMP_SLEEPS:
-        os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = " ".join(_PRIORITY)
+        os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", " ".join(_PRIORITY))
     else:
         os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
 
@@ -45,7 +46,8 @@ if not numba.config.SLP_VECTORIZE:  # numba imported earlier by someone else
 if not _LAYER_SET and numba.config.THREADING_LAYER == "default":  # numba imported earlier by someone else
     # (no effect once numba's pool has started)
     if _OMP_SLEEPS:
-        numba.config.THREADING_LAYER_PRIORITY = _PRIORITY
+        if not _PRIORITY_SET:
+            numba.config.THREADING_LAYER_PRIORITY = _PRIORITY
     else:
         numba.config.THREADING_LAYER = "workqueue"
 
