@@ -397,12 +397,19 @@ def parse_value(text: str) -> Any:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
+    types = {k: v["type"] for k, v in field_docs().items()}
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(item, f"--set expects key=value, got {item!r}")
         key, _, value = item.partition("=")
-        out[key.strip()] = parse_value(value.strip())
+        key, text = key.strip(), value.strip()
+        parsed = parse_value(text)
+        # a text setting takes bare text as typed: run ids are hex, and one such as 50258167 or
+        # 12e45678 would otherwise parse as a number and be refused (parent=ID)
+        if types.get(key) == "str" and not isinstance(parsed, str):
+            parsed = text
+        out[key] = parsed
     return out
 
 

@@ -47,6 +47,11 @@ def test_overrides_are_typed_and_validated():
     assert e.value.key == "parent"
     # JSON round trip gives the same config
     assert load_config(None).replace({}).to_dict() == RunConfig().to_dict()
+    # text settings keep bare text as typed: hex run ids that read as numbers stay ids
+    for run_id in ("50258167", "12e45678", "0x1f"):
+        assert parse_overrides([f"parent={run_id}"]) == {"parent": run_id}
+        assert load_config(None, parse_overrides(["stage=finetune", f"parent={run_id}"])).parent == run_id
+    assert parse_overrides(['name="quoted"', "train.max_steps=12"]) == {"name": "quoted", "train.max_steps": 12}
 
 
 def test_field_docs_cover_every_key_for_forms():
