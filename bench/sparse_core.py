@@ -232,12 +232,7 @@ def main(argv=None):
                 if not args.json:
                     print()
     if not args.json:
-        import numba
-        try:
-            layer = numba.threading_layer()
-        except ValueError:  # every product ran on the calling thread
-            layer = "not started"
-        print(f"numba threading layer: {layer}, load average at end {os.getloadavg()[0]:.1f}")
+        print(f"numba threading layer: {ops.thread_pool()}, load average at end {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -183,11 +183,9 @@ def main() -> None:
     rows = {k: statistics.median(v) for k, v in times.items()}
 
     log_ms = logging_overhead_ms()
-    import numba
-    try:
-        pool = numba.threading_layer()  # the sparse kernels' thread pool (engine/kernels/_kernels.py)
-    except ValueError:  # every product ran on the calling thread
-        pool = "not started"
+    from engine.kernels.ops import thread_pool
+
+    pool = thread_pool()  # the sparse kernels' thread pool (engine/kernels/_kernels.py)
     flop_ratio = fm_dense.train_per_token(False) / fm_sparse.train_per_token(True)
     result = {
         "shape": {k: v for k, v in shape.items()}, "tokens_per_step": tokens, "threads": torch.get_num_threads(),

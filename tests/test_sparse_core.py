@@ -281,8 +281,9 @@ def test_kernels_run_on_the_openmp_pool_where_idle_openmp_workers_sleep(policy, 
     env["NUMBA_NUM_THREADS"] = "2"  # two threads even on a one-core machine
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-    r = subprocess.run([sys.executable, "-c", _POOL_PROBE.format(repo=repo)], env=env, capture_output=True,
+    from helpers import REPO
+
+    r = subprocess.run([sys.executable, "-c", _POOL_PROBE.format(repo=str(REPO))], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])

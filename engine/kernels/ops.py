@@ -143,6 +143,16 @@ def _nwork(work):
     return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
 
 
+def thread_pool() -> str:
+    """Name of the numba thread pool the parallel kernels run on (see _kernels), or "not started"
+    while every product so far ran on the calling thread."""
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return "not started"
+
+
 def _call(name, work, *args, queues=1):
     """Run kernel ``name``: its serial part directly, or the prange wrapper. ``queues`` zeroed int64
     counters go with it (the work queues its parts draw items from; see _kernels)."""
