@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from engine.rundb import FLUSH_S, RunDB
+from engine.core.rundb import FLUSH_S, RunDB
 
 TRAIN_NAMES = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time", "sparsity")
 DRAWN = ("loss", "val_loss", "sparsity", "tokens_per_s", "grad_norm", "lr")  # the view's six charts
@@ -108,7 +108,7 @@ def main() -> int:
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication([])
-    from engine.export import load_series
+    from engine.publish.run_export import load_series
     from PySide6.QtCore import QEvent, QObject
 
     from studio.compare_view import CompareView

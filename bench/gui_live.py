@@ -29,7 +29,7 @@ NAMES = ("loss", "lr", "tokens_per_s", "sparsity", "grad_norm")
 
 GENERATOR = r"""
 import sys, time, math, random
-from engine.events import EventWriter
+from engine.core.events import EventWriter
 rate, seconds, start = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 w = EventWriter()
 w.emit("run_started", run_id="bench", name="bench", stage="pretrain", config={}, run_dir="", pid=0, max_steps=10**7)
@@ -165,7 +165,7 @@ def main() -> int:
     results = {}
     for label, preload in (("empty run", 0), (f"{args.points:,} points held", args.points)):
         view = RunView.__new__(RunView)
-        from engine.rundb import RunDB
+        from engine.core.rundb import RunDB
         import tempfile
         db = RunDB(os.path.join(tempfile.mkdtemp(), "bench.db"))
         view = RunView(db)

@@ -28,13 +28,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI runs 
 
 import torch  # noqa: E402
 
-from engine.config import ModelConfig, TrainConfig  # noqa: E402
-from engine.flops import flop_model_for  # noqa: E402
-from engine.memory import keep_freed_memory  # noqa: E402
-from engine.model import GPT  # noqa: E402
-from engine.optim import make_optimizer  # noqa: E402
-from engine.sparsity import apply_sparsity  # noqa: E402
-from engine.train_step import train_step  # noqa: E402
+from engine.core.config import ModelConfig, TrainConfig  # noqa: E402
+from engine.model.flops import flop_model_for  # noqa: E402
+from engine.train.memory import keep_freed_memory  # noqa: E402
+from engine.model.gpt import GPT  # noqa: E402
+from engine.train.optim import make_optimizer  # noqa: E402
+from engine.model.sparsity import apply_sparsity  # noqa: E402
+from engine.train.step import train_step  # noqa: E402
 
 try:
     import resource
@@ -65,7 +65,7 @@ def ours(shape: dict, level: float, kernel: str):
 
 
 def auto_kernels(model, n_tokens: int) -> dict:
-    from engine.kernels import time_kernels
+    from engine.model.kernels import time_kernels
 
     chosen = {}
     for m in model.sparse_layers().values():
@@ -104,9 +104,9 @@ def logging_overhead_ms(n: int = 300) -> float:
     """Cost of one step's metrics call through the real sinks (JSON line to a pipe-like sink + SQLite)."""
     import tempfile
 
-    from engine.events import EventWriter
-    from engine.metrics_log import DatabaseSink, EventSink, MetricsLogger, Point
-    from engine.rundb import RunDB
+    from engine.core.events import EventWriter
+    from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, Point
+    from engine.core.rundb import RunDB
 
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
         db = RunDB(Path(tmp) / "bench.db")
@@ -183,7 +183,7 @@ def main() -> None:
     rows = {k: statistics.median(v) for k, v in times.items()}
 
     log_ms = logging_overhead_ms()
-    from engine.kernels.ops import thread_pool
+    from engine.model.kernels.ops import thread_pool
 
     pool = thread_pool()  # the sparse kernels' thread pool (engine/kernels/_kernels.py)
     flop_ratio = fm_dense.train_per_token(False) / fm_sparse.train_per_token(True)

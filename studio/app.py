@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from engine.paths import DB_ENV, default_db_path
+from engine.core.paths import DB_ENV, default_db_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from PySide6.QtWidgets import QApplication  # after argparse, so --help works without a display
 
-    from .main_window import MainWindow
+    from studio.main_window import MainWindow
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("MediSwift Studio")

@@ -22,12 +22,12 @@ from PySide6.QtWidgets import (
     QListWidgetItem, QMessageBox, QPushButton, QSlider, QSplitter, QTabWidget, QToolButton, QVBoxLayout, QWidget,
 )
 
-from engine.export import SERIES_DTYPE, ExportError, eval_series, export_metrics, load_series_counted, metric_names
-from engine.rundb import LIVE_STATUSES, RunDB
+from engine.publish.run_export import SERIES_DTYPE, ExportError, eval_series, export_metrics, load_series_counted, metric_names
+from engine.core.rundb import LIVE_STATUSES, RunDB
 
-from .chart_export import ChartExportDialog
-from .config_diff import ConfigDiffView
-from .summary_table import SummaryTable
+from studio.chart_export import ChartExportDialog
+from studio.config_diff import ConfigDiffView
+from studio.summary_table import SummaryTable
 
 # key -> (button text, axis label, SI unit for pyqtgraph's prefixes)
 X_AXES = {

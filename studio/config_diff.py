@@ -8,8 +8,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QCheckBox, QHBoxLayout, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
-from engine.export import config_diff
-from engine.rundb import RunDB
+from engine.publish.run_export import config_diff
+from engine.core.rundb import RunDB
 
 DIFF_BRUSH = QBrush(QColor("#fff3c4"))
 

@@ -2,7 +2,7 @@
 
 The studio never runs training in-process. It starts ``python -m engine.launcher train ...`` through
 QProcess; the launcher puts the engine in a session of its own, so the run survives the studio.
-Events arrive as JSON lines on stdout (parsed by ``engine.events.parse_line``); stderr is kept apart
+Events arrive as JSON lines on stdout (parsed by ``engine.core.events.parse_line``); stderr is kept apart
 for the log pane. Control goes through stdin lines while we own the pipe, and through signals to the
 engine's own pid (from ``run_started`` or the runs row) otherwise.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import tomli_w
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
-from engine.events import parse_line
-from engine.rundb import pid_alive
+from engine.core.events import parse_line
+from engine.core.rundb import pid_alive
 
 GRACEFUL_STOP_S = 30.0
 

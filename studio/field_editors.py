@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from engine.config import range_text  # the same wording as the engine's messages
+from engine.core.config import range_text  # the same wording as the engine's messages
 
 INT_LIMIT = 2**31 - 1
 ERROR_STYLE = "border: 1px solid #d9534f; background: #fff3f3;"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import json
 
-from engine.rundb import RunDB
+from engine.core.rundb import RunDB
 
 # task -> (metric that decides "best", higher is better, metrics shown)
 HEADLINE = {

@@ -1,7 +1,7 @@
 """Live charts of one run (pyqtgraph): loss, validation loss, learning rate, throughput, sparsity,
 a layer × step sparsity heatmap and cumulative FLOPs spent vs dense-equivalent; for fine-tuning and
 soft prompting, the task scores on the development set (``dev_accuracy``, ``dev_macro_f1``,
-``dev_micro_f1``: the rows ``engine.finetune`` logs) with the majority baseline, shown only when present.
+``dev_micro_f1``: the rows ``engine.train.finetune`` logs) with the majority baseline, shown only when present.
 
 Plot items are created once; a timer hands each changed curve the points worth drawing of its
 growing numpy buffers: the min and max of each bin (``PeakDecimator``, kept incrementally, so spikes
@@ -17,10 +17,10 @@ from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget,
 )
 
-from . import formatting as fmt
-from .chart_export import ChartExportDialog
-from .plot_buffers import EMA, PeakDecimator, peak_indices
-from .run_data import LAYER_PREFIX, RunData
+from studio import formatting as fmt
+from studio.chart_export import ChartExportDialog
+from studio.plot_buffers import EMA, PeakDecimator, peak_indices
+from studio.run_data import LAYER_PREFIX, RunData
 
 pg.setConfigOptions(antialias=False, background="w", foreground="#333")
 

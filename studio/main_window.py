@@ -12,16 +12,16 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget
 
-from engine.paths import default_db_path, default_runs_dir
-from engine.rundb import LIVE_STATUSES, RunDB
+from engine.core.paths import default_db_path, default_runs_dir
+from engine.core.rundb import LIVE_STATUSES, RunDB
 
-from .compare_view import ComparePanel
-from .engine_process import EngineProcess, train_args
-from .estimate import EstimatePanel
-from .hf_export import HfExportJob
-from .run_form import RunForm
-from .run_view import RunView
-from .runs_browser import RunsBrowser
+from studio.compare_view import ComparePanel
+from studio.engine_process import EngineProcess, train_args
+from studio.estimate import EstimatePanel
+from studio.hf_export import HfExportJob
+from studio.run_form import RunForm
+from studio.run_view import RunView
+from studio.runs_browser import RunsBrowser
 
 REAP_MS = 5000
 KEEP, STOP, CANCEL = "keep", "stop", "cancel"

@@ -1,7 +1,7 @@
 """The new-run form, generated from the engine's config dataclasses.
 
 Field docs become tooltips, ``choices`` combo boxes, min/max spin ranges. Every edit is validated by
-the engine's own code (``engine.config``), and the message lands next to the field it names; Start
+the engine's own code (``engine.core.config``), and the message lands next to the field it names; Start
 stays disabled until the whole configuration is valid. The run is described as a base TOML file plus
 ``--set`` overrides, which is also the command line shown in the preview.
 """
@@ -18,13 +18,13 @@ from PySide6.QtWidgets import (
     QScrollArea, QSizePolicy, QSplitter, QVBoxLayout, QWidget,
 )
 
-from engine import config as cfgmod
-from engine.config import SECTIONS, ConfigError, RunConfig, field_docs, from_dict
-from engine.paths import list_presets, resolve_preset
-from engine.rundb import RunDB
+from engine.core import config as cfgmod
+from engine.core.config import SECTIONS, ConfigError, RunConfig, field_docs, from_dict
+from engine.core.paths import list_presets, resolve_preset
+from engine.core.rundb import RunDB
 
-from .engine_process import command_preview, train_args
-from .field_editors import FieldEditor, make_editor
+from studio.engine_process import command_preview, train_args
+from studio.field_editors import FieldEditor, make_editor
 
 STAGE_LABELS = {
     "vocab": "Vocabulary",
@@ -276,7 +276,7 @@ class RunForm(QWidget):
         return path or None
 
     def choose_clone(self) -> None:
-        from .runs_browser import pick_run  # a small dialog; imported late to keep this module light
+        from studio.runs_browser import pick_run  # a small dialog; imported late to keep this module light
 
         run_id = pick_run(self, self.db, "Clone the configuration of…")
         if run_id:

@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
     QDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QMessageBox, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget,
 )
 
-from engine.rundb import LIVE_STATUSES, RunDB, pid_alive
+from engine.core.rundb import LIVE_STATUSES, RunDB, pid_alive
 
 
 class RunBusyError(RuntimeError):

@@ -15,13 +15,13 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget,
 )
 
-from engine.rundb import FINAL_STATUSES, RunDB, pid_alive
+from engine.core.rundb import FINAL_STATUSES, RunDB, pid_alive
 
-from . import formatting as fmt
-from .engine_process import GRACEFUL_STOP_S, EngineProcess, signal_engine
-from .live_monitor import LiveMonitor
-from .log_pane import FileTail, LogPane, tail_lines
-from .run_data import RunData
+from studio import formatting as fmt
+from studio.engine_process import GRACEFUL_STOP_S, EngineProcess, signal_engine
+from studio.live_monitor import LiveMonitor
+from studio.log_pane import FileTail, LogPane, tail_lines
+from studio.run_data import RunData
 
 STATUS_COLORS = {"running": "#2e7d32", "paused": "#b8860b", "completed": "#1f77b4", "stopped": "#555",
                  "failed": "#c9302c", "crashed": "#c9302c", "created": "#555", "starting": "#555"}

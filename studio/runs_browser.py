@@ -19,15 +19,15 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from engine.config import ConfigError, from_dict
-from engine.export import FORMATS, ExportError, export_config, export_metrics
-from engine.rundb import RunDB
+from engine.core.config import ConfigError, from_dict
+from engine.publish.run_export import FORMATS, ExportError, export_config, export_metrics
+from engine.core.rundb import RunDB
 
-from . import formatting as fmt
-from .lineage import best_scores, chain_html, score_text
-from .run_form import STAGE_LABELS
-from .run_notes import RunNotesEditor
-from .run_view import STATUS_COLORS
+from studio import formatting as fmt
+from studio.lineage import best_scores, chain_html, score_text
+from studio.run_form import STAGE_LABELS
+from studio.run_notes import RunNotesEditor
+from studio.run_view import STATUS_COLORS
 
 COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Best score (baseline)", "Created", "Tags",
            "Notes")

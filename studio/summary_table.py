@@ -14,10 +14,10 @@ from PySide6.QtWidgets import (
     QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QMessageBox, QPushButton, QTableView, QVBoxLayout, QWidget,
 )
 
-from engine.export import ExportError, export_config, summary_rows
-from engine.rundb import RunDB
+from engine.publish.run_export import ExportError, export_config, summary_rows
+from engine.core.rundb import RunDB
 
-from . import formatting as fmt
+from studio import formatting as fmt
 
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 

@@ -15,8 +15,8 @@ import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 
-from engine.export import METRIC_COLUMNS
-from engine.rundb import RunDB
+from engine.publish.run_export import METRIC_COLUMNS
+from engine.core.rundb import RunDB
 
 from helpers import REPO, engine_env, tiny
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from engine.rundb import RunDB
+from engine.core.rundb import RunDB
 
 from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 

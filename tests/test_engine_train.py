@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from engine.events import EVENT_FIELDS, validate_event
-from engine.rundb import RunDB
+from engine.core.events import EVENT_FIELDS, validate_event
+from engine.core.rundb import RunDB
 
 from helpers import PUBMED_TRAIN, REPO, engine_env, needs_shared_data, tiny
 
@@ -81,15 +81,15 @@ def test_masked_weights_stay_zero_and_adamw_state_covers_only_the_nonzeros(cli, 
     names = list(ck["masks"])
     assert len(names) == 6
     # optimizer state is indexed by parameter order: map names via the same order as named_parameters
-    from engine.config import from_dict
-    from engine.model import GPT
-    from engine.sparsity import load_masks
+    from engine.core.config import from_dict
+    from engine.model.gpt import GPT
+    from engine.model.sparsity import load_masks
 
     model = GPT(from_dict(ck["config"]).model, ck["vocab_size"])
     load_masks(model, ck["masks"])
     model.load_state_dict(ck["model"])
-    from engine.config import TrainConfig
-    from engine.optim import make_optimizer
+    from engine.core.config import TrainConfig
+    from engine.train.optim import make_optimizer
 
     order = {id(p): n for n, p in model.named_parameters()}
     state = ck["optimizer"]["state"]
@@ -214,7 +214,7 @@ def test_tokenizer_and_token_cache_are_reused(cli, db_path, tmp_path):
 def test_vocabulary_stage_alone(cli, db_path):
     r = cli("train", "demo", *tiny(CORPUS, "stage=vocab", "tokenizer.vocab_size=500"))
     assert r.rc == 0, r.stderr
-    from engine.vocab import EOT, PAD, load_tokenizer
+    from engine.data.vocab import EOT, PAD, load_tokenizer
 
     tok = load_tokenizer(RunDB(db_path).get_run(r.run_id)["run_dir"])
     assert tok.get_vocab_size() == 500
@@ -224,7 +224,7 @@ def test_vocabulary_stage_alone(cli, db_path):
 
 
 def test_sparse_core_and_masked_dense_give_the_same_loss_curve(cli, db_path):
-    from engine.kernels import kernel_available
+    from engine.model.kernels import kernel_available
 
     if not kernel_available():
         pytest.skip("sparse matmul core unavailable on this machine")
@@ -240,7 +240,7 @@ def test_sparse_core_and_masked_dense_give_the_same_loss_curve(cli, db_path):
 
 
 def test_auto_kernel_trial_keeps_the_faster_whole_step(cli, db_path):
-    from engine.kernels import kernel_available
+    from engine.model.kernels import kernel_available
 
     if not kernel_available():
         pytest.skip("sparse matmul core unavailable on this machine")

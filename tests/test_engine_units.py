@@ -11,16 +11,16 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.config import ConfigError, RunConfig, field_docs, load_config, parse_overrides
-from engine.data import BlockLoader, split_documents
-from engine.events import EventWriter, parse_line, validate_event, EventError
-from engine.flops import flop_model_for, flop_model_for_config
-from engine.model import GPT
-from engine.config import ModelConfig
-from engine.optim import lr_factor
-from engine.paths import PRESETS_DIR, list_presets
-from engine.rundb import RunDB
-from engine.sparsity import apply_sparsity, layer_densities, measure_sparsity
+from engine.core.config import ConfigError, RunConfig, field_docs, load_config, parse_overrides
+from engine.data.tokens import BlockLoader, split_documents
+from engine.core.events import EventWriter, parse_line, validate_event, EventError
+from engine.model.flops import flop_model_for, flop_model_for_config
+from engine.model.gpt import GPT
+from engine.core.config import ModelConfig
+from engine.train.optim import lr_factor
+from engine.core.paths import PRESETS_DIR, list_presets
+from engine.core.rundb import RunDB
+from engine.model.sparsity import apply_sparsity, layer_densities, measure_sparsity
 
 from helpers import REPO
 
@@ -102,9 +102,9 @@ def test_uniform_and_erk_masks_hit_the_target():
 
 
 def test_masked_layers_store_and_train_only_their_nonzeros():
-    from engine.config import TrainConfig
-    from engine.optim import make_optimizer
-    from engine.sparsity import load_masks, masks_state
+    from engine.core.config import TrainConfig
+    from engine.train.optim import make_optimizer
+    from engine.model.sparsity import load_masks, masks_state
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=16)
@@ -250,7 +250,7 @@ def test_rundb_migrations_wal_and_crash_reaping(tmp_path):
 
 
 def test_deferred_metric_rows_commit_before_any_other_write(tmp_path, monkeypatch):
-    import engine.rundb as rundb
+    import engine.core.rundb as rundb
 
     writer, reader = RunDB(tmp_path / "r.db"), RunDB(tmp_path / "r.db")
     rid = writer.create_run(name="x", stage="pretrain", config={})
@@ -286,14 +286,14 @@ def test_import_layering_contracts():
 
 
 def test_ground_floor_imports_without_torch():
-    code = ("import sys; import engine.config, engine.events, engine.rundb, engine.paths; "
+    code = ("import sys; import engine.core.config, engine.core.events, engine.core.rundb, engine.core.paths; "
             "bad = [m for m in ('torch', 'PySide6', 'tokenizers') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout.strip()
     assert out == "[]"
 
 
 def test_dense_path_of_a_packed_layer_follows_in_place_updates_and_repeated_use():
-    from engine.sparse_linear import SparseLinear
+    from engine.model.sparse_linear import SparseLinear
 
     torch.manual_seed(2)
     layer = SparseLinear(12, 8)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig, TaskConfig
-from engine.evaluate import Scorer, evaluate_examples, majority_baseline
-from engine.model import GPT
-from engine.prompting import SoftPrompt
-from engine.rundb import RunDB
+from engine.core.config import ModelConfig, TaskConfig
+from engine.tasks.scoring import Scorer, evaluate_examples, majority_baseline
+from engine.model.gpt import GPT
+from engine.model.soft_prompt import SoftPrompt
+from engine.core.rundb import RunDB
 from engine.tasks import hoc, pubmedqa
 from engine.tasks.base import Encoder, Example, multi_label_metrics, single_label_metrics
-from engine.vocab import train_tokenizer
+from engine.data.vocab import train_tokenizer
 
 from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
@@ -195,7 +195,7 @@ def test_eval_cli_hoc_and_lm(runs, tmp_path):
 
 
 def test_eval_cli_bad_input_exits_2(runs, tmp_path, capsys):
-    from engine.cli import main
+    from engine.cli.commands import main
 
     unlabelled = tmp_path / "unlabelled.json"
     data = json.loads(PQA.read_text())

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import RunConfig, load_config
-from engine.export import (
+from engine.core.config import RunConfig, load_config
+from engine.publish.run_export import (
     METRIC_COLUMNS, config_diff, eval_series, export_metrics, flatten_config, load_series, metric_names, summary_rows,
 )
-from engine.rundb import RunDB
+from engine.core.rundb import RunDB
 
 from helpers import REPO, engine_env
 

@@ -13,13 +13,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import from_dict
-from engine.export_hf import PROMPT_FILE, export_hf
-from engine.model import GPT
-from engine.rundb import RunDB
-from engine.sparsity import apply_sparsity, load_masks, masks_state
-from engine.vocab import load_tokenizer
+from engine.model.checkpoint import load_checkpoint, save_checkpoint
+from engine.core.config import from_dict
+from engine.publish.hf_export import PROMPT_FILE, export_hf
+from engine.model.gpt import GPT
+from engine.core.rundb import RunDB
+from engine.model.sparsity import apply_sparsity, load_masks, masks_state
+from engine.data.vocab import load_tokenizer
 
 from helpers import REPO, engine_env, tiny
 
@@ -110,7 +110,7 @@ def test_exact_gelu_is_declared_and_tanh_gelu_would_differ(trained):
 
 
 def test_refuses_to_overwrite_and_rejects_unknown_run(trained, capsys):
-    from engine.cli import main
+    from engine.cli.commands import main
 
     tmp, db, run = trained
     out = tmp / "busy"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
-from engine.rundb import RunDB
+from engine.model.checkpoint import load_checkpoint
+from engine.core.rundb import RunDB
 from engine.tasks import pubmedqa
 from engine.tasks.base import Encoder, Example, Truncation, collate_lm
-from engine.vocab import load_tokenizer
+from engine.data.vocab import load_tokenizer
 
 from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
@@ -54,7 +54,7 @@ def env(tmp_path_factory) -> Env:
 
 def main_inproc(env: Env, capsys, *args: str) -> tuple[int, list[dict], str]:
     """The CLI in this process (no interpreter start-up): exit code, events, stderr."""
-    from engine.cli import main
+    from engine.cli.commands import main
 
     rc = main([*args, "--db", str(env.db)])
     cap = capsys.readouterr()
@@ -90,9 +90,9 @@ def test_only_answer_tokens_carry_labels_and_long_context_is_cut(env):
 
 
 def test_loss_gradient_reaches_only_answer_positions(env):
-    from engine.evaluate import Scorer
-    from engine.model import GPT
-    from engine.config import ModelConfig
+    from engine.tasks.scoring import Scorer
+    from engine.model.gpt import GPT
+    from engine.core.config import ModelConfig
 
     tok = load_tokenizer(Path(RunDB(env.db).get_run(env.parent)["run_dir"]))
     enc = Encoder(tok, 64)
@@ -225,7 +225,7 @@ def test_tokenizer_mismatch_exits_2(env, tmp_path, capsys):
     saved = tmp_path / "tokenizer.json"
     shutil.copyfile(tok_file, saved)
     try:
-        from engine.vocab import save_tokenizer, train_tokenizer
+        from engine.data.vocab import save_tokenizer, train_tokenizer
 
         other = train_tokenizer(VALID.read_text().splitlines()[:50], 300)
         save_tokenizer(other, run_dir)

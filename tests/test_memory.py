@@ -1,4 +1,4 @@
-"""engine.memory: freed training buffers are reused by the next step instead of faulted in again."""
+"""engine.train.memory: freed training buffers are reused by the next step instead of faulted in again."""
 import os
 import subprocess
 import sys
@@ -14,7 +14,7 @@ _PROBE = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, sys.argv[1])
     import torch
-    from engine.memory import keep_freed_memory
+    from engine.train.memory import keep_freed_memory
     assert keep_freed_memory() == (sys.argv[2] == "keep")
     faults = []
     for _ in range(14):

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
-from engine.config import load_config, parse_overrides
-from engine.control import Control
-from engine.events import EventWriter
-from engine.finetune import FineTuner, child_config
-from engine.paths import resolve_preset
-from engine.prompting import load_prompt
-from engine.rundb import RunDB
-from engine.session import RunSession
+from engine.model.checkpoint import load_checkpoint
+from engine.core.config import load_config, parse_overrides
+from engine.train.control import Control
+from engine.core.events import EventWriter
+from engine.train.finetune import FineTuner, child_config
+from engine.core.paths import resolve_preset
+from engine.model.soft_prompt import load_prompt
+from engine.core.rundb import RunDB
+from engine.train.session import RunSession
 
 from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 

@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from engine.kernels import SparsePattern, kernel_available, sparse_linear, time_kernels  # noqa: E402
+from engine.model.kernels import SparsePattern, kernel_available, sparse_linear, time_kernels  # noqa: E402
 
 
 def _mask(out_f, in_f, sparsity, gen, empty_rows=(), empty_cols=()):
@@ -82,7 +82,7 @@ def test_parallel_path(monkeypatch, n, in_f, out_f, sp):
     """Small products run serially; force the multi-worker kernels (ragged
     items, more workers than items) through the same checks."""
     import numba
-    from engine.kernels import ops
+    from engine.model.kernels import ops
     monkeypatch.setattr(ops, "SERIAL_WORK", 0)
     monkeypatch.setattr(numba, "get_num_threads", lambda: 3)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
@@ -194,7 +194,7 @@ def test_work_queue_gives_the_serial_result_however_workers_run(kernel):
     import threading
 
     import numpy as np
-    from engine.kernels import ops
+    from engine.model.kernels import ops
 
     assert kernel_available()
     g = torch.Generator().manual_seed(12)
@@ -251,7 +251,7 @@ import json, sys
 import torch
 sys.path.insert(0, {repo!r})
 torch.set_num_threads(2)
-from engine.kernels import SparsePattern, kernel_available, ops
+from engine.model.kernels import SparsePattern, kernel_available, ops
 import numba
 assert kernel_available()
 g = torch.Generator().manual_seed(0)

@@ -16,8 +16,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QMessageBox
 
-from engine.config import from_dict
-from engine.rundb import RunDB
+from engine.core.config import from_dict
+from engine.core.rundb import RunDB
 
 PUBMEDQA_MAJORITY = {"accuracy": 0.552, "macro_f1": 0.237, "predicts": "yes"}
 
@@ -138,7 +138,7 @@ def test_task_metric_rows_become_chart_series(qtbot, db):
 
     pre = make_run(db, "pre", "pretrain")
     ft = make_run(db, "ft", "finetune", pre, task="pubmedqa", steps=10)
-    for step, acc, f1 in ((5, 0.5, 0.3), (10, 0.62, 0.45)):  # the rows engine.finetune logs at each evaluation
+    for step, acc, f1 in ((5, 0.5, 0.3), (10, 0.62, 0.45)):  # the rows engine.train.finetune logs at each evaluation
         db.log_metrics(ft, step, step * 512, step * 0.1, step * 1e9, step * 1e9,
                        {"dev_accuracy": acc, "dev_macro_f1": f1, "dev_loss": 1.2 - step / 100})
     db.merge_meta(ft, baselines={"majority": PUBMEDQA_MAJORITY})

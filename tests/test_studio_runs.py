@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.rundb import RunDB, pid_alive
+from engine.core.rundb import RunDB, pid_alive
 from studio.main_window import KEEP, MainWindow
 
 TINY = {

@@ -6,17 +6,17 @@ Problems with the user's files are ``TaskError`` (exit code 2), naming the confi
 """
 from __future__ import annotations
 
-from .base import Example, TaskError
+from engine.tasks.base import Example, TaskError
 
 
 def get_task(name: str):
     """The task module for ``task.name`` (pubmedqa, hoc, lm)."""
     if name == "pubmedqa":
-        from . import pubmedqa as mod
+        from engine.tasks import pubmedqa as mod
     elif name == "hoc":
-        from . import hoc as mod
+        from engine.tasks import hoc as mod
     elif name == "lm":
-        from . import lm as mod
+        from engine.tasks import lm as mod
     else:
         raise TaskError(f"unknown task {name!r} (tasks: pubmedqa, hoc, lm)", key="task.name")
     return mod

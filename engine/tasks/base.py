@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data import SeededOrder
-from ..vocab import special_ids
+from engine.data.tokens import SeededOrder
+from engine.data.vocab import special_ids
 
 
 class TaskError(ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Example, TaskError
+from engine.tasks.base import Example, TaskError
 
 NAME = "hoc"
 # BLURB/BLUE index order (alphabetical)

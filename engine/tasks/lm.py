@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..corpus import CorpusError, load_corpus
-from ..vocab import special_ids
-from .base import TaskError
+from engine.data.corpus import CorpusError, load_corpus
+from engine.data.vocab import special_ids
+from engine.tasks.base import TaskError
 
 NAME = "lm"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Example, TaskError
+from engine.tasks.base import Example, TaskError
 
 NAME = "pubmedqa"
 CLASSES = ("yes", "no", "maybe")

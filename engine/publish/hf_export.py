@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .checkpoint import load_checkpoint
-from .config import RunConfig, from_dict
-from .export import ExportError, lineage, summary_row
-from .rundb import RunDB
-from .vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
+from engine import __version__
+from engine.model.checkpoint import load_checkpoint
+from engine.core.config import RunConfig, from_dict
+from engine.publish.run_export import ExportError, lineage, summary_row
+from engine.core.rundb import RunDB
+from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 
 SPARSE_SUFFIXES = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight", "mlp.fc.weight", "mlp.proj.weight")
 PROMPT_FILE = "soft_prompt.safetensors"
@@ -401,8 +401,8 @@ def verify_export(db: RunDB, run_id: str, out_dir: str | Path, text: str = "Abno
     """Load the export with transformers (offline) and compare logits and tokenization with the engine."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from .model import GPT
-    from .sparsity import load_masks
+    from engine.model.gpt import GPT
+    from engine.model.sparsity import load_masks
 
     run = db.get_run(run_id)
     model_run = _model_run(db, run)

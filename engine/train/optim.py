@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from engine.core.config import TrainConfig
 
 
 def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:

@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
-from .control import Control
-from .corpus import CorpusError, load_corpus
-from .data import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
-from .flops import flop_model_for
-from .model import GPT
-from .optim import make_optimizer, make_scheduler
-from .session import InputError, RunSession
-from .stage_loop import StageLoop
-from .train_step import train_step
-from .sparsity import apply_sparsity, load_masks, masks_state, measure_sparsity, sparse_param_counts
-from .vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
+from engine.model.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from engine.train.control import Control
+from engine.data.corpus import CorpusError, load_corpus
+from engine.data.tokens import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
+from engine.model.flops import flop_model_for
+from engine.model.gpt import GPT
+from engine.train.optim import make_optimizer, make_scheduler
+from engine.train.session import InputError, RunSession
+from engine.train.loop import StageLoop
+from engine.train.step import train_step
+from engine.model.sparsity import apply_sparsity, load_masks, masks_state, measure_sparsity, sparse_param_counts
+from engine.data.vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
 
 
 def parent_tokenizer_path(db, parent_id: str) -> Path:
@@ -83,7 +83,7 @@ def choose_kernels(s: RunSession, model: GPT, tokens_per_batch: int, device: tor
         choice = {n: "dense" for n in layers}  # GPU runs use cuBLAS on the masked weight
     else:
         try:
-            from .kernels import kernel_available, time_kernels
+            from engine.model.kernels import kernel_available, time_kernels
             ok = kernel_available()
         except ImportError:
             ok = False

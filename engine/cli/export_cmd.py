@@ -1,4 +1,4 @@
-"""CLI commands: ``export`` (metrics or config), ``export-config``, ``export-hf``. Registered by engine.cli."""
+"""CLI commands: ``export`` (metrics or config), ``export-config``, ``export-hf``. Registered by engine.cli.commands."""
 from __future__ import annotations
 
 import json
@@ -7,13 +7,13 @@ from pathlib import Path
 
 
 def _cli():
-    from . import cli  # imported late: engine.cli imports this module while building its parser
+    from engine.cli import commands as cli
 
     return cli
 
 
 def cmd_export(args) -> int:
-    from .export import ExportError, export_config, export_metrics
+    from engine.publish.run_export import ExportError, export_config, export_metrics
 
     cli = _cli()
     db = cli._db(args)
@@ -33,7 +33,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_export_config(args) -> int:
-    from .export import ExportError, config_toml
+    from engine.publish.run_export import ExportError, config_toml
 
     cli = _cli()
     db = cli._db(args)
@@ -51,8 +51,8 @@ def cmd_export_config(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from .export import ExportError
-    from .export_hf import export_hf, verify_export
+    from engine.publish.run_export import ExportError
+    from engine.publish.hf_export import export_hf, verify_export
 
     cli = _cli()
     db = cli._db(args)

@@ -17,22 +17,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
-from .config import ModelConfig, RunConfig
-from .control import Control
-from .corpus import CorpusError, load_corpus
-from .data import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
-from .evaluate import Scorer, evaluate_examples, head_loss, head_targets, headline, majority_baseline
-from .flops import FlopModel
-from .model import GPT
-from .optim import make_optimizer, make_scheduler
-from .pretrain import rng_state, set_rng_state, summary_of
-from .prompting import PROMPT_FILE, SoftPrompt, init_ids, nearest_tokens, save_prompt
-from .session import InputError, RunSession
-from .stage_loop import StageLoop
-from .tasks import TaskError, get_task
-from .tasks.base import Encoder, ExampleLoader, Truncation, collate_lm, collate_prompts
-from .vocab import TOKENIZER_FILE, load_tokenizer
+from engine.model.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from engine.core.config import ModelConfig, RunConfig
+from engine.train.control import Control
+from engine.data.corpus import CorpusError, load_corpus
+from engine.data.tokens import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
+from engine.tasks.scoring import Scorer, evaluate_examples, head_loss, head_targets, headline, majority_baseline
+from engine.model.flops import FlopModel
+from engine.model.gpt import GPT
+from engine.train.optim import make_optimizer, make_scheduler
+from engine.train.pretrain import rng_state, set_rng_state, summary_of
+from engine.model.soft_prompt import PROMPT_FILE, SoftPrompt, init_ids, nearest_tokens, save_prompt
+from engine.train.session import InputError, RunSession
+from engine.train.loop import StageLoop
+from engine.tasks import TaskError, get_task
+from engine.tasks.base import Encoder, ExampleLoader, Truncation, collate_lm, collate_prompts
+from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 
 PARENT_STAGES = ("pretrain", "finetune")
 SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias")
@@ -94,7 +94,7 @@ def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming:
             raise InputError(str(e), key=e.key, path=e.path) from None
     d = cfg.to_dict()
     d["model"] = dataclasses.asdict(model)
-    from .config import from_dict
+    from engine.core.config import from_dict
 
     return from_dict(d)
 

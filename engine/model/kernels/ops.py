@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from .pattern import SparsePattern
+from engine.model.kernels.pattern import SparsePattern
 
 T = 128  # must match _kernels.T
 
@@ -24,7 +24,7 @@ def _kernels():
     global _K, _K_ERR
     if _K is None and _K_ERR is None:
         try:
-            from . import _kernels as k
+            from engine.model.kernels import _kernels as k
             _K = k
         except Exception as e:  # numba/llvmlite missing or broken
             _K_ERR = e

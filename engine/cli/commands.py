@@ -18,11 +18,11 @@ from pathlib import Path
 # setting wins. Must happen before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import ConfigError, load_config, parse_overrides
-from .events import EventWriter
-from .paths import default_db_path, default_runs_dir, list_presets, resolve_preset
-from .rundb import RunDB
-from .session import InputError
+from engine.core.config import ConfigError, load_config, parse_overrides
+from engine.core.events import EventWriter
+from engine.core.paths import default_db_path, default_runs_dir, list_presets, resolve_preset
+from engine.core.rundb import RunDB
+from engine.train.session import InputError
 
 EXIT_BAD_INPUT = 2
 
@@ -54,7 +54,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_train(args) -> int:
-    from .session import InputError, RunSession
+    from engine.train.session import InputError, RunSession
 
     events = EventWriter()
     db = _db(args)
@@ -70,7 +70,7 @@ def cmd_train(args) -> int:
             raise CliError(f"cannot resume run {resume_row['id']}: it is still {resume_row['status']} (pid {resume_row['pid']})", key="resume")
         if resume_row["status"] == "completed" and "train.max_steps" not in overrides:
             raise CliError(f"run {resume_row['id']} already completed; to train further add --set train.max_steps=N", key="resume")
-        from .config import from_dict
+        from engine.core.config import from_dict
 
         cfg = from_dict(resume_row["config"]).replace(overrides)
         ckpt = db.latest_checkpoint(resume_row["id"])
@@ -87,8 +87,8 @@ def cmd_train(args) -> int:
         ckpt_path = None
     _check_inputs(cfg, db)
     if cfg.stage in ("finetune", "prompt"):
-        from .config import load_toml
-        from .finetune import child_config
+        from engine.core.config import load_toml
+        from engine.train.finetune import child_config
 
         # the model shape comes from the parent; only an explicitly given model.n_ctx is honoured
         explicit = set(overrides) | ({f"model.{k}" for k in load_toml(path).get("model", {})} if not resume_row else set())
@@ -96,7 +96,7 @@ def cmd_train(args) -> int:
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(db.path)
     session = RunSession(db, events, cfg, runs_dir, resume_id=resume_row["id"] if resume_row else None)
-    from .control import Control
+    from engine.train.control import Control
 
     control = Control()
     control.install()
@@ -124,13 +124,13 @@ def cmd_train(args) -> int:
 def _run_stage(session, control, ckpt_path):
     stage = session.cfg.stage
     if stage in ("vocab", "pretrain"):
-        from .pretrain import run_pretrain
+        from engine.train.pretrain import run_pretrain
 
         return run_pretrain(session, control, ckpt_path)
     try:
-        from .finetune import run_finetune
+        from engine.train.finetune import run_finetune
     except ImportError:
-        from .session import InputError
+        from engine.train.session import InputError
 
         raise InputError(f"stage {stage!r} is not available in this build", key="stage") from None
     return run_finetune(session, control, ckpt_path)
@@ -138,7 +138,7 @@ def _run_stage(session, control, ckpt_path):
 
 def _check_inputs(cfg, db: RunDB) -> None:
     """Checks that need no heavy work, done before a run row exists (so bad input leaves no run behind)."""
-    from .corpus import CorpusError, check_corpus_spec
+    from engine.data.corpus import CorpusError, check_corpus_spec
 
     if cfg.stage in ("vocab", "pretrain") or cfg.task.name == "lm":
         try:
@@ -201,7 +201,7 @@ def cmd_runs_show(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_run import inspect_checkpoint
+    from engine.publish.inspect import inspect_checkpoint
 
     db = _db(args)
     row = _run_or_fail(db, args.run_id)
@@ -239,7 +239,7 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .estimate import estimate
+    from engine.train.estimate import estimate
 
     path = resolve_preset(args.config)
     if not path.is_file():
@@ -270,7 +270,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_config_keys(args) -> int:
-    from .config import field_docs
+    from engine.core.config import field_docs
 
     docs = field_docs()
     if args.json:
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live in their own modules (evaluation, export)."""
     out = []
-    for modname in ("engine.eval_cli", "engine.export_cli"):
+    for modname in ("engine.cli.eval_cmd", "engine.cli.export_cmd"):
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT
-from .tasks.base import (Encoded, Encoder, Example, TaskError, Truncation, collate_lm, collate_prompts,
+from engine.model.gpt import GPT
+from engine.tasks.base import (Encoded, Encoder, Example, TaskError, Truncation, collate_lm, collate_prompts,
                          multi_label_metrics, single_label_metrics)
 
 
@@ -291,10 +291,10 @@ def build_model(model_cfg, vocab_size: int, state: dict) -> GPT:
 
 
 def load_run(db, run_id: str) -> RunModel:
-    from .checkpoint import load_checkpoint
-    from .config import from_dict
-    from .prompting import SoftPrompt
-    from .vocab import TOKENIZER_FILE, load_tokenizer
+    from engine.model.checkpoint import load_checkpoint
+    from engine.core.config import from_dict
+    from engine.model.soft_prompt import SoftPrompt
+    from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 
     row = db.get_run(run_id)
     if row is None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
-from .paths import default_db_path
+from engine.core.paths import default_db_path
 
 FINAL_STATUSES = ("completed", "stopped", "failed", "crashed")
 LIVE_STATUSES = ("created", "running", "paused")

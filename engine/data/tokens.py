@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .corpus import Corpus
-from .vocab import special_ids, tokenizer_fingerprint
+from engine.data.corpus import Corpus
+from engine.data.vocab import special_ids, tokenizer_fingerprint
 
 
 class DataError(ValueError):

@@ -46,7 +46,7 @@ def flop_model_for_config(n_layer: int, d_model: int, n_ctx: int, vocab_size: in
 
 def flop_model_for(model, n_ctx: int | None = None) -> FlopModel:
     """From a built GPT, counting its actual masks."""
-    from .sparsity import sparse_param_counts
+    from engine.model.sparsity import sparse_param_counts
 
     counts = sparse_param_counts(model)
     cfg = model.cfg

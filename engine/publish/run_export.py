@@ -13,8 +13,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .config import from_dict
-from .rundb import RunDB
+from engine.core.config import from_dict
+from engine.core.rundb import RunDB
 
 # every exported metric row: the run, then the metrics table's own columns in its order
 METRIC_COLUMNS = ("run_id", "step", "tokens", "wall_time", "flops", "flops_dense", "name", "value")

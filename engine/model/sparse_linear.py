@@ -4,7 +4,7 @@
 its nonzeros: the trainable parameter is ``values`` (the weight at the mask's nonzeros, row-major),
 so its gradient, the AdamW moments and weight decay never touch the zeros, and no dense weight
 gradient exists. Two compute paths give the same function: ``dense`` unpacks the values into the
-dense matrix and uses MKL/cuBLAS, ``sparse`` calls the sparse matmul core (engine.kernels) that
+dense matrix and uses MKL/cuBLAS, ``sparse`` calls the sparse matmul core (engine.model.kernels) that
 only touches the nonzeros. ``layer.weight`` still reads as the dense matrix, and state dicts hold
 the dense ``weight`` (zeros included), so checkpoints, exports and fine-tuning see one format.
 """
@@ -74,7 +74,7 @@ class SparseLinear(nn.Linear):
 
     def pattern(self):
         if self._pattern is None:
-            from .kernels import SparsePattern
+            from engine.model.kernels import SparsePattern
 
             self._pattern = SparsePattern.from_mask(self.mask.cpu())
             if self.flat.device.type == "cpu" and torch.equal(self.flat, self._pattern.flat_t):
@@ -94,7 +94,7 @@ class SparseLinear(nn.Linear):
         if self.mask is None:
             return F.linear(x, self.weight, self.bias)
         if self.uses_sparse_core(x):
-            from .kernels import sparse_linear
+            from engine.model.kernels import sparse_linear
 
             return sparse_linear(x, self.values, self.bias, self.pattern())
         return _PackedDenseLinear.apply(x, self.values, self.bias, self._dense_weight(), self.flat)
@@ -185,12 +185,12 @@ class SparseGroup:
             return [m(x) for m in layers]
         key = tuple(m.mask_id for m in layers)
         if key != self._key:
-            from .kernels import SparsePattern
+            from engine.model.kernels import SparsePattern
 
             # stacking rows keeps row-major order: the stacked values are the layers' values end to end
             self._pattern = SparsePattern.from_mask(torch.cat([m.mask.cpu() for m in layers]))
             self._key = key
-        from .kernels import sparse_linear
+        from engine.model.kernels import sparse_linear
 
         biases = [m.bias for m in layers]
         bias = torch.cat(biases) if all(b is not None for b in biases) else None

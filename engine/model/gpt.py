@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .sparse_linear import SparseGroup, SparseLinear
+from engine.core.config import ModelConfig
+from engine.model.sparse_linear import SparseGroup, SparseLinear
 
 
 class CausalSelfAttention(nn.Module):

@@ -28,9 +28,9 @@ def register(subparsers, common) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .cli import _db
-    from .session import InputError
-    from .tasks import TaskError
+    from engine.cli.commands import _db
+    from engine.train.session import InputError
+    from engine.tasks import TaskError
 
     db = _db(args)
     try:
@@ -40,7 +40,7 @@ def cmd_eval(args) -> int:
     if args.json:
         sys.stdout.write(json.dumps(out, default=str) + "\n")
     else:
-        from .evaluate import headline
+        from engine.tasks.scoring import headline
 
         head = ", ".join(f"{k} {v:.4f}" for k, v in headline(out["task"], out).items())
         print(f"run {out['run_id']} (step {out['step']}) on {out['data']} [{out['split']}]: n {out['n']}, {head}")
@@ -53,11 +53,11 @@ def cmd_eval(args) -> int:
 
 
 def evaluate_run(db, args) -> dict:
-    from .checkpoint import load_checkpoint
-    from .evaluate import Scorer, build_model, evaluate_examples, load_run, majority_baseline
-    from .tasks import TaskError, get_task
-    from .tasks.base import Encoder, Truncation
-    from .tasks.lm import read_tokens
+    from engine.model.checkpoint import load_checkpoint
+    from engine.tasks.scoring import Scorer, build_model, evaluate_examples, load_run, majority_baseline
+    from engine.tasks import TaskError, get_task
+    from engine.tasks.base import Encoder, Truncation
+    from engine.tasks.lm import read_tokens
 
     rm = load_run(db, args.run_id)
     cfg = rm.cfg
@@ -123,7 +123,7 @@ def evaluate_run(db, args) -> dict:
 
 def _training_examples(task, cfg, name: str):
     """The run's training examples (for the majority class), or why they are not available."""
-    from .tasks import TaskError
+    from engine.tasks import TaskError
 
     if cfg.stage not in ("finetune", "prompt") or cfg.task.name != name:
         return f"run was not trained on {name}, so it has no training labels"

@@ -6,9 +6,9 @@ import re
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import from_dict
-from .flops import FlopModel
+from engine.model.checkpoint import load_checkpoint
+from engine.core.config import from_dict
+from engine.model.flops import FlopModel
 
 # attention q/k/v/out and MLP fc/proj weights: the sparse-eligible matrices
 SPARSE_WEIGHT = re.compile(r"^blocks\.\d+\.(attn\.(q|k|v|out)|mlp\.(fc|proj))\.weight$")

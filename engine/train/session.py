@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .config import RunConfig
-from .events import EventWriter
-from .metrics_log import DatabaseSink, EventSink, MetricsLogger, ProgressBar
-from .rundb import RunDB
+from engine import __version__
+from engine.core.config import RunConfig
+from engine.core.events import EventWriter
+from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, ProgressBar
+from engine.core.rundb import RunDB
 
 
 class InputError(ValueError):

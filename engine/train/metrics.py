@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from .events import EventWriter
-from .rundb import RunDB
+from engine.core.events import EventWriter
+from engine.core.rundb import RunDB
 
 
 @dataclass

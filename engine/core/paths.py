@@ -8,7 +8,7 @@ DB_ENV = "MEDISWIFT_DB"
 RUNS_ENV = "MEDISWIFT_RUNS_DIR"
 HOME_ENV = "MEDISWIFT_HOME"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS_DIR = REPO_ROOT / "resources" / "presets"
 
 

@@ -6,11 +6,11 @@ import time
 
 import torch
 
-from .config import RunConfig
-from .flops import flop_model_for_config
-from .model import GPT
-from .optim import make_optimizer
-from .sparsity import apply_sparsity
+from engine.core.config import RunConfig
+from engine.model.flops import flop_model_for_config
+from engine.model.gpt import GPT
+from engine.train.optim import make_optimizer
+from engine.model.sparsity import apply_sparsity
 
 
 def available_memory() -> int:

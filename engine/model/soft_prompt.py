@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PromptConfig
-from .vocab import SPECIAL_TOKENS
+from engine.core.config import PromptConfig
+from engine.data.vocab import SPECIAL_TOKENS
 
 PROMPT_FILE = "prompt.safetensors"
 

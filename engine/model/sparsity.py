@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import GPT
+from engine.model.gpt import GPT
 
 
 def layer_densities(shapes: dict[str, tuple[int, int]], level: float, distribution: str) -> dict[str, float]:

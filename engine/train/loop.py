@@ -10,10 +10,10 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .config import RunConfig
-from .memory import keep_freed_memory
-from .metrics_log import Point
-from .session import InputError
+from engine.core.config import RunConfig
+from engine.train.memory import keep_freed_memory
+from engine.train.metrics import Point
+from engine.train.session import InputError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,7 +45,7 @@ class StageLoop:
 
     def start_runtime(self) -> None:
         """Threads, device and seeds from train.*, and malloc keeping freed buffers for the next step
-        (engine.memory): the first thing every stage's setup does."""
+        (engine.train.memory): the first thing every stage's setup does."""
         keep_freed_memory()
         tc = self.cfg.train
         if tc.threads:

@@ -1,0 +1,4 @@
+"""The engine's command line: ``mediswift`` (also ``python -m engine``); see main.py."""
+from engine.cli.commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""The model: the GPT, sparse layers and their kernels, sparsity masks, FLOP formulas, checkpoint files, run resolution."""
