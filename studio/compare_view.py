@@ -22,7 +22,8 @@ from PySide6.QtWidgets import (
     QListWidgetItem, QMessageBox, QPushButton, QSlider, QSplitter, QTabWidget, QToolButton, QVBoxLayout, QWidget,
 )
 
-from engine.publish.run_export import SERIES_DTYPE, ExportError, eval_series, export_metrics, load_series_counted, metric_names
+from engine.publish.run_export import SERIES_DTYPE, eval_series, export_metrics, load_series_counted, metric_names
+from engine.core.errors import InputError
 from engine.core.rundb import LIVE_STATUSES, RunDB
 
 from studio.chart_export import ChartExportDialog
@@ -635,7 +636,7 @@ class CompareView(QWidget):
             path += f".{fmt}"
         try:
             n = self.export_metrics(path, fmt)
-        except (ExportError, OSError) as e:
+        except (InputError, OSError) as e:
             QMessageBox.warning(self, "Export metrics", str(e))
             return
         QMessageBox.information(self, "Export metrics", f"Wrote {n:,} rows of {len(self.selected)} run(s) to {path}")

@@ -19,7 +19,8 @@ from PySide6.QtWidgets import (
 )
 
 from engine.core import config as cfgmod
-from engine.core.config import SECTIONS, ConfigError, RunConfig, field_docs, from_dict
+from engine.core.config import SECTIONS, RunConfig, field_docs, from_dict
+from engine.core.errors import InputError
 from engine.core.paths import list_presets, resolve_preset
 from engine.core.rundb import RunDB
 
@@ -84,20 +85,20 @@ def validate(flat: dict[str, Any]) -> tuple[RunConfig | None, dict[str, str]]:
     for sec, cls in SECTIONS.items():
         try:
             cls(**d.get(sec, {}))
-        except ConfigError as e:
+        except InputError as e:
             errors[e.key] = str(e)
         except TypeError as e:  # an unknown key in a section
             errors[sec] = str(e)
     top = {k: v for k, v in d.items() if k not in SECTIONS}
     try:
         RunConfig(**top)
-    except ConfigError as e:
+    except InputError as e:
         errors[e.key] = str(e)
     if errors:
         return None, errors
     try:
         return from_dict(d), {}
-    except ConfigError as e:
+    except InputError as e:
         return None, {e.key: str(e)}
 
 
@@ -232,7 +233,7 @@ class RunForm(QWidget):
     def load_file(self, path: str | Path) -> bool:
         try:
             d = cfgmod.load_toml(path)
-        except ConfigError as e:
+        except InputError as e:
             QMessageBox.warning(self, "Cannot read configuration", str(e))
             return False
         self.load_dict(d, Path(path))
@@ -294,7 +295,7 @@ class RunForm(QWidget):
         path = folder / f"clone-{run['id']}-{time.strftime('%Y%m%d-%H%M%S')}.toml"
         try:
             path.write_text(from_dict(d).to_toml(), encoding="utf-8")
-        except ConfigError:  # an old config the current engine rejects: load it anyway, fields get marked
+        except InputError:  # an old config the current engine rejects: load it anyway, fields get marked
             path = None
         self.load_dict(d, path)
         return True

@@ -19,8 +19,9 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from engine.core.config import ConfigError, from_dict
-from engine.publish.run_export import FORMATS, ExportError, export_config, export_metrics
+from engine.core.config import from_dict
+from engine.core.errors import InputError
+from engine.publish.run_export import FORMATS, export_config, export_metrics
 from engine.core.rundb import RunDB
 
 from studio import formatting as fmt
@@ -342,7 +343,7 @@ class RunsBrowser(QWidget):
                 path += "." + chosen.split()[0].lower()
         try:
             n = export_metrics(self.db, ids, path, fmt)
-        except (ExportError, OSError) as e:
+        except (InputError, OSError) as e:
             QMessageBox.warning(self, "Export metrics", str(e))
             return None
         win = self.window()
@@ -362,7 +363,7 @@ class RunsBrowser(QWidget):
                 return None
         try:
             return export_config(self.db, run["id"], path)
-        except (ExportError, ConfigError, OSError) as e:
+        except (InputError, InputError, OSError) as e:
             QMessageBox.warning(self, "Export TOML", f"Cannot export the configuration of {run['id']}: {e}")
             return None
 
@@ -371,7 +372,7 @@ def config_text(config: dict) -> str:
     """TOML, as the user writes it; JSON if the current engine no longer accepts this old config."""
     try:
         return from_dict(config).to_toml()
-    except ConfigError:
+    except InputError:
         return json.dumps(config, indent=2, sort_keys=True)
 
 

@@ -14,7 +14,8 @@ from PySide6.QtWidgets import (
     QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QMessageBox, QPushButton, QTableView, QVBoxLayout, QWidget,
 )
 
-from engine.publish.run_export import ExportError, export_config, summary_rows
+from engine.publish.run_export import export_config, summary_rows
+from engine.core.errors import InputError
 from engine.core.rundb import RunDB
 
 from studio import formatting as fmt
@@ -144,5 +145,5 @@ class SummaryTable(QWidget):
             return
         try:
             export_config(self.db, rid, Path(path))
-        except (ExportError, OSError, ValueError) as e:
+        except (InputError, OSError, ValueError) as e:
             QMessageBox.warning(self, "Export config", str(e))

@@ -11,7 +11,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.core.config import ConfigError, RunConfig, field_docs, load_config, parse_overrides
+from engine.core.config import RunConfig, field_docs, load_config, parse_overrides
+from engine.core.errors import InputError
 from engine.data.tokens import BlockLoader, split_documents
 from engine.core.events import EventWriter, parse_line, validate_event, EventError
 from engine.model.flops import flop_model_for, flop_model_for_config
@@ -39,10 +40,10 @@ def test_presets_load_and_match_the_paper_shapes():
 def test_overrides_are_typed_and_validated():
     cfg = load_config(PRESETS_DIR / "demo.toml", parse_overrides(["train.lr=1e-3", "data.corpus=a.txt", "model.bias=false"]))
     assert cfg.train.lr == 1e-3 and cfg.data.corpus == ["a.txt"] and cfg.model.bias is False
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(InputError) as e:
         load_config(None, parse_overrides(["train.sparsity=0.5"]))
     assert "did you mean 'sparsity.level'" in str(e.value)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(InputError) as e:
         RunConfig(stage="finetune")
     assert e.value.key == "parent"
     # JSON round trip gives the same config

@@ -18,19 +18,13 @@ from pathlib import Path
 # setting wins. Must happen before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engine.core.config import ConfigError, load_config, parse_overrides
+from engine.core.config import load_config, parse_overrides
+from engine.core.errors import InputError
 from engine.core.events import EventWriter
 from engine.core.paths import default_db_path, default_runs_dir, list_presets, resolve_preset
 from engine.core.rundb import RunDB
-from engine.train.session import InputError
 
 EXIT_BAD_INPUT = 2
-
-
-class CliError(Exception):
-    def __init__(self, message: str, key: str | None = None, path: str | None = None):
-        super().__init__(message)
-        self.key, self.path = key, path
 
 
 def _db(args) -> RunDB:
@@ -42,7 +36,7 @@ def _db(args) -> RunDB:
 def _run_or_fail(db: RunDB, run_id: str) -> dict:
     row = db.get_run(run_id)
     if row is None:
-        raise CliError(f"unknown run: {run_id} (see `mediswift runs list`)", key="run_id")
+        raise InputError(f"unknown run: {run_id} (see `mediswift runs list`)", key="run_id")
     return row
 
 
@@ -54,35 +48,35 @@ def _print_json(obj) -> None:
 
 
 def cmd_train(args) -> int:
-    from engine.train.session import InputError, RunSession
+    from engine.train.session import RunSession
 
     events = EventWriter()
     db = _db(args)
     resume_row = None
     overrides = parse_overrides(args.set)
     if args.resume and args.config:
-        raise CliError("give either CONFIG or --resume RUN_ID (a resumed run keeps its own config; adjust it with --set)", key="config")
+        raise InputError("give either CONFIG or --resume RUN_ID (a resumed run keeps its own config; adjust it with --set)", key="config")
     if args.resume:
         resume_row = db.get_run(args.resume)
         if resume_row is None:
-            raise CliError(f"cannot resume: unknown run {args.resume}", key="resume")
+            raise InputError(f"cannot resume: unknown run {args.resume}", key="resume")
         if resume_row["status"] in ("running", "paused"):
-            raise CliError(f"cannot resume run {resume_row['id']}: it is still {resume_row['status']} (pid {resume_row['pid']})", key="resume")
+            raise InputError(f"cannot resume run {resume_row['id']}: it is still {resume_row['status']} (pid {resume_row['pid']})", key="resume")
         if resume_row["status"] == "completed" and "train.max_steps" not in overrides:
-            raise CliError(f"run {resume_row['id']} already completed; to train further add --set train.max_steps=N", key="resume")
+            raise InputError(f"run {resume_row['id']} already completed; to train further add --set train.max_steps=N", key="resume")
         from engine.core.config import from_dict
 
         cfg = from_dict(resume_row["config"]).replace(overrides)
         ckpt = db.latest_checkpoint(resume_row["id"])
         if ckpt is None or not Path(ckpt["path"]).is_file():
-            raise CliError(f"cannot resume run {resume_row['id']}: it has no checkpoint to continue from", key="resume")
+            raise InputError(f"cannot resume run {resume_row['id']}: it has no checkpoint to continue from", key="resume")
         ckpt_path = ckpt["path"]
     else:
         if not args.config:
-            raise CliError("train needs a CONFIG.toml (or a preset name such as 'demo'), or --resume RUN_ID", key="config")
+            raise InputError("train needs a CONFIG.toml (or a preset name such as 'demo'), or --resume RUN_ID", key="config")
         path = resolve_preset(args.config)
         if not path.is_file():
-            raise CliError(f"config file not found: {args.config} (presets: {', '.join(list_presets())})", key="config", path=str(path))
+            raise InputError(f"config file not found: {args.config} (presets: {', '.join(list_presets())})", key="config", path=str(path))
         cfg = load_config(path, overrides)
         ckpt_path = None
     _check_inputs(cfg, db)
@@ -130,7 +124,6 @@ def _run_stage(session, control, ckpt_path):
     try:
         from engine.train.finetune import run_finetune
     except ImportError:
-        from engine.train.session import InputError
 
         raise InputError(f"stage {stage!r} is not available in this build", key="stage") from None
     return run_finetune(session, control, ckpt_path)
@@ -138,21 +131,18 @@ def _run_stage(session, control, ckpt_path):
 
 def _check_inputs(cfg, db: RunDB) -> None:
     """Checks that need no heavy work, done before a run row exists (so bad input leaves no run behind)."""
-    from engine.data.corpus import CorpusError, check_corpus_spec
+    from engine.data.corpus import check_corpus_spec
 
     if cfg.stage in ("vocab", "pretrain") or cfg.task.name == "lm":
-        try:
-            check_corpus_spec(cfg.data.corpus)
-        except CorpusError as e:
-            raise CliError(str(e), key=e.key, path=e.path) from None
+        check_corpus_spec(cfg.data.corpus)
     if cfg.parent:
         parent = db.get_run(cfg.parent)
         if parent is None:
-            raise CliError(f"parent run not found: {cfg.parent}", key="parent")
+            raise InputError(f"parent run not found: {cfg.parent}", key="parent")
         if cfg.stage in ("finetune", "prompt") and parent["stage"] == "vocab":
-            raise CliError(f"parent run {cfg.parent} is a vocabulary run; fine-tuning needs a trained model", key="parent")
+            raise InputError(f"parent run {cfg.parent} is a vocabulary run; fine-tuning needs a trained model", key="parent")
         if cfg.stage in ("vocab", "pretrain") and parent["stage"] not in ("vocab", "pretrain"):
-            raise CliError(f"parent run {cfg.parent} is a {parent['stage']} run; a {cfg.stage} run can only reuse a vocabulary or pre-training run's tokenizer", key="parent")
+            raise InputError(f"parent run {cfg.parent} is a {parent['stage']} run; a {cfg.stage} run can only reuse a vocabulary or pre-training run's tokenizer", key="parent")
 
 
 # -- runs, inspect, metrics -------------------------------------------------------------------------
@@ -207,7 +197,7 @@ def cmd_inspect(args) -> int:
     row = _run_or_fail(db, args.run_id)
     ckpt = db.latest_checkpoint(row["id"])
     if ckpt is None or not Path(ckpt["path"]).is_file():
-        raise CliError(f"run {row['id']} has no checkpoint yet", key="run_id")
+        raise InputError(f"run {row['id']} has no checkpoint yet", key="run_id")
     report = inspect_checkpoint(ckpt["path"])
     report.update({"run_id": row["id"], "checkpoint": ckpt["path"], "step": ckpt["step"]})
     if args.json:
@@ -243,7 +233,7 @@ def cmd_estimate(args) -> int:
 
     path = resolve_preset(args.config)
     if not path.is_file():
-        raise CliError(f"config file not found: {args.config}", key="config", path=str(path))
+        raise InputError(f"config file not found: {args.config}", key="config", path=str(path))
     cfg = load_config(path, parse_overrides(args.set))
     result = estimate(cfg, probe_steps=args.probe_steps)
     if args.json:
@@ -369,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     streams_events = args.command == "train" or (args.command == "estimate" and args.json)
     try:
         return args.fn(args)
-    except (ConfigError, CliError, InputError) as e:
+    except InputError as e:
         _stderr_error(str(e))
         if streams_events:
             EventWriter().emit("error", message=str(e), key=getattr(e, "key", None) or None, path=getattr(e, "path", None))

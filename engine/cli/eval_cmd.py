@@ -6,6 +6,8 @@ prints it. A prompt run is scored as its parent model with the learned prompt in
 """
 from __future__ import annotations
 
+from engine.core.errors import InputError
+
 import json
 import sys
 from pathlib import Path
@@ -29,14 +31,9 @@ def register(subparsers, common) -> None:
 
 def cmd_eval(args) -> int:
     from engine.cli.commands import _db
-    from engine.train.session import InputError
-    from engine.tasks import TaskError
 
     db = _db(args)
-    try:
-        out = evaluate_run(db, args)
-    except TaskError as e:
-        raise InputError(str(e), key=e.key, path=e.path) from None
+    out = evaluate_run(db, args)
     if args.json:
         sys.stdout.write(json.dumps(out, default=str) + "\n")
     else:
@@ -55,7 +52,7 @@ def cmd_eval(args) -> int:
 def evaluate_run(db, args) -> dict:
     from engine.model.checkpoint import load_checkpoint
     from engine.tasks.scoring import Scorer, build_model, evaluate_examples, load_run, majority_baseline
-    from engine.tasks import TaskError, get_task
+    from engine.tasks import get_task
     from engine.tasks.base import Encoder, Truncation
     from engine.tasks.lm import read_tokens
 
@@ -63,12 +60,12 @@ def evaluate_run(db, args) -> dict:
     cfg = rm.cfg
     name = args.task or (cfg.task.name if cfg.stage in ("finetune", "prompt") else None)
     if name is None:
-        raise TaskError(f"run {rm.run_id} is a {cfg.stage} run; say which task to score with --task", key="task")
+        raise InputError(f"run {rm.run_id} is a {cfg.stage} run; say which task to score with --task", key="task")
     if rm.head is not None and name != cfg.task.name:
-        raise TaskError(f"run {rm.run_id} has a {cfg.task.name} classification head; it cannot score {name}", key="task")
+        raise InputError(f"run {rm.run_id} has a {cfg.task.name} classification head; it cannot score {name}", key="task")
     data = str(Path(args.data).expanduser().resolve())
     if not Path(data).exists():
-        raise TaskError(f"data file not found: {args.data}", key="data", path=args.data)
+        raise InputError(f"data file not found: {args.data}", key="data", path=args.data)
     n_prefix = rm.prompt.weight.shape[0] if rm.prompt is not None else 0
     budget = cfg.model.n_ctx - n_prefix
     scorer = Scorer(rm.model, rm.prompt, rm.head, batch_size=args.batch_size)
@@ -123,13 +120,12 @@ def evaluate_run(db, args) -> dict:
 
 def _training_examples(task, cfg, name: str):
     """The run's training examples (for the majority class), or why they are not available."""
-    from engine.tasks import TaskError
 
     if cfg.stage not in ("finetune", "prompt") or cfg.task.name != name:
         return f"run was not trained on {name}, so it has no training labels"
     try:
         train, _, _ = task.train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
-    except TaskError as e:
+    except InputError as e:
         return f"training data unavailable: {e}"
     return train[:cfg.task.max_examples] if cfg.task.max_examples else train
 

@@ -1,6 +1,8 @@
 """CLI commands: ``export`` (metrics or config), ``export-config``, ``export-hf``. Registered by engine.cli.commands."""
 from __future__ import annotations
 
+from engine.core.errors import InputError
+
 import json
 import sys
 from pathlib import Path
@@ -13,34 +15,28 @@ def _cli():
 
 
 def cmd_export(args) -> int:
-    from engine.publish.run_export import ExportError, export_config, export_metrics
+    from engine.publish.run_export import export_config, export_metrics
 
     cli = _cli()
     db = cli._db(args)
     fmt = args.format or Path(args.out).suffix.lstrip(".").lower()
-    try:
-        if fmt == "toml":
-            if len(args.run_ids) != 1:
-                raise cli.CliError("--format toml exports one run's config: give exactly one RUN_ID", key="run_ids")
-            path = export_config(db, args.run_ids[0], args.out)
-            print(f"wrote the config of run {args.run_ids[0]} to {path}")
-            return 0
-        n = export_metrics(db, args.run_ids, args.out, fmt or None, names=args.name or None)
-    except ExportError as e:
-        raise cli.CliError(str(e), key="run_ids") from None
+    if fmt == "toml":
+        if len(args.run_ids) != 1:
+            raise InputError("--format toml exports one run's config: give exactly one RUN_ID", key="run_ids")
+        path = export_config(db, args.run_ids[0], args.out)
+        print(f"wrote the config of run {args.run_ids[0]} to {path}")
+        return 0
+    n = export_metrics(db, args.run_ids, args.out, fmt or None, names=args.name or None)
     print(f"wrote {n:,} metric rows of {len(args.run_ids)} run(s) to {args.out}")
     return 0
 
 
 def cmd_export_config(args) -> int:
-    from engine.publish.run_export import ExportError, config_toml
+    from engine.publish.run_export import config_toml
 
     cli = _cli()
     db = cli._db(args)
-    try:
-        text = config_toml(db, args.run_id)
-    except ExportError as e:
-        raise cli.CliError(str(e), key="run_id") from None
+    text = config_toml(db, args.run_id)
     if args.out in (None, "-"):
         sys.stdout.write(text)
     else:
@@ -51,20 +47,16 @@ def cmd_export_config(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from engine.publish.run_export import ExportError
     from engine.publish.hf_export import export_hf, verify_export
 
     cli = _cli()
     db = cli._db(args)
-    try:
-        report = export_hf(db, args.run_id, args.out, overwrite=args.overwrite)
-    except ExportError as e:
-        raise cli.CliError(str(e), key="run_id") from None
+    report = export_hf(db, args.run_id, args.out, overwrite=args.overwrite)
     if args.verify:
         try:
             report["verify"] = verify_export(db, args.run_id, args.out)
         except ImportError:
-            raise cli.CliError("--verify needs the transformers package (pip install transformers)") from None
+            raise InputError("--verify needs the transformers package (pip install transformers)") from None
     if args.json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")
         return 0

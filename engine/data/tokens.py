@@ -7,6 +7,8 @@ checkpoint needs to resume the exact same stream.
 """
 from __future__ import annotations
 
+from engine.core.errors import InputError
+
 import hashlib
 import json
 import math
@@ -21,12 +23,6 @@ import torch
 
 from engine.data.corpus import Corpus
 from engine.data.vocab import special_ids, tokenizer_fingerprint
-
-
-class DataError(ValueError):
-    def __init__(self, message: str, key: str = "data.corpus"):
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass
@@ -147,14 +143,10 @@ class BlockLoader(SeededOrder):
 
 def check_enough_tokens(splits: TokenSplits, n_ctx: int) -> None:
     if len(splits.train) < n_ctx + 1:
-        raise DataError(
-            f"corpus too small: {len(splits.train)} training tokens, need at least model.n_ctx + 1 = {n_ctx + 1}"
-        )
+        raise InputError(f"corpus too small: {len(splits.train)} training tokens, need at least model.n_ctx + 1 = {n_ctx + 1}", key="data.corpus")
     if len(splits.val) < n_ctx + 1:
-        raise DataError(
-            f"validation split too small: {len(splits.val)} tokens from {splits.n_val_docs} documents, need "
-            f"{n_ctx + 1}; raise data.val_fraction or use a larger corpus", key="data.val_fraction",
-        )
+        raise InputError(f"validation split too small: {len(splits.val)} tokens from {splits.n_val_docs} documents, need "
+            f"{n_ctx + 1}; raise data.val_fraction or use a larger corpus", key="data.val_fraction")
 
 
 def epochs_for(steps: int, batch_size: int, grad_accum: int, n_blocks: int) -> float:

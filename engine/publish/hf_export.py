@@ -22,7 +22,8 @@ import torch
 from engine import __version__
 from engine.model.checkpoint import load_checkpoint
 from engine.core.config import RunConfig, from_dict
-from engine.publish.run_export import ExportError, lineage, summary_row
+from engine.publish.run_export import lineage, summary_row
+from engine.core.errors import InputError
 from engine.core.rundb import RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 
@@ -38,7 +39,7 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A fine-tuned model may sit inside a wrapper (``model.wte.weight``): find the GPT by its embedding."""
     hits = [k for k in state if k.endswith("wte.weight")]
     if not hits:
-        raise ExportError("checkpoint has no token embedding (wte.weight); is it a GPT checkpoint?")
+        raise InputError("checkpoint has no token embedding (wte.weight); is it a GPT checkpoint?")
     prefix = min(hits, key=len)[: -len("wte.weight")]
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
 
@@ -85,7 +86,7 @@ def gpt2_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict 
         out[h + "mlp.c_proj.bias"] = bias(b + "mlp.proj.bias", d)
     if "lm_head.weight" in src:
         if not torch.equal(src["lm_head.weight"], src["wte.weight"]):
-            raise ExportError("the LM head is not tied to the token embedding; GPT-2 export needs tied weights")
+            raise InputError("the LM head is not tied to the token embedding; GPT-2 export needs tied weights")
         used.add("lm_head.weight")  # tied: GPT-2 re-ties it on load, so it is not stored twice
     out = {k: v.contiguous() for k, v in out.items()}
     return out, sorted(set(src) - used)
@@ -130,16 +131,16 @@ def _model_run(db: RunDB, run: dict) -> dict:
         return run
     parent = db.get_run(run["parent_id"]) if run.get("parent_id") else None
     if parent is None:
-        raise ExportError(f"prompt run {run['id']} has no parent model to export (parent {run.get('parent_id')!r} not found)")
+        raise InputError(f"prompt run {run['id']} has no parent model to export (parent {run.get('parent_id')!r} not found)")
     return parent
 
 
 def _checkpoint_path(db: RunDB, run: dict) -> Path:
     if run["stage"] == "vocab":
-        raise ExportError(f"run {run['id']} is a vocabulary run: it has no model weights to export")
+        raise InputError(f"run {run['id']} is a vocabulary run: it has no model weights to export")
     ck = db.latest_checkpoint(run["id"])
     if ck is None or not Path(ck["path"]).is_file():
-        raise ExportError(f"run {run['id']} has no checkpoint file to export")
+        raise InputError(f"run {run['id']} has no checkpoint file to export")
     return Path(ck["path"])
 
 
@@ -149,7 +150,7 @@ def _tokenizer_path(db: RunDB, run: dict) -> Path:
         p = Path(r.get("run_dir") or "") / TOKENIZER_FILE
         if r.get("run_dir") and p.is_file():
             return p
-    raise ExportError(f"no {TOKENIZER_FILE} found for run {run['id']} or its ancestors")
+    raise InputError(f"no {TOKENIZER_FILE} found for run {run['id']} or its ancestors")
 
 
 def _prompt_tensor(db: RunDB, run: dict, d_model: int) -> tuple[torch.Tensor, str] | None:
@@ -202,10 +203,10 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
 
     run = db.get_run(run_id)
     if run is None:
-        raise ExportError(f"unknown run: {run_id}")
+        raise InputError(f"unknown run: {run_id}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty (use --overwrite to replace its files)")
+        raise InputError(f"{out} exists and is not empty (use --overwrite to replace its files)")
     model_run = _model_run(db, run)
     ck_path = _checkpoint_path(db, model_run)
     ck = load_checkpoint(ck_path)
@@ -214,7 +215,7 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     tok = load_tokenizer(tok_path)
     vocab_size = int(ck.get("vocab_size") or tok.get_vocab_size())
     if tok.get_vocab_size() != vocab_size:
-        raise ExportError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint {vocab_size}")
+        raise InputError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint {vocab_size}")
     eot, pad = special_ids(tok)
 
     tensors, skipped = gpt2_state_dict(ck["model"], cfg, ck.get("masks"))
@@ -236,7 +237,7 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     if run["stage"] == "prompt":
         found = _prompt_tensor(db, run, cfg.model.d_model)
         if found is None:
-            raise ExportError(f"prompt run {run['id']} has no soft prompt (no 'prompt' artifact with a [P, {cfg.model.d_model}] tensor)")
+            raise InputError(f"prompt run {run['id']} has no soft prompt (no 'prompt' artifact with a [P, {cfg.model.d_model}] tensor)")
         prompt, src = found
         save_file({"prompt_embeddings": prompt.contiguous()}, str(out / PROMPT_FILE),
                   metadata={"format": "pt", "run_id": run["id"], "n_tokens": str(prompt.shape[0])})

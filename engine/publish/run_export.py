@@ -5,6 +5,8 @@ Imports neither torch nor Qt: the studio calls these directly; the CLI wraps the
 """
 from __future__ import annotations
 
+from engine.core.errors import InputError
+
 import csv
 import json
 import math
@@ -28,17 +30,13 @@ SERIES_DTYPE = np.dtype([("step", "i8"), ("tokens", "i8"), ("wall_time", "f8"), 
 _CHUNK = 50_000
 
 
-class ExportError(ValueError):
-    pass
-
-
 def resolve_runs(db: RunDB, run_ids: Iterable[str]) -> list[dict]:
-    """Run rows for ids or unique id prefixes, in the given order; unknown ids raise ExportError."""
+    """Run rows for ids or unique id prefixes, in the given order; unknown ids raise InputError."""
     out = []
     for rid in run_ids:
         row = db.get_run(rid)
         if row is None:
-            raise ExportError(f"unknown run: {rid}")
+            raise InputError(f"unknown run: {rid}")
         out.append(row)
     return out
 
@@ -68,10 +66,10 @@ def export_metrics(db: RunDB, run_ids: Iterable[str], path: str | Path, fmt: str
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     ids = [r["id"] for r in resolve_runs(db, run_ids)]
     if not ids:
-        raise ExportError("no runs to export")
+        raise InputError("no runs to export")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     rows = _metric_cursor(db, ids, names)

@@ -2,11 +2,12 @@
 
 A task reads its labelled files (any path: the same code scores the unseen test files), turns each
 record into an ``Example`` (prompt segments + answer text + label), and scores predictions.
-Problems with the user's files are ``TaskError`` (exit code 2), naming the config key and the file.
+Problems with the user's files are ``InputError`` (exit code 2), naming the config key and the file.
 """
 from __future__ import annotations
 
-from engine.tasks.base import Example, TaskError
+from engine.tasks.base import Example
+from engine.core.errors import InputError
 
 
 def get_task(name: str):
@@ -18,8 +19,8 @@ def get_task(name: str):
     elif name == "lm":
         from engine.tasks import lm as mod
     else:
-        raise TaskError(f"unknown task {name!r} (tasks: pubmedqa, hoc, lm)", key="task.name")
+        raise InputError(f"unknown task {name!r} (tasks: pubmedqa, hoc, lm)", key="task.name")
     return mod
 
 
-__all__ = ["Example", "TaskError", "get_task"]
+__all__ = ["Example", "InputError", "get_task"]

@@ -15,15 +15,7 @@ import torch
 
 from engine.data.tokens import SeededOrder
 from engine.data.vocab import special_ids
-
-
-class TaskError(ValueError):
-    """A problem with the task's data or settings (exit code 2)."""
-
-    def __init__(self, message: str, key: str | None = None, path: str | None = None):
-        super().__init__(message)
-        self.key = key
-        self.path = path
+from engine.core.errors import InputError
 
 
 @dataclass
@@ -90,8 +82,7 @@ class Encoder:
             return h + c[:room] + t
         keep_head = self.budget - reserve - len(t)
         if keep_head <= 0:
-            raise TaskError(
-                f"the context window of {self.budget} tokens cannot hold even the answer cue and answer of example "
+            raise InputError(f"the context window of {self.budget} tokens cannot hold even the answer cue and answer of example "
                 f"{ex.id}; use a larger model.n_ctx (or fewer prompt.n_tokens)", key="model.n_ctx")
         if trunc is not None:
             trunc.context.add(ex.id)
@@ -136,7 +127,7 @@ class ExampleLoader(SeededOrder):
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n == 0:
-            raise TaskError("no training examples", key="task.train")
+            raise InputError("no training examples", key="task.train")
         super().__init__(n, batch_size, seed)
 
 

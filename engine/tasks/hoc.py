@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.tasks.base import Example, TaskError
+from engine.tasks.base import Example
+from engine.core.errors import InputError
 
 NAME = "hoc"
 # BLURB/BLUE index order (alphabetical)
@@ -53,7 +54,7 @@ def parse(text: str) -> tuple[int, ...]:
 def _records(path: str, key: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TaskError(f"HoC file not found: {path}", key=key, path=str(path))
+        raise InputError(f"HoC file not found: {path}", key=key, path=str(path))
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
         text = p.read_text(encoding="utf-8", errors="replace")
@@ -63,8 +64,7 @@ def _records(path: str, key: str) -> list[dict]:
             else:
                 recs = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise TaskError(f"{path} is not JSON Lines (HoC expects one JSON abstract per line): {e}", key=key,
-                            path=str(path)) from None
+            raise InputError(f"{path} is not JSON Lines (HoC expects one JSON abstract per line): {e}", key=key, path=str(path)) from None
     elif suffix in (".csv", ".parquet"):
         import datasets
 
@@ -72,13 +72,12 @@ def _records(path: str, key: str) -> list[dict]:
         try:
             ds = datasets.load_dataset("csv" if suffix == ".csv" else "parquet", data_files=str(p), split="train")
         except Exception as e:  # datasets raises many types for malformed files
-            raise TaskError(f"could not read {path}: {type(e).__name__}", key=key, path=str(path)) from None
+            raise InputError(f"could not read {path}: {type(e).__name__}", key=key, path=str(path)) from None
         recs = [dict(r) for r in ds]
     else:
-        raise TaskError(f"unsupported HoC file type {suffix or '(none)'!r}: {path} (use .jsonl, .json, .csv or .parquet)",
-                        key=key, path=str(path))
+        raise InputError(f"unsupported HoC file type {suffix or '(none)'!r}: {path} (use .jsonl, .json, .csv or .parquet)", key=key, path=str(path))
     if not recs or not all(isinstance(r, dict) for r in recs):
-        raise TaskError(f"{path} holds no HoC records (objects with 'labels' and 'sentences' or 'text')", key=key, path=str(path))
+        raise InputError(f"{path} holds no HoC records (objects with 'labels' and 'sentences' or 'text')", key=key, path=str(path))
     return recs
 
 
@@ -87,26 +86,24 @@ def read(path: str, key: str = "task.train") -> list[Example]:
     for i, r in enumerate(_records(path, key), 1):
         where = f"{path}, record {i}"
         if "labels" not in r or r["labels"] is None:
-            raise TaskError(f"{where} has no 'labels' (a list of hallmarks, [] for none); a labelled file is needed",
-                            key=key, path=str(path))
+            raise InputError(f"{where} has no 'labels' (a list of hallmarks, [] for none); a labelled file is needed", key=key, path=str(path))
         labels = r["labels"]
         if isinstance(labels, str):
             labels = [s for s in labels.split(";") if s.strip()]
         if not isinstance(labels, list):
-            raise TaskError(f"{where}: 'labels' must be a list of hallmark names, got {labels!r}", key=key, path=str(path))
+            raise InputError(f"{where}: 'labels' must be a list of hallmark names, got {labels!r}", key=key, path=str(path))
         idx = set()
         for name in labels:
             norm = " ".join(str(name).strip().lower().split())
             if norm not in CLASSES:
-                raise TaskError(f"{where}: unknown hallmark {name!r} (expected one of: {', '.join(CLASSES)})",
-                                key=key, path=str(path))
+                raise InputError(f"{where}: unknown hallmark {name!r} (expected one of: {', '.join(CLASSES)})", key=key, path=str(path))
             idx.add(CLASSES.index(norm))
         if isinstance(r.get("sentences"), list):
             text = " ".join(str(s) for s in r["sentences"])
         elif isinstance(r.get("text"), str):
             text = r["text"]
         else:
-            raise TaskError(f"{where} has no text ('sentences' list or 'text' string)", key=key, path=str(path))
+            raise InputError(f"{where} has no text ('sentences' list or 'text' string)", key=key, path=str(path))
         label = tuple(sorted(idx))
         out.append(Example(str(r.get("pmid", r.get("id", i))), "", text.strip(), CUE, target_text(label), label))
     return out
@@ -114,7 +111,7 @@ def read(path: str, key: str = "task.train") -> list[Example]:
 
 def train_dev(tc, val_fraction: float, seed: int, warn) -> tuple[list[Example], list[Example], dict]:
     if not tc.train:
-        raise TaskError("task.train is required for hoc: a JSON Lines file such as hoc/train.jsonl", key="task.train")
+        raise InputError("task.train is required for hoc: a JSON Lines file such as hoc/train.jsonl", key="task.train")
     train = read(tc.train, "task.train")
     info: dict = {"train_file": str(Path(tc.train).expanduser().resolve())}
     if tc.dev:
@@ -130,5 +127,5 @@ def train_dev(tc, val_fraction: float, seed: int, warn) -> tuple[list[Example], 
 
 def select(path: str, split: str, splits_path: str | None, fold: int) -> list[Example]:
     if split not in ("all", ""):
-        raise TaskError("HoC files are scored whole; give the split's own file (e.g. hoc/dev.jsonl) with --data", key="split")
+        raise InputError("HoC files are scored whole; give the split's own file (e.g. hoc/dev.jsonl) with --data", key="split")
     return read(path, "data")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.data.corpus import CorpusError, load_corpus
+from engine.data.corpus import load_corpus
+from engine.core.errors import InputError
 from engine.data.vocab import special_ids
-from engine.tasks.base import TaskError
 
 NAME = "lm"
 
@@ -18,8 +18,8 @@ def read_tokens(path: str, tok, text_field: str = "text") -> np.ndarray:
     """Every document of a file or folder, tokenized and joined with end-of-text separators."""
     try:
         corpus = load_corpus([path], text_field)
-    except CorpusError as e:
-        raise TaskError(str(e), key="data", path=e.path) from None
+    except InputError as e:
+        raise InputError(str(e), key="data", path=e.path) from None
     eot, _ = special_ids(tok)
     chunks = []
     for enc in tok.encode_batch(corpus.documents, add_special_tokens=False):

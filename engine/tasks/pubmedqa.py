@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.tasks.base import Example, TaskError
+from engine.tasks.base import Example
+from engine.core.errors import InputError
 
 NAME = "pubmedqa"
 CLASSES = ("yes", "no", "maybe")
@@ -42,31 +43,28 @@ def parse(text: str) -> int:
 def _load_json(path: str, key: str):
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TaskError(f"PubMedQA file not found: {path}", key=key, path=str(path))
+        raise InputError(f"PubMedQA file not found: {path}", key=key, path=str(path))
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TaskError(f"{path} is not a JSON file (PubMedQA expects PQA-L JSON keyed by PMID): {e}", key=key,
-                        path=str(path)) from None
+        raise InputError(f"{path} is not a JSON file (PubMedQA expects PQA-L JSON keyed by PMID): {e}", key=key, path=str(path)) from None
 
 
 def read(path: str, key: str = "task.train") -> dict[str, Example]:
     """Every labelled record of a PQA-L file, in file order."""
     data = _load_json(path, key)
     if not isinstance(data, dict) or not data:
-        raise TaskError(f"{path} is not in PQA-L format: expected a non-empty JSON object keyed by PMID "
+        raise InputError(f"{path} is not in PQA-L format: expected a non-empty JSON object keyed by PMID "
                         f"with QUESTION, CONTEXTS and final_decision", key=key, path=str(path))
     out: dict[str, Example] = {}
     for pmid, rec in data.items():
         if not isinstance(rec, dict) or "QUESTION" not in rec or "CONTEXTS" not in rec:
-            raise TaskError(f"{path}: record {pmid} is not in PQA-L format (needs QUESTION and CONTEXTS)",
-                            key=key, path=str(path))
+            raise InputError(f"{path}: record {pmid} is not in PQA-L format (needs QUESTION and CONTEXTS)", key=key, path=str(path))
         label = rec.get("final_decision")
         if label is None:
-            raise TaskError(f"{path}: record {pmid} has no label (final_decision); a labelled PQA-L file is needed",
-                            key=key, path=str(path))
+            raise InputError(f"{path}: record {pmid} has no label (final_decision); a labelled PQA-L file is needed", key=key, path=str(path))
         if str(label).lower() not in CLASSES:
-            raise TaskError(f"{path}: record {pmid} has label {label!r}; expected yes, no or maybe", key=key, path=str(path))
+            raise InputError(f"{path}: record {pmid} has label {label!r}; expected yes, no or maybe", key=key, path=str(path))
         contexts = rec["CONTEXTS"]
         context = " ".join(contexts) if isinstance(contexts, list) else str(contexts)
         y = CLASSES.index(str(label).lower())
@@ -78,7 +76,7 @@ def read(path: str, key: str = "task.train") -> dict[str, Example]:
 def read_splits(path: str, key: str = "task.splits") -> dict:
     s = _load_json(path, key)
     if not isinstance(s, dict) or not isinstance(s.get("folds"), list) or not s["folds"]:
-        raise TaskError(f"{path} is not a PubMedQA split file: expected an object with a 'folds' list "
+        raise InputError(f"{path} is not a PubMedQA split file: expected an object with a 'folds' list "
                         f"of {{fold, train, dev}}", key=key, path=str(path))
     return s
 
@@ -90,7 +88,7 @@ def fold_ids(splits: dict, fold: int, path: str) -> tuple[list[str], list[str]]:
             if "train" not in f or "dev" not in f:
                 break
             return [str(x) for x in f["train"]], [str(x) for x in f["dev"]]
-    raise TaskError(f"{path} has no fold {fold} with train and dev lists ({len(folds)} folds)", key="task.fold", path=path)
+    raise InputError(f"{path} has no fold {fold} with train and dev lists ({len(folds)} folds)", key="task.fold", path=path)
 
 
 def _splits_path(tc) -> str | None:
@@ -103,15 +101,14 @@ def _splits_path(tc) -> str | None:
 def _pick(data: dict[str, Example], ids: list[str], path: str, key: str) -> list[Example]:
     missing = [i for i in ids if i not in data]
     if missing:
-        raise TaskError(f"{len(missing)} of {len(ids)} PMIDs of the split are not in {path} (e.g. {missing[0]})",
-                        key=key, path=path)
+        raise InputError(f"{len(missing)} of {len(ids)} PMIDs of the split are not in {path} (e.g. {missing[0]})", key=key, path=path)
     return [data[i] for i in ids]
 
 
 def train_dev(tc, val_fraction: float, seed: int, warn) -> tuple[list[Example], list[Example], dict]:
     """Training and development examples for a run: the fold of the split file, or a held-out part."""
     if not tc.train:
-        raise TaskError("task.train is required for pubmedqa: a PQA-L JSON file such as pqal_trainval.json", key="task.train")
+        raise InputError("task.train is required for pubmedqa: a PQA-L JSON file such as pqal_trainval.json", key="task.train")
     data = read(tc.train, "task.train")
     info: dict = {"train_file": str(Path(tc.train).expanduser().resolve())}
     sp = _splits_path(tc)
@@ -145,12 +142,12 @@ def select(path: str, split: str, splits_path: str | None, fold: int) -> list[Ex
         return list(data.values())
     sp = splits_path or str(Path(path).expanduser().parent / SPLITS_FILE)
     if not Path(sp).is_file():
-        raise TaskError(f"--split {split} needs a split file (--splits; none found at {sp})", key="splits", path=sp)
+        raise InputError(f"--split {split} needs a split file (--splits; none found at {sp})", key="splits", path=sp)
     splits = read_splits(sp, "splits")
     if split in ("train", "dev"):
         ids = fold_ids(splits, fold, sp)[0 if split == "train" else 1]
     elif isinstance(splits.get(split), list):
         ids = [str(i) for i in splits[split]]
     else:
-        raise TaskError(f"{sp} has no split {split!r}", key="split", path=sp)
+        raise InputError(f"{sp} has no split {split!r}", key="split", path=sp)
     return _pick(data, ids, path, "data")

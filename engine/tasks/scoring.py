@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.model.gpt import GPT
-from engine.tasks.base import (Encoded, Encoder, Example, TaskError, Truncation, collate_lm, collate_prompts,
-                         multi_label_metrics, single_label_metrics)
+from engine.tasks.base import Encoded, Encoder, Example, Truncation, collate_lm, collate_prompts, multi_label_metrics, single_label_metrics
+from engine.core.errors import InputError
 
 
 class Scorer:
@@ -140,7 +140,7 @@ class Scorer:
         t = torch.from_numpy(tokens.astype(np.int64))
         n_blocks = (len(t) - 1) // n_ctx
         if n_blocks == 0:
-            raise TaskError(f"the text has {len(t)} tokens, fewer than one {n_ctx}-token block", key="data")
+            raise InputError(f"the text has {len(t)} tokens, fewer than one {n_ctx}-token block", key="data")
         if max_blocks:
             n_blocks = min(n_blocks, max_blocks)
         total, count = 0.0, 0
@@ -168,7 +168,7 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
     ``predictions`` (a list) receives each example's predicted label, for inspection and tests.
     """
     if not examples:
-        raise TaskError("no examples to evaluate", key="data")
+        raise InputError("no examples to evaluate", key="data")
     was_training = scorer.model.training
     scorer.model.eval()
     try:
@@ -194,7 +194,7 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
             for ex in examples:
                 try:
                     encoded.append(enc.train(ex, trunc))
-                except TaskError:
+                except InputError:
                     pass  # a gold answer longer than the window has no loss; it is still predicted below
             lps = scorer.answer_logprobs(encoded, enc.pad)
             n_tok = sum(len(e.ids) - e.answer_start for e in encoded)
@@ -285,7 +285,7 @@ def build_model(model_cfg, vocab_size: int, state: dict) -> GPT:
     model = GPT(model_cfg, vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
-        raise TaskError(f"checkpoint does not match the model shape (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InputError(f"checkpoint does not match the model shape (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
     return model
 
@@ -298,26 +298,25 @@ def load_run(db, run_id: str) -> RunModel:
 
     row = db.get_run(run_id)
     if row is None:
-        raise TaskError(f"unknown run: {run_id} (see `mediswift runs list`)", key="run_id")
+        raise InputError(f"unknown run: {run_id} (see `mediswift runs list`)", key="run_id")
     ck_row = db.latest_checkpoint(row["id"])
     if ck_row is None or not Path(ck_row["path"]).is_file():
-        raise TaskError(f"run {row['id']} has no checkpoint to evaluate", key="run_id")
+        raise InputError(f"run {row['id']} has no checkpoint to evaluate", key="run_id")
     ck = load_checkpoint(ck_row["path"])
     cfg = from_dict(ck["config"])
     tok_path = Path(row["run_dir"]) / TOKENIZER_FILE
     if not tok_path.is_file():
-        raise TaskError(f"run {row['id']} has no tokenizer ({tok_path})", key="run_id", path=str(tok_path))
+        raise InputError(f"run {row['id']} has no tokenizer ({tok_path})", key="run_id", path=str(tok_path))
     tok = load_tokenizer(tok_path)
     if tok.get_vocab_size() != ck["vocab_size"]:
-        raise TaskError(f"tokenizer mismatch: {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint "
+        raise InputError(f"tokenizer mismatch: {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint "
                         f"{ck['vocab_size']}", key="run_id", path=str(tok_path))
     stage = ck.get("stage", cfg.stage)
     prompt = head = None
     parent_ck = ck.get("parent_checkpoint")
     if stage == "prompt":
         if not parent_ck or not Path(parent_ck).is_file():
-            raise TaskError(f"prompt run {row['id']} refers to a parent checkpoint that is gone: {parent_ck}",
-                            key="run_id", path=parent_ck)
+            raise InputError(f"prompt run {row['id']} refers to a parent checkpoint that is gone: {parent_ck}", key="run_id", path=parent_ck)
         state = load_checkpoint(parent_ck)
         model = build_model(cfg.model, ck["vocab_size"], state["model"])
         head = _load_head(state.get("head"), cfg)

@@ -20,17 +20,18 @@ import torch.nn as nn
 from engine.model.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from engine.core.config import ModelConfig, RunConfig
 from engine.train.control import Control
-from engine.data.corpus import CorpusError, load_corpus
-from engine.data.tokens import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
+from engine.data.corpus import load_corpus
+from engine.core.errors import InputError
+from engine.data.tokens import BlockLoader, check_enough_tokens, tokenize_corpus
 from engine.tasks.scoring import Scorer, evaluate_examples, head_loss, head_targets, headline, majority_baseline
 from engine.model.flops import FlopModel
 from engine.model.gpt import GPT
 from engine.train.optim import make_optimizer, make_scheduler
 from engine.train.pretrain import rng_state, set_rng_state, summary_of
 from engine.model.soft_prompt import PROMPT_FILE, SoftPrompt, init_ids, nearest_tokens, save_prompt
-from engine.train.session import InputError, RunSession
+from engine.train.session import RunSession
 from engine.train.loop import StageLoop
-from engine.tasks import TaskError, get_task
+from engine.tasks import get_task
 from engine.tasks.base import Encoder, ExampleLoader, Truncation, collate_lm, collate_prompts
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 
@@ -88,10 +89,7 @@ def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming:
     if cfg.stage == "prompt" and cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
         raise InputError("prompt.init is 'text' but prompt.init_text is empty", key="prompt.init_text")
     if cfg.task.name != "lm":
-        try:
-            get_task(cfg.task.name).train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
-        except TaskError as e:
-            raise InputError(str(e), key=e.key, path=e.path) from None
+        get_task(cfg.task.name).train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
     d = cfg.to_dict()
     d["model"] = dataclasses.asdict(model)
     from engine.core.config import from_dict
@@ -240,14 +238,13 @@ class FineTuner(StageLoop):
                 try:
                     self.train_enc.append(self.enc.train(ex, trunc))
                     kept.append(ex)
-                except TaskError:
+                except InputError:
                     pass  # its answer alone overflows the window
             if len(kept) < len(train):
                 s.warn(f"{len(train) - len(kept)} of {len(train)} training examples were skipped: their answer does "
                        f"not fit the {self.budget}-token window")
             if not kept:
-                raise TaskError(f"no training example fits the {self.budget}-token window; use a larger model.n_ctx",
-                                key="model.n_ctx")
+                raise InputError(f"no training example fits the {self.budget}-token window; use a larger model.n_ctx", key="model.n_ctx")
             train = kept
         self.train, self.dev = train, dev
         msg = trunc.message(f"{cfg.task.name} training", len(train), self.budget)
@@ -454,5 +451,5 @@ class FineTuner(StageLoop):
 def run_finetune(s: RunSession, control: Control, resume_ckpt: str | None = None) -> str:
     try:
         return FineTuner(s, control, resume_ckpt).run()
-    except (CorpusError, DataError, TaskError) as e:
+    except (InputError, InputError, InputError) as e:
         raise InputError(str(e), key=getattr(e, "key", None), path=getattr(e, "path", None)) from None

@@ -13,7 +13,7 @@ import torch
 from engine.core.config import RunConfig
 from engine.train.memory import keep_freed_memory
 from engine.train.metrics import Point
-from engine.train.session import InputError
+from engine.core.errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:

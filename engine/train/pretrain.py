@@ -16,12 +16,13 @@ import torch
 
 from engine.model.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from engine.train.control import Control
-from engine.data.corpus import CorpusError, load_corpus
-from engine.data.tokens import BlockLoader, DataError, check_enough_tokens, tokenize_corpus
+from engine.data.corpus import load_corpus
+from engine.core.errors import InputError
+from engine.data.tokens import BlockLoader, check_enough_tokens, tokenize_corpus
 from engine.model.flops import flop_model_for
 from engine.model.gpt import GPT
 from engine.train.optim import make_optimizer, make_scheduler
-from engine.train.session import InputError, RunSession
+from engine.train.session import RunSession
 from engine.train.loop import StageLoop
 from engine.train.step import train_step
 from engine.model.sparsity import apply_sparsity, load_masks, masks_state, measure_sparsity, sparse_param_counts
@@ -329,5 +330,5 @@ class Pretrainer(StageLoop):
 def run_pretrain(s: RunSession, control: Control, resume_ckpt: str | None = None) -> str:
     try:
         return Pretrainer(s, control, resume_ckpt).run()
-    except (CorpusError, DataError) as e:
+    except (InputError, InputError) as e:
         raise InputError(str(e), key=getattr(e, "key", None), path=getattr(e, "path", None)) from None

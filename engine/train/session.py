@@ -19,15 +19,6 @@ from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, Progres
 from engine.core.rundb import RunDB
 
 
-class InputError(ValueError):
-    """Bad user input (exit code 2): names the config key and/or the file."""
-
-    def __init__(self, message: str, key: str | None = None, path: str | None = None):
-        super().__init__(message)
-        self.key = key
-        self.path = path
-
-
 def package_versions() -> dict[str, str]:
     out = {"mediswift": __version__, "python": platform.python_version()}
     for name in ("torch", "numpy", "tokenizers", "datasets", "numba", "sqlite_utils"):

@@ -1,0 +1,175 @@
+"""From a run id to what it trained: the one place that resolves run → checkpoint → tokenizer → model.
+
+Every command and stage that starts from an existing run goes through here: a fine-tuning or
+prompting stage resolving its parent, a pre-training reusing a parent's vocabulary, ``eval``,
+``inspect`` and ``export-hf``. A soft-prompt run owns no weights: its model is the parent checkpoint
+it recorded when it started (the parent may have trained on since). A child run without a
+tokenizer of its own uses its nearest ancestor's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+from engine.core.config import ModelConfig, RunConfig, from_dict
+from engine.core.rundb import RunDB
+from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
+from engine.model.checkpoint import load_checkpoint
+from engine.model.gpt import GPT
+from engine.model.soft_prompt import SoftPrompt
+from engine.core.errors import InputError
+
+# stages whose checkpoints hold a whole model (a prompt run holds only its prompt; a vocab run nothing)
+MODEL_STAGES = ("pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run found in the database, with the files it stands on (nothing loaded yet)."""
+    run: dict                 # the run's database row
+    checkpoint: Path | None   # its latest checkpoint file (None: a vocabulary run)
+    tokenizer: Path           # its tokenizer.json, or the nearest ancestor's
+
+    @property
+    def id(self) -> str:
+        return self.run["id"]
+
+    @property
+    def stage(self) -> str:
+        return self.run["stage"]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model shape the run was configured with (its database config; no file read)."""
+        return ModelConfig(**self.run["config"]["model"])
+
+    def tokenizer_object(self):
+        return load_tokenizer(self.tokenizer)
+
+
+def find_run(db: RunDB, run_id: str, key: str = "run_id", what: str = "run") -> dict:
+    row = db.get_run(run_id) if run_id else None
+    if row is None:
+        raise InputError(f"{what} not found: {run_id} (see `mediswift runs list`)", key=key)
+    return row
+
+
+def tokenizer_path(db: RunDB, run: dict, key: str = "run_id") -> Path:
+    """The run's own tokenizer, else the nearest ancestor's (children reuse their parent's vocabulary)."""
+    seen: set[str] = set()
+    row: dict | None = run
+    while row is not None and row["id"] not in seen:
+        seen.add(row["id"])
+        p = Path(row.get("run_dir") or "") / TOKENIZER_FILE
+        if row.get("run_dir") and p.is_file():
+            return p
+        row = db.get_run(row["parent_id"]) if row.get("parent_id") else None
+    where = Path(run.get("run_dir") or "?") / TOKENIZER_FILE
+    raise InputError(f"run {run['id']} has no tokenizer ({where}), nor has any of its ancestors", key=key, path=str(where))
+
+
+def resolve_run(db: RunDB, run_id: str, key: str = "run_id", what: str = "run", need_checkpoint: bool = True) -> RunRef:
+    """Find a run and its files; raises InputError naming ``key`` when something is missing."""
+    row = find_run(db, run_id, key, what)
+    ck = None
+    if row["stage"] != "vocab":
+        ck_row = db.latest_checkpoint(row["id"])
+        if ck_row is not None and Path(ck_row["path"]).is_file():
+            ck = Path(ck_row["path"])
+        elif need_checkpoint:
+            raise InputError(f"{what} {row['id']} has no checkpoint file to start from", key=key)
+    elif need_checkpoint:
+        raise InputError(f"{what} {row['id']} is a vocabulary run: it has no model weights", key=key)
+    return RunRef(row, ck, tokenizer_path(db, row, key))
+
+
+def check_parent(db: RunDB, cfg: RunConfig) -> RunRef | None:
+    """The parent of a run about to start, checked against the stage: fine-tuning and prompting need a
+    model (a pre-training or fine-tuning run with a checkpoint); a pre-training reuses a vocabulary or
+    pre-training run's tokenizer. None when the config names no parent."""
+    if not cfg.parent:
+        return None
+    row = find_run(db, cfg.parent, "parent", "parent run")
+    if cfg.stage in ("finetune", "prompt"):
+        if row["stage"] not in MODEL_STAGES:
+            raise InputError(f"parent run {row['id']} is a {row['stage']} run; {cfg.stage} needs a pre-training "
+                             f"or fine-tuning run (a model checkpoint) as parent", key="parent")
+        return resolve_run(db, row["id"], "parent", "parent run")
+    if row["stage"] not in ("vocab", "pretrain"):
+        raise InputError(f"parent run {row['id']} is a {row['stage']} run; a {cfg.stage} run can only reuse a "
+                         "vocabulary or pre-training run's tokenizer", key="parent")
+    return resolve_run(db, row["id"], "parent", "parent run", need_checkpoint=False)
+
+
+# -- loading what a run trained -------------------------------------------------------------------
+
+
+@dataclass
+class RunModel:
+    """A run rebuilt for scoring or export: model (+ soft prompt, + classification head) and tokenizer."""
+    ref: RunRef
+    cfg: RunConfig            # the run's config, as its checkpoint recorded it
+    step: int
+    vocab_size: int
+    model: GPT
+    tok: object
+    prompt: nn.Module | None
+    head: nn.Module | None
+    state: dict               # the checkpoint holding the weights (the parent's, for a prompt run)
+    parent_checkpoint: str | None  # the model the run started from (the zero-shot baseline)
+
+    @property
+    def run_id(self) -> str:
+        return self.ref.id
+
+    @property
+    def stage(self) -> str:
+        return self.ref.stage
+
+
+def build_model(model_cfg: ModelConfig, vocab_size: int, state: dict, masks: dict | None = None) -> GPT:
+    """A GPT in eval mode with ``state`` loaded; masks (if given) installed first, so the layers stay sparse."""
+    from engine.model.sparsity import load_masks
+
+    model = GPT(model_cfg, vocab_size)
+    if masks:
+        load_masks(model, masks)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+        raise InputError(f"checkpoint does not match the model shape (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    return model
+
+
+def load_run(db: RunDB, run_id: str, key: str = "run_id") -> RunModel:
+    ref = resolve_run(db, run_id, key)
+    ck = load_checkpoint(ref.checkpoint)
+    cfg = from_dict(ck["config"])
+    tok = ref.tokenizer_object()
+    if tok.get_vocab_size() != ck["vocab_size"]:
+        raise InputError(f"tokenizer mismatch: {ref.tokenizer} has {tok.get_vocab_size()} tokens, the checkpoint "
+                         f"{ck['vocab_size']}", key=key, path=str(ref.tokenizer))
+    prompt = None
+    parent_ck = ck.get("parent_checkpoint")
+    state = ck
+    if ck.get("stage", cfg.stage) == "prompt":
+        if not parent_ck or not Path(parent_ck).is_file():
+            raise InputError(f"prompt run {ref.id} refers to a parent checkpoint that is gone: {parent_ck}",
+                             key=key, path=parent_ck)
+        state = load_checkpoint(parent_ck)
+        prompt = SoftPrompt(*ck["prompt"].shape)
+        prompt.weight.data.copy_(ck["prompt"])
+    model = build_model(cfg.model, ck["vocab_size"], state["model"])
+    return RunModel(ref, cfg, int(ck["step"]), int(ck["vocab_size"]), model, tok, prompt, load_head(state.get("head")),
+                    state, parent_ck)
+
+
+def load_head(state: dict | None) -> nn.Module | None:
+    if not state:
+        return None
+    w = state["weight"]
+    head = nn.Linear(w.shape[1], w.shape[0])
+    head.load_state_dict(state)
+    return head
