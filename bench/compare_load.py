@@ -108,7 +108,7 @@ def main() -> int:
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication([])
-    from engine.publish.run_export import load_series
+    from engine.core.queries import load_series
     from PySide6.QtCore import QEvent, QObject
 
     from studio.compare_view import CompareView

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-# as the engine's CLI runs (engine/cli.py): OpenMP workers that spin after a dense product would hold
+# as the engine's CLI runs (engine/cli/commands.py): OpenMP workers that spin after a dense product would hold
 # the cores the next implementation's threads need
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -174,7 +174,7 @@ def main(argv=None):
                          "clock, which is robust to other processes sharing the cores")
     args = ap.parse_args(argv)
     global _clock
-    # as every engine stage runs (engine/memory.py), for all implementations alike: without it each
+    # as every engine stage runs (engine/train/memory.py), for all implementations alike: without it each
     # fresh multi-MB output (dense and sparse) is mmap'ed and page-faulted anew on every call
     kept = keep_freed_memory()
     if args.threads:

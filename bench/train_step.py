@@ -10,12 +10,13 @@ Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo] [--steps N
 The default shape is GPT-2 small (12 layers, d 768, n_ctx 512, vocab 50,257); --quick uses the demo
 shape. All configurations run round-robin (per round, each runs an untimed step and then a timed
 one, after warm-up rounds); each figure is the median over the rounds. The process keeps freed
-memory for reuse, as the engine's training stages do (engine/memory.py), for every configuration
+memory for reuse, as the engine's training stages do (engine/train/memory.py), for every configuration
 alike.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI runs (engine/cli.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI runs (engine/cli/commands.py)
 
 import torch  # noqa: E402
 
@@ -34,7 +35,7 @@ from engine.train.memory import keep_freed_memory  # noqa: E402
 from engine.model.gpt import GPT  # noqa: E402
 from engine.train.optim import make_optimizer  # noqa: E402
 from engine.model.sparsity import apply_sparsity  # noqa: E402
-from engine.train.step import train_step  # noqa: E402
+from engine.train.step import lm_micro_batch, train_step  # noqa: E402
 
 try:
     import resource
@@ -61,7 +62,8 @@ def ours(shape: dict, level: float, kernel: str):
         m.set_kernel(kernel)
     opt = make_optimizer(list(model.named_parameters()), TrainConfig())
     x = torch.randint(0, shape["vocab"], (shape["batch"], shape["n_ctx"]))
-    return model, lambda: train_step(model, opt, [(x, x)], 1, 1.0)
+    # the engine's own optimizer step (engine/train/step.py), one micro-batch, fp32 as the CPU stages train
+    return model, lambda: train_step(opt, lambda: lm_micro_batch(model, x, x, contextlib.nullcontext), 1, 1.0)
 
 
 def auto_kernels(model, n_tokens: int) -> dict:
@@ -131,7 +133,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the shape's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    kept = keep_freed_memory()  # as every engine stage runs (engine/stage_loop.py); for all configurations
+    kept = keep_freed_memory()  # as every engine stage runs (engine/train/loop.py); for all configurations
     shape = dict(SHAPES["demo" if args.quick else args.shape])
     if args.batch:
         shape["batch"] = args.batch
@@ -185,7 +187,7 @@ def main() -> None:
     log_ms = logging_overhead_ms()
     from engine.model.kernels.ops import thread_pool
 
-    pool = thread_pool()  # the sparse kernels' thread pool (engine/kernels/_kernels.py)
+    pool = thread_pool()  # the sparse kernels' thread pool (engine/model/kernels/_kernels.py)
     flop_ratio = fm_dense.train_per_token(False) / fm_sparse.train_per_token(True)
     result = {
         "shape": {k: v for k, v in shape.items()}, "tokens_per_step": tokens, "threads": torch.get_num_threads(),

@@ -22,12 +22,14 @@ from PySide6.QtWidgets import (
     QListWidgetItem, QMessageBox, QPushButton, QSlider, QSplitter, QTabWidget, QToolButton, QVBoxLayout, QWidget,
 )
 
-from engine.publish.run_export import SERIES_DTYPE, eval_series, export_metrics, load_series_counted, metric_names
+from engine.core.queries import SERIES_DTYPE, eval_series, has_task_evaluations, load_series_counted, metric_names
+from engine.publish.run_export import export_metrics
 from engine.core.errors import InputError
 from engine.core.rundb import LIVE_STATUSES, RunDB
 
 from studio.chart_export import ChartExportDialog
 from studio.config_diff import ConfigDiffView
+from studio.plot_buffers import ema
 from studio.summary_table import SummaryTable
 
 # key -> (button text, axis label, SI unit for pyqtgraph's prefixes)
@@ -58,37 +60,6 @@ MARKER_POINTS = 100  # evaluation series up to this long get a marker per point;
 POINTS_PER_PIXEL, MIN_POINTS, MAX_POINTS = 2, 600, 4000
 REFINE_MS = 250
 LIVE_POLL_MS = 3000  # how often compared runs that are still training are re-read
-
-
-def ema(values: np.ndarray, weight: float) -> np.ndarray:
-    """Debiased exponential moving average (TensorBoard's smoothing), vectorised chunk by chunk.
-
-    Within a chunk s_j = w^(j+1)·s_-1 + (1-w)·w^j·Σ_{i<=j} x_i·w^-i; chunks stay short enough that
-    w^-i cannot overflow. A NaN repeats the previous output.
-    """
-    y = np.asarray(values, dtype=np.float64)
-    if weight <= 0.0 or y.size == 0:
-        return y
-    w = float(weight)
-    k = max(1, min(4096, int(250.0 / -math.log10(w))))
-    out = np.empty_like(y)
-    last, count = 0.0, 0
-    for s in range(0, y.size, k):
-        x = y[s:s + k]
-        if np.isnan(x).any():  # rare: step through, a NaN repeats the previous output (the average stands still)
-            for i, v in enumerate(x):
-                if np.isnan(v):
-                    v = last / (1.0 - w ** count) if count else 0.0
-                last, count = w * last + (1.0 - w) * v, count + 1
-                out[s + i] = last / (1.0 - w ** count)
-            continue
-        j = np.arange(x.size, dtype=np.float64)
-        wj = w ** j
-        acc = w * wj * last + (1.0 - w) * wj * np.cumsum(x / wj)
-        n = count + 1 + j
-        out[s:s + x.size] = acc / (1.0 - w ** n)
-        last, count = float(acc[-1]), int(n[-1])
-    return out
 
 
 def run_label(run: dict) -> str:
@@ -423,8 +394,7 @@ class CompareView(QWidget):
     def _eval_keys(self, run_id: str) -> list[str]:
         if run_id not in self._evals:
             # language-model validation has its own chart; only task evaluations need parsing here
-            has_tasks = self.db.db.conn.execute(
-                "SELECT 1 FROM evaluations WHERE run_id = ? AND task != 'lm' LIMIT 1", [run_id]).fetchone()
+            has_tasks = has_task_evaluations(self.db, run_id)
             # x positions come from the (cached) training-loss rows
             self._evals[run_id] = eval_series(self.db, run_id, self.series(run_id, "loss")) if has_tasks else {}
         return list(self._evals[run_id])

@@ -6,10 +6,12 @@ from typing import Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
-from PySide6.QtWidgets import QAbstractItemView, QCheckBox, QHBoxLayout, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QLabel, QTableWidget, QTableWidgetItem, QWidget
 
-from engine.publish.run_export import config_diff
+from engine.core.queries import config_diff
 from engine.core.rundb import RunDB
+
+from studio.widgets import table_page
 
 DIFF_BRUSH = QBrush(QColor("#fff3c4"))
 
@@ -33,16 +35,7 @@ class ConfigDiffView(QWidget):
         self.only_diff.toggled.connect(lambda _on: self._fill())
         self.info = QLabel()
         self.table = QTableWidget(objectName="config_diff")
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setAlternatingRowColors(True)
-        self.table.verticalHeader().setVisible(False)
-        bar = QHBoxLayout()
-        bar.addWidget(self.only_diff)
-        bar.addStretch(1)
-        bar.addWidget(self.info)
-        lay = QVBoxLayout(self)
-        lay.addLayout(bar)
-        lay.addWidget(self.table, 1)
+        table_page(self, self.table, self.info, self.only_diff)
         self.set_runs(list(run_ids))
 
     def set_runs(self, run_ids: list[str]) -> None:
@@ -76,6 +69,6 @@ class ConfigDiffView(QWidget):
                 k.setFont(f)
         self.table.resizeColumnsToContents()
         if len(self.runs) < 2:
-            self.info.setText("select two or more runs to compare their configs")
+            self.info.setText("pick two or more runs to compare their configs")
         else:
             self.info.setText(f"{n_diff} differing key{'s' if n_diff != 1 else ''}")

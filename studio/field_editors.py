@@ -69,7 +69,22 @@ class FieldEditor(QObject):
         self.error_label.setVisible(bool(message))
 
 
-class IntEditor(FieldEditor):
+class PropertyEditor(FieldEditor):
+    """An editor whose widget holds the value in one Qt property (a spin box's value, a check box's state)."""
+
+    prop: str  # the property's name
+    cast: type  # what a set value is converted to first
+
+    def value(self) -> Any:
+        return self.widget.property(self.prop)
+
+    def set_value(self, value: Any) -> None:
+        self.widget.setProperty(self.prop, self.cast(value))
+
+
+class IntEditor(PropertyEditor):
+    prop, cast = "value", int
+
     def _build(self) -> QWidget:
         w = QSpinBox()
         lo, hi = self.info.get("min"), self.info.get("max")
@@ -78,12 +93,6 @@ class IntEditor(FieldEditor):
         w.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # no accidental wheel edits while scrolling the form
         w.valueChanged.connect(self.changed)
         return w
-
-    def value(self) -> int:
-        return self.widget.value()
-
-    def set_value(self, value: Any) -> None:
-        self.widget.setValue(int(value))
 
 
 class FloatEditor(FieldEditor):
@@ -107,17 +116,13 @@ class FloatEditor(FieldEditor):
         self.widget.setText(repr(float(value)) if isinstance(value, (int, float)) else str(value))
 
 
-class BoolEditor(FieldEditor):
+class BoolEditor(PropertyEditor):
+    prop, cast = "checked", bool
+
     def _build(self) -> QWidget:
         w = QCheckBox()
         w.toggled.connect(self.changed)
         return w
-
-    def value(self) -> bool:
-        return self.widget.isChecked()
-
-    def set_value(self, value: Any) -> None:
-        self.widget.setChecked(bool(value))
 
 
 class ChoiceEditor(FieldEditor):

@@ -7,8 +7,8 @@ validation loss (lower is better; its reference is the zero-shot parent, there i
 from __future__ import annotations
 
 import html
-import json
 
+from engine.core.queries import evaluations_by_run, numeric_metrics
 from engine.core.rundb import RunDB
 
 # task -> (metric that decides "best", higher is better, metrics shown)
@@ -22,10 +22,6 @@ TASK_LABELS = {"pubmedqa": "PubMedQA", "hoc": "HoC", "lm": "LM"}
 STAGE_SHORT = {"vocab": "vocab", "pretrain": "sparse", "finetune": "dense", "prompt": "prompt"}
 
 
-def _numeric(d: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in (d or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def best_from_rows(rows: list[dict]) -> dict | None:
     """Best evaluation of one run from its rows (``metrics``/``baselines`` decoded).
 
@@ -37,16 +33,16 @@ def best_from_rows(rows: list[dict]) -> dict | None:
         return None
     task = tasks[-1]["task"]
     key, higher, shown = HEADLINE[task]
-    scored = [r for r in tasks if r["task"] == task and key in _numeric(r["metrics"])]
+    scored = [r for r in tasks if r["task"] == task and key in numeric_metrics(r["metrics"])]
     if not scored:
         return None
-    best = (max if higher else min)(scored, key=lambda r: _numeric(r["metrics"])[key])
-    metrics = _numeric(best["metrics"])
+    best = (max if higher else min)(scored, key=lambda r: numeric_metrics(r["metrics"])[key])
+    metrics = numeric_metrics(best["metrics"])
     baseline, baseline_kind = {}, ""
     for r in reversed(tasks):  # the final evaluation carries the baselines
         b = r.get("baselines") or {}
         for kind in ("majority", "zero_shot"):
-            vals = _numeric(b.get(kind) or {})
+            vals = numeric_metrics(b.get(kind) or {})
             if any(m in vals for m in shown):
                 baseline, baseline_kind = vals, kind
                 break
@@ -58,14 +54,8 @@ def best_from_rows(rows: list[dict]) -> dict | None:
 
 def best_scores(db: RunDB) -> dict[str, dict]:
     """Run id -> best score, for every run with evaluations (one query: the browser shows all runs)."""
-    by_run: dict[str, list[dict]] = {}
-    for rid, step, task, split, metrics, baselines in db.db.execute(
-            "SELECT run_id, step, task, split, metrics, baselines FROM evaluations ORDER BY id").fetchall():
-        by_run.setdefault(rid, []).append({"step": step, "task": task, "split": split,
-                                           "metrics": json.loads(metrics or "{}"),
-                                           "baselines": json.loads(baselines or "{}")})
     out = {}
-    for rid, rows in by_run.items():
+    for rid, rows in evaluations_by_run(db).items():
         b = best_from_rows(rows)
         if b is not None:
             out[rid] = b

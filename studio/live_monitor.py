@@ -354,12 +354,10 @@ class LiveMonitor(QWidget):
         loss = d.series.get("loss")
         if loss is not None and ("loss" in dirty or force):
             y = loss.y()
-            if len(self.ema.out) > len(y):  # truncated (resume): recompute
-                self.ema.reset()
-            self.ema.extend(y[len(self.ema.out):])
+            smooth = self.ema.follow(y, loss.cuts)  # starts over after a resume truncated the series
             x = loss.x(ax)
             self._draw(self.loss_raw, x, y)
-            self._draw(self.loss_ema, x, self.ema.values())
+            self._draw(self.loss_ema, x, smooth)
         for name, curve in (("lr", self.lr_curve), ("tokens_per_s", self.tps_curve),
                             ("sparsity", self.sparsity_curve), ("grad_norm", self.grad_curve)):
             s = d.series.get(name)

@@ -24,6 +24,7 @@ class GrowingArray:
     def __init__(self, ncols: int, capacity: int = 256):
         self._data = np.empty((ncols, max(capacity, 1)), dtype=np.float64)
         self._n = 0
+        self.cuts = 0  # times rows were dropped: whoever follows the array starts over
 
     def __len__(self) -> int:
         return self._n
@@ -65,11 +66,14 @@ class GrowingArray:
 
     def clear(self) -> None:
         self._n = 0
+        self.cuts += 1
 
     def truncate_after(self, step: float) -> None:
         """Drop rows whose first column (step) is greater than ``step`` (a resumed run replays them)."""
-        if self._n:
-            self._n = int(np.searchsorted(self._data[0, : self._n], step, side="right"))
+        n = int(np.searchsorted(self._data[0, : self._n], step, side="right"))
+        if n < self._n:
+            self._n = n
+            self.cuts += 1
 
 
 class Series(GrowingArray):
@@ -90,13 +94,19 @@ class Series(GrowingArray):
 
 
 class EMA:
-    """TensorBoard-style debiased exponential moving average, extended incrementally as points arrive."""
+    """TensorBoard's debiased exponential moving average, over a whole array at once (``ema``, the
+    compare view) or extended as points arrive (``follow``, the live monitor): the same numbers either way.
+
+    A non-finite point (NaN, ±inf) is skipped, as TensorBoard does: the average carries over it unchanged
+    and the output there is the point itself, so one NaN shows as a gap instead of poisoning what follows.
+    """
 
     def __init__(self, smoothing: float = 0.6):
         self.smoothing = float(smoothing)
         self.out = GrowingArray(1)
-        self._last = 0.0
-        self._count = 0
+        self._last = 0.0  # the average before debiasing
+        self._count = 0  # finite points in it
+        self._cuts = 0  # the followed array's GrowingArray.cuts when it was last read
 
     def reset(self, smoothing: float | None = None) -> None:
         if smoothing is not None:
@@ -106,26 +116,50 @@ class EMA:
 
     def extend(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64)
-        if values.size == 0:
-            return
-        w = self.smoothing
+        ok = np.isfinite(values)
+        out = values.copy()
+        if ok.any():
+            out[ok] = self._smooth(values[ok])
+        self.out.extend(out[:, None])
+
+    def _smooth(self, x: np.ndarray) -> np.ndarray:
+        w, count = self.smoothing, self._count
+        self._count += x.size
         if w <= 0.0:
-            self.out.extend(values[:, None])
-            self._count += values.size
-            return
-        # chunks short enough that w**-k stays far from overflow keep the vectorised form exact
-        k = max(1, min(4096, int(12.0 / max(-math.log10(w), 1e-12))))
-        for s in range(0, values.size, k):
-            x = np.nan_to_num(values[s : s + k], nan=self._last)  # a missing value keeps the average
-            j = np.arange(x.size, dtype=np.float64)
-            wj = w**j
-            last = w * wj * self._last + (1.0 - w) * wj * np.cumsum(x / wj)
-            counts = self._count + 1 + j
-            self.out.extend((last / (1.0 - w**counts))[:, None])
-            self._last, self._count = float(last[-1]), int(counts[-1])
+            self._last = float(x[-1])
+            return x
+        # within a chunk s_j = w^(j+1)·s_-1 + (1-w)·w^j·Σ_{i<=j} x_i·w^-i; chunks keep w^-i below 1e200 (no
+        # overflow for values below ~1e100) yet long enough that a tiny w (a thinned curve) stays vectorised
+        k = max(1, min(4096, int(200.0 / max(-math.log10(w), 1e-12))))
+        out = np.empty_like(x)
+        last = self._last
+        for s in range(0, x.size, k):
+            c = x[s:s + k]
+            wj = w ** np.arange(c.size, dtype=np.float64)
+            acc = w * wj * last + (1.0 - w) * wj * np.cumsum(c / wj)
+            out[s:s + c.size] = acc / (1.0 - w ** (count + 1 + np.arange(c.size)))
+            last, count = float(acc[-1]), count + c.size
+        self._last = last
+        return out
+
+    def follow(self, values: np.ndarray, cuts: int = 0) -> np.ndarray:
+        """The smoothed ``values`` of a growing array, averaging only its new tail. When it lost rows (a
+        resumed run replays the steps after its checkpoint: ``cuts`` changed, or it got shorter), start over."""
+        if cuts != self._cuts or len(values) < len(self.out):
+            self.reset()
+            self._cuts = cuts
+        self.extend(values[len(self.out):])
+        return self.values()
 
     def values(self) -> np.ndarray:
         return self.out.column(0)
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """``values`` smoothed by an EMA of ``weight`` (0: unchanged), as a new array."""
+    e = EMA(weight)
+    e.extend(values)
+    return e.values()
 
 
 def minmax_thin(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:

@@ -342,18 +342,18 @@ class RunView(QWidget):
 
     # -- control -------------------------------------------------------------------------------------
     def pause(self) -> None:
-        if self.process is not None:
-            self.process.pause()
-        else:
-            signal_engine(self.pid, signal.SIGUSR1)
-        self.log.append("studio", "pause requested")
+        self._control("pause", signal.SIGUSR1)
 
     def resume(self) -> None:
+        self._control("resume", signal.SIGUSR2)
+
+    def _control(self, action: str, sig: int) -> None:
+        """Through the engine process we started, else by signal to the run's pid (a run found running)."""
         if self.process is not None:
-            self.process.resume()
+            getattr(self.process, action)()
         else:
-            signal_engine(self.pid, signal.SIGUSR2)
-        self.log.append("studio", "resume requested")
+            signal_engine(self.pid, sig)
+        self.log.append("studio", f"{action} requested")
 
     def stop(self, timeout_s: float = GRACEFUL_STOP_S) -> None:
         """Graceful stop first; the process group is killed if the run has not ended after ``timeout_s``."""

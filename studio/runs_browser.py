@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
 
 from engine.core.config import from_dict
 from engine.core.errors import InputError
+from engine.core.queries import last_eval_metrics, last_values
 from engine.publish.run_export import FORMATS, export_config, export_metrics
 from engine.core.rundb import RunDB
 
@@ -127,7 +128,7 @@ class RunsBrowser(QWidget):
              ("export_toml", "Export TOML…", lambda: self.export_toml_dialog()),
              ("export_hf", "Export to Hugging Face…", lambda: self._emit_current(self.export_hf_requested))),
         )
-        tips = {"compare": "Overlay the selected runs (Ctrl/Shift-click to select several) in the Compare tab",
+        tips = {"compare": "Overlay the selected runs (Ctrl/Shift-click to pick several) in the Compare tab",
                 "export_metrics": "The selected runs' metric rows to one CSV, JSON or Parquet file",
                 "export_toml": "This run's configuration as a TOML file (`mediswift train FILE` re-runs it)",
                 "export_hf": "mediswift export-hf: the model as a transformers folder (GPT-2 layout + tokenizer + card)"}
@@ -175,22 +176,13 @@ class RunsBrowser(QWidget):
         if self.isVisible():
             self.refresh()
 
-    def _last_values(self) -> dict[tuple[str, str], float]:
-        """Latest loss per run in one query (the browser must stay fast with thousands of runs)."""
-        sql = ("SELECT m.run_id, m.name, m.value, m.step FROM metrics m JOIN (SELECT run_id, name, MAX(step) s FROM "
-               "metrics WHERE name = 'loss' GROUP BY run_id, name) t ON m.run_id = t.run_id AND m.name = t.name "
-               "AND m.step = t.s")
-        return {(r[0], r[1]): (r[2], r[3]) for r in self.db.db.execute(sql).fetchall()}
-
     def refresh(self) -> None:
         self.db.reap_crashed()
         runs = self.db.list_runs(include_archived=self.archived_box.isChecked())
         self.runs = {r["id"]: r for r in runs}
         self.scores = best_scores(self.db)
-        last = self._last_values()
-        vals = {}
-        for r in self.db.db.execute("SELECT run_id, metrics FROM evaluations WHERE split = 'val' ORDER BY id").fetchall():
-            vals[r[0]] = json.loads(r[1] or "{}").get("loss")
+        last = last_values(self.db, "loss")  # one query each: the browser must stay fast with thousands of runs
+        vals = last_eval_metrics(self.db, "val", "loss")
         text = self.search.text().strip()
         status, stage = self.status_filter.currentData(), self.stage_filter.currentData()
         shown = {rid for rid, r in self.runs.items() if run_matches(r, text, status, stage)}
@@ -205,7 +197,7 @@ class RunsBrowser(QWidget):
         self.tree.clear()
         items: dict[str, QTreeWidgetItem] = {}
         for r in sorted((self.runs[i] for i in shown), key=lambda r: r["created_at"]):
-            loss = last.get((r["id"], "loss"))
+            loss = last.get(r["id"])
             item = QTreeWidgetItem([
                 r.get("name") or "", r["id"], STAGE_LABELS.get(r["stage"], r["stage"]), r["status"],
                 f"{loss[1]:,}" if loss else "", f"{loss[0]:.4f}" if loss else "",
@@ -287,7 +279,7 @@ class RunsBrowser(QWidget):
             self.tree.setCurrentItem(item)
 
     def select_many(self, run_ids: list[str]) -> None:
-        """Select these runs (the last one current), as Ctrl-clicks would."""
+        """Make these runs the selection (the last one current), as Ctrl-clicks would."""
         self.tree.clearSelection()
         for rid in run_ids:
             item = self.item_for(rid)

@@ -10,15 +10,15 @@ from typing import Any
 
 from PySide6.QtCore import QSortFilterProxyModel, Qt, Signal
 from PySide6.QtGui import QGuiApplication, QStandardItem, QStandardItemModel
-from PySide6.QtWidgets import (
-    QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QMessageBox, QPushButton, QTableView, QVBoxLayout, QWidget,
-)
+from PySide6.QtWidgets import QAbstractItemView, QFileDialog, QLabel, QMessageBox, QPushButton, QTableView, QWidget
 
-from engine.publish.run_export import export_config, summary_rows
+from engine.core.queries import summary_rows
+from engine.publish.run_export import export_config
 from engine.core.errors import InputError
 from engine.core.rundb import RunDB
 
 from studio import formatting as fmt
+from studio.widgets import table_page
 
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 
@@ -70,9 +70,6 @@ class SummaryTable(QWidget):
         self.view.setModel(self.proxy)
         self.view.setSortingEnabled(True)
         self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.view.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.view.setAlternatingRowColors(True)
-        self.view.verticalHeader().setVisible(False)
         self.view.doubleClicked.connect(self._activated)
         copy = QPushButton("Copy as CSV", objectName="copy_csv")
         copy.clicked.connect(self.copy_csv)
@@ -80,14 +77,7 @@ class SummaryTable(QWidget):
         toml.setToolTip("Save the selected run's config; `mediswift train FILE` re-runs it")
         toml.clicked.connect(self._export_toml_dialog)
         self.info = QLabel()
-        bar = QHBoxLayout()
-        bar.addWidget(copy)
-        bar.addWidget(toml)
-        bar.addStretch(1)
-        bar.addWidget(self.info)
-        lay = QVBoxLayout(self)
-        lay.addLayout(bar)
-        lay.addWidget(self.view, 1)
+        table_page(self, self.view, self.info, copy, toml)
         self.set_runs(list(run_ids))
 
     def set_runs(self, run_ids: list[str]) -> None:
@@ -138,7 +128,7 @@ class SummaryTable(QWidget):
     def _export_toml_dialog(self) -> None:
         rid = self.selected_run() or (self.rows[0]["id"] if len(self.rows) == 1 else None)
         if rid is None:
-            QMessageBox.information(self, "Export config", "Select a run first.")
+            QMessageBox.information(self, "Export config", "Pick a run in the table first.")
             return
         path, _ = QFileDialog.getSaveFileName(self, "Export config", f"{rid}.toml", "TOML (*.toml)")
         if not path:

@@ -108,11 +108,11 @@ def test_ema_matches_the_recurrence():
     y = rng.normal(size=10_000)
     y[5] = np.nan
     w = 0.95
-    last, out = 0.0, []
-    for i, v in enumerate(y):
-        v = out[-1] if np.isnan(v) else v
-        last = w * last + (1 - w) * v
-        out.append(last / (1 - w ** (i + 1)))
+    last, n, out = 0.0, 0, []
+    for v in y:
+        if not np.isnan(v):  # a NaN is skipped: NaN out, the average carries over it
+            last, n = w * last + (1 - w) * v, n + 1
+        out.append(last / (1 - w ** n) if not np.isnan(v) else v)
     np.testing.assert_allclose(ema(y, w), out, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(ema(y[:3], 0.0), y[:3])
 

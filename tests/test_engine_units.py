@@ -16,7 +16,7 @@ from engine.core.errors import InputError
 from engine.data.tokens import BlockLoader, split_documents
 from engine.core.events import EventWriter, parse_line, validate_event, EventError
 from engine.model.flops import flop_model_for, flop_model_for_config
-from engine.model.gpt import GPT
+from engine.model.gpt import GPT, KVCache
 from engine.core.config import ModelConfig
 from engine.train.optim import lr_factor
 from engine.core.paths import PRESETS_DIR, list_presets
@@ -196,6 +196,31 @@ def test_training_logits_take_the_transposed_product_with_the_same_loss_and_grad
     assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-7)
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, rtol=1e-5, atol=1e-7), n
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_key_value_cache_gives_the_full_forwards_hidden_states(kernel):
+    """Greedy generation's cached forward (the training blocks with a KVCache): a prompt behind a soft
+    prompt, then one token per call, then three at once (causal among themselves, seeing the cache)
+    give one full forward's hidden states, masked dense and on the sparse core (q, k, v grouped)."""
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, n_ctx=16), 64).eval()
+    apply_sparsity(model, 0.5, "uniform", seed=0)
+    for m in model.sparse_layers().values():
+        m.set_kernel(kernel)
+    x = torch.randint(0, 64, (3, 12))
+    prefix = torch.randn(3, 2, 32)
+    with torch.no_grad():
+        full = model.hidden(x, prefix)                         # [3, 2+12, 32]
+        cache = KVCache(2)
+        parts = [model.hidden(x[:, :5], prefix, cache)]
+        parts += [model.hidden(x[:, t:t + 1], cache=cache) for t in range(5, 9)]
+        parts.append(model.hidden(x[:, 9:], cache=cache))
+        assert cache.positions == 14 and all(b.k.shape == b.v.shape == (3, 2, 14, 16) for b in cache.blocks)
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+        assert (model.blocks[0].attn.qkv._pattern is not None) == (kernel == "sparse")
+        with pytest.raises(ValueError, match="maximum context 16"):
+            model.hidden(x[:, :3], cache=cache)                # 14 cached + 3 > 16 positions
 
 
 def test_lr_schedule_warmup_then_cosine():

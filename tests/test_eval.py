@@ -51,6 +51,48 @@ def test_multi_label_metrics_match_hand_computation():
     assert m["exact_match"] == 0.0 and m["precision"] == 0.5 and m["recall"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_agree_with_scikit_learn_on_random_labels(seed):
+    """Our convention: F1 over the task's fixed class list (``labels=``), and a class with no true
+    positive scores 0, also when it is in neither gold nor prediction (no division by zero): that is
+    scikit-learn's ``zero_division=0``, so it is passed to every score below. Some classes are left out
+    of gold, of predictions, or of both; single-label predictions include -1 (unparsed: wrong, in no class)."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+
+    def some(classes, size):  # labels drawn from a random subset of the classes
+        return rng.choice(rng.choice(classes, int(rng.integers(1, len(classes) + 1)), replace=False), size)
+
+    gold = some(np.arange(3), n)
+    pred = some(np.arange(-1, 3), n)
+    m = single_label_metrics(gold.tolist(), pred.tolist(), pubmedqa.CLASSES)
+    labels = list(range(3))
+    assert m["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=labels, average="macro", zero_division=0))
+    per_class = f1_score(gold, pred, labels=labels, average=None, zero_division=0)
+    assert m["f1_per_class"] == pytest.approx(dict(zip(pubmedqa.CLASSES, per_class)))
+    assert m["unparsed"] == int((pred == -1).sum()) and m["n"] == n
+
+    k = len(hoc.CLASSES)
+    rates = rng.uniform(0, 0.5, (2, k))
+    a, b, c = rng.choice(k, 3, replace=False)
+    rates[0, a] = rates[1, b] = rates[:, c] = 0.0    # label a never in gold, b never predicted, c neither
+    Y = rng.random((n, k)) < rates[0]                # [n, K] gold indicators
+    P = rng.random((n, k)) < rates[1]                # [n, K] predicted indicators
+    as_sets = lambda a: [tuple(np.flatnonzero(row).tolist()) for row in a]  # noqa: E731
+    h = multi_label_metrics(as_sets(Y), as_sets(P), hoc.CLASSES)
+    for ours, theirs in (("micro_f1", f1_score(Y, P, average="micro", zero_division=0)),
+                         ("macro_f1", f1_score(Y, P, average="macro", zero_division=0)),
+                         ("precision", precision_score(Y, P, average="micro", zero_division=0)),
+                         ("recall", recall_score(Y, P, average="micro", zero_division=0)),
+                         ("exact_match", accuracy_score(Y, P))):  # subset accuracy on indicator rows
+        assert h[ours] == pytest.approx(theirs), ours
+    per_label = f1_score(Y, P, average=None, zero_division=0)
+    assert h["f1_per_class"] == pytest.approx(dict(zip(hoc.CLASSES, per_label)))
+
+
 def test_majority_baseline():
     ex = lambda y: Example("x", "", "", "", "", y)  # noqa: E731
     m = majority_baseline(pubmedqa, [ex(1), ex(1), ex(0)], [ex(1), ex(0), ex(2), ex(1)])
@@ -104,13 +146,18 @@ def test_likelihood_prediction_matches_manual_log_probs(tok):
 @needs_data
 def test_greedy_generation_matches_manual_loop(tok):
     torch.manual_seed(1)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=64), tok.get_vocab_size()).eval()
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, n_ctx=64), tok.get_vocab_size()).eval()
+    with torch.no_grad():  # large block weights: the next token depends on the context, not only on the
+        for name, w in model.named_parameters():  # last token's tied embedding (which repeats it)
+            if name.startswith("blocks.") and w.dim() == 2:
+                w.normal_(std=0.5)
     enc = Encoder(tok, 64)
     prompts = [enc.ids("the patients were"), enc.ids("tumour growth"), enc.ids("the mice were")]
     soft = SoftPrompt(4, 32)
     torch.nn.init.normal_(soft.weight, std=0.5)
     for prompt in (None, soft):  # the cached generation path, with and without a soft prompt in front
         got = Scorer(model, prompt, batch_size=2).generate(prompts, 5, enc.eot, 60)
+        assert all(len(set(g)) > 1 for g in got), got  # varied continuations: a wrong cache would show
         for p, g in zip(prompts, got):
             ids = list(p)
             want = []

@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.core.config import RunConfig, load_config
-from engine.publish.run_export import (
-    METRIC_COLUMNS, config_diff, eval_series, export_metrics, flatten_config, load_series, metric_names, summary_rows,
-)
+from engine.core.queries import config_diff, eval_series, flatten_config, load_series, metric_names, summary_rows
+from engine.publish.run_export import METRIC_COLUMNS, export_metrics
 from engine.core.rundb import RunDB
 
 from helpers import REPO, engine_env

@@ -49,17 +49,37 @@ def test_later_rounds_reuse_the_freed_buffers():
     assert min(default[9:]) > default[0] // 2, default
 
 
-def test_training_stages_apply_it(monkeypatch):
-    from engine import stage_loop
+# The training loop with a stage that only reports what the runtime had set when the stage was built
+_LOOP_PROBE = textwrap.dedent("""
+    import io, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    from engine.core.config import RunConfig, TrainConfig
+    from engine.core.events import EventWriter
+    from engine.core.rundb import RunDB
+    from engine.train import memory
+    from engine.train.control import Control
+    from engine.train.loop import TrainLoop
+    from engine.train.session import RunSession
 
-    calls = []
-    monkeypatch.setattr(stage_loop, "keep_freed_memory", lambda: calls.append(1) or True)
+    class Probe:
+        def build(self, s, rt, resume):
+            print(memory._applied, rt.device)
+            raise SystemExit(0)
 
-    class Cfg:
-        class train:
-            threads, device, seed = 0, "cpu", 0
+    tmp = Path(sys.argv[2])
+    cfg = RunConfig(train=TrainConfig(max_steps=1, threads=1, device="cpu"))
+    s = RunSession(RunDB(tmp / "runs.db"), EventWriter(io.StringIO()), cfg, tmp / "runs")
+    TrainLoop(s, Control(read_stdin=False), Probe()).run()
+""")
 
-    loop = object.__new__(stage_loop.StageLoop)
-    loop.cfg = Cfg
-    loop.start_runtime()
-    assert calls == [1]
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+@pytest.mark.parametrize("setting, applied", [("1", "True"), ("0", "False")])
+def test_training_stages_apply_it(tmp_path, setting, applied):
+    # every stage runs in TrainLoop, which sets the runtime (memory, threads, device, seeds) before the stage builds
+    env = dict(os.environ, MEDISWIFT_KEEP_FREED_MEMORY=setting)
+    out = subprocess.run([sys.executable, "-c", _LOOP_PROBE, str(REPO), str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [applied, "cpu"]

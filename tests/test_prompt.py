@@ -13,9 +13,11 @@ import torch
 
 from engine.model.checkpoint import load_checkpoint
 from engine.core.config import load_config, parse_overrides
-from engine.train.control import Control
 from engine.core.events import EventWriter
-from engine.train.finetune import FineTuner, child_config
+from engine.train.child import child_config
+from engine.train.prompt import PromptStage
+from engine.train.runtime import start_runtime
+from engine.train.step import train_step
 from engine.core.paths import resolve_preset
 from engine.model.soft_prompt import load_prompt
 from engine.core.rundb import RunDB
@@ -58,22 +60,25 @@ def test_only_the_prompt_trains(env, tmp_path):
         [f"parent={env['parent']}", *QUICK, "prompt.init=text", "prompt.init_text=yes no maybe"]))
     cfg = child_config(cfg, db, explicit=set())
     s = RunSession(db, EventWriter(io.StringIO()), cfg, tmp_path / "runs")
-    ft = FineTuner(s, Control(read_stdin=False))
+    stage = PromptStage()
     s.start(cfg.train.max_steps)
-    ft.setup()
-    before = {k: v.clone() for k, v in ft.model.state_dict().items()}
+    stage.build(s, start_runtime(cfg.train), None)
+    opt = stage.make_optimizer()
+    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
     # init from text: the prompt starts as the embeddings of the text's tokens, repeated to n_tokens
-    ids = ft.tok.encode("yes no maybe", add_special_tokens=False).ids
-    assert torch.equal(ft.prompt.weight.data, ft.model.wte.weight.data[[ids[i % len(ids)] for i in range(8)]])
-    p0 = ft.prompt.weight.detach().clone()
-    assert ft.trainable == [ft.prompt.weight]
+    ids = stage.child.tok.encode("yes no maybe", add_special_tokens=False).ids
+    assert torch.equal(stage.prompt.weight.data, stage.model.wte.weight.data[[ids[i % len(ids)] for i in range(8)]])
+    p0 = stage.prompt.weight.detach().clone()
+    assert [p for g in opt.param_groups for p in g["params"]] == [stage.prompt.weight]
     for _ in range(2):
-        ft.train_step()
-    assert all(torch.equal(before[k], v) for k, v in ft.model.state_dict().items()), "a model weight changed"
-    assert all(p.grad is None and not p.requires_grad for p in ft.model.parameters())
-    assert not torch.equal(p0, ft.prompt.weight.detach()), "the prompt did not train"
+        r = train_step(opt, stage.micro_batch, cfg.train.grad_accum, cfg.train.grad_clip)
+    assert all(torch.equal(before[k], v) for k, v in stage.model.state_dict().items()), "a model weight changed"
+    assert all(p.grad is None and not p.requires_grad for p in stage.model.parameters())
+    assert not torch.equal(p0, stage.prompt.weight.detach()), "the prompt did not train"
     # prompting counts forward + activation-gradient backward (2x forward), below fine-tuning's 3x
-    assert ft.flops > 0 and ft.train_factor == 2.0
+    assert r.flops > 0 and stage.child.train_factor == 2.0
+    # the frozen 75 %-sparse parent's forward is counted on its nonzeros
+    assert 0 < r.flops < r.flops_dense
     s.close()
 
 

@@ -175,12 +175,38 @@ def test_large_layer_fp32():
     _check(torch.randn(300, 768, generator=g), _mask(256, 768, 0.75, g), rtol=2e-4)
 
 
-def test_time_kernels_positive():
+def test_time_kernels_runs_both_paths_and_reports_the_median_of_the_timed_rounds(monkeypatch):
+    """time_kernels times the dense path (unpack + three products) and the sparse core's forward, dX
+    and SDDMM, one warm-up call each and then ``repeats`` timed rounds. Each path here also moves a fake
+    clock by a set amount per call, so the reported ms must be the median of that path's timed rounds
+    (not of the warm-up, not the other path's)."""
+    from types import SimpleNamespace
+
+    from engine.model.kernels import ops
+
+    assert kernel_available()
     p = SparsePattern.from_mask(_mask(96, 64, 0.75, torch.Generator().manual_seed(8)))
-    r = time_kernels(p, 256, repeats=2)
-    assert set(r) >= {"dense_ms", "sparse_ms"}
-    assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
-    assert r["sparse_ms"] != float("inf")
+    clock = [0.0]
+    # seconds per call, warm-up first: medians of the timed rounds are 2 ms and 5 ms (with the warm-up 2.5 and 5.5)
+    costs = {"dense": [1.0, 0.003, 0.001, 0.002], "sparse": [2.0, 0.006, 0.004, 0.005]}
+    calls = {"unpack": 0, "_fwd_tiles": 0, "_forward": 0, "_grad_input": 0, "_grad_values": 0}
+
+    def counted(name, fn, path=None):
+        def wrapper(*args, **kwargs):
+            if path is not None:
+                clock[0] += costs[path][calls[name]]
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ops, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(p, "unpack", counted("unpack", p.unpack, "dense"))
+    monkeypatch.setattr(ops, "_forward", counted("_forward", ops._forward, "sparse"))
+    for name in ("_fwd_tiles", "_grad_input", "_grad_values"):
+        monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
+    r = time_kernels(p, 256, repeats=3)
+    assert calls == dict.fromkeys(calls, 4)  # warm-up + 3 rounds, each path in full
+    assert r == {"dense_ms": pytest.approx(2.0), "sparse_ms": pytest.approx(5.0)}
 
 
 @pytest.mark.parametrize("kernel", ["spmm", "sddmm"])

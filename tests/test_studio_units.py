@@ -246,3 +246,30 @@ def test_x_range_follows_the_run_in_jumps_and_respects_a_user_zoom(qtbot):
     m.loss_plot.setXRange(50, 60, padding=0)
     add(401, 900)
     assert m.loss_plot.getViewBox().viewRange()[0] == pytest.approx([50, 60])
+
+
+def test_ema_live_and_whole_array_agree_with_nans_and_a_resume():
+    """The live monitor's EMA (``follow`` as points arrive) and the compare view's (``ema`` of the whole
+    array) give the same numbers, through NaNs and a resume that truncates the series."""
+    from studio.plot_buffers import ema
+
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=3000)
+    y[[0, 7, 8, 1100]] = np.nan
+    y[100] = np.inf
+    s, live = Series(), EMA(0.9)
+
+    def arrive(steps, values):
+        s.extend(np.column_stack([steps, steps, steps, steps, values]))
+        return live.follow(s.y(), s.cuts)
+
+    for a, b in ((0, 1), (1, 700), (700, 2000)):  # events come in batches of any size
+        arrive(np.arange(a, b), y[a:b])
+    s.truncate_after(1199)  # a resume from step 1199 replays what follows, and the series regrows
+    y[1200:] = rng.normal(size=1800)  # past its old length before the monitor draws again
+    y[[1500, 2999]] = np.nan
+    got = arrive(np.arange(1200, 3000), y[1200:])
+    np.testing.assert_allclose(got, ema(y, 0.9), rtol=1e-12)
+    ok = np.isfinite(y)
+    assert np.isnan(got[7]) and got[100] == np.inf  # a non-finite point shows as itself ...
+    np.testing.assert_allclose(got[ok], ema(y[ok], 0.9), rtol=1e-12)  # ... and is skipped by the average

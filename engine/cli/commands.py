@@ -22,6 +22,7 @@ from engine.core.config import load_config, parse_overrides
 from engine.core.errors import InputError
 from engine.core.events import EventWriter
 from engine.core.paths import default_db_path, default_runs_dir, list_presets, resolve_preset
+from engine.core.queries import find_run
 from engine.core.rundb import RunDB
 
 EXIT_BAD_INPUT = 2
@@ -31,13 +32,6 @@ def _db(args) -> RunDB:
     db = RunDB(args.db or default_db_path())
     db.reap_crashed()  # any command notices runs whose engine died
     return db
-
-
-def _run_or_fail(db: RunDB, run_id: str) -> dict:
-    row = db.get_run(run_id)
-    if row is None:
-        raise InputError(f"unknown run: {run_id} (see `mediswift runs list`)", key="run_id")
-    return row
 
 
 def _print_json(obj) -> None:
@@ -82,7 +76,7 @@ def cmd_train(args) -> int:
     _check_inputs(cfg, db)
     if cfg.stage in ("finetune", "prompt"):
         from engine.core.config import load_toml
-        from engine.train.finetune import child_config
+        from engine.train.child import child_config
 
         # the model shape comes from the parent; only an explicitly given model.n_ctx is honoured
         explicit = set(overrides) | ({f"model.{k}" for k in load_toml(path).get("model", {})} if not resume_row else set())
@@ -116,33 +110,31 @@ def cmd_train(args) -> int:
 
 
 def _run_stage(session, control, ckpt_path):
+    """The stage the config names, run by the one training loop (the vocabulary stage has no loop)."""
+    from engine.train.loop import TrainLoop
+
     stage = session.cfg.stage
-    if stage in ("vocab", "pretrain"):
-        from engine.train.pretrain import run_pretrain
+    if stage == "vocab":
+        from engine.train.pretrain import run_vocab
 
-        return run_pretrain(session, control, ckpt_path)
-    try:
-        from engine.train.finetune import run_finetune
-    except ImportError:
-
-        raise InputError(f"stage {stage!r} is not available in this build", key="stage") from None
-    return run_finetune(session, control, ckpt_path)
+        return run_vocab(session)
+    if stage == "pretrain":
+        from engine.train.pretrain import PretrainStage as Stage
+    elif stage == "finetune":
+        from engine.train.finetune import FinetuneStage as Stage
+    else:
+        from engine.train.prompt import PromptStage as Stage
+    return TrainLoop(session, control, Stage(), ckpt_path).run()
 
 
 def _check_inputs(cfg, db: RunDB) -> None:
     """Checks that need no heavy work, done before a run row exists (so bad input leaves no run behind)."""
     from engine.data.corpus import check_corpus_spec
+    from engine.model.runs import check_parent
 
     if cfg.stage in ("vocab", "pretrain") or cfg.task.name == "lm":
         check_corpus_spec(cfg.data.corpus)
-    if cfg.parent:
-        parent = db.get_run(cfg.parent)
-        if parent is None:
-            raise InputError(f"parent run not found: {cfg.parent}", key="parent")
-        if cfg.stage in ("finetune", "prompt") and parent["stage"] == "vocab":
-            raise InputError(f"parent run {cfg.parent} is a vocabulary run; fine-tuning needs a trained model", key="parent")
-        if cfg.stage in ("vocab", "pretrain") and parent["stage"] not in ("vocab", "pretrain"):
-            raise InputError(f"parent run {cfg.parent} is a {parent['stage']} run; a {cfg.stage} run can only reuse a vocabulary or pre-training run's tokenizer", key="parent")
+    check_parent(db, cfg)
 
 
 # -- runs, inspect, metrics -------------------------------------------------------------------------
@@ -173,7 +165,7 @@ def cmd_runs_list(args) -> int:
 
 def cmd_runs_show(args) -> int:
     db = _db(args)
-    row = _run_or_fail(db, args.run_id)
+    row = find_run(db, args.run_id)
     out = {
         "id": row["id"], "name": row["name"], "stage": row["stage"], "status": row["status"], "parent": row["parent_id"],
         "config": row["config"], "summary": row["summary"], "meta": row["meta"], "error": row["error"],
@@ -191,19 +183,13 @@ def cmd_runs_show(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from engine.publish.inspect import inspect_checkpoint
+    from engine.publish.inspect import inspect_run
 
-    db = _db(args)
-    row = _run_or_fail(db, args.run_id)
-    ckpt = db.latest_checkpoint(row["id"])
-    if ckpt is None or not Path(ckpt["path"]).is_file():
-        raise InputError(f"run {row['id']} has no checkpoint yet", key="run_id")
-    report = inspect_checkpoint(ckpt["path"])
-    report.update({"run_id": row["id"], "checkpoint": ckpt["path"], "step": ckpt["step"]})
+    report = inspect_run(_db(args), args.run_id)
     if args.json:
         _print_json(report)
     else:
-        print(f"run {row['id']} at step {ckpt['step']}: {report['params']['total']:,} parameters, "
+        print(f"run {report['run_id']} at step {report['step']}: {report['params']['total']:,} parameters, "
               f"{report['params']['nonzero']:,} nonzero, sparsity {report['sparsity']['total']:.4f}")
         kernels = report["kernels"]
         for name, v in report["sparsity"]["layers"].items():
@@ -215,7 +201,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_metrics(args) -> int:
     db = _db(args)
-    row = _run_or_fail(db, args.run_id)
+    row = find_run(db, args.run_id)
     rows = db.metrics(row["id"], names=args.name or None)
     cols = ["step", "tokens", "wall_time", "flops", "flops_dense", "name", "value"]
     if args.csv:

@@ -205,10 +205,10 @@ class SparsityConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     SECTION = "train"
+    lr: float = _f(3e-3, "Peak learning rate (AdamW).", min=0.0, max=10.0, min_open=True)
     max_steps: int = _f(300, "Optimizer steps to run.", min=1, max=10_000_000)
     batch_size: int = _f(8, "Sequences per micro-batch.", min=1, max=65536)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, max=4096)
-    lr: float = _f(3e-3, "Peak learning rate (AdamW).", min=0.0, max=10.0, min_open=True)
     min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of the peak (cosine decay).", min=0.0, max=1.0)
     warmup_steps: int = _f(30, "Linear warm-up steps (a run shorter than this warms up throughout).", min=0)
     weight_decay: float = _f(0.1, "AdamW weight decay, applied to weight matrices only.", min=0.0, max=10.0)

@@ -4,6 +4,7 @@ Pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output embeddings,
 residual projections scaled by 1/sqrt(2 * n_layer), attention through scaled_dot_product_attention.
 The attention q/k/v/output and both MLP matrices are SparseLinear: they may carry a static mask
 (sparse pre-training) or none (dense fine-tuning). Embeddings, norms, biases and the LM head are dense.
+Greedy generation runs the same blocks with a key/value cache (``hidden(idx, cache=KVCache(n_layer))``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,38 @@ import torch.nn.functional as F
 
 from engine.core.config import ModelConfig
 from engine.model.sparse_linear import SparseGroup, SparseLinear
+
+
+class BlockCache:
+    """One block's attention keys and values of the positions seen so far."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None  # [B, h, positions, C/h]
+        self.v: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new positions' keys and values [B, h, T, C/h]; returns all of them [B, h, past+T, C/h]."""
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=2)                  # [B, h, past+T, C/h]
+            v = torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Keys and values of every block for the positions a model has run so far (``GPT.hidden(...,
+    cache=)``), so that each further token of a greedy generation costs one position, not the sequence."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.blocks = [BlockCache() for _ in range(n_layer)]
+
+    @property
+    def positions(self) -> int:
+        return self.blocks[0].positions if self.blocks else 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -30,11 +63,22 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.qkv = SparseGroup()  # q, k, v in one product on the sparse core
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, T, C]; with ``cache``, x holds the positions after the cached
+        ones, which it attends to as well (and the cache takes x's keys and values)."""
         B, T, C = x.shape
         h = self.n_head
         q, k, v = (t.view(B, T, h, C // h).transpose(1, 2) for t in self.qkv((self.q, self.k, self.v), x))  # [B, h, T, C/h]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        causal, mask = True, None
+        if cache is not None:
+            past = cache.positions
+            k, v = cache.extend(k, v)                          # [B, h, past+T, C/h]
+            if past:
+                # position past+i sees every cached position and the new ones up to itself
+                causal = False
+                mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # [T, past+T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # [B, h, T, C/h]
         y = y.transpose(1, 2).contiguous().view(B, T, C)      # [B, T, C]
         return self.resid_drop(self.out(y))
 
@@ -59,8 +103,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)                # [B, T, C]
         return x + self.mlp(self.ln2(x))
 
 
@@ -90,22 +134,25 @@ class GPT(nn.Module):
     def sparse_layers(self) -> dict[str, SparseLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, SparseLinear)}
 
-    def embed(self, idx: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Token + position embeddings; ``prefix`` [B, P, C] (soft prompt vectors) goes in front."""
+    def embed(self, idx: torch.Tensor, prefix: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """Token + position embeddings from position ``start`` on; ``prefix`` [B, P, C] (soft prompt
+        vectors) goes in front."""
         tok = self.wte(idx)                                    # [B, T, C]
         if prefix is not None:
             tok = torch.cat([prefix.to(tok.dtype), tok], dim=1)  # [B, P+T, C]
-        T = tok.shape[1]
-        if T > self.cfg.max_positions:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's maximum context {self.cfg.max_positions}")
-        pos = torch.arange(T, device=idx.device)
+        end = start + tok.shape[1]
+        if end > self.cfg.max_positions:
+            raise ValueError(f"sequence of {end} tokens exceeds the model's maximum context {self.cfg.max_positions}")
+        pos = torch.arange(start, end, device=idx.device)
         return self.drop(tok + self.wpe(pos))                  # [B, T, C]
 
-    def hidden(self, idx: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(idx, prefix)
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)                                    # [B, T, C]
+    def hidden(self, idx: torch.Tensor, prefix: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states [B, P+T, C]. With ``cache`` (``KVCache(n_layer)``), idx continues the
+        positions already in it (none on the first call) and the cache takes idx's keys and values."""
+        x = self.embed(idx, prefix, cache.positions if cache is not None else 0)  # [B, P+T, C]
+        for block, kv in zip(self.blocks, cache.blocks if cache is not None else [None] * len(self.blocks)):
+            x = block(x, kv)
+        return self.ln_f(x)                                    # [B, P+T, C]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, prefix: torch.Tensor | None = None):
         """Logits [B, T, V]; with targets [B, T] (-100 = ignore) also the mean cross-entropy."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from engine.core.config import ModelConfig, RunConfig, from_dict
+from engine.core.queries import find_run
 from engine.core.rundb import RunDB
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 from engine.model.checkpoint import load_checkpoint
@@ -47,13 +48,6 @@ class RunRef:
 
     def tokenizer_object(self):
         return load_tokenizer(self.tokenizer)
-
-
-def find_run(db: RunDB, run_id: str, key: str = "run_id", what: str = "run") -> dict:
-    row = db.get_run(run_id) if run_id else None
-    if row is None:
-        raise InputError(f"{what} not found: {run_id} (see `mediswift runs list`)", key=key)
-    return row
 
 
 def tokenizer_path(db: RunDB, run: dict, key: str = "run_id") -> Path:
@@ -101,6 +95,23 @@ def check_parent(db: RunDB, cfg: RunConfig) -> RunRef | None:
         raise InputError(f"parent run {row['id']} is a {row['stage']} run; a {cfg.stage} run can only reuse a "
                          "vocabulary or pre-training run's tokenizer", key="parent")
     return resolve_run(db, row["id"], "parent", "parent run", need_checkpoint=False)
+
+
+def model_source(db: RunDB, ref: RunRef, key: str = "run_id") -> tuple[dict, Path]:
+    """The run whose weights ``ref`` uses and the checkpoint file holding them: the run itself, or for
+    a prompt run its parent and the parent checkpoint the prompt was trained on."""
+    if ref.stage != "prompt":
+        if ref.checkpoint is None:
+            what = "is a vocabulary run: it has" if ref.stage == "vocab" else "has no checkpoint file:"
+            raise InputError(f"run {ref.id} {what} no model weights", key=key)
+        return ref.run, ref.checkpoint
+    parent = find_run(db, ref.run.get("parent_id") or "", key, f"parent of prompt run {ref.id}")
+    recorded = load_checkpoint(ref.checkpoint).get("parent_checkpoint") if ref.checkpoint else None
+    if recorded and Path(recorded).is_file():
+        return parent, Path(recorded)
+    if recorded:
+        raise InputError(f"prompt run {ref.id} refers to a parent checkpoint that is gone: {recorded}", key=key, path=recorded)
+    return parent, resolve_run(db, parent["id"], key, "parent run").checkpoint
 
 
 # -- loading what a run trained -------------------------------------------------------------------
@@ -155,10 +166,8 @@ def load_run(db: RunDB, run_id: str, key: str = "run_id") -> RunModel:
     parent_ck = ck.get("parent_checkpoint")
     state = ck
     if ck.get("stage", cfg.stage) == "prompt":
-        if not parent_ck or not Path(parent_ck).is_file():
-            raise InputError(f"prompt run {ref.id} refers to a parent checkpoint that is gone: {parent_ck}",
-                             key=key, path=parent_ck)
-        state = load_checkpoint(parent_ck)
+        _, source = model_source(db, ref, key)
+        state = load_checkpoint(source)
         prompt = SoftPrompt(*ck["prompt"].shape)
         prompt.weight.data.copy_(ck["prompt"])
     model = build_model(cfg.model, ck["vocab_size"], state["model"])

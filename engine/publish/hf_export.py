@@ -22,9 +22,10 @@ import torch
 from engine import __version__
 from engine.model.checkpoint import load_checkpoint
 from engine.core.config import RunConfig, from_dict
-from engine.publish.run_export import lineage, summary_row
+from engine.core.queries import lineage, summary_row
 from engine.core.errors import InputError
 from engine.core.rundb import RunDB
+from engine.model.runs import model_source, resolve_run, tokenizer_path
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 
 SPARSE_SUFFIXES = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight", "mlp.fc.weight", "mlp.proj.weight")
@@ -103,7 +104,7 @@ def gpt2_config(cfg: RunConfig, vocab_size: int, eot: int, pad: int) -> dict:
         "n_layer": m.n_layer,
         "n_head": m.n_head,
         "n_inner": 4 * m.d_model,
-        "activation_function": "gelu",  # exact erf GELU, as torch.nn.functional.gelu in engine/model.py
+        "activation_function": "gelu",  # exact erf GELU, as torch.nn.functional.gelu in engine/model/gpt.py
         "resid_pdrop": m.dropout,
         "embd_pdrop": m.dropout,
         "attn_pdrop": m.dropout,
@@ -125,32 +126,11 @@ def gpt2_config(cfg: RunConfig, vocab_size: int, eot: int, pad: int) -> dict:
 # -- finding what to export -----------------------------------------------------------------------
 
 
-def _model_run(db: RunDB, run: dict) -> dict:
-    """The run whose weights are exported: the run itself, or for a soft-prompt run its parent model."""
-    if run["stage"] != "prompt":
-        return run
-    parent = db.get_run(run["parent_id"]) if run.get("parent_id") else None
-    if parent is None:
-        raise InputError(f"prompt run {run['id']} has no parent model to export (parent {run.get('parent_id')!r} not found)")
-    return parent
-
-
-def _checkpoint_path(db: RunDB, run: dict) -> Path:
-    if run["stage"] == "vocab":
-        raise InputError(f"run {run['id']} is a vocabulary run: it has no model weights to export")
-    ck = db.latest_checkpoint(run["id"])
-    if ck is None or not Path(ck["path"]).is_file():
-        raise InputError(f"run {run['id']} has no checkpoint file to export")
-    return Path(ck["path"])
-
-
-def _tokenizer_path(db: RunDB, run: dict) -> Path:
-    """The run's tokenizer, else the nearest ancestor's (child runs reuse their parent's vocabulary)."""
-    for r in reversed(lineage(db, run["id"])):
-        p = Path(r.get("run_dir") or "") / TOKENIZER_FILE
-        if r.get("run_dir") and p.is_file():
-            return p
-    raise InputError(f"no {TOKENIZER_FILE} found for run {run['id']} or its ancestors")
+def _source(db: RunDB, run_id: str) -> tuple[dict, dict, Path, Path]:
+    """(run, the run whose weights are exported, their checkpoint, the tokenizer) — engine.model.runs."""
+    ref = resolve_run(db, run_id, need_checkpoint=False)  # a prompt run may hold only its prompt artifact
+    model_run, ck_path = model_source(db, ref)
+    return ref.run, model_run, ck_path, tokenizer_path(db, model_run)
 
 
 def _prompt_tensor(db: RunDB, run: dict, d_model: int) -> tuple[torch.Tensor, str] | None:
@@ -201,17 +181,12 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     """
     from safetensors.torch import save_file
 
-    run = db.get_run(run_id)
-    if run is None:
-        raise InputError(f"unknown run: {run_id}")
+    run, model_run, ck_path, tok_path = _source(db, run_id)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} exists and is not empty (use --overwrite to replace its files)")
-    model_run = _model_run(db, run)
-    ck_path = _checkpoint_path(db, model_run)
+        raise InputError(f"{out} exists and is not empty (use --overwrite to replace its files)", key="out", path=str(out))
     ck = load_checkpoint(ck_path)
     cfg = from_dict(ck["config"])
-    tok_path = _tokenizer_path(db, model_run)
     tok = load_tokenizer(tok_path)
     vocab_size = int(ck.get("vocab_size") or tok.get_vocab_size())
     if tok.get_vocab_size() != vocab_size:
@@ -405,15 +380,14 @@ def verify_export(db: RunDB, run_id: str, out_dir: str | Path, text: str = "Abno
     from engine.model.gpt import GPT
     from engine.model.sparsity import load_masks
 
-    run = db.get_run(run_id)
-    model_run = _model_run(db, run)
-    ck = load_checkpoint(_checkpoint_path(db, model_run))
+    _, model_run, ck_path, tok_path = _source(db, run_id)
+    ck = load_checkpoint(ck_path)
     cfg = from_dict(ck["config"])
     ours = GPT(cfg.model, ck["vocab_size"])
     load_masks(ours, ck.get("masks") or {})
     ours.load_state_dict(_strip_prefix(ck["model"]), strict=False)
     ours.eval()
-    tok = load_tokenizer(_tokenizer_path(db, model_run))
+    tok = load_tokenizer(tok_path)
     hf_tok = AutoTokenizer.from_pretrained(str(out_dir))
     hf = GPT2LMHeadModel.from_pretrained(str(out_dir)).eval()
     ids = tok.encode(text).ids[: cfg.model.max_positions]

@@ -7,6 +7,7 @@ import re
 import torch
 
 from engine.model.checkpoint import load_checkpoint
+from engine.model.runs import model_source, resolve_run
 from engine.core.config import from_dict
 from engine.model.flops import FlopModel
 
@@ -40,15 +41,18 @@ def inspect_state(model_state: dict[str, torch.Tensor], n_layer: int, d_model: i
     }
 
 
-def inspect_checkpoint(path: str) -> dict:
-    ck = load_checkpoint(path)
-    if "model" not in ck and ck.get("parent_checkpoint"):  # a soft-prompt run: the model is its parent's
-        ck = {**ck, "model": load_checkpoint(ck["parent_checkpoint"])["model"]}
+def inspect_run(db, run_id: str) -> dict:
+    """The report of a run's latest checkpoint (a prompt run: its parent's weights, engine.model.runs)."""
+    ref = resolve_run(db, run_id)
+    ck = load_checkpoint(ref.checkpoint)
+    _, source = model_source(db, ref)
+    if source != ref.checkpoint:
+        ck = {**ck, "model": load_checkpoint(source)["model"]}
     cfg = from_dict(ck["config"])
-    state = {k: v for k, v in ck["model"].items()}
-    report = inspect_state(state, cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, ck["vocab_size"])
+    report = inspect_state(ck["model"], cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, ck["vocab_size"])
     report["stage"] = ck.get("stage", cfg.stage)
     report["masks"] = bool(ck.get("masks"))
     # the matmul path each sparse layer trained with ("sparse" core or masked "dense"), as pre-training chose it
     report["kernels"] = dict(ck.get("kernels") or {})
+    report.update({"run_id": ref.id, "checkpoint": str(ref.checkpoint), "step": int(ck["step"])})
     return report

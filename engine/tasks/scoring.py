@@ -4,15 +4,12 @@
 turns a task's examples into metrics (PubMedQA: accuracy and macro-F1; HoC: micro- and macro-F1;
 both with the answer-token loss), ``block_loss`` scores plain text. ``majority_baseline`` and the
 zero-shot model (the parent, scored the same way) tell whether fine-tuning learned anything.
-``load_run`` rebuilds what a run trained (model, prompt, head) for ``mediswift eval``.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.model.gpt import GPT
+from engine.model.gpt import GPT, KVCache
 from engine.tasks.base import Encoded, Encoder, Example, Truncation, collate_lm, collate_prompts, multi_label_metrics, single_label_metrics
 from engine.core.errors import InputError
 
@@ -84,7 +81,7 @@ class Scorer:
                 rows = members[s:s + self.batch_size]
                 x = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
                 done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-                cache: list = []
+                cache = KVCache(len(self.model.blocks))
                 for step in range(min(max_new, limit - length)):
                     with self.autocast():
                         h = self._cached_hidden(x if step == 0 else nxt.unsqueeze(1), cache)
@@ -97,42 +94,14 @@ class Scorer:
                         break
         return [o[:o.index(eot)] if eot in o else o for o in out]
 
-    def _cached_hidden(self, x: torch.Tensor, cache: list) -> torch.Tensor:
-        """GPT.hidden with a key/value cache, so each generated token costs one position, not the whole sequence.
-
-        First call: the prompt (with the soft prompt in front); later calls: one new token each.
-        Mirrors model.py's blocks (eval mode, no dropout); the generation test checks it against full forwards.
-        """
-        m = self.model
-        first = not cache
-        if first:
-            prefix = self.prompt(x.shape[0]) if self.prompt is not None else None
-            h = m.embed(x, prefix)                                            # [B, P+T, C]
-        else:
-            pos = cache[0][0].shape[2]
-            if pos >= m.cfg.max_positions:
-                raise ValueError(f"generation exceeds the model's maximum context {m.cfg.max_positions}")
-            h = m.wte(x) + m.wpe(torch.arange(pos, pos + x.shape[1], device=x.device))  # [B, 1, C]
-        for i, block in enumerate(m.blocks):
-            a = block.attn
-            B, T, C = h.shape
-            n = a.n_head
-            z = block.ln1(h)
-            q = a.q(z).view(B, T, n, C // n).transpose(1, 2)                  # [B, n, T, C/n]
-            k = a.k(z).view(B, T, n, C // n).transpose(1, 2)
-            v = a.v(z).view(B, T, n, C // n).transpose(1, 2)
-            if first:
-                cache.append((k, v))
-            else:
-                k = torch.cat([cache[i][0], k], dim=2)                        # [B, n, past+T, C/n]
-                v = torch.cat([cache[i][1], v], dim=2)
-                cache[i] = (k, v)
-            # the first call is causal over the prompt; a single new token may see every cached position
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=first)
-            h = h + a.out(y.transpose(1, 2).contiguous().view(B, T, C))
-            h = h + block.mlp(block.ln2(h))
-        h = m.ln_f(h)
-        return h[:, self.n_prefix:] if first else h
+    def _cached_hidden(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The model's hidden states through its key/value cache, so each generated token costs one
+        position, not the whole sequence: the prompt (soft prompt in front) on the first call, then one
+        new token [B, 1] per call."""
+        first = cache.positions == 0
+        prefix = self.prompt(x.shape[0]) if first and self.prompt is not None else None
+        h = self.model.hidden(x, prefix, cache=cache)                          # [B, P+T, C]
+        return h[:, self.n_prefix:] if first else h                           # [B, T, C]
 
     @torch.no_grad()
     def block_loss(self, tokens: np.ndarray, n_ctx: int, max_blocks: int = 0) -> dict:
@@ -262,76 +231,3 @@ def headline(task_name: str, metrics: dict) -> dict:
     keys = {"pubmedqa": ("accuracy", "macro_f1", "loss"), "hoc": ("micro_f1", "macro_f1", "loss"),
             "lm": ("loss", "perplexity")}[task_name]
     return {k: metrics[k] for k in keys if k in metrics}
-
-
-# -- rebuilding a run for evaluation -----------------------------------------------------------------
-
-
-@dataclass
-class RunModel:
-    run_id: str
-    stage: str
-    cfg: object              # RunConfig of the run
-    step: int
-    model: GPT
-    tok: object
-    prompt: nn.Module | None
-    head: nn.Module | None
-    checkpoint: str
-    parent_checkpoint: str | None  # the model this run started from (zero-shot baseline)
-
-
-def build_model(model_cfg, vocab_size: int, state: dict) -> GPT:
-    model = GPT(model_cfg, vocab_size)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
-        raise InputError(f"checkpoint does not match the model shape (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.eval()
-    return model
-
-
-def load_run(db, run_id: str) -> RunModel:
-    from engine.model.checkpoint import load_checkpoint
-    from engine.core.config import from_dict
-    from engine.model.soft_prompt import SoftPrompt
-    from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
-
-    row = db.get_run(run_id)
-    if row is None:
-        raise InputError(f"unknown run: {run_id} (see `mediswift runs list`)", key="run_id")
-    ck_row = db.latest_checkpoint(row["id"])
-    if ck_row is None or not Path(ck_row["path"]).is_file():
-        raise InputError(f"run {row['id']} has no checkpoint to evaluate", key="run_id")
-    ck = load_checkpoint(ck_row["path"])
-    cfg = from_dict(ck["config"])
-    tok_path = Path(row["run_dir"]) / TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise InputError(f"run {row['id']} has no tokenizer ({tok_path})", key="run_id", path=str(tok_path))
-    tok = load_tokenizer(tok_path)
-    if tok.get_vocab_size() != ck["vocab_size"]:
-        raise InputError(f"tokenizer mismatch: {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint "
-                        f"{ck['vocab_size']}", key="run_id", path=str(tok_path))
-    stage = ck.get("stage", cfg.stage)
-    prompt = head = None
-    parent_ck = ck.get("parent_checkpoint")
-    if stage == "prompt":
-        if not parent_ck or not Path(parent_ck).is_file():
-            raise InputError(f"prompt run {row['id']} refers to a parent checkpoint that is gone: {parent_ck}", key="run_id", path=parent_ck)
-        state = load_checkpoint(parent_ck)
-        model = build_model(cfg.model, ck["vocab_size"], state["model"])
-        head = _load_head(state.get("head"), cfg)
-        prompt = SoftPrompt(*ck["prompt"].shape)
-        prompt.weight.data.copy_(ck["prompt"])
-    else:
-        model = build_model(cfg.model, ck["vocab_size"], ck["model"])
-        head = _load_head(ck.get("head"), cfg)
-    return RunModel(row["id"], stage, cfg, int(ck["step"]), model, tok, prompt, head, ck_row["path"], parent_ck)
-
-
-def _load_head(state: dict | None, cfg) -> nn.Module | None:
-    if not state:
-        return None
-    w = state["weight"]
-    head = nn.Linear(w.shape[1], w.shape[0])
-    head.load_state_dict(state)
-    return head

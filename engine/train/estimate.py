@@ -10,6 +10,8 @@ from engine.core.config import RunConfig
 from engine.model.flops import flop_model_for_config
 from engine.model.gpt import GPT
 from engine.train.optim import make_optimizer
+from engine.train.runtime import Runtime
+from engine.train.step import lm_micro_batch, train_step
 from engine.model.sparsity import apply_sparsity
 
 
@@ -71,15 +73,11 @@ def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device) -> dict
     model.to(device)
     opt = make_optimizer(list(model.named_parameters()), tc)
     x = torch.randint(0, vocab, (tc.batch_size, m.n_ctx), device=device)
+    autocast = Runtime(device).autocast
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
-        for _ in range(tc.grad_accum):
-            with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False):
-                _, loss = model(x, x)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(opt, lambda: lm_micro_batch(model, x, x, autocast), tc.grad_accum, tc.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:

@@ -1,143 +1,145 @@
-"""What every training stage's loop shares: the step loop itself (stop and pause between steps, the
-logging, evaluation and checkpoint cadence), the wall clock without pauses, the axes of a metrics
-point, bf16 autocast on CUDA. A stage fills in the hooks below."""
+"""The one training loop. It orchestrates the components every stage shares and asks the stage only
+for what differs (its data, its loss, its evaluation, what it saves):
+
+  runtime (threads, device, seeds)  ->  stage.build  ->  optimizer + schedule  ->  resume (Checkpointer)
+  -> steps: control (stop / pause between steps), train_step, counters, metrics, Cadence
+     (evaluation and checkpoints)  ->  last evaluation, final checkpoint, summary, run_finished.
+
+A stage is any object with the methods of ``Stage`` below (engine/train/pretrain.py, finetune.py,
+prompt.py); ``before_step()``, ``after_step(seconds)`` and ``on_final_checkpoint(step)`` are optional.
+"""
 from __future__ import annotations
 
-import random
 import time
-from contextlib import nullcontext
+from typing import Protocol
 
-import numpy as np
 import torch
 
-from engine.core.config import RunConfig
-from engine.train.memory import keep_freed_memory
-from engine.train.metrics import Point
-from engine.core.errors import InputError
+from engine.core.queries import last_metric_value
+from engine.model.checkpoint import load_checkpoint
+from engine.train.cadence import Cadence
+from engine.train.checkpointing import Checkpointer
+from engine.train.counters import Counters
+from engine.train.optim import make_scheduler
+from engine.train.runtime import Runtime, start_runtime
+from engine.train.step import MicroBatch, train_step
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("train.device is 'cuda' but no CUDA device is available", key="train.device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+class Stage(Protocol):
+    vocab_size: int
+
+    def build(self, s, rt: Runtime, resume: dict | None) -> None:
+        """Data, model and anything else the stage trains; ``resume`` is the checkpoint being resumed."""
+
+    def make_optimizer(self) -> torch.optim.Optimizer: ...
+
+    def micro_batch(self) -> MicroBatch:
+        """Forward and loss of the next micro-batch, with its tokens and FLOPs."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics logged with every training step's (loss, lr, grad_norm, ...)."""
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluate now (and record it); returns the metric rows to log."""
+
+    def state(self) -> dict:
+        """What the stage saves in a checkpoint besides the shared trainer state."""
+
+    def load_state(self, ck: dict) -> None: ...
+
+    def summary(self) -> dict:
+        """The stage's entries of the run summary."""
 
 
-class StageLoop:
-    # set by the stage: session, config, control, device, scheduler, counters
-    s: object
-    cfg: RunConfig
-    control: object
-    device: torch.device
-    sched: object
-    step: int
-    tokens: int
-    flops: float
-    flops_dense: float
-    wall_offset: float
+def summary_of(state: dict) -> dict:
+    return {k: v for k, v in state.items() if v is not None}
 
-    def __init__(self, s, control, resume_ckpt: str | None = None):
-        self.s = s
-        self.cfg = s.cfg
-        self.control = control
-        self.resume_ckpt = resume_ckpt
 
-    def start_runtime(self) -> None:
-        """Threads, device and seeds from train.*, and malloc keeping freed buffers for the next step
-        (engine.train.memory): the first thing every stage's setup does."""
-        keep_freed_memory()
-        tc = self.cfg.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        self.device = resolve_device(tc.device)
-        torch.manual_seed(tc.seed)
-        random.seed(tc.seed)
-        np.random.seed(tc.seed % 2**32)
+class TrainLoop:
+    def __init__(self, session, control, stage: Stage, resume_ckpt: str | None = None):
+        self.s, self.control, self.stage, self.resume_ckpt = session, control, stage, resume_ckpt
+        self.cfg = session.cfg
+        self.counters = Counters()
 
-    # -- hooks ----------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step: (loss, gradient norm, tokens it trained on)."""
-        raise NotImplementedError
-
-    def before_step(self) -> None:
-        """Called before each step."""
-
-    def after_step(self, seconds: float, tokens: int) -> None:
-        """Called after each step with its wall time, before the step counter moves."""
-
-    def step_metrics(self) -> dict:
-        """Extra metrics logged with the training ones."""
-        return {}
-
-    def evaluates_at(self, step: int) -> bool:
-        """Whether the loop evaluates (``evaluate_now``) right after this step."""
-        raise NotImplementedError
-
-    def evaluate_now(self) -> dict:
-        raise NotImplementedError
-
-    def final_metrics(self, status: str) -> dict:
-        """Metrics to log once the loop has ended (completed or stopped), before the final checkpoint."""
-        return {}
-
-    def save(self, final: bool) -> None:
-        raise NotImplementedError
-
-    # -- the loop -----------------------------------------------------------------------------------------
-    def run_steps(self, logger) -> str:
+    def run(self) -> str:
         """Train up to train.max_steps; returns "completed", or "stopped" when a stop was requested."""
-        tc = self.cfg.train
-        self._t_start = time.monotonic()
-        self._paused = 0.0
-        status = "completed"
-        while self.step < tc.max_steps:
+        s, tc = self.s, self.cfg.train
+        s.start(tc.max_steps)
+        rt = start_runtime(tc)
+        resume = load_checkpoint(self.resume_ckpt) if self.resume_ckpt else None
+        self.stage.build(s, rt, resume)
+        self.opt = self.stage.make_optimizer()
+        self.sched = make_scheduler(self.opt, tc)
+        self.ckpt = Checkpointer(s, self.stage, self.opt, self.sched, self.counters)
+        if resume is not None:
+            self.ckpt.restore(resume, self.resume_ckpt)
+        self.cadence = Cadence(tc.eval_every, tc.checkpoint_every, tc.max_steps)
+        logger = s.metrics_logger(tc.max_steps)
+        self.counters.start_clock()  # wall time counts training, not setup
+        status = self._steps(logger)
+        if self.cadence.final_eval_due(self.counters.step):
+            logger.log(self._evaluate(), self.counters.point())
+        self._save(final=True)
+        s.finish(status, self.counters.step, self.summary())
+        return status
+
+    def _steps(self, logger) -> str:
+        tc, c, stage = self.cfg.train, self.counters, self.stage
+        before, after = getattr(stage, "before_step", None), getattr(stage, "after_step", None)
+        while c.step < tc.max_steps:
             if self.control.stop_requested.is_set():
-                status = "stopped"
-                break
+                return "stopped"
             if self.control.pause_requested.is_set():
                 self._pause_wait()
                 continue
-            self.before_step()
+            if before:
+                before()
             t = time.perf_counter()
-            loss, grad_norm, n_tok = self.train_step()
+            r = train_step(self.opt, stage.micro_batch, tc.grad_accum, tc.grad_clip)
+            self.sched.step()
             dt = time.perf_counter() - t
-            self.after_step(dt, n_tok)
-            self.step += 1
-            self.tokens += n_tok
+            if after:
+                after(dt)
+            c.add_step(r.tokens, r.flops, r.flops_dense)
             metrics = {}
-            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                metrics = {"loss": loss, "lr": self.sched.get_last_lr()[0], "grad_norm": grad_norm,
-                           "tokens_per_s": n_tok / dt, "step_time": dt, **self.step_metrics()}
-            if self.evaluates_at(self.step):
-                metrics.update(self.evaluate_now())
+            if c.step % tc.log_every == 0 or c.step == tc.max_steps:
+                metrics = {"loss": r.loss, "lr": self.sched.get_last_lr()[0],
+                           "grad_norm": r.grad_norm, "tokens_per_s": r.tokens / dt, "step_time": dt, **stage.step_metrics()}
+            if self.cadence.eval_due(c.step):
+                metrics.update(self._evaluate())
             if metrics:
-                logger.log(metrics, self.point())
-            if self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
-                self.save(final=False)
-        final = self.final_metrics(status)
-        if final:
-            logger.log(final, self.point())
-        return status
+                logger.log(metrics, c.point())
+            if self.cadence.checkpoint_due(c.step):
+                self._save(final=False)
+        return "completed"
 
-    def wall(self) -> float:
-        return self.wall_offset + (time.monotonic() - self._t_start) - self._paused
+    def _evaluate(self) -> dict:
+        rows = self.stage.evaluate(self.counters.step)
+        self.cadence.last_eval_step = self.counters.step
+        self.s.db.update_run(self.s.run_id, summary=self.summary())
+        return rows
 
-    def point(self) -> Point:
-        return Point(self.step, self.tokens, self.wall(), self.flops, self.flops_dense)
+    def _save(self, final: bool) -> None:
+        path, nbytes = self.ckpt.save(final)
+        on_final = getattr(self.stage, "on_final_checkpoint", None)
+        if final and on_final:
+            on_final(self.counters.step)
+        self.s.db.update_run(self.s.run_id, summary=self.summary())
+        self.s.events.emit("checkpoint", run_id=self.s.run_id, step=self.counters.step, path=path, bytes=nbytes, final=final)
 
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+    def summary(self) -> dict:
+        c = self.counters
+        return summary_of({"step": c.step, "tokens": c.tokens, "flops": c.flops, "flops_dense": c.flops_dense,
+                           "wall_time": c.wall(), "train_loss": last_metric_value(self.s.db, self.s.run_id, "loss"),
+                           **self.stage.summary()})
 
     def _pause_wait(self) -> None:
         t = time.monotonic()
         self.s.status("paused")
-        self.s.info(f"paused at step {self.step}")
+        self.s.info(f"paused at step {self.counters.step}")
         while self.control.pause_requested.is_set() and not self.control.stop_requested.is_set():
             self.control.wake.wait(0.5)
             self.control.wake.clear()
-        self._paused += time.monotonic() - t
+        self.counters.add_pause(time.monotonic() - t)
         self.s.status("running")
         self.s.info("resumed" if not self.control.stop_requested.is_set() else "stopping")

@@ -1,27 +1,58 @@
-"""One optimizer step: accumulate micro-batches, clip, step. Shared by the training loops and the
-benchmarks, so what is measured is what trains. Masked matrices train as their packed nonzeros
+"""The optimizer step every stage, the benchmarks and the estimator share, so what is measured is
+what trains: accumulate micro-batches, clip, step. Masked matrices train as their packed nonzeros
 (SparseLinear.values), so there is no gradient to mask."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
-def train_step(model, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-               n_batches: int, grad_clip: float, autocast=nullcontext) -> tuple[float, float]:
+@dataclass
+class MicroBatch:
+    """One micro-batch's loss and what it cost: tokens trained on and FLOPs (sparse, dense-equivalent)."""
+    loss: torch.Tensor
+    tokens: int = 0
+    flops: float = 0.0
+    flops_dense: float = 0.0
+
+
+@dataclass
+class StepResult:
+    loss: float        # mean over the micro-batches
+    grad_norm: float   # before clipping
+    tokens: int
+    flops: float
+    flops_dense: float
+
+
+def train_step(opt: torch.optim.Optimizer, micro_batch: Callable[[], MicroBatch], n_micro: int,
+               grad_clip: float) -> StepResult:
+    """``n_micro`` calls of ``micro_batch`` (forward + loss), each backward at 1/n_micro, then one
+    optimizer step over the optimizer's own parameters (the gradient norm too)."""
     opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for x, y in batches:
-        with autocast():
-            _, loss = model(x, y)
-        (loss / n_batches).backward()
-        total += loss.item()
-    params = [p for p in model.parameters() if p.grad is not None]
+    total, tokens, flops, flops_dense = 0.0, 0, 0.0, 0.0
+    for _ in range(n_micro):
+        mb = micro_batch()
+        (mb.loss / n_micro).backward()
+        total += mb.loss.item()
+        tokens += mb.tokens
+        flops += mb.flops
+        flops_dense += mb.flops_dense
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
     opt.step()
-    return total / n_batches, grad_norm
+    return StepResult(total / n_micro, grad_norm, tokens, flops, flops_dense)
+
+
+def lm_micro_batch(model, x: torch.Tensor, y: torch.Tensor, autocast, flops_per_token: tuple[float, float] = (0.0, 0.0)
+                   ) -> MicroBatch:
+    """A causal-LM micro-batch of the whole model (pre-training, the benchmarks, the estimator)."""
+    with autocast():
+        _, loss = model(x, y)
+    n = x.numel()
+    return MicroBatch(loss, n, flops_per_token[0] * n, flops_per_token[1] * n)

@@ -1,0 +1,104 @@
+"""Scoring a trained run on any file of a task's format (``mediswift eval``): the unseen test sets
+included. The result is stored in the run database with the majority and zero-shot baselines beside
+it; a prompt run is scored as its parent model with the learned prompt in front."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.core.errors import InputError
+from engine.model.checkpoint import load_checkpoint
+from engine.model.runs import build_model, load_run
+from engine.tasks import get_task
+from engine.tasks.base import Encoder, Truncation
+from engine.tasks.lm import read_tokens
+from engine.tasks.scoring import Scorer, evaluate_examples, majority_baseline
+
+
+def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split: str = "all", splits: str | None = None,
+                 fold: int = 0, limit: int = 0, batch_size: int = 16, with_baselines: bool = True,
+                 predictions: str | None = None, warn=lambda message: None) -> dict:
+    """Score a run on a file and store the evaluation (with its baselines); returns what was stored."""
+    rm = load_run(db, run_id)
+    cfg = rm.cfg
+    name = task_name or (cfg.task.name if cfg.stage in ("finetune", "prompt") else None)
+    if name is None:
+        raise InputError(f"run {rm.run_id} is a {cfg.stage} run; say which task to score with --task", key="task")
+    if rm.head is not None and name != cfg.task.name:
+        raise InputError(f"run {rm.run_id} has a {cfg.task.name} classification head; it cannot score {name}", key="task")
+    given, data = data, str(Path(data).expanduser().resolve())
+    if not Path(data).exists():
+        raise InputError(f"data file not found: {given}", key="data", path=given)
+    n_prefix = rm.prompt.weight.shape[0] if rm.prompt is not None else 0
+    budget = cfg.model.n_ctx - n_prefix
+    scorer = Scorer(rm.model, rm.prompt, rm.head, batch_size=batch_size)
+    baselines: dict = {}
+    zero_model = None
+    if with_baselines and rm.stage in ("finetune", "prompt") and rm.head is None:
+        if rm.parent_checkpoint and Path(rm.parent_checkpoint).is_file():
+            pck = load_checkpoint(rm.parent_checkpoint)
+            zero_model = build_model(cfg.model, pck["vocab_size"], pck["model"])
+        else:
+            baselines["zero_shot"] = {"skipped": f"the parent checkpoint is gone: {rm.parent_checkpoint}"}
+    elif with_baselines and rm.head is not None:
+        baselines["zero_shot"] = {"skipped": "a classification head has no zero-shot form"}
+
+    if name == "lm":
+        tokens = read_tokens(data, rm.tok, cfg.data.text_field)
+        max_blocks = limit or 0
+        metrics = scorer.block_loss(tokens, budget, max_blocks)
+        metrics["n"] = (len(tokens) - 1) // budget if not max_blocks else min(max_blocks, (len(tokens) - 1) // budget)
+        if zero_model is not None:
+            baselines["zero_shot"] = Scorer(zero_model, batch_size=batch_size).block_loss(tokens, budget, max_blocks)
+    else:
+        task = get_task(name)
+        examples = task.select(data, split, splits, fold)
+        if limit:
+            examples = examples[:limit]
+        trunc = Truncation()
+        preds: list = []
+        metrics = evaluate_examples(scorer, Encoder(rm.tok, budget), task, examples, cfg.task, trunc, preds)
+        if predictions:
+            _write_predictions(predictions, task, examples, preds)
+        msg = trunc.message(f"{name} {Path(data).name}", len(examples), budget)
+        if msg:
+            warn(msg)
+        metrics["context_truncated"] = len(trunc.context)
+        if with_baselines:
+            train = _training_examples(task, cfg, name)
+            if isinstance(train, str):
+                baselines["majority"] = {"skipped": train}
+            else:
+                baselines["majority"] = majority_baseline(task, train, examples)
+            if zero_model is not None:
+                m = evaluate_examples(Scorer(zero_model, batch_size=batch_size), Encoder(rm.tok, cfg.model.n_ctx),
+                                      task, examples, cfg.task)
+                m.pop("f1_per_class", None)
+                baselines["zero_shot"] = m
+    split = split if name == "pubmedqa" else "all"
+    eval_id = db.add_evaluation(rm.run_id, rm.step, name, split, metrics, baselines, data)
+    return {"task": name, "run_id": rm.run_id, "step": rm.step, "data": data, "split": split, **metrics,
+            "baselines": baselines, "evaluation_id": eval_id}
+
+
+def _training_examples(task, cfg, name: str):
+    """The run's training examples (for the majority class), or why they are not available."""
+
+    if cfg.stage not in ("finetune", "prompt") or cfg.task.name != name:
+        return f"run was not trained on {name}, so it has no training labels"
+    try:
+        train, _, _ = task.train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
+    except InputError as e:
+        return f"training data unavailable: {e}"
+    return train[:cfg.task.max_examples] if cfg.task.max_examples else train
+
+
+def _write_predictions(path: str, task, examples, preds) -> None:
+    def name(label):
+        if isinstance(label, tuple):
+            return [task.CLASSES[c] for c in label]
+        return task.CLASSES[label] if label >= 0 else None
+
+    with open(Path(path).expanduser(), "w", encoding="utf-8") as fh:
+        for ex, p in zip(examples, preds):
+            fh.write(json.dumps({"id": ex.id, "gold": name(ex.label), "pred": name(p)}) + "\n")

@@ -1,0 +1,93 @@
+"""Which matmul path each sparse layer takes (``sparsity.kernel``): forced, or for ``auto`` timed once
+per layer shape and then confirmed by a whole-step trial over the first training steps."""
+from __future__ import annotations
+
+import torch
+
+from engine.model.gpt import GPT
+
+
+def choose_kernels(s, model: GPT, tokens_per_batch: int, device: torch.device) -> dict[str, str]:
+    """Pick the matmul path per sparse layer: forced by sparsity.kernel, or timed once per shape (auto)."""
+    layers = {n: m for n, m in model.sparse_layers().items() if m.is_sparse}
+    want = s.cfg.sparsity.kernel
+    if not layers:
+        return {}
+    if device.type != "cpu":
+        choice = {n: "dense" for n in layers}  # GPU runs use cuBLAS on the masked weight
+    else:
+        try:
+            from engine.model.kernels import kernel_available, time_kernels
+            ok = kernel_available()
+        except ImportError:
+            ok = False
+        if not ok:
+            if want == "sparse":
+                s.warn("the sparse matmul core is unavailable here; using the masked dense path")
+            choice = {n: "dense" for n in layers}
+        elif want in ("dense", "sparse"):
+            choice = {n: want for n in layers}
+        else:
+            choice = _timed_choice(s, layers, tokens_per_batch, time_kernels)
+    set_kernels(model, choice)
+    return choice
+
+
+def _timed_choice(s, layers: dict, tokens_per_batch: int, time_kernels) -> dict[str, str]:
+    by_shape: dict[tuple, str] = {}
+    timings = {}
+    choice = {}
+    for name, m in layers.items():
+        key = (m.out_features, m.in_features)
+        if key not in by_shape:
+            t = time_kernels(m.pattern(), tokens_per_batch)
+            by_shape[key] = "sparse" if t["sparse_ms"] < t["dense_ms"] else "dense"
+            timings["x".join(map(str, key))] = {**t, "kernel": by_shape[key]}
+        choice[name] = by_shape[key]
+    s.db.merge_meta(s.run_id, kernel_timings=timings)
+    s.info("kernel choice per layer shape (out x in): " + ", ".join(
+        f"{k}: {v['kernel']} (dense {v['dense_ms']:.1f} ms, sparse {v['sparse_ms']:.1f} ms)" for k, v in timings.items()))
+    return choice
+
+
+def set_kernels(model: GPT, choice: dict[str, str]) -> None:
+    for name, m in model.sparse_layers().items():
+        if name in choice:
+            m.set_kernel(choice[name])
+
+
+class KernelTrial:
+    """Per-shape timings of isolated matmuls do not always predict a whole step (caches, threads):
+    the first real steps alternate the per-shape mix with all-dense and keep the faster."""
+
+    ROUNDS = 3
+
+    def __init__(self, s, model: GPT, mix: dict[str, str]):
+        self.s, self.model, self.mix = s, model, dict(mix)
+        self.plan = ["dense", "mix"] * self.ROUNDS
+        self.times: dict[str, list[float]] = {"dense": [], "mix": []}
+        self.current: str | None = None
+        self.kernels = dict(mix)  # the choice in force once the trial has ended
+
+    @property
+    def done(self) -> bool:
+        return not self.plan and self.current is None
+
+    def before_step(self) -> None:
+        self.current = self.plan.pop(0) if self.plan else None
+        if self.current:
+            set_kernels(self.model, self.mix if self.current == "mix" else {n: "dense" for n in self.mix})
+
+    def after_step(self, seconds: float) -> None:
+        if not self.current:
+            return
+        self.times[self.current].append(seconds)
+        self.current = None
+        if self.plan:
+            return
+        dense, mix = min(self.times["dense"]), min(self.times["mix"])  # min: the first steps also pay warm-up costs
+        self.kernels = self.mix if mix < dense else {n: "dense" for n in self.mix}
+        set_kernels(self.model, self.kernels)
+        self.s.db.merge_meta(self.s.run_id, kernels=self.kernels, kernel_trial={"dense_step_s": dense, "mix_step_s": mix})
+        self.s.info(f"kernel trial over the first steps: per-shape choice {mix * 1000:.0f} ms/step, all dense "
+                    f"{dense * 1000:.0f} ms/step; keeping {'the per-shape choice' if mix < dense else 'dense'}")

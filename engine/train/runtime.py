@@ -1,0 +1,62 @@
+"""Where a stage runs: threads, device, seeds and the process memory setting, set in one place for
+every stage; and the random-number state a checkpoint carries so a resumed run repeats the
+uninterrupted one."""
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.core.config import TrainConfig
+from engine.core.errors import InputError
+from engine.train.memory import keep_freed_memory
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device is 'cuda' but no CUDA device is available", key="train.device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+
+    def autocast(self):
+        """bf16 autocast on CUDA; CPU stages compute in fp32."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def start_runtime(tc: TrainConfig) -> Runtime:
+    """Threads, device and seeds from train.*, and malloc keeping freed buffers for the next step
+    (engine.train.memory): the first thing every stage does."""
+    keep_freed_memory()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    return Runtime(device)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

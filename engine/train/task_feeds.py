@@ -1,0 +1,180 @@
+"""What a fine-tuning or prompting run trains on, in the three forms a task can take:
+
+- ``LMFeed``: causal LM on a corpus (``task.name = "lm"``), scored by validation loss;
+- ``AnswerFeed``: a labelled task as text, loss on the answer tokens only (PubMedQA, HoC with ``task.head = "lm"``);
+- ``HeadFeed``: a labelled task through a classification head on the last prompt token (``task.head = "classifier"``).
+
+Each feed gives the next micro-batch's loss, scores the development data, names its headline metric
+and computes its baselines (majority class; the parent model zero-shot). The stages
+(engine/train/finetune.py, prompt.py) pick one with ``make_feed``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.core.errors import InputError
+from engine.data.corpus import load_corpus
+from engine.data.tokens import BlockLoader, check_enough_tokens, tokenize_corpus
+from engine.tasks import get_task
+from engine.tasks.base import Encoder, ExampleLoader, Truncation, collate_lm, collate_prompts
+from engine.tasks.scoring import Scorer, evaluate_examples, head_loss, head_targets, headline, majority_baseline
+
+
+@dataclass
+class Batch:
+    loss: torch.Tensor
+    tokens: int       # positions of the (padded) batch without the soft prompt
+    seq_len: int      # sequence length of the batch, soft prompt included
+
+
+class LMFeed:
+    key, lower_is_better = "loss", True
+
+    def __init__(self, s, tok, budget: int):
+        cfg, tc = s.cfg, s.cfg.train
+        self.name = "lm"
+        corpus = load_corpus(cfg.data.corpus, cfg.data.text_field, cfg.data.max_documents)
+        splits = tokenize_corpus(corpus, tok, cfg.data.val_fraction, tc.seed, s.run_dir.parent / ".cache",
+                                 progress=lambda d, n: s.progress("tokenize", d, n))
+        check_enough_tokens(splits, budget)
+        self.loader = BlockLoader(splits.train, budget, tc.batch_size, tc.seed)
+        self.val_batches = BlockLoader(splits.val, budget, tc.batch_size, tc.seed, shuffle=False).fixed_batches(tc.eval_batches)
+        self.info = {"name": "lm", "train_tokens": int(len(splits.train)), "val_tokens": int(len(splits.val)),
+                     "corpus": corpus.sources}
+        s.info(f"lm: {len(splits.train):,} training tokens, {len(splits.val):,} validation tokens")
+
+    def next(self, scorer: Scorer) -> Batch:
+        x, y = self.loader.next_batch()
+        return Batch(scorer.lm_loss(x, y), x.numel(), x.shape[1] + scorer.n_prefix)
+
+    @torch.no_grad()
+    def evaluate(self, scorer: Scorer) -> dict:
+        model = scorer.model
+        was = model.training
+        model.eval()
+        val = float(np.mean([float(scorer.lm_loss(x, y)) for x, y in self.val_batches]))
+        model.train(was)
+        return {"loss": val, "perplexity": math.exp(min(val, 50.0))}
+
+    def rows(self, m: dict) -> dict:
+        return {"val_loss": m["loss"], "val_perplexity": m["perplexity"]}
+
+    def baselines(self, plain: Scorer, s) -> dict:
+        return {"zero_shot": self.evaluate(plain)}
+
+
+class LabelledData:
+    """The train and development examples of a labelled task, fitted to the window; dev scoring."""
+
+    def __init__(self, s, tok, budget: int):
+        cfg, tc = s.cfg, s.cfg.train
+        self.s, self.cfg, self.budget = s, cfg, budget
+        self.task = get_task(cfg.task.name)
+        train, dev, info = self.task.train_dev(cfg.task, cfg.data.val_fraction, tc.seed, s.warn)
+        if cfg.task.max_examples:
+            train, dev = train[:cfg.task.max_examples], dev[:cfg.task.max_examples]
+        overlap = {e.id for e in train} & {e.id for e in dev}
+        if overlap:
+            s.warn(f"{len(overlap)} development examples are also training examples")
+        self.tok = tok
+        self.enc = Encoder(tok, budget)
+        self.train, self.dev, self.task_info = train, dev, info
+        self.dev_trunc = Truncation()
+        self._warned_dev = False
+
+    def ready(self, train: list, trunc: Truncation) -> None:
+        """The training examples in use, once the feed has encoded them."""
+        cfg = self.cfg
+        self.train = train
+        msg = trunc.message(f"{cfg.task.name} training", len(train), self.budget)
+        if msg:
+            self.s.warn(msg)
+        self.loader = ExampleLoader(len(train), cfg.train.batch_size, cfg.train.seed)
+        self.info = {"name": cfg.task.name, **self.task_info, "n_train": len(train), "n_dev": len(self.dev),
+                     "train_context_truncated": len(trunc.context)}
+        self.s.info(f"{cfg.task.name}: {len(train)} training and {len(self.dev)} development examples"
+                    + (f" (fold {self.task_info['fold']} of {self.task_info['splits']})" if "fold" in self.task_info else ""))
+
+    def evaluate(self, scorer: Scorer) -> dict:
+        m = evaluate_examples(scorer, self.enc, self.task, self.dev, self.cfg.task, self.dev_trunc)
+        if not self._warned_dev:
+            self._warned_dev = True
+            msg = self.dev_trunc.message(f"{self.cfg.task.name} development", len(self.dev), self.budget)
+            if msg:
+                self.s.warn(msg)
+        return m
+
+    def rows(self, m: dict) -> dict:
+        return {f"dev_{k}": v for k, v in headline(self.cfg.task.name, m).items()}
+
+    def majority(self) -> dict:
+        return majority_baseline(self.task, self.train, self.dev)
+
+
+def _serve(feed, data: LabelledData, train: list, trunc: Truncation) -> None:
+    """What both labelled feeds take from their data: name, headline metric, order, scoring."""
+    data.ready(train, trunc)
+    feed.data, feed.name, feed.lower_is_better = data, data.cfg.task.name, False
+    feed.key = "accuracy" if feed.name == "pubmedqa" else "micro_f1"
+    feed.loader, feed.info, feed.evaluate, feed.rows = data.loader, data.info, data.evaluate, data.rows
+
+
+class AnswerFeed:
+    def __init__(self, data: LabelledData):
+        trunc = Truncation()
+        kept, self.encoded = [], []
+        for ex in data.train:
+            try:
+                self.encoded.append(data.enc.train(ex, trunc))
+                kept.append(ex)
+            except InputError:
+                pass  # its answer alone overflows the window
+        if len(kept) < len(data.train):
+            data.s.warn(f"{len(data.train) - len(kept)} of {len(data.train)} training examples were skipped: their "
+                        f"answer does not fit the {data.budget}-token window")
+        if not kept:
+            raise InputError(f"no training example fits the {data.budget}-token window; use a larger model.n_ctx",
+                             key="model.n_ctx")
+        _serve(self, data, kept, trunc)
+
+    def next(self, scorer: Scorer) -> Batch:
+        x, y = collate_lm([self.encoded[i] for i in self.loader.next_indices()], self.data.enc.pad)
+        return Batch(scorer.lm_loss(x, y), x.numel(), x.shape[1] + scorer.n_prefix)
+
+    def baselines(self, plain: Scorer, s) -> dict:
+        d = self.data
+        # the parent as it was, over the whole window (no soft prompt in front)
+        zero = evaluate_examples(plain, Encoder(d.tok, s.cfg.model.n_ctx), d.task, d.dev, s.cfg.task)
+        zero.pop("f1_per_class", None)
+        return {"majority": d.majority(), "zero_shot": zero}
+
+
+class HeadFeed:
+    def __init__(self, data: LabelledData):
+        trunc = Truncation()
+        self.prompts = [data.enc.prompt(ex, 0, trunc) for ex in data.train]
+        _serve(self, data, data.train, trunc)
+
+    def next(self, scorer: Scorer) -> Batch:
+        idx = self.loader.next_indices()
+        x, last = collate_prompts([self.prompts[i] for i in idx], self.data.enc.pad)
+        with scorer.autocast():
+            logits = scorer.head_logits(x, last)
+        task = self.data.task
+        loss = head_loss(task, logits.float(), head_targets(task, [self.data.train[i].label for i in idx]))
+        return Batch(loss, x.numel(), x.shape[1] + scorer.n_prefix)
+
+    def baselines(self, plain: Scorer, s) -> dict:
+        return {"majority": self.data.majority(),
+                "zero_shot": {"skipped": "a new classification head has no zero-shot form"}}
+
+
+def make_feed(s, tok, budget: int):
+    if s.cfg.task.name == "lm":
+        return LMFeed(s, tok, budget)
+    data = LabelledData(s, tok, budget)
+    return HeadFeed(data) if s.cfg.task.head == "classifier" else AnswerFeed(data)
