@@ -108,9 +108,9 @@ def main() -> int:
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication([])
-    from engine.core.queries import load_series
     from PySide6.QtCore import QEvent, QObject
 
+    from engine.core.queries import load_series
     from studio.compare_view import CompareView
 
     class PaintCounter(QObject):

@@ -16,7 +16,6 @@ import time
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np
-
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
@@ -165,8 +164,9 @@ def main() -> int:
     results = {}
     for label, preload in (("empty run", 0), (f"{args.points:,} points held", args.points)):
         view = RunView.__new__(RunView)
-        from engine.core.rundb import RunDB
         import tempfile
+
+        from engine.core.rundb import RunDB
         db = RunDB(os.path.join(tempfile.mkdtemp(), "bench.db"))
         view = RunView(db)
         view.resize(1400, 900)

@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from engine.model.kernels import SparsePattern, kernel_available  # noqa: E402
 from engine.model.kernels import ops  # noqa: E402
+from engine.model.kernels import SparsePattern, kernel_available  # noqa: E402
 from engine.train.memory import keep_freed_memory  # noqa: E402
 
 try:  # optional third-party baseline

@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from engine.core.config import ModelConfig, TrainConfig  # noqa: E402
 from engine.model.flops import flop_model_for  # noqa: E402
-from engine.train.memory import keep_freed_memory  # noqa: E402
 from engine.model.gpt import GPT  # noqa: E402
-from engine.train.optim import make_optimizer  # noqa: E402
 from engine.model.sparsity import apply_sparsity  # noqa: E402
+from engine.train.memory import keep_freed_memory  # noqa: E402
+from engine.train.optim import make_optimizer  # noqa: E402
 from engine.train.step import lm_micro_batch, train_step  # noqa: E402
 
 try:
@@ -107,8 +107,8 @@ def logging_overhead_ms(n: int = 300) -> float:
     import tempfile
 
     from engine.core.events import EventWriter
-    from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, Point
     from engine.core.rundb import RunDB
+    from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, Point
 
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
         db = RunDB(Path(tmp) / "bench.db")

@@ -18,15 +18,30 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (
-    QButtonGroup, QCheckBox, QComboBox, QFileDialog, QGridLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
-    QListWidgetItem, QMessageBox, QPushButton, QSlider, QSplitter, QTabWidget, QToolButton, QVBoxLayout, QWidget,
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPushButton,
+    QSlider,
+    QSplitter,
+    QTabWidget,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
 )
 
-from engine.core.queries import SERIES_DTYPE, eval_series, has_task_evaluations, load_series_counted, metric_names
-from engine.publish.run_export import export_metrics
 from engine.core.errors import InputError
+from engine.core.queries import SERIES_DTYPE, eval_series, has_task_evaluations, load_series_counted, metric_names
 from engine.core.rundb import LIVE_STATUSES, RunDB
-
+from engine.publish.run_export import export_metrics
 from studio.chart_export import ChartExportDialog
 from studio.config_diff import ConfigDiffView
 from studio.plot_buffers import ema

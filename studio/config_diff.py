@@ -10,7 +10,6 @@ from PySide6.QtWidgets import QCheckBox, QLabel, QTableWidget, QTableWidgetItem,
 
 from engine.core.queries import config_diff
 from engine.core.rundb import RunDB
-
 from studio.widgets import table_page
 
 DIFF_BRUSH = QBrush(QColor("#fff3c4"))

@@ -6,7 +6,6 @@ run seen first live and then re-read from the database (or the other way round) 
 from __future__ import annotations
 
 import math
-
 from typing import Any, Iterable
 
 import numpy as np

@@ -14,8 +14,20 @@ from typing import Any
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
-    QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
-    QScrollArea, QSizePolicy, QSplitter, QVBoxLayout, QWidget,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
 )
 
 from engine.core import config as cfgmod
@@ -23,7 +35,6 @@ from engine.core.config import SECTIONS, RunConfig, field_docs, from_dict
 from engine.core.errors import InputError
 from engine.core.paths import list_presets, resolve_preset
 from engine.core.rundb import RunDB
-
 from studio.engine_process import command_preview, train_args
 from studio.field_editors import FieldEditor, make_editor
 

@@ -8,23 +8,37 @@ from __future__ import annotations
 
 import json
 import time
-
 from pathlib import Path
 
 from PySide6.QtCore import QItemSelectionModel, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QColor
 from PySide6.QtWidgets import (
-    QAbstractItemView, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-    QLineEdit, QMessageBox, QPlainTextEdit, QPushButton, QSizePolicy, QSplitter, QTreeWidget, QTreeWidgetItem,
-    QVBoxLayout, QWidget,
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPlainTextEdit,
+    QPushButton,
+    QSizePolicy,
+    QSplitter,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
 )
 
 from engine.core.config import from_dict
 from engine.core.errors import InputError
 from engine.core.queries import last_eval_metrics, last_values
-from engine.publish.run_export import FORMATS, export_config, export_metrics
 from engine.core.rundb import RunDB
-
+from engine.publish.run_export import FORMATS, export_config, export_metrics
 from studio import formatting as fmt
 from studio.lineage import best_scores, chain_html, score_text
 from studio.run_form import STAGE_LABELS

@@ -12,11 +12,10 @@ from PySide6.QtCore import QSortFilterProxyModel, Qt, Signal
 from PySide6.QtGui import QGuiApplication, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import QAbstractItemView, QFileDialog, QLabel, QMessageBox, QPushButton, QTableView, QWidget
 
-from engine.core.queries import summary_rows
-from engine.publish.run_export import export_config
 from engine.core.errors import InputError
+from engine.core.queries import summary_rows
 from engine.core.rundb import RunDB
-
+from engine.publish.run_export import export_config
 from studio import formatting as fmt
 from studio.widgets import table_page
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, CliResult, engine_env
 
 

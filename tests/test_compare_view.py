@@ -12,13 +12,12 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np
 import pytest
+from helpers import REPO, engine_env, tiny
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 
-from engine.publish.run_export import METRIC_COLUMNS
 from engine.core.rundb import RunDB
-
-from helpers import REPO, engine_env, tiny
+from engine.publish.run_export import METRIC_COLUMNS
 
 LEVELS = {"dense": 0.0, "half": 0.5, "quarter": 0.75}
 

@@ -5,10 +5,9 @@ import json
 import os
 
 import pytest
+from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
 from engine.core.rundb import RunDB
-
-from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
 pytestmark = needs_shared_data()
 

@@ -10,11 +10,10 @@ import time
 
 import pytest
 import torch
+from helpers import PUBMED_TRAIN, REPO, engine_env, needs_shared_data, tiny
 
 from engine.core.events import EVENT_FIELDS, validate_event
 from engine.core.rundb import RunDB
-
-from helpers import PUBMED_TRAIN, REPO, engine_env, needs_shared_data, tiny
 
 pytestmark = needs_shared_data()
 CORPUS = f"data.corpus={PUBMED_TRAIN}"

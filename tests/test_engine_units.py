@@ -8,22 +8,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.core.config import RunConfig, field_docs, load_config, parse_overrides
+from engine.core.config import ModelConfig, RunConfig, field_docs, load_config, parse_overrides
 from engine.core.errors import InputError
-from engine.data.tokens import BlockLoader, split_documents
-from engine.core.events import EventWriter, parse_line, validate_event, EventError
-from engine.model.flops import flop_model_for, flop_model_for_config
-from engine.model.gpt import GPT, KVCache
-from engine.core.config import ModelConfig
-from engine.train.optim import lr_factor
+from engine.core.events import EventError, EventWriter, parse_line, validate_event
 from engine.core.paths import PRESETS_DIR, list_presets
 from engine.core.rundb import RunDB
+from engine.data.tokens import BlockLoader, split_documents
+from engine.model.flops import flop_model_for, flop_model_for_config
+from engine.model.gpt import GPT, KVCache
 from engine.model.sparsity import apply_sparsity, layer_densities, measure_sparsity
-
-from helpers import REPO
+from engine.train.optim import lr_factor
 
 
 def test_presets_load_and_match_the_paper_shapes():
@@ -104,8 +102,8 @@ def test_uniform_and_erk_masks_hit_the_target():
 
 def test_masked_layers_store_and_train_only_their_nonzeros():
     from engine.core.config import TrainConfig
-    from engine.train.optim import make_optimizer
     from engine.model.sparsity import load_masks, masks_state
+    from engine.train.optim import make_optimizer
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=16)

@@ -9,17 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
 from engine.core.config import ModelConfig, TaskConfig
-from engine.tasks.scoring import Scorer, evaluate_examples, majority_baseline
+from engine.core.rundb import RunDB
+from engine.data.vocab import train_tokenizer
 from engine.model.gpt import GPT
 from engine.model.soft_prompt import SoftPrompt
-from engine.core.rundb import RunDB
 from engine.tasks import hoc, pubmedqa
 from engine.tasks.base import Encoder, Example, multi_label_metrics, single_label_metrics
-from engine.data.vocab import train_tokenizer
-
-from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
+from engine.tasks.scoring import Scorer, evaluate_examples, majority_baseline
 
 PQA = SHARED_DATA / "pubmedqa" / "pqal_trainval.json"
 HOC_DEV = SHARED_DATA / "hoc" / "dev.jsonl"

@@ -10,13 +10,12 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import REPO, engine_env
 
 from engine.core.config import RunConfig, load_config
 from engine.core.queries import config_diff, eval_series, flatten_config, load_series, metric_names, summary_rows
-from engine.publish.run_export import METRIC_COLUMNS, export_metrics
 from engine.core.rundb import RunDB
-
-from helpers import REPO, engine_env
+from engine.publish.run_export import METRIC_COLUMNS, export_metrics
 
 NAMES = ("loss", "lr", "tokens_per_s", "sparsity")
 

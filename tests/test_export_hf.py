@@ -12,16 +12,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest
 import torch
-
-from engine.model.checkpoint import load_checkpoint, save_checkpoint
-from engine.core.config import from_dict
-from engine.publish.hf_export import PROMPT_FILE, export_hf
-from engine.model.gpt import GPT
-from engine.core.rundb import RunDB
-from engine.model.sparsity import apply_sparsity, load_masks, masks_state
-from engine.data.vocab import load_tokenizer
-
 from helpers import REPO, engine_env, tiny
+
+from engine.core.config import from_dict
+from engine.core.rundb import RunDB
+from engine.data.vocab import load_tokenizer
+from engine.model.checkpoint import load_checkpoint, save_checkpoint
+from engine.model.gpt import GPT
+from engine.model.sparsity import apply_sparsity, load_masks, masks_state
+from engine.publish.hf_export import PROMPT_FILE, export_hf
 
 transformers = pytest.importorskip("transformers")
 

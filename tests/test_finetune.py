@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
-from engine.model.checkpoint import load_checkpoint
 from engine.core.rundb import RunDB
+from engine.data.vocab import load_tokenizer
+from engine.model.checkpoint import load_checkpoint
 from engine.tasks import pubmedqa
 from engine.tasks.base import Encoder, Example, Truncation, collate_lm
-from engine.data.vocab import load_tokenizer
-
-from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
 PQA = SHARED_DATA / "pubmedqa" / "pqal_trainval.json"
 HOC = SHARED_DATA / "hoc"
@@ -90,9 +89,9 @@ def test_only_answer_tokens_carry_labels_and_long_context_is_cut(env):
 
 
 def test_loss_gradient_reaches_only_answer_positions(env):
-    from engine.tasks.scoring import Scorer
-    from engine.model.gpt import GPT
     from engine.core.config import ModelConfig
+    from engine.model.gpt import GPT
+    from engine.tasks.scoring import Scorer
 
     tok = load_tokenizer(Path(RunDB(env.db).get_run(env.parent)["run_dir"]))
     enc = Encoder(tok, 64)

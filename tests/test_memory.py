@@ -5,7 +5,6 @@ import sys
 import textwrap
 
 import pytest
-
 from helpers import REPO
 
 # Fourteen rounds of a step-like pattern: three 100 MB tensors allocated, computed on and freed, as each

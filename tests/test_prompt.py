@@ -10,20 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
-from engine.model.checkpoint import load_checkpoint
 from engine.core.config import load_config, parse_overrides
 from engine.core.events import EventWriter
+from engine.core.paths import resolve_preset
+from engine.core.rundb import RunDB
+from engine.model.checkpoint import load_checkpoint
+from engine.model.soft_prompt import load_prompt
 from engine.train.child import child_config
 from engine.train.prompt import PromptStage
 from engine.train.runtime import start_runtime
-from engine.train.step import train_step
-from engine.core.paths import resolve_preset
-from engine.model.soft_prompt import load_prompt
-from engine.core.rundb import RunDB
 from engine.train.session import RunSession
-
-from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
+from engine.train.step import train_step
 
 PQA = SHARED_DATA / "pubmedqa" / "pqal_trainval.json"
 VALID = SHARED_DATA / "pubmed_abstracts" / "valid.txt"

@@ -82,6 +82,7 @@ def test_parallel_path(monkeypatch, n, in_f, out_f, sp):
     """Small products run serially; force the multi-worker kernels (ragged
     items, more workers than items) through the same checks."""
     import numba
+
     from engine.model.kernels import ops
     monkeypatch.setattr(ops, "SERIAL_WORK", 0)
     monkeypatch.setattr(numba, "get_num_threads", lambda: 3)
@@ -220,6 +221,7 @@ def test_work_queue_gives_the_serial_result_however_workers_run(kernel):
     import threading
 
     import numpy as np
+
     from engine.model.kernels import ops
 
     assert kernel_available()

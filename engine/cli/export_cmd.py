@@ -1,11 +1,11 @@
 """CLI commands: ``export`` (metrics or config), ``export-config``, ``export-hf``. Registered by engine.cli.commands."""
 from __future__ import annotations
 
-from engine.core.errors import InputError
-
 import json
 import sys
 from pathlib import Path
+
+from engine.core.errors import InputError
 
 
 def _cli():

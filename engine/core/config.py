@@ -7,8 +7,6 @@ show them next to the value that is wrong.
 """
 from __future__ import annotations
 
-from engine.core.errors import InputError
-
 import dataclasses
 import difflib
 import json
@@ -24,6 +22,7 @@ else:  # pragma: no cover
 
 import tomli_w
 
+from engine.core.errors import InputError
 
 STAGES = ("vocab", "pretrain", "finetune", "prompt")
 DEVICES = ("auto", "cpu", "cuda")

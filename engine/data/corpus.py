@@ -6,14 +6,14 @@ or a folder of them. Problems are reported as InputError naming the file.
 """
 from __future__ import annotations
 
-from engine.core.errors import InputError
-
 import hashlib
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.core.errors import InputError
 
 BUILTIN_HPO = "builtin:hpo"
 BUILTINS = (BUILTIN_HPO,)

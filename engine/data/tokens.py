@@ -7,8 +7,6 @@ checkpoint needs to resume the exact same stream.
 """
 from __future__ import annotations
 
-from engine.core.errors import InputError
-
 import hashlib
 import json
 import math
@@ -21,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.core.errors import InputError
 from engine.data.corpus import Corpus
 from engine.data.vocab import special_ids, tokenizer_fingerprint
 

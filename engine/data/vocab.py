@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, normalizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"

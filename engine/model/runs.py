@@ -14,13 +14,13 @@ from pathlib import Path
 import torch.nn as nn
 
 from engine.core.config import ModelConfig, RunConfig, from_dict
+from engine.core.errors import InputError
 from engine.core.queries import find_run
 from engine.core.rundb import RunDB
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 from engine.model.checkpoint import load_checkpoint
 from engine.model.gpt import GPT
 from engine.model.soft_prompt import SoftPrompt
-from engine.core.errors import InputError
 
 # stages whose checkpoints hold a whole model (a prompt run holds only its prompt; a vocab run nothing)
 MODEL_STAGES = ("pretrain", "finetune")

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 _MASK_IDS = itertools.count(1)  # a fresh id per installed mask: caches keyed on it never go stale
 
 

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from engine import __version__
-from engine.model.checkpoint import load_checkpoint
 from engine.core.config import RunConfig, from_dict
-from engine.core.queries import lineage, summary_row
 from engine.core.errors import InputError
+from engine.core.queries import lineage, summary_row
 from engine.core.rundb import RunDB
-from engine.model.runs import model_source, resolve_run, tokenizer_path
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
+from engine.model.checkpoint import load_checkpoint
+from engine.model.runs import model_source, resolve_run, tokenizer_path
 
 SPARSE_SUFFIXES = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight", "mlp.fc.weight", "mlp.proj.weight")
 PROMPT_FILE = "soft_prompt.safetensors"

@@ -6,10 +6,10 @@ import re
 
 import torch
 
-from engine.model.checkpoint import load_checkpoint
-from engine.model.runs import model_source, resolve_run
 from engine.core.config import from_dict
+from engine.model.checkpoint import load_checkpoint
 from engine.model.flops import FlopModel
+from engine.model.runs import model_source, resolve_run
 
 # attention q/k/v/out and MLP fc/proj weights: the sparse-eligible matrices
 SPARSE_WEIGHT = re.compile(r"^blocks\.\d+\.(attn\.(q|k|v|out)|mlp\.(fc|proj))\.weight$")

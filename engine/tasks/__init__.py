@@ -6,8 +6,8 @@ Problems with the user's files are ``InputError`` (exit code 2), naming the conf
 """
 from __future__ import annotations
 
-from engine.tasks.base import Example
 from engine.core.errors import InputError
+from engine.tasks.base import Example
 
 
 def get_task(name: str):

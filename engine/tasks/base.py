@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from engine.core.errors import InputError
 from engine.data.tokens import SeededOrder
 from engine.data.vocab import special_ids
-from engine.core.errors import InputError
 
 
 @dataclass

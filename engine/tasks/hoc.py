@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.tasks.base import Example
 from engine.core.errors import InputError
+from engine.tasks.base import Example
 
 NAME = "hoc"
 # BLURB/BLUE index order (alphabetical)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.data.corpus import load_corpus
 from engine.core.errors import InputError
+from engine.data.corpus import load_corpus
 from engine.data.vocab import special_ids
 
 NAME = "lm"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.tasks.base import Example
 from engine.core.errors import InputError
+from engine.tasks.base import Example
 
 NAME = "pubmedqa"
 CLASSES = ("yes", "no", "maybe")

@@ -17,9 +17,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.model.gpt import GPT, KVCache
-from engine.tasks.base import Encoded, Encoder, Example, Truncation, collate_lm, collate_prompts, multi_label_metrics, single_label_metrics
 from engine.core.errors import InputError
+from engine.model.gpt import GPT, KVCache
+from engine.tasks.base import (
+    Encoded,
+    Encoder,
+    Example,
+    Truncation,
+    collate_lm,
+    collate_prompts,
+    multi_label_metrics,
+    single_label_metrics,
+)
 
 
 class Scorer:

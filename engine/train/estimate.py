@@ -9,10 +9,10 @@ import torch
 from engine.core.config import RunConfig
 from engine.model.flops import flop_model_for_config
 from engine.model.gpt import GPT
+from engine.model.sparsity import apply_sparsity
 from engine.train.optim import make_optimizer
 from engine.train.runtime import Runtime
 from engine.train.step import lm_micro_batch, train_step
-from engine.model.sparsity import apply_sparsity
 
 
 def available_memory() -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 from engine import __version__
 from engine.core.config import RunConfig
 from engine.core.events import EventWriter
-from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, ProgressBar
 from engine.core.rundb import RunDB
+from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, ProgressBar
 
 
 def package_versions() -> dict[str, str]:

@@ -16,8 +16,8 @@ import os
 # numba reads this once at import; the SDDMM reduction only vectorises with SLP on.
 os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
 
+from engine.model.kernels.ops import SparseLinearFunction, kernel_available, sparse_linear, time_kernels  # noqa: E402
 from engine.model.kernels.pattern import SparsePattern  # noqa: E402
-from engine.model.kernels.ops import kernel_available, sparse_linear, time_kernels, SparseLinearFunction  # noqa: E402
 
 __all__ = ["SparsePattern", "sparse_linear", "kernel_available", "time_kernels",
            "SparseLinearFunction"]

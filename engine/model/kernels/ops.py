@@ -139,6 +139,7 @@ def _nwork(work):
     if work < SERIAL_WORK or threading.current_thread() is not threading.main_thread():
         return 1
     import numba
+
     # the engine sizes its thread use with torch.set_num_threads; follow it
     return max(1, min(numba.get_num_threads(), torch.get_num_threads()))
 
