@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from pathlib import Path
+
 import pytest
 from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
@@ -126,17 +128,19 @@ def test_resume_unknown_run_and_missing_config(cli, tmp_path):
 
 
 def test_resume_from_a_checkpoint_with_dense_optimizer_moments_is_refused(cli, db_path):
-    import torch
-
     first = cli("train", "demo", *tiny(f"data.corpus={PUBMED_TRAIN}", "train.max_steps=2"))
     assert first.rc == 0, first.stderr
-    path = RunDB(db_path).latest_checkpoint(first.run_id)["path"]
-    ck = torch.load(path, weights_only=False)
+    from engine.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+
+    row = RunDB(db_path).latest_checkpoint(first.run_id)
+    path = row["path"]
+    ck = load_checkpoint(path)
     # what an older version wrote: moments of a masked matrix at its full [out, in] shape
     state = ck["optimizer"]["state"]
     i = max((k for k, v in state.items() if v["exp_avg"].dim() == 1), key=lambda k: state[k]["exp_avg"].numel())
     state[i] = {k: (v.new_zeros(128, 32) if k != "step" else v) for k, v in state[i].items()}
-    torch.save(ck, path)
+    n = save_checkpoint(ck, Path(path))
+    RunDB(db_path).replace_checkpoint_file(row["id"], path, n, file_sha256(path))  # a consistent file, as written
     r = cli("train", "--resume", first.run_id, "--set", "train.max_steps=4")
     _assert_bad(r, "written by an older version", "cannot be resumed")
     _no_live_runs(db_path)

@@ -76,7 +76,9 @@ def test_masked_weights_stay_zero_and_adamw_state_covers_only_the_nonzeros(cli, 
     r = cli("train", "demo", *tiny(CORPUS, "train.max_steps=50", "train.checkpoint_every=50", "train.eval_every=50",
                                    "sparsity.level=0.8", "sparsity.distribution=erk", "train.weight_decay=0.5"))
     assert r.rc == 0, r.stderr
-    ck = torch.load(RunDB(db_path).latest_checkpoint(r.run_id)["path"], weights_only=False)
+    from engine.model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(RunDB(db_path).latest_checkpoint(r.run_id)["path"])
     params = dict(ck["model"])
     names = list(ck["masks"])
     assert len(names) == 6

@@ -129,7 +129,7 @@ def _fake_run(db: RunDB, tmp, src_run: dict, config: dict, model: GPT, stage: st
     folder.mkdir(parents=True)
     shutil.copy(os.path.join(src_run["run_dir"], "tokenizer.json"), folder / "tokenizer.json")
     db.update_run(rid, run_dir=str(folder), status="completed")
-    path = folder / "checkpoints" / "step_0000001.pt"
+    path = folder / "checkpoints" / "step_0000001.safetensors"
     n = save_checkpoint({"config": config, "model": model.state_dict(), "masks": masks_state(model),
                          "vocab_size": model.vocab_size, "step": 1, "stage": stage}, path)
     db.add_checkpoint(rid, 1, 0, str(path), n, True)

@@ -61,10 +61,15 @@ def cmd_train(args) -> int:
         from engine.core.config import from_dict
 
         cfg = from_dict(resume_row["config"]).replace(overrides)
-        ckpt = db.latest_checkpoint(resume_row["id"])
-        if ckpt is None or not Path(ckpt["path"]).is_file():
-            raise InputError(f"cannot resume run {resume_row['id']}: it has no checkpoint to continue from", key="resume")
-        ckpt_path = ckpt["path"]
+        from engine.model.checkpoint import load_checkpoint
+        from engine.model.runs import good_checkpoint
+
+        ckpt_path = good_checkpoint(db, resume_row["id"])
+        if ckpt_path is None:
+            raise InputError(f"cannot resume run {resume_row['id']}: it has no intact checkpoint to continue from",
+                             key="resume")
+        ckpt_path = str(ckpt_path)
+        resume_state = load_checkpoint(ckpt_path)  # opened before the run is touched: a bad file changes nothing
     else:
         if not args.config:
             raise InputError("train needs a CONFIG.toml (or a preset name such as 'demo'), or --resume RUN_ID", key="config")
@@ -72,7 +77,7 @@ def cmd_train(args) -> int:
         if not path.is_file():
             raise InputError(f"config file not found: {args.config} (presets: {', '.join(list_presets())})", key="config", path=str(path))
         cfg = load_config(path, overrides)
-        ckpt_path = None
+        ckpt_path = resume_state = None
     _check_inputs(cfg, db)
     if cfg.stage in ("finetune", "prompt"):
         from engine.core.config import load_toml
@@ -89,7 +94,7 @@ def cmd_train(args) -> int:
     control = Control()
     control.install()
     try:
-        status = _run_stage(session, control, ckpt_path)
+        status = _run_stage(session, control, ckpt_path, resume_state)
         return 0 if status in ("completed", "stopped") else 1
     except InputError as e:
         session.fail(str(e), key=e.key, path=e.path)
@@ -109,7 +114,7 @@ def cmd_train(args) -> int:
         session.close()
 
 
-def _run_stage(session, control, ckpt_path):
+def _run_stage(session, control, ckpt_path, resume_state):
     """The stage the config names, run by the one training loop (the vocabulary stage has no loop)."""
     from engine.train.loop import TrainLoop
 
@@ -124,7 +129,7 @@ def _run_stage(session, control, ckpt_path):
         from engine.train.finetune import FinetuneStage as Stage
     else:
         from engine.train.prompt import PromptStage as Stage
-    return TrainLoop(session, control, Stage(), ckpt_path).run()
+    return TrainLoop(session, control, Stage(), ckpt_path, resume_state).run()
 
 
 def _check_inputs(cfg, db: RunDB) -> None:
@@ -236,6 +241,35 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_migrate_checkpoints(args) -> int:
+    """Convert a run's checkpoints of an earlier version (pickles) to the current format (safetensors)."""
+    from engine.model.checkpoint import (SUFFIX, file_sha256, is_legacy, load_legacy_checkpoint,
+                                         save_checkpoint)
+
+    db = _db(args)
+    run = find_run(db, args.run_id)
+    legacy = [r for r in db.checkpoints(run["id"]) if Path(r["path"]).is_file() and is_legacy(r["path"])]
+    if not legacy:
+        print(f"run {run['id']}: no checkpoint of an earlier version to convert")
+        return 0
+    if not args.yes:
+        if not sys.stdin or not sys.stdin.isatty():
+            raise InputError("migrate-checkpoints opens pickles, which can run code: confirm with --yes", key="yes")
+        answer = input(f"{len(legacy)} checkpoint(s) of run {run['id']} are pickles, which can run code when opened. "
+                       "Open them only if you trust where they came from. Convert? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing converted")
+            return 0
+    for r in legacy:
+        old = Path(r["path"])
+        new = old.with_suffix(SUFFIX)
+        nbytes = save_checkpoint(load_legacy_checkpoint(old), new)
+        db.replace_checkpoint_file(r["id"], str(new), nbytes, file_sha256(new))
+        old.unlink()
+        print(f"converted {old} -> {new} ({nbytes:,} bytes)")
+    return 0
+
+
 def cmd_presets(args) -> int:
     names = list_presets()
     if args.json:
@@ -306,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--probe-steps", type=int, default=3, help="training steps to time for the ETA (0 = no probe)")
     e.set_defaults(fn=cmd_estimate)
+
+    mc = common(sub.add_parser("migrate-checkpoints",
+                               help="convert a run's checkpoints of an earlier version (pickles) to safetensors"))
+    mc.add_argument("run_id")
+    mc.add_argument("--yes", action="store_true", help="trust and convert without asking (for scripts)")
+    mc.set_defaults(fn=cmd_migrate_checkpoints)
 
     pr = sub.add_parser("presets", help="bundled presets")
     pr.add_argument("--json", action="store_true")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ class _Section:
             meta = f.metadata
             if "choices" in meta and value not in meta["choices"]:
                 raise InputError(f"{key} must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}", key=key)
+            if isinstance(value, float) and not math.isfinite(value):
+                # NaN compares false with every bound, so it would slip through the range check
+                raise InputError(f"{key} must be a finite number, got {value!r}", key=key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 lo, hi = meta.get("min"), meta.get("max")
                 lo_open, hi_open = meta.get("min_open", False), meta.get("max_open", False)
@@ -214,6 +218,7 @@ class TrainConfig(_Section):
     beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0, max_open=True)
     beta2: float = _f(0.95, "AdamW beta2.", min=0.0, max=1.0, max_open=True)
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).", min=0.0)
+    skip_nonfinite: bool = _f(False, "Skip optimizer steps whose loss or gradient norm is NaN/inf (with a warning) instead of failing the run.")
     eval_every: int = _f(50, "Validation every this many steps (and at the end).", min=1)
     eval_batches: int = _f(8, "Validation micro-batches per evaluation.", min=1)
     checkpoint_every: int = _f(100, "Checkpoint every this many steps (and at the end).", min=1)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
+from engine.core.errors import InputError
 from engine.core.paths import default_db_path
 
 FINAL_STATUSES = ("completed", "stopped", "failed", "crashed")
@@ -75,9 +76,15 @@ def _m002_covering_metrics_index(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m003_checkpoint_hash(db: sqlite_utils.Database) -> None:
+    # the SHA-256 of each checkpoint file, written with it and verified before it is used
+    db.execute("ALTER TABLE checkpoints ADD COLUMN sha256 TEXT")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _m001_initial),
     (2, "covering index for metric series", _m002_covering_metrics_index),
+    (3, "checkpoint hashes", _m003_checkpoint_hash),
 ]
 
 
@@ -140,7 +147,7 @@ class RunDB:
                     self.db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, name, time.time()])
             except sqlite3.OperationalError as e:
                 # another process migrated at the same moment
-                if "already exists" not in str(e):
+                if "already exists" not in str(e) and "duplicate column" not in str(e):
                     raise
 
     def schema_version(self) -> int:
@@ -173,10 +180,27 @@ class RunDB:
         self.db["runs"].update(run_id, fields)
 
     def mark_running(self, run_id: str) -> None:
+        """Claim the run for this process (the one-writer lease: status running + pid + process start
+        time), atomically: a second engine that tries to claim a run whose holder is alive gets
+        InputError "run ID is already running (pid N)"."""
         pid = os.getpid()
-        now = time.time()
-        self.update_run(run_id, status="running", pid=pid, pid_start=_process_start(pid), host=socket.gethostname(),
-                        started_at=now, heartbeat_at=now, finished_at=None, error=None)
+        self.flush_metrics()
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")  # the check and the claim in one write transaction
+        try:
+            row = conn.execute("SELECT status, pid, pid_start, host FROM runs WHERE id = ?", [run_id]).fetchone()
+            status, holder, holder_start, host = row
+            if (status in LIVE_STATUSES and status != "created" and holder and holder != pid
+                    and (host != socket.gethostname() or pid_alive(holder, holder_start))):
+                raise InputError(f"run {run_id} is already {status} (pid {holder})", key="resume")
+            now = time.time()
+            conn.execute("UPDATE runs SET status = 'running', pid = ?, pid_start = ?, host = ?, started_at = ?, "
+                         "heartbeat_at = ?, finished_at = NULL, error = NULL WHERE id = ?",
+                         [pid, _process_start(pid), socket.gethostname(), now, now, run_id])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
         fields: dict[str, Any] = {"status": status}
@@ -296,13 +320,19 @@ class RunDB:
             out.append(r)
         return out
 
-    def add_checkpoint(self, run_id: str, step: int, tokens: int, path: str, nbytes: int, is_final: bool) -> None:
+    def add_checkpoint(self, run_id: str, step: int, tokens: int, path: str, nbytes: int, is_final: bool,
+                       sha256: str | None = None) -> None:
         self.flush_metrics()  # a resume replays from here: every metric up to this step must be on disk
         with self.db.conn:
             self.db["checkpoints"].insert(
                 {"run_id": run_id, "step": step, "tokens": tokens, "path": path, "bytes": nbytes,
-                 "is_final": int(is_final), "created_at": time.time()}
+                 "is_final": int(is_final), "created_at": time.time(), "sha256": sha256}
             )
+
+    def replace_checkpoint_file(self, checkpoint_id: int, path: str, nbytes: int, sha256: str) -> None:
+        """Point a checkpoint row at a converted file (mediswift migrate-checkpoints)."""
+        with self.db.conn:
+            self.db["checkpoints"].update(checkpoint_id, {"path": path, "bytes": nbytes, "sha256": sha256})
 
     def checkpoints(self, run_id: str) -> list[dict]:
         return list(self.db.query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step, id", [run_id]))

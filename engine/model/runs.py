@@ -8,6 +8,7 @@ tokenizer of its own uses its nearest ancestor's.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from engine.core.errors import InputError
 from engine.core.queries import find_run
 from engine.core.rundb import RunDB
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
-from engine.model.checkpoint import load_checkpoint
+from engine.model.checkpoint import current_path, file_sha256, load_checkpoint
 from engine.model.gpt import GPT
 from engine.model.soft_prompt import SoftPrompt
 
@@ -64,16 +65,43 @@ def tokenizer_path(db: RunDB, run: dict, key: str = "run_id") -> Path:
     raise InputError(f"run {run['id']} has no tokenizer ({where}), nor has any of its ancestors", key=key, path=str(where))
 
 
-def resolve_run(db: RunDB, run_id: str, key: str = "run_id", what: str = "run", need_checkpoint: bool = True) -> RunRef:
+def _stderr_warning(message: str) -> None:
+    sys.stderr.write(f"mediswift: warning: {message}\n")
+    sys.stderr.flush()
+
+
+def checkpoint_problem(row: dict) -> str | None:
+    """Why a checkpoint row's file cannot be used (missing, wrong size, wrong hash), or None."""
+    path = Path(row["path"])
+    if not path.is_file():
+        return f"checkpoint {path} is missing"
+    size = path.stat().st_size
+    if row.get("bytes") is not None and size != row["bytes"]:
+        return f"checkpoint {path} is damaged ({size:,} bytes, {row['bytes']:,} were written)"
+    if row.get("sha256") and file_sha256(path) != row["sha256"]:
+        return f"checkpoint {path} is damaged (its SHA-256 differs from the one recorded when it was written)"
+    return None
+
+
+def good_checkpoint(db: RunDB, run_id: str, warn=_stderr_warning) -> Path | None:
+    """The newest checkpoint of the run whose file is intact; each damaged newer one is named in a warning."""
+    for row in reversed(db.checkpoints(run_id)):
+        problem = checkpoint_problem(row)
+        if problem is None:
+            return Path(row["path"])
+        warn(problem + "; trying the one before it")
+    return None
+
+
+def resolve_run(db: RunDB, run_id: str, key: str = "run_id", what: str = "run", need_checkpoint: bool = True,
+                warn=_stderr_warning) -> RunRef:
     """Find a run and its files; raises InputError naming ``key`` when something is missing."""
     row = find_run(db, run_id, key, what)
     ck = None
     if row["stage"] != "vocab":
-        ck_row = db.latest_checkpoint(row["id"])
-        if ck_row is not None and Path(ck_row["path"]).is_file():
-            ck = Path(ck_row["path"])
-        elif need_checkpoint:
-            raise InputError(f"{what} {row['id']} has no checkpoint file to start from", key=key)
+        ck = good_checkpoint(db, row["id"], warn)
+        if ck is None and need_checkpoint:
+            raise InputError(f"{what} {row['id']} has no intact checkpoint file to start from", key=key)
     elif need_checkpoint:
         raise InputError(f"{what} {row['id']} is a vocabulary run: it has no model weights", key=key)
     return RunRef(row, ck, tokenizer_path(db, row, key))
@@ -107,8 +135,8 @@ def model_source(db: RunDB, ref: RunRef, key: str = "run_id") -> tuple[dict, Pat
         return ref.run, ref.checkpoint
     parent = find_run(db, ref.run.get("parent_id") or "", key, f"parent of prompt run {ref.id}")
     recorded = load_checkpoint(ref.checkpoint).get("parent_checkpoint") if ref.checkpoint else None
-    if recorded and Path(recorded).is_file():
-        return parent, Path(recorded)
+    if recorded and current_path(recorded).is_file():
+        return parent, current_path(recorded)
     if recorded:
         raise InputError(f"prompt run {ref.id} refers to a parent checkpoint that is gone: {recorded}", key=key, path=recorded)
     return parent, resolve_run(db, parent["id"], key, "parent run").checkpoint
@@ -163,7 +191,7 @@ def load_run(db: RunDB, run_id: str, key: str = "run_id") -> RunModel:
         raise InputError(f"tokenizer mismatch: {ref.tokenizer} has {tok.get_vocab_size()} tokens, the checkpoint "
                          f"{ck['vocab_size']}", key=key, path=str(ref.tokenizer))
     prompt = None
-    parent_ck = ck.get("parent_checkpoint")
+    parent_ck = str(current_path(ck["parent_checkpoint"])) if ck.get("parent_checkpoint") else None
     state = ck
     if ck.get("stage", cfg.stage) == "prompt":
         _, source = model_source(db, ref, key)

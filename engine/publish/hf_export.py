@@ -147,7 +147,7 @@ def _prompt_tensor(db: RunDB, run: dict, d_model: int) -> tuple[torch.Tensor, st
 
             obj: Any = load_file(str(path))
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # data only: no code from a file
         t = _find_prompt(obj, d_model)
         if t is not None:
             return t, str(path)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from engine.core.errors import InputError
 from engine.data.vocab import TOKENIZER_FILE
-from engine.model.checkpoint import checkpoint_name, save_checkpoint
+from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_checkpoint
 from engine.train.runtime import rng_state, set_rng_state
 
-FORMAT = 1
 
 
 class Checkpointer:
@@ -29,7 +28,7 @@ class Checkpointer:
             "rng": rng_state(), **c.state(), **self.stage.state(),
         }
         nbytes = save_checkpoint(state, path)
-        s.db.add_checkpoint(s.run_id, c.step, c.tokens, str(path), nbytes, final)
+        s.db.add_checkpoint(s.run_id, c.step, c.tokens, str(path), nbytes, final, file_sha256(path))
         return str(path), nbytes
 
     def restore(self, ck: dict, path: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from engine.core.config import ModelConfig, RunConfig, from_dict
 from engine.core.errors import InputError
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
-from engine.model.checkpoint import load_checkpoint
+from engine.model.checkpoint import current_path, load_checkpoint
 from engine.model.flops import FlopModel
 from engine.model.gpt import GPT
 from engine.model.runs import MODEL_STAGES, check_parent
@@ -71,7 +71,7 @@ class ChildRun:
         self.s, self.rt, self.cfg = s, rt, cfg
         parent = check_parent(s.db, cfg)
         self.parent_run = parent.id
-        self.parent_ckpt = resume["parent_checkpoint"] if resume else str(parent.checkpoint)
+        self.parent_ckpt = str(current_path(resume["parent_checkpoint"])) if resume else str(parent.checkpoint)
         if not Path(self.parent_ckpt).is_file():
             raise InputError(f"the parent checkpoint is gone: {self.parent_ckpt}", key="parent", path=self.parent_ckpt)
         pck = load_checkpoint(self.parent_ckpt)

@@ -10,6 +10,7 @@ prompt.py); ``before_step()``, ``after_step(seconds)`` and ``on_final_checkpoint
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Protocol
 
@@ -51,22 +52,30 @@ class Stage(Protocol):
         """The stage's entries of the run summary."""
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm went NaN/inf (train.skip_nonfinite is off): the run fails at that step."""
+
+
 def summary_of(state: dict) -> dict:
     return {k: v for k, v in state.items() if v is not None}
 
 
 class TrainLoop:
-    def __init__(self, session, control, stage: Stage, resume_ckpt: str | None = None):
+    def __init__(self, session, control, stage: Stage, resume_ckpt: str | None = None, resume_state: dict | None = None):
         self.s, self.control, self.stage, self.resume_ckpt = session, control, stage, resume_ckpt
+        self.resume_state = resume_state  # the checkpoint at resume_ckpt, when the caller has opened it already
         self.cfg = session.cfg
         self.counters = Counters()
+        self.skipped = 0  # steps whose optimizer update was skipped (non-finite, train.skip_nonfinite)
 
     def run(self) -> str:
         """Train up to train.max_steps; returns "completed", or "stopped" when a stop was requested."""
         s, tc = self.s, self.cfg.train
         s.start(tc.max_steps)
         rt = start_runtime(tc)
-        resume = load_checkpoint(self.resume_ckpt) if self.resume_ckpt else None
+        resume = self.resume_state
+        if resume is None and self.resume_ckpt:
+            resume = load_checkpoint(self.resume_ckpt)
         self.stage.build(s, rt, resume)
         self.opt = self.stage.make_optimizer()
         self.sched = make_scheduler(self.opt, tc)
@@ -76,6 +85,7 @@ class TrainLoop:
         self.cadence = Cadence(tc.eval_every, tc.checkpoint_every, tc.max_steps)
         logger = s.metrics_logger(tc.max_steps)
         self.counters.start_clock()  # wall time counts training, not setup
+        s.trained = True
         status = self._steps(logger)
         if self.cadence.final_eval_due(self.counters.step):
             logger.log(self._evaluate(), self.counters.point())
@@ -96,6 +106,8 @@ class TrainLoop:
                 before()
             t = time.perf_counter()
             r = train_step(self.opt, stage.micro_batch, tc.grad_accum, tc.grad_clip)
+            if not r.finite:
+                self._non_finite(r, c.step + 1)
             self.sched.step()
             dt = time.perf_counter() - t
             if after:
@@ -112,6 +124,14 @@ class TrainLoop:
             if self.cadence.checkpoint_due(c.step):
                 self._save(final=False)
         return "completed"
+
+    def _non_finite(self, r, step: int) -> None:
+        what = f"loss {r.loss}" if not math.isfinite(r.loss) else f"gradient norm {r.grad_norm}"
+        if not self.cfg.train.skip_nonfinite:
+            raise NonFiniteError(f"the {what} at step {step} is not finite; the run stops here and its last "
+                                 "checkpoint is the last good state (lower train.lr, or set train.skip_nonfinite = true)")
+        self.skipped += 1
+        self.s.warn(f"step {step}: the {what} is not finite; the optimizer step was skipped ({self.skipped} so far)")
 
     def _evaluate(self) -> dict:
         rows = self.stage.evaluate(self.counters.step)

@@ -37,10 +37,14 @@ class RunSession:
         self.db = db
         self.events = events
         self.cfg = cfg
+        self.resumed_from: dict | None = None  # the run's row as it was before a resume
+        self.trained = False  # set by the loop at its first step: from then on a failure is the run's
         if resume_id:
             row = db.get_run(resume_id)
             self.run_id = row["id"]
             self.run_dir = Path(row["run_dir"])
+            db.mark_running(self.run_id)  # claim it first: two resumes of one run never both proceed
+            self.resumed_from = row
             db.update_run(self.run_id, config=cfg.to_dict(), versions=package_versions())
         else:
             name = cfg.name or f"{cfg.stage}"
@@ -100,6 +104,11 @@ class RunSession:
         self.finished = True
 
     def fail(self, message: str, key: str | None = None, path: str | None = None, status: str = "failed") -> None:
+        prev = self.resumed_from
+        if prev is not None and not self.trained and status == "failed":
+            # a resume that failed before training leaves the run as it was (status and stored config)
+            status = prev["status"]
+            self.db.update_run(self.run_id, config=prev["config"], pid=prev["pid"], pid_start=prev["pid_start"])
         self.db.set_status(self.run_id, status, error=message)
         self.log.error("error: " + message)
         self.events.emit("error", run_id=self.run_id, message=message, key=key, path=path)

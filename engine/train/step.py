@@ -3,6 +3,7 @@ what trains: accumulate micro-batches, clip, step. Masked matrices train as thei
 (SparseLinear.values), so there is no gradient to mask."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,12 +26,14 @@ class StepResult:
     tokens: int
     flops: float
     flops_dense: float
+    finite: bool = True  # False: the loss or the gradient norm was NaN/inf and the optimizer step was skipped
 
 
 def train_step(opt: torch.optim.Optimizer, micro_batch: Callable[[], MicroBatch], n_micro: int,
                grad_clip: float) -> StepResult:
     """``n_micro`` calls of ``micro_batch`` (forward + loss), each backward at 1/n_micro, then one
-    optimizer step over the optimizer's own parameters (the gradient norm too)."""
+    optimizer step over the optimizer's own parameters (the gradient norm too). A non-finite loss or
+    gradient norm skips the optimizer step, so the weights and moments stay as they were."""
     opt.zero_grad(set_to_none=True)
     total, tokens, flops, flops_dense = 0.0, 0, 0.0, 0.0
     for _ in range(n_micro):
@@ -45,8 +48,12 @@ def train_step(opt: torch.optim.Optimizer, micro_batch: Callable[[], MicroBatch]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
-    opt.step()
-    return StepResult(total / n_micro, grad_norm, tokens, flops, flops_dense)
+    finite = math.isfinite(total) and math.isfinite(grad_norm)
+    if finite:
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)
+    return StepResult(total / n_micro, grad_norm, tokens, flops, flops_dense, finite)
 
 
 def lm_micro_batch(model, x: torch.Tensor, y: torch.Tensor, autocast, flops_per_token: tuple[float, float] = (0.0, 0.0)
