@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -243,8 +244,7 @@ def cmd_estimate(args) -> int:
 
 def cmd_migrate_checkpoints(args) -> int:
     """Convert a run's checkpoints of an earlier version (pickles) to the current format (safetensors)."""
-    from engine.model.checkpoint import (SUFFIX, file_sha256, is_legacy, load_legacy_checkpoint,
-                                         save_checkpoint)
+    from engine.model.checkpoint import SUFFIX, file_sha256, is_legacy, load_legacy_checkpoint, save_checkpoint
 
     db = _db(args)
     run = find_run(db, args.run_id)
@@ -389,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         _stderr_error(str(e))
         if streams_events:
             EventWriter().emit("error", message=str(e), key=getattr(e, "key", None) or None, path=getattr(e, "path", None))
+        return EXIT_BAD_INPUT
+    except sqlite3.DatabaseError as e:  # a damaged or foreign file where the run database should be
+        db = getattr(args, "db", None) or default_db_path()
+        _stderr_error(f"the run database {db} is damaged or not a run database ({e})")
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         return 0

@@ -7,6 +7,7 @@ prints it. A prompt run is scored as its parent model with the learned prompt in
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 
@@ -26,14 +27,26 @@ def register(subparsers, common) -> None:
     e.set_defaults(fn=cmd_eval)
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt
+
+
 def cmd_eval(args) -> int:
     from engine.cli.commands import _db
     from engine.tasks.run_eval import evaluate_run
 
     db = _db(args)
-    out = evaluate_run(db, args.run_id, args.data, task_name=args.task, split=args.split, splits=args.splits,
-                       fold=args.fold, limit=args.limit, batch_size=args.batch_size, with_baselines=not args.no_baselines,
-                       predictions=args.predictions, warn=lambda m: sys.stderr.write(f"mediswift: warning: {m}\n"))
+    # SIGTERM stops an evaluation as Ctrl-C does: nothing is stored until the whole file is scored
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        out = evaluate_run(db, args.run_id, args.data, task_name=args.task, split=args.split, splits=args.splits,
+                           fold=args.fold, limit=args.limit, batch_size=args.batch_size, with_baselines=not args.no_baselines,
+                           predictions=args.predictions, warn=lambda m: sys.stderr.write(f"mediswift: warning: {m}\n"))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"mediswift: evaluation of {args.run_id} interrupted; nothing was stored\n")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         sys.stdout.write(json.dumps(out, default=str) + "\n")
     else:

@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from engine.core.errors import InputError
+
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOT, PAD]
@@ -60,8 +62,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if p.is_dir():
         p = p / TOKENIZER_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {p}")
-    return Tokenizer.from_file(str(p))
+        raise InputError(f"tokenizer file not found: {p}", key="tokenizer", path=str(p))
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises its own exception type for any unreadable file
+        raise InputError(f"tokenizer file {p} is damaged: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
+                         key="tokenizer", path=str(p)) from None
 
 
 def special_ids(tok: Tokenizer) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -195,10 +196,10 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
 
     tensors, skipped = gpt2_state_dict(ck["model"], cfg, ck.get("masks"))
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _place(out, "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_json(out / "config.json", gpt2_config(cfg, vocab_size, eot, pad))
     _write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": pad})
-    shutil.copyfile(tok_path, out / TOKENIZER_FILE)
+    _place(out, TOKENIZER_FILE, lambda tmp: shutil.copyfile(tok_path, tmp))
     _write_json(out / "tokenizer_config.json", {
         # the generic fast tokenizer reads tokenizer.json as is: same pre-tokenizer, merges and specials
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -214,20 +215,32 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
         if found is None:
             raise InputError(f"prompt run {run['id']} has no soft prompt (no 'prompt' artifact with a [P, {cfg.model.d_model}] tensor)")
         prompt, src = found
-        save_file({"prompt_embeddings": prompt.contiguous()}, str(out / PROMPT_FILE),
-                  metadata={"format": "pt", "run_id": run["id"], "n_tokens": str(prompt.shape[0])})
+        _place(out, PROMPT_FILE, lambda tmp: save_file({"prompt_embeddings": prompt.contiguous()}, str(tmp),
+                  metadata={"format": "pt", "run_id": run["id"], "n_tokens": str(prompt.shape[0])}))
         prompt_info = {"file": PROMPT_FILE, "n_tokens": int(prompt.shape[0]), "source": src}
 
     sparsity = _exported_sparsity(tensors)
-    (out / "README.md").write_text(
-        model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info), encoding="utf-8")
+    card = model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info)
+    _place(out, "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
     return {"run_id": run["id"], "model_run": model_run["id"], "checkpoint": str(ck_path), "out": str(out),
             "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, "prompt": prompt_info,
             "files": sorted(p.name for p in out.iterdir())}
 
 
+def _place(out: Path, name: str, write) -> None:
+    """Write one export file: to a fresh temporary file inside ``out``, then renamed over ``out/name``.
+    A rename replaces a symlink itself, so an export never writes through a link to somewhere else."""
+    tmp = out / f".{name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        write(tmp)
+        os.replace(tmp, out / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    _place(path.parent, path.name, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
 def _exported_sparsity(tensors: dict[str, torch.Tensor]) -> dict:

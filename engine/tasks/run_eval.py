@@ -19,6 +19,8 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
                  fold: int = 0, limit: int = 0, batch_size: int = 16, with_baselines: bool = True,
                  predictions: str | None = None, warn=lambda message: None) -> dict:
     """Score a run on a file and store the evaluation (with its baselines); returns what was stored."""
+    if limit < 0 or batch_size < 1:
+        raise InputError("--limit must be 0 (all) or more, --batch-size 1 or more", key="limit" if limit < 0 else "batch_size")
     rm = load_run(db, run_id)
     cfg = rm.cfg
     name = task_name or (cfg.task.name if cfg.stage in ("finetune", "prompt") else None)
