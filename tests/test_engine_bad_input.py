@@ -70,10 +70,9 @@ def test_empty_corpus_file_and_blank_lines(cli, db_path, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n\n")
     r = cli("train", "demo", *tiny(f"data.corpus={blank}"))
-    _assert_bad(r, "corpus is empty", str(blank))
-    # a run had started reading the corpus: it ends failed, never running
-    _no_live_runs(db_path)
-    assert all(row["status"] == "failed" for row in RunDB(db_path).list_runs())
+    _assert_bad(r, "holds only whitespace", str(blank), key="data.corpus")
+    # found before the run exists: no run row is left behind
+    assert RunDB(db_path).list_runs() == []
 
 
 def test_binary_and_non_utf8_files(cli, db_path, tmp_path):

@@ -349,3 +349,17 @@ def test_sparse_kernel_structures_share_the_layers_mask_and_offsets():
     assert layer.mask.data_ptr() == p.mask.data_ptr()
     assert p.fwd.src is None and p.bwd.src is None and p.sdd.pos is None
     assert p.fwd.pos.size == p.bwd.pos.size == p.sdd.src.size == layer.values.numel()
+
+
+def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens():
+    from tokenizers import Tokenizer
+
+    from engine.data.tokens import split_long
+    from engine.data.vocab import train_tokenizer
+
+    text = " ".join(f"Abnormality{i % 97} of the  heart,\tvalve {i}." for i in range(4000))  # one ~150 KB line
+    tok: Tokenizer = train_tokenizer([text[:20000]], 400)
+    pieces = split_long(text, 1000)
+    assert len(pieces) > 100 and "".join(pieces) == text and max(map(len, pieces)) <= 1000
+    ids = [i for e in tok.encode_batch(pieces, add_special_tokens=False) for i in e.ids]
+    assert ids == tok.encode(text, add_special_tokens=False).ids

@@ -88,6 +88,8 @@ def cmd_train(args) -> int:
         explicit = set(overrides) | ({f"model.{k}" for k in load_toml(path).get("model", {})} if not resume_row else set())
         cfg = child_config(cfg, db, explicit, resuming=bool(resume_row))
 
+    if cfg.stage != "vocab" and not args.ignore_memory_check:
+        _check_memory(cfg)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(db.path)
     session = RunSession(db, events, cfg, runs_dir, resume_id=resume_row["id"] if resume_row else None)
     from engine.train.control import Control
@@ -131,6 +133,20 @@ def _run_stage(session, control, ckpt_path, resume_state):
     else:
         from engine.train.prompt import PromptStage as Stage
     return TrainLoop(session, control, Stage(), ckpt_path, resume_state).run()
+
+
+def _check_memory(cfg) -> None:
+    """A run that cannot fit in this machine's memory is refused before it starts (not an allocation traceback)."""
+    import torch
+
+    from engine.train.estimate import available_memory, estimate
+
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        return  # GPU memory is another budget; the device itself reports it
+    need, have = estimate(cfg, probe_steps=0)["memory_bytes"], available_memory()
+    if need > 0.9 * have:
+        raise InputError(f"the run needs about {need / 2**30:.1f} GiB of memory and this machine has {have / 2**30:.1f} GiB "
+                         "available; use a smaller model or train.batch_size (or pass --ignore-memory-check)", key="model")
 
 
 def _check_inputs(cfg, db: RunDB) -> None:
@@ -309,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_steps=100")
     t.add_argument("--runs-dir", help="folder for run folders (default: next to the database, or $MEDISWIFT_RUNS_DIR)")
     t.add_argument("--resume", metavar="RUN_ID", help="continue a stopped or crashed run from its last checkpoint")
+    t.add_argument("--ignore-memory-check", action="store_true",
+                   help="start even when the estimated memory exceeds what this machine has available")
     t.set_defaults(fn=cmd_train)
 
     r = sub.add_parser("runs", help="list or show runs")

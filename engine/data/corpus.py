@@ -114,6 +114,19 @@ def _check_text_file(f: Path) -> None:
         # a multi-byte character cut at the end of the sample is fine
         if e.start < len(head) - 4:
             raise InputError(f"corpus file is not UTF-8 text (bad byte at offset {e.start}): {f}", key="data.corpus", path=str(f)) from None
+    if f.suffix.lower() == ".txt" and not _has_text(f, head):
+        raise InputError(f"corpus file holds only whitespace: {f}", key="data.corpus", path=str(f))
+
+
+def _has_text(f: Path, head: bytes) -> bool:
+    """Whether a text file has any non-whitespace byte (read until the first one: cheap for real text)."""
+    if head.strip():
+        return True
+    with f.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _load_file(f: Path, text_field: str) -> list[str]:

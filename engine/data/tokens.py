@@ -61,8 +61,9 @@ def tokenize_corpus(corpus: Corpus, tok, val_fraction: float, seed: int, cache_d
         chunks = []
         for start in range(0, len(idx), 2000):
             batch = [corpus.documents[i] for i in idx[start:start + 2000]]
-            for enc in tok.encode_batch(batch, add_special_tokens=False):
-                chunks.append(np.asarray(enc.ids, dtype=np.int32))
+            for doc in batch:
+                for piece in tok.encode_batch(split_long(doc), add_special_tokens=False):
+                    chunks.append(np.asarray(piece.ids, dtype=np.int32))
                 chunks.append(np.asarray([eot], dtype=np.int32))
             done += len(batch)
             if progress:
@@ -76,6 +77,29 @@ def tokenize_corpus(corpus: Corpus, tok, val_fraction: float, seed: int, cache_d
         np.savez(tmp, train=splits.train, val=splits.val, n_train_docs=splits.n_train_docs, n_val_docs=splits.n_val_docs)
         tmp.replace(cache)
     return splits
+
+
+PIECE_CHARS = 1 << 16
+
+
+def split_long(doc: str, limit: int = PIECE_CHARS) -> list[str]:
+    """A document cut into pieces of at most ~``limit`` characters, each cut just before a whitespace
+    character. Byte-level BPE splits words at that whitespace anyway, so the pieces encode to exactly
+    the document's tokens, while a 50 MB single-line corpus no longer goes through the tokenizer (and
+    its memory) in one piece."""
+    if len(doc) <= limit:
+        return [doc]
+    pieces, start = [], 0
+    while len(doc) - start > limit:
+        cut = start + limit
+        while cut > start and not doc[cut].isspace():
+            cut -= 1
+        if cut == start:  # no whitespace in the window: a cut inside one long "word" (rare; not exact)
+            cut = start + limit
+        pieces.append(doc[start:cut])
+        start = cut
+    pieces.append(doc[start:])
+    return pieces
 
 
 class SeededOrder:

@@ -7,6 +7,7 @@ every child run.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -51,7 +52,7 @@ def train_tokenizer(documents: list[str], vocab_size: int, min_frequency: int = 
 def save_tokenizer(tok: Tokenizer, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / TOKENIZER_FILE
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process
     tok.save(str(tmp))
     tmp.replace(path)
     return path

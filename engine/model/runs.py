@@ -19,7 +19,7 @@ from engine.core.errors import InputError
 from engine.core.queries import find_run
 from engine.core.rundb import RunDB
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
-from engine.model.checkpoint import current_path, file_sha256, load_checkpoint
+from engine.model.checkpoint import current_path, file_sha256, is_legacy, load_checkpoint
 from engine.model.gpt import GPT
 from engine.model.soft_prompt import SoftPrompt
 
@@ -118,7 +118,12 @@ def check_parent(db: RunDB, cfg: RunConfig) -> RunRef | None:
         if row["stage"] not in MODEL_STAGES:
             raise InputError(f"parent run {row['id']} is a {row['stage']} run; {cfg.stage} needs a pre-training "
                              f"or fine-tuning run (a model checkpoint) as parent", key="parent")
-        return resolve_run(db, row["id"], "parent", "parent run")
+        ref = resolve_run(db, row["id"], "parent", "parent run")
+        if is_legacy(ref.checkpoint):  # refused before the child's run row exists
+            raise InputError(f"the parent checkpoint {ref.checkpoint} is of an earlier version (a pickle); convert it "
+                             f"with `mediswift migrate-checkpoints {row['id']}` if you trust it", key="parent",
+                             path=str(ref.checkpoint))
+        return ref
     if row["stage"] not in ("vocab", "pretrain"):
         raise InputError(f"parent run {row['id']} is a {row['stage']} run; a {cfg.stage} run can only reuse a "
                          "vocabulary or pre-training run's tokenizer", key="parent")

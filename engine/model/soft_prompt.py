@@ -7,6 +7,7 @@ alone as ``prompt.safetensors`` (a few KB) with a reference to the parent model.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def save_prompt(path: Path, vectors: torch.Tensor, meta: dict) -> int:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process
     save_file({"prompt": vectors.detach().float().cpu().contiguous()}, str(tmp),
               metadata={k: json.dumps(v) for k, v in meta.items()})
     tmp.replace(path)

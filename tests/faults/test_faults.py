@@ -313,6 +313,21 @@ def test_a_nan_setting_leaves_no_run_behind(tmp_path, record):
     assert record("float key x NaN/inf: CLI exit 2, no run row", held), r.stderr
 
 
+@pytest.mark.parametrize("case", ["whitespace-only corpus", "model too large for memory", "n_ctx 65536"])
+def test_bad_input_is_refused_before_a_run_row_exists(tmp_path, case, record):
+    db = tmp_path / "runs.db"
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\t\n" * 1000)
+    settings = {"whitespace-only corpus": [f"data.corpus={blank}"],
+                "model too large for memory": ["model.n_layer=96", "model.d_model=8192", "model.n_head=64"],
+                "n_ctx 65536": ["model.n_ctx=65536"]}[case]
+    r = _cli(tmp_path, db, "train", "demo", *[a for s in settings for a in ("--set", s)])
+    key = "data.corpus" if case.startswith("whitespace") else "model"
+    events = [e for e in r.events if e["type"] == "error"]
+    held = _one_line_error(r) and RunDB(db).list_runs() == [] and events and events[0]["key"] == key
+    assert record("bad input: refused before any run row", held), r.stderr
+
+
 def test_a_non_finite_step_leaves_weights_and_moments_untouched(record):
     from engine.core.config import ModelConfig, TrainConfig
     from engine.model.gpt import GPT
