@@ -35,9 +35,12 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
     fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level if cfg.stage == "pretrain" else 0.0)
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
     tokens = tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx
-    # fp32 weights + grads + two AdamW moments, masks as bytes, activations kept for backward
-    # (≈ 34·d + 5·h·T values per token and layer, after Korthikanti et al. 2022, doubled for fp32)
-    states = 16 * total + fm.sparse_numel
+    # what the run holds: fp32 values + grads + two AdamW moments of the parameters that train (a masked
+    # matrix trains as its packed nonzeros), and per masked matrix its bool mask, the int64 offsets of
+    # its nonzeros and the dense fp32 copy the masked-dense path multiplies with; activations kept for
+    # backward (≈ 34·d + 5·h·T values per token and layer, after Korthikanti et al. 2022, doubled for fp32)
+    masked = fm.sparse_nonzero < fm.sparse_numel
+    states = 16 * nonzero + (fm.sparse_numel * (1 + 4) + 8 * fm.sparse_nonzero if masked else 0)
     activations = 2 * m.n_layer * tc.batch_size * m.n_ctx * (34 * m.d_model + 5 * m.n_head * m.n_ctx)
     logits = 3 * 4 * tc.batch_size * m.n_ctx * vocab
     memory = states + activations + logits
