@@ -20,14 +20,7 @@ import torch.nn.functional as F
 from engine.core.errors import InputError
 from engine.model.gpt import GPT, KVCache
 from engine.tasks.base import (
-    Encoded,
-    Encoder,
-    Example,
-    Truncation,
-    collate_lm,
-    collate_prompts,
-    multi_label_metrics,
-    single_label_metrics,
+    Encoded, Encoder, Example, Truncation, collate_lm, collate_prompts, multi_label_metrics, single_label_metrics,
 )
 
 

@@ -13,7 +13,6 @@ from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_c
 from engine.train.runtime import rng_state, set_rng_state
 
 
-
 class Checkpointer:
     def __init__(self, session, stage, opt, sched, counters):
         self.s, self.stage, self.opt, self.sched, self.counters = session, stage, opt, sched, counters
