@@ -70,16 +70,24 @@ def _stderr_warning(message: str) -> None:
     sys.stderr.flush()
 
 
+# files this process has hashed and found intact, by (path, size, mtime): starting a fine-tune resolves
+# its parent three times (pre-checks, child config, the stage), and a checkpoint may be gigabytes
+_VERIFIED: set[tuple] = set()
+
+
 def checkpoint_problem(row: dict) -> str | None:
     """Why a checkpoint row's file cannot be used (missing, wrong size, wrong hash), or None."""
     path = Path(row["path"])
     if not path.is_file():
         return f"checkpoint {path} is missing"
-    size = path.stat().st_size
-    if row.get("bytes") is not None and size != row["bytes"]:
-        return f"checkpoint {path} is damaged ({size:,} bytes, {row['bytes']:,} were written)"
-    if row.get("sha256") and file_sha256(path) != row["sha256"]:
-        return f"checkpoint {path} is damaged (its SHA-256 differs from the one recorded when it was written)"
+    st = path.stat()
+    if row.get("bytes") is not None and st.st_size != row["bytes"]:
+        return f"checkpoint {path} is damaged ({st.st_size:,} bytes, {row['bytes']:,} were written)"
+    seen = (str(path), st.st_size, st.st_mtime_ns, row.get("sha256"))
+    if row.get("sha256") and seen not in _VERIFIED:
+        if file_sha256(path) != row["sha256"]:
+            return f"checkpoint {path} is damaged (its SHA-256 differs from the one recorded when it was written)"
+        _VERIFIED.add(seen)
     return None
 
 
@@ -130,16 +138,19 @@ def check_parent(db: RunDB, cfg: RunConfig) -> RunRef | None:
     return resolve_run(db, row["id"], "parent", "parent run", need_checkpoint=False)
 
 
-def model_source(db: RunDB, ref: RunRef, key: str = "run_id") -> tuple[dict, Path]:
+def model_source(db: RunDB, ref: RunRef, key: str = "run_id", state: dict | None = None) -> tuple[dict, Path]:
     """The run whose weights ``ref`` uses and the checkpoint file holding them: the run itself, or for
-    a prompt run its parent and the parent checkpoint the prompt was trained on."""
+    a prompt run its parent and the parent checkpoint the prompt was trained on. ``state``: the run's
+    own checkpoint, when the caller has loaded it already."""
     if ref.stage != "prompt":
         if ref.checkpoint is None:
             what = "is a vocabulary run: it has" if ref.stage == "vocab" else "has no checkpoint file:"
             raise InputError(f"run {ref.id} {what} no model weights", key=key)
         return ref.run, ref.checkpoint
     parent = find_run(db, ref.run.get("parent_id") or "", key, f"parent of prompt run {ref.id}")
-    recorded = load_checkpoint(ref.checkpoint).get("parent_checkpoint") if ref.checkpoint else None
+    if state is None and ref.checkpoint:
+        state = load_checkpoint(ref.checkpoint)
+    recorded = state.get("parent_checkpoint") if state else None
     if recorded and current_path(recorded).is_file():
         return parent, current_path(recorded)
     if recorded:
@@ -199,7 +210,7 @@ def load_run(db: RunDB, run_id: str, key: str = "run_id") -> RunModel:
     parent_ck = str(current_path(ck["parent_checkpoint"])) if ck.get("parent_checkpoint") else None
     state = ck
     if ck.get("stage", cfg.stage) == "prompt":
-        _, source = model_source(db, ref, key)
+        _, source = model_source(db, ref, key, ck)
         state = load_checkpoint(source)
         prompt = SoftPrompt(*ck["prompt"].shape)
         prompt.weight.data.copy_(ck["prompt"])

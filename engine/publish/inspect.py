@@ -45,7 +45,7 @@ def inspect_run(db, run_id: str) -> dict:
     """The report of a run's latest checkpoint (a prompt run: its parent's weights, engine.model.runs)."""
     ref = resolve_run(db, run_id)
     ck = load_checkpoint(ref.checkpoint)
-    _, source = model_source(db, ref)
+    _, source = model_source(db, ref, state=ck)
     if source != ref.checkpoint:
         ck = {**ck, "model": load_checkpoint(source)["model"]}
     cfg = from_dict(ck["config"])

@@ -36,7 +36,9 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
     scorer = Scorer(rm.model, rm.prompt, rm.head, batch_size=batch_size)
     baselines: dict = {}
     zero_model = None
-    if with_baselines and rm.stage in ("finetune", "prompt") and rm.head is None:
+    if with_baselines and rm.stage == "prompt" and rm.head is None:
+        zero_model = rm.model  # a prompt run's model is its frozen parent: zero-shot is the same model, no prompt
+    elif with_baselines and rm.stage == "finetune" and rm.head is None:
         if rm.parent_checkpoint and Path(rm.parent_checkpoint).is_file():
             pck = load_checkpoint(rm.parent_checkpoint)
             zero_model = build_model(cfg.model, pck["vocab_size"], pck["model"])

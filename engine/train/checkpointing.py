@@ -34,7 +34,7 @@ class Checkpointer:
         if ck.get("vocab_size") != self.stage.vocab_size:
             raise InputError(f"checkpoint {path} was trained with {ck.get('vocab_size')} tokens, the tokenizer has "
                              f"{self.stage.vocab_size}", path=str(path))
-        self.stage.load_state(ck)  # first: a stage may re-install masks, which the optimizer state must match
+        self.stage.load_state(ck)  # first: the optimizer state must match the stage's parameters
         self.opt.load_state_dict(ck["optimizer"])
         self._check_moments(path)
         self.sched.load_state_dict(ck["scheduler"])

@@ -45,4 +45,3 @@ class Counters:
         for k in STATE_KEYS:
             setattr(self, k, ck[k])
         self.wall_offset = ck["wall_time"]
-        self.start_clock()

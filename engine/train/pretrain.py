@@ -156,7 +156,7 @@ class PretrainStage:
                 "best_val": self.best_val, "kernels": self.kernels}
 
     def load_state(self, ck: dict) -> None:
-        load_masks(self.model, ck["masks"])
+        # build() installed this checkpoint's masks already (the FLOP model and kernels count them)
         self.model.load_state_dict(ck["model"])
         self.model.to(self.rt.device)
         self.loader.load_state(ck["data"])
