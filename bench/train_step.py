@@ -1,40 +1,55 @@
-"""Training-step throughput, measured in one run on this machine.
+"""Training-step throughput and model FLOPs utilisation, measured in one run on this machine.
 
-Prints tokens/s of:
-  * our dense training step vs Hugging Face transformers' GPT2LMHeadModel of the same shape
-    (same batch, same AdamW settings, gradient clipping on both) — target ratio >= 1.0;
-  * our 75 %-sparse step (sparse matmul core, kernel "sparse", and the engine's "auto" choice)
-    vs our dense step, next to the theoretical training-FLOP ratio of the two.
+Configurations (one optimizer step each: forward, backward, gradient clipping, AdamW):
+  hf_fp32             Hugging Face transformers' GPT2LMHeadModel of the same shape, fp32
+  hf_bf16             the same under torch.autocast("cpu", dtype=torch.bfloat16), as its docs suggest
+  ours_fp32           our dense step in fp32
+  ours_auto           our dense step as the engine runs it: train.precision = "auto"
+  ours_sparse75_core  75 %-sparse, every sparse layer on the sparse core, precision auto
+  ours_sparse75_auto  75 %-sparse as the engine runs it: precision auto, sparsity.kernel = "auto" (the
+                      engine's per-shape timing and whole-step trial, engine/train/kernel_choice.py)
 
-Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo] [--steps N] [--batch B] [--json]
-The default shape is GPT-2 small (12 layers, d 768, n_ctx 512, vocab 50,257); --quick uses the demo
-shape. All configurations run round-robin (per round, each runs an untimed step and then a timed
-one, after warm-up rounds); each figure is the median over the rounds. The process keeps freed
-memory for reuse, as the engine's training stages do (engine/train/memory.py), for every configuration
-alike.
+Model FLOPs utilisation (MFU) = the step's training FLOPs by the engine's own FLOP formula
+(engine/model/flops.py; for a sparse model both the sparse count and the dense-equivalent one) divided
+by the step time, over the peak measured in this run: the median of 4096^3 dense products in that
+precision on all threads.
+
+Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo|mediswift-xl] [--steps N]
+                                  [--batch B] [--json]
+All configurations of the default mode run round-robin in one process (per round each runs an
+untimed step, then a timed one, after warm-up rounds); each figure is the median over the rounds.
+`--shape mediswift-xl` runs each configuration in its own subprocess instead, so that one's
+high-water mark of resident memory never counts for another, and prints each one's peak RSS; a
+configuration whose computed memory does not fit this machine is not run, and the line says why.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI runs (engine/cli/commands.py)
 
 import torch  # noqa: E402
 
-from engine.core.config import ModelConfig, TrainConfig  # noqa: E402
-from engine.model.flops import flop_model_for  # noqa: E402
+from engine.core.config import from_dict  # noqa: E402
+from engine.core.hardware import cpu_header, cpu_info  # noqa: E402
+from engine.model.flops import flop_model_for, flop_model_for_config  # noqa: E402
 from engine.model.gpt import GPT  # noqa: E402
 from engine.model.sparsity import apply_sparsity  # noqa: E402
+from engine.train.kernel_choice import KernelTrial, choose_kernels  # noqa: E402
 from engine.train.memory import keep_freed_memory  # noqa: E402
 from engine.train.optim import make_optimizer  # noqa: E402
+from engine.train.precision import choose_precision  # noqa: E402
+from engine.train.runtime import Runtime  # noqa: E402
 from engine.train.step import lm_micro_batch, train_step  # noqa: E402
 
 try:
@@ -42,64 +57,218 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
+CPU = torch.device("cpu")
+SHAPES = {
+    "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, n_ctx=512, vocab=50257, batch=1),
+    "demo": dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, vocab=4096, batch=16),
+    "mediswift-xl": dict(n_layer=24, n_head=16, d_model=2048, n_ctx=2048, vocab=42384, batch=1),
+}
+CONFIGS = ("hf_fp32", "hf_bf16", "ours_fp32", "ours_auto", "ours_sparse75_core", "ours_sparse75_auto")
+XL_CONFIGS = ("hf_fp32", "ours_auto", "ours_sparse75_core")  # the dense ones only to say they cannot fit
+
 
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
-SHAPES = {
-    "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, n_ctx=512, vocab=50257, batch=1),
-    "demo": dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, vocab=4096, batch=16),
-}
+def peak_rss_gib() -> float | None:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if resource else None  # KiB on Linux
 
 
-def ours(shape: dict, level: float, kernel: str):
+@dataclass
+class Config:
+    name: str
+    precision: str
+    kernel: str
+    flops: float        # training FLOPs of one step, by the engine's formula (sparse count)
+    flops_dense: float  # the same, dense-equivalent
+    step: Callable[[], object]
+
+
+def run_config(shape: dict, level: float):
+    """The engine's config for this shape, as a run would build it (precision auto)."""
+    return from_dict({"model": {k: shape[k] for k in ("n_layer", "n_head", "d_model", "n_ctx")},
+                      "tokenizer": {"vocab_size": shape["vocab"]}, "sparsity": {"level": level, "kernel": "auto"},
+                      "train": {"batch_size": shape["batch"], "precision": "auto"}})
+
+
+class _Session:
+    """What engine/train/kernel_choice.py asks of a run session: its config, meta and log lines."""
+
+    def __init__(self, cfg, verbose: bool):
+        self.cfg, self.run_id, self.meta, self.verbose = cfg, "bench", {}, verbose
+        self.db = self
+
+    def merge_meta(self, run_id, **kw):
+        self.meta.update(kw)
+
+    def info(self, msg):
+        if self.verbose:
+            print(f"  [engine] {msg}", file=sys.stderr)
+
+    warn = info
+
+
+def ours(name: str, shape: dict, verbose: bool) -> Config:
+    level = 0.75 if "sparse75" in name else 0.0
+    cfg = run_config(shape, level)
+    precision = choose_precision("fp32" if name == "ours_fp32" else "auto", CPU)
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"], n_ctx=shape["n_ctx"])
-    model = GPT(cfg, shape["vocab"])
+    model = GPT(cfg.model, shape["vocab"])
     apply_sparsity(model, level, "uniform", seed=0)
-    for m in model.sparse_layers().values():
-        m.set_kernel(kernel)
-    opt = make_optimizer(list(model.named_parameters()), TrainConfig())
+    fm = flop_model_for(model)
+    opt = make_optimizer(list(model.named_parameters()), cfg.train)
+    rt = Runtime(CPU, precision)
     x = torch.randint(0, shape["vocab"], (shape["batch"], shape["n_ctx"]))
-    # the engine's own optimizer step (engine/train/step.py), one micro-batch, fp32 as the CPU stages train
-    return model, lambda: train_step(opt, lambda: lm_micro_batch(model, x, x, contextlib.nullcontext), 1, 1.0)
+    tokens = x.numel()
+
+    def step():  # the engine's own optimizer step (engine/train/step.py)
+        return train_step(opt, lambda: lm_micro_batch(model, x, x, rt.autocast), 1, 1.0, rt.grad_scaler())
+
+    kernel = "dense"
+    if level:
+        s = _Session(cfg, verbose)
+        if name == "ours_sparse75_core":
+            for m in model.sparse_layers().values():
+                m.set_kernel("sparse")
+            kernel = "sparse core"
+        else:
+            mix = choose_kernels(s, model, tokens, CPU, precision.name)
+            if "sparse" in mix.values():  # the whole-step trial the engine runs over its first steps
+                trial = KernelTrial(s, model, mix)
+                while not trial.done:
+                    trial.before_step()
+                    t = time.perf_counter()
+                    step()
+                    trial.after_step(time.perf_counter() - t)
+                mix = trial.kernels
+            kinds = sorted(set(mix.values()))
+            kernel = "auto: " + ("+".join(kinds) if kinds else "dense")
+    return Config(name, precision.name, kernel, fm.train_per_token(True) * tokens, fm.train_per_token(False) * tokens, step)
 
 
-def auto_kernels(model, n_tokens: int) -> dict:
-    from engine.model.kernels import time_kernels
-
-    chosen = {}
-    for m in model.sparse_layers().values():
-        key = tuple(m.weight.shape)
-        if key not in chosen:
-            t = time_kernels(m.pattern(), n_tokens)
-            chosen[key] = "sparse" if t["sparse_ms"] < t["dense_ms"] else "dense"
-        m.set_kernel(chosen[key])
-    return {"x".join(map(str, k)): v for k, v in chosen.items()}
-
-
-def hf(shape: dict):
+def hf(name: str, shape: dict) -> Config:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=shape["vocab"], n_positions=shape["n_ctx"], n_embd=shape["d_model"],
                         n_layer=shape["n_layer"], n_head=shape["n_head"], activation_function="gelu",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM")
     config._attn_implementation = "sdpa"
     model = GPT2LMHeadModel(config)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     x = torch.randint(0, shape["vocab"], (shape["batch"], shape["n_ctx"]))
+    bf16 = name == "hf_bf16"
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+        else:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    return model, step
+    fm = flop_model_for_config(shape["n_layer"], shape["d_model"], shape["n_ctx"], shape["vocab"], 0.0)
+    tokens = x.numel()
+    return Config(name, "bf16" if bf16 else "fp32", "dense", fm.train_per_token(False) * tokens,
+                  fm.train_per_token(False) * tokens, step)
+
+
+def build(name: str, shape: dict, verbose: bool = False) -> Config:
+    return hf(name, shape) if name.startswith("hf_") else ours(name, shape, verbose)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
+    """Median FLOP/s of n^3 dense products in ``dtype`` on all threads."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def row(c: Config, seconds: float, tokens: int, peaks: dict, faults: int | None, rss: float | None) -> dict:
+    peak = peaks["bf16" if c.precision == "bf16" else "fp32"]
+    return {"config": c.name, "precision": c.precision, "kernel": c.kernel, "s_per_step": seconds,
+            "tokens_per_s": tokens / seconds, "mfu": c.flops / seconds / peak,
+            "mfu_dense_equivalent": c.flops_dense / seconds / peak, "flops_per_step": c.flops,
+            "flops_dense_per_step": c.flops_dense, "peak_rss_gib": rss, "page_faults_per_step": faults}
+
+
+def interleaved(shape: dict, names, steps: int, warmup: int, verbose: bool) -> tuple[list[Config], dict, dict]:
+    configs = [build(n, shape, verbose) for n in names]
+    for _ in range(warmup):  # warm-up rounds alike, so the heap reaches what every configuration needs
+        for c in configs:
+            c.step()
+    times = {c.name: [] for c in configs}
+    # A step right after another model's may first have to grow the shared heap; in a training run a step
+    # follows a step of the same model, so each timed step follows an untimed one of its own configuration.
+    # Minor page faults per timed step show a timed step that still grew the heap.
+    faults = {c.name: [] for c in configs}
+    for _ in range(steps):
+        for c in configs:
+            c.step()
+            f0 = minor_faults()
+            t = time.perf_counter()
+            c.step()
+            times[c.name].append(time.perf_counter() - t)
+            faults[c.name].append(minor_faults() - f0)
+    return configs, {k: statistics.median(v) for k, v in times.items()}, {k: int(statistics.median(v)) for k, v in faults.items()}
+
+
+def worker(name: str, shape: dict, steps: int) -> dict:
+    """One configuration alone in this process (--shape mediswift-xl): an untimed step, then ``steps``."""
+    c = build(name, shape)
+    c.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        c.step()
+        times.append(time.perf_counter() - t)
+    return {"config": c.name, "precision": c.precision, "kernel": c.kernel, "seconds": statistics.median(times),
+            "flops": c.flops, "flops_dense": c.flops_dense, "peak_rss_gib": peak_rss_gib()}
+
+
+def fits(name: str, shape: dict) -> str:
+    """Why a configuration is not run (its memory, computed by the engine's estimate, does not fit), or ''."""
+    from engine.train.estimate import available_memory, estimate
+
+    level = 0.75 if "sparse75" in name else 0.0
+    need = estimate(run_config(shape, level), probe_steps=0)["memory_bytes"]
+    if name.startswith("hf_"):
+        with torch.device("meta"):  # no storage: only the parameter count
+            need = max(need, 16 * GPT(run_config(shape, 0.0).model, shape["vocab"]).num_params())
+    have = available_memory()
+    if need <= 0.9 * have:
+        return ""
+    return f"not run: needs about {need / 2**30:.1f} GiB (the engine's estimate), {have / 2**30:.1f} GiB is available"
+
+
+def isolated(shape_name: str, shape: dict, names, steps: int) -> list[dict]:
+    out = []
+    for name in names:
+        why = fits(name, shape)
+        if why:
+            out.append({"config": name, "skipped": why})
+            continue
+        cmd = [sys.executable, __file__, "--worker", name, "--shape", shape_name, "--steps", str(steps)]
+        if shape.get("batch") != SHAPES[shape_name]["batch"]:
+            cmd += ["--batch", str(shape["batch"])]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            out.append({"config": name, "skipped": f"failed: {p.stderr.strip().splitlines()[-1:]}"})
+            continue
+        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    return out
 
 
 def logging_overhead_ms(n: int = 300) -> float:
@@ -123,98 +292,94 @@ def logging_overhead_ms(n: int = 300) -> float:
     return elapsed / n * 1000
 
 
+def summary(rows: list[dict]) -> dict:
+    by = {r["config"]: r for r in rows if "s_per_step" in r}
+    hf_best = min((by[k]["s_per_step"] for k in ("hf_fp32", "hf_bf16") if k in by), default=None)
+    out = {"summary": True, "best_hf": min((k for k in ("hf_fp32", "hf_bf16") if k in by),
+                                           key=lambda k: by[k]["s_per_step"], default=None)}
+    for key, name in (("auto_vs_best_hf", "ours_auto"), ("sparse75_auto_vs_best_hf", "ours_sparse75_auto"),
+                      ("sparse75_core_vs_best_hf", "ours_sparse75_core")):
+        out[key] = hf_best / by[name]["s_per_step"] if hf_best and name in by else None
+    if "ours_auto" in by and "ours_sparse75_auto" in by:
+        out["sparse75_auto_vs_ours_auto"] = by["ours_auto"]["s_per_step"] / by["ours_sparse75_auto"]["s_per_step"]
+    return out
+
+
+def header(shape: dict, tokens: int, peaks: dict, kept: bool) -> dict:
+    from engine.model.kernels import ops
+
+    c = cpu_info()
+    bf16_path = getattr(ops, "bf16_path", lambda: "n/a")()
+    auto = choose_precision("auto", CPU)
+    return {"header": True, "cpu": c.model, "cpu_features": c.features, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "shape": shape, "tokens_per_step": tokens,
+            "peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "auto_precision": auto.name,
+            "auto_precision_reason": auto.reason, "sparse_core_bf16_path": bf16_path,
+            "malloc_keeps_freed_memory": kept}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="gpt2-small")
     ap.add_argument("--quick", action="store_true", help="the demo shape (seconds instead of minutes)")
-    ap.add_argument("--steps", type=int, default=5, help="timed rounds")
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (mediswift-xl: timed steps per configuration)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--level", type=float, default=0.75)
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the shape's)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--json", action="store_true", help="one JSON object per configuration, then a summary object")
+    ap.add_argument("--verbose", action="store_true", help="the engine's kernel-choice lines on stderr")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    kept = keep_freed_memory()  # as every engine stage runs (engine/train/loop.py); for all configurations
-    shape = dict(SHAPES["demo" if args.quick else args.shape])
+    kept = keep_freed_memory()  # as every engine stage runs (engine/train/memory.py); for all configurations
+    shape_name = "demo" if args.quick else args.shape
+    shape = dict(SHAPES[shape_name])
     if args.batch:
         shape["batch"] = args.batch
-    tokens = shape["batch"] * shape["n_ctx"]
-    rows = {}
-
-    dense_model, dense_step = ours(shape, 0.0, "dense")
-    _hf_model, hf_step = hf(shape)
-    sparse_model, sparse_step = ours(shape, args.level, "sparse")
-    fm_dense, fm_sparse = flop_model_for(dense_model), flop_model_for(sparse_model)
-    chosen_by_shape = auto_kernels(sparse_model, tokens)
-    auto_choice = {n: m.kernel for n, m in sparse_model.sparse_layers().items()}
-    chosen = chosen_by_shape
-
-    def with_kernels(kernel: str | None):
-        def step():
-            for n, m in sparse_model.sparse_layers().items():
-                m.set_kernel(auto_choice[n] if kernel is None else kernel)
-            sparse_step()
-        return step
-
-    configs = {
-        "ours_dense": dense_step,
-        "hf_gpt2_dense": hf_step,
-        "ours_sparse_core": with_kernels("sparse"),
-        "ours_sparse_masked_dense": with_kernels("dense"),
-        "ours_sparse_auto": with_kernels(None),
-    }
-    # round-robin: each configuration's steps once per round, so drifts in machine speed (other
-    # processes, clocks) hit every configuration alike; the median over rounds is reported
-    for _ in range(args.warmup):  # warm-up rounds alike, so the heap reaches what every configuration needs
-        for fn in configs.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    # The five models share one heap, and a step right after another model's may first have to grow it
-    # (at 4 sequences per step, ~100,000 fresh pages for the dense model, every round). In a training
-    # run a step follows a step of the same model, so each timed step follows an untimed one of its own
-    # configuration. Minor page faults per timed step are reported: a timed step that still grew the
-    # heap (seen for the dense model at 8 sequences per step) shows there.
-    faults: dict[str, list[int]] = {k: [] for k in configs}
-    for _ in range(args.steps):
-        for name, fn in configs.items():
-            fn()
-            f0 = minor_faults()
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-            faults[name].append(minor_faults() - f0)
-    rows = {k: statistics.median(v) for k, v in times.items()}
-
-    log_ms = logging_overhead_ms()
-    from engine.model.kernels.ops import thread_pool
-
-    pool = thread_pool()  # the sparse kernels' thread pool (engine/model/kernels/_kernels.py)
-    flop_ratio = fm_dense.train_per_token(False) / fm_sparse.train_per_token(True)
-    result = {
-        "shape": {k: v for k, v in shape.items()}, "tokens_per_step": tokens, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "sparsity": args.level,
-        "malloc_keeps_freed_memory": kept, "numba_threading_layer": pool,
-        "seconds_per_step": rows, "tokens_per_s": {k: tokens / v for k, v in rows.items()},
-        "page_faults_per_step": {k: int(statistics.median(v)) for k, v in faults.items()},
-        "ratio_ours_dense_vs_hf": rows["hf_gpt2_dense"] / rows["ours_dense"],
-        "ratio_sparse_core_vs_dense": rows["ours_dense"] / rows["ours_sparse_core"],
-        "ratio_sparse_auto_vs_dense": rows["ours_dense"] / rows["ours_sparse_auto"],
-        "theoretical_flop_ratio": flop_ratio, "auto_kernels": chosen,
-        "logging_ms_per_step": log_ms, "logging_overhead_vs_dense_step": log_ms / 1000 / rows["ours_dense"],
-    }
-    if args.json:
-        print(json.dumps(result))
+    if args.worker:
+        print(json.dumps(worker(args.worker, shape, args.steps)))
         return
-    print(f"shape {shape} — {tokens} tokens/step, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"freed memory kept for reuse: {'yes' if kept else 'no'}, sparse kernels' thread pool: {pool}")
-    print(f"{'step':28} {'s/step':>9} {'tokens/s':>10} {'page faults/step':>17}")
-    for k, v in rows.items():
-        print(f"{k:28} {v:9.3f} {tokens / v:10.0f} {result['page_faults_per_step'][k]:17,}")
-    print(f"ours dense vs HF GPT2LMHeadModel (tokens/s ratio, target >= 1.0): {result['ratio_ours_dense_vs_hf']:.2f}x")
-    print(f"{args.level:.0%}-sparse step vs dense step, sparse core:   {result['ratio_sparse_core_vs_dense']:.2f}x faster")
-    print(f"{args.level:.0%}-sparse step vs dense step, auto kernels:  {result['ratio_sparse_auto_vs_dense']:.2f}x faster  {chosen}")
-    print(f"theoretical training-FLOP ratio (dense / sparse):    {flop_ratio:.2f}x")
-    print(f"metrics logging (event line + SQLite rows) per step: {log_ms:.2f} ms = "
-          f"{result['logging_overhead_vs_dense_step']:.2%} of the dense step (target < 2 % for the demo model)")
+    tokens = shape["batch"] * shape["n_ctx"]
+    xl = shape_name == "mediswift-xl"
+    names = args.configs.split(",") if args.configs else (XL_CONFIGS if xl else CONFIGS)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    head = header(shape, tokens, peaks, kept)
+    rows: list[dict] = []
+    if xl:
+        for r in isolated(shape_name, shape, names, args.steps):
+            if "skipped" in r:
+                rows.append(r)
+                continue
+            c = Config(r["config"], r["precision"], r["kernel"], r["flops"], r["flops_dense"], lambda: None)
+            rows.append(row(c, r["seconds"], tokens, peaks, None, r["peak_rss_gib"]))
+    else:
+        configs, times, faults = interleaved(shape, names, args.steps, args.warmup, args.verbose)
+        rows = [row(c, times[c.name], tokens, peaks, faults[c.name], None) for c in configs]
+    peaks_after = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    head["peak_tflops_after"] = {k: v / 1e12 for k, v in peaks_after.items()}
+    summ = summary(rows)
+    summ["logging_ms_per_step"] = logging_overhead_ms()
+    if args.json:
+        for obj in (head, *rows, summ):
+            print(json.dumps(obj))
+        return
+    print(cpu_header())
+    print(f"shape {shape} — {tokens} tokens/step, {head['threads']} threads, torch {torch.__version__}; "
+          f"auto precision here: {head['auto_precision']}; sparse core bf16 path: {head['sparse_core_bf16_path']}")
+    print("matmul peak (4096^3, all threads): " + ", ".join(
+        f"{k} {peaks[k] / 1e12:.3f} TFLOP/s before, {peaks_after[k] / 1e12:.3f} after" for k in peaks))
+    print(f"{'config':20} {'precision':9} {'kernel':20} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'MFU dense-eq':>12} "
+          f"{'peak RSS GiB':>12}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['config']:20} {r['skipped']}")
+            continue
+        rss = f"{r['peak_rss_gib']:.2f}" if r["peak_rss_gib"] is not None else "shared"
+        print(f"{r['config']:20} {r['precision']:9} {r['kernel']:20} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} "
+              f"{r['mfu']:6.1%} {r['mfu_dense_equivalent']:12.1%} {rss:>12}")
+    for key in ("auto_vs_best_hf", "sparse75_auto_vs_best_hf", "sparse75_core_vs_best_hf", "sparse75_auto_vs_ours_auto"):
+        if summ.get(key) is not None:
+            print(f"{key:28} {summ[key]:.2f}x" + (f"  (best HF: {summ['best_hf']})" if "hf" in key else ""))
+    print(f"metrics logging (event line + SQLite rows) per step: {summ['logging_ms_per_step']:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,22 @@ def number(value: float | None, digits: int = 4) -> str:
     if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
         return f"{int(value):,}"
     return f"{value:.{digits}g}"
+
+
+def precision_badge(meta: dict | None) -> tuple[str, str]:
+    """(short text, tooltip) for a run header: the precision a run trains in and the CPU features it
+    was chosen from (engine.train.precision records both in the run's meta); ("", "") before then."""
+    meta = meta or {}
+    name = meta.get("precision")
+    if not name:
+        return "", ""
+    cpu = meta.get("cpu") or {}
+    feats = cpu.get("features") or {}
+    native = [k for k in ("AMX", "AVX512-BF16") if feats.get(k)]
+    text = name + (f" · {'+'.join(native)}" if native else (" · no bf16 units" if feats else ""))
+    tip = "\n".join(x for x in (
+        meta.get("precision_reason") or "",
+        f"CPU: {cpu.get('model')}" if cpu.get("model") else "",
+        ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in feats.items()),
+    ) if x)
+    return text, tip

@@ -63,10 +63,14 @@ class RunView(QWidget):
         self.progress.setMinimumWidth(260)
         self.progress.setFormat("%p %")
         self.eta_label = QLabel("", objectName="eta")
+        # the precision the run trains in (and the CPU features it was chosen from, in the tooltip)
+        self.precision_label = QLabel("", objectName="precision")
+        self.precision_label.setStyleSheet("color: #555; padding: 0 6px;")
         self.buttons: dict[str, QPushButton] = {}
         head = QHBoxLayout()
         head.addWidget(self.name_label)
         head.addWidget(self.status_label, 1)
+        head.addWidget(self.precision_label)
         head.addWidget(self.progress)
         head.addWidget(self.eta_label)
         for key, text, tip, slot in (
@@ -335,6 +339,11 @@ class RunView(QWidget):
             self.progress.setRange(0, d.max_steps)
             self.progress.setValue(min(d.last_step, d.max_steps))
             self.progress.setFormat("step %v/%m (%p %)")
+        if self.run_id and not self.precision_label.text():
+            run = self.db.get_run(self.run_id)  # the engine records the precision once, as the run starts
+            text, tip = fmt.precision_badge((run or {}).get("meta"))
+            self.precision_label.setText(text)
+            self.precision_label.setToolTip(tip)
         eta = d.eta_seconds()
         self.eta_label.setText(f"ETA {fmt.duration(eta)}" if eta is not None and self.status == "running" else "")
         self._set_status(self.status)

@@ -157,6 +157,11 @@ def _check_inputs(cfg, db: RunDB) -> None:
     if cfg.stage in ("vocab", "pretrain") or cfg.task.name == "lm":
         check_corpus_spec(cfg.data.corpus)
     check_parent(db, cfg)
+    if cfg.stage != "vocab":
+        from engine.train.precision import choose_precision
+        from engine.train.runtime import resolve_device
+
+        choose_precision(cfg.train.precision, resolve_device(cfg.train.device))  # fp16 on a CPU, say
 
 
 # -- runs, inspect, metrics -------------------------------------------------------------------------
@@ -218,6 +223,11 @@ def cmd_inspect(args) -> int:
             print(f"  {name:32} {v:.4f}" + (f"  kernel {kernels[name]}" if name in kernels else ""))
         f = report["flops_per_token"]
         print(f"training FLOPs per token: {f['sparse']:.4g} sparse, {f['dense']:.4g} dense-equivalent ({f['dense'] / f['sparse']:.2f}x)")
+        if report.get("precision"):
+            cpu = report.get("cpu") or {}
+            feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("features") or {}).items())
+            print(f"precision: {report['precision']}" + (f" — {report['precision_reason']}" if report.get("precision_reason") else "")
+                  + (f" [CPU features: {feats}]" if feats else ""))
     return 0
 
 

@@ -29,6 +29,7 @@ STAGES = ("vocab", "pretrain", "finetune", "prompt")
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTIONS = ("uniform", "erk")
 KERNELS = ("auto", "dense", "sparse")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("lm", "pubmedqa", "hoc")
 
 
@@ -226,6 +227,10 @@ class TrainConfig(_Section):
     seed: int = _f(1337, "Random seed for init, masks and data order.", min=0)
     device: str = _f("auto", "Where to train: auto picks CUDA when available.", choices=DEVICES)
     threads: int = _f(0, "CPU threads for torch (0 = all cores).", min=0, max=1024)
+    precision: str = _f("auto", "Precision of the products: auto picks bf16 where the device computes it natively "
+                        "(CUDA; CPUs with AMX or AVX512-BF16) and fp32 elsewhere (fp16 with a gradient scaler on "
+                        "CUDA devices without bf16). Weights, optimizer state, loss and checkpoints stay fp32.",
+                        choices=PRECISIONS)
 
 
 

@@ -23,7 +23,7 @@ import torch
 
 from engine.core.errors import InputError
 
-FORMAT = 2
+FORMAT = 3  # 3: bool tensors as bits, masked weights as their nonzeros (2 is read alike)
 SUFFIX = ".safetensors"
 _META_KEY = "mediswift_state"
 
@@ -35,17 +35,40 @@ def checkpoint_name(step: int) -> str:
 # -- encoding: nested state <-> (JSON skeleton, flat tensors) ----------------------------------------
 
 
+class MaskedWeight:
+    """A masked matrix as a checkpoint stores it: its nonzeros in row-major order and its mask (as
+    bits), so a checkpoint grows with the nonzeros, not the dense shape. Loading gives the dense
+    matrix back, so every reader sees an ordinary state dict."""
+
+    def __init__(self, values: torch.Tensor, mask: torch.Tensor):
+        self.values, self.mask = values, mask
+
+    def dense(self) -> torch.Tensor:
+        w = torch.zeros(self.mask.numel(), dtype=self.values.dtype)
+        w[self.mask.reshape(-1)] = self.values
+        return w.view(self.mask.shape)
+
+
+def _tensor(t: torch.Tensor, tensors: dict[str, torch.Tensor], seen: set[int]) -> dict:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bool:  # masks: one bit per entry instead of a byte
+        bits = torch.from_numpy(np.packbits(t.reshape(-1).numpy()))
+        return {"__bits__": _tensor(bits, tensors, seen), "shape": list(t.shape)}
+    if t.untyped_storage().data_ptr() in seen and t.numel():  # safetensors stores no shared memory (tied weights)
+        t = t.clone()
+    seen.add(t.untyped_storage().data_ptr())
+    key = f"t{len(tensors)}"
+    tensors[key] = t
+    return {"__tensor__": key}
+
+
 def _encode(obj, tensors: dict[str, torch.Tensor], seen: set[int]):
+    if isinstance(obj, MaskedWeight):
+        return {"__masked__": _tensor(obj.values, tensors, seen), "mask": _tensor(obj.mask, tensors, seen)}
     if isinstance(obj, np.ndarray):
         obj = torch.from_numpy(np.ascontiguousarray(obj))
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().to("cpu").contiguous()
-        if t.untyped_storage().data_ptr() in seen and t.numel():  # safetensors stores no shared memory (tied weights)
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        key = f"t{len(tensors)}"
-        tensors[key] = t
-        return {"__tensor__": key}
+        return _tensor(obj, tensors, seen)
     if isinstance(obj, dict):
         return {"__items__": [[_encode(k, tensors, seen), _encode(v, tensors, seen)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
@@ -67,6 +90,17 @@ def _decode(obj, tensors):
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors(obj["__tensor__"])
+        if "__bits__" in obj:
+            shape = [int(n) for n in obj["shape"]]
+            bits = _decode(obj["__bits__"], tensors).numpy()
+            flat = np.unpackbits(bits, count=int(np.prod(shape, dtype=np.int64))).astype(bool)
+            return torch.from_numpy(flat).view(shape)
+        if "__masked__" in obj:
+            mask = _decode(obj["mask"], tensors)
+            values = _decode(obj["__masked__"], tensors)
+            if values.numel() != int(mask.sum()):
+                raise ValueError(f"a masked weight holds {values.numel()} values for {int(mask.sum())} mask entries")
+            return MaskedWeight(values, mask).dense()
         if "__items__" in obj:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
         if "__tuple__" in obj:

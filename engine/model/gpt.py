@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.core.config import ModelConfig
+from engine.model.head_loss import lm_head_loss
 from engine.model.sparse_linear import SparseGroup, SparseLinear
 
 
@@ -155,25 +156,12 @@ class GPT(nn.Module):
         return self.ln_f(x)                                    # [B, P+T, C]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, prefix: torch.Tensor | None = None):
-        """Logits [B, T, V]; with targets [B, T] (-100 = ignore) also the mean cross-entropy."""
+        """Logits [B, T, V], or with targets [B, T] (-100 = ignore) ``(None, mean cross-entropy)``: the
+        loss is taken without materialising the logits it need not keep (engine.model.head_loss)."""
         h = self.hidden(idx, prefix)                           # [B, T, C]
         if targets is None:
             return self.lm_head(h), None
-        logits = self._training_logits(h)                      # [B, T, V]
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
-
-    def _training_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The head's logits for the loss. On CPU they are computed as (W h^T)^T, a [V, B*T] product
-        read through a transposed view: MKL writes the 50,257-wide rows of h W^T at ~100 GFLOP/s on
-        2 Zen 4 cores and the 512-wide rows of W h^T at ~140; the loss and gradients are the same up to
-        float rounding (bitwise at GPT-2 small), ~35-85 ms less per GPT-2-small step, dense and sparse
-        alike. Other devices and autocast keep the plain head."""
-        w = self.lm_head.weight
-        if h.device.type != "cpu" or torch.is_autocast_enabled():
-            return self.lm_head(h)
-        B, T, C = h.shape
-        return (w @ h.reshape(B * T, C).T).T.view(B, T, w.shape[0])
+        return None, lm_head_loss(h, self.lm_head.weight, targets)
 
     def num_params(self) -> int:
         """Parameters of the model as defined, zeros of masked matrices included (tied weights once)."""

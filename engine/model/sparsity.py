@@ -58,6 +58,30 @@ def apply_sparsity(model: GPT, level: float, distribution: str, seed: int) -> di
     return {name: 1.0 - d for name, d in densities.items()}
 
 
+def packed_state_dict(model: torch.nn.Module) -> dict:
+    """The model's state dict (keys as ``state_dict()``) with every masked matrix as its nonzeros and
+    mask (engine.model.checkpoint.MaskedWeight) instead of the dense matrix: a checkpoint in
+    proportion to the nonzeros, and no dense copy of the weights made to write one."""
+    from engine.model.checkpoint import MaskedWeight
+    from engine.model.sparse_linear import SparseLinear
+
+    out = {}
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        masked = isinstance(mod, SparseLinear) and mod.is_sparse
+        for name, p in mod._parameters.items():
+            if p is None:
+                continue
+            if masked and name == "values":
+                out[prefix + "weight"] = MaskedWeight(p.detach(), mod.mask)
+            else:
+                out[prefix + name] = p.detach()
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                out[prefix + name] = b
+    return out
+
+
 def masks_state(model: GPT) -> dict[str, torch.Tensor]:
     return {name: m.mask.cpu() for name, m in model.sparse_layers().items() if m.mask is not None}
 

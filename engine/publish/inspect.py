@@ -1,5 +1,5 @@
 """Report a checkpoint from its tensors: measured sparsity per layer, parameters, FLOPs per token, and
-the matmul path (kernel) each sparse layer trained with."""
+the matmul path (kernel) each sparse layer trained with, and the precision it trained in."""
 from __future__ import annotations
 
 import re
@@ -55,4 +55,9 @@ def inspect_run(db, run_id: str) -> dict:
     # the matmul path each sparse layer trained with ("sparse" core or masked "dense"), as pre-training chose it
     report["kernels"] = dict(ck.get("kernels") or {})
     report.update({"run_id": ref.id, "checkpoint": str(ref.checkpoint), "step": int(ck["step"])})
+    # the precision the run trained in and the CPU features it was chosen from (engine.train.precision)
+    meta = (db.get_run(ref.id) or {}).get("meta") or {}
+    report["precision"] = ck.get("precision") or meta.get("precision")
+    report["precision_reason"] = meta.get("precision_reason")
+    report["cpu"] = meta.get("cpu")
     return report

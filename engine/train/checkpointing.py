@@ -14,8 +14,10 @@ from engine.train.runtime import rng_state, set_rng_state
 
 
 class Checkpointer:
-    def __init__(self, session, stage, opt, sched, counters):
+    def __init__(self, session, stage, opt, sched, counters, scaler=None, precision: str = "fp32"):
         self.s, self.stage, self.opt, self.sched, self.counters = session, stage, opt, sched, counters
+        self.precision = precision  # what the products ran in; the tensors saved are fp32 whatever it is
+        self.scaler = scaler  # fp16's loss scale is trainer state too
 
     def save(self, final: bool) -> tuple[str, int]:
         """Write the checkpoint of the current step; returns (path, bytes)."""
@@ -24,8 +26,10 @@ class Checkpointer:
         state = {
             "format": FORMAT, "stage": s.cfg.stage, "config": s.cfg.to_dict(), "vocab_size": self.stage.vocab_size,
             "tokenizer": TOKENIZER_FILE, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "rng": rng_state(), **c.state(), **self.stage.state(),
+            "rng": rng_state(), "precision": self.precision, **c.state(), **self.stage.state(),
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         nbytes = save_checkpoint(state, path)
         s.db.add_checkpoint(s.run_id, c.step, c.tokens, str(path), nbytes, final, file_sha256(path))
         return str(path), nbytes
@@ -39,6 +43,8 @@ class Checkpointer:
         self._check_moments(path)
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
+        if self.scaler is not None and ck.get("grad_scaler"):
+            self.scaler.load_state_dict(ck["grad_scaler"])
         self.counters.load_state(ck)
         self.s.db.truncate_metrics(self.s.run_id, self.counters.step)
         self.s.info(f"resumed from {path} at step {self.counters.step}")

@@ -11,6 +11,7 @@ from engine.model.flops import flop_model_for_config
 from engine.model.gpt import GPT
 from engine.model.sparsity import apply_sparsity
 from engine.train.optim import make_optimizer
+from engine.train.precision import choose_precision
 from engine.train.runtime import Runtime
 from engine.train.step import lm_micro_batch, train_step
 
@@ -26,6 +27,51 @@ def available_memory() -> int:
     return 8 << 30
 
 
+def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
+    """Bytes a training run holds, by part (CPU; the sparse core's index only where it can run).
+
+    * states: fp32 values, gradients and two AdamW moments of what trains (a masked matrix trains as
+      its packed nonzeros: 16 bytes per nonzero);
+    * masks: per masked matrix its bool mask and the int64 offsets of its nonzeros;
+    * sparse_index: the sparse core's three column-blocked index plans (4-byte column indices and
+      4-byte permutations: 24 bytes per nonzero);
+    * dense_path: the dense fp32 copy of each masked matrix the masked-dense path multiplies with
+      (and its bf16 copy under autocast); held only when a layer runs that path;
+    * activations: kept for backward, 34·d values per token and layer (Korthikanti et al. 2022 without
+      the attention-score term: scaled_dot_product_attention never stores the score matrix), at 2 bytes
+      per value in bf16 and 4 in fp32;
+    * logits: the head loss keeps one [tokens, vocab] gradient in the product's dtype, plus fp32 chunks.
+    """
+    m, tc = cfg.model, cfg.train
+    vocab = cfg.tokenizer.vocab_size
+    level = cfg.sparsity.level if cfg.stage == "pretrain" else 0.0
+    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, level)
+    with torch.device("meta"):
+        total = GPT(m, vocab).num_params()
+    nonzero = total - fm.sparse_numel + fm.sparse_nonzero
+    masked = fm.sparse_nonzero < fm.sparse_numel
+    bf16 = tc.precision in ("bf16", "fp16") or (tc.precision == "auto" and _auto_low_precision(tc))
+    width = 2 if bf16 else 4
+    tokens = tc.batch_size * m.n_ctx
+    return {
+        "states": 16 * nonzero,
+        "masks": fm.sparse_numel + 8 * fm.sparse_nonzero if masked else 0,
+        "sparse_index": 24 * fm.sparse_nonzero if masked and cfg.sparsity.kernel != "dense" else 0,
+        "dense_path": (4 + (2 if bf16 else 0)) * fm.sparse_numel if masked and cfg.sparsity.kernel != "sparse" else 0,
+        "activations": width * m.n_layer * tokens * 34 * m.d_model,
+        "logits": width * tokens * vocab + 4 * (1 << 23) * 2,
+    }
+
+
+def _auto_low_precision(tc) -> bool:
+    from engine.train.precision import choose_precision
+
+    try:
+        return choose_precision("auto", torch.device("cuda" if tc.device != "cpu" and torch.cuda.is_available() else "cpu")).name != "fp32"
+    except Exception:  # noqa: BLE001 - an estimate never fails on the precision
+        return False
+
+
 def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
     m, tc = cfg.model, cfg.train
     vocab = cfg.tokenizer.vocab_size
@@ -35,20 +81,17 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
     fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level if cfg.stage == "pretrain" else 0.0)
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
     tokens = tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx
-    # what the run holds: fp32 values + grads + two AdamW moments of the parameters that train (a masked
-    # matrix trains as its packed nonzeros), and per masked matrix its bool mask, the int64 offsets of
-    # its nonzeros and the dense fp32 copy the masked-dense path multiplies with; activations kept for
-    # backward (≈ 34·d + 5·h·T values per token and layer, after Korthikanti et al. 2022, doubled for fp32)
-    masked = fm.sparse_nonzero < fm.sparse_numel
-    states = 16 * nonzero + (fm.sparse_numel * (1 + 4) + 8 * fm.sparse_nonzero if masked else 0)
-    activations = 2 * m.n_layer * tc.batch_size * m.n_ctx * (34 * m.d_model + 5 * m.n_head * m.n_ctx)
-    logits = 3 * 4 * tc.batch_size * m.n_ctx * vocab
-    memory = states + activations + logits
+    parts = memory_breakdown(cfg)
+    memory = sum(parts.values())
+    if cfg.sparsity.kernel == "auto":
+        # one of the two paths stays: the dense one is never tried where it does not fit, and the
+        # structures of the path not chosen are dropped after the choice
+        memory -= max(parts["sparse_index"], parts["dense_path"])
     out = {
         "params": {"total": total, "nonzero": nonzero},
         "flops": {"dense": fm.train_per_token(False) * tokens, "sparse": fm.train_per_token(True) * tokens,
                   "saving": fm.saving(), "per_token_dense": fm.train_per_token(False), "per_token_sparse": fm.train_per_token(True)},
-        "tokens": tokens, "memory_bytes": memory, "step_seconds": None, "eta_seconds": None,
+        "tokens": tokens, "memory_bytes": memory, "memory_parts": parts, "step_seconds": None, "eta_seconds": None,
         "device": "cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu",
     }
     if probe_steps <= 0:
@@ -76,11 +119,12 @@ def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device) -> dict
     model.to(device)
     opt = make_optimizer(list(model.named_parameters()), tc)
     x = torch.randint(0, vocab, (tc.batch_size, m.n_ctx), device=device)
-    autocast = Runtime(device).autocast
+    rt = Runtime(device, choose_precision(tc.precision, device))
+    autocast, scaler = rt.autocast, rt.grad_scaler()
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
-        train_step(opt, lambda: lm_micro_batch(model, x, x, autocast), tc.grad_accum, tc.grad_clip)
+        train_step(opt, lambda: lm_micro_batch(model, x, x, autocast), tc.grad_accum, tc.grad_clip, scaler)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:

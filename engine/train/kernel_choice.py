@@ -1,5 +1,6 @@
 """Which matmul path each sparse layer takes (``sparsity.kernel``): forced, or for ``auto`` timed once
-per layer shape and then confirmed by a whole-step trial over the first training steps."""
+per layer shape in the run's precision and then confirmed by a whole-step trial over the first
+training steps. A dense candidate that would not fit in memory is skipped, not tried."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,10 @@ import torch
 from engine.model.gpt import GPT
 
 
-def choose_kernels(s, model: GPT, tokens_per_batch: int, device: torch.device) -> dict[str, str]:
-    """Pick the matmul path per sparse layer: forced by sparsity.kernel, or timed once per shape (auto)."""
+def choose_kernels(s, model: GPT, tokens_per_batch: int, device: torch.device, precision: str = "fp32",
+                   available: int | None = None) -> dict[str, str]:
+    """Pick the matmul path per sparse layer, for the run's precision: forced by sparsity.kernel, or
+    timed once per shape (auto). A dense candidate whose memory would not fit is never tried."""
     layers = {n: m for n, m in model.sparse_layers().items() if m.is_sparse}
     want = s.cfg.sparsity.kernel
     if not layers:
@@ -17,35 +20,73 @@ def choose_kernels(s, model: GPT, tokens_per_batch: int, device: torch.device) -
         choice = {n: "dense" for n in layers}  # GPU runs use cuBLAS on the masked weight
     else:
         try:
-            from engine.model.kernels import kernel_available, time_kernels
-            ok = kernel_available()
+            from engine.model.kernels import ops
+            ok = ops.kernel_available(precision)
         except ImportError:
             ok = False
         if not ok:
             if want == "sparse":
-                s.warn("the sparse matmul core is unavailable here; using the masked dense path")
+                s.warn(f"the sparse matmul core is unavailable here for {precision}; using the masked dense path")
             choice = {n: "dense" for n in layers}
         elif want in ("dense", "sparse"):
             choice = {n: want for n in layers}
         else:
-            choice = _timed_choice(s, layers, tokens_per_batch, time_kernels)
+            too_big = dense_path_too_big(layers, precision, available, _step_reserve(s.cfg))
+            if too_big:
+                s.info(too_big)
+                s.db.merge_meta(s.run_id, kernel_dense_skipped=too_big)
+                choice = {n: "sparse" for n in layers}
+            else:
+                choice = _timed_choice(s, layers, tokens_per_batch, ops.time_kernels, precision)
     set_kernels(model, choice)
     return choice
 
 
-def _timed_choice(s, layers: dict, tokens_per_batch: int, time_kernels) -> dict[str, str]:
+def dense_path_bytes(layers: dict, precision: str) -> int:
+    """Memory the masked dense path adds over the sparse core: every layer's dense fp32 matrix (kept
+    between steps), its bf16 copy under autocast, and the largest layer's dense weight gradient."""
+    numel = [m.out_features * m.in_features for m in layers.values()]
+    per = 4 + (2 if precision != "fp32" else 0)
+    return per * sum(numel) + 4 * max(numel)
+
+
+def dense_path_too_big(layers: dict, precision: str, available: int | None = None, reserve: int = 0) -> str:
+    """Why the dense candidate must not run (it would not fit in free memory beside the ``reserve``
+    bytes the step needs anyway: activations and logits), or ''."""
+    from engine.train.estimate import available_memory
+
+    need = dense_path_bytes(layers, precision) + reserve
+    have = available_memory() if available is None else available
+    if need <= 0.8 * have:
+        return ""
+    return (f"kernel choice: the masked dense path and the step would need {need / 2**30:.1f} GiB and "
+            f"{have / 2**30:.1f} GiB is free; training on the sparse core without a dense trial")
+
+
+def _step_reserve(cfg) -> int:
+    """What a step holds whatever the path: activations and the head's logits (engine.train.estimate)."""
+    from engine.train.estimate import memory_breakdown
+
+    try:
+        parts = memory_breakdown(cfg)
+    except Exception:  # noqa: BLE001 - a config the estimate cannot size reserves nothing
+        return 0
+    return parts["activations"] + parts["logits"]
+
+
+def _timed_choice(s, layers: dict, tokens_per_batch: int, time_kernels, precision: str) -> dict[str, str]:
     by_shape: dict[tuple, str] = {}
     timings = {}
     choice = {}
     for name, m in layers.items():
         key = (m.out_features, m.in_features)
         if key not in by_shape:
-            t = time_kernels(m.pattern(), tokens_per_batch)
+            t = time_kernels(m.pattern(), tokens_per_batch, precision=precision)
             by_shape[key] = "sparse" if t["sparse_ms"] < t["dense_ms"] else "dense"
             timings["x".join(map(str, key))] = {**t, "kernel": by_shape[key]}
         choice[name] = by_shape[key]
-    s.db.merge_meta(s.run_id, kernel_timings=timings)
-    s.info("kernel choice per layer shape (out x in): " + ", ".join(
+    s.db.merge_meta(s.run_id, kernel_timings=timings, kernel_precision=precision)
+    s.info(f"kernel choice per layer shape (out x in), {precision}: " + ", ".join(
         f"{k}: {v['kernel']} (dense {v['dense_ms']:.1f} ms, sparse {v['sparse_ms']:.1f} ms)" for k, v in timings.items()))
     return choice
 

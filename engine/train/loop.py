@@ -1,7 +1,7 @@
 """The one training loop. It orchestrates the components every stage shares and asks the stage only
 for what differs (its data, its loss, its evaluation, what it saves):
 
-  runtime (threads, device, seeds)  ->  stage.build  ->  optimizer + schedule  ->  resume (Checkpointer)
+  runtime (threads, device, precision, seeds)  ->  stage.build  ->  optimizer + schedule  ->  resume (Checkpointer)
   -> steps: control (stop / pause between steps), train_step, counters, metrics, Cadence
      (evaluation and checkpoints)  ->  last evaluation, final checkpoint, summary, run_finished.
 
@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from engine.core.hardware import cpu_info
 from engine.core.queries import last_metric_value
 from engine.model.checkpoint import load_checkpoint
 from engine.train.cadence import Cadence
@@ -73,13 +74,17 @@ class TrainLoop:
         s, tc = self.s, self.cfg.train
         s.start(tc.max_steps)
         rt = start_runtime(tc)
+        (s.warn if rt.precision.warning else s.info)(rt.precision.reason)
+        s.db.merge_meta(s.run_id, **rt.precision.as_meta(), cpu=cpu_info().as_meta())
+        self.scaler = rt.grad_scaler()
         resume = self.resume_state
         if resume is None and self.resume_ckpt:
             resume = load_checkpoint(self.resume_ckpt)
         self.stage.build(s, rt, resume)
         self.opt = self.stage.make_optimizer()
         self.sched = make_scheduler(self.opt, tc)
-        self.ckpt = Checkpointer(s, self.stage, self.opt, self.sched, self.counters)
+        self.ckpt = Checkpointer(s, self.stage, self.opt, self.sched, self.counters, self.scaler,
+                                 rt.precision.name)
         if resume is not None:
             self.ckpt.restore(resume, self.resume_ckpt)
         self.cadence = Cadence(tc.eval_every, tc.checkpoint_every, tc.max_steps)
@@ -105,7 +110,7 @@ class TrainLoop:
             if before:
                 before()
             t = time.perf_counter()
-            r = train_step(self.opt, stage.micro_batch, tc.grad_accum, tc.grad_clip)
+            r = train_step(self.opt, stage.micro_batch, tc.grad_accum, tc.grad_clip, self.scaler)
             if not r.finite:
                 self._non_finite(r, c.step + 1)
             self.sched.step()

@@ -18,7 +18,8 @@ from engine.data.vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, tr
 from engine.model.flops import flop_model_for
 from engine.model.gpt import GPT
 from engine.model.runs import check_parent
-from engine.model.sparsity import apply_sparsity, load_masks, masks_state, measure_sparsity, sparse_param_counts
+from engine.model.sparsity import (apply_sparsity, load_masks, masks_state, measure_sparsity, packed_state_dict,
+                                   sparse_param_counts)
 from engine.train.kernel_choice import KernelTrial, choose_kernels, set_kernels
 from engine.train.optim import make_optimizer
 from engine.train.step import MicroBatch, lm_micro_batch
@@ -94,7 +95,7 @@ class PretrainStage:
             self.kernels = dict(resume["kernels"])
             set_kernels(self.model, {n: self.kernels.get(n, "dense") for n in self.model.sparse_layers()})
         else:
-            self.kernels = choose_kernels(s, self.model, tc.batch_size * cfg.model.n_ctx, rt.device)
+            self.kernels = choose_kernels(s, self.model, tc.batch_size * cfg.model.n_ctx, rt.device, rt.precision.name)
             if cfg.sparsity.kernel == "auto" and "sparse" in self.kernels.values():
                 self.trial = KernelTrial(s, self.model, self.kernels)
         counts = sparse_param_counts(self.model)
@@ -152,7 +153,7 @@ class PretrainStage:
 
     # -- what it saves ------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "masks": masks_state(self.model), "data": self.loader.state(),
+        return {"model": packed_state_dict(self.model), "masks": masks_state(self.model), "data": self.loader.state(),
                 "best_val": self.best_val, "kernels": self.kernels}
 
     def load_state(self, ck: dict) -> None:

@@ -1,4 +1,4 @@
-"""Where a stage runs: threads, device, seeds and the process memory setting, set in one place for
+"""Where a stage runs: threads, device, precision, seeds and the process memory setting, set in one place for
 every stage; and the random-number state a checkpoint carries so a resumed run repeats the
 uninterrupted one."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from engine.core.config import TrainConfig
 from engine.core.errors import InputError
 from engine.train.memory import keep_freed_memory
+from engine.train.precision import Precision, choose_precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,12 +27,17 @@ def resolve_device(name: str) -> torch.device:
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
+    precision: Precision
 
     def autocast(self):
-        """bf16 autocast on CUDA; CPU stages compute in fp32."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        """The products in the run's precision (autocast); fp32 runs plain."""
+        if self.precision.name == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.dtype)
+
+    def grad_scaler(self):
+        """fp16 alone needs loss scaling (bf16 has fp32's exponent range)."""
+        return torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
 
 
 def start_runtime(tc: TrainConfig) -> Runtime:
@@ -41,10 +47,11 @@ def start_runtime(tc: TrainConfig) -> Runtime:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
+    precision = choose_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed % 2**32)
-    return Runtime(device)
+    return Runtime(device, precision)
 
 
 def rng_state() -> dict:

@@ -30,24 +30,39 @@ class StepResult:
 
 
 def train_step(opt: torch.optim.Optimizer, micro_batch: Callable[[], MicroBatch], n_micro: int,
-               grad_clip: float) -> StepResult:
+               grad_clip: float, scaler: torch.amp.GradScaler | None = None) -> StepResult:
     """``n_micro`` calls of ``micro_batch`` (forward + loss), each backward at 1/n_micro, then one
     optimizer step over the optimizer's own parameters (the gradient norm too). A non-finite loss or
-    gradient norm skips the optimizer step, so the weights and moments stay as they were."""
+    gradient norm skips the optimizer step, so the weights and moments stay as they were.
+
+    With ``scaler`` (fp16) the loss is scaled for backward and the gradients unscaled before the norm;
+    an overflowing gradient then only makes the scaler skip the step and lower its scale, as fp16
+    training expects, and is not reported as non-finite (the loss still is)."""
     opt.zero_grad(set_to_none=True)
     total, tokens, flops, flops_dense = 0.0, 0, 0.0, 0.0
     for _ in range(n_micro):
         mb = micro_batch()
-        (mb.loss / n_micro).backward()
+        loss = mb.loss / n_micro
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         total += mb.loss.item()
         tokens += mb.tokens
         flops += mb.flops
         flops_dense += mb.flops_dense
+    if scaler is not None:
+        scaler.unscale_(opt)
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+    if scaler is not None:
+        finite = math.isfinite(total)
+        if finite:
+            scaler.step(opt)  # skips the update itself when the unscaled gradients overflowed
+        scaler.update()
+        if not finite:
+            opt.zero_grad(set_to_none=True)
+        return StepResult(total / n_micro, grad_norm, tokens, flops, flops_dense, finite)
     finite = math.isfinite(total) and math.isfinite(grad_norm)
     if finite:
         opt.step()
