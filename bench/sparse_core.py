@@ -2,18 +2,25 @@
 
 One training step of one linear layer = forward Y = X W^T, input gradient
 dX = dY W, weight gradient dW = dY^T X (for the sparse kernels only at the
-mask's nonzeros).  fp32, no bias.  Implementations are run interleaved
+mask's nonzeros), no bias.  Implementations are run interleaved
 (every repeat runs each of them once) so load changes on a shared machine hit
 all of them alike; reported times are medians after one warm-up round.
+
+--precision fp32 (default): fp32 everywhere; baseline dense MKL.
+--precision bf16: bf16 activations; baseline the dense bf16 products (torch's bf16 matmul, oneDNN),
+against our fp32 core and our bf16 core (bf16 activations and values, fp32 accumulation, bf16 Y and
+dX, fp32 dW); a summary gives the bf16 core's speed-up over the fp32 core per sparsity.
 
 GFLOP/s are *dense-equivalent*: 2*N*in*out per product divided by the time,
 whatever the sparsity, so they compare directly with the dense column.
 
-Usage:  python bench/sparse_core.py [--quick] [--json] [--repeats R]
+Usage:  python bench/sparse_core.py [--quick] [--json] [--repeats R] [--precision fp32|bf16]
 """
 import argparse
 import json
+import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -61,6 +68,14 @@ class Dense:
         return {"fwd": f, "dx": d, "dw": g}
 
 
+class DenseBF16(Dense):
+    """torch's bf16 matmul (oneDNN) on bf16 activations and a bf16 weight: what autocast's linear runs."""
+    name = "dense bf16"
+
+    def __init__(self, x, w, dy, mask):
+        super().__init__(x.bfloat16(), w.bfloat16(), dy.bfloat16(), mask)
+
+
 class Ours:
     """Exactly the calls sparse_linear makes on a layer's packed values (the weight at the mask's
     nonzeros, as SparseLinear stores it): X/dY tiling, values scattered into each plan's order, the
@@ -85,6 +100,15 @@ class Ours:
         ops._grad_values(tiles, dyt, p)
         t3 = _clock()
         return {"fwd": (t1 - t0) * 1e3, "dx": (t2 - t1) * 1e3, "dw": (t3 - t2) * 1e3}
+
+
+class OursBF16(Ours):
+    """The bf16 core, as sparse_linear runs it under autocast: bf16 activations, the fp32 master values
+    rounded to bf16 for each product, bf16 Y and dX, fp32 dW."""
+    name = "ours bf16"
+
+    def __init__(self, x, w, dy, mask):
+        super().__init__(x.bfloat16(), w, dy.bfloat16(), mask)
 
 
 class TorchSparse:
@@ -150,12 +174,49 @@ def run_case(n, fin, fout, sp, impls, repeats, seed=0):
                      "ms_total": total,
                      "gflops_fwd": flop / med["fwd"] / 1e6,
                      "gflops_total": 3 * flop / total / 1e6})
-    dense_total = next(r["ms_total"] for r in rows if r["impl"] == "dense")
+    dense_total = rows[0]["ms_total"]  # the first implementation is the baseline
     for r in rows:
         r["speedup_vs_dense"] = dense_total / r["ms_total"]
         for k in ("dx", "dw"):
             r["gflops_" + k] = flop / r["ms_" + k] / 1e6 if r["ms_" + k] else None
     return rows
+
+
+def cpu_description():
+    """(CPU model, the features that decide the matmul paths, torch's own CPU capability)."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        from llvmlite import binding as ll
+        feats = {k for k, v in ll.get_host_cpu_features().items() if v}
+    except Exception:  # noqa: BLE001 - features unknown: say so
+        feats = None
+
+    def has(*names):
+        return "?" if feats is None else ("yes" if all(n in feats for n in names) else "no")
+    flags = (f"AMX {has('amx-tile', 'amx-bf16')}, AVX512-BF16 {has('avx512bf16')}, AVX-512 {has('avx512f')}, "
+             f"AVX2 {has('avx2')}")
+    return model, flags, torch.backends.cpu.get_cpu_capability()
+
+
+def _ratio_summary(all_rows, num, den, what):
+    """One line per sparsity: min-max and geometric mean over shapes and N of time(num) / time(den)."""
+    lines = []
+    for sp in sorted({r["sparsity"] for r in all_rows}):
+        by = {}
+        for r in all_rows:
+            if r["sparsity"] == sp:
+                by.setdefault((r["n"], r["in"], r["out"]), {})[r["impl"]] = r["ms_total"]
+        q = [v[num] / v[den] for v in by.values() if num in v and den in v]
+        if q:
+            gm = math.exp(sum(math.log(x) for x in q) / len(q))
+            lines.append(f"  {what} at {sp:.0%} sparsity: {min(q):.2f}-{max(q):.2f}x (geometric mean {gm:.2f}x, "
+                         f"{len(q)} cases)")
+    return lines
 
 
 def _fmt(v, spec):
@@ -167,6 +228,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="only N = 512 (under two minutes)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--repeats", type=int, default=9, help="timed repeats per case (median)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: bf16 dense products vs our fp32 and bf16 cores")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES, help="sparsities to run")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for torch and numba (default: all cores)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -186,17 +250,27 @@ def main(argv=None):
             ap.error("--cpu-time needs --threads 1 (CPU time of one thread)")
         _clock = time.thread_time
 
-    if not kernel_available():
-        print("numba kernels not available", file=sys.stderr)
+    bf16 = args.precision == "bf16"
+    if not kernel_available() or (bf16 and not kernel_available("bf16")):
+        print(f"numba kernels not available ({args.precision})", file=sys.stderr)
         return 1
     if args.threads:
         import numba
         numba.set_num_threads(args.threads)
-    impls = [Dense, Ours, TorchSparse] + ([SparseProp] if _SPLinear is not None else [])
+        # numba's OpenMP pool shares torch's libgomp and resets its thread count to all cores as it
+        # starts: set torch's again (MKL keeps its own, oneDNN's bf16 matmul follows OpenMP's)
+        torch.set_num_threads(args.threads)
+    if bf16:  # torch.sparse and sparseprop have no bf16 path worth timing
+        impls = [DenseBF16, Ours, OursBF16]
+    else:
+        impls = [Dense, Ours, TorchSparse] + ([SparseProp] if _SPLinear is not None else [])
     ns = [512] if args.quick else [512, 2048]
 
     if not args.json:
-        print("Sparse linear core: one training step of one linear layer, fp32, no bias, "
+        model, flags, capability = cpu_description()
+        print(f"CPU: {model}; {flags}; torch CPU capability {capability}; "
+              f"sparse core bf16 path: {ops.bf16_path()}")
+        print(f"Sparse linear core: one training step of one linear layer, {args.precision}, no bias, "
               f"{torch.get_num_threads()} threads, "
               + ("thread CPU time" if args.cpu_time else "wall clock")
               + f", load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
@@ -207,20 +281,25 @@ def main(argv=None):
               "GFLOP/s (2*N*in*out per product / time, regardless of sparsity)")
         print("  ours includes X/dY tiling, value scatters, row-major Y/dX; its dW is the gradient of the "
               "packed nonzeros (no dense dW)"
-              + ("; sparseprop reports dX+dW together (in the dW column)" if _SPLinear else
+              + ("; bf16: activations bf16 for 'dense bf16' and 'ours bf16', fp32 for 'ours' (the fp32 core); "
+                 "'vs dense' is against 'dense bf16'" if bf16 else
+                 "; sparseprop reports dX+dW together (in the dW column)" if _SPLinear else
                  "; sparseprop not installed"))
         hdr = (f"{'N':>5} {'in':>5} {'out':>5} {'sp':>5} {'impl':<13}"
                f"{'fwd ms':>9}{'dX ms':>9}{'dW ms':>9}{'total ms':>10}"
                f"{'fwd GF/s':>10}{'dX GF/s':>9}{'dW GF/s':>9}{'tot GF/s':>10}{'vs dense':>10}")
         print(hdr)
         print("-" * len(hdr))
+    all_rows = []
     for n in ns:
         for fin, fout in SHAPES:
-            for sp in SPARSITIES:
+            for sp in args.sparsities:
                 rows = run_case(n, fin, fout, sp, impls, args.repeats)
+                all_rows += rows
                 for r in rows:
                     if args.json:
-                        print(json.dumps({**r, "malloc_keeps_freed_memory": kept}), flush=True)
+                        print(json.dumps({**r, "precision": args.precision, "malloc_keeps_freed_memory": kept}),
+                              flush=True)
                         continue
                     dw = r["ms_dw"] if r["ms_dw"] is not None else r["ms_bwd"]
                     dwg = r["gflops_dw"] if r["ms_dw"] is not None else 2 * 2.0 * n * fin * fout / dw / 1e6
@@ -233,6 +312,11 @@ def main(argv=None):
                     print()
     if not args.json:
         print(f"numba threading layer: {ops.thread_pool()}, load average at end {os.getloadavg()[0]:.1f}")
+        if bf16:
+            print("Summary, total step time, ratio over shapes and N:")
+            for line in (_ratio_summary(all_rows, "ours", "ours bf16", "bf16 core vs fp32 core (fp32 ms / bf16 ms)")
+                         + _ratio_summary(all_rows, "dense bf16", "ours bf16", "bf16 core vs dense bf16")):
+                print(line)
     return 0
 
 

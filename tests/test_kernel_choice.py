@@ -74,6 +74,10 @@ def test_a_dense_candidate_that_would_not_fit_is_never_tried(monkeypatch):
 def test_the_whole_step_trial_keeps_the_faster_and_records_both(mix_s, dense_s, kept):
     s, model = Session(), _model()
     mix = {n: "sparse" for n, m in model.sparse_layers().items() if m.is_sparse}
+    for n in mix:  # the trial's steps built both paths of every layer
+        layer = model.sparse_layers()[n]
+        layer.pattern()
+        layer._dense_weight()
     trial = KernelTrial(s, model, mix)
     while not trial.done:
         trial.before_step()
@@ -82,6 +86,9 @@ def test_the_whole_step_trial_keeps_the_faster_and_records_both(mix_s, dense_s, 
     t = s.meta["kernel_trial"]
     assert (t["mix_step_s"], t["dense_step_s"]) == (mix_s, dense_s)
     assert all(m.kernel == kept for n, m in model.sparse_layers().items() if n in mix)
+    for n in mix:  # the path not kept holds nothing any more
+        layer = model.sparse_layers()[n]
+        assert (layer._dense is None) == (kept == "sparse") and (layer._pattern is None) == (kept == "dense")
 
 
 def test_a_real_auto_run_never_keeps_a_choice_slower_than_its_dense_step(cli):

@@ -257,3 +257,25 @@ def test_exports_from_the_browser_and_the_run_view(qtbot, window, db, tmp_path):
         pass
     ok, message, _report = sig.args
     assert not ok and "nosuchrun" in message
+
+
+def test_run_header_shows_the_precision_and_the_cpu_features_it_was_chosen_from(qtbot, tmp_path):
+    from studio.run_view import RunView
+
+    db = RunDB(tmp_path / "runs.db")
+    pre = make_run(db, "pre", "pretrain", steps=10)
+    db.merge_meta(pre, precision="bf16", precision_reason="precision bf16 (auto): the CPU (Test CPU) has AVX512-BF16",
+                  cpu={"model": "Test CPU", "features": {"AMX": False, "AVX512-BF16": True, "AVX-512": True, "AVX2": True}})
+    plain = make_run(db, "plain", "pretrain", steps=10)
+    db.merge_meta(plain, precision="fp32", precision_reason="precision fp32 (auto): ...",
+                  cpu={"model": "Old CPU", "features": {"AMX": False, "AVX512-BF16": False, "AVX-512": False, "AVX2": True}})
+    shown = {}
+    for run in (pre, plain):
+        view = RunView(db)
+        qtbot.addWidget(view)
+        assert view.attach_run(run)
+        view._update_progress()
+        shown[run] = (view.precision_label.text(), view.precision_label.toolTip())
+    assert shown[pre][0] == "bf16 · AVX512-BF16"
+    assert "has AVX512-BF16" in shown[pre][1] and "Test CPU" in shown[pre][1] and "AMX no" in shown[pre][1]
+    assert shown[plain][0] == "fp32 · no bf16 units"

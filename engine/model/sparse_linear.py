@@ -71,6 +71,14 @@ class SparseLinear(nn.Linear):
             kernel = "dense"
         self.kernel = kernel
 
+    def release_unused(self) -> None:
+        """Drop what only the path not taken needs: the dense copy when the layer runs on the sparse
+        core, the core's index plans when it runs dense (a kernel trial builds both)."""
+        if self.kernel == "sparse":
+            self._dense = None
+        else:
+            self._pattern = None
+
     def pattern(self):
         if self._pattern is None:
             from engine.model.kernels import SparsePattern
@@ -86,8 +94,11 @@ class SparseLinear(nn.Linear):
         return int(torch.count_nonzero(w if w is not None else self.weight))
 
     def uses_sparse_core(self, x: torch.Tensor) -> bool:
-        return (self.mask is not None and self.kernel == "sparse" and x.device.type == "cpu"
-                and not torch.is_autocast_enabled())
+        # under CPU autocast to bf16 the core computes in bf16, as autocast's linear would; autocast to
+        # another dtype (fp16) is left to the dense path, which autocast handles
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return False
+        return self.mask is not None and self.kernel == "sparse" and x.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
@@ -158,7 +169,7 @@ class _PackedDenseLinear(torch.autograd.Function):
         weight = ctx.weight
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         gx = gv = gb = None
-        # products in the gradient's dtype (bf16 under CUDA autocast); autograd casts gx back to x's
+        # products in the gradient's dtype (bf16 under autocast, CPU or CUDA); autograd casts gx back to x's
         if need_x:
             gx = gy @ weight.to(gy.dtype)
         gy2 = gy.reshape(-1, gy.shape[-1])
@@ -178,6 +189,10 @@ class SparseGroup:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._pattern = None
+
+    def release(self) -> None:
+        """Drop the stacked index plans (its layers left the sparse core)."""
+        self._key = self._pattern = None
 
     def __call__(self, layers: tuple[SparseLinear, ...], x: torch.Tensor) -> list[torch.Tensor]:
         if not all(m.uses_sparse_core(x) for m in layers):

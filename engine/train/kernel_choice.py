@@ -39,6 +39,7 @@ def choose_kernels(s, model: GPT, tokens_per_batch: int, device: torch.device, p
             else:
                 choice = _timed_choice(s, layers, tokens_per_batch, ops.time_kernels, precision)
     set_kernels(model, choice)
+    release_unused_paths(model)
     return choice
 
 
@@ -97,6 +98,19 @@ def set_kernels(model: GPT, choice: dict[str, str]) -> None:
             m.set_kernel(choice[name])
 
 
+def release_unused_paths(model: GPT) -> None:
+    """Once the choice is final, free what only the other path needs (the trial ran both): a layer on
+    the sparse core keeps no dense copy, a dense one no index plans, nor its stacked q/k/v group."""
+    from engine.model.sparse_linear import SparseGroup
+
+    for m in model.sparse_layers().values():
+        m.release_unused()
+    for mod in model.modules():
+        for v in vars(mod).values():
+            if isinstance(v, SparseGroup):
+                v.release()  # rebuilt on first use if its layers are on the core
+
+
 class KernelTrial:
     """Per-shape timings of isolated matmuls do not always predict a whole step (caches, threads):
     the first real steps alternate the per-shape mix with all-dense and keep the faster."""
@@ -129,6 +143,7 @@ class KernelTrial:
         dense, mix = min(self.times["dense"]), min(self.times["mix"])  # min: the first steps also pay warm-up costs
         self.kernels = self.mix if mix < dense else {n: "dense" for n in self.mix}
         set_kernels(self.model, self.kernels)
+        release_unused_paths(self.model)
         self.s.db.merge_meta(self.s.run_id, kernels=self.kernels, kernel_trial={"dense_step_s": dense, "mix_step_s": mix})
         self.s.info(f"kernel trial over the first steps: per-shape choice {mix * 1000:.0f} ms/step, all dense "
                     f"{dense * 1000:.0f} ms/step; keeping {'the per-shape choice' if mix < dense else 'dense'}")

@@ -18,8 +18,9 @@ from engine.data.vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, tr
 from engine.model.flops import flop_model_for
 from engine.model.gpt import GPT
 from engine.model.runs import check_parent
-from engine.model.sparsity import (apply_sparsity, load_masks, masks_state, measure_sparsity, packed_state_dict,
-                                   sparse_param_counts)
+from engine.model.sparsity import (
+    apply_sparsity, load_masks, masks_state, measure_sparsity, packed_state_dict, sparse_param_counts,
+)
 from engine.train.kernel_choice import KernelTrial, choose_kernels, set_kernels
 from engine.train.optim import make_optimizer
 from engine.train.step import MicroBatch, lm_micro_batch

@@ -10,7 +10,9 @@ numba's on-disk cache is keyed on the njit function's source file, so code
 generators kept elsewhere could be served stale from the cache.
 
 All functions are dtype-generic; float32 uses 16 lanes, float64 8 lanes (the
-float64 specialisation exists for gradcheck).
+float64 specialisation exists for gradcheck). The bf16 kernels (``*16_part``, the
+last section) take bf16 bit patterns in int16 arrays and accumulate in fp32, with
+the AVX512-BF16 dot product where the CPU has it, widening to fp32 FMAs elsewhere.
 """
 import os
 
@@ -531,6 +533,27 @@ def scatter_par(src, pos, out, ctr, nwork):
         scatter_part(src, pos, out, ctr, w, nwork)
 
 
+def _transpose_regs(builder, v):
+    """Transpose L vectors of L lanes in registers: log2(L) butterfly rounds of two-input shuffles
+    (round b swaps bit b of the row index with bit b of the lane index)."""
+    L = len(v)
+    i32 = ir.IntType(32)
+    m = 1
+    while m < L:
+        nv = list(v)
+        for r0 in range(L):
+            if r0 & m:
+                continue
+            r1 = r0 | m
+            lo = [c if not (c & m) else L + (c ^ m) for c in range(L)]
+            hi = [L + c if (c & m) else (c ^ m) for c in range(L)]
+            nv[r0] = builder.shuffle_vector(v[r0], v[r1], ir.Constant(ir.VectorType(i32, L), lo))
+            nv[r1] = builder.shuffle_vector(v[r0], v[r1], ir.Constant(ir.VectorType(i32, L), hi))
+        v = nv
+        m <<= 1
+    return v
+
+
 @intrinsic
 def _transpose_block(typingctx, src, soff, sstride, dst, doff, dstride, bias, boff, use_bias):
     """Transpose one LxL block (L = lanes): dst[doff + c*dstride + r] = src[soff + r*sstride + c].
@@ -548,7 +571,6 @@ def _transpose_block(typingctx, src, soff, sstride, dst, doff, dstride, bias, bo
         ft = _llvm_float(sty.dtype)
         L = _lanes(sty.dtype)
         vty = ir.VectorType(ft, L)
-        i32 = ir.IntType(32)
         i64 = ir.IntType(64)
 
         def w64(v):
@@ -557,22 +579,9 @@ def _transpose_block(typingctx, src, soff, sstride, dst, doff, dstride, bias, bo
         sp = _data_ptr(context, builder, sty, sa)
         dp = _data_ptr(context, builder, dty, da)
         bp = _data_ptr(context, builder, bty, ba)
-        v = [_vload(builder, sp, builder.add(soff, builder.mul(ir.Constant(i64, r), sstride)), vty)
-             for r in range(L)]
-        # round b swaps bit b of the row index with bit b of the lane index
-        m = 1
-        while m < L:
-            nv = list(v)
-            for r0 in range(L):
-                if r0 & m:
-                    continue
-                r1 = r0 | m
-                lo = [c if not (c & m) else L + (c ^ m) for c in range(L)]
-                hi = [L + c if (c & m) else (c ^ m) for c in range(L)]
-                nv[r0] = builder.shuffle_vector(v[r0], v[r1], ir.Constant(ir.VectorType(i32, L), lo))
-                nv[r1] = builder.shuffle_vector(v[r0], v[r1], ir.Constant(ir.VectorType(i32, L), hi))
-            v = nv
-            m <<= 1
+        v = _transpose_regs(builder, [
+            _vload(builder, sp, builder.add(soff, builder.mul(ir.Constant(i64, r), sstride)), vty)
+            for r in range(L)])
         flag = builder.icmp_unsigned("!=", use_bias, ir.Constant(use_bias.type, 0))
         with builder.if_then(flag):
             bvec = _vload(builder, bp, boff, vty)  # only touched when there is a bias
@@ -620,3 +629,631 @@ def to_tiles_part(x, n, f, ntiles, out, dummy, ctr, w, nwork):
 def to_tiles_par(x, n, f, ntiles, out, dummy, ctr, nwork):
     for w in prange(nwork):
         to_tiles_part(x, n, f, ntiles, out, dummy, ctr, w, nwork)
+
+
+# --- bf16 ----------------------------------------------------------------------------------------
+# numba has no bf16 type: bf16 activations and values travel as their bit patterns in int16 arrays
+# (torch.bfloat16 tensors viewed as int16). Tiles keep the fp32 layout, [ntiles, features, T] with
+# tokens in natural order (one feature of a tile = 256 B, four vectors of 32). Every product
+# accumulates in fp32; the SpMMs round their outputs to bf16 as they write them, the SDDMM writes
+# fp32 (the gradient of fp32 master values).
+
+
+def _cpu_features():
+    """The CPU features numba compiles for: NUMBA_CPU_FEATURES where set, else the host's. numba's
+    cache is keyed on them, so code generated for one feature set is never served to another CPU."""
+    if numba.config.CPU_FEATURES is not None:
+        return {f.strip()[1:] for f in numba.config.CPU_FEATURES.split(",") if f.strip().startswith("+")}
+    try:
+        from llvmlite import binding as ll
+        return {k for k, v in ll.get_host_cpu_features().items() if v}
+    except Exception:  # a platform llvmlite cannot query: assume nothing
+        return set()
+
+
+CPU_FEATURES = frozenset(_cpu_features())
+# vdpbf16ps exists: its code is generated (elsewhere the widening path is the only one compiled)
+HAS_BF16_DOT = {"avx512f", "avx512bw", "avx512bf16"} <= CPU_FEATURES
+# The path the bf16 products take. MEDISWIFT_BF16_PATH=widen forces widening where the dot product
+# exists, so one machine tests both. A run-time argument of the kernels, not a compile-time
+# switch: numba's cache knows nothing of this variable.
+BF16_DOT = HAS_BF16_DOT and os.environ.get("MEDISWIFT_BF16_PATH", "").strip().lower() != "widen"
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat``, which llvmlite.ir cannot name; the AVX512-BF16 intrinsics take <32 x bfloat>
+    (the IR is text to LLVM, so naming the type is all it takes)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V16F = ir.VectorType(ir.FloatType(), 16)
+_V16I = ir.VectorType(_I32, 16)
+_V32H = ir.VectorType(_I16, 32)  # 32 bf16 bit patterns
+_V32B = ir.VectorType(_BFloat(), 32)
+# vpunpck{l,h}wd: in each 128-bit lane, words 0-3 (lo) or 4-7 (hi) of a and b interleaved
+_UNPACK_LO = [32 * s + 8 * l + i for l in range(4) for i in range(4) for s in (0, 1)]
+_UNPACK_HI = [32 * s + 8 * l + 4 + i for l in range(4) for i in range(4) for s in (0, 1)]
+
+
+def _const(ty, v):
+    return ir.Constant(ty, [v] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, v)
+
+
+def _load(builder, base_ptr, elem_off, ty, align=2):
+    """Load a ``ty`` at element ``elem_off`` of base_ptr (int16 data is only 2-byte aligned)."""
+    p = builder.gep(base_ptr, [elem_off])
+    return builder.load(builder.bitcast(p, ty.as_pointer()), align=align)
+
+
+def _store(builder, val, base_ptr, elem_off, align=2):
+    p = builder.gep(base_ptr, [elem_off])
+    builder.store(val, builder.bitcast(p, val.type.as_pointer()), align=align)
+
+
+def _widen(builder, v):
+    """32 bf16 (one 512-bit vector) -> their even and odd elements as two <16 x float>: a bf16 is the
+    high half of an fp32, so the low half of each 32-bit lane widens by a shift, the high half by a
+    mask."""
+    v = builder.bitcast(v, _V16I)
+    even = builder.shl(v, _const(_V16I, 16))
+    odd = builder.and_(v, _const(_V16I, -65536))
+    return builder.bitcast(even, _V16F), builder.bitcast(odd, _V16F)
+
+
+def _bf16_dot(builder, acc, a, b):
+    """acc[k] + a[2k] b[2k] + a[2k+1] b[2k+1] for 16 fp32 lanes (vdpbf16ps; a, b: 32 bf16)."""
+    fnty = ir.FunctionType(_V16F, [_V16F, _V32B, _V32B])
+    fn = builder.module.declare_intrinsic("llvm.x86.avx512bf16.dpbf16ps.512", fnty=fnty)
+    return builder.call(fn, [acc, builder.bitcast(a, _V32B), builder.bitcast(b, _V32B)])
+
+
+def _round_bf16(builder, f):
+    """fp32 (scalar or vector) -> bf16 bits (i16), rounded to nearest even; a NaN stays a NaN."""
+    vec = isinstance(f.type, ir.VectorType)
+    ity = ir.VectorType(_I32, f.type.count) if vec else _I32
+    hty = ir.VectorType(_I16, f.type.count) if vec else _I16
+    u = builder.bitcast(f, ity)
+    lsb = builder.and_(builder.lshr(u, _const(ity, 16)), _const(ity, 1))
+    r = builder.lshr(builder.add(u, builder.add(lsb, _const(ity, 0x7FFF))), _const(ity, 16))
+    r = builder.select(builder.fcmp_unordered("uno", f, f), _const(ity, 0x7FC0), r)
+    return builder.trunc(r, hty)
+
+
+def _w64(builder, v):
+    return builder.sext(v, _I64) if v.type.width < 64 else v
+
+
+def _counted_loop(builder, start, end, step, init, body, name):
+    """Emit ``j = start; while j + step <= end: vals = body(j, vals); j += step``. Returns (j, vals)
+    as they leave the loop, valid in the block the builder is left in."""
+    pre = builder.basic_block
+    head = builder.append_basic_block(name + ".head")
+    loop = builder.append_basic_block(name + ".body")
+    out = builder.append_basic_block(name + ".exit")
+    builder.branch(head)
+    builder.position_at_end(head)
+    j = builder.phi(_I64)
+    j.add_incoming(start, pre)
+    vals = []
+    for v in init:
+        ph = builder.phi(v.type)
+        ph.add_incoming(v, pre)
+        vals.append(ph)
+    jn = builder.add(j, ir.Constant(_I64, step))
+    builder.cbranch(builder.icmp_signed("<=", jn, end), loop, out)
+    builder.position_at_end(loop)
+    new = body(j, vals)
+    last = builder.basic_block
+    j.add_incoming(jn, last)
+    for ph, v in zip(vals, new):
+        ph.add_incoming(v, last)
+    builder.branch(head)
+    builder.position_at_end(out)
+    return j, vals
+
+
+def _merge(builder, arms):
+    """Join ``arms`` [(values, block)], each block not yet terminated, into a new block; returns the
+    values there."""
+    done = builder.append_basic_block("merge")
+    for _, blk in arms:
+        builder.position_at_end(blk)
+        builder.branch(done)
+    builder.position_at_end(done)
+    return _phis(builder, arms)
+
+
+def _phis(builder, arms):
+    """Phis in the current block for ``arms`` [(values, predecessor block)]."""
+    out = []
+    for k in range(len(arms[0][0])):
+        ph = builder.phi(arms[0][0][k].type)
+        for vals, blk in arms:
+            ph.add_incoming(vals[k], blk)
+        out.append(ph)
+    return out
+
+
+@intrinsic
+def _spmm16_seg(typingctx, x, xbase, idx, val, start, end, y, ybase, accumulate, dot):
+    """y[ybase:ybase+T] (+)= sum_j val[j] * x[xbase + idx[j]*T : +T], j in [start, end): x and val
+    bf16 bits, y fp32 with the tokens in the order of ``_spmm16_pos``.
+
+    Widening: per nonzero four 64-byte loads of 32 tokens, each widened into its even and odd tokens,
+    eight fp32 FMAs (accumulator 2q: even tokens of 32q.., 2q+1: odd ones). Dot (``dot``, where
+    vdpbf16ps exists): two nonzeros at a time, their 32-token vectors interleaved word by word
+    (vpunpck{l,h}wd), times the pair of values (one 32-bit broadcast of val[j:j+2]) in one vdpbf16ps
+    per 16 tokens: four multiply instructions per nonzero instead of eight, and no widening."""
+    sig = types.void(x, xbase, idx, val, start, end, y, ybase, accumulate, dot)
+
+    def codegen(context, builder, signature, args):
+        xa, xbase, idxa, vala, start, end, ya, ybase, accumulate, dot = args
+        xty, _, idxty, valty, _, _, yty, _, _, _ = signature.args
+        nv = T // 16
+        xp = _data_ptr(context, builder, xty, xa)
+        ip = _data_ptr(context, builder, idxty, idxa)
+        wp = _data_ptr(context, builder, valty, vala)
+        yp = _data_ptr(context, builder, yty, ya)
+        xbase, ybase, start, end = (_w64(builder, v) for v in (xbase, ybase, start, end))
+
+        zero = _const(_V16F, 0.0)
+        pre = builder.basic_block
+        ld = builder.append_basic_block("spmm16.load")
+        ent = builder.append_basic_block("spmm16.entry")
+        builder.cbranch(builder.icmp_unsigned("!=", accumulate, _const(accumulate.type, 0)), ld, ent)
+        builder.position_at_end(ld)
+        loaded = [_load(builder, yp, builder.add(ybase, ir.Constant(_I64, 16 * k)), _V16F, 4) for k in range(nv)]
+        builder.branch(ent)
+        builder.position_at_end(ent)
+        init = []
+        for k in range(nv):
+            ph = builder.phi(_V16F)
+            ph.add_incoming(loaded[k], ld)
+            ph.add_incoming(zero, pre)
+            init.append(ph)
+
+        def col_off(j):
+            c = builder.zext(builder.load(builder.gep(ip, [j])), _I64)
+            return builder.add(xbase, builder.mul(c, ir.Constant(_I64, T)))
+
+        def widen_body(j, accs):
+            off = col_off(j)
+            w = builder.shl(builder.zext(builder.load(builder.gep(wp, [j])), _I32), ir.Constant(_I32, 16))
+            w = _splat(builder, builder.bitcast(w, ir.FloatType()), _V16F)
+            new = list(accs)
+            for q in range(T // 32):
+                ev, od = _widen(builder, _load(builder, xp, builder.add(off, ir.Constant(_I64, 32 * q)), _V16I))
+                new[2 * q] = _fma(builder, w, ev, accs[2 * q])
+                new[2 * q + 1] = _fma(builder, w, od, accs[2 * q + 1])
+            return new
+
+        def dot_body(j, accs, pair, live=None):
+            off0 = col_off(j)
+            if pair:
+                off1 = col_off(builder.add(j, ir.Constant(_I64, 1)))
+                w2 = _load(builder, wp, j, _I32)  # val[j] low, val[j+1] high
+            else:  # the odd one out, paired with zeros; nothing at all unless ``live``
+                w2 = builder.select(live, builder.zext(builder.load(builder.gep(wp, [j])), _I32), ir.Constant(_I32, 0))
+            wv = _splat(builder, w2, _V16I)
+            new = list(accs)
+            for q in range(T // 32):
+                a = _load(builder, xp, builder.add(off0, ir.Constant(_I64, 32 * q)), _V32H)
+                if pair:
+                    b = _load(builder, xp, builder.add(off1, ir.Constant(_I64, 32 * q)), _V32H)
+                else:
+                    a = builder.select(live, a, _const(_V32H, 0))
+                    b = _const(_V32H, 0)
+                lo = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 32), _UNPACK_LO))
+                hi = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 32), _UNPACK_HI))
+                new[2 * q] = _bf16_dot(builder, accs[2 * q], lo, wv)
+                new[2 * q + 1] = _bf16_dot(builder, accs[2 * q + 1], hi, wv)
+            return new
+
+        if HAS_BF16_DOT:
+            bd = builder.append_basic_block("spmm16.dot")
+            bw = builder.append_basic_block("spmm16.widen")
+            builder.cbranch(builder.icmp_unsigned("!=", dot, _const(dot.type, 0)), bd, bw)
+            builder.position_at_end(bd)
+            go = builder.append_basic_block("spmm16.go")
+            joined = builder.append_basic_block("spmm16.joined")
+            builder.cbranch(builder.icmp_signed("<", start, end), go, joined)
+            builder.position_at_end(go)
+            j, accs = _counted_loop(builder, start, end, 2, init, lambda j, a: dot_body(j, a, True), "spmm16.pairs")
+            # an odd count's last nonzero, branch-free: a taken-or-not branch here mispredicts on
+            # about every other segment (~15 cycles), more than the eight dot products it would skip
+            live = builder.icmp_signed("<", j, end)
+            last = builder.select(live, j, builder.sub(end, ir.Constant(_I64, 1)))
+            tailed = dot_body(last, accs, False, live)
+            tail_end = builder.basic_block
+            builder.branch(joined)
+            builder.position_at_end(joined)
+            dvals = _phis(builder, [(init, bd), (tailed, tail_end)])
+            d_end = builder.basic_block
+            builder.position_at_end(bw)
+            _, wvals = _counted_loop(builder, start, end, 1, init, widen_body, "spmm16.widen")
+            fin = _merge(builder, [(dvals, d_end), (wvals, builder.basic_block)])
+        else:
+            _, fin = _counted_loop(builder, start, end, 1, init, widen_body, "spmm16.widen")
+        for k in range(nv):
+            _store(builder, fin[k], yp, builder.add(ybase, ir.Constant(_I64, 16 * k)), 4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _sddmm16_codegen(context, builder, tys, arrays, xbase, xstride, start, end, dybase, dystride, pbase, first,
+                     dot, ntiles):
+    """Body of the bf16 SDDMM segment intrinsics for ``ntiles`` token tiles at once: the tiles' dy
+    rows stay in registers; per nonzero one fp32 partial (16 lanes) read-modify-write for all of them.
+
+    The reduction runs along tokens, contiguous in the tiles, so with vdpbf16ps (``dot``) x and dy
+    pair up as they lie: four dot products of 32 tokens per tile, no widening. Widening: dy widened once, x per nonzero (shift and mask), eight FMAs per tile; even and
+    odd tokens pair with even and odd, so the sum is the same."""
+    xty, idxty, dyty, pty = tys
+    xa, idxa, dya, pa = arrays
+    xbase, xstride, start, end, dybase, dystride, pbase = (
+        _w64(builder, v) for v in (xbase, xstride, start, end, dybase, dystride, pbase))
+    xp = _data_ptr(context, builder, xty, xa)
+    ip = _data_ptr(context, builder, idxty, idxa)
+    dp = _data_ptr(context, builder, dyty, dya)
+    pp = _data_ptr(context, builder, pty, pa)
+    zero = _const(_V16F, 0.0)
+    nq = T // 32
+    dyb = [builder.add(dybase, builder.mul(ir.Constant(_I64, q), dystride)) for q in range(ntiles)]
+    xoffs = [builder.mul(ir.Constant(_I64, q), xstride) for q in range(ntiles)]
+
+    def finish(j, s):
+        per_tile = [builder.fadd(s[2 * q], s[2 * q + 1]) for q in range(ntiles)]
+        while len(per_tile) > 1:
+            per_tile = [builder.fadd(per_tile[i], per_tile[i + 1]) if i + 1 < len(per_tile) else per_tile[i]
+                        for i in range(0, len(per_tile), 2)]
+        poff = builder.add(pbase, builder.mul(builder.sub(j, start), ir.Constant(_I64, 16)))
+        # the first tile of a chunk stores, later ones accumulate: the buffer needs no zeroing
+        prev = builder.select(first, zero, _load(builder, pp, poff, _V16F, 4))
+        _store(builder, builder.fadd(prev, per_tile[0]), pp, poff, 4)
+
+    def col_off(j):
+        c = builder.zext(builder.load(builder.gep(ip, [j])), _I64)
+        return builder.add(xbase, builder.mul(c, ir.Constant(_I64, T)))
+
+    def widen_loop():
+        d = [[_widen(builder, _load(builder, dp, builder.add(dyb[q], ir.Constant(_I64, 32 * k)), _V16I))
+              for k in range(nq)] for q in range(ntiles)]
+
+        def body(j, _):
+            off = col_off(j)
+            s = [None] * (2 * ntiles)
+            for q in range(ntiles):
+                o = builder.add(off, xoffs[q])
+                for k in range(nq):
+                    ev, od = _widen(builder, _load(builder, xp, builder.add(o, ir.Constant(_I64, 32 * k)), _V16I))
+                    for h, v in ((0, ev), (1, od)):
+                        i = 2 * q + h
+                        s[i] = builder.fmul(d[q][k][h], v) if s[i] is None else _fma(builder, d[q][k][h], v, s[i])
+            finish(j, s)
+            return []
+        _counted_loop(builder, start, end, 1, [], body, "sddmm16.widen")
+
+    def dot_loop():
+        d = [[_load(builder, dp, builder.add(dyb[q], ir.Constant(_I64, 32 * k)), _V32H) for k in range(nq)]
+             for q in range(ntiles)]
+
+        def body(j, _):
+            off = col_off(j)
+            s = [zero] * (2 * ntiles)  # two independent chains per tile
+            for q in range(ntiles):
+                o = builder.add(off, xoffs[q])
+                for k in range(nq):
+                    v = _load(builder, xp, builder.add(o, ir.Constant(_I64, 32 * k)), _V32H)
+                    s[2 * q + (k & 1)] = _bf16_dot(builder, s[2 * q + (k & 1)], d[q][k], v)
+            finish(j, s)
+            return []
+        _counted_loop(builder, start, end, 1, [], body, "sddmm16.dot")
+
+    if HAS_BF16_DOT:
+        bd = builder.append_basic_block("sddmm16.dot")
+        bw = builder.append_basic_block("sddmm16.widen")
+        builder.cbranch(builder.icmp_unsigned("!=", dot, _const(dot.type, 0)), bd, bw)
+        builder.position_at_end(bd)
+        dot_loop()
+        d_end = builder.basic_block
+        builder.position_at_end(bw)
+        widen_loop()
+        _merge(builder, [([], d_end), ([], builder.basic_block)])
+    else:
+        widen_loop()
+    return context.get_dummy_value()
+
+
+def _sddmm16_intrinsic(ntiles):
+    @intrinsic
+    def seg(typingctx, x, xbase, xstride, idx, start, end, dy, dybase, dystride, p, pbase, first, dot):
+        sig = types.void(x, xbase, xstride, idx, start, end, dy, dybase, dystride, p, pbase, first, dot)
+
+        def codegen(context, builder, signature, args):
+            xa, xbase, xstride, idxa, start, end, dya, dybase, dystride, pa, pbase, first, dot = args
+            xty, _, _, idxty, _, _, dyty, _, _, pty, _, _, _ = signature.args
+            return _sddmm16_codegen(context, builder, (xty, idxty, dyty, pty), (xa, idxa, dya, pa), xbase, xstride,
+                                    start, end, dybase, dystride, pbase, first, dot, ntiles)
+
+        return sig, codegen
+    return seg
+
+
+# p[pbase + (j-start)*16 : +16] (+)= 16-lane partial of sum over ``ntiles`` token tiles of
+# dot(dy[dybase + q*dystride : +T], x[xbase + q*xstride + idx[j]*T : +T]), j in [start, end)
+_sddmm16_seg1 = _sddmm16_intrinsic(1)
+_sddmm16_seg2 = _sddmm16_intrinsic(2)
+
+
+def _spmm16_tokens(dot):
+    """Token (0..31) held at accumulator position 16h + c of a 32-token group of _spmm16_seg."""
+    if dot:  # vpunpck{l,h}wd: 128-bit lane l of the lo (h=0) / hi (h=1) interleave = tokens 8l+4h..+3
+        return [8 * (c // 4) + 4 * h + c % 4 for h in (0, 1) for c in range(16)]
+    return [2 * c + h for h in (0, 1) for c in range(16)]  # even tokens, then odd ones
+
+
+@intrinsic
+def _transpose_out16(typingctx, src, soff, sstride, dst, doff, dstride, bias, boff, use_bias, dot):
+    """32 tokens x 16 outputs of a bf16 SpMM into row-major dst (bf16 bits, dstride per token): src
+    holds, for 16 output rows (sstride apart), 32 accumulator positions (two vectors) in _spmm16_seg's
+    order. Two 16x16 transposes; which token a transposed vector is only changes its store address.
+    With ``use_bias`` bias[boff + r] is added to output r; then rounded to bf16."""
+    sig = types.void(src, soff, sstride, dst, doff, dstride, bias, boff, use_bias, dot)
+
+    def codegen(context, builder, signature, args):
+        sa, soff, sstride, da, doff, dstride, ba, boff, use_bias, dot = args
+        sty, _, _, dty, _, _, bty, _, _, _ = signature.args
+        soff, sstride, doff, dstride, boff = (_w64(builder, v) for v in (soff, sstride, doff, dstride, boff))
+        sp = _data_ptr(context, builder, sty, sa)
+        dp = _data_ptr(context, builder, dty, da)
+        bp = _data_ptr(context, builder, bty, ba)
+        t = [_transpose_regs(builder, [
+            _load(builder, sp, builder.add(soff, builder.add(builder.mul(ir.Constant(_I64, r), sstride),
+                                                             ir.Constant(_I64, 16 * h))), _V16F, 4)
+            for r in range(16)]) for h in (0, 1)]
+        pre = builder.basic_block
+        with builder.if_then(builder.icmp_unsigned("!=", use_bias, _const(use_bias.type, 0))):
+            bvec = _load(builder, bp, boff, _V16F, 4)  # only read with a bias (a dummy has 1 element)
+            with_bias = builder.basic_block
+        bvec = _phis(builder, [([bvec], with_bias), ([_const(_V16F, 0.0)], pre)])[0]
+        flag = builder.icmp_unsigned("!=", dot, _const(dot.type, 0))
+        tw, td = _spmm16_tokens(False), _spmm16_tokens(True)
+        for p in range(32):
+            out = _round_bf16(builder, builder.fadd(t[p // 16][p % 16], bvec))
+            tok = ir.Constant(_I64, tw[p])
+            if HAS_BF16_DOT and td[p] != tw[p]:
+                tok = builder.select(flag, ir.Constant(_I64, td[p]), tok)
+            _store(builder, out, dp, builder.add(doff, builder.mul(tok, dstride)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _tile16_block(typingctx, src, soff, sstride, dst, doff, dstride):
+    """32 tokens x 32 features of row-major src (fp32, rounded to bf16 here, or bf16 bits), rows
+    sstride apart -> 32 feature rows of 32 tokens in dst (dstride apart): the words of each token pair
+    interleaved (vpunpck{l,h}wd), then two 16x16 transposes of the 32-bit pairs."""
+    sig = types.void(src, soff, sstride, dst, doff, dstride)
+
+    def codegen(context, builder, signature, args):
+        sa, soff, sstride, da, doff, dstride = args
+        sty, _, _, dty, _, _ = signature.args
+        soff, sstride, doff, dstride = (_w64(builder, v) for v in (soff, sstride, doff, dstride))
+        sp = _data_ptr(context, builder, sty, sa)
+        dp = _data_ptr(context, builder, dty, da)
+        rows = []
+        for r in range(32):
+            o = builder.add(soff, builder.mul(ir.Constant(_I64, r), sstride))
+            if isinstance(sty.dtype, types.Float):
+                lo = _round_bf16(builder, _load(builder, sp, o, _V16F, 4))
+                hi = _round_bf16(builder, _load(builder, sp, builder.add(o, ir.Constant(_I64, 16)), _V16F, 4))
+                rows.append(builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))))
+            else:
+                rows.append(_load(builder, sp, o, _V32H))
+        halves = []
+        for mask in (_UNPACK_LO, _UNPACK_HI):
+            m = ir.Constant(ir.VectorType(_I32, 32), mask)
+            halves.append(_transpose_regs(builder, [
+                builder.bitcast(builder.shuffle_vector(rows[2 * i], rows[2 * i + 1], m), _V16I) for i in range(16)]))
+        for h in (0, 1):
+            for c in range(16):  # pair c of the interleave = feature 8l + 4h + o, c = 4l + o
+                f = 8 * (c // 4) + 4 * h + c % 4
+                _store(builder, halves[h][c], dp, builder.add(doff, builder.mul(ir.Constant(_I64, f), dstride)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _to_bf16(typingctx, v):
+    """bf16 bits (int16) of a float32, rounded to nearest even; an int16 (bf16 bits already) as is."""
+    if isinstance(v, types.Integer):
+        def codegen(context, builder, signature, args):
+            return builder.trunc(args[0], _I16) if args[0].type.width > 16 else args[0]
+        return types.int16(v), codegen
+
+    def codegen(context, builder, signature, args):
+        return _round_bf16(builder, args[0])
+    return types.int16(types.float32), codegen
+
+
+@njit(cache=True, nogil=True)
+def _spmm16_pos(k, dot):
+    """Accumulator position of token k (within a tile) in _spmm16_seg's order (inverse of
+    _spmm16_tokens per 32-token group)."""
+    g = k - k % 32
+    r = k % 32
+    if dot:
+        return g + 16 * ((r >> 2) & 1) + 4 * (r >> 3) + (r & 3)
+    return g + 16 * (r & 1) + (r >> 1)
+
+
+@njit(cache=True, nogil=True)
+def spmm16_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, dot, ctr, w, nwork):
+    """spmm_part for bf16: x tiles and values bf16 bits, fp32 accumulation, y row-major bf16 bits
+    (rounded to nearest even), fp32 bias. ``dot``: the vdpbf16ps path (ignored where it does not
+    exist)."""
+    dot = dot and HAS_BF16_DOT
+    nrc = (nout + RC - 1) // RC
+    buf = np.empty(RC * T + 16, dtype=np.float32)
+    acc = buf[((-buf.ctypes.data) % 64) // 4:]
+    nitems = ntiles * nrc
+    while True:
+        item = _take(ctr, 0)
+        if item >= nitems:
+            break
+        t = item // nrc
+        r0 = (item - t * nrc) * RC
+        r1 = min(r0 + RC, nout)
+        xbase = t * nin * T
+        for cb in range(ncb):
+            prow = cb * nout
+            for o in range(r0, r1):
+                s = ptr[prow + o]
+                e = ptr[prow + o + 1]
+                if e > s or cb == 0:
+                    _spmm16_seg(xt, xbase, idx, val, s, e, acc, (o - r0) * T, cb > 0, dot)
+        kmax = min(T, n - t * T)
+        kfast = kmax - kmax % 32
+        ofast = r0 + (r1 - r0) - (r1 - r0) % 16
+        for o0 in range(r0, ofast, 16):
+            for k0 in range(0, kfast, 32):
+                _transpose_out16(acc, (o0 - r0) * T + k0, T, y, (t * T + k0) * nout + o0, nout,
+                                 bias, o0, use_bias, dot)
+        for o in range(r0, r1):
+            k1 = kfast if o < ofast else 0
+            for k in range(k1, kmax):
+                v = acc[(o - r0) * T + _spmm16_pos(k, dot)]
+                if use_bias:
+                    v += bias[o]
+                y[(t * T + k) * nout + o] = _to_bf16(v)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def spmm16_par(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, dot, ctr, nwork):
+    for w in prange(nwork):
+        spmm16_part(xt, nin, idx, val, ptr, nout, ncb, ntiles, n, y, bias, use_bias, RC, dot, ctr, w, nwork)
+
+
+@njit(cache=True, nogil=True)
+def sddmm16_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, dot, ctr, w, nwork):
+    """sddmm_part for bf16 tiles: fp32 partials, fp32 out and acc, token tiles in pairs on both paths
+    (four at a time with the dot product, whose dy rows fit in half the registers, ran 5-20 % slower:
+    the x block of 32 features x 4 tiles fills L1)."""
+    dot = dot and HAS_BF16_DOT
+    L = 16
+    nrc = (nout + RC - 1) // RC
+    ngmax = (maxnnz + L - 1) // L
+    buf = np.empty((ngmax * L + 1) * L, dtype=np.float32)  # realigned to 64 B, see sddmm_part
+    part = buf[((-buf.ctypes.data) % 64) // 4:]
+    red = np.empty(ngmax * L + 1, dtype=np.float32)
+    nchunks = (ntiles + CT - 1) // CT
+    nitems = ncb * nrc
+    xs = nin * T
+    ds = nout * T
+    for c in range(nchunks):
+        c0 = c * CT
+        c1 = min(c0 + CT, ntiles)
+        if c > 0:
+            while _peek(ctr, 2 * c - 1) < nitems:
+                pass
+        while True:
+            item = _take(ctr, 2 * c)
+            if item >= nitems:
+                break
+            cb = item // nrc
+            r0 = (item - cb * nrc) * RC
+            r1 = min(r0 + RC, nout)
+            prow = cb * nout
+            s0 = ptr[prow + r0]
+            nnz = ptr[prow + r1] - s0
+            if nnz == 0:
+                _take(ctr, 2 * c + 1)
+                continue
+            for t in range(c0, c1 - 1, 2):
+                xbase = t * xs
+                for o in range(r0, r1):
+                    s = ptr[prow + o]
+                    e = ptr[prow + o + 1]
+                    if e > s:
+                        _sddmm16_seg2(xt, xbase, xs, idx, s, e, dyt, (t * nout + o) * T, ds, part,
+                                      (s - s0) * L, t == c0, dot)
+            if (c1 - c0) % 2 == 1:
+                t = c1 - 1
+                xbase = t * xs
+                for o in range(r0, r1):
+                    s = ptr[prow + o]
+                    e = ptr[prow + o + 1]
+                    if e > s:
+                        _sddmm16_seg1(xt, xbase, xs, idx, s, e, dyt, (t * nout + o) * T, ds, part,
+                                      (s - s0) * L, t == c0, dot)
+            _reduce_lanes(part, 0, (nnz + L - 1) // L, red)
+            if nchunks == 1:
+                for j in range(nnz):
+                    out[src[s0 + j]] = red[j]
+            elif c == 0:
+                for j in range(nnz):
+                    acc[s0 + j] = red[j]
+            elif c < nchunks - 1:
+                for j in range(nnz):
+                    acc[s0 + j] += red[j]
+            else:
+                for j in range(nnz):
+                    out[src[s0 + j]] = acc[s0 + j] + red[j]
+            _take(ctr, 2 * c + 1)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def sddmm16_par(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, dot, ctr, nwork):
+    for w in prange(nwork):
+        sddmm16_part(xt, nin, dyt, nout, idx, ptr, ncb, ntiles, out, src, acc, RC, maxnnz, CT, dot, ctr, w, nwork)
+
+
+@njit(cache=True, nogil=True)
+def to_tiles16_part(x, n, f, ntiles, out, ctr, w, nwork):
+    """Row-major x[n, f] (flat; fp32, rounded to bf16 on the way, or bf16 bits) -> out[ntiles, f, T]
+    bf16 bits, zero-padding the last tile. Item: 32 tokens of a tile, all features. Its 32 rows are
+    read front to back, 32 streams the prefetcher follows; the fp32 layout's items (a tile x 16
+    features) read 64 B from each of 128 rows 6-12 KB apart, which it does not (3072 features,
+    2048 tokens: 3.1 ms to tile bf16 that way, against 0.9 ms for 768 features)."""
+    ng = T // 32
+    nitems = ntiles * ng
+    ffast = f - f % 32
+    while True:
+        item = _take(ctr, 0)
+        if item >= nitems:
+            break
+        t = item // ng
+        k0 = (item - t * ng) * 32
+        k1 = min(k0 + 32, max(n - t * T, 0))
+        if k1 - k0 == 32:
+            for f0 in range(0, ffast, 32):
+                _tile16_block(x, (t * T + k0) * f + f0, f, out, (t * f + f0) * T + k0, T)
+            i0 = ffast
+        else:
+            i0 = 0
+        for k in range(k0, max(k1, k0)):
+            r = t * T + k
+            for i in range(i0, f):
+                out[(t * f + i) * T + k] = _to_bf16(x[r * f + i])
+        for i in range(f):
+            for k in range(max(k1, k0), k0 + 32):
+                out[(t * f + i) * T + k] = 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def to_tiles16_par(x, n, f, ntiles, out, ctr, nwork):
+    for w in prange(nwork):
+        to_tiles16_part(x, n, f, ntiles, out, ctr, w, nwork)
+
