@@ -198,8 +198,14 @@ class RunView(QWidget):
         cfg = run.get("config") or {}
         self.data.max_steps = (cfg.get("train") or {}).get("max_steps") or self.data.max_steps
         self.title = run.get("name") or run["id"]
+        self._show_precision(run)
         self.name_label.setText(f"{self.title}  <span style='color:#888; font-size: 12px'>{run['id']} · "
                                 f"{run['stage']}</span>")
+
+    def _show_precision(self, run: dict) -> None:
+        text, tip = fmt.precision_badge(run.get("meta"))
+        self.precision_label.setText(text)
+        self.precision_label.setToolTip(tip)
 
     def handle_event(self, ev: dict) -> None:
         t = ev["type"]
@@ -214,6 +220,9 @@ class RunView(QWidget):
             self._set_status("running")
         elif t in ("metrics", "eval"):
             self.data.add_event(ev)
+            if not self.precision_label.text() and self.run_id:
+                # the engine records the precision as the run starts, before its first step's metrics
+                self._show_precision(self.db.get_run(self.run_id) or {})
         elif t == "progress":
             total = max(int(ev["total"] or 0), 1)
             self.progress.setRange(0, total)
@@ -289,6 +298,8 @@ class RunView(QWidget):
         if run is not None:
             self.run = run
             self.pid = run.get("pid") or self.pid
+            if not self.precision_label.text():
+                self._show_precision(run)
             self._set_status(run["status"])
             if run["status"] in FINAL_STATUSES:
                 self.data.add_db_rows(self.db.metrics(self.run_id, after_step=self.data.last_step or -1))
@@ -339,11 +350,6 @@ class RunView(QWidget):
             self.progress.setRange(0, d.max_steps)
             self.progress.setValue(min(d.last_step, d.max_steps))
             self.progress.setFormat("step %v/%m (%p %)")
-        if self.run_id and not self.precision_label.text():
-            run = self.db.get_run(self.run_id)  # the engine records the precision once, as the run starts
-            text, tip = fmt.precision_badge((run or {}).get("meta"))
-            self.precision_label.setText(text)
-            self.precision_label.setToolTip(tip)
         eta = d.eta_seconds()
         self.eta_label.setText(f"ETA {fmt.duration(eta)}" if eta is not None and self.status == "running" else "")
         self._set_status(self.status)

@@ -274,7 +274,6 @@ def test_run_header_shows_the_precision_and_the_cpu_features_it_was_chosen_from(
         view = RunView(db)
         qtbot.addWidget(view)
         assert view.attach_run(run)
-        view._update_progress()
         shown[run] = (view.precision_label.text(), view.precision_label.toolTip())
     assert shown[pre][0] == "bf16 · AVX512-BF16"
     assert "has AVX512-BF16" in shown[pre][1] and "Test CPU" in shown[pre][1] and "AMX no" in shown[pre][1]

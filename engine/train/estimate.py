@@ -40,7 +40,7 @@ def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
     * activations: kept for backward, 34·d bytes per token and layer in 16-bit precision, twice that in
       fp32 (Korthikanti et al. 2022, without the attention-score term: scaled_dot_product_attention
       never stores the score matrix); measured: a 75 %-sparse mediswift-xl step (bf16, one 2,048-token
-      sequence) peaked at 19.35 GiB where this estimate gives 19.4;
+      sequence) peaked at 18.8 GiB where this estimate gives 19.4 (docs/performance.md);
     * logits: the head loss keeps one [tokens, vocab] gradient in the product's dtype, plus fp32 chunks.
     """
     m, tc = cfg.model, cfg.train
