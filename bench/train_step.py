@@ -243,10 +243,10 @@ def fits(name: str, shape: dict) -> str:
     from engine.train.estimate import available_memory, estimate
 
     level = 0.75 if "sparse75" in name else 0.0
-    need = estimate(run_config(shape, level), probe_steps=0)["memory_bytes"]
-    if name.startswith("hf_"):
-        with torch.device("meta"):  # no storage: only the parameter count
-            need = max(need, 16 * GPT(run_config(shape, 0.0).model, shape["vocab"]).num_params())
+    est = estimate(run_config(shape, level), probe_steps=0)
+    need = est["memory_bytes"]
+    if name.startswith("hf_"):  # HF's fp32 states of every parameter, at the least
+        need = max(need, 16 * est["params"]["total"])
     have = available_memory()
     if need <= 0.9 * have:
         return ""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from engine.core.hardware import feature_line
+
 
 def si(value: float | None, unit: str = "", digits: int = 3) -> str:
     """1234567 -> '1.23 M' (k, M, G, T, P, E)."""
@@ -70,6 +72,6 @@ def precision_badge(meta: dict | None) -> tuple[str, str]:
     tip = "\n".join(x for x in (
         meta.get("precision_reason") or "",
         f"CPU: {cpu.get('model')}" if cpu.get("model") else "",
-        ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in feats.items()),
+        feature_line(feats),
     ) if x)
     return text, tip

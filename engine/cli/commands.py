@@ -210,6 +210,7 @@ def cmd_runs_show(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from engine.core.hardware import feature_line
     from engine.publish.inspect import inspect_run
 
     report = inspect_run(_db(args), args.run_id)
@@ -225,7 +226,7 @@ def cmd_inspect(args) -> int:
         print(f"training FLOPs per token: {f['sparse']:.4g} sparse, {f['dense']:.4g} dense-equivalent ({f['dense'] / f['sparse']:.2f}x)")
         if report.get("precision"):
             cpu = report.get("cpu") or {}
-            feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("features") or {}).items())
+            feats = feature_line(cpu.get("features") or {})
             print(f"precision: {report['precision']}" + (f" — {report['precision_reason']}" if report.get("precision_reason") else "")
                   + (f" [CPU features: {feats}]" if feats else ""))
     return 0

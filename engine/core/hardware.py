@@ -22,6 +22,11 @@ _FEATURES = {
 }
 
 
+def feature_line(features: dict[str, bool]) -> str:
+    """``AMX no, AVX512-BF16 yes, AVX-512 yes, AVX2 yes`` (also for features read back from a run's meta)"""
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in features.items())
+
+
 @dataclass(frozen=True)
 class CpuInfo:
     model: str
@@ -34,8 +39,7 @@ class CpuInfo:
         return self.features.get("AMX", False) or self.features.get("AVX512-BF16", False)
 
     def feature_line(self) -> str:
-        """``AMX no, AVX512-BF16 yes, AVX-512 yes, AVX2 yes``"""
-        return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in self.features.items())
+        return feature_line(self.features)
 
     def as_meta(self) -> dict:
         return {"model": self.model, "features": dict(self.features), "source": self.source}
