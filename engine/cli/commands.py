@@ -19,6 +19,7 @@ from pathlib import Path
 # setting wins. Must happen before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from engine.cli.group import check_group, in_group, world_size
 from engine.core.config import load_config, parse_overrides
 from engine.core.errors import InputError
 from engine.core.events import EventWriter
@@ -45,8 +46,10 @@ def _print_json(obj) -> None:
 def cmd_train(args) -> int:
     from engine.train.session import RunSession
 
-    events = EventWriter()
-    db = _db(args)
+    worker = in_group()  # one process of a torchrun group (engine.cli.group)
+    follower = worker and int(os.environ["RANK"]) != 0
+    events = EventWriter(enabled=not follower)
+    db = RunDB(args.db or default_db_path()) if follower else _db(args)  # rank 0 alone writes, reaping included
     resume_row = None
     overrides = parse_overrides(args.set)
     if args.resume and args.config:
@@ -55,13 +58,15 @@ def cmd_train(args) -> int:
         resume_row = db.get_run(args.resume)
         if resume_row is None:
             raise InputError(f"cannot resume: unknown run {args.resume}", key="resume")
-        if resume_row["status"] in ("running", "paused"):
+        # (a follower reads the row after rank 0 has claimed it: the claim itself is the check)
+        if resume_row["status"] in ("running", "paused") and not worker:
             raise InputError(f"cannot resume run {resume_row['id']}: it is still {resume_row['status']} (pid {resume_row['pid']})", key="resume")
-        if resume_row["status"] == "completed" and "train.max_steps" not in overrides:
+        if resume_row["status"] == "completed" and "train.max_steps" not in overrides and not worker:
             raise InputError(f"run {resume_row['id']} already completed; to train further add --set train.max_steps=N", key="resume")
         from engine.core.config import from_dict
 
-        cfg = from_dict(resume_row["config"]).replace(overrides)
+        stored = from_dict(resume_row["config"])
+        cfg = keep_global_batch(stored, stored.replace(overrides), overrides)
         from engine.model.checkpoint import load_checkpoint
         from engine.model.runs import good_checkpoint
 
@@ -87,10 +92,17 @@ def cmd_train(args) -> int:
         # the model shape comes from the parent; only an explicitly given model.n_ctx is honoured
         explicit = set(overrides) | ({f"model.{k}" for k in load_toml(path).get("model", {})} if not resume_row else set())
         cfg = child_config(cfg, db, explicit, resuming=bool(resume_row))
+    if not worker:
+        check_group(cfg, resuming=bool(resume_row))
+        if cfg.stage != "vocab" and not args.ignore_memory_check:
+            _check_memory(cfg)
+        if world_size(cfg) > 1 and cfg.stage != "vocab":
+            from engine.cli.group import launch
 
-    if cfg.stage != "vocab" and not args.ignore_memory_check:
-        _check_memory(cfg)
+            return launch(sys.argv[1:] if args.argv is None else args.argv, cfg, str(db.path))
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(db.path)
+    if worker:
+        return _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resume_state, follower)
     session = RunSession(db, events, cfg, runs_dir, resume_id=resume_row["id"] if resume_row else None)
     from engine.train.control import Control
 
@@ -117,6 +129,76 @@ def cmd_train(args) -> int:
         session.close()
 
 
+def keep_global_batch(stored, cfg, overrides: dict):
+    """A run resumed on another number of processes keeps its global batch (processes x batch_size x
+    grad_accum), and so its batch order and schedule, by changing grad_accum where it divides; an
+    explicit train.grad_accum wins."""
+    old, new = world_size(stored), world_size(cfg)
+    if old == new or "train.grad_accum" in overrides:
+        return cfg
+    total = old * stored.train.grad_accum
+    if total % new:
+        return cfg  # the run says so when it starts (its global batch changes)
+    return cfg.replace({"train.grad_accum": total // new})
+
+
+def _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resume_state, follower: bool) -> int:
+    """One rank of a process group: rank 0 holds the run (its session, rows, events and lease) and
+    tells the others its id; they follow silently. A failure of the group's communication (a rank
+    died) ends the run as crashed, not failed: resuming it is the remedy."""
+    import torch.distributed as dist
+
+    from engine.cli.group import record_run_id
+    from engine.train.control import Control
+    from engine.train.distributed import from_environment
+    from engine.train.session import FollowerSession, RunSession
+
+    group = from_environment(cfg.train.strategy, cfg.train.device != "cpu")
+    session = None
+    try:
+        if follower:
+            run_id, run_dir = group.broadcast(None)
+            if run_id is None:
+                return EXIT_BAD_INPUT  # rank 0 refused the run (and said why)
+            session = FollowerSession(db, cfg, run_id, run_dir, group.rank, resumed=resume_row is not None)
+        else:
+            try:
+                session = RunSession(db, events, cfg, runs_dir, resume_id=resume_row["id"] if resume_row else None)
+            except InputError:
+                group.broadcast((None, None))
+                raise
+            record_run_id(session.run_id)
+            group.broadcast((session.run_id, str(session.run_dir)))
+    except InputError:
+        if not follower:
+            raise
+        return EXIT_BAD_INPUT
+    control = Control(read_stdin=not follower)
+    control.install()
+    try:
+        status = _run_stage(session, control, ckpt_path, resume_state)
+        return 0 if status in ("completed", "stopped") else 1
+    except InputError as e:
+        session.fail(str(e), key=e.key, path=e.path)
+        if not follower:
+            _stderr_error(str(e))
+        return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - record any failure before exiting
+        import traceback
+
+        lost = isinstance(e, dist.DistError) or control.stop_reason == "SIGTERM" and isinstance(e, RuntimeError)
+        if not lost:
+            session.log.error(traceback.format_exc())
+        session.fail(f"{type(e).__name__}: {e}" if not lost else
+                     f"a process of the group was lost ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     "resume the run to continue from its last checkpoint", status="crashed" if lost else "failed")
+        return 1
+    finally:
+        control.uninstall()
+        session.close()
+        group.close()
+
+
 def _run_stage(session, control, ckpt_path, resume_state):
     """The stage the config names, run by the one training loop (the vocabulary stage has no loop)."""
     from engine.train.loop import TrainLoop
@@ -136,14 +218,16 @@ def _run_stage(session, control, ckpt_path, resume_state):
 
 
 def _check_memory(cfg) -> None:
-    """A run that cannot fit in this machine's memory is refused before it starts (not an allocation traceback)."""
+    """A run that cannot fit in this machine's memory is refused before it starts (not an allocation
+    traceback); the processes of a group on this machine count together."""
     import torch
 
     from engine.train.estimate import available_memory, estimate
 
     if cfg.train.device != "cpu" and torch.cuda.is_available():
         return  # GPU memory is another budget; the device itself reports it
-    need, have = estimate(cfg, probe_steps=0)["memory_bytes"], available_memory()
+    est = estimate(cfg, probe_steps=0)
+    need, have = est.get("memory_per_process_bytes", est["memory_bytes"]) * cfg.train.nproc, available_memory()
     if need > 0.9 * have:
         raise InputError(f"the run needs about {need / 2**30:.1f} GiB of memory and this machine has {have / 2**30:.1f} GiB "
                          "available; use a smaller model or train.batch_size (or pass --ignore-memory-check)", key="model")
@@ -410,11 +494,14 @@ def _stderr_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a process group's workers are started with
     # commands whose stdout a program reads get the error as an event too
     streams_events = args.command == "train" or (args.command == "estimate" and args.json)
     try:
         return args.fn(args)
     except InputError as e:
+        if in_group() and os.environ.get("RANK") != "0":
+            return EXIT_BAD_INPUT  # rank 0 says it, once
         _stderr_error(str(e))
         if streams_events:
             EventWriter().emit("error", message=str(e), key=getattr(e, "key", None) or None, path=getattr(e, "path", None))

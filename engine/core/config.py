@@ -29,6 +29,7 @@ STAGES = ("vocab", "pretrain", "finetune", "prompt")
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTIONS = ("uniform", "erk")
 KERNELS = ("auto", "dense", "sparse")
+STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("lm", "pubmedqa", "hoc")
 
@@ -231,7 +232,16 @@ class TrainConfig(_Section):
                         "(CUDA; CPUs with AMX or AVX512-BF16) and fp32 elsewhere (fp16 with a gradient scaler on "
                         "CUDA devices without bf16). Weights, optimizer state, loss and checkpoints stay fp32.",
                         choices=PRECISIONS)
-
+    nproc: int = _f(1, "Training processes on this machine (started through torchrun): one per GPU, or each with a "
+                    "share of the CPU cores. With more than one, the global batch is processes x batch_size x "
+                    "grad_accum.", min=1, max=1024)
+    nnodes: int = _f(1, "Machines in the run; each runs the same command, and they meet at train.rdzv_endpoint.",
+                     min=1, max=4096)
+    rdzv_endpoint: str = _f("", "host:port where the machines of a multi-node run meet (torchrun's c10d rendezvous, "
+                            "hosted by the machine at that address); empty on one machine: a free local port.")
+    strategy: str = _f("ddp", "How several processes share the model: ddp keeps a full copy on each and averages the "
+                       "gradients (of the packed nonzeros, for masked layers); fsdp shards weights, gradients and "
+                       "optimizer state across them (FSDP2).", choices=STRATEGIES)
 
 
 @dataclass(frozen=True)

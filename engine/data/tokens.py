@@ -104,7 +104,11 @@ def split_long(doc: str, limit: int = PIECE_CHARS) -> list[str]:
 
 class SeededOrder:
     """Batches of indices 0..n-1 in a seeded per-epoch order; ``state`` (epoch, position) is all a
-    checkpoint needs to resume the exact same stream. Shared by token blocks and task examples."""
+    checkpoint needs to resume the exact same stream. Shared by token blocks and task examples.
+
+    In a process group every rank walks the same order and keeps batch ``rank`` of each ``world``
+    consecutive batches (``shard``): 2 ranks with 1 micro-batch each see what 1 process sees with 2,
+    and the position stays the group's, so a checkpoint resumes on any world size."""
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
         self.n = n
@@ -113,7 +117,11 @@ class SeededOrder:
         self.shuffle = shuffle
         self.epoch = 0
         self.pos = 0
+        self.rank, self.world = 0, 1
         self._order = self._make_order(0)
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def _make_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -128,6 +136,10 @@ class SeededOrder:
         self._order = self._make_order(self.epoch)
 
     def next_indices(self) -> list[int]:
+        batches = [self._next_batch() for _ in range(self.world)]
+        return batches[self.rank]
+
+    def _next_batch(self) -> list[int]:
         idx: list[int] = []
         while len(idx) < self.batch_size:
             if self.pos >= self.n:

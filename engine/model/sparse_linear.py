@@ -91,7 +91,10 @@ class SparseLinear(nn.Linear):
 
     def nonzero_count(self) -> int:
         w = self._parameters.get("values")
-        return int(torch.count_nonzero(w if w is not None else self.weight))
+        w = w if w is not None else self._parameters["weight"]
+        if hasattr(w, "full_tensor"):  # an FSDP shard: every rank counts the whole matrix (a collective)
+            w = w.full_tensor()
+        return int(torch.count_nonzero(w))
 
     def uses_sparse_core(self, x: torch.Tensor) -> bool:
         # under CPU autocast to bf16 the core computes in bf16, as autocast's linear would; autocast to

@@ -4,29 +4,53 @@ random-number state) plus whatever the stage saves (its model or prompt, masks, 
 A checkpoint is written atomically (engine.model.checkpoint), recorded in the run database and
 announced as a ``checkpoint`` event; restoring one puts the run back exactly where it was, so a
 resumed run repeats the uninterrupted one.
+
+In a process group the checkpoint is the same single file: FSDP shards are gathered to full
+tensors (engine.train.distributed.consolidate) and rank 0 writes; on resume every rank reads it and
+keeps its own shards. So the file knows no world size, and a run saved by 2 processes resumes on 1
+or 4.
 """
 from __future__ import annotations
 
 from engine.core.errors import InputError
 from engine.data.vocab import TOKENIZER_FILE
 from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_checkpoint
+from engine.train.distributed import consolidate, shard_optimizer_state
 from engine.train.runtime import rng_state, set_rng_state
 
 
+def restore_stage(stage, ck: dict, path: str) -> None:
+    """The stage's own state from a checkpoint (model or prompt, data position), before the loop
+    wraps the stage's modules for a process group and builds the optimizer on them."""
+    if ck.get("vocab_size") != stage.vocab_size:
+        raise InputError(f"checkpoint {path} was trained with {ck.get('vocab_size')} tokens, the tokenizer has "
+                         f"{stage.vocab_size}", path=str(path))
+    stage.load_state(ck)
+
+
 class Checkpointer:
-    def __init__(self, session, stage, opt, sched, counters, scaler=None, precision: str = "fp32"):
+    def __init__(self, session, stage, opt, sched, counters, scaler=None, precision: str = "fp32", par=None):
         self.s, self.stage, self.opt, self.sched, self.counters = session, stage, opt, sched, counters
         self.precision = precision  # what the products ran in; the tensors saved are fp32 whatever it is
         self.scaler = scaler  # fp16's loss scale is trainer state too
+        self.sharded = par is not None and par.kind == "fsdp"
 
     def save(self, final: bool) -> tuple[str, int]:
-        """Write the checkpoint of the current step; returns (path, bytes)."""
+        """Write the checkpoint of the current step; returns (path, bytes). Under FSDP every rank takes
+        part in gathering the shards; rank 0 alone writes."""
         s, c = self.s, self.counters
         path = s.run_dir / "checkpoints" / checkpoint_name(c.step)
+        if not s.writer and not self.sharded:
+            return str(path), 0
+        optimizer, stage_state = self.opt.state_dict(), self.stage.state()
+        if self.sharded:
+            optimizer, stage_state = consolidate(optimizer), consolidate(stage_state)
+        if not s.writer:
+            return str(path), 0
         state = {
             "format": FORMAT, "stage": s.cfg.stage, "config": s.cfg.to_dict(), "vocab_size": self.stage.vocab_size,
-            "tokenizer": TOKENIZER_FILE, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "rng": rng_state(), "precision": self.precision, **c.state(), **self.stage.state(),
+            "tokenizer": TOKENIZER_FILE, "optimizer": optimizer, "scheduler": self.sched.state_dict(),
+            "rng": rng_state(), "precision": self.precision, **c.state(), **stage_state,
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
@@ -35,11 +59,8 @@ class Checkpointer:
         return str(path), nbytes
 
     def restore(self, ck: dict, path: str) -> None:
-        if ck.get("vocab_size") != self.stage.vocab_size:
-            raise InputError(f"checkpoint {path} was trained with {ck.get('vocab_size')} tokens, the tokenizer has "
-                             f"{self.stage.vocab_size}", path=str(path))
-        self.stage.load_state(ck)  # first: the optimizer state must match the stage's parameters
-        self.opt.load_state_dict(ck["optimizer"])
+        """The trainer's state (the stage's own came first, restore_stage)."""
+        self.opt.load_state_dict(shard_optimizer_state(self.opt, ck["optimizer"]) if self.sharded else ck["optimizer"])
         self._check_moments(path)
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])

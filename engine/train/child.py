@@ -77,7 +77,7 @@ class ChildRun:
         pck = load_checkpoint(self.parent_ckpt)
         if pck.get("stage") not in MODEL_STAGES:
             raise InputError(f"{self.parent_ckpt} is a {pck.get('stage')} checkpoint, not a model", key="parent")
-        self.tok = self._tokenizer(parent.tokenizer, parent.id, resume is not None)
+        self.tok = rt.group.writer_first(lambda: self._tokenizer(parent.tokenizer, parent.id, resume is not None))
         self.vocab_size = self.tok.get_vocab_size()
         if self.vocab_size != pck["vocab_size"]:
             raise InputError(f"tokenizer mismatch: the tokenizer has {self.vocab_size} tokens, the parent checkpoint "
@@ -101,7 +101,7 @@ class ChildRun:
 
     def _tokenizer(self, parent_tok: Path, parent_id: str, resuming: bool):
         own = self.s.run_dir / TOKENIZER_FILE
-        if not (resuming and own.is_file()):
+        if not ((resuming or not self.s.writer) and own.is_file()):
             shutil.copyfile(parent_tok, own)
             self.s.db.add_artifact(self.s.run_id, "tokenizer", str(own), {"from_run": parent_id})
             self.s.info(f"reusing the tokenizer of parent run {parent_id}")
@@ -119,7 +119,7 @@ class ChildRun:
         self.fm = FlopModel(cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, self.vocab_size, self.sparse_numel,
                             self.parent_nonzero if sparse_forward else self.sparse_numel)
         self.train_factor = train_factor
-        if resume is None:
+        if resume is None and self.s.writer:  # the baselines are rank 0's to record
             plain = Scorer(self.model, None, None, self.rt.device, tc.batch_size, self.rt.autocast)
             self.baselines = self.feed.baselines(plain, self.s)
             self.s.db.merge_meta(self.s.run_id, baselines=self.baselines)

@@ -81,18 +81,23 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
     total = model.num_params()
     fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level if cfg.stage == "pretrain" else 0.0)
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
-    tokens = tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx
+    world = tc.nproc * tc.nnodes
+    tokens = tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx * world
     parts = memory_breakdown(cfg)
     memory = sum(parts.values())
     if cfg.sparsity.kernel == "auto":
         # one of the two paths stays: the dense one is never tried where it does not fit, and the
         # structures of the path not chosen are dropped after the choice
         memory -= max(parts["sparse_index"], parts["dense_path"])
+    # each process of a group holds its own activations and paths; FSDP shards the trained state
+    shards = world if tc.strategy == "fsdp" else 1
+    per_process = memory - parts["states"] + parts["states"] // shards
     out = {
         "params": {"total": total, "nonzero": nonzero},
         "flops": {"dense": fm.train_per_token(False) * tokens, "sparse": fm.train_per_token(True) * tokens,
                   "saving": fm.saving(), "per_token_dense": fm.train_per_token(False), "per_token_sparse": fm.train_per_token(True)},
         "tokens": tokens, "memory_bytes": memory, "memory_parts": parts, "step_seconds": None, "eta_seconds": None,
+        "processes": world, "strategy": tc.strategy if world > 1 else "single", "memory_per_process_bytes": per_process,
         "device": "cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu",
     }
     if probe_steps <= 0:

@@ -30,6 +30,12 @@ class FinetuneStage:
             self.head.to(rt.device)
         self.child.start(None, self.head, train_factor=3.0, sparse_forward=False, resume=resume)
 
+    def trained_modules(self) -> dict:
+        return {"model": self.model, **({"head": self.head} if self.head is not None else {})}
+
+    def train_order(self):
+        return self.child.feed.loader
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         named = list(self.model.named_parameters()) + (list(self.head.named_parameters()) if self.head else [])
         opt = make_optimizer(named, self.s.cfg.train)

@@ -117,8 +117,9 @@ class KernelTrial:
 
     ROUNDS = 3
 
-    def __init__(self, s, model: GPT, mix: dict[str, str]):
+    def __init__(self, s, model: GPT, mix: dict[str, str], group=None):
         self.s, self.model, self.mix = s, model, dict(mix)
+        self.group = group  # in a process group rank 0's timings decide, so every rank keeps the same kernels
         self.plan = ["dense", "mix"] * self.ROUNDS
         self.times: dict[str, list[float]] = {"dense": [], "mix": []}
         self.current: str | None = None
@@ -141,6 +142,8 @@ class KernelTrial:
         if self.plan:
             return
         dense, mix = min(self.times["dense"]), min(self.times["mix"])  # min: the first steps also pay warm-up costs
+        if self.group is not None:
+            dense, mix = self.group.broadcast((dense, mix))
         self.kernels = self.mix if mix < dense else {n: "dense" for n in self.mix}
         set_kernels(self.model, self.kernels)
         release_unused_paths(self.model)

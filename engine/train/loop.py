@@ -1,12 +1,15 @@
 """The one training loop. It orchestrates the components every stage shares and asks the stage only
 for what differs (its data, its loss, its evaluation, what it saves):
 
-  runtime (threads, device, precision, seeds)  ->  stage.build  ->  optimizer + schedule  ->  resume (Checkpointer)
-  -> steps: control (stop / pause between steps), train_step, counters, metrics, Cadence
-     (evaluation and checkpoints)  ->  last evaluation, final checkpoint, summary, run_finished.
+  runtime (threads, device, precision, seeds, process group)  ->  stage.build  ->  resume the stage's state
+  -> Parallel (DDP / FSDP2 over the stage's trained modules; nothing on one process)  ->  optimizer + schedule
+  -> resume the trainer state (Checkpointer)
+  -> steps: control (stop / pause between steps, agreed by every rank), train_step, counters, metrics,
+     Cadence (evaluation and checkpoints)  ->  last evaluation, final checkpoint, summary, run_finished.
 
 A stage is any object with the methods of ``Stage`` below (engine/train/pretrain.py, finetune.py,
 prompt.py); ``before_step()``, ``after_step(seconds)`` and ``on_final_checkpoint(step)`` are optional.
+In a process group every rank runs this loop; rank 0's session alone writes (engine.train.session).
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from engine.core.hardware import cpu_info
 from engine.core.queries import last_metric_value
 from engine.model.checkpoint import load_checkpoint
 from engine.train.cadence import Cadence
-from engine.train.checkpointing import Checkpointer
+from engine.data.tokens import SeededOrder
+from engine.train.checkpointing import Checkpointer, restore_stage
 from engine.train.counters import Counters
+from engine.train.distributed import Parallel
 from engine.train.optim import make_scheduler
 from engine.train.runtime import Runtime, start_runtime
 from engine.train.step import MicroBatch, train_step
@@ -32,6 +37,12 @@ class Stage(Protocol):
 
     def build(self, s, rt: Runtime, resume: dict | None) -> None:
         """Data, model and anything else the stage trains; ``resume`` is the checkpoint being resumed."""
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """What the optimizer trains, by name: the modules DDP or FSDP2 wrap."""
+
+    def train_order(self) -> SeededOrder:
+        """The training data's batch order (each rank keeps its shard of it)."""
 
     def make_optimizer(self) -> torch.optim.Optimizer: ...
 
@@ -73,18 +84,26 @@ class TrainLoop:
         """Train up to train.max_steps; returns "completed", or "stopped" when a stop was requested."""
         s, tc = self.s, self.cfg.train
         s.start(tc.max_steps)
-        rt = start_runtime(tc)
+        rt = self.rt = start_runtime(tc)
+        group = rt.group
         (s.warn if rt.precision.warning else s.info)(rt.precision.reason)
-        s.db.merge_meta(s.run_id, **rt.precision.as_meta(), cpu=cpu_info().as_meta())
+        s.db.merge_meta(s.run_id, **rt.precision.as_meta(), cpu=cpu_info().as_meta(), world=group.as_meta())
+        if group.distributed:
+            s.info(f"process group: {group.world} processes ({group.strategy}, {group.backend}); global batch "
+                   f"{group.world} x {tc.batch_size} x {tc.grad_accum} = {group.world * tc.batch_size * tc.grad_accum} sequences")
         self.scaler = rt.grad_scaler()
         resume = self.resume_state
         if resume is None and self.resume_ckpt:
             resume = load_checkpoint(self.resume_ckpt)
         self.stage.build(s, rt, resume)
+        if resume is not None:
+            restore_stage(self.stage, resume, self.resume_ckpt)  # before FSDP shards what it loads
+        self.stage.train_order().shard(group.rank, group.world)
+        self.par = Parallel(group, self.stage.trained_modules(), rt.device)
         self.opt = self.stage.make_optimizer()
         self.sched = make_scheduler(self.opt, tc)
         self.ckpt = Checkpointer(s, self.stage, self.opt, self.sched, self.counters, self.scaler,
-                                 rt.precision.name)
+                                 rt.precision.name, self.par)
         if resume is not None:
             self.ckpt.restore(resume, self.resume_ckpt)
         self.cadence = Cadence(tc.eval_every, tc.checkpoint_every, tc.max_steps)
@@ -99,18 +118,21 @@ class TrainLoop:
         return status
 
     def _steps(self, logger) -> str:
-        tc, c, stage = self.cfg.train, self.counters, self.stage
+        tc, c, stage, group = self.cfg.train, self.counters, self.stage, self.rt.group
         before, after = getattr(stage, "before_step", None), getattr(stage, "after_step", None)
+        micro = self.par.micro(stage.micro_batch, tc.grad_accum)
         while c.step < tc.max_steps:
-            if self.control.stop_requested.is_set():
+            stop, pause = group.any(self.control.stop_requested.is_set(), self.control.pause_requested.is_set())
+            if stop:
                 return "stopped"
-            if self.control.pause_requested.is_set():
+            if pause:
                 self._pause_wait()
                 continue
             if before:
                 before()
+            group.step_seed(tc.seed, c.step)
             t = time.perf_counter()
-            r = train_step(self.opt, stage.micro_batch, tc.grad_accum, tc.grad_clip, self.scaler)
+            r = train_step(self.opt, micro, tc.grad_accum, tc.grad_clip, self.scaler, group)
             if not r.finite:
                 self._non_finite(r, c.step + 1)
             self.sched.step()
@@ -118,6 +140,7 @@ class TrainLoop:
             if after:
                 after(dt)
             c.add_step(r.tokens, r.flops, r.flops_dense)
+            self._grad_exchange(c.step)
             metrics = {}
             if c.step % tc.log_every == 0 or c.step == tc.max_steps:
                 metrics = {"loss": r.loss, "lr": self.sched.get_last_lr()[0],
@@ -138,14 +161,36 @@ class TrainLoop:
         self.skipped += 1
         self.s.warn(f"step {step}: the {what} is not finite; the optimizer step was skipped ({self.skipped} so far)")
 
+    def _grad_exchange(self, step: int) -> None:
+        """The gradient bytes DDP exchanged in the first step, by part, once (meta and the log)."""
+        g = self.par.take_grad_bytes()
+        if g is None or getattr(self, "_grad_reported", False):
+            return
+        self._grad_reported = True
+        counts = self.stage.trained_modules()
+        dense_total = 4 * sum(p.numel() for m in counts.values() for p in m.parameters() if p.requires_grad)
+        masked_dense = g["masked_dense_bytes"]
+        dense_model = dense_total - g["masked_bytes"] + masked_dense  # the same model with its masked layers dense
+        ratio_masked = g["masked_bytes"] / masked_dense if masked_dense else None
+        ratio_model = g["bytes"] / dense_model if dense_model else None
+        info = {"bytes_per_step": g["bytes"], "masked_layers_bytes": g["masked_bytes"],
+                "masked_layers_dense_bytes": masked_dense, "masked_layers_ratio": ratio_masked,
+                "model_dense_bytes": dense_model, "model_ratio": ratio_model}
+        self.s.db.merge_meta(self.s.run_id, grad_exchange=info)
+        self.s.info(f"gradients exchanged per step: {g['bytes'] / 2**20:.2f} MiB"
+                    + (f"; masked layers {ratio_masked:.3f}x of the same layers dense, whole model {ratio_model:.3f}x"
+                       if ratio_masked is not None else ""))
+
     def _evaluate(self) -> dict:
-        rows = self.stage.evaluate(self.counters.step)
+        rows = self.par.run(lambda: self.stage.evaluate(self.counters.step))
         self.cadence.last_eval_step = self.counters.step
         self.s.db.update_run(self.s.run_id, summary=self.summary())
         return rows
 
     def _save(self, final: bool) -> None:
         path, nbytes = self.ckpt.save(final)
+        if not self.s.writer:
+            return
         on_final = getattr(self.stage, "on_final_checkpoint", None)
         if final and on_final:
             on_final(self.counters.step)
@@ -162,9 +207,16 @@ class TrainLoop:
         t = time.monotonic()
         self.s.status("paused")
         self.s.info(f"paused at step {self.counters.step}")
-        while self.control.pause_requested.is_set() and not self.control.stop_requested.is_set():
-            self.control.wake.wait(0.5)
-            self.control.wake.clear()
+        control, group = self.control, self.rt.group
+        while True:
+            control.wake.wait(0.5)
+            control.wake.clear()
+            # every rank asks every half second: they leave the pause together
+            pause, stop = group.any(control.pause_requested.is_set(), control.stop_requested.is_set())
+            if not pause or stop:
+                break
+        if stop:
+            control.request_stop(control.stop_reason or "stop")
         self.counters.add_pause(time.monotonic() - t)
         self.s.status("running")
         self.s.info("resumed" if not self.control.stop_requested.is_set() else "stopping")

@@ -21,7 +21,8 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfi
     groups = [g for g in groups if g["params"]]
     # fused: one kernel over all tensors (the per-tensor loop cost a large share of a CPU step);
     # it is deterministic, so a resumed run still repeats the uninterrupted one exactly
-    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    # (FSDP's sharded parameters, DTensors, take the multi-tensor path instead)
+    fused = all(p.device.type in ("cpu", "cuda") and not hasattr(p, "device_mesh") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 

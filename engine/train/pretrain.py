@@ -27,9 +27,10 @@ from engine.train.step import MicroBatch, lm_micro_batch
 
 
 def prepare_tokenizer(s, documents: list[str], resuming: bool):
-    """Learn the vocabulary, or reuse the parent's (or this run's own when resuming)."""
+    """Learn the vocabulary, or reuse the parent's (or this run's own when resuming). The other ranks
+    of a process group read the one rank 0 saved."""
     own = s.run_dir / TOKENIZER_FILE
-    if resuming and own.is_file():
+    if (resuming or not s.writer) and own.is_file():
         return load_tokenizer(own)
     cfg = s.cfg
     parent = check_parent(s.db, cfg)
@@ -67,17 +68,19 @@ class PretrainStage:
         cfg, tc = s.cfg, s.cfg.train
         self.s, self.rt = s, rt
         t = time.monotonic()
+        group = rt.group
         corpus = load_stage_corpus(s)
-        self.tok = prepare_tokenizer(s, corpus.documents, resume is not None)
+        self.tok = group.writer_first(lambda: prepare_tokenizer(s, corpus.documents, resume is not None))
         self.vocab_size = self.tok.get_vocab_size()
-        splits = tokenize_corpus(corpus, self.tok, cfg.data.val_fraction, tc.seed, s.run_dir.parent / ".cache",
-                                 progress=lambda d, n: s.progress("tokenize", d, n))
+        splits = group.writer_first(lambda: tokenize_corpus(
+            corpus, self.tok, cfg.data.val_fraction, tc.seed, s.run_dir.parent / ".cache",
+            progress=lambda d, n: s.progress("tokenize", d, n)))
         s.info(f"tokens: {len(splits.train):,} train ({splits.n_train_docs} docs), {len(splits.val):,} validation "
                f"({splits.n_val_docs} docs){' from cache' if splits.from_cache else ''}; data ready in {time.monotonic() - t:.1f}s")
         check_enough_tokens(splits, cfg.model.n_ctx)
         self.loader = BlockLoader(splits.train, cfg.model.n_ctx, tc.batch_size, tc.seed)
         self.val_batches = BlockLoader(splits.val, cfg.model.n_ctx, tc.batch_size, tc.seed, shuffle=False).fixed_batches(tc.eval_batches)
-        epochs = tc.max_steps * tc.batch_size * tc.grad_accum / self.loader.n_blocks
+        epochs = tc.max_steps * tc.batch_size * tc.grad_accum * group.world / self.loader.n_blocks
         if epochs > 10:
             s.warn(f"the run covers the training data {epochs:.1f} times; expect overfitting (use a larger corpus or fewer steps)")
 
@@ -96,9 +99,11 @@ class PretrainStage:
             self.kernels = dict(resume["kernels"])
             set_kernels(self.model, {n: self.kernels.get(n, "dense") for n in self.model.sparse_layers()})
         else:
-            self.kernels = choose_kernels(s, self.model, tc.batch_size * cfg.model.n_ctx, rt.device, rt.precision.name)
+            self.kernels = group.broadcast(
+                choose_kernels(s, self.model, tc.batch_size * cfg.model.n_ctx, rt.device, rt.precision.name))
+            set_kernels(self.model, self.kernels)
             if cfg.sparsity.kernel == "auto" and "sparse" in self.kernels.values():
-                self.trial = KernelTrial(s, self.model, self.kernels)
+                self.trial = KernelTrial(s, self.model, self.kernels, group if group.distributed else None)
         counts = sparse_param_counts(self.model)
         self.sparsity = measure_sparsity(self.model)
         s.db.merge_meta(s.run_id, params=counts, vocab_size=self.vocab_size, kernels=self.kernels,
@@ -107,6 +112,12 @@ class PretrainStage:
         s.info(f"model: {counts['total']:,} parameters, {counts['nonzero']:,} nonzero; sparsity {self.sparsity['total']:.3f}; "
                f"training FLOPs per token {self.fm.train_per_token(True):.3g} sparse vs {self.fm.train_per_token(False):.3g} dense "
                f"({self.fm.saving():.2f}x); device {rt.device}")
+
+    def trained_modules(self) -> dict:
+        return {"model": self.model}
+
+    def train_order(self):
+        return self.loader
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(list(self.model.named_parameters()), self.s.cfg.train)

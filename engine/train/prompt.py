@@ -28,6 +28,12 @@ class PromptStage:
         # down to the prompt: ~2 x forward instead of 3 x, since no weight gradients are formed
         self.child.start(self.prompt, None, train_factor=2.0, sparse_forward=True, resume=resume)
 
+    def trained_modules(self) -> dict:
+        return {"prompt": self.prompt}
+
+    def train_order(self):
+        return self.child.feed.loader
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         tc = self.s.cfg.train
         self.child.meta(self.prompt.weight.numel())

@@ -3,15 +3,17 @@ every stage; and the random-number state a checkpoint carries so a resumed run r
 uninterrupted one."""
 from __future__ import annotations
 
+import os
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from engine.core.config import TrainConfig
 from engine.core.errors import InputError
+from engine.train.distributed import Group, from_environment
 from engine.train.memory import keep_freed_memory
 from engine.train.precision import Precision, choose_precision
 
@@ -28,6 +30,7 @@ def resolve_device(name: str) -> torch.device:
 class Runtime:
     device: torch.device
     precision: Precision
+    group: Group = field(default_factory=Group)
 
     def autocast(self):
         """The products in the run's precision (autocast); fp32 runs plain."""
@@ -44,14 +47,27 @@ def start_runtime(tc: TrainConfig) -> Runtime:
     """Threads, device and seeds from train.*, and malloc keeping freed buffers for the next step
     (engine.train.memory): the first thing every stage does."""
     keep_freed_memory()
+    device = resolve_device(tc.device)
+    group = from_environment(tc.strategy, device.type == "cuda")
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    elif group.local_world > 1 and device.type == "cpu":
+        # the machine's cores shared among its processes: oversubscribed threads would fight for them
+        torch.set_num_threads(max(1, usable_cores() // group.local_world))
+    if device.type == "cuda" and group.distributed:
+        device = torch.device("cuda", group.local_rank)
     precision = choose_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed % 2**32)
-    return Runtime(device, precision)
+    return Runtime(device, precision, group)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def rng_state() -> dict:

@@ -7,6 +7,7 @@ final status: completed, stopped or failed. The engine process is the only write
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -33,6 +34,8 @@ def package_versions() -> dict[str, str]:
 
 
 class RunSession:
+    writer = True  # the process that writes the run's rows, events and log (rank 0 of a group)
+
     def __init__(self, db: RunDB, events: EventWriter, cfg: RunConfig, runs_dir: Path, resume_id: str | None = None):
         self.db = db
         self.events = events
@@ -73,9 +76,11 @@ class RunSession:
     def start(self, max_steps: int) -> None:
         self.db.mark_running(self.run_id)
         row = self.db.get_run(self.run_id)
+        # pgid: the group a forced stop kills, which holds every process of a torchrun group too
         self.events.emit("run_started", run_id=self.run_id, name=row["name"], stage=self.cfg.stage,
                          config=self.cfg.to_dict(), run_dir=str(self.run_dir), pid=row["pid"], max_steps=max_steps,
-                         parent=self.cfg.parent or None, db=str(self.db.path))
+                         parent=self.cfg.parent or None, db=str(self.db.path), pgid=os.getpgrp(),
+                         world=self.cfg.train.nproc * self.cfg.train.nnodes)
         self.info(f"run {self.run_id} ({self.cfg.stage}) started; folder {self.run_dir}")
 
     def info(self, message: str) -> None:
@@ -120,3 +125,73 @@ class RunSession:
         for h in list(self.log.handlers):
             h.close()
             self.log.removeHandler(h)
+
+
+class ReadOnlyRunDB:
+    """The run database as a rank other than 0 sees it: reads pass through (a parent run, its
+    checkpoints), writes are dropped, since rank 0 alone writes the run's rows."""
+
+    WRITES = frozenset({"create_run", "update_run", "mark_running", "set_status", "merge_meta", "delete_run",
+                        "reap_crashed", "log_metrics", "flush_metrics", "insert_metric_rows", "truncate_metrics",
+                        "add_evaluation", "add_checkpoint", "replace_checkpoint_file", "add_artifact"})
+
+    def __init__(self, db: RunDB):
+        self._db = db
+
+    def __getattr__(self, name: str):
+        if name in self.WRITES:
+            return lambda *a, **k: None
+        return getattr(self._db, name)
+
+
+class FollowerSession:
+    """A rank other than 0 of a process group: the run's identity and folder (rank 0's), reads of the
+    database, and nothing written: no rows, no events, no log lines (errors still go to stderr)."""
+
+    writer = False
+
+    def __init__(self, db: RunDB, cfg: RunConfig, run_id: str, run_dir: str, rank: int, resumed: bool):
+        self.db = ReadOnlyRunDB(db)
+        self.events = EventWriter(enabled=False)
+        self.cfg = cfg
+        self.run_id = run_id
+        self.run_dir = Path(run_dir)
+        self.resumed_from = {} if resumed else None
+        self.trained = False
+        self.finished = False
+        self.t0 = time.monotonic()
+        self.log = logging.getLogger(f"mediswift.rank{rank}.{run_id}")
+        self.log.setLevel(logging.ERROR)
+        self.log.propagate = False
+        if not self.log.handlers:
+            err = logging.StreamHandler(sys.stderr)
+            err.setFormatter(logging.Formatter(f"[mediswift rank {rank}] %(message)s"))
+            self.log.addHandler(err)
+
+    def start(self, max_steps: int) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        pass
+
+    def status(self, status: str) -> None:
+        pass
+
+    def metrics_logger(self, total_steps: int) -> MetricsLogger:
+        return MetricsLogger([])
+
+    def finish(self, status: str, step: int, summary: dict) -> None:
+        self.finished = True
+
+    def fail(self, message: str, key: str | None = None, path: str | None = None, status: str = "failed") -> None:
+        self.log.error("error: " + message)
+        self.finished = True
+
+    def close(self) -> None:
+        pass

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from engine.train.distributed import total_grad_norm
 
 @dataclass
 class MicroBatch:
@@ -30,14 +31,18 @@ class StepResult:
 
 
 def train_step(opt: torch.optim.Optimizer, micro_batch: Callable[[], MicroBatch], n_micro: int,
-               grad_clip: float, scaler: torch.amp.GradScaler | None = None) -> StepResult:
+               grad_clip: float, scaler: torch.amp.GradScaler | None = None, group=None) -> StepResult:
     """``n_micro`` calls of ``micro_batch`` (forward + loss), each backward at 1/n_micro, then one
     optimizer step over the optimizer's own parameters (the gradient norm too). A non-finite loss or
     gradient norm skips the optimizer step, so the weights and moments stay as they were.
 
     With ``scaler`` (fp16) the loss is scaled for backward and the gradients unscaled before the norm;
     an overflowing gradient then only makes the scaler skip the step and lower its scale, as fp16
-    training expects, and is not reported as non-finite (the loss still is)."""
+    training expects, and is not reported as non-finite (the loss still is).
+
+    With a process ``group`` (engine.train.distributed) the loss is the mean over every rank's
+    micro-batches and tokens and FLOPs are their sums, so all ranks take the same decision on a
+    non-finite step and report the step of the whole group."""
     opt.zero_grad(set_to_none=True)
     total, tokens, flops, flops_dense = 0.0, 0, 0.0, 0.0
     for _ in range(n_micro):
@@ -48,13 +53,16 @@ def train_step(opt: torch.optim.Optimizer, micro_batch: Callable[[], MicroBatch]
         tokens += mb.tokens
         flops += mb.flops
         flops_dense += mb.flops_dense
+    world = 1
+    if group is not None and group.distributed:
+        world = group.world
+        total, tokens, flops, flops_dense = group.sum([total, tokens, flops, flops_dense])
+        tokens = int(tokens)
+    n_micro *= world
     if scaler is not None:
         scaler.unscale_(opt)
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    if grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+    grad_norm = total_grad_norm(params, grad_clip)
     if scaler is not None:
         finite = math.isfinite(total)
         if finite:

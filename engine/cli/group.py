@@ -1,0 +1,291 @@
+"""One run on many processes, started through torchrun's own launcher (``torch.distributed.launcher``,
+the Python API behind the ``torchrun`` command), and what this command does around it.
+
+    mediswift train (this process: checks, the elastic agent, control relay, final status)
+        └── workers, one per train.nproc (spawned by the agent, in this process's process group)
+              rank 0: the run's session (rows, events, log, the lease); the others: silent followers
+
+- Bad input is refused here, before any worker starts: too many processes for the machine, a
+  rendezvous endpoint that does not resolve or answer, FSDP where it cannot shard.
+- Control: a stop or pause (stdin line or signal) reaches this process; it signals its local workers,
+  which agree on it at the next step (engine.train.distributed.Group.any), so every rank stops at the
+  same step and rank 0 writes the final checkpoint. SIGINT/SIGTERM stay ours
+  (TORCHELASTIC_SIGNALS_TO_HANDLE): the agent's own handling would kill the workers after 30 s.
+- The workers share this process's process group, so a forced stop (the studio kills the group named
+  in ``run_started``) takes all of them; a worker whose launcher vanishes exits by itself.
+- When a worker dies the agent ends the others; if rank 0 could not record it, this process marks
+  the run ``crashed``, so it is never left ``running``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from engine.core.errors import InputError
+
+GROUP_DIR_ENV = "MEDISWIFT_GROUP_DIR"
+RDZV_WAIT_ENV = "MEDISWIFT_RDZV_WAIT_S"  # how long a node waits for a remote rendezvous host to answer
+
+
+def in_group() -> bool:
+    """This process is a worker that torchrun started (ours or a user's own ``torchrun -m engine``)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size(cfg) -> int:
+    return cfg.train.nproc * cfg.train.nnodes
+
+
+# -- checks before anything starts -----------------------------------------------------------------
+
+
+def check_group(cfg, resuming: bool) -> None:
+    """Refuse a process group this machine cannot run (exit 2, naming the key)."""
+    tc = cfg.train
+    world = world_size(cfg)
+    if tc.strategy == "fsdp" and cfg.stage == "prompt" and world > 1:
+        raise InputError("train.strategy = 'fsdp' cannot shard a soft-prompting run: it trains only the prompt "
+                         "vectors on a frozen model; use train.strategy = 'ddp'", key="train.strategy")
+    if tc.strategy == "fsdp" and world == 1 and not resuming:
+        raise InputError("train.strategy = 'fsdp' shards the model across processes, and train.nproc x train.nnodes "
+                         "is 1: there is nothing to shard it across; raise train.nproc or use 'ddp'",
+                         key="train.strategy")
+    if world == 1:
+        return
+    _check_processes(tc)
+    if tc.nnodes > 1 and not tc.rdzv_endpoint:
+        raise InputError(f"train.nnodes is {tc.nnodes}: the machines need a meeting point; set train.rdzv_endpoint "
+                         "= 'HOST:PORT' of one of them (the same on every machine)", key="train.rdzv_endpoint")
+    if tc.rdzv_endpoint:
+        check_rendezvous(tc.rdzv_endpoint, tc.nnodes)
+
+
+def _check_processes(tc) -> None:
+    import torch
+
+    from engine.train.runtime import usable_cores
+
+    cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        n = torch.cuda.device_count()
+        if tc.nproc > n:
+            raise InputError(f"train.nproc is {tc.nproc} but this machine has {n} GPU{'s' if n != 1 else ''}; "
+                             "one process per GPU", key="train.nproc")
+        return
+    cores = usable_cores()
+    if tc.nproc > cores:
+        raise InputError(f"train.nproc is {tc.nproc} but this machine has {cores} CPU core{'s' if cores != 1 else ''} "
+                         "available; each process needs at least one", key="train.nproc")
+    if tc.threads and tc.threads * tc.nproc > cores:
+        raise InputError(f"train.threads = {tc.threads} for each of {tc.nproc} processes needs {tc.threads * tc.nproc} "
+                         f"cores and this machine has {cores}; lower train.threads (0 shares the cores out)",
+                         key="train.threads")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"train.rdzv_endpoint must be HOST:PORT (e.g. node0.example.org:29500), not {endpoint!r}",
+                         key="train.rdzv_endpoint")
+    return host, int(port)
+
+
+def _is_local(addr: str) -> bool:
+    try:
+        if ipaddress.ip_address(addr).is_loopback:
+            return True
+    except ValueError:
+        return False
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, 0))  # only an address of this machine can be bound
+            return True
+        except OSError:
+            return False
+
+
+def check_rendezvous(endpoint: str, nnodes: int) -> None:
+    """The endpoint resolves, and either this machine hosts it (a free port here) or its host answers."""
+    host, port = parse_endpoint(endpoint)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise InputError(f"cannot resolve the rendezvous host {host!r} of train.rdzv_endpoint ({e.strerror})",
+                         key="train.rdzv_endpoint") from None
+    addr = infos[0][4][0]
+    if _is_local(addr):
+        if _answers(addr, port, 0.5):
+            if nnodes == 1:
+                raise InputError(f"port {port} of train.rdzv_endpoint {endpoint} is already in use on this machine; "
+                                 "choose another port (or leave train.rdzv_endpoint empty on one machine)",
+                                 key="train.rdzv_endpoint")
+            return  # another node of this machine hosts it already
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr, port))
+            except OSError as e:
+                raise InputError(f"cannot host the rendezvous at {endpoint}: {e.strerror}", key="train.rdzv_endpoint") from None
+        return
+    wait = float(os.environ.get(RDZV_WAIT_ENV, "30"))
+    deadline = time.monotonic() + wait
+    reason = "no answer"
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(5.0, max(0.5, wait))):
+                return
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise InputError(f"cannot reach the rendezvous endpoint {endpoint} ({reason}, for {wait:.0f} s); start the "
+                             "run on that machine first, or check train.rdzv_endpoint", key="train.rdzv_endpoint")
+        time.sleep(1.0)
+
+
+def _answers(addr: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((addr, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# -- the launch ------------------------------------------------------------------------------------
+
+
+def launch(argv: list[str], cfg, db_path: str) -> int:
+    """Run ``mediswift train ARGV`` on ``train.nproc`` local processes of a ``train.nnodes`` group;
+    returns the exit code of the run (rank 0's where it runs here)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from engine.train.control import Control
+
+    tc = cfg.train
+    group_dir = Path(tempfile.mkdtemp(prefix="mediswift-group-"))
+    os.environ[GROUP_DIR_ENV] = str(group_dir)
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # SIGINT/SIGTERM are a graceful stop, ours
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    standalone = not tc.rdzv_endpoint
+    config = LaunchConfig(
+        min_nodes=tc.nnodes, max_nodes=tc.nnodes, nproc_per_node=tc.nproc,
+        run_id=str(uuid.uuid4()) if standalone else "mediswift",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else tc.rdzv_endpoint,
+        rdzv_configs={"join_timeout": 600}, max_restarts=0, monitor_interval=0.2, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(group_dir / "logs"), redirects=Std.NONE, tee=Std.NONE))
+    control = Control()
+    control.install()
+    done = threading.Event()
+    relay = threading.Thread(target=_relay, args=(control, group_dir, done), name="control-relay", daemon=True)
+    relay.start()
+    code = 1
+    try:
+        results = elastic_launch(config, worker)(argv)
+        code = results.get(0, max(results.values(), default=1)) if results else 1
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.signal else f"exit code {failure.exitcode}"
+        _mark_crashed(db_path, group_dir, f"rank {rank} of the process group died ({how}); the others were ended")
+        sys.stderr.write(f"mediswift: error: rank {rank} of the process group died ({how})\n")
+        code = 1
+    except KeyboardInterrupt:
+        _signal_workers(group_dir, signal.SIGKILL)
+        _mark_crashed(db_path, group_dir, "interrupted twice; the processes were killed without a final checkpoint",
+                      status="stopped")
+        code = 130
+    finally:
+        done.set()
+        control.uninstall()
+        _mark_crashed(db_path, group_dir, "the process group ended without finishing the run")
+        shutil.rmtree(group_dir, ignore_errors=True)
+    return int(code)
+
+
+def worker(argv: list[str]) -> int:
+    """A worker's whole life: announce its pid, watch its launcher, run ``train`` in the group."""
+    group_dir = os.environ.get(GROUP_DIR_ENV)
+    if group_dir:
+        Path(group_dir, f"rank{os.environ.get('LOCAL_RANK', '0')}.pid").write_text(str(os.getpid()))
+    _watch_launcher()
+    from engine.cli.commands import main
+
+    return main(argv)
+
+
+def record_run_id(run_id: str) -> None:
+    """Rank 0 tells its launcher which run this is (for the final status if rank 0 cannot write it)."""
+    group_dir = os.environ.get(GROUP_DIR_ENV)
+    if group_dir and Path(group_dir).is_dir():
+        Path(group_dir, "run_id").write_text(run_id)
+
+
+def _watch_launcher() -> None:
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:  # the launcher is gone (killed): nobody would end this process
+                os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def _worker_pids(group_dir: Path) -> list[int]:
+    pids = []
+    for f in group_dir.glob("rank*.pid"):
+        try:
+            pids.append(int(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def _signal_workers(group_dir: Path, sig: int) -> None:
+    for pid in _worker_pids(group_dir):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _relay(control, group_dir: Path, done: threading.Event) -> None:
+    """This process's stop/pause/resume, passed on to its workers as the signals they handle."""
+    sent_stop, paused = False, False
+    while not done.is_set():
+        control.wake.wait(0.2)
+        control.wake.clear()
+        if control.stop_requested.is_set() and not sent_stop:
+            sent_stop = True
+            _signal_workers(group_dir, signal.SIGTERM)
+        want_pause = control.pause_requested.is_set()
+        if want_pause != paused:
+            paused = want_pause
+            _signal_workers(group_dir, signal.SIGUSR1 if paused else signal.SIGUSR2)
+
+
+def _mark_crashed(db_path: str, group_dir: Path, message: str, status: str = "crashed") -> None:
+    from engine.core.rundb import RunDB, pid_alive
+
+    f = group_dir / "run_id"
+    if not f.is_file():
+        return
+    db = RunDB(db_path)
+    try:
+        row = db.get_run(f.read_text().strip())
+        if row and row["status"] in ("running", "paused") and not pid_alive(row["pid"], row["pid_start"]):
+            db.set_status(row["id"], status, error=message)
+    finally:
+        db.close()
