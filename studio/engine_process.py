@@ -116,6 +116,7 @@ class EngineProcess(QObject):
         self._out, self._err = LineReader(), LineReader()
         self.stderr_lines: list[str] = []  # kept whole: a crash report needs the tail
         self.engine_pid: int | None = None
+        self.engine_pgid: int | None = None  # the process group of the run's processes (every rank of a group)
         self.run_id: str | None = None
         self.exit_code: int | None = None
         self._stop_timer: QTimer | None = None
@@ -167,8 +168,11 @@ class EngineProcess(QObject):
         self._stop_timer.start(int(timeout_s * 1000))
 
     def kill(self) -> None:
-        """Kill the engine's whole process group (data loaders, compilers), then the launcher."""
-        if self.engine_pid and pid_alive(self.engine_pid):
+        """Kill the engine's whole process group (data loaders, compilers, every rank of a torchrun
+        group), then the launcher."""
+        if self.engine_pgid and self.engine_pgid > 1:
+            signal_engine(self.engine_pgid, signal.SIGKILL, group=True)
+        elif self.engine_pid and pid_alive(self.engine_pid):
             signal_engine(self.engine_pid, signal.SIGKILL, group=True)
         if self.is_running():
             self.proc.kill()
@@ -186,6 +190,7 @@ class EngineProcess(QObject):
             return
         if ev["type"] == "run_started":
             self.engine_pid = int(ev.get("pid") or 0) or None
+            self.engine_pgid = int(ev.get("pgid") or 0) or None
             self.run_id = ev.get("run_id")
         self.event.emit(ev)
 

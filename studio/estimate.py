@@ -145,7 +145,12 @@ class EstimatePanel(QGroupBox):
         saving = f.get("saving")
         self.labels["saving"].setText(_saving_text(saving, f.get("dense"), f.get("sparse")))
         self.labels["tokens"].setText(fmt.si(r.get("tokens")))
-        self.labels["memory"].setText(fmt.nbytes(r.get("memory_bytes")))
+        procs = int(r.get("processes") or 1)
+        if procs > 1 and r.get("memory_per_process_bytes"):
+            self.labels["memory"].setText(f"{fmt.nbytes(r['memory_per_process_bytes'])} per process × {procs} "
+                                          f"({r.get('strategy')})")
+        else:
+            self.labels["memory"].setText(fmt.nbytes(r.get("memory_bytes")))
         step = r.get("step_seconds")
         eta = r.get("eta_seconds")
         self.labels["eta"].setText(fmt.duration(eta) + (f"  ({step * 1000:.0f} ms/step measured)" if step else "")

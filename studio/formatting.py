@@ -75,3 +75,19 @@ def precision_badge(meta: dict | None) -> tuple[str, str]:
         feature_line(feats),
     ) if x)
     return text, tip
+
+
+def world_badge(meta: dict | None, tokens_per_s: float | None = None) -> tuple[str, str]:
+    """(short text, tooltip) for the header of a run on several processes: world size, strategy and
+    each rank's throughput (the run's tokens/s are the whole group's); ("", "") for one process."""
+    world = (meta or {}).get("world") or {}
+    size = int(world.get("size") or 1)
+    if size <= 1:
+        return "", ""
+    text = f"{size} processes · {world.get('strategy', '?')}"
+    if tokens_per_s:
+        text += f" · {si(tokens_per_s / size)} tok/s per rank"
+    nodes = int(world.get("nnodes") or 1)
+    tip = (f"{size} processes ({world.get('nproc')} per machine on {nodes} machine{'s' if nodes > 1 else ''}), "
+           f"{world.get('strategy')} over {world.get('backend')}; rank 0 writes the run's rows and events")
+    return text, tip

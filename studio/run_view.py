@@ -43,6 +43,7 @@ class RunView(QWidget):
         self.pid: int | None = None
         self.log_tail: FileTail | None = None
         self._kill_timer: QTimer | None = None
+        self._stop_sent = False  # a second Stop kills
         self.title = "starting…"
         self._build()
         self.poll_timer = QTimer(self, interval=POLL_MS)
@@ -66,11 +67,17 @@ class RunView(QWidget):
         # the precision the run trains in (and the CPU features it was chosen from, in the tooltip)
         self.precision_label = QLabel("", objectName="precision")
         self.precision_label.setStyleSheet("color: #555; padding: 0 6px;")
+        # a run on several processes: world size, strategy, throughput per rank
+        self.world_label = QLabel("", objectName="world")
+        self._meta: dict = {}
+        self._tokens_per_s: float | None = None
+        self.world_label.setStyleSheet("color: #555; padding: 0 6px;")
         self.buttons: dict[str, QPushButton] = {}
         head = QHBoxLayout()
         head.addWidget(self.name_label)
         head.addWidget(self.status_label, 1)
         head.addWidget(self.precision_label)
+        head.addWidget(self.world_label)
         head.addWidget(self.progress)
         head.addWidget(self.eta_label)
         for key, text, tip, slot in (
@@ -206,11 +213,22 @@ class RunView(QWidget):
         text, tip = fmt.precision_badge(run.get("meta"))
         self.precision_label.setText(text)
         self.precision_label.setToolTip(tip)
+        self._meta = run.get("meta") or {}
+        self._show_world()
+
+    def _show_world(self, tokens_per_s: float | None = None) -> None:
+        if tokens_per_s is not None:
+            self._tokens_per_s = tokens_per_s
+        text, tip = fmt.world_badge(self._meta, self._tokens_per_s)
+        self.world_label.setText(text)
+        self.world_label.setToolTip(tip)
 
     def handle_event(self, ev: dict) -> None:
         t = ev["type"]
         if t == "run_started":
             self.pid = ev.get("pid")
+            self._stop_sent = False
+            self.buttons["stop"].setText("Stop")
             run = self.db.get_run(ev["run_id"]) or {"id": ev["run_id"], "name": ev.get("name"), "stage": ev.get("stage"),
                                                      "config": ev.get("config"), "run_dir": ev.get("run_dir")}
             if self.run_id == ev["run_id"]:  # a resume replays the steps after its checkpoint
@@ -223,6 +241,9 @@ class RunView(QWidget):
             if not self.precision_label.text() and self.run_id:
                 # the engine records the precision as the run starts, before its first step's metrics
                 self._show_precision(self.db.get_run(self.run_id) or {})
+            tps = (ev.get("metrics") or {}).get("tokens_per_s") if t == "metrics" else None
+            if tps:
+                self._show_world(tps)
         elif t == "progress":
             total = max(int(ev["total"] or 0), 1)
             self.progress.setRange(0, total)
@@ -263,12 +284,27 @@ class RunView(QWidget):
             status = "failed"
         if status not in FINAL_STATUSES:
             status = "crashed"  # the process is gone but nothing marked the row: treat as crashed
+            self._reap_later(10)
         self._set_status(status)
         if status in ("crashed", "failed"):
             self._show_crash(code)
         self.log.append("studio", f"engine exited with code {code}; run {status}")
         self.process = None
         self._update_progress()
+
+    def _reap_later(self, tries: int) -> None:
+        """The launcher is gone but a rank of its group may still be dying (a forced stop): look again
+        shortly, so the row is marked crashed once the run's last process has ended."""
+        if tries <= 0 or not self.run_id:
+            return
+
+        def again():
+            self.db.reap_crashed()
+            run = self.db.get_run(self.run_id)
+            if run is not None and run["status"] not in FINAL_STATUSES:
+                self._reap_later(tries - 1)
+
+        QTimer.singleShot(500, again)
 
     def _show_crash(self, code: int | None) -> None:
         lines = []
@@ -370,9 +406,15 @@ class RunView(QWidget):
         self.log.append("studio", f"{action} requested")
 
     def stop(self, timeout_s: float = GRACEFUL_STOP_S) -> None:
-        """Graceful stop first; the process group is killed if the run has not ended after ``timeout_s``."""
-        self.log.append("studio", f"stop requested (forced after {timeout_s:.0f} s)")
-        self.buttons["stop"].setEnabled(False)
+        """Graceful stop first; the process group is killed if the run has not ended after ``timeout_s``,
+        or at once on a second Stop (the button then reads "Kill now")."""
+        if self._stop_sent:
+            self.kill_now()
+            return
+        self._stop_sent = True
+        self.log.append("studio", f"stop requested (forced after {timeout_s:.0f} s, or press Kill now)")
+        self.buttons["stop"].setText("Kill now")
+        self.buttons["stop"].setToolTip("Kill every process of the run at once (no final checkpoint)")
         if self.process is not None:
             self.process.stop(timeout_s)
             return
@@ -384,7 +426,20 @@ class RunView(QWidget):
     def _force_kill(self) -> None:
         if self.pid and pid_alive(self.pid) and self.status not in FINAL_STATUSES:
             self.log.append("studio", "graceful stop timed out: killing the engine's process group")
-            signal_engine(self.pid, signal.SIGKILL, group=True)
+            self._kill_group()
+
+    def kill_now(self) -> None:
+        """The second Stop: every process of the run (each rank of a process group) killed now."""
+        self.log.append("studio", "killing the run's processes now")
+        if self.process is not None:
+            self.process.kill()
+        else:
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        # a run on several processes records the group that holds them all; one process leads its own
+        pgid = int((self.run or {}).get("meta", {}).get("pgid") or 0)
+        signal_engine(pgid if pgid > 1 else self.pid, signal.SIGKILL, group=True)
 
     def request_resume(self) -> None:
         if self.run_id:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,42 @@ class CliResult:
 
 def needs_shared_data():
     return pytest.mark.skipif(not PUBMED_TRAIN.is_file(), reason=f"shared data missing: {PUBMED_TRAIN}")
+
+
+def start_train(tmp_path: Path, db_path: Path, *args: str) -> subprocess.Popen:
+    """``mediswift train demo ARGS`` running in the background, with stdin for control lines."""
+    cmd = [sys.executable, "-m", "engine", "train", "demo", "--db", str(db_path), *args]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=engine_env(tmp_path))
+
+
+def read_until(proc: subprocess.Popen, predicate, timeout: float = 240):
+    """Events from a running engine up to the first that satisfies ``predicate``: (that event, all seen)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    for line in proc.stdout:
+        if line.startswith("{"):
+            e = json.loads(line)
+            seen.append(e)
+            if predicate(e):
+                return e, seen
+        assert time.monotonic() < deadline, "timed out waiting for an event"
+    raise AssertionError(f"stream ended before the expected event; stderr: {proc.stderr.read()}")
+
+
+def process_table() -> list[dict]:
+    """Every live process of this machine from /proc: pid, ppid, pgid and command line (zombies left out)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            out.append({"pid": int(d), "ppid": int(fields[1]), "pgid": int(fields[2]), "cmdline": cmd})
+    return out

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from helpers import PUBMED_TRAIN, REPO, engine_env, needs_shared_data, tiny
+from helpers import PUBMED_TRAIN, needs_shared_data
+from helpers import read_until as _read_until
+from helpers import start_train as _start
+from helpers import tiny
 
 from engine.core.events import EVENT_FIELDS, validate_event
 from engine.core.rundb import RunDB
@@ -113,25 +113,6 @@ def test_masked_weights_stay_zero_and_adamw_state_covers_only_the_nonzeros(cli, 
     # ERK gives different levels to differently shaped layers
     levels = {n: 1 - float(ck["masks"][n].float().mean()) for n in names}
     assert levels["blocks.0.attn.q"] != pytest.approx(levels["blocks.0.mlp.fc"], abs=1e-3)
-
-
-def _start(tmp_path, db_path, *args):
-    cmd = [sys.executable, "-m", "engine", "train", "demo", "--db", str(db_path), *args]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=engine_env(tmp_path))
-
-
-def _read_until(proc, predicate, timeout=240):
-    deadline = time.monotonic() + timeout
-    seen = []
-    for line in proc.stdout:
-        if line.startswith("{"):
-            e = json.loads(line)
-            seen.append(e)
-            if predicate(e):
-                return e, seen
-        assert time.monotonic() < deadline, "timed out waiting for an event"
-    raise AssertionError(f"stream ended before the expected event; stderr: {proc.stderr.read()}")
 
 
 def test_kill_then_crash_detection_then_resume_equals_uninterrupted(tmp_path, cli, db_path):

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+from helpers import process_table
 
 from engine.core.rundb import RunDB, pid_alive
 from studio.main_window import KEEP, MainWindow
@@ -144,3 +145,44 @@ def test_close_and_reopen_reattaches_to_running_run(qtbot, studio):
     again.stop()  # through signals now: SIGTERM to the engine's pid
     qtbot.waitUntil(lambda: again.status == "stopped", timeout=RUN_TIMEOUT_MS)
     assert win2.db.latest_checkpoint(run_id) is not None
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid`` (the engine, torchrun's agent and every rank)."""
+    return [p["pid"] for p in process_table() if p["pgid"] == pgid]
+
+
+GROUP = {**LONG, "train.nproc": 2, "train.threads": 0}
+
+
+def test_two_process_run_is_live_in_the_header_and_stop_ends_every_rank(qtbot, studio):
+    from PySide6.QtCore import Qt
+
+    win = studio()
+    view = start_from_form(qtbot, win, GROUP)
+    qtbot.waitUntil(lambda: (view.data.last_step or 0) >= 5, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: "per rank" in view.world_label.text(), timeout=10_000)
+    assert view.world_label.text().startswith("2 processes · ddp · ")
+    pgid = win.db.get_run(view.run_id)["meta"]["pgid"]
+    assert len(_group_members(pgid)) >= 3  # the engine and its two ranks
+    qtbot.mouseClick(view.buttons["stop"], Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: view.status == "stopped" and view.process is None, timeout=RUN_TIMEOUT_MS)
+    assert view.process_exit_code == 0
+    run = win.db.get_run(view.run_id)
+    assert run["status"] == "stopped" and win.db.latest_checkpoint(view.run_id)["step"] == run["summary"]["step"]
+    qtbot.waitUntil(lambda: not _group_members(pgid), timeout=10_000)
+
+
+def test_a_second_stop_kills_the_whole_process_group(qtbot, studio):
+    win = studio()
+    view = start_from_form(qtbot, win, GROUP)
+    qtbot.waitUntil(lambda: (view.data.last_step or 0) >= 3, timeout=RUN_TIMEOUT_MS)
+    pgid = win.db.get_run(view.run_id)["meta"]["pgid"]
+    view.stop()
+    assert view.buttons["stop"].text() == "Kill now"
+    view.stop()
+    qtbot.waitUntil(lambda: view.process is None, timeout=30_000)
+    qtbot.waitUntil(lambda: not _group_members(pgid), timeout=10_000)
+    assert any("killing the run's processes now" in t for _k, t in view.log.lines)
+    # never left running: the studio marks it once the last rank has gone
+    qtbot.waitUntil(lambda: win.db.get_run(view.run_id)["status"] in ("crashed", "stopped"), timeout=10_000)

@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
         from engine.core.config import from_dict
 
         stored = from_dict(resume_row["config"])
-        cfg = keep_global_batch(stored, stored.replace(overrides), overrides)
+        cfg, batch_note = keep_global_batch(stored, stored.replace(overrides), overrides)
         from engine.model.checkpoint import load_checkpoint
         from engine.model.runs import good_checkpoint
 
@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
         if not path.is_file():
             raise InputError(f"config file not found: {args.config} (presets: {', '.join(list_presets())})", key="config", path=str(path))
         cfg = load_config(path, overrides)
-        ckpt_path = resume_state = None
+        ckpt_path = resume_state = batch_note = None
     _check_inputs(cfg, db)
     if cfg.stage in ("finetune", "prompt"):
         from engine.core.config import load_toml
@@ -102,8 +102,11 @@ def cmd_train(args) -> int:
             return launch(sys.argv[1:] if args.argv is None else args.argv, cfg, str(db.path))
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(db.path)
     if worker:
-        return _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resume_state, follower)
+        return _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resume_state, follower,
+                               batch_note)
     session = RunSession(db, events, cfg, runs_dir, resume_id=resume_row["id"] if resume_row else None)
+    if batch_note:
+        session.info(batch_note)
     from engine.train.control import Control
 
     control = Control()
@@ -135,14 +138,18 @@ def keep_global_batch(stored, cfg, overrides: dict):
     explicit train.grad_accum wins."""
     old, new = world_size(stored), world_size(cfg)
     if old == new or "train.grad_accum" in overrides:
-        return cfg
+        return cfg, None
     total = old * stored.train.grad_accum
     if total % new:
-        return cfg  # the run says so when it starts (its global batch changes)
-    return cfg.replace({"train.grad_accum": total // new})
+        return cfg, (f"the run continues on {new} processes (it ran on {old}) and its global batch changes from {total} "
+                     f"to {new * cfg.train.grad_accum} micro-batches per step: {total} is not divisible by {new}")
+    return cfg.replace({"train.grad_accum": total // new}), (
+        f"the run continues on {new} process{'es' if new > 1 else ''} (it ran on {old}) with train.grad_accum = "
+        f"{total // new}, keeping its global batch of {total} micro-batches per step and so its batch order")
 
 
-def _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resume_state, follower: bool) -> int:
+def _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resume_state, follower: bool,
+                    batch_note: str | None = None) -> int:
     """One rank of a process group: rank 0 holds the run (its session, rows, events and lease) and
     tells the others its id; they follow silently. A failure of the group's communication (a rank
     died) ends the run as crashed, not failed: resuming it is the remedy."""
@@ -169,12 +176,15 @@ def _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resu
                 raise
             record_run_id(session.run_id)
             group.broadcast((session.run_id, str(session.run_dir)))
+            if batch_note:
+                session.info(batch_note)
     except InputError:
         if not follower:
             raise
         return EXIT_BAD_INPUT
     control = Control(read_stdin=not follower)
     control.install()
+    lost = False
     try:
         status = _run_stage(session, control, ckpt_path, resume_state)
         return 0 if status in ("completed", "stopped") else 1
@@ -186,16 +196,24 @@ def _train_in_group(args, db, events, cfg, runs_dir, resume_row, ckpt_path, resu
     except Exception as e:  # noqa: BLE001 - record any failure before exiting
         import traceback
 
-        lost = isinstance(e, dist.DistError) or control.stop_reason == "SIGTERM" and isinstance(e, RuntimeError)
+        text = str(e)
+        lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+            w in text for w in ("Connection closed", "Connection reset", "gloo", "NCCL", "Broken pipe")))
         if not lost:
             session.log.error(traceback.format_exc())
         session.fail(f"{type(e).__name__}: {e}" if not lost else
-                     f"a process of the group was lost ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     f"a process of the group was lost ({type(e).__name__}: {text.splitlines()[0] if text else ''}); "
                      "resume the run to continue from its last checkpoint", status="crashed" if lost else "failed")
         return 1
     finally:
         control.uninstall()
         session.close()
+        if lost:
+            # the run is recorded; tearing down a group that lost a member (its destructor included)
+            # waits on the dead peer, so leave at once
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         group.close()
 
 

@@ -196,7 +196,7 @@ def launch(argv: list[str], cfg, db_path: str) -> int:
         code = results.get(0, max(results.values(), default=1)) if results else 1
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.signal else f"exit code {failure.exitcode}"
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         _mark_crashed(db_path, group_dir, f"rank {rank} of the process group died ({how}); the others were ended")
         sys.stderr.write(f"mediswift: error: rank {rank} of the process group died ({how})\n")
         code = 1

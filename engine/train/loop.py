@@ -21,9 +21,9 @@ import torch
 
 from engine.core.hardware import cpu_info
 from engine.core.queries import last_metric_value
+from engine.data.tokens import SeededOrder
 from engine.model.checkpoint import load_checkpoint
 from engine.train.cadence import Cadence
-from engine.data.tokens import SeededOrder
 from engine.train.checkpointing import Checkpointer, restore_stage
 from engine.train.counters import Counters
 from engine.train.distributed import Parallel

@@ -75,6 +75,7 @@ class RunSession:
     # -- events ------------------------------------------------------------------------------------
     def start(self, max_steps: int) -> None:
         self.db.mark_running(self.run_id)
+        self.db.merge_meta(self.run_id, pgid=os.getpgrp())  # what a forced stop of a re-attached studio kills
         row = self.db.get_run(self.run_id)
         # pgid: the group a forced stop kills, which holds every process of a torchrun group too
         self.events.emit("run_started", run_id=self.run_id, name=row["name"], stage=self.cfg.stage,

@@ -11,6 +11,7 @@ import torch
 
 from engine.train.distributed import total_grad_norm
 
+
 @dataclass
 class MicroBatch:
     """One micro-batch's loss and what it cost: tokens trained on and FLOPs (sparse, dense-equivalent)."""
