@@ -151,3 +151,20 @@ def test_an_unreachable_rendezvous_host_is_refused(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "cannot reach the rendezvous endpoint 192.0.2.1:29500" in err, err
     assert RunDB(db).list_runs() == []
+
+
+def test_the_gpu_benchmark_script_runs_on_the_cpu():
+    """bench/gpu_step.py is the prepared GPU check; its --smoke mode proves the script itself here."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    r = subprocess.run([sys.executable, "bench/gpu_step.py", "--smoke", "--no-engine", "--json", "--steps", "1"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "AVX2" in out["header"]["cpu"] and out["header"]["bf16_matmul_peak_tflops"] > 0
+    assert [s["shape"] for s in out["shapes"]] == ["gpt3-125m", "mediswift-med"]
+    for s in out["shapes"]:
+        assert s["dense"]["tokens_per_s"] > 0 and s["sparse_vs_dense_step"] > 0
