@@ -150,9 +150,12 @@ class LiveMonitor(QWidget):
                                                 name="dense-equivalent")
         self.sparse_curve = self.flops_plot.plot(pen=pg.mkPen("#d62728", width=1), name="sparse (spent)")
         self.sparsity_plot = self.glw.addPlot(row=1, col=1)
-        _configure(self.sparsity_plot, "Sparsity and gradient norm", "sparsity / grad norm")
+        _configure(self.sparsity_plot, "Sparsity, mask churn and gradient norm", "sparsity / churn / grad norm")
         self.sparsity_curve = self.sparsity_plot.plot(pen=pg.mkPen("#636363", width=1), name="sparsity")
         self.grad_curve = self.sparsity_plot.plot(pen=pg.mkPen("#fdae6b", width=1), name="grad norm")
+        # dynamic sparsity: the fraction of connections each mask update replaced, a point per update
+        self.churn_curve = self.sparsity_plot.plot(pen=None, symbol="t", symbolSize=7, symbolBrush="#3182bd",
+                                                   symbolPen=None, name="mask churn")
         self.heat_plot = self.glw.addPlot(row=1, col=2)
         self.heat_plot.setTitle("Sparsity per layer (layer × step)", size="10pt")
         self.heat_plot.setLabel("bottom", "step")
@@ -183,7 +186,7 @@ class LiveMonitor(QWidget):
         # sparsity, and an empty "validation" entry would only mislead
         self._unlisted: dict[pg.PlotDataItem, tuple[pg.PlotItem, str]] = {}
         for plot, curve in ((self.loss_plot, self.val_curve), (self.sparsity_plot, self.sparsity_curve),
-                            (self.sparsity_plot, self.grad_curve)):
+                            (self.sparsity_plot, self.grad_curve), (self.sparsity_plot, self.churn_curve)):
             plot.legend.removeItem(curve)
             self._unlisted[curve] = (plot, curve.name())
 
@@ -359,7 +362,8 @@ class LiveMonitor(QWidget):
             self._draw(self.loss_raw, x, y)
             self._draw(self.loss_ema, x, smooth)
         for name, curve in (("lr", self.lr_curve), ("tokens_per_s", self.tps_curve),
-                            ("sparsity", self.sparsity_curve), ("grad_norm", self.grad_curve)):
+                            ("sparsity", self.sparsity_curve), ("grad_norm", self.grad_curve),
+                            ("mask_churn", self.churn_curve)):
             s = d.series.get(name)
             if s is not None and name in dirty:
                 self._draw(curve, s.x(ax), s.y())
@@ -434,6 +438,7 @@ class LiveMonitor(QWidget):
     def curve_points(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The full (not downsampled) data a curve holds."""
         curves = {"loss": self.loss_raw, "loss_ema": self.loss_ema, "val_loss": self.val_curve, "lr": self.lr_curve,
+                  "mask_churn": self.churn_curve,
                   "tokens_per_s": self.tps_curve, "sparsity": self.sparsity_curve, "flops": self.sparse_curve,
                   "flops_dense": self.dense_curve, "grad_norm": self.grad_curve, DEV_LOSS: self.dev_loss_curve,
                   **self.task_curves}

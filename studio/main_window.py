@@ -21,6 +21,7 @@ from studio.hf_export import HfExportJob
 from studio.run_form import RunForm
 from studio.run_view import RunView
 from studio.runs_browser import RunsBrowser
+from studio.schedule_preview import SchedulePreview
 
 REAP_MS = 5000
 KEEP, STOP, CANCEL = "keep", "stop", "cancel"
@@ -39,6 +40,9 @@ class MainWindow(QMainWindow):
         self.resize(1500, 950)
 
         self.form = RunForm(self.db, self.runs_dir)
+        self.schedule = SchedulePreview()  # below the estimate: what the masks will do, before launch
+        self.form.add_side_widget(self.schedule)
+        self.form.changed.connect(lambda: self.schedule.show_config(self.form.config if self.form.is_valid() else None))
         self.estimate = EstimatePanel(lambda n: self.form.estimate_args(n) if self.form.is_valid() else None)
         self.form.add_side_widget(self.estimate)
         self.form.changed.connect(lambda: self.estimate.config_changed(self.form.is_valid()))
@@ -69,6 +73,7 @@ class MainWindow(QMainWindow):
         self.reap_timer.timeout.connect(self._reap)
         self.reap_timer.start()
         self.estimate.config_changed(self.form.is_valid())
+        self.schedule.show_config(self.form.config if self.form.is_valid() else None)
         if attach:
             self.reattach()
 

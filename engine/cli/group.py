@@ -61,6 +61,10 @@ def check_group(cfg, resuming: bool) -> None:
                          key="train.strategy")
     if world == 1:
         return
+    if cfg.stage == "pretrain" and cfg.sparsity.method != "static":
+        raise InputError(f"sparsity.method = {cfg.sparsity.method!r} runs on one process for now (a mask update would "
+                         "have to change every rank's masks and its DDP/FSDP buckets alike); use train.nproc = 1",
+                         key="sparsity.method")
     _check_processes(tc)
     if tc.nnodes > 1 and not tc.rdzv_endpoint:
         raise InputError(f"train.nnodes is {tc.nnodes}: the machines need a meeting point; set train.rdzv_endpoint "

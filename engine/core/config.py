@@ -29,6 +29,7 @@ STAGES = ("vocab", "pretrain", "finetune", "prompt")
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTIONS = ("uniform", "erk")
 KERNELS = ("auto", "dense", "sparse")
+METHODS = ("static", "gmp", "set", "rigl")
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("lm", "pubmedqa", "hoc")
@@ -205,6 +206,27 @@ class SparsityConfig(_Section):
     level: float = _f(0.75, "Fraction of zero weights in the sparse matrices (attention q/k/v/out and MLP).", min=0.0, max=1.0, max_open=True)
     distribution: str = _f("uniform", "How sparsity is spread over layers: same level everywhere, or Erdős–Rényi-Kernel.", choices=DISTRIBUTIONS)
     kernel: str = _f("auto", "Matmul path for sparse layers: time both and keep the faster (auto), masked dense, or the sparse CPU core.", choices=KERNELS)
+    method: str = _f("static", "How masks change during pre-training: static (the initial random mask throughout, as "
+                     "MediSwift), gmp (gradual magnitude pruning from sparsity.initial to sparsity.level, Zhu & Gupta "
+                     "2017), set (drop the smallest weights, regrow at random, Mocanu et al. 2018) or rigl (drop the "
+                     "smallest, regrow where the dense gradient is largest, Evci et al. 2020). docs/dynamic_sparsity.md.",
+                     choices=METHODS)
+    start_step: int = _f(0, "First step at which a dynamic method updates the masks.", min=0)
+    end_step: int = _f(0, "Step after which the masks stay fixed (0: 75 % of train.max_steps, RigL's default).", min=0)
+    update_every: int = _f(100, "Steps between mask updates (RigL's and GMP's default: 100).", min=1)
+    drop_fraction: float = _f(0.3, "SET/RigL: fraction of each layer's nonzeros dropped and regrown at the first update, "
+                              "decaying to 0 by end_step on a cosine (0.3: RigL and SET's default).",
+                              min=0.0, max=1.0, min_open=True, max_open=True)
+    initial: float = _f(0.0, "GMP: sparsity at start_step (0: dense), pruned to sparsity.level by end_step on a cubic "
+                        "schedule.", min=0.0, max=1.0, max_open=True)
+
+    def check(self) -> None:
+        if self.initial > self.level:
+            raise InputError(f"sparsity.initial ({self.initial}) is above the final sparsity.level ({self.level}): gradual "
+                             "magnitude pruning only prunes", key="sparsity.initial")
+        if self.end_step and self.end_step <= self.start_step:
+            raise InputError(f"sparsity.end_step ({self.end_step}) must come after sparsity.start_step ({self.start_step})",
+                             key="sparsity.end_step")
 
 
 @dataclass(frozen=True)
@@ -305,6 +327,11 @@ class RunConfig(_Section):
             object.__setattr__(self, f.name, value)
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise InputError(f"{f.name} must be one of {', '.join(map(repr, f.metadata['choices']))}, got {value!r}", key=f.name)
+        sc, steps = self.sparsity, self.train.max_steps
+        if sc.method != "static" and not sc.end_step and sc.start_step >= max(1, int(0.75 * steps)):
+            raise InputError(f"sparsity.start_step ({sc.start_step}) is not before the last mask update, at 75 % of "
+                             f"train.max_steps ({int(0.75 * steps)}); lower it, or set sparsity.end_step",
+                             key="sparsity.start_step")
         if self.stage in ("finetune", "prompt") and not self.parent:
             raise InputError(f"parent is required for stage {self.stage!r}: give the id of the run to start from", key="parent")
 

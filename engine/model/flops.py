@@ -1,47 +1,9 @@
-"""Training FLOPs, the paper's way (DESIGN.md):
-
-forward per token ≈ 2·N_sparse·(1−s) + 2·N_dense_matmul + 4·L·n_ctx·d + 2·d·V, training ≈ 3 × forward.
-
-``sparse`` counts only the nonzero weights (what hardware that skips zeros must do); ``dense`` is the
-same model with every weight present (the dense-equivalent). Wall-clock is measured separately.
-"""
+"""Training FLOPs of a built model: the formula (engine.core.flops) with the model's actual masks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from engine.core.flops import FlopModel, flop_model_for_config, sparse_numel_for
 
-
-@dataclass(frozen=True)
-class FlopModel:
-    n_layer: int
-    d_model: int
-    n_ctx: int
-    vocab_size: int
-    sparse_numel: int        # weights in sparse-eligible matrices (attention q/k/v/out, MLP)
-    sparse_nonzero: int      # of which nonzero
-    dense_matmul: int = 0    # other matmul weights besides the LM head (none in our GPT)
-
-    def forward_per_token(self, sparse: bool = True) -> float:
-        n_sparse = self.sparse_nonzero if sparse else self.sparse_numel
-        attention = 4 * self.n_layer * self.n_ctx * self.d_model
-        lm_head = 2 * self.d_model * self.vocab_size
-        return 2.0 * n_sparse + 2.0 * self.dense_matmul + attention + lm_head
-
-    def train_per_token(self, sparse: bool = True) -> float:
-        return 3.0 * self.forward_per_token(sparse)
-
-    def saving(self) -> float:
-        """Dense-equivalent / sparse training FLOPs (the paper's '2–2.5x')."""
-        return self.train_per_token(False) / self.train_per_token(True)
-
-
-def sparse_numel_for(n_layer: int, d_model: int) -> int:
-    """q, k, v, out (d×d each) + MLP fc (d×4d) + proj (4d×d) per block."""
-    return n_layer * 12 * d_model * d_model
-
-
-def flop_model_for_config(n_layer: int, d_model: int, n_ctx: int, vocab_size: int, level: float) -> FlopModel:
-    numel = sparse_numel_for(n_layer, d_model)
-    return FlopModel(n_layer, d_model, n_ctx, vocab_size, numel, numel - int(round(level * numel)))
+__all__ = ["FlopModel", "flop_model_for", "flop_model_for_config", "sparse_numel_for"]
 
 
 def flop_model_for(model, n_ctx: int | None = None) -> FlopModel:

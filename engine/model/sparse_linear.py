@@ -28,6 +28,8 @@ class SparseLinear(nn.Linear):
         self._pattern = None  # sparse-core index structures, built once per mask
         self.mask_id = 0
         self._dense = None  # (key, dense weight) for the dense path, refreshed when the values change
+        self.capture_dense_grad = False  # RigL's update steps: keep the whole dW the dense path forms
+        self.dense_grad: torch.Tensor | None = None  # fp32 [out, in], summed over the step's micro-batches
 
     @property
     def is_sparse(self) -> bool:
@@ -90,8 +92,11 @@ class SparseLinear(nn.Linear):
         return self._pattern
 
     def nonzero_count(self) -> int:
-        w = self._parameters.get("values")
-        w = w if w is not None else self._parameters["weight"]
+        """Connections this layer has: its mask's count when masked (a weight grown by dynamic sparsity
+        is a connection even while its value is still exactly zero), else the dense weight's nonzeros."""
+        if self.mask is not None:
+            return int(self.mask.sum())
+        w = self._parameters["weight"]
         if hasattr(w, "full_tensor"):  # an FSDP shard: every rank counts the whole matrix (a collective)
             w = w.full_tensor()
         return int(torch.count_nonzero(w))
@@ -110,7 +115,12 @@ class SparseLinear(nn.Linear):
             from engine.model.kernels import sparse_linear
 
             return sparse_linear(x, self.values, self.bias, self.pattern())
-        return _PackedDenseLinear.apply(x, self.values, self.bias, self._dense_weight(), self.flat)
+        return _PackedDenseLinear.apply(x, self.values, self.bias, self._dense_weight(), self.flat,
+                                        self if self.capture_dense_grad else None)
+
+    def add_dense_grad(self, full: torch.Tensor) -> None:
+        full = full.float()
+        self.dense_grad = full if self.dense_grad is None else self.dense_grad.add_(full)
 
     def _dense_weight(self) -> torch.Tensor:
         """The dense matrix for the dense path. Its buffer is kept between calls: the zeros never move,
@@ -156,7 +166,7 @@ class _PackedDenseLinear(torch.autograd.Function):
     the gradient of its values (the dense product's gradient read at the mask)."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, weight, flat):
+    def forward(ctx, x, values, bias, weight, flat, sink=None):
         # the layer's buffer is held by reference, not saved: a second forward of the layer before
         # this backward rewrites it with the same values, which a saved tensor's version check would
         # reject (the values only change at the optimizer step, after every backward of the step)
@@ -164,6 +174,7 @@ class _PackedDenseLinear(torch.autograd.Function):
         ctx.weight = weight
         ctx.has_bias = bias is not None
         ctx.v_dtype = values.dtype
+        ctx.sink = sink  # a layer that keeps the dense dW (RigL), or None
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -176,11 +187,15 @@ class _PackedDenseLinear(torch.autograd.Function):
         if need_x:
             gx = gy @ weight.to(gy.dtype)
         gy2 = gy.reshape(-1, gy.shape[-1])
-        if need_v:
-            gv = (gy2.T @ x.reshape(-1, x.shape[-1]).to(gy.dtype)).reshape(-1)[flat].to(ctx.v_dtype)
+        if need_v or ctx.sink is not None:
+            full = gy2.T @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # dW, every entry (the mask's zeros too)
+            if ctx.sink is not None:
+                ctx.sink.add_dense_grad(full)
+            if need_v:
+                gv = full.reshape(-1)[flat].to(ctx.v_dtype)
         if need_b and ctx.has_bias:
             gb = gy2.sum(0)
-        return gx, gv, gb, None, None
+        return gx, gv, gb, None, None, None
 
 
 class SparseGroup:

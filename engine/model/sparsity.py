@@ -10,28 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.core.sparsity_schedule import layer_densities
 from engine.model.gpt import GPT
-
-
-def layer_densities(shapes: dict[str, tuple[int, int]], level: float, distribution: str) -> dict[str, float]:
-    if distribution == "uniform" or level == 0.0:
-        return {name: 1.0 - level for name in shapes}
-    if distribution != "erk":
-        raise ValueError(f"unknown sparsity distribution {distribution!r}")
-    numel = {n: s[0] * s[1] for n, s in shapes.items()}
-    raw = {n: (s[0] + s[1]) / (s[0] * s[1]) for n, s in shapes.items()}
-    budget = (1.0 - level) * sum(numel.values())
-    dense: set[str] = set()
-    while True:
-        free = [n for n in shapes if n not in dense]
-        remaining = budget - sum(numel[n] for n in dense)
-        scale = remaining / sum(raw[n] * numel[n] for n in free)
-        over = [n for n in free if scale * raw[n] > 1.0]
-        if not over:
-            out = {n: 1.0 for n in dense}
-            out.update({n: scale * raw[n] for n in free})
-            return out
-        dense.update(over)
 
 
 def random_mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> torch.Tensor:
@@ -93,7 +73,8 @@ def load_masks(model: GPT, masks: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def measure_sparsity(model: GPT) -> dict:
-    """Fraction of exactly-zero entries in each sparse-eligible matrix, and in all of them together."""
+    """Fraction of absent connections in each sparse-eligible matrix (off its mask; for an unmasked
+    matrix its exact zeros), and in all of them together."""
     layers: dict[str, float] = {}
     zeros = total = 0
     for name, m in model.sparse_layers().items():

@@ -46,6 +46,8 @@ def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
     m, tc = cfg.model, cfg.train
     vocab = cfg.tokenizer.vocab_size
     level = cfg.sparsity.level if cfg.stage == "pretrain" else 0.0
+    if cfg.stage == "pretrain" and cfg.sparsity.method == "gmp":
+        level = cfg.sparsity.initial  # GMP holds its densest masks first
     fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, level)
     with torch.device("meta"):
         total = GPT(m, vocab).num_params()
@@ -89,13 +91,21 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
         # one of the two paths stays: the dense one is never tried where it does not fit, and the
         # structures of the path not chosen are dropped after the choice
         memory -= max(parts["sparse_index"], parts["dense_path"])
+    sparse_flops = fm.train_per_token(True) * tokens
+    if cfg.stage == "pretrain" and cfg.sparsity.method != "static":
+        # a dynamic method's FLOPs step by step: GMP's denser early steps, RigL's dense-gradient updates
+        from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
+
+        plan = planned(Schedule.from_config(cfg), gpt_layer_shapes(m.n_layer, m.d_model), tc.max_steps,
+                       flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
+        sparse_flops = sum(plan["flops_per_token"]) * tokens / tc.max_steps
     # each process of a group holds its own activations and paths; FSDP shards the trained state
     shards = world if tc.strategy == "fsdp" else 1
     per_process = memory - parts["states"] + parts["states"] // shards
     out = {
         "params": {"total": total, "nonzero": nonzero},
-        "flops": {"dense": fm.train_per_token(False) * tokens, "sparse": fm.train_per_token(True) * tokens,
-                  "saving": fm.saving(), "per_token_dense": fm.train_per_token(False), "per_token_sparse": fm.train_per_token(True)},
+        "flops": {"dense": fm.train_per_token(False) * tokens, "sparse": sparse_flops,
+                  "saving": fm.train_per_token(False) * tokens / sparse_flops, "per_token_dense": fm.train_per_token(False), "per_token_sparse": fm.train_per_token(True)},
         "tokens": tokens, "memory_bytes": memory, "memory_parts": parts, "step_seconds": None, "eta_seconds": None,
         "processes": world, "strategy": tc.strategy if world > 1 else "single", "memory_per_process_bytes": per_process,
         "device": "cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu",

@@ -8,7 +8,8 @@ for what differs (its data, its loss, its evaluation, what it saves):
      Cadence (evaluation and checkpoints)  ->  last evaluation, final checkpoint, summary, run_finished.
 
 A stage is any object with the methods of ``Stage`` below (engine/train/pretrain.py, finetune.py,
-prompt.py); ``before_step()``, ``after_step(seconds)`` and ``on_final_checkpoint(step)`` are optional.
+prompt.py); ``before_step()``, ``after_step(seconds)``, ``pending_metrics()`` and
+``on_final_checkpoint(step)`` are optional.
 In a process group every rank runs this loop; rank 0's session alone writes (engine.train.session).
 """
 from __future__ import annotations
@@ -120,6 +121,7 @@ class TrainLoop:
     def _steps(self, logger) -> str:
         tc, c, stage, group = self.cfg.train, self.counters, self.stage, self.rt.group
         before, after = getattr(stage, "before_step", None), getattr(stage, "after_step", None)
+        pending = getattr(stage, "pending_metrics", None)
         micro = self.par.micro(stage.micro_batch, tc.grad_accum)
         while c.step < tc.max_steps:
             stop, pause = group.any(self.control.stop_requested.is_set(), self.control.pause_requested.is_set())
@@ -145,6 +147,8 @@ class TrainLoop:
             if c.step % tc.log_every == 0 or c.step == tc.max_steps:
                 metrics = {"loss": r.loss, "lr": self.sched.get_last_lr()[0],
                            "grad_norm": r.grad_norm, "tokens_per_s": r.tokens / dt, "step_time": dt, **stage.step_metrics()}
+            if pending:
+                metrics.update(pending())  # what happened at this step (a mask update), logged whatever log_every says
             if self.cadence.eval_due(c.step):
                 metrics.update(self._evaluate())
             if metrics:

@@ -1,8 +1,9 @@
 """The vocabulary and sparse pre-training stages.
 
-corpus → tokenizer (learned here, or the parent's) → cached token blocks → GPT with static masks →
-the shared loop (engine/train/loop.py). What this stage adds: the LM data, the masks, the kernel
-choice, validation loss and per-layer sparsity, and masks + kernels in its checkpoints.
+corpus → tokenizer (learned here, or the parent's) → cached token blocks → GPT with masks (static, or
+changed on a schedule by engine/train/dynamic_sparsity.py) → the shared loop (engine/train/loop.py).
+What this stage adds: the LM data, the masks, the kernel choice, validation loss and per-layer
+sparsity, and masks + kernels in its checkpoints.
 """
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from engine.data.vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, tr
 from engine.model.flops import flop_model_for
 from engine.model.gpt import GPT
 from engine.model.runs import check_parent
-from engine.model.sparsity import (
-    apply_sparsity, load_masks, masks_state, measure_sparsity, packed_state_dict, sparse_param_counts,
-)
+from engine.model.sparsity import load_masks, masks_state, measure_sparsity, packed_state_dict, sparse_param_counts
+from engine.train.dynamic_sparsity import MaskSchedule
 from engine.train.kernel_choice import KernelTrial, choose_kernels, set_kernels
 from engine.train.optim import make_optimizer
 from engine.train.step import MicroBatch, lm_micro_batch
@@ -85,7 +85,9 @@ class PretrainStage:
             s.warn(f"the run covers the training data {epochs:.1f} times; expect overfitting (use a larger corpus or fewer steps)")
 
         self.model = GPT(cfg.model, self.vocab_size)
-        apply_sparsity(self.model, cfg.sparsity.level, cfg.sparsity.distribution, tc.seed)
+        self.masks = MaskSchedule(s, self.model, cfg)
+        self.masks.init_masks(tc.seed)
+        self.step = 0  # completed steps (the checkpoint's, when resuming): the mask schedule's clock
         self.model.to(rt.device)
         self.model.train()
         self.best_val = math.inf
@@ -93,8 +95,8 @@ class PretrainStage:
         self.trial = None
         if resume is not None:
             load_masks(self.model, resume["masks"])  # before the FLOP model and kernels, which count them
-        self.fm = flop_model_for(self.model)
-        self.flops_per_token = (self.fm.train_per_token(True), self.fm.train_per_token(False))
+        self._count_flops()
+        self.step_flops = self.flops_per_token  # this step's (RigL's update steps count the dense gradient)
         if resume is not None and resume.get("kernels"):
             self.kernels = dict(resume["kernels"])
             set_kernels(self.model, {n: self.kernels.get(n, "dense") for n in self.model.sparse_layers()})
@@ -113,6 +115,11 @@ class PretrainStage:
                f"training FLOPs per token {self.fm.train_per_token(True):.3g} sparse vs {self.fm.train_per_token(False):.3g} dense "
                f"({self.fm.saving():.2f}x); device {rt.device}")
 
+    def _count_flops(self) -> None:
+        """FLOPs per token from the masks in force (a dynamic method changes them)."""
+        self.fm = flop_model_for(self.model)
+        self.flops_per_token = (self.fm.train_per_token(True), self.fm.train_per_token(False))
+
     def trained_modules(self) -> dict:
         return {"model": self.model}
 
@@ -120,25 +127,38 @@ class PretrainStage:
         return self.loader
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return make_optimizer(list(self.model.named_parameters()), self.s.cfg.train)
+        opt = make_optimizer(list(self.model.named_parameters()), self.s.cfg.train)
+        self.masks.opt = opt  # a mask update re-packs the moments of the values it moves
+        return opt
 
     # -- each step --------------------------------------------------------------------------------
     def before_step(self) -> None:
         if self.trial:
             self.trial.before_step()
+        self.masks.before_step(self.step + 1)  # after the trial: RigL's dense step overrides its kernels
+        extra = self.masks.extra_flops_per_token(self.step + 1)
+        self.step_flops = (self.flops_per_token[0] + extra, self.flops_per_token[1])
 
     def after_step(self, seconds: float) -> None:
+        self.step += 1
+        if self.masks.after_step(self.step):
+            self._count_flops()
+            self.sparsity = measure_sparsity(self.model)
         if self.trial:
             self.trial.after_step(seconds)
             self.kernels = self.trial.kernels
             if self.trial.done:
                 self.trial = None
 
+    def pending_metrics(self) -> dict:
+        """Metrics of a mask update, logged at its step whatever train.log_every says."""
+        return self.masks.take_metrics()
+
     def micro_batch(self) -> MicroBatch:
         x, y = self.loader.next_batch()
         dev = self.rt.device
         return lm_micro_batch(self.model, x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), self.rt.autocast,
-                              self.flops_per_token)
+                              self.step_flops)
 
     def step_metrics(self) -> dict:
         return {"sparsity": self.sparsity["total"]}
@@ -174,6 +194,7 @@ class PretrainStage:
         self.model.to(self.rt.device)
         self.loader.load_state(ck["data"])
         self.best_val = ck.get("best_val", math.inf)
+        self.step = int(ck.get("step", 0))
 
     def summary(self) -> dict:
         return {"val_loss": self.last_val, "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
