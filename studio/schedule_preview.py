@@ -31,7 +31,7 @@ class SchedulePreview(QGroupBox):
         self.glw.setMinimumHeight(230)
         self.sparsity_plot = self.glw.addPlot(row=0, col=0)
         self.sparsity_plot.setLabel("left", "sparsity")
-        self.sparsity_plot.addLegend(offset=(-5, 5))
+        self.sparsity_plot.addLegend(offset=(-5, -5))  # bottom right: the curves rise toward the top
         self.sparsity_plot.setYRange(0, 1, padding=0.02)
         self.total = self.sparsity_plot.plot(pen=pg.mkPen("#444", width=2), name="all")
         self.groups = {g: self.sparsity_plot.plot(pen=pg.mkPen(c, width=1, style=pg.QtCore.Qt.PenStyle.DashLine),
@@ -70,8 +70,7 @@ class SchedulePreview(QGroupBox):
         total = float(fl.sum())
         self.note.setText(f"{sched.method}: {len(upd)} mask updates"
                           + (f" from step {int(upd[0])} to {int(upd[-1])}" if len(upd) else "")
-                          + f"; {total:.3g} training FLOPs over {tc.max_steps} steps"
-                          + (f" ({total / (fl[0] * len(fl)):.2f}x the first step's rate)" if len(fl) and fl[0] else ""))
+                          + f"; {total:.3g} training FLOPs over {tc.max_steps} steps")
 
     def total_flops(self) -> float | None:
         return None if self.plan is None else float(np.sum(self.plan["flops_per_token"]))

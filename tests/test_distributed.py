@@ -85,15 +85,21 @@ def _alive(pid: int) -> bool:
 
 def test_killed_rank_crashes_the_run_then_it_resumes_on_one_process(tmp_path, cli, db_path, references):
     proc = start_train(tmp_path, db_path, *tiny(*BASE, *GROUP, "sparsity.kernel=dense"))
-    started, _ = read_until(proc, lambda e: e["type"] == "run_started")
-    read_until(proc, lambda e: e["type"] == "checkpoint" and e["step"] >= 5)
-    proc.stdin.write(json.dumps({"cmd": "pause"}) + "\n")  # the launcher passes it on; the ranks agree on it
-    proc.stdin.flush()
-    read_until(proc, lambda e: e["type"] == "status" and e["status"] == "paused")
-    workers = _workers_of(proc.pid)
-    assert len(workers) == 2 and started["pid"] in workers  # rank 0 holds the run
-    os.kill(next(p for p in workers if p != started["pid"]), signal.SIGKILL)
-    proc.wait(timeout=120)
+    try:
+        started, _ = read_until(proc, lambda e: e["type"] == "run_started")
+        read_until(proc, lambda e: e["type"] == "checkpoint" and e["step"] >= 5)
+        proc.stdin.write(json.dumps({"cmd": "pause"}) + "\n")  # the launcher passes it on; the ranks agree on it
+        proc.stdin.flush()
+        read_until(proc, lambda e: e["type"] == "status" and e["status"] == "paused")
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2 and started["pid"] in workers  # rank 0 holds the run
+        os.kill(next(p for p in workers if p != started["pid"]), signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed step above: leave no paused group behind
+            for p in _workers_of(proc.pid):
+                os.kill(p, signal.SIGKILL)
+            proc.kill()
     assert proc.returncode != 0
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:

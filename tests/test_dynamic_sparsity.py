@@ -223,3 +223,25 @@ def test_the_form_previews_the_planned_schedule_before_launch(qtbot, tmp_path):
               if b < a]
     assert spikes == rigl["updates"] == [50, 100, 150, 200]  # the dense gradient costs on update steps only
     win.close()
+
+
+def test_the_live_monitor_plots_mask_churn_and_a_changing_layer_heatmap(qtbot):
+    from engine.core.events import make_event
+    from studio.live_monitor import LiveMonitor
+
+    m = LiveMonitor()
+    qtbot.addWidget(m)
+    m.resize(900, 600)
+    m.show()
+    for step in range(1, 41):
+        metrics = {"loss": 5.0 - step * 0.01}
+        if step % 10 == 0:  # a GMP update: churn, and each layer pruned further
+            metrics.update({"mask_churn": 0.5 / step * 10, "sparsity": step / 50,
+                            "sparsity/blocks.0.attn.q": step / 60, "sparsity/blocks.0.mlp.fc": step / 45})
+        m.data.add_event(make_event("metrics", run_id="r", step=step, tokens=step * 64, wall_time=step * 0.1,
+                                    flops=step * 1e9, flops_dense=step * 2e9, metrics=metrics))
+    m.redraw(force=True)
+    x, y = m.curve_points("mask_churn")
+    assert list(x) == [10, 20, 30, 40] and list(y) == pytest.approx([0.5, 0.25, 0.5 / 3, 0.125])
+    img, layers, _ = m.data.heatmap()
+    assert layers == ["blocks.0.attn.q", "blocks.0.mlp.fc"] and float(img.max()) > float(img[img > 0].min())
