@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
 
 from engine.core.config import from_dict
 from engine.core.errors import InputError
-from engine.core.queries import last_eval_metrics, last_values
+from engine.core.queries import disk_usage, last_eval_metrics, last_values
 from engine.core.rundb import RunDB
 from engine.publish.run_export import FORMATS, export_config, export_metrics
 from studio import formatting as fmt
@@ -252,11 +252,14 @@ class RunsBrowser(QWidget):
         # the model lives in a checkpoint; a vocabulary run has none
         self.action_buttons["export_hf"].setEnabled(run["stage"] != "vocab" and bool(self.db.latest_checkpoint(run_id)))
         ckpts = self.db.checkpoints(run_id)
+        disk = disk_usage(run, ckpts)
         summary = run.get("summary") or {}
         lines = [f"<b>{run.get('name') or run_id}</b> ({run_id}) — {STAGE_LABELS.get(run['stage'], run['stage'])}",
                  f"status <b style='color:{STATUS_COLORS.get(run['status'], '#333')}'>{run['status']}</b>",
                  f"parent: {run.get('parent_id') or '—'}",
-                 f"checkpoints: {len(ckpts)}" + (f", last at step {ckpts[-1]['step']}" if ckpts else ""),
+                 f"checkpoints: {len(ckpts)}" + (f", last at step {ckpts[-1]['step']}" if ckpts else "")
+                 + (f" · disk: {fmt.nbytes(disk['checkpoint_bytes'])} in checkpoints, {fmt.nbytes(disk['run_dir_bytes'])} "
+                    "in the run folder" if disk["run_dir_bytes"] else ""),
                  f"folder: {run.get('run_dir') or '—'}"]
         if run.get("started_at") and run.get("finished_at"):
             lines.append(f"duration: {fmt.duration(run['finished_at'] - run['started_at'])}")

@@ -24,7 +24,7 @@ from engine.core.config import load_config, parse_overrides
 from engine.core.errors import InputError
 from engine.core.events import EventWriter
 from engine.core.paths import default_db_path, default_runs_dir, list_presets, resolve_preset
-from engine.core.queries import find_run
+from engine.core.queries import disk_usage, find_run
 from engine.core.rundb import RunDB
 
 EXIT_BAD_INPUT = 2
@@ -260,6 +260,9 @@ def _check_inputs(cfg, db: RunDB) -> None:
         check_corpus_spec(cfg.data.corpus)
     check_parent(db, cfg)
     if cfg.stage != "vocab":
+        from engine.train.metrics import check_reporters
+
+        check_reporters(cfg.train.report_to)
         from engine.train.precision import choose_precision
         from engine.train.runtime import resolve_device
 
@@ -304,6 +307,7 @@ def cmd_runs_show(args) -> int:
         "checkpoints": db.checkpoints(row["id"]), "evaluations": db.evaluations(row["id"]),
         "children": [r["id"] for r in db.list_runs() if r["parent_id"] == row["id"]],
     }
+    out["disk"] = disk_usage(row, out["checkpoints"])
     if args.json:
         _print_json(out)
     else:

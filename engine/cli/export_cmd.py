@@ -51,7 +51,8 @@ def cmd_export_hf(args) -> int:
 
     cli = _cli()
     db = cli._db(args)
-    report = export_hf(db, args.run_id, args.out, overwrite=args.overwrite)
+    report = export_hf(db, args.run_id, args.out, overwrite=args.overwrite, license=args.license,
+                       language=args.language)
     if args.verify:
         try:
             report["verify"] = verify_export(db, args.run_id, args.out)
@@ -91,6 +92,9 @@ def register(sub, common) -> None:
     h.add_argument("run_id")
     h.add_argument("--out", required=True, metavar="DIR")
     h.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    h.add_argument("--license", default="other", help="the model card's license (a Hub license id, e.g. apache-2.0; "
+                   "default 'other': check the licenses of your training data)")
+    h.add_argument("--language", default="en", help="the model card's language code(s), comma-separated (default en)")
     h.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits (needs transformers)")
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_export_hf)

@@ -31,6 +31,7 @@ DISTRIBUTIONS = ("uniform", "erk")
 KERNELS = ("auto", "dense", "sparse")
 METHODS = ("static", "gmp", "set", "rigl")
 STRATEGIES = ("ddp", "fsdp")
+REPORTERS = ("tensorboard",)  # experiment trackers a run can also write to (engine.train.metrics sinks)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("lm", "pubmedqa", "hoc")
 
@@ -246,6 +247,8 @@ class TrainConfig(_Section):
     eval_every: int = _f(50, "Validation every this many steps (and at the end).", min=1)
     eval_batches: int = _f(8, "Validation micro-batches per evaluation.", min=1)
     checkpoint_every: int = _f(100, "Checkpoint every this many steps (and at the end).", min=1)
+    keep_checkpoints: int = _f(0, "Keep the N newest checkpoints (the final one is the newest) and the one with the best "
+                               "validation loss when it is not among them: at most N + 1 on disk. 0 keeps all.", min=0)
     log_every: int = _f(1, "Emit training metrics every this many steps.", min=1)
     seed: int = _f(1337, "Random seed for init, masks and data order.", min=0)
     device: str = _f("auto", "Where to train: auto picks CUDA when available.", choices=DEVICES)
@@ -264,6 +267,20 @@ class TrainConfig(_Section):
     strategy: str = _f("ddp", "How several processes share the model: ddp keeps a full copy on each and averages the "
                        "gradients (of the packed nonzeros, for masked layers); fsdp shards weights, gradients and "
                        "optimizer state across them (FSDP2).", choices=STRATEGIES)
+    report_to: list[str] = _f([], "Experiment trackers the metrics also go to, besides the run database: "
+                              "'tensorboard' writes event files to the run folder's tensorboard/ (needs the "
+                              "tensorboard package: pip install 'mediswift[tensorboard]').")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # the form's text field and a bare --set value
+            object.__setattr__(self, "report_to", [x for x in self.report_to.replace(",", " ").split() if x])
+        super().__post_init__()
+
+    def check(self) -> None:
+        unknown = [x for x in self.report_to if x not in REPORTERS]
+        if unknown:
+            raise InputError(f"train.report_to has {', '.join(map(repr, unknown))}; available: "
+                             f"{', '.join(map(repr, REPORTERS))}", key="train.report_to")
 
 
 @dataclass(frozen=True)

@@ -289,3 +289,22 @@ def config_diff(configs: dict[str, dict], differences_only: bool = True) -> list
         if differs or not differences_only:
             rows.append((key, [None if v is _MISSING else v for v in values], differs))
     return rows
+
+
+def disk_usage(run: dict, checkpoints: list[dict]) -> dict:
+    """Bytes a run holds on disk: its checkpoints (as recorded, present files only) and its whole folder."""
+    import os
+
+    ck = sum(int(c["bytes"] or 0) for c in checkpoints if c.get("path") and os.path.isfile(c["path"]))
+    total = 0
+    folder = run.get("run_dir")
+    if folder and os.path.isdir(folder):
+        for root, _dirs, files in os.walk(folder):  # links are not followed: only what the run itself holds
+            for f in files:
+                p = os.path.join(root, f)
+                if not os.path.islink(p):
+                    try:
+                        total += os.path.getsize(p)
+                    except OSError:
+                        pass
+    return {"checkpoints": len(checkpoints), "checkpoint_bytes": ck, "run_dir_bytes": total}

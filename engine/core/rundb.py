@@ -334,6 +334,11 @@ class RunDB:
         with self.db.conn:
             self.db["checkpoints"].update(checkpoint_id, {"path": path, "bytes": nbytes, "sha256": sha256})
 
+    def delete_checkpoint(self, checkpoint_id: int) -> None:
+        """Forget a checkpoint row (its file was removed by retention, train.keep_checkpoints)."""
+        with self.db.conn:
+            self.db.execute("DELETE FROM checkpoints WHERE id = ?", [checkpoint_id])
+
     def checkpoints(self, run_id: str) -> list[dict]:
         return list(self.db.query("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step, id", [run_id]))
 

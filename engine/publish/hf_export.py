@@ -175,7 +175,8 @@ def _find_prompt(obj: Any, d_model: int) -> torch.Tensor | None:
 # -- the export -------------------------------------------------------------------------------------
 
 
-def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = False) -> dict:
+def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = False, license: str = "other",
+              language: str = "en") -> dict:
     """Write config.json, model.safetensors, tokenizer files, generation_config.json and README.md.
 
     Returns a report (paths, exported tensors, skipped tensors, sparsity of the exported matrices).
@@ -220,7 +221,8 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
         prompt_info = {"file": PROMPT_FILE, "n_tokens": int(prompt.shape[0]), "source": src}
 
     sparsity = _exported_sparsity(tensors)
-    card = model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info)
+    card = model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info,
+                      {"license": license, "language": [x.strip() for x in language.split(",") if x.strip()]})
     _place(out, "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
     return {"run_id": run["id"], "model_run": model_run["id"], "checkpoint": str(ck_path), "out": str(out),
             "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, "prompt": prompt_info,
@@ -270,16 +272,53 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+# Hub dataset ids of the tasks the studio trains on (for the card's ``datasets`` and ``model-index``)
+TASK_DATASETS = {"pubmedqa": ("qiaojin/PubMedQA", "PubMedQA (PQA-L)"), "hoc": ("bigbio/hallmarks_of_cancer", "HoC")}
+HEADLINE = {"pubmedqa": (("accuracy", "accuracy"), ("macro_f1", "f1")), "hoc": (("micro_f1", "f1"),),
+            "lm": (("loss", "loss"), ("perplexity", "perplexity"))}
+
+
+def card_metadata(db: RunDB, run: dict, chain: list[dict], title: str, options: dict) -> dict:
+    """The Hub's model-card metadata: license, language, datasets, and a ``model-index`` with the run's
+    latest evaluation of each task (its split named as stored)."""
+    datasets: list[str] = []
+    for r in chain:
+        c = r.get("config") or {}
+        task = (c.get("task") or {}).get("name")
+        if task in TASK_DATASETS:
+            datasets.append(TASK_DATASETS[task][0])
+        elif r["stage"] in ("vocab", "pretrain") or task == "lm":
+            # local files: named as the user has them (the Hub has no id for them)
+            datasets += [s if s.startswith("builtin:") else Path(s).name for s in (c.get("data") or {}).get("corpus", [])]
+    latest: dict[tuple[str, str], dict] = {}
+    for e in db.evaluations(run["id"]):
+        latest[(e["task"], e["split"])] = e
+    results = []
+    for (task, split), e in latest.items():
+        hub, name = TASK_DATASETS.get(task, ("text", "validation text"))
+        metrics = [{"type": kind, "name": f"{split} {key}", "value": round(float(e["metrics"][key]), 6)}
+                   for key, kind in HEADLINE.get(task, ()) if isinstance(e["metrics"].get(key), (int, float))]
+        if metrics:
+            results.append({"task": {"type": "text-generation" if task == "lm" else "text-classification"},
+                            "dataset": {"type": hub, "name": name, "split": split}, "metrics": metrics})
+    return {"license": options.get("license") or "other", "language": options.get("language") or ["en"],
+            "datasets": list(dict.fromkeys(datasets)),
+            "model-index": [{"name": title, "results": results}]}
+
+
 def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, tensors: dict,
-               skipped: list[str], sparsity: dict, prompt_info: dict | None) -> str:
+               skipped: list[str], sparsity: dict, prompt_info: dict | None, options: dict | None = None) -> str:
     chain = lineage(db, model_run["id"]) + ([run] if run is not model_run else [])
     m = cfg.model
     title = run.get("name") or run["id"]
+    meta = card_metadata(db, run, chain, title, options or {})
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "tags: [gpt2, mediswift, sparse-pretraining, biomedical]",
+        # JSON is YAML's flow style: each value quoted exactly, whatever its characters
+        *(f"{k}: {json.dumps(v)}" for k, v in meta.items()),
         "---",
         "",
         f"# {title} ({run['id']})",

@@ -28,6 +28,37 @@ def restore_stage(stage, ck: dict, path: str) -> None:
     stage.load_state(ck)
 
 
+def retain(db, run_id: str, keep: int, run_dir) -> list[int]:
+    """Keep the ``keep`` newest checkpoints and the one with the lowest validation loss (an evaluation
+    at its step) when it is not among them; remove the others' files (inside the run folder only) and
+    rows. Returns the steps removed. ``keep`` 0 keeps everything."""
+    from pathlib import Path
+
+    rows = db.checkpoints(run_id)
+    if keep <= 0 or len(rows) <= keep:
+        return []
+    loss = {}
+    for e in db.evaluations(run_id):
+        value = (e.get("metrics") or {}).get("loss")
+        if value is not None and e["split"] in ("val", "dev"):
+            loss[e["step"]] = float(value)
+    kept = {r["id"] for r in rows[-keep:]}
+    scored = [r for r in rows if r["step"] in loss]
+    if scored:
+        kept.add(min(scored, key=lambda r: (loss[r["step"]], -r["step"]))["id"])
+    root = Path(run_dir).resolve()
+    removed = []
+    for r in rows:
+        if r["id"] in kept:
+            continue
+        f = Path(r["path"])
+        if f.resolve().is_relative_to(root) and not f.is_symlink():  # never a file outside the run folder
+            f.unlink(missing_ok=True)
+        db.delete_checkpoint(r["id"])
+        removed.append(int(r["step"]))
+    return removed
+
+
 class Checkpointer:
     def __init__(self, session, stage, opt, sched, counters, scaler=None, precision: str = "fp32", par=None):
         self.s, self.stage, self.opt, self.sched, self.counters = session, stage, opt, sched, counters
@@ -56,6 +87,10 @@ class Checkpointer:
             state["grad_scaler"] = self.scaler.state_dict()
         nbytes = save_checkpoint(state, path)
         s.db.add_checkpoint(s.run_id, c.step, c.tokens, str(path), nbytes, final, file_sha256(path))
+        removed = retain(s.db, s.run_id, s.cfg.train.keep_checkpoints, s.run_dir)
+        if removed:
+            s.info(f"removed {len(removed)} older checkpoint{'s' if len(removed) > 1 else ''} "
+                   f"(train.keep_checkpoints = {s.cfg.train.keep_checkpoints}): steps {', '.join(map(str, removed))}")
         return str(path), nbytes
 
     def restore(self, ck: dict, path: str) -> None:

@@ -111,9 +111,12 @@ class TrainLoop:
         logger = s.metrics_logger(tc.max_steps)
         self.counters.start_clock()  # wall time counts training, not setup
         s.trained = True
-        status = self._steps(logger)
-        if self.cadence.final_eval_due(self.counters.step):
-            logger.log(self._evaluate(), self.counters.point())
+        try:
+            status = self._steps(logger)
+            if self.cadence.final_eval_due(self.counters.step):
+                logger.log(self._evaluate(), self.counters.point())
+        finally:
+            logger.close()  # trackers flush what they hold, a failed run's steps included
         self._save(final=True)
         s.finish(status, self.counters.step, self.summary())
         return status

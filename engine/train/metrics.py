@@ -1,4 +1,6 @@
-"""One metrics call fanned out to sinks: JSON-lines events, the run database, a terminal progress bar."""
+"""One metrics call fanned out to sinks: JSON-lines events, the run database, a terminal progress bar,
+and the experiment trackers of ``train.report_to`` (TensorBoard). A sink is any object with
+``write(point, metrics)``; ``close()`` is optional. Another tracker is another sink."""
 from __future__ import annotations
 
 import sys
@@ -46,6 +48,37 @@ class DatabaseSink:
                             metrics, defer=True)
 
 
+class TensorBoardSink:
+    """Scalars in TensorBoard event files (``tensorboard --logdir RUN_DIR/tensorboard``): every metric at
+    its step, plus the FLOPs counters, so TensorBoard's step axis and the run database agree."""
+
+    def __init__(self, log_dir):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=5)
+
+    def write(self, point: Point, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, global_step=point.step)
+        self.writer.add_scalar("counters/flops_spent", point.flops, global_step=point.step)
+        self.writer.add_scalar("counters/tokens", point.tokens, global_step=point.step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def check_reporters(names: list[str]) -> None:
+    """Each tracker of ``train.report_to`` is installed (before a run row exists)."""
+    from engine.core.errors import InputError
+
+    if "tensorboard" in names:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise InputError("train.report_to includes 'tensorboard' but the tensorboard package is not installed: "
+                             "pip install 'mediswift[tensorboard]'", key="train.report_to") from None
+
+
 class ProgressBar:
     """A one-line progress bar on stderr, only when stderr is a terminal."""
 
@@ -79,3 +112,9 @@ class MetricsLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         for sink in self.sinks:
             sink.write(point, clean)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close:
+                close()

@@ -17,7 +17,7 @@ from engine import __version__
 from engine.core.config import RunConfig
 from engine.core.events import EventWriter
 from engine.core.rundb import RunDB
-from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, ProgressBar
+from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, ProgressBar, TensorBoardSink
 
 
 def package_versions() -> dict[str, str]:
@@ -100,7 +100,10 @@ class RunSession:
         self.events.emit("status", run_id=self.run_id, status=status)
 
     def metrics_logger(self, total_steps: int) -> MetricsLogger:
-        return MetricsLogger([EventSink(self.events, self.run_id), DatabaseSink(self.db, self.run_id), ProgressBar(total_steps)])
+        sinks = [EventSink(self.events, self.run_id), DatabaseSink(self.db, self.run_id), ProgressBar(total_steps)]
+        if "tensorboard" in self.cfg.train.report_to:
+            sinks.append(TensorBoardSink(self.run_dir / "tensorboard"))
+        return MetricsLogger(sinks)
 
     def finish(self, status: str, step: int, summary: dict) -> None:
         self.db.update_run(self.run_id, summary=summary)
@@ -134,7 +137,8 @@ class ReadOnlyRunDB:
 
     WRITES = frozenset({"create_run", "update_run", "mark_running", "set_status", "merge_meta", "delete_run",
                         "reap_crashed", "log_metrics", "flush_metrics", "insert_metric_rows", "truncate_metrics",
-                        "add_evaluation", "add_checkpoint", "replace_checkpoint_file", "add_artifact"})
+                        "add_evaluation", "add_checkpoint", "replace_checkpoint_file", "add_artifact",
+                        "delete_checkpoint"})
 
     def __init__(self, db: RunDB):
         self._db = db
