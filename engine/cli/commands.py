@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
         cfg = load_config(path, overrides)
         ckpt_path = resume_state = batch_note = None
     _check_inputs(cfg, db)
-    if cfg.stage in ("finetune", "prompt"):
+    if cfg.stage in ("finetune", "prompt") or _continues_import(db, cfg):
         from engine.core.config import load_toml
         from engine.train.child import child_config
 
@@ -130,6 +130,14 @@ def cmd_train(args) -> int:
     finally:
         control.uninstall()
         session.close()
+
+
+def _continues_import(db: RunDB, cfg) -> bool:
+    """A pre-training whose parent is an imported model takes the model's shape, as a fine-tune does."""
+    if cfg.stage != "pretrain" or not cfg.parent:
+        return False
+    row = db.get_run(cfg.parent)
+    return row is not None and row["stage"] == "import"
 
 
 def keep_global_batch(stored, cfg, overrides: dict):
@@ -498,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live in their own modules (evaluation, export)."""
     out = []
-    for modname in ("engine.cli.eval_cmd", "engine.cli.export_cmd"):
+    for modname in ("engine.cli.eval_cmd", "engine.cli.export_cmd", "engine.cli.import_cmd"):
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

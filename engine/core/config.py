@@ -150,6 +150,8 @@ class ModelConfig(_Section):
     )
     dropout: float = _f(0.0, "Dropout on attention and residual paths (0 disables it).", min=0.0, max=1.0, max_open=True)
     bias: bool = _f(True, "Use biases in linear layers and layer norms (GPT-2 style).")
+    activation: str = _f("gelu", "MLP activation: exact (erf) GELU, or the tanh approximation original GPT-2 checkpoints "
+                         "use (gelu_tanh; transformers' gelu_new).", choices=("gelu", "gelu_tanh"))
 
     def check(self) -> None:
         if self.d_model % self.n_head:

@@ -91,9 +91,11 @@ class MLP(nn.Module):
         self.proj = SparseLinear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual = True
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"  # original GPT-2: tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))  # [B, T, C] -> [B, T, 4C] -> [B, T, C]
+        x = F.gelu(self.fc(x), approximate=self.approximate)  # [B, T, C] -> [B, T, 4C]
+        return self.drop(self.proj(x))  # [B, T, 4C] -> [B, T, C]
 
 
 class Block(nn.Module):

@@ -24,7 +24,7 @@ from engine.model.gpt import GPT
 from engine.model.soft_prompt import SoftPrompt
 
 # stages whose checkpoints hold a whole model (a prompt run holds only its prompt; a vocab run nothing)
-MODEL_STAGES = ("pretrain", "finetune")
+MODEL_STAGES = ("pretrain", "finetune", "import")  # runs whose checkpoint holds a model to start from
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,11 @@ def check_parent(db: RunDB, cfg: RunConfig) -> RunRef | None:
                              f"with `mediswift migrate-checkpoints {row['id']}` if you trust it", key="parent",
                              path=str(ref.checkpoint))
         return ref
+    if row["stage"] == "import":  # sparse continued pre-training of an imported model: its weights and tokenizer
+        return resolve_run(db, row["id"], "parent", "parent run")
     if row["stage"] not in ("vocab", "pretrain"):
         raise InputError(f"parent run {row['id']} is a {row['stage']} run; a {cfg.stage} run can only reuse a "
-                         "vocabulary or pre-training run's tokenizer", key="parent")
+                         "vocabulary or pre-training run's tokenizer, or continue an imported model", key="parent")
     return resolve_run(db, row["id"], "parent", "parent run", need_checkpoint=False)
 
 

@@ -105,7 +105,8 @@ def gpt2_config(cfg: RunConfig, vocab_size: int, eot: int, pad: int) -> dict:
         "n_layer": m.n_layer,
         "n_head": m.n_head,
         "n_inner": 4 * m.d_model,
-        "activation_function": "gelu",  # exact erf GELU, as torch.nn.functional.gelu in engine/model/gpt.py
+        # exact erf GELU (torch.nn.functional.gelu), or the tanh form original GPT-2 uses
+        "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
         "resid_pdrop": m.dropout,
         "embd_pdrop": m.dropout,
         "attn_pdrop": m.dropout,

@@ -23,7 +23,7 @@ from engine.tasks.scoring import Scorer, headline
 from engine.train.step import MicroBatch
 from engine.train.task_feeds import make_feed
 
-SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias")
+SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias", "activation")
 MIN_TOKENS = 16  # room left for text after the soft prompt
 
 
@@ -60,6 +60,8 @@ def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming:
         get_task(cfg.task.name).train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
     d = cfg.to_dict()
     d["model"] = dataclasses.asdict(model)
+    if cfg.stage == "pretrain":  # continuing an imported model: its vocabulary too
+        d["tokenizer"]["vocab_size"] = tok.get_vocab_size()
     return from_dict(d)
 
 

@@ -41,8 +41,20 @@ class MaskSchedule:
     def dynamic(self) -> bool:
         return self.schedule.dynamic
 
-    def init_masks(self, seed: int) -> None:
+    def init_masks(self, seed: int, from_weights: bool = False) -> None:
+        """The masks a run starts with: random (a new model), or by magnitude from trained weights (an
+        imported model: the SPDF recipe applied to it, one-shot to the level, or GMP's initial level)."""
         sc = self.cfg.sparsity
+        if from_weights:
+            level = sc.initial if sc.method == "gmp" else sc.level
+            layers = self.model.sparse_layers()
+            if level == 0.0 and sc.method == "static":
+                return  # dense continued pre-training
+            shapes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+            counts = nonzero_counts(shapes, level, sc.distribution)
+            for n, m in layers.items():
+                m.set_mask(magnitude_prune(m.weight, None, counts[n]))
+            return
         if sc.method == "gmp" and sc.initial == 0.0:
             for m in self.model.sparse_layers().values():  # dense, but already as packed values
                 m.set_mask(torch.ones(m.out_features, m.in_features, dtype=torch.bool))

@@ -69,14 +69,13 @@ class TensorBoardSink:
 
 def check_reporters(names: list[str]) -> None:
     """Each tracker of ``train.report_to`` is installed (before a run row exists)."""
+    import importlib.util
+
     from engine.core.errors import InputError
 
-    if "tensorboard" in names:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise InputError("train.report_to includes 'tensorboard' but the tensorboard package is not installed: "
-                             "pip install 'mediswift[tensorboard]'", key="train.report_to") from None
+    if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("train.report_to includes 'tensorboard' but the tensorboard package is not installed: "
+                         "pip install 'mediswift[tensorboard]'", key="train.report_to")
 
 
 class ProgressBar:

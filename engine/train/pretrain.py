@@ -16,6 +16,7 @@ import torch
 from engine.data.corpus import load_corpus
 from engine.data.tokens import BlockLoader, check_enough_tokens, tokenize_corpus
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
+from engine.model.checkpoint import load_checkpoint
 from engine.model.flops import flop_model_for
 from engine.model.gpt import GPT
 from engine.model.runs import check_parent
@@ -85,8 +86,14 @@ class PretrainStage:
             s.warn(f"the run covers the training data {epochs:.1f} times; expect overfitting (use a larger corpus or fewer steps)")
 
         self.model = GPT(cfg.model, self.vocab_size)
+        parent = check_parent(s.db, cfg)
+        imported = parent is not None and parent.stage == "import"
+        if imported and resume is None:  # continued pre-training: the imported weights, then masks by magnitude
+            self.model.load_state_dict(load_checkpoint(parent.checkpoint)["model"])
+            s.info(f"continuing imported model {parent.id}: masks by magnitude to sparsity {cfg.sparsity.level} "
+                   f"({cfg.sparsity.distribution}, {cfg.sparsity.method})")
         self.masks = MaskSchedule(s, self.model, cfg)
-        self.masks.init_masks(tc.seed)
+        self.masks.init_masks(tc.seed, from_weights=imported)
         self.step = 0  # completed steps (the checkpoint's, when resuming): the mask schedule's clock
         self.model.to(rt.device)
         self.model.train()

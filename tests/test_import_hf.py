@@ -1,0 +1,141 @@
+"""import-hf: a Hugging Face GPT-2 folder as a run to start from, and the round trip with export-hf."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import PUBMED_TRAIN, needs_shared_data, tiny
+
+from engine.core.config import from_dict
+from engine.core.rundb import RunDB
+from engine.data.vocab import load_tokenizer
+from engine.model.checkpoint import load_checkpoint
+from engine.model.gpt import GPT
+from engine.model.sparsity import load_masks
+
+pytestmark = needs_shared_data()
+CORPUS = f"data.corpus={PUBMED_TRAIN}"
+TEXT = "Abnormality of the cardiovascular system, 3.5 mg/kg <|endoftext|> next"
+
+
+def _model(db: RunDB, run_id: str) -> tuple[GPT, object]:
+    ck = load_checkpoint(db.latest_checkpoint(run_id)["path"])
+    model = GPT(from_dict(ck["config"]).model, ck["vocab_size"])
+    load_masks(model, ck.get("masks") or {})
+    model.load_state_dict(ck["model"])
+    tok = load_tokenizer(db.get_run(run_id)["run_dir"] + "/tokenizer.json")
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import subprocess
+    import sys
+
+    from helpers import REPO, engine_env
+
+    tmp = tmp_path_factory.mktemp("import")
+    db = tmp / "runs.db"
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "engine", *args, "--db", str(db)], capture_output=True, text=True,
+                           timeout=300, cwd=REPO, env=engine_env(tmp))
+        return r
+
+    r = cli("train", "demo", *tiny(CORPUS, "model.n_layer=2", "sparsity.level=0.5", "sparsity.kernel=dense",
+                                   "train.max_steps=4"))
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads(cli("runs", "list", "--json").stdout)[0]["id"]
+    out = tmp / "export"
+    assert cli("export-hf", run_id, "--out", str(out)).returncode == 0
+    return tmp, db, run_id, out, cli
+
+
+def test_export_then_import_gives_equal_logits_and_the_same_tokenizer(exported):
+    tmp, db_path, run_id, out, cli = exported
+    r = cli("import-hf", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    db = RunDB(db_path)
+    row = db.get_run(report["run_id"])
+    assert row["stage"] == "import" and row["status"] == "completed" and row["meta"]["imported_from"] == str(out)
+    a, tok_a = _model(db, run_id)
+    b, tok_b = _model(db, report["run_id"])
+    assert tok_a.to_str() == tok_b.to_str()
+    x = torch.tensor([tok_a.encode(TEXT).ids[:32]])
+    with torch.no_grad():
+        diff = (a(x)[0] - b(x)[0]).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_an_imported_model_is_a_parent_for_sparse_continued_pretraining_and_fine_tuning(exported):
+    tmp, db_path, run_id, out, cli = exported
+    imp = json.loads(cli("import-hf", str(out), "--json", "--name", "imported").stdout.strip().splitlines()[-1])["run_id"]
+    db = RunDB(db_path)
+    base, _ = _model(db, imp)
+    pre = cli("train", "demo", *tiny(CORPUS, f"parent={imp}", "model.n_ctx=32", "sparsity.level=0.8",
+                                     "sparsity.distribution=erk", "train.max_steps=1", "train.lr=1e-9",
+                                     "train.warmup_steps=0", "sparsity.kernel=dense"))
+    assert pre.returncode == 0, pre.stderr
+    assert "continuing imported model" in pre.stderr
+    pre_id = [e["run_id"] for e in map(json.loads, filter(lambda ln: ln.startswith("{"), pre.stdout.splitlines()))
+              if e["type"] == "run_started"][0]
+    ck = load_checkpoint(db.latest_checkpoint(pre_id)["path"])
+    assert from_dict(ck["config"]).model.n_layer == 2  # the imported model's shape
+    # one-shot magnitude pruning: each layer keeps its largest weights of the imported model
+    for name, mask in ck["masks"].items():
+        w = dict(base.named_parameters()).get(f"{name}.weight")
+        w = w if w is not None else base.get_submodule(name).weight
+        kept, dropped = w.detach().abs()[mask], w.detach().abs()[~mask]
+        assert kept.numel() and dropped.numel() and kept.min() >= dropped.max()
+    assert ck["masks"] and abs(1 - sum(int(m.sum()) for m in ck["masks"].values())
+                               / sum(m.numel() for m in ck["masks"].values()) - 0.8) < 1e-3
+    ft = cli("train", "demo", "--set", "stage='finetune'", "--set", f"parent='{imp}'", *tiny(CORPUS, "train.max_steps=2"))
+    assert ft.returncode == 0, ft.stderr
+
+
+@pytest.mark.parametrize("files,expect", [
+    ({}, "has no config.json"),
+    ({"config.json": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}}, "unsupported architecture"),
+    ({"config.json": {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}}, "has no weights"),
+])
+def test_unsupported_or_incomplete_folders_exit_2_with_one_line(tmp_path, capsys, files, expect):
+    from engine.cli.commands import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name, obj in files.items():
+        (folder / name).write_text(json.dumps(obj))
+    assert main(["import-hf", str(folder), "--db", str(tmp_path / "r.db")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and expect in err[0], err
+    assert RunDB(tmp_path / "r.db").list_runs() == []
+
+
+def test_bin_weights_load_as_tensors_only_and_a_pickle_with_code_is_refused(exported, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from engine.cli.commands import main
+
+    _tmp, db_path, _run, out, _cli = exported
+    folder = tmp_path / "bin"
+    shutil.copytree(out, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert main(["import-hf", str(folder), "--db", str(tmp_path / "r.db"), "--runs-dir", str(tmp_path / "runs")]) == 0
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Evil()}, folder / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(["import-hf", str(folder), "--db", str(tmp_path / "r2.db")]) == 2
+    assert "weights_only=True refused it" in capsys.readouterr().err
+    assert not marker.exists()
