@@ -6,6 +6,7 @@ every run still marked running (after reaping the ones whose engine died).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
@@ -35,6 +36,7 @@ class MainWindow(QMainWindow):
         self.views: list[RunView] = []
         self.compare: ComparePanel | None = None  # created on first use: it reads every run's series
         self.hf_jobs: list[HfExportJob] = []
+        self.import_jobs: list[EngineProcess] = []
         self.close_policy: str | None = None  # tests and scripts answer the close question without a dialog
         self.setWindowTitle(f"MediSwift Studio — {self.db.path}")
         self.resize(1500, 950)
@@ -81,6 +83,7 @@ class MainWindow(QMainWindow):
         file = self.menuBar().addMenu("&File")
         for text, slot, key in (("New run", lambda: self.tabs.setCurrentWidget(self.form), QKeySequence.StandardKey.New),
                                 ("Import TOML…", self.form.import_toml, QKeySequence.StandardKey.Open),
+                                ("Import model…", lambda: self.import_model(), QKeySequence()),
                                 ("Export TOML…", self.form.export_toml, QKeySequence.StandardKey.SaveAs),
                                 ("Quit", self.close, QKeySequence.StandardKey.Quit)):
             a = QAction(text, self)
@@ -102,6 +105,35 @@ class MainWindow(QMainWindow):
             a = QAction(text, self)
             a.triggered.connect(slot)
             view.addAction(a)
+
+    def import_model(self, folder: str | None = None) -> EngineProcess | None:
+        """A Hugging Face GPT-2 folder as a run to start from (``mediswift import-hf``, in the background);
+        it then appears in the runs browser and in the parent pickers."""
+        folder = folder or QFileDialog.getExistingDirectory(self, "Import a Hugging Face GPT-2 model folder")
+        if not folder:
+            return None
+        out: list[str] = []
+        proc = EngineProcess(["import-hf", str(folder), "--json", "--db", str(self.db.path), "--runs-dir",
+                              str(self.runs_dir)], self, launcher=False)
+        proc.stdout_text.connect(out.append)
+        proc.finished.connect(lambda code: self._imported(proc, code, out))
+        self.statusBar().showMessage(f"importing {folder}…")
+        proc.start()
+        self.import_jobs.append(proc)
+        return proc
+
+    def _imported(self, proc: EngineProcess, code: int, out: list[str]) -> None:
+        if code == 0 and out:
+            report = json.loads(out[-1])
+            self.browser.refresh()
+            self.form.refresh_parents()
+            self.statusBar().showMessage(f"imported {report['from']} as run {report['run_id']} ({report['params']:,} "
+                                         "parameters): pick it as the parent of a run", 15000)
+        else:
+            lines = [ln.split("error: ", 1)[-1] for ln in proc.stderr_lines if ln.strip()]
+            message = lines[-1] if lines else f"import-hf failed (exit code {code})"
+            self.statusBar().showMessage(message, 15000)
+            QMessageBox.warning(self, "Could not import the model", message)
 
     # -- runs -----------------------------------------------------------------------------------------------
     def _add_view(self, view: RunView, title: str) -> RunView:

@@ -31,6 +31,7 @@ STAGE_LABELS = {
     "pretrain": "Sparse pre-training",
     "finetune": "Dense fine-tuning",
     "prompt": "Soft prompting",
+    "import": "Imported model",  # not a stage to start: a model brought in with import-hf, to start from
 }
 SECTION_TITLES = {
     "model": "Model", "tokenizer": "Tokenizer", "data": "Data", "sparsity": "Sparsity",
@@ -46,8 +47,8 @@ HIDDEN_SECTIONS = {
 # which parent stages a stage can start from, the usual one first: a pre-training reuses a vocabulary
 # (or pre-training) run's tokenizer, fine-tuning starts from a sparse pre-training (or another
 # fine-tune), soft prompting from a fine-tuned model (or a pre-trained one)
-PARENT_STAGES = {"vocab": (), "pretrain": ("vocab", "pretrain"), "finetune": ("pretrain", "finetune"),
-                 "prompt": ("finetune", "pretrain")}
+PARENT_STAGES = {"vocab": (), "pretrain": ("vocab", "pretrain", "import"),
+                 "finetune": ("pretrain", "finetune", "import"), "prompt": ("finetune", "pretrain", "import")}
 PARENT_STATUSES = ("completed", "stopped")  # a finished model (stopped runs end on a checkpoint)
 # task fields that only one task reads: disabled for the others so the form says what matters
 TASK_ONLY = {"task.splits": ("pubmedqa",), "task.fold": ("pubmedqa",), "task.predict": ("pubmedqa",),

@@ -139,3 +139,22 @@ def test_bin_weights_load_as_tensors_only_and_a_pickle_with_code_is_refused(expo
     assert main(["import-hf", str(folder), "--db", str(tmp_path / "r2.db")]) == 2
     assert "weights_only=True refused it" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_the_studio_imports_a_model_and_offers_it_as_a_parent(qtbot, exported, tmp_path):
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from studio.main_window import KEEP, MainWindow
+
+    _tmp, _db, _run, out, _cli = exported
+    win = MainWindow(tmp_path / "runs.db", tmp_path / "runs", attach=False)
+    win.estimate.auto.setChecked(False)
+    win.close_policy = KEEP
+    qtbot.addWidget(win)
+    proc = win.import_model(str(out))
+    qtbot.waitUntil(lambda: not proc.is_running() and "imported" in win.statusBar().currentMessage(), timeout=60_000)
+    (run,) = RunDB(tmp_path / "runs.db").list_runs()
+    assert run["stage"] == "import" and win.browser.item_for(run["id"]) is not None
+    assert win.browser.item_for(run["id"]).text(2) == "Imported model"
+    win.form.set_field("stage", "finetune")
+    assert run["id"] in win.form.editors["parent"].run_ids()
+    win.close()
