@@ -158,3 +158,41 @@ def test_the_studio_imports_a_model_and_offers_it_as_a_parent(qtbot, exported, t
     win.form.set_field("stage", "finetune")
     assert run["id"] in win.form.editors["parent"].run_ids()
     win.close()
+
+
+def test_import_to_sparse_pretraining_to_finetune_to_prompt_exports_a_peft_adapter(exported, tmp_path):
+    """The whole chain on tiny shapes; the prompt run's export loads with peft and gives our logits."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    _tmp, db_path, _run, out, cli = exported
+
+    def run_id(result) -> str:
+        assert result.returncode == 0, result.stderr
+        return next(e["run_id"] for e in map(json.loads, filter(lambda ln: ln.startswith("{"), result.stdout.splitlines()))
+                    if e["type"] == "run_started")
+
+    imp = json.loads(cli("import-hf", str(out), "--json").stdout.strip().splitlines()[-1])["run_id"]
+    pre = run_id(cli("train", "demo", *tiny(CORPUS, f"parent={imp}", "model.n_ctx=32", "train.max_steps=2")))
+    ft = run_id(cli("train", "demo", "--set", "stage='finetune'", "--set", f"parent='{pre}'", *tiny(CORPUS, "train.max_steps=2")))
+    pr = run_id(cli("train", "demo", "--set", "stage='prompt'", "--set", f"parent='{ft}'", "--set", "prompt.n_tokens=4",
+                    *tiny(CORPUS, "train.max_steps=2")))
+    dest = tmp_path / "exported"
+    e = cli("export-hf", pr, "--out", str(dest))
+    assert e.returncode == 0, e.stderr
+    cfg = json.loads((dest / "prompt_adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 4
+
+    base = transformers.GPT2LMHeadModel.from_pretrained(str(dest)).eval()
+    model = peft.PeftModel.from_pretrained(base, str(dest / "prompt_adapter")).eval()
+    db = RunDB(db_path)
+    ours, tok = _model(db, ft)  # the prompt run trained on its parent's weights
+    from safetensors.torch import load_file
+
+    prompt = load_file(str(dest / "soft_prompt.safetensors"))["prompt_embeddings"]
+    ids = torch.tensor([tok.encode(TEXT).ids[:20]])
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits[:, 4:]
+        mine = ours(ids, prefix=prompt[None])[0][:, 4:]
+    assert (theirs - mine).abs().max().item() < 1e-4
+    assert int(theirs[0, -1].argmax()) == int(mine[0, -1].argmax())

@@ -31,6 +31,7 @@ from engine.model.runs import model_source, resolve_run, tokenizer_path
 
 SPARSE_SUFFIXES = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight", "mlp.fc.weight", "mlp.proj.weight")
 PROMPT_FILE = "soft_prompt.safetensors"
+ADAPTER_DIR = "prompt_adapter"  # a PEFT prompt-tuning adapter for the model in the folder above it
 PROMPT_KEYS = ("prompt", "soft_prompt", "prompt_embeddings", "embeddings", "weight")
 
 
@@ -219,7 +220,8 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
         prompt, src = found
         _place(out, PROMPT_FILE, lambda tmp: save_file({"prompt_embeddings": prompt.contiguous()}, str(tmp),
                   metadata={"format": "pt", "run_id": run["id"], "n_tokens": str(prompt.shape[0])}))
-        prompt_info = {"file": PROMPT_FILE, "n_tokens": int(prompt.shape[0]), "source": src}
+        prompt_info = {"file": PROMPT_FILE, "n_tokens": int(prompt.shape[0]), "source": src,
+                       "adapter": write_prompt_adapter(out / ADAPTER_DIR, prompt, cfg)}
 
     sparsity = _exported_sparsity(tensors)
     card = model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info,
@@ -228,6 +230,26 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     return {"run_id": run["id"], "model_run": model_run["id"], "checkpoint": str(ck_path), "out": str(out),
             "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, "prompt": prompt_info,
             "files": sorted(p.name for p in out.iterdir())}
+
+
+def write_prompt_adapter(folder: Path, prompt: torch.Tensor, cfg: RunConfig) -> str:
+    """The soft prompt as a PEFT prompt-tuning adapter: ``PeftModel.from_pretrained(base, folder)``
+    puts the same vectors in front of the token embeddings, at positions 0..P-1, as training did.
+    Its own folder, so transformers does not take the base folder for an adapter."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": int(prompt.shape[0]),
+        "token_dim": cfg.model.d_model, "num_transformer_submodules": 1, "num_attention_heads": cfg.model.n_head,
+        "num_layers": cfg.model.n_layer, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None, "base_model_name_or_path": "..", "inference_mode": True,
+        "revision": None, "modules_to_save": None,
+    }
+    _write_json(folder / "adapter_config.json", config)
+    _place(folder, "adapter_model.safetensors",
+           lambda tmp: save_file({"prompt_embeddings": prompt.contiguous().float()}, str(tmp), metadata={"format": "pt"}))
+    return ADAPTER_DIR
 
 
 def _place(out: Path, name: str, write) -> None:
@@ -413,11 +435,23 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
             "logits = model(inputs_embeds=x).logits[:, prompt.shape[0]:]",
             "```",
             "", "Positions count the prompt tokens too (prompt at positions 0..P-1), as in training.",
+            "", f"The same prompt as a PEFT prompt-tuning adapter is in `{ADAPTER_DIR}/`:",
+            "", "```python", "from peft import PeftModel",
+            f"model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(\"PATH\"), \"PATH/{ADAPTER_DIR}\")",
+            "logits = model(input_ids=ids).logits[:, model.peft_config['default'].num_virtual_tokens:]",
+            "```",
         ]
     if skipped:
         lines += ["", "## Not exported", "",
                   "These checkpoint tensors have no place in GPT2LMHeadModel (e.g. a classification head): "
                   + ", ".join(f"`{k}`" for k in skipped)]
+    if ck.get("head"):
+        lines += ["", "## Classification head: not exported, and why", "",
+                  "This run trained a classification head (`task.head = \"classifier\"`): a linear layer with a bias "
+                  "over the hidden state of the last prompt token. transformers' GPT2ForSequenceClassification "
+                  "scores the last non-padding token through a `score` layer without a bias, so no exact equivalent "
+                  "exists there; the head stays in the run's checkpoint (`head.weight`, `head.bias`) and "
+                  "`mediswift eval` scores with it."]
     lines += ["", "## Training configuration", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
     return "\n".join(lines)
 
