@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from engine.data.vocab import special_ids, tokenizer_fingerprint
 
 @dataclass
 class TokenSplits:
-    train: np.ndarray  # int32 [n_train_tokens]
+    train: np.ndarray  # int32 [n_train_tokens], memory-mapped from the token cache
     val: np.ndarray    # int32 [n_val_tokens]
     n_train_docs: int
     n_val_docs: int
@@ -41,42 +42,90 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+class _TokenFile:
+    """Tokens appended to a file in chunks: the whole split is never in memory at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = path.open("wb")
+        self.n = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        ids.astype(np.int32, copy=False).tofile(self.fh)
+        self.n += len(ids)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _open_tokens(path: Path, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
+    return np.memmap(path, dtype=np.int32, mode="r", shape=(n,))
+
+
 def tokenize_corpus(corpus: Corpus, tok, val_fraction: float, seed: int, cache_dir: Path | None,
                     progress: Callable[[int, int], None] | None = None) -> TokenSplits:
+    """Train and validation tokens, documents joined with end-of-text separators, streamed in
+    batches to memory-mapped int32 files in the cache (``tokens-KEY.train.bin``, ``.val.bin`` and a
+    JSON index): peak memory is one batch of documents, whatever the corpus size. The validation
+    split is the corpus's own when it has one, else ``val_fraction`` of its documents, held out whole."""
+    own_val = corpus.validation is not None
     key = hashlib.sha256(
-        json.dumps([corpus.fingerprint, tokenizer_fingerprint(tok), val_fraction, seed]).encode()
+        json.dumps([corpus.fingerprint, tokenizer_fingerprint(tok), val_fraction if not own_val else "own", seed, 2]).encode()
     ).hexdigest()[:20]
-    cache = cache_dir / f"tokens-{key}.npz" if cache_dir else None
+    cache = cache_dir / f"tokens-{key}.json" if cache_dir else None
     if cache and cache.is_file():
         try:
-            with np.load(cache) as z:
-                return TokenSplits(z["train"], z["val"], int(z["n_train_docs"]), int(z["n_val_docs"]), cache, True)
+            meta = json.loads(cache.read_text())
+            return TokenSplits(_open_tokens(cache.with_suffix(".train.bin"), meta["train"]),
+                               _open_tokens(cache.with_suffix(".val.bin"), meta["val"]), meta["n_train_docs"],
+                               meta["n_val_docs"], cache, True)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt
     eot, _ = special_ids(tok)
-    train_idx, val_idx = split_documents(len(corpus.documents), val_fraction, seed)
-    parts = {}
-    done, total = 0, len(corpus.documents)
-    for name, idx in (("train", train_idx), ("val", val_idx)):
-        chunks = []
-        for start in range(0, len(idx), 2000):
-            batch = [corpus.documents[i] for i in idx[start:start + 2000]]
-            for doc in batch:
-                for piece in tok.encode_batch(split_long(doc), add_special_tokens=False):
-                    chunks.append(np.asarray(piece.ids, dtype=np.int32))
-                chunks.append(np.asarray([eot], dtype=np.int32))
-            done += len(batch)
-            if progress:
-                progress(done, total)
-        parts[name] = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    splits = TokenSplits(parts["train"], parts["val"], len(train_idx), len(val_idx), cache, False)
+    if own_val:
+        plan = (("train", corpus.documents, np.arange(len(corpus.documents))),
+                ("val", corpus.validation, np.arange(len(corpus.validation))))
+    else:
+        train_idx, val_idx = split_documents(len(corpus.documents), val_fraction, seed)
+        plan = (("train", corpus.documents, train_idx), ("val", corpus.documents, val_idx))
+    folder = cache.parent if cache else Path(tempfile.mkdtemp(prefix="mediswift-tokens-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    # unique temporary names: runs starting together may build the same cache at once
+    stem = f"tokens-{key}.{os.getpid()}.{threading.get_ident()}"
+    files = {name: _TokenFile(folder / f"{stem}.{name}.tmp") for name, _, _ in plan}
+    done, total = 0, sum(len(idx) for _, _, idx in plan)
+    sep = np.asarray([eot], dtype=np.int32)
+    try:
+        for name, docs, idx in plan:
+            out = files[name]
+            for start in range(0, len(idx), 2000):
+                batch = docs[idx[start:start + 2000]]
+                for doc in batch:
+                    for piece in tok.encode_batch(split_long(doc), add_special_tokens=False):
+                        out.add(np.asarray(piece.ids, dtype=np.int32))
+                    out.add(sep)
+                done += len(batch)
+                if progress:
+                    progress(done, total)
+    finally:
+        for f in files.values():
+            f.close()
+    counts = {name: files[name].n for name in files}
+    n_docs = {name: len(idx) for name, _, idx in plan}
     if cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # unique temporary name: runs starting together may build the same cache at once
-        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
-        np.savez(tmp, train=splits.train, val=splits.val, n_train_docs=splits.n_train_docs, n_val_docs=splits.n_val_docs)
-        tmp.replace(cache)
-    return splits
+        for name in files:
+            files[name].path.replace(cache.with_suffix(f".{name}.bin"))
+        tmp = cache.with_name(f"{stem}.json.tmp")
+        tmp.write_text(json.dumps({"train": counts["train"], "val": counts["val"], "n_train_docs": n_docs["train"],
+                                   "n_val_docs": n_docs["val"]}))
+        tmp.replace(cache)  # last: a cache is complete once its index exists
+        paths = {name: cache.with_suffix(f".{name}.bin") for name in files}
+    else:
+        paths = {name: files[name].path for name in files}
+    return TokenSplits(_open_tokens(paths["train"], counts["train"]), _open_tokens(paths["val"], counts["val"]),
+                       n_docs["train"], n_docs["val"], cache, False)
 
 
 PIECE_CHARS = 1 << 16
@@ -153,10 +202,12 @@ class SeededOrder:
 
 
 class BlockLoader(SeededOrder):
-    """Non-overlapping n_ctx blocks in a seeded per-epoch order; ``state`` is the resume position."""
+    """Non-overlapping n_ctx blocks in a seeded per-epoch order; ``state`` is the resume position.
+    The tokens stay as they are given (int32, memory-mapped from the token cache): a batch's rows are
+    read and widened to int64 when it is drawn, never the whole split."""
 
     def __init__(self, tokens: np.ndarray, n_ctx: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.tokens = tokens
         self.n_ctx = n_ctx
         self.n_blocks = (len(tokens) - 1) // n_ctx
         super().__init__(self.n_blocks, batch_size, seed, shuffle)
@@ -165,9 +216,9 @@ class BlockLoader(SeededOrder):
         return self._gather(self.next_indices())
 
     def _gather(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.tensor(idx, dtype=torch.int64) * self.n_ctx
-        offsets = torch.arange(self.n_ctx + 1)
-        rows = self.tokens[starts[:, None] + offsets[None, :]]  # [B, n_ctx+1]
+        starts = np.asarray(idx, dtype=np.int64) * self.n_ctx
+        rows = np.asarray(self.tokens[starts[:, None] + np.arange(self.n_ctx + 1)[None, :]], dtype=np.int64)  # [B, n_ctx+1]
+        rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
     def fixed_batches(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

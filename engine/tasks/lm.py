@@ -22,7 +22,7 @@ def read_tokens(path: str, tok, text_field: str = "text") -> np.ndarray:
         raise InputError(str(e), key="data", path=e.path) from None
     eot, _ = special_ids(tok)
     chunks = []
-    for enc in tok.encode_batch(corpus.documents, add_special_tokens=False):
+    for enc in tok.encode_batch(list(corpus.documents), add_special_tokens=False):
         chunks.append(np.asarray(enc.ids, dtype=np.int32))
         chunks.append(np.asarray([eot], dtype=np.int32))
     return np.concatenate(chunks)
