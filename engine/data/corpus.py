@@ -14,7 +14,6 @@ strings. Problems are reported as InputError naming the file.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -45,7 +44,7 @@ def suffix_of(f: Path) -> str:
 
 class Documents(Sequence):
     """Stripped, non-empty documents over parts that are Arrow-backed datasets columns or small lists;
-    ``index`` holds the global row of each kept document (4 bytes each), found in one streaming pass."""
+    ``index`` holds the global row of each kept document (8 bytes each), found in one streaming pass."""
 
     def __init__(self, parts: list, index: np.ndarray, n_chars: int):
         self.parts = parts  # [(dataset or list, column or None, first global row)]

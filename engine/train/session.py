@@ -94,6 +94,10 @@ class RunSession:
 
     def progress(self, phase: str, done: int, total: int) -> None:
         self.events.emit("progress", run_id=self.run_id, phase=phase, done=done, total=total)
+        if sys.stderr.isatty():  # a terminal gets a line that updates in place (the studio draws the events)
+            sys.stderr.write(f"\r[mediswift] {phase}: {done:,}/{total:,} ({100 * done / max(1, total):.0f} %)"
+                             + ("\n" if done >= total else ""))
+            sys.stderr.flush()
 
     def status(self, status: str) -> None:
         self.db.set_status(self.run_id, status)
