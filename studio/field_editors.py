@@ -172,6 +172,17 @@ class TextEditor(FieldEditor):
         self.widget.setText("" if value is None else str(value))
 
 
+class ListEditor(TextEditor):
+    """A list of names as comma-separated text (``train.report_to``: "tensorboard")."""
+
+    def value(self) -> list[str]:
+        return [x.strip() for x in self.widget.text().replace(";", ",").split(",") if x.strip()]
+
+    def set_value(self, value: Any) -> None:
+        items = [value] if isinstance(value, str) else list(value or [])
+        self.widget.setText(", ".join(str(x) for x in items))
+
+
 class CorpusEditor(FieldEditor):
     """Files, folders and the embedded corpus, as a '; '-separated list with pickers."""
 
@@ -223,4 +234,5 @@ def make_editor(key: str, info: dict, parent: QWidget | None = None, labels: dic
         return ChoiceEditor(key, info, parent, labels)
     if info.get("kind") == "corpus":
         return CorpusEditor(key, info, parent)
-    return {"int": IntEditor, "float": FloatEditor, "bool": BoolEditor}.get(info["type"], TextEditor)(key, info, parent)
+    return {"int": IntEditor, "float": FloatEditor, "bool": BoolEditor, "list": ListEditor}.get(
+        info["type"], TextEditor)(key, info, parent)

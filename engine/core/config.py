@@ -271,7 +271,7 @@ class TrainConfig(_Section):
                        "optimizer state across them (FSDP2).", choices=STRATEGIES)
     report_to: list[str] = _f([], "Experiment trackers the metrics also go to, besides the run database: "
                               "'tensorboard' writes event files to the run folder's tensorboard/ (needs the "
-                              "tensorboard package: pip install 'mediswift[tensorboard]').")
+                              "tensorboard package: pip install 'mediswift-studio[tensorboard]').")
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # the form's text field and a bare --set value

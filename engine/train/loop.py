@@ -80,6 +80,7 @@ class TrainLoop:
         self.cfg = session.cfg
         self.counters = Counters()
         self.skipped = 0  # steps whose optimizer update was skipped (non-finite, train.skip_nonfinite)
+        self._grad_reported = False  # the gradient bytes of a DDP step are reported once
 
     def run(self) -> str:
         """Train up to train.max_steps; returns "completed", or "stopped" when a stop was requested."""
@@ -145,7 +146,7 @@ class TrainLoop:
             if after:
                 after(dt)
             c.add_step(r.tokens, r.flops, r.flops_dense)
-            self._grad_exchange(c.step)
+            self._grad_exchange()
             metrics = {}
             if c.step % tc.log_every == 0 or c.step == tc.max_steps:
                 metrics = {"loss": r.loss, "lr": self.sched.get_last_lr()[0],
@@ -168,10 +169,10 @@ class TrainLoop:
         self.skipped += 1
         self.s.warn(f"step {step}: the {what} is not finite; the optimizer step was skipped ({self.skipped} so far)")
 
-    def _grad_exchange(self, step: int) -> None:
+    def _grad_exchange(self) -> None:
         """The gradient bytes DDP exchanged in the first step, by part, once (meta and the log)."""
         g = self.par.take_grad_bytes()
-        if g is None or getattr(self, "_grad_reported", False):
+        if g is None or self._grad_reported:
             return
         self._grad_reported = True
         counts = self.stage.trained_modules()

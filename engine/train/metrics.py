@@ -75,7 +75,7 @@ def check_reporters(names: list[str]) -> None:
 
     if "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
         raise InputError("train.report_to includes 'tensorboard' but the tensorboard package is not installed: "
-                         "pip install 'mediswift[tensorboard]'", key="train.report_to")
+                         "pip install 'mediswift-studio[tensorboard]'", key="train.report_to")
 
 
 class ProgressBar:
