@@ -53,11 +53,17 @@ def exported(tmp_path_factory):
     return tmp, db, run_id, out, cli
 
 
-def test_export_then_import_gives_equal_logits_and_the_same_tokenizer(exported):
-    tmp, db_path, run_id, out, cli = exported
-    r = cli("import-hf", str(out), "--json")
+@pytest.fixture(scope="module")
+def imported(exported) -> dict:
+    """The exported folder imported once (the report of import-hf --json)."""
+    r = exported[4]("import-hf", str(exported[3]), "--json")
     assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_export_then_import_gives_equal_logits_and_the_same_tokenizer(exported, imported):
+    tmp, db_path, run_id, out, cli = exported
+    report = imported
     db = RunDB(db_path)
     row = db.get_run(report["run_id"])
     assert row["stage"] == "import" and row["status"] == "completed" and row["meta"]["imported_from"] == str(out)
@@ -70,28 +76,8 @@ def test_export_then_import_gives_equal_logits_and_the_same_tokenizer(exported):
     assert diff < 1e-5
 
 
-def test_an_imported_model_is_a_parent_for_sparse_continued_pretraining_and_fine_tuning(exported):
-    tmp, db_path, run_id, out, cli = exported
-    imp = json.loads(cli("import-hf", str(out), "--json", "--name", "imported").stdout.strip().splitlines()[-1])["run_id"]
-    db = RunDB(db_path)
-    base, _ = _model(db, imp)
-    pre = cli("train", "demo", *tiny(CORPUS, f"parent={imp}", "model.n_ctx=32", "sparsity.level=0.8",
-                                     "sparsity.distribution=erk", "train.max_steps=1", "train.lr=1e-9",
-                                     "train.warmup_steps=0", "sparsity.kernel=dense"))
-    assert pre.returncode == 0, pre.stderr
-    assert "continuing imported model" in pre.stderr
-    pre_id = [e["run_id"] for e in map(json.loads, filter(lambda ln: ln.startswith("{"), pre.stdout.splitlines()))
-              if e["type"] == "run_started"][0]
-    ck = load_checkpoint(db.latest_checkpoint(pre_id)["path"])
-    assert from_dict(ck["config"]).model.n_layer == 2  # the imported model's shape
-    # one-shot magnitude pruning: each layer keeps its largest weights of the imported model
-    for name, mask in ck["masks"].items():
-        w = dict(base.named_parameters()).get(f"{name}.weight")
-        w = w if w is not None else base.get_submodule(name).weight
-        kept, dropped = w.detach().abs()[mask], w.detach().abs()[~mask]
-        assert kept.numel() and dropped.numel() and kept.min() >= dropped.max()
-    assert ck["masks"] and abs(1 - sum(int(m.sum()) for m in ck["masks"].values())
-                               / sum(m.numel() for m in ck["masks"].values()) - 0.8) < 1e-3
+def test_an_imported_model_fine_tunes_directly(exported, imported):
+    cli, imp = exported[4], imported["run_id"]
     ft = cli("train", "demo", "--set", "stage='finetune'", "--set", f"parent='{imp}'", *tiny(CORPUS, "train.max_steps=2"))
     assert ft.returncode == 0, ft.stderr
 
@@ -160,7 +146,7 @@ def test_the_studio_imports_a_model_and_offers_it_as_a_parent(qtbot, exported, t
     win.close()
 
 
-def test_import_to_sparse_pretraining_to_finetune_to_prompt_exports_a_peft_adapter(exported, tmp_path):
+def test_import_to_sparse_pretraining_to_finetune_to_prompt_exports_a_peft_adapter(exported, imported, tmp_path):
     """The whole chain on tiny shapes; the prompt run's export loads with peft and gives our logits."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     peft = pytest.importorskip("peft")
@@ -172,12 +158,24 @@ def test_import_to_sparse_pretraining_to_finetune_to_prompt_exports_a_peft_adapt
         return next(e["run_id"] for e in map(json.loads, filter(lambda ln: ln.startswith("{"), result.stdout.splitlines()))
                     if e["type"] == "run_started")
 
-    imp = json.loads(cli("import-hf", str(out), "--json").stdout.strip().splitlines()[-1])["run_id"]
-    pre = run_id(cli("train", "demo", *tiny(CORPUS, f"parent={imp}", "model.n_ctx=32", "train.max_steps=2")))
+    imp = imported["run_id"]
+    db = RunDB(db_path)
+    base, _ = _model(db, imp)
+    result = cli("train", "demo", *tiny(CORPUS, f"parent={imp}", "model.n_ctx=32", "sparsity.level=0.8",
+                                        "sparsity.distribution=erk", "train.max_steps=2"))
+    assert "continuing imported model" in result.stderr
+    pre = run_id(result)
+    # SPDF on the imported model: one-shot magnitude pruning, each layer keeping its largest weights
+    masks = load_checkpoint(db.checkpoints(pre)[0]["path"])["masks"]
+    assert from_dict(db.get_run(pre)["config"]).model.n_layer == 2  # the imported shape
+    for name, mask in masks.items():
+        w = base.get_submodule(name).weight.detach().abs()
+        assert w[mask].min() >= w[~mask].max()
+    assert abs(1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) - 0.8) < 1e-3
     ft = run_id(cli("train", "demo", "--set", "stage='finetune'", "--set", f"parent='{pre}'", *tiny(CORPUS, "train.max_steps=2")))
     pr = run_id(cli("train", "demo", "--set", "stage='prompt'", "--set", f"parent='{ft}'", "--set", "prompt.n_tokens=4",
                     *tiny(CORPUS, "train.max_steps=2")))
-    dest = tmp_path / "exported"
+    dest = tmp_path / "exported"  # the prompt run's export: the fine-tuned base and its adapter
     e = cli("export-hf", pr, "--out", str(dest))
     assert e.returncode == 0, e.stderr
     cfg = json.loads((dest / "prompt_adapter" / "adapter_config.json").read_text())
@@ -185,7 +183,6 @@ def test_import_to_sparse_pretraining_to_finetune_to_prompt_exports_a_peft_adapt
 
     base = transformers.GPT2LMHeadModel.from_pretrained(str(dest)).eval()
     model = peft.PeftModel.from_pretrained(base, str(dest / "prompt_adapter")).eval()
-    db = RunDB(db_path)
     ours, tok = _model(db, ft)  # the prompt run trained on its parent's weights
     from safetensors.torch import load_file
 

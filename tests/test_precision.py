@@ -110,12 +110,12 @@ def test_auto_on_a_cpu_without_bf16_trains_fp32_with_a_one_line_notice(cli, tmp_
 
 @needs_shared_data()
 def test_bf16_and_fp32_runs_of_the_demo_preset_reach_the_same_validation_loss(cli):
-    """The demo preset (75 % sparse, the sparse core where it is faster), shortened to 30 steps:
+    """The demo preset (75 % sparse, the sparse core where it is faster), shortened to 12 steps:
     bf16 (emulated where the CPU lacks it) ends within 0.03 nats of fp32's validation loss."""
     val = {}
     for p in ("fp32", "bf16"):
-        r = cli("train", "demo", "--set", f"train.precision={p}", "--set", "train.max_steps=30",
-                "--set", "train.eval_every=30", "--set", "train.checkpoint_every=30", timeout=600)
+        r = cli("train", "demo", "--set", f"train.precision={p}", "--set", "train.max_steps=12",
+                "--set", "train.eval_every=12", "--set", "train.checkpoint_every=12", timeout=600)
         assert r.rc == 0, r.stderr
         done = r.of_type("run_finished")[0]
         val[p] = done["summary"]["val_loss"]

@@ -102,10 +102,8 @@ def tokenize_corpus(corpus: Corpus, tok, val_fraction: float, seed: int, cache_d
             out = files[name]
             for start in range(0, len(idx), 2000):
                 batch = docs[idx[start:start + 2000]]
-                for doc in batch:
-                    for piece in tok.encode_batch(split_long(doc), add_special_tokens=False):
-                        out.add(np.asarray(piece.ids, dtype=np.int32))
-                    out.add(sep)
+                for sub in range(0, len(batch), ENCODE_DOCS):
+                    _encode_into(out, tok, batch[sub:sub + ENCODE_DOCS], sep)
                 done += len(batch)
                 if progress:
                     progress(done, total)
@@ -126,6 +124,24 @@ def tokenize_corpus(corpus: Corpus, tok, val_fraction: float, seed: int, cache_d
         paths = {name: files[name].path for name in files}
     return TokenSplits(_open_tokens(paths["train"], counts["train"]), _open_tokens(paths["val"], counts["val"]),
                        n_docs["train"], n_docs["val"], cache, False)
+
+
+ENCODE_DOCS = 128  # documents per tokenizer call: parallel on all cores, yet few Encoding objects alive at once
+
+
+def _encode_into(out: "_TokenFile", tok, docs: list[str], sep: np.ndarray) -> None:
+    """Append ``docs``' tokens, each document followed by the end-of-text separator."""
+    pieces, ends = [], []
+    for doc in docs:
+        pieces.extend(split_long(doc))
+        ends.append(len(pieces))
+    encoded = tok.encode_batch(pieces, add_special_tokens=False)
+    first = 0
+    for end in ends:
+        for piece in encoded[first:end]:
+            out.add(np.asarray(piece.ids, dtype=np.int32))
+        out.add(sep)
+        first = end
 
 
 PIECE_CHARS = 1 << 16
