@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.train.seeds import derived_seed
+
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a checkpoint gather of a large model on a slow link fits
 
 
@@ -105,7 +107,7 @@ class Group:
         """Per-rank, per-step random state (dropout): ranks must not repeat each other's dropout masks,
         and a step's state must not depend on how the run got there (resume on another world size)."""
         if self.distributed:
-            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{self.rank}/{step}".encode()).digest()[:8], "little"))
+            torch.manual_seed(derived_seed(seed, self.rank, step))
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -14,7 +14,6 @@ exactly what the uninterrupted one grew.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 
 import torch
@@ -22,10 +21,7 @@ import torch
 from engine.core.sparsity_schedule import Schedule, nonzero_counts
 from engine.model.mask_updates import drop_and_grow, install_mask, magnitude_prune
 from engine.model.sparsity import apply_sparsity, measure_sparsity
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+from engine.train.seeds import derived_seed
 
 
 class MaskSchedule:
@@ -34,6 +30,7 @@ class MaskSchedule:
         self.schedule = Schedule.from_config(cfg)
         self.opt: torch.optim.Optimizer | None = None  # set once the optimizer exists (moments are re-packed)
         self.pending: dict[str, float] = {}
+        self.sparsity: dict | None = None  # measured after the last update
         self._kernels: dict[str, str] | None = None
         self.updates = 0
 
@@ -103,7 +100,7 @@ class MaskSchedule:
                 if sc.method == "rigl":
                     score = m.dense_grad.abs() if m.dense_grad is not None else torch.zeros(shapes[n])
                 else:
-                    g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, step, i))
+                    g = torch.Generator().manual_seed(derived_seed(self.cfg.train.seed, step, i) & (2**63 - 1))
                     score = torch.rand(shapes[n], generator=g)
                 stats.append(install_mask(m, drop_and_grow(m.weight, m.mask, k, score), self.opt))
         if self._kernels is not None:  # RigL's dense step is over: back to the chosen kernels
@@ -117,7 +114,7 @@ class MaskSchedule:
         seconds = time.perf_counter() - t0
         before = sum(x["before"] for x in stats)
         churn = sum(x["left"] for x in stats) / max(1, before)
-        sp = measure_sparsity(self.model)
+        sp = self.sparsity = measure_sparsity(self.model)  # the stage reports it too
         self.updates += 1
         self.pending = {"mask_churn": churn, "mask_update_s": seconds, "sparsity": sp["total"],
                         **{f"sparsity/{k}": v for k, v in sp["layers"].items()}}

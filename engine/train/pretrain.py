@@ -150,7 +150,7 @@ class PretrainStage:
         self.step += 1
         if self.masks.after_step(self.step):
             self._count_flops()
-            self.sparsity = measure_sparsity(self.model)
+            self.sparsity = self.masks.sparsity
         if self.trial:
             self.trial.after_step(seconds)
             self.kernels = self.trial.kernels
