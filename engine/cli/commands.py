@@ -281,12 +281,15 @@ def _check_inputs(cfg, db: RunDB) -> None:
 
 
 def cmd_runs_list(args) -> int:
+    from engine.core.queue import Queue
+
     db = _db(args)
     runs = db.list_runs()
+    sweeps = Queue(db).sweep_of_runs()
     rows = [
         {"id": r["id"], "name": r["name"], "stage": r["stage"], "status": r["status"], "parent": r["parent_id"],
          "created_at": r["created_at"], "finished_at": r["finished_at"], "summary": r["summary"], "tags": r["tags"],
-         "run_dir": r["run_dir"]}
+         "run_dir": r["run_dir"], "sweep": sweeps.get(r["id"])}
         for r in runs
     ]
     if args.json:
@@ -506,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live in their own modules (evaluation, export)."""
     out = []
-    for modname in ("engine.cli.eval_cmd", "engine.cli.export_cmd", "engine.cli.import_cmd"):
+    for modname in ("engine.cli.eval_cmd", "engine.cli.export_cmd", "engine.cli.import_cmd", "engine.cli.sweep_cmd"):
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -81,10 +81,29 @@ def _m003_checkpoint_hash(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE checkpoints ADD COLUMN sha256 TEXT")
 
 
+def _m004_sweeps_and_queue(db: sqlite_utils.Database) -> None:
+    # a sweep is a named group of queued runs; the queue holds what waits to run, what runs and how each
+    # ended (engine.core.queue); queue_state is one row: paused, parallelism and the runner's lease
+    db["sweeps"].create({"id": str, "name": str, "spec": str, "created_at": float}, pk="id")
+    db["queue"].create(
+        {"id": int, "position": float, "sweep_id": str, "label": str, "point": str, "stage": str,
+         "config_name": str, "config_text": str, "sets": str, "runs_dir": str, "cwd": str, "after_id": int,
+         "status": str, "run_id": str, "pid": int, "pid_start": str, "log_path": str, "error": str,
+         "cancel_requested": int, "created_at": float, "started_at": float, "finished_at": float},
+        pk="id", not_null={"status", "position", "config_text"}, defaults={"cancel_requested": 0},
+    )
+    db["queue"].create_index(["status", "position"])
+    db["queue"].create_index(["run_id"])
+    db["queue_state"].create({"id": int, "paused": int, "parallel": int, "runner_pid": int, "runner_pid_start": str,
+                              "runner_host": str, "runner_heartbeat": float}, pk="id")
+    db["queue_state"].insert({"id": 1, "paused": 0, "parallel": 1})
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _m001_initial),
     (2, "covering index for metric series", _m002_covering_metrics_index),
     (3, "checkpoint hashes", _m003_checkpoint_hash),
+    (4, "sweeps and the run queue", _m004_sweeps_and_queue),
 ]
 
 

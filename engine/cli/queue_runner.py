@@ -1,0 +1,157 @@
+"""The queue runner (``mediswift queue work``): starts queued runs as engine processes and records how
+each ended.
+
+Each run is an ordinary ``mediswift train`` in its own session, its events going to a file in the runs
+folder's ``queue/`` (not a pipe): neither the studio closing nor this runner dying touches it. A later
+runner adopts the runs an earlier one started by watching their rows, so the queue survives any of
+its processes crashing; a run whose engine died is marked crashed (the database's reaping) and the
+queue moves on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from engine.core.queue import RUNNING, Queue
+from engine.core.rundb import FINAL_STATUSES, RunDB, pid_alive
+
+POLL_S = 0.5
+
+
+class QueueRunner:
+    def __init__(self, db: RunDB, say: Callable[[str], None] = lambda line: None):
+        self.db = db
+        self.queue = Queue(db)
+        self.say = say
+        self.children: dict[int, subprocess.Popen] = {}  # entry id -> engine process this runner started
+
+    def work(self, until: Callable[[], bool] | None = None, forever: bool = False) -> None:
+        """Start and watch runs until the queue has nothing left to do (or ``until()`` says so)."""
+        try:
+            while True:
+                self.queue.heartbeat()
+                self.db.reap_crashed()
+                self.watch()
+                if not self.queue.state()["paused"]:
+                    self.start_ready()
+                if until is not None and until():
+                    return
+                if not forever and not self._busy():
+                    return
+                time.sleep(POLL_S)
+        finally:
+            self.queue.release_runner()
+
+    def _busy(self) -> bool:
+        st = self.queue.state()
+        live = self.queue.entries(include_ended=False)
+        running = [e for e in live if e["status"] == RUNNING]
+        return bool(running) or (not st["paused"] and bool(self.queue.ready()))
+
+    # -- starting ---------------------------------------------------------------------------------
+    def start_ready(self) -> None:
+        parallel = self.queue.state()["parallel"]
+        running = sum(1 for e in self.queue.entries(include_ended=False) if e["status"] == RUNNING)
+        for e in self.queue.ready()[:max(0, parallel - running)]:
+            self.launch(e)
+
+    def launch(self, e: dict) -> None:
+        folder = Path(e["runs_dir"]) / "queue"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / f"entry-{e['id']}.toml"
+        config.write_text(e["config_text"], encoding="utf-8")
+        sets = list(e["sets"])
+        if e.get("parent_run"):
+            sets.append(f"parent={e['parent_run']}")
+        cmd = [sys.executable, "-m", "engine", "train", str(config), "--db", str(self.db.path),
+               "--runs-dir", e["runs_dir"]]
+        for s in sets:
+            cmd += ["--set", s]
+        log = folder / f"entry-{e['id']}.events.jsonl"
+        with open(log, "wb") as out, open(folder / f"entry-{e['id']}.stderr.log", "wb") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=e["cwd"] or None,
+                                    start_new_session=True, env=_child_env())
+        self.children[e["id"]] = proc
+        self.queue.mark_started(e["id"], proc.pid, str(log))
+        self.say(f"entry {e['id']} started: {e['label'] or e['config_name']} (pid {proc.pid})")
+
+    # -- watching ---------------------------------------------------------------------------------
+    def watch(self) -> None:
+        for e in self.queue.entries(include_ended=False):
+            if e["status"] != RUNNING:
+                continue
+            proc = self.children.get(e["id"])
+            code = proc.poll() if proc is not None else None
+            alive = (code is None) if proc is not None else pid_alive(e["pid"], e["pid_start"])
+            if not e["run_id"]:
+                run_id = _started_run(e["log_path"])
+                if run_id:
+                    self.queue.set_run(e["id"], run_id)
+                    e["run_id"] = run_id
+            if e["run_id"]:
+                run = self.db.get_run(e["run_id"])
+                status = run["status"] if run else "failed"
+                if status in FINAL_STATUSES:
+                    if alive and proc is not None:
+                        continue  # the engine is writing its last lines; take its exit first
+                    self._end(e, status, run.get("error") if run else "the run's row is gone")
+                elif not alive:
+                    # the engine died without finishing: reaping marks the run crashed, next round ends the entry
+                    self.db.reap_crashed()
+            elif not alive:
+                self._end(e, "failed", _last_error(e) or "the engine exited before the run started")
+
+    def _end(self, e: dict, status: str, error: str | None) -> None:
+        self.children.pop(e["id"], None)
+        self.queue.finish(e["id"], status, error)
+        done = self.queue.entry(e["id"])
+        tail = f" ({done['error']})" if done["error"] and done["status"] != "completed" else ""
+        self.say(f"entry {e['id']} {done['status']}: {e['label'] or e['config_name']}"
+                 + (f" run {e['run_id']}" if e["run_id"] else "") + tail)
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.pop("MEDISWIFT_GROUP_DIR", None)
+    return env
+
+
+def _started_run(log_path: str | None) -> str | None:
+    """The run id from the engine's run_started event, once it has written it."""
+    if not log_path or not Path(log_path).is_file():
+        return None
+    with open(log_path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if '"run_started"' in line:
+                try:
+                    return json.loads(line).get("run_id")
+                except json.JSONDecodeError:
+                    return None
+    return None
+
+
+def _last_error(e: dict) -> str | None:
+    """The engine's one-line error (exit 2: bad input) from its stderr log, or its last line."""
+    if not e.get("log_path"):
+        return None
+    err = Path(e["log_path"]).with_name(f"entry-{e['id']}.stderr.log")
+    try:
+        lines = [ln for ln in err.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    errors = [ln for ln in lines if ln.startswith("mediswift: error:")]
+    return (errors[-1] if errors else lines[-1] if lines else None)
+
+
+def start_detached(db_path: str | Path) -> subprocess.Popen:
+    """A runner for this database in its own session, outliving whoever started it."""
+    cmd = [sys.executable, "-m", "engine", "queue", "work", "--db", str(db_path)]
+    log = Path(db_path).expanduser().resolve().with_name("queue-runner.log")  # what it started and how each ended
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=_child_env())

@@ -1,0 +1,317 @@
+"""``mediswift sweep`` (a grid of runs, queued as one group) and ``mediswift queue`` (list, pause,
+resume, cancel, move, and the runner itself: ``queue work``).
+
+A sweep is planned whole before anything is written: every grid point is built into a validated
+config, and with ``--equal-flops`` given its step count, so a wrong key, a wrong type, an empty grid or
+a budget below one step exits 2 with one line and leaves no sweep, entry or run behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from engine.core.errors import InputError
+from engine.core.paths import default_runs_dir, list_presets, resolve_preset
+from engine.core.queue import ENDED, RUNNING, WAITING, Queue, describe
+
+
+def register(subparsers, common) -> None:
+    s = common(subparsers.add_parser(
+        "sweep", help="queue one run per grid point (a sweep); --wait works the queue until it is done"))
+    s.add_argument("config", help="CONFIG.toml or a preset name: the base of every run")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,…",
+                   help="a key and its values; several --grid span their product")
+    s.add_argument("--equal-flops", metavar="BUDGET",
+                   help="give each run the train.max_steps that spends this many training FLOPs (e.g. 2e13)")
+    s.add_argument("--name", help="the sweep's name (default: CONFIG's name and the grid keys)")
+    s.add_argument("--then", action="append", default=[], metavar="CONFIG",
+                   help="after each run completes, queue this fine-tuning or prompting config with parent = that run")
+    s.add_argument("--parallel", type=int, help="runs the queue may run at once (default: as it is, 1 at first)")
+    s.add_argument("--wait", action="store_true", help="work the queue here until the sweep is done (scripts, CI)")
+    s.add_argument("--runs-dir", help="folder for run folders (default: next to the database)")
+    s.add_argument("--json", action="store_true", help="print the sweep (and, with --wait, its runs) as JSON")
+    s.set_defaults(fn=cmd_sweep)
+
+    q = subparsers.add_parser("queue", help="the run queue: list, pause, resume, cancel, move; work")
+    qs = q.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    ql = common(qs.add_parser("list", help="queued, running and finished entries, in order"))
+    ql.add_argument("--all", action="store_true", help="also entries that ended (default: the last 20 of them)")
+    ql.add_argument("--json", action="store_true")
+    ql.set_defaults(fn=cmd_queue_list)
+    qp = common(qs.add_parser("pause", help="start no more runs (running ones go on)"))
+    qp.set_defaults(fn=cmd_queue_pause)
+    qr = common(qs.add_parser("resume", help="start runs again (and a runner if none is working the queue)"))
+    qr.add_argument("--parallel", type=int, help="runs at once from now on")
+    qr.set_defaults(fn=cmd_queue_resume)
+    qc = common(qs.add_parser("cancel", help="cancel entries (a running one is stopped with a final checkpoint)"))
+    qc.add_argument("entries", nargs="*", type=int, metavar="ENTRY")
+    qc.add_argument("--sweep", help="every waiting and running entry of this sweep (id or name)")
+    qc.set_defaults(fn=cmd_queue_cancel)
+    qm = common(qs.add_parser("move", help="move a waiting entry to another place among the waiting ones"))
+    qm.add_argument("entry", type=int)
+    qm.add_argument("place", type=int, help="1 = next to start")
+    qm.set_defaults(fn=cmd_queue_move)
+    qw = common(qs.add_parser("work", help="start and watch queued runs until none is left (the studio and "
+                                           "`sweep` start this in the background)"))
+    qw.add_argument("--forever", action="store_true", help="keep waiting for new entries")
+    qw.set_defaults(fn=cmd_queue_work)
+
+
+def _db(args):
+    from engine.cli.commands import _db as open_db
+
+    return open_db(args)
+
+
+# -- sweep ------------------------------------------------------------------------------------------
+
+
+def cmd_sweep(args) -> int:
+    from engine.core.sweep import plan_sweep
+
+    db = _db(args)
+    queue = Queue(db)
+    path = _config_path(args.config, "config")
+    if args.parallel is not None:
+        _check_parallel(args.parallel)  # before anything is written
+    vocab = _parent_vocab(db, args.set)
+    plan = plan_sweep(path, args.set, args.grid, args.equal_flops, vocab)
+    then = [(_config_path(c, "then"), c) for c in args.then]
+    for p, given in then:
+        _check_then(p, given)
+    runs_dir = str(Path(args.runs_dir).expanduser().resolve() if args.runs_dir else default_runs_dir(db.path))
+    name = args.name or f"{plan.points[0].cfg.name or Path(path).stem} × {' × '.join(k.split('.')[-1] for k in plan.grid)}"
+    spec = {"config": str(path), "sets": args.set, "grid": plan.grid, "equal_flops": plan.budget,
+            "then": [str(p) for p, _ in then], "runs_dir": runs_dir}
+    sweep_id = queue.create_sweep(name, spec)
+    text = Path(path).read_text(encoding="utf-8")
+    items = []
+    for p in plan.points:
+        head = len(items)
+        items.append({"sweep_id": sweep_id, "label": p.label, "point": p.values, "stage": p.cfg.stage,
+                      "config_name": str(args.config), "config_text": text,
+                      "sets": _named(p.sets, f"{name} · {p.label}"), "runs_dir": runs_dir, "cwd": os.getcwd()})
+        for tp, given in then:
+            stage = _stage_of(tp)
+            items.append({"sweep_id": sweep_id, "label": f"{p.label} → {Path(given).stem}", "point": p.values,
+                          "stage": stage, "config_name": given, "config_text": tp.read_text(encoding="utf-8"),
+                          "sets": [f"name={name} · {p.label} · {Path(given).stem}"], "runs_dir": runs_dir,
+                          "cwd": os.getcwd(), "after": head})
+    ids = queue.add(items)
+    if args.parallel is not None:
+        queue.set_parallel(args.parallel)
+    out = {"sweep": {"id": sweep_id, "name": name}, "entries": ids,
+           "points": [{"label": p.label, "values": p.values, "max_steps": p.cfg.train.max_steps,
+                       "planned_flops": p.planned_flops or None} for p in plan.points]}
+    if not args.json:
+        print(f"sweep {sweep_id} ({name}): {len(plan.points)} run(s)" + (f", {len(ids) - len(plan.points)} chained"
+                                                                         if len(ids) > len(plan.points) else "")
+              + (f", each {plan.budget:.4g} training FLOPs" if plan.budget else "") + f"; queue entries {ids[0]}–{ids[-1]}")
+        for p in plan.points:
+            print(f"  {p.label}: {p.cfg.train.max_steps} steps" + (f", {p.planned_flops:.4g} FLOPs" if p.planned_flops else ""))
+        sys.stdout.flush()
+    if args.wait:
+        _work_until(db, queue, sweep_id, say=(lambda m: print(m, file=sys.stderr if args.json else sys.stdout, flush=True)))
+        done = {e["id"]: e for e in queue.entries(sweep_id=sweep_id)}
+        out["runs"] = [{"entry": e["id"], "label": e["label"], "status": e["status"], "run_id": e["run_id"],
+                        "error": e["error"]} for e in done.values()]
+        if not args.json:
+            _print_outcome(db, queue, sweep_id, plan.budget)
+        code = 0 if all(e["status"] == "completed" for e in done.values()) else 1
+    else:
+        code = 0
+        if not queue.state()["paused"]:
+            _ensure_runner(db)
+        if not args.json:
+            print("the queue runs in the background: `mediswift queue list`; the studio's Queue view")
+    if args.json:
+        print(json.dumps(out, default=str))
+    return code
+
+
+def _check_parallel(n: int) -> None:
+    from engine.core.queue import MAX_PARALLEL
+
+    if not 1 <= n <= MAX_PARALLEL:
+        raise InputError(f"--parallel must be an integer in [1, {MAX_PARALLEL}], got {n}", key="parallel")
+
+
+def _named(sets: list[str], name: str) -> list[str]:
+    return sets if any(s.split("=", 1)[0].strip() == "name" for s in sets) else [f"name={name}", *sets]
+
+
+def _config_path(given: str, key: str) -> Path:
+    path = resolve_preset(given)
+    if not path.is_file():
+        raise InputError(f"config file not found: {given} (presets: {', '.join(list_presets())})", key=key, path=str(path))
+    return path.resolve()
+
+
+def _stage_of(path: Path) -> str:
+    from engine.core.config import load_toml
+
+    return str(load_toml(path).get("stage", "pretrain"))
+
+
+def _check_then(path: Path, given: str) -> None:
+    """A --then config must be a stage that starts from a parent, and valid apart from that parent."""
+    from engine.core.config import load_config
+
+    stage = _stage_of(path)
+    if stage not in ("finetune", "prompt"):
+        raise InputError(f"--then {given} is a {stage} config; --then chains a finetune or prompt stage after each run",
+                         key="then", path=str(path))
+    load_config(path, {"parent": "queued"})  # its parent comes from the queue; everything else is checked now
+
+
+def _parent_vocab(db, sets: list[str]) -> int | None:
+    """A pre-training that reuses a parent's tokenizer has that tokenizer's size (for the FLOP budget)."""
+    from engine.core.config import parse_overrides
+
+    parent = parse_overrides(sets).get("parent")
+    if not parent:
+        return None
+    row = db.get_run(parent)
+    return (row or {}).get("summary", {}).get("vocab_size") if row else None
+
+
+def _work_until(db, queue: Queue, sweep_id: str, say) -> None:
+    """Work the queue here until every entry of the sweep ended; when another runner holds the queue,
+    follow its progress instead."""
+    from engine.cli.queue_runner import QueueRunner
+
+    def sweep_done() -> bool:
+        return all(e["status"] in ENDED for e in queue.entries(sweep_id=sweep_id))
+
+    if queue.claim_runner():
+        QueueRunner(db, say).work(until=sweep_done)
+        return
+    say(f"another runner (pid {queue.runner_pid()}) works this queue; following the sweep's progress")
+    seen: dict[int, str] = {}
+    while True:
+        for e in queue.entries(sweep_id=sweep_id):
+            if seen.get(e["id"]) != e["status"]:
+                seen[e["id"]] = e["status"]
+                say(f"entry {e['id']} {e['status']}: {e['label']}" + (f" run {e['run_id']}" if e["run_id"] else ""))
+        if sweep_done():
+            return
+        if queue.runner_pid() is None and queue.claim_runner():
+            from engine.cli.queue_runner import QueueRunner
+
+            QueueRunner(db, say).work(until=sweep_done)
+            return
+        time.sleep(1.0)
+
+
+def _print_outcome(db, queue: Queue, sweep_id: str, budget: float | None) -> None:
+    print(f"{'entry':>5} {'status':10} {'run':9} {'steps':>6} {'FLOPs':>10} {'val loss':>9}  point")
+    for e in queue.entries(sweep_id=sweep_id):
+        run = db.get_run(e["run_id"]) if e["run_id"] else None
+        s = (run or {}).get("summary") or {}
+        vl = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "-"
+        fl = f"{s['flops']:.4g}" if s.get("flops") else "-"
+        print(f"{e['id']:>5} {e['status']:10} {e['run_id'] or '-':9} {s.get('step', 0):>6} {fl:>10} {vl:>9}  {e['label']}")
+    if budget:
+        spent = [db.get_run(e["run_id"])["summary"].get("flops") for e in queue.entries(sweep_id=sweep_id)
+                 if e["run_id"] and e["after_id"] is None and db.get_run(e["run_id"])]
+        spent = [f for f in spent if f]
+        if spent:
+            print(f"training FLOPs against the budget {budget:.4g}: {min(spent) / budget:.4f}x to {max(spent) / budget:.4f}x")
+
+
+def _ensure_runner(db) -> int | None:
+    """Start a background runner unless one already works this queue; its pid."""
+    from engine.cli.queue_runner import start_detached
+
+    queue = Queue(db)
+    pid = queue.runner_pid()
+    if pid:
+        return pid
+    return start_detached(db.path).pid
+
+
+# -- queue ------------------------------------------------------------------------------------------
+
+
+def cmd_queue_list(args) -> int:
+    db = _db(args)
+    queue = Queue(db)
+    st = queue.state()
+    sweeps = {s["id"]: s["name"] for s in queue.sweeps()}
+    rows = queue.entries()
+    if not args.all:
+        ended = [r for r in rows if r["status"] in ENDED]
+        rows = [r for r in rows if r["status"] not in ENDED or r in ended[-20:]]
+    if args.json:
+        print(json.dumps({"paused": st["paused"], "parallel": st["parallel"], "runner_pid": queue.runner_pid(),
+                          "entries": [{**describe(r), "sweep": {"id": r["sweep_id"], "name": sweeps.get(r["sweep_id"])}
+                                       if r["sweep_id"] else None} for r in rows]}, default=str))
+        return 0
+    runner = queue.runner_pid()
+    print(f"queue: {'paused' if st['paused'] else 'active'}, {st['parallel']} at a time, "
+          + (f"runner pid {runner}" if runner else "no runner working it"))
+    if not rows:
+        print("the queue is empty; add runs with: mediswift sweep CONFIG --grid key=v1,v2")
+        return 0
+    print(f"{'entry':>5} {'status':10} {'run':9} {'sweep':20} point")
+    for r in rows:
+        sweep = sweeps.get(r["sweep_id"], "")
+        print(f"{r['id']:>5} {r['status']:10} {r['run_id'] or '-':9} {sweep[:20]:20} {r['label'] or r['config_name']}"
+              + (f"  ({r['error']})" if r["error"] and r["status"] not in ("completed", WAITING, RUNNING) else ""))
+    return 0
+
+
+def cmd_queue_pause(args) -> int:
+    Queue(_db(args)).set_paused(True)
+    print("queue paused: no new runs start; running ones go on (mediswift queue resume)")
+    return 0
+
+
+def cmd_queue_resume(args) -> int:
+    db = _db(args)
+    queue = Queue(db)
+    if args.parallel is not None:
+        queue.set_parallel(args.parallel)
+    queue.set_paused(False)
+    waiting = [e for e in queue.entries(include_ended=False) if e["status"] == WAITING]
+    pid = _ensure_runner(db) if waiting else queue.runner_pid()
+    st = queue.state()
+    print(f"queue resumed, {st['parallel']} at a time; {len(waiting)} waiting" + (f"; runner pid {pid}" if pid else ""))
+    return 0
+
+
+def cmd_queue_cancel(args) -> int:
+    db = _db(args)
+    queue = Queue(db)
+    ids = list(args.entries)
+    if args.sweep:
+        sweep = queue.sweep(args.sweep)
+        ids += [e["id"] for e in queue.entries(include_ended=False, sweep_id=sweep["id"]) if e["after_id"] is None
+                or e["status"] == RUNNING]
+    if not ids:
+        raise InputError("say which entries to cancel: ENTRY … or --sweep ID (see `mediswift queue list`)", key="entry")
+    for line in queue.cancel(ids):
+        print(line)
+    return 0
+
+
+def cmd_queue_move(args) -> int:
+    place = Queue(_db(args)).move(args.entry, args.place)
+    print(f"entry {args.entry} is now number {place} among the waiting entries")
+    return 0
+
+
+def cmd_queue_work(args) -> int:
+    from engine.cli.queue_runner import QueueRunner
+
+    db = _db(args)
+    queue = Queue(db)
+    if not queue.claim_runner():
+        print(f"another runner (pid {queue.runner_pid()}) already works this queue")
+        return 0
+    QueueRunner(db, say=lambda m: print(time.strftime("%H:%M:%S ") + m, flush=True)).work(forever=args.forever)
+    return 0

@@ -1,0 +1,142 @@
+"""Planning a sweep: grid arguments into validated run configs, and equal training FLOPs.
+
+``--grid key=v1,v2,…`` (repeatable) spans the cartesian product of its values. Every point is built
+into a full RunConfig here, before anything is queued, so a wrong key, a value of the wrong type or
+a value out of range is refused at once with the key named, and no entry is created.
+
+``--equal-flops BUDGET`` gives every point the ``train.max_steps`` whose training FLOPs (the engine's
+own FLOP model, engine.core.flops, with a dynamic method's schedule step by step) come closest to the
+budget, so every run's spend is within half a step of it. Ground floor: no torch.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from engine.core.config import RunConfig, load_config, parse_overrides, parse_value
+from engine.core.errors import InputError
+from engine.core.flops import flop_model_for_config
+
+
+@dataclass
+class Point:
+    values: dict              # grid key -> value
+    cfg: RunConfig
+    sets: list[str]           # the --set items this point's run gets (grid values included)
+    flops_per_step: float = 0.0
+    planned_flops: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k.split('.')[-1]}={_text(v)}" for k, v in self.values.items())
+
+
+@dataclass
+class Plan:
+    grid: dict                # key -> list of values, in the order given
+    points: list[Point] = field(default_factory=list)
+    budget: float | None = None
+
+
+def _text(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["sparsity.level=0,0.5", "model.d_model=64,128"]`` -> {key: [values]} (types checked later)."""
+    if not items:
+        raise InputError("a sweep needs at least one --grid key=v1,v2,… (an empty grid has no runs)", key="grid")
+    grid: dict[str, list] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise InputError(f"--grid expects key=v1,v2,…, got {item!r}", key="grid")
+        values = [v.strip() for v in text.split(",")]
+        if not text.strip() or any(not v for v in values):
+            raise InputError(f"--grid {key} has an empty value ({item!r}); give key=v1,v2,…", key=key)
+        if key in grid:
+            raise InputError(f"--grid {key} is given twice; list all its values in one --grid", key=key)
+        if len(set(values)) != len(values):
+            raise InputError(f"--grid {key} repeats a value ({item!r})", key=key)
+        grid[key] = values
+    return grid
+
+
+def plan_sweep(config_path, sets: list[str], grid_items: list[str], budget_text: str | None = None,
+               vocab_size: int | None = None) -> Plan:
+    """Every grid point as a validated config (InputError naming the key on the first bad one)."""
+    base = parse_overrides(sets)
+    grid = parse_grid(grid_items)
+    for key in grid:
+        if key in base:
+            raise InputError(f"{key} is both a --set and a --grid key; give it in one place", key=key)
+    budget = parse_budget(budget_text) if budget_text is not None else None
+    if budget is not None and "train.max_steps" in grid:
+        raise InputError("--equal-flops sets train.max_steps; it cannot also be a --grid key", key="train.max_steps")
+    typed = {k: [parse_overrides([f"{k}={v}"])[k] for v in vals] for k, vals in grid.items()}
+    plan = Plan(grid=typed, budget=budget)
+    for combo in itertools.product(*typed.values()):
+        values = dict(zip(typed, combo))
+        cfg = load_config(config_path, {**base, **values})  # unknown keys, wrong types, ranges: named here
+        point_sets = list(sets) + [f"{k}={grid[k][typed[k].index(v)]}" for k, v in values.items()]
+        plan.points.append(Point(values, cfg, point_sets))
+    if budget is not None:
+        for p in plan.points:
+            equalize(p, budget, vocab_size)
+    return plan
+
+
+def parse_budget(text: str) -> float:
+    try:
+        value = float(parse_value(text)) if not isinstance(parse_value(text), bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"--equal-flops must be a positive number of training FLOPs (e.g. 2e13), got {text!r}",
+                         key="equal_flops")
+    return value
+
+
+def run_flops(cfg: RunConfig, steps: int, vocab_size: int | None = None) -> float:
+    """Training FLOPs of ``steps`` optimizer steps of a pre-training config, as its run will count them:
+    tokens per step times the FLOP model's training FLOPs per token (a dynamic method's plan step by
+    step, RigL's dense-gradient updates included)."""
+    m, tc = cfg.model, cfg.train
+    vocab = vocab_size or cfg.tokenizer.vocab_size
+    tokens = tc.batch_size * tc.grad_accum * m.n_ctx * tc.nproc * tc.nnodes
+    if cfg.sparsity.method == "static":
+        fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level)
+        return steps * tokens * fm.train_per_token(True)
+    from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
+
+    c = cfg.replace({"train.max_steps": steps})
+    plan = planned(Schedule.from_config(c), gpt_layer_shapes(m.n_layer, m.d_model), steps,
+                   flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
+    return tokens * sum(plan["flops_per_token"])
+
+
+def equalize(p: Point, budget: float, vocab_size: int | None = None) -> None:
+    """Set the point's train.max_steps to the step count whose FLOPs come closest to ``budget``."""
+    if p.cfg.stage != "pretrain":
+        raise InputError(f"--equal-flops balances pre-training runs; this config is a {p.cfg.stage} stage", key="equal_flops")
+    one = run_flops(p.cfg, 1, vocab_size)
+    if one > budget:
+        raise InputError(f"--equal-flops {budget:.4g} is less than one training step of {p.label} ({one:.4g} FLOPs)",
+                         key="equal_flops")
+    lo, hi = 1, max(1, int(budget // one))  # static: exact; dynamic steps cost at most the first (densest) one … or more
+    while run_flops(p.cfg, hi, vocab_size) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # the largest step count within the budget, by bisection (FLOPs grow with steps)
+        mid = (lo + hi) // 2
+        if run_flops(p.cfg, mid, vocab_size) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    under, over = run_flops(p.cfg, lo, vocab_size), run_flops(p.cfg, lo + 1, vocab_size)
+    steps, spent = (lo, under) if budget - under <= over - budget else (lo + 1, over)
+    p.cfg = p.cfg.replace({"train.max_steps": steps})
+    p.sets.append(f"train.max_steps={steps}")
+    p.flops_per_step = spent / steps
+    p.planned_flops = spent

@@ -1,0 +1,144 @@
+"""Sweeps and the run queue: a grid at equal FLOPs through the queue, a killed engine, cancel and
+reorder, chained fine-tuning, and bad input that leaves nothing behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from helpers import SHARED_DATA, TINY, sets, tiny
+
+from engine.core.queue import Queue
+from engine.core.rundb import RunDB
+from engine.core.study import sweep_study
+
+PQA = SHARED_DATA / "pubmedqa" / "pqal_trainval.json"
+VALID = SHARED_DATA / "pubmed_abstracts" / "valid.txt"
+
+
+def _wait(predicate, timeout: float = 240, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def _entries(db_path: Path) -> list[dict]:
+    return Queue(RunDB(db_path)).entries()
+
+
+def test_a_2x2_sweep_at_equal_flops_runs_through_the_queue(cli, db_path):
+    budget = 2e8
+    tiny_sets = sets(*(t for t in TINY if not t.startswith("model.d_model")))
+    r = cli("sweep", "demo", *tiny_sets, "--grid", "sparsity.level=0,0.5", "--grid", "model.d_model=32,48",
+            "--equal-flops", f"{budget:g}", "--name", "size-sparsity", "--wait", "--json")
+    assert r.rc == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert len(out["runs"]) == 4 and all(x["status"] == "completed" for x in out["runs"])
+    runs = json.loads(cli("runs", "list", "--json").stdout)
+    assert len(runs) == 4
+    for run in runs:
+        assert run["sweep"] == {"id": out["sweep"]["id"], "name": "size-sparsity"}
+        steps, flops = run["summary"]["step"], run["summary"]["flops"]
+        # the engine's own counter, not the plan: every run within one of its steps' FLOPs of the budget
+        assert abs(flops - budget) <= flops / steps, (run["name"], flops, steps)
+    steps = {(r["config"]["sparsity"]["level"], r["config"]["model"]["d_model"]): r["summary"]["step"]
+             for r in RunDB(db_path).list_runs()}
+    assert steps[(0.5, 32)] > steps[(0.0, 32)] > steps[(0.0, 48)]  # sparser and smaller runs buy more steps
+    study = sweep_study(RunDB(db_path), out["sweep"]["id"])
+    assert {p["sparsity"] for p in study["points"]} == {0.0, 0.5}
+    assert all(p["final_val_loss"] is not None and p["curve"]["flops"][-1] == p["flops"] for p in study["points"])
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["--grid", "sparsity.levle=0,0.5"], "unknown config key 'sparsity.levle'; did you mean 'sparsity.level'?"),
+    (["--grid", "train.grad_accum=1,big"], "train.grad_accum must be an integer, got 'big'"),
+    (["--grid", "sparsity.level="], "--grid sparsity.level has an empty value"),
+    ([], "a sweep needs at least one --grid"),
+    (["--grid", "sparsity.level=0,0.5", "--equal-flops", "1e3"], "--equal-flops 1000 is less than one training step"),
+])
+def test_bad_sweep_input_exits_2_with_one_line_and_creates_nothing(db_path, capsys, grid, message):
+    from engine.cli.commands import main
+
+    rc = main(["sweep", "demo", *tiny(), *grid, "--db", str(db_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    db = RunDB(db_path)
+    assert db.list_runs() == [] and Queue(db).entries() == [] and Queue(db).sweeps() == []
+
+
+def test_cancel_reorder_and_a_killed_engine_the_queue_moves_on(cli, db_path):
+    assert cli("queue", "pause").rc == 0
+    # entry 1 would train for a long time; 2, 3 and 4 are short
+    r = cli("sweep", "demo", *sets(*(t for t in TINY if not t.startswith("train.max_steps"))),
+            "--grid", "train.max_steps=100000,4,5,6", "--json")
+    assert r.rc == 0, r.stderr
+    first, second, third, fourth = json.loads(r.stdout.splitlines()[-1])["entries"]
+    assert cli("queue", "move", str(fourth), "1").rc == 0
+    assert cli("queue", "cancel", str(second)).rc == 0
+    assert [e["id"] for e in _entries(db_path) if e["status"] == "waiting"] == [fourth, first, third]
+    assert cli("queue", "resume").rc == 0  # starts a runner in the background
+
+    def long_run_training():
+        e = next(e for e in _entries(db_path) if e["id"] == first)
+        run = RunDB(db_path).get_run(e["run_id"]) if e["run_id"] else None
+        return run if run and run["status"] == "running" and run["summary"].get("step", 0) >= 1 else None
+
+    run = _wait(long_run_training)
+    os.kill(run["pid"], signal.SIGKILL)  # the engine dies mid-run
+    done = _wait(lambda: (lambda es: es if all(e["status"] not in ("waiting", "running") for e in es) else None)(
+        _entries(db_path)))
+    by_id = {e["id"]: e for e in done}
+    assert by_id[first]["status"] == "crashed" and RunDB(db_path).get_run(run["id"])["status"] == "crashed"
+    assert by_id[second]["status"] == "cancelled" and by_id[second]["run_id"] is None
+    assert by_id[third]["status"] == by_id[fourth]["status"] == "completed"
+    starts = [by_id[i]["started_at"] for i in (fourth, first, third)]
+    assert starts == sorted(starts)  # the order the queue was given, the crash notwithstanding
+    listing = cli("queue", "list", "--json")
+    listed = json.loads(listing.stdout)["entries"]
+    assert [e["id"] for e in listed] == [fourth, first, second, third]
+    assert [e["status"] for e in listed] == ["completed", "crashed", "cancelled", "completed"]
+
+
+@pytest.mark.skipif(not (PQA.is_file() and VALID.is_file()), reason=f"shared data missing under {SHARED_DATA}")
+def test_then_chains_a_fine_tuning_after_each_run_and_the_study_shows_its_scores(cli, db_path):
+    parent = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_ctx=128", "tokenizer.vocab_size=400",
+              f"data.corpus={VALID}", "train.max_steps=4", "train.batch_size=4", "train.eval_every=4",
+              "train.eval_batches=1", "train.threads=1", "sparsity.kernel=dense"]
+    ft = Path(db_path).with_name("ft.toml")
+    ft.write_text(_finetune_toml(PQA))
+    r = cli("sweep", "demo", *sets(*parent), "--grid", "sparsity.level=0,0.75", "--then", str(ft), "--wait", "--json")
+    assert r.rc == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    runs = {x["id"]: x for x in json.loads(cli("runs", "list", "--json").stdout)}
+    children = [x for x in runs.values() if x["stage"] == "finetune"]
+    assert len(children) == 2 and all(runs[c["parent"]]["stage"] == "pretrain" for c in children)
+    assert {RunDB(db_path).get_run(c["parent"])["config"]["sparsity"]["level"] for c in children} == {0.0, 0.75}
+    study = sweep_study(RunDB(db_path), out["sweep"]["id"])
+    for p in study["points"]:
+        (child,) = p["children"]
+        assert child["task"] == "pubmedqa" and 0.0 <= child["metrics"]["accuracy"] <= 1.0
+        assert "majority" in child["baselines"] and "zero_shot" in child["baselines"]
+
+
+def _finetune_toml(pqa: Path) -> str:
+    return f"""stage = "finetune"
+[task]
+name = "pubmedqa"
+train = "{pqa}"
+fold = 0
+max_examples = 12
+[train]
+max_steps = 4
+batch_size = 4
+eval_every = 4
+checkpoint_every = 4
+warmup_steps = 1
+threads = 1
+"""
