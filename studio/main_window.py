@@ -19,10 +19,12 @@ from studio.compare_view import ComparePanel
 from studio.engine_process import EngineProcess, train_args
 from studio.estimate import EstimatePanel
 from studio.hf_export import HfExportJob
+from studio.queue_view import QueueView
 from studio.run_form import RunForm
 from studio.run_view import RunView
 from studio.runs_browser import RunsBrowser
 from studio.schedule_preview import SchedulePreview
+from studio.study_view import StudyView
 
 REAP_MS = 5000
 KEEP, STOP, CANCEL = "keep", "stop", "cancel"
@@ -35,6 +37,7 @@ class MainWindow(QMainWindow):
         self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir(self.db.path)
         self.views: list[RunView] = []
         self.compare: ComparePanel | None = None  # created on first use: it reads every run's series
+        self.studies: dict[str, StudyView] = {}  # sweep id -> its open Study tab
         self.hf_jobs: list[HfExportJob] = []
         self.import_jobs: list[EngineProcess] = []
         self.close_policy: str | None = None  # tests and scripts answer the close question without a dialog
@@ -49,6 +52,7 @@ class MainWindow(QMainWindow):
         self.form.add_side_widget(self.estimate)
         self.form.changed.connect(lambda: self.estimate.config_changed(self.form.is_valid()))
         self.form.start_requested.connect(self.start_run)
+        self.form.queue_requested.connect(self.queue_run)
         self.estimate.runner.failed.connect(self._estimate_failed)
         self.browser = RunsBrowser(self.db)
         self.browser.open_requested.connect(self.open_run)
@@ -64,7 +68,11 @@ class MainWindow(QMainWindow):
         self.tabs.tabCloseRequested.connect(self._close_tab)
         self.tabs.addTab(self.form, "New run")
         self.tabs.addTab(self.browser, "Runs")
-        for i in range(2):  # the two fixed pages cannot be closed
+        self.queue = QueueView(self.db)
+        self.queue.run_activated.connect(self.open_run)
+        self.queue.study_requested.connect(self.open_study)
+        self.tabs.addTab(self.queue, "Queue")
+        for i in range(3):  # the three fixed pages cannot be closed
             self.tabs.tabBar().setTabButton(i, self.tabs.tabBar().ButtonPosition.RightSide, None)
         self.setCentralWidget(self.tabs)
         self._menus()
@@ -101,6 +109,7 @@ class MainWindow(QMainWindow):
         run.addAction(a)
         view = self.menuBar().addMenu("&View")
         for text, slot in (("Runs", lambda: self.tabs.setCurrentWidget(self.browser)),
+                           ("Queue", lambda: self.tabs.setCurrentWidget(self.queue)),
                            ("Compare selected runs", self.browser.compare_selected)):
             a = QAction(text, self)
             a.triggered.connect(slot)
@@ -157,6 +166,29 @@ class MainWindow(QMainWindow):
         proc.event.connect(lambda ev, v=view: ev["type"] == "run_started" and self._retitle(v))
         proc.start()
         self.statusBar().showMessage("run started", 3000)
+        return view
+
+    def queue_run(self) -> int | None:
+        """Put the form's run on the queue (it starts when the runs before it are done)."""
+        if not self.form.is_valid():
+            self.statusBar().showMessage("Fix the marked fields first.", 5000)
+            return None
+        entry = self.queue.add_run(**self.form.queue_entry(self.runs_dir))
+        self.tabs.setCurrentWidget(self.queue)
+        self.statusBar().showMessage(f"queued as entry {entry}", 5000)
+        return entry
+
+    def open_study(self, sweep_id: str) -> StudyView:
+        """The Study tab of a sweep (one per sweep)."""
+        view = self.studies.get(sweep_id)
+        if view is None or self.tabs.indexOf(view) < 0:
+            view = StudyView(self.db, sweep_id)
+            view.run_activated.connect(self.open_run)
+            self.studies[sweep_id] = view
+            self.tabs.addTab(view, f"Study: {view.study['sweep']['name']}")
+        else:
+            view.refresh()
+        self.tabs.setCurrentWidget(view)
         return view
 
     def resume_run(self, run_id: str) -> RunView | None:
@@ -234,6 +266,8 @@ class MainWindow(QMainWindow):
             view.monitor.export_chart_dialog()
         elif isinstance(view, ComparePanel):
             view.charts.export_chart_dialog()
+        elif isinstance(view, StudyView):
+            view.export_chart_dialog()
 
     def view_for(self, run_id: str) -> RunView | None:
         return next((v for v in self.views if v.run_id == run_id), None)
@@ -289,6 +323,11 @@ class MainWindow(QMainWindow):
             self.tabs.removeTab(i)
             self.compare = None
             view.deleteLater()
+        elif isinstance(view, StudyView):
+            self.studies.pop(view.sweep_id, None)
+            self.tabs.removeTab(i)
+            view.timer.stop()
+            view.deleteLater()
         elif isinstance(view, RunView):
             view.detach()  # a live run keeps going; reopen it from Runs
             self.views.remove(view)
@@ -327,4 +366,7 @@ class MainWindow(QMainWindow):
         self.estimate.runner.cancel()
         self.reap_timer.stop()
         self.browser.timer.stop()
+        self.queue.timer.stop()  # the queue's runner is a process of its own: it goes on
+        for study in self.studies.values():
+            study.timer.stop()
         event.accept()

@@ -107,6 +107,7 @@ class RunForm(QWidget):
 
     changed = Signal()
     start_requested = Signal()
+    queue_requested = Signal()
 
     def __init__(self, db: RunDB, runs_dir: Path, parent: QWidget | None = None):
         super().__init__(parent)
@@ -195,10 +196,14 @@ class RunForm(QWidget):
         self.start_button.setMinimumHeight(36)
         self.start_button.setStyleSheet("QPushButton:enabled { font-weight: bold; }")
         self.start_button.clicked.connect(self.start_requested)
+        self.queue_button = QPushButton("Add to queue", objectName="queue")
+        self.queue_button.setToolTip("Start it after the queued runs before it (the Queue tab); the queue outlives the studio")
+        self.queue_button.clicked.connect(self.queue_requested)
         self.side.addWidget(QLabel("<b>Command</b>"))
         self.side.addWidget(self.preview)
         self.side.addWidget(self.summary)
         self.side.addStretch(1)
+        self.side.addWidget(self.queue_button)
         self.side.addWidget(self.start_button)
         side_w = QWidget()
         side_w.setLayout(self.side)
@@ -347,6 +352,7 @@ class RunForm(QWidget):
         else:
             self.summary.setText("<span style='color:#2e7d32'>Configuration is valid.</span>")
         self.start_button.setEnabled(self.is_valid())
+        self.queue_button.setEnabled(self.is_valid())
         self.preview.setPlainText(self.command_preview())
         self.changed.emit()
 
@@ -377,6 +383,14 @@ class RunForm(QWidget):
 
     def run_args(self, db: str | Path | None = None, runs_dir: str | Path | None = None) -> list[str]:
         return train_args(self.base_path, self.overrides(), db=db, runs_dir=runs_dir)
+
+    def queue_entry(self, runs_dir: str | Path) -> dict:
+        """This form's run as a queue entry: the base file's text (a snapshot) and the edited keys as --set items."""
+        args = train_args(self.base_path, self.overrides())
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        text = Path(self.base_path).read_text(encoding="utf-8") if self.base_path else ""
+        name = self.config.name or (Path(self.base_path).stem if self.base_path else "run")
+        return {"config_text": text, "config_name": name, "sets": sets, "runs_dir": str(runs_dir), "cwd": str(Path.cwd())}
 
     def estimate_args(self, probe_steps: int) -> list[str]:
         args = train_args(self.base_path, self.overrides())

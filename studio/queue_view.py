@@ -1,0 +1,219 @@
+"""The Queue view: every queued, running and finished entry of the run queue, in order, with pause and
+resume, how many runs at once, move up/down, cancel, and the way to a run and to its sweep's study.
+
+The queue lives in the run database (engine.core.queue) and is worked by a runner process of its own
+(``mediswift queue work``) that this view starts, detached, whenever entries wait and none works them:
+closing the studio changes nothing for the queue, and a reopened studio shows it as it stands.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from PySide6.QtCore import QProcess, Qt, QTimer, Signal
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (
+    QAbstractItemView, QHBoxLayout, QLabel, QPushButton, QSpinBox, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget,
+)
+
+from engine.core.errors import InputError
+from engine.core.queue import MAX_PARALLEL, RUNNING, WAITING, Queue
+from engine.core.rundb import RunDB
+from studio.engine_process import engine_env
+from studio.run_view import STATUS_COLORS
+
+COLUMNS = ("#", "Sweep", "Point", "Stage", "Status", "Run", "Started", "Note")
+REFRESH_MS = 1500
+RUNNER_RETRY_S = 5.0  # a runner just started needs a moment to take its lease; don't start a second meanwhile
+
+
+class QueueView(QWidget):
+    run_activated = Signal(str)    # run id
+    study_requested = Signal(str)  # sweep id
+
+    def __init__(self, db: RunDB, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.db = db
+        self.queue = Queue(db)
+        self.entries: list[dict] = []
+        self.runner_started_at = float("-inf")
+        self.runner_pids: list[int] = []  # runners this view started (the lease in the database names the live one)
+        self._build()
+        self.timer = QTimer(self, interval=REFRESH_MS)
+        self.timer.timeout.connect(self.refresh)
+        self.timer.start()
+        self.refresh()
+
+    def _build(self) -> None:
+        self.state_label = QLabel(objectName="queue_state")
+        self.pause_button = QPushButton("Pause queue", objectName="pause_queue")
+        self.pause_button.setToolTip("Start no more runs; running ones go on")
+        self.pause_button.clicked.connect(self.toggle_pause)
+        self.parallel = QSpinBox(objectName="parallel", minimum=1, maximum=MAX_PARALLEL, prefix="runs at once: ")
+        self.parallel.setToolTip("How many queued runs may train at the same time (they share this machine)")
+        self.parallel.valueChanged.connect(self._parallel_changed)
+        bar = QHBoxLayout()
+        bar.addWidget(self.state_label, 1)
+        bar.addWidget(self.parallel)
+        bar.addWidget(self.pause_button)
+
+        self.tree = QTreeWidget(objectName="queue_entries")
+        self.tree.setColumnCount(len(COLUMNS))
+        self.tree.setHeaderLabels(list(COLUMNS))
+        self.tree.setRootIsDecorated(False)
+        self.tree.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.tree.itemSelectionChanged.connect(self._selection_changed)
+        self.tree.itemDoubleClicked.connect(lambda *_: self.open_selected())
+        for i, w in enumerate((40, 180, 260, 80, 90, 80, 80)):
+            self.tree.setColumnWidth(i, w)
+
+        self.up_button = QPushButton("Move up", objectName="move_up")
+        self.down_button = QPushButton("Move down", objectName="move_down")
+        self.cancel_button = QPushButton("Cancel", objectName="cancel_entries")
+        self.cancel_button.setToolTip("A waiting entry never starts; a running one stops with a final checkpoint")
+        self.open_button = QPushButton("Open run", objectName="open_run")
+        self.study_button = QPushButton("Study sweep", objectName="open_study")
+        self.study_button.setToolTip("Validation loss against training FLOPs per sparsity, downstream scores, table")
+        self.up_button.clicked.connect(lambda: self.move_selected(-1))
+        self.down_button.clicked.connect(lambda: self.move_selected(+1))
+        self.cancel_button.clicked.connect(self.cancel_selected)
+        self.open_button.clicked.connect(self.open_selected)
+        self.study_button.clicked.connect(self._study_selected)
+        actions = QHBoxLayout()
+        for b in (self.up_button, self.down_button, self.cancel_button):
+            actions.addWidget(b)
+        actions.addStretch(1)
+        actions.addWidget(self.open_button)
+        actions.addWidget(self.study_button)
+        self.message = QLabel(objectName="queue_message")
+        self.message.setWordWrap(True)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(bar)
+        lay.addWidget(self.tree, 1)
+        lay.addLayout(actions)
+        lay.addWidget(self.message)
+        self._selection_changed()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        self.db.reap_crashed()
+        state = self.queue.state()
+        sweeps = {s["id"]: s["name"] for s in self.queue.sweeps()}
+        self.entries = self.queue.entries()
+        selected = self.selected_ids()
+        self.tree.blockSignals(True)
+        self.tree.clear()
+        for e in self.entries:
+            started = time.strftime("%H:%M:%S", time.localtime(e["started_at"])) if e["started_at"] else ""
+            status = e["status"] if e["status"] != RUNNING or e["run_id"] else "starting"
+            item = QTreeWidgetItem([str(e["id"]), sweeps.get(e["sweep_id"], ""), e["label"] or e["config_name"],
+                                    e["stage"], status, e["run_id"] or "", started,
+                                    e["error"] if e["status"] not in (WAITING, RUNNING, "completed") else ""])
+            item.setData(0, Qt.ItemDataRole.UserRole, e["id"])
+            item.setForeground(4, QColor(STATUS_COLORS.get(e["status"], "#555")))
+            item.setToolTip(2, " ".join(e["sets"]))
+            self.tree.addTopLevelItem(item)
+            item.setSelected(e["id"] in selected)
+        self.tree.blockSignals(False)
+        waiting = sum(1 for e in self.entries if e["status"] == WAITING)
+        running = sum(1 for e in self.entries if e["status"] == RUNNING)
+        runner = self.queue.runner_pid()
+        self.state_label.setText(
+            f"<b>{'paused' if state['paused'] else 'active'}</b> · {running} running · {waiting} waiting · "
+            + (f"runner pid {runner}" if runner else "no runner (none needed)" if not waiting or state["paused"]
+               else "starting a runner…"))
+        self.pause_button.setText("Resume queue" if state["paused"] else "Pause queue")
+        self.parallel.blockSignals(True)
+        self.parallel.setValue(state["parallel"])
+        self.parallel.blockSignals(False)
+        self._selection_changed()
+        if not state["paused"] and runner is None and self.queue.ready():
+            self.ensure_runner()
+
+    def selected_ids(self) -> list[int]:
+        return [it.data(0, Qt.ItemDataRole.UserRole) for it in self.tree.selectedItems()]
+
+    def select(self, entry_ids) -> None:
+        for i in range(self.tree.topLevelItemCount()):
+            it = self.tree.topLevelItem(i)
+            it.setSelected(it.data(0, Qt.ItemDataRole.UserRole) in set(entry_ids))
+
+    def _selected_entries(self) -> list[dict]:
+        ids = set(self.selected_ids())
+        return [e for e in self.entries if e["id"] in ids]
+
+    def _selection_changed(self) -> None:
+        sel = self._selected_entries()
+        self.up_button.setEnabled(len(sel) == 1 and sel[0]["status"] == WAITING and not sel[0]["after_id"])
+        self.down_button.setEnabled(self.up_button.isEnabled())
+        self.cancel_button.setEnabled(any(e["status"] in (WAITING, RUNNING) for e in sel))
+        self.open_button.setEnabled(len(sel) == 1 and bool(sel[0]["run_id"]))
+        self.study_button.setEnabled(len(sel) >= 1 and bool(sel[0]["sweep_id"]))
+
+    # -- changing ---------------------------------------------------------------------------------
+    def toggle_pause(self) -> None:
+        paused = not self.queue.state()["paused"]
+        self.queue.set_paused(paused)
+        self.message.setText("paused: no new runs start; running ones go on" if paused else "resumed")
+        self.refresh()
+
+    def _parallel_changed(self, n: int) -> None:
+        self.queue.set_parallel(n)
+        self.message.setText(f"up to {n} run(s) at once")
+
+    def move_selected(self, delta: int) -> None:
+        (e,) = self._selected_entries()
+        heads = [x for x in self.entries if x["status"] == WAITING and not x["after_id"]]
+        place = next(i for i, x in enumerate(heads) if x["id"] == e["id"]) + 1
+        try:
+            self.queue.move(e["id"], place + delta)
+        except InputError as err:
+            self.message.setText(str(err))
+        self.refresh()
+        self.select([e["id"]])
+        self._selection_changed()
+
+    def cancel_selected(self) -> list[str]:
+        lines = self.queue.cancel([e["id"] for e in self._selected_entries() if e["status"] in (WAITING, RUNNING)])
+        self.message.setText("; ".join(lines))
+        self.refresh()
+        return lines
+
+    def open_selected(self) -> None:
+        sel = self._selected_entries()
+        if len(sel) == 1 and sel[0]["run_id"]:
+            self.run_activated.emit(sel[0]["run_id"])
+
+    def _study_selected(self) -> None:
+        sel = self._selected_entries()
+        if sel and sel[0]["sweep_id"]:
+            self.study_requested.emit(sel[0]["sweep_id"])
+
+    def add_run(self, config_text: str, config_name: str, sets: list[str], runs_dir: str, cwd: str) -> int:
+        """Queue one run from the form (no sweep); returns its entry id."""
+        (entry_id,) = self.queue.add([{"config_text": config_text, "config_name": config_name, "sets": sets,
+                                       "runs_dir": runs_dir, "cwd": cwd, "label": config_name}])
+        self.message.setText(f"queued as entry {entry_id}")
+        self.refresh()
+        return entry_id
+
+    def ensure_runner(self) -> int | None:
+        """Start ``mediswift queue work`` detached (it outlives the studio) unless one was just started."""
+        if time.monotonic() - self.runner_started_at < RUNNER_RETRY_S:
+            return None
+        self.runner_started_at = time.monotonic()
+        proc = QProcess()
+        proc.setProgram(sys.executable)
+        proc.setArguments(["-m", "engine", "queue", "work", "--db", str(self.db.path)])
+        proc.setProcessEnvironment(engine_env())
+        proc.setStandardOutputFile(str(self.db.path.with_name("queue-runner.log")), QProcess.OpenModeFlag.Append)
+        proc.setStandardErrorFile(str(self.db.path.with_name("queue-runner.log")), QProcess.OpenModeFlag.Append)
+        started = proc.startDetached()  # PySide6: a bool, or (bool, pid) in some versions
+        ok, pid = started if isinstance(started, tuple) else (started, None)
+        if not ok:
+            self.message.setText("could not start the queue runner (mediswift queue work)")
+            return None
+        if pid:
+            self.runner_pids.append(pid)
+        return pid

@@ -1,0 +1,218 @@
+"""The Study view of a sweep: what its grid found, as the MediSwift paper draws it.
+
+* **Validation loss against training FLOPs**, one colour per sparsity level: each run's validation curve
+  (thin) and its final or best value (a marker, joined across the runs of one level), so runs of equal
+  FLOPs line up in one column and a larger sparse model is seen against a smaller dense one.
+* **Downstream scores** of the runs chained after each point (``sweep --then``): their dev score as a
+  bar, the majority baseline (a dash) and the zero-shot parent (a cross) beside it.
+* **A table** of every point and chained run; CSV export of it, PNG/SVG export of both charts.
+
+Everything comes from the run database through engine.core.study; it refreshes while the sweep runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (
+    QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout,
+    QWidget,
+)
+
+from engine.core.rundb import RunDB
+from engine.core.study import study_csv, sweep_study
+from studio.chart_export import ChartExportDialog
+from studio.compare_view import PALETTE
+
+TABLE_COLUMNS = ("Entry", "Run", "Point", "Status", "Sparsity", "d_model", "Steps", "FLOPs", "Final val loss",
+                 "Best val loss", "Chained run", "Task", "Score", "Majority", "Zero-shot")
+REFRESH_MS = 3000
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    if v is None:
+        return "–"
+    return format(v, spec) if isinstance(v, float) else str(v)
+
+
+class StudyView(QWidget):
+    run_activated = Signal(str)
+
+    def __init__(self, db: RunDB, sweep_id: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.db = db
+        self.sweep_id = sweep_id
+        self.study: dict = {}
+        self._build()
+        self.timer = QTimer(self, interval=REFRESH_MS)
+        self.timer.timeout.connect(self._auto_refresh)
+        self.timer.start()
+        self.refresh()
+
+    def _build(self) -> None:
+        self.title = QLabel(objectName="study_title")
+        self.title.setWordWrap(True)
+        self.which = QComboBox(objectName="loss_kind")
+        self.which.addItem("final validation loss", "final_val_loss")
+        self.which.addItem("best validation loss", "best_val_loss")
+        self.which.currentIndexChanged.connect(self._draw)
+        export = QPushButton("Export chart…", objectName="export_chart")
+        export.clicked.connect(self.export_chart_dialog)
+        export_csv = QPushButton("Export CSV…", objectName="export_csv")
+        export_csv.clicked.connect(self._export_csv_dialog)
+        bar = QHBoxLayout()
+        bar.addWidget(self.title, 1)
+        bar.addWidget(self.which)
+        bar.addWidget(export)
+        bar.addWidget(export_csv)
+
+        self.loss_plot = pg.PlotWidget(background="w")
+        self.loss_plot.setTitle("Validation loss against training FLOPs")
+        self.loss_plot.setLabel("bottom", "training FLOPs", units="FLOP")
+        self.loss_plot.setLabel("left", "validation loss")
+        self.loss_plot.showGrid(x=True, y=True, alpha=0.2)
+        self.loss_legend = self.loss_plot.addLegend(offset=(-10, 10))
+        self.score_plot = pg.PlotWidget(background="w")
+        self.score_plot.setTitle("Downstream scores of the chained runs")
+        self.score_plot.setLabel("left", "dev score")
+        self.score_plot.showGrid(y=True, alpha=0.2)
+        self.score_legend = self.score_plot.addLegend(offset=(-10, 10))
+
+        self.table = QTableWidget(objectName="study_table")
+        self.table.setColumnCount(len(TABLE_COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.cellDoubleClicked.connect(self._open_row)
+
+        charts = QSplitter(Qt.Orientation.Horizontal)
+        charts.addWidget(self.loss_plot)
+        charts.addWidget(self.score_plot)
+        charts.setStretchFactor(0, 3)
+        charts.setStretchFactor(1, 2)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(charts)
+        split.addWidget(self.table)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        lay = QVBoxLayout(self)
+        lay.addLayout(bar)
+        lay.addWidget(split, 1)
+
+    # -- data -------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        self.study = sweep_study(self.db, self.sweep_id)
+        sw, spec = self.study["sweep"], self.study["spec"]
+        grid = ", ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in spec.get("grid", {}).items())
+        done = sum(1 for p in self.study["points"] if p["status"] == "completed")
+        budget = f" · {spec['equal_flops']:.3g} training FLOPs each" if spec.get("equal_flops") else ""
+        self.title.setText(f"<b>{sw['name']}</b> ({sw['id']}) · {grid}{budget} · {done}/{len(self.study['points'])} "
+                           "runs completed")
+        self._draw()
+        self._fill_table()
+
+    def _auto_refresh(self) -> None:
+        if self.isVisible() and any(p["status"] in ("waiting", "running") or
+                                    any(c["status"] in ("waiting", "running") for c in p["children"])
+                                    for p in self.study.get("points", [])):
+            self.refresh()
+
+    def levels(self) -> list[float]:
+        return sorted({p["sparsity"] for p in self.study["points"] if p["sparsity"] is not None})
+
+    def _draw(self) -> None:
+        if not self.study:
+            return
+        key = self.which.currentData()
+        self.loss_plot.clear()
+        self.loss_legend.clear()
+        self.marker_series: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        for i, level in enumerate(self.levels()):
+            color = PALETTE[i % len(PALETTE)]
+            pts = [p for p in self.study["points"] if p["sparsity"] == level]
+            for p in pts:
+                c = p["curve"]
+                if len(c["flops"]) > 1:
+                    faint = pg.mkColor(color)
+                    faint.setAlpha(90)
+                    self.loss_plot.plot(c["flops"], c["val_loss"], pen=pg.mkPen(faint, width=1))
+            ends = sorted((p["flops"], p[key]) for p in pts if p["flops"] and p[key] is not None)
+            if ends:
+                x, y = np.array([e[0] for e in ends]), np.array([e[1] for e in ends])
+                self.marker_series[level] = (x, y)
+                self.loss_plot.plot(x, y, pen=pg.mkPen(color, width=2), symbol="o", symbolSize=9,
+                                    symbolBrush=color, symbolPen="w", name=f"sparsity {level:.0%}")
+        self._draw_scores()
+
+    def _draw_scores(self) -> None:
+        self.score_plot.clear()
+        self.score_legend.clear()
+        rows = [(p, c) for p in self.study["points"] for c in p["children"] if c["metric"]]
+        self.score_bars = rows
+        if not rows:
+            self.score_plot.setTitle("Downstream scores of the chained runs (none yet: sweep … --then CONFIG)")
+            return
+        metric = rows[0][1]["metric"]
+        self.score_plot.setTitle(f"Downstream {metric} of the chained runs (dev)")
+        x = np.arange(len(rows), dtype=float)
+        colors = {lv: PALETTE[i % len(PALETTE)] for i, lv in enumerate(self.levels())}
+        scores = [c["metrics"].get(c["metric"]) or 0.0 for _, c in rows]
+        brushes = [pg.mkBrush(colors.get(p["sparsity"], "#888")) for p, _ in rows]
+        self.score_plot.addItem(pg.BarGraphItem(x=x, height=scores, width=0.6, brushes=brushes))
+        majority = [(c["baselines"].get("majority") or {}).get(c["metric"]) for _, c in rows]
+        zero = [(c["baselines"].get("zero_shot") or {}).get(c["metric"]) for _, c in rows]
+        mx = [i for i, v in enumerate(majority) if v is not None]
+        zx = [i for i, v in enumerate(zero) if v is not None]
+        if mx:
+            self.score_plot.plot([x[i] for i in mx], [majority[i] for i in mx], pen=None, symbol="_", symbolSize=28,
+                                 symbolPen=pg.mkPen("#000", width=2), name="majority baseline")
+        if zx:
+            self.score_plot.plot([x[i] for i in zx], [zero[i] for i in zx], pen=None, symbol="x", symbolSize=12,
+                                 symbolBrush="#555", symbolPen="#555", name="zero-shot parent")
+        ticks = [(float(i), f"{p['label']}\n{c['stage']}") for i, (p, c) in enumerate(rows)]
+        self.score_plot.getAxis("bottom").setTicks([ticks])
+
+    def _fill_table(self) -> None:
+        rows = []
+        for p in self.study["points"]:
+            base = [p["entry"], p["run_id"], p["label"], p["status"], _fmt(p["sparsity"], ".2f"), p["d_model"],
+                    p["steps"], _fmt(p["flops"], ".4g"), _fmt(p["final_val_loss"]), _fmt(p["best_val_loss"])]
+            for c in p["children"] or [None]:
+                if c is None:
+                    rows.append(base + ["", "", "", "", ""])
+                    continue
+                m = c["metric"]
+                rows.append(base + [c["run_id"] or c["status"], c["task"] or "", _fmt(c["metrics"].get(m)) if m else "",
+                                    _fmt((c["baselines"].get("majority") or {}).get(m)) if m else "",
+                                    _fmt((c["baselines"].get("zero_shot") or {}).get(m)) if m else ""])
+        self.table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for col, v in enumerate(row):
+                self.table.setItem(r, col, QTableWidgetItem("" if v is None else str(v)))
+        self.table.resizeColumnsToContents()
+
+    def _open_row(self, row: int, col: int) -> None:
+        item = self.table.item(row, 10 if col >= 10 else 1)
+        if item and item.text() and len(item.text()) == 8:
+            self.run_activated.emit(item.text())
+
+    # -- exports ----------------------------------------------------------------------------------
+    def plots(self) -> dict[str, pg.PlotItem]:
+        return {"Validation loss against training FLOPs": self.loss_plot.getPlotItem(),
+                "Downstream scores": self.score_plot.getPlotItem()}
+
+    def export_chart_dialog(self) -> None:
+        ChartExportDialog(self.plots(), None, self).exec()
+
+    def export_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(study_csv(self.study), encoding="utf-8")
+        return path
+
+    def _export_csv_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export the study", f"{self.study['sweep']['name']}.csv",
+                                              "CSV (*.csv)")
+        if path:
+            self.export_csv(path if path.endswith(".csv") else path + ".csv")
