@@ -107,28 +107,32 @@ def test_cancel_reorder_and_a_killed_engine_the_queue_moves_on(cli, db_path):
 
 
 @pytest.mark.skipif(not (PQA.is_file() and VALID.is_file()), reason=f"shared data missing under {SHARED_DATA}")
-def test_then_chains_a_fine_tuning_after_each_run_and_the_study_shows_its_scores(cli, db_path):
+def test_then_chains_a_fine_tune_and_a_prompt_after_each_run_and_the_study_shows_their_scores(cli, db_path):
     parent = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_ctx=128", "tokenizer.vocab_size=400",
               f"data.corpus={VALID}", "train.max_steps=4", "train.batch_size=4", "train.eval_every=4",
               "train.eval_batches=1", "train.threads=1", "sparsity.kernel=dense"]
-    ft = Path(db_path).with_name("ft.toml")
-    ft.write_text(_finetune_toml(PQA))
-    r = cli("sweep", "demo", *sets(*parent), "--grid", "sparsity.level=0,0.75", "--then", str(ft), "--wait", "--json")
+    ft, pr = Path(db_path).with_name("ft.toml"), Path(db_path).with_name("pr.toml")
+    ft.write_text(_task_toml("finetune", PQA))
+    pr.write_text(_task_toml("prompt", PQA) + "[prompt]\nn_tokens = 4\n")
+    r = cli("sweep", "demo", *sets(*parent), "--grid", "sparsity.level=0.75", "--then", str(ft), "--then", str(pr),
+            "--wait", "--json")
     assert r.rc == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])
     runs = {x["id"]: x for x in json.loads(cli("runs", "list", "--json").stdout)}
-    children = [x for x in runs.values() if x["stage"] == "finetune"]
-    assert len(children) == 2 and all(runs[c["parent"]]["stage"] == "pretrain" for c in children)
-    assert {RunDB(db_path).get_run(c["parent"])["config"]["sparsity"]["level"] for c in children} == {0.0, 0.75}
-    study = sweep_study(RunDB(db_path), out["sweep"]["id"])
-    for p in study["points"]:
-        (child,) = p["children"]
+    (head,) = [x for x in runs.values() if x["stage"] == "pretrain"]
+    children = sorted((x for x in runs.values() if x["stage"] != "pretrain"), key=lambda x: x["stage"])
+    # each --then starts from the grid run itself, with the queue filling in its parent
+    assert [c["stage"] for c in children] == ["finetune", "prompt"] and all(c["parent"] == head["id"] for c in children)
+    assert all(c["sweep"]["id"] == out["sweep"]["id"] for c in children)
+    (point,) = sweep_study(RunDB(db_path), out["sweep"]["id"])["points"]
+    assert [c["stage"] for c in point["children"]] == ["finetune", "prompt"]
+    for child in point["children"]:
         assert child["task"] == "pubmedqa" and 0.0 <= child["metrics"]["accuracy"] <= 1.0
         assert "majority" in child["baselines"] and "zero_shot" in child["baselines"]
 
 
-def _finetune_toml(pqa: Path) -> str:
-    return f"""stage = "finetune"
+def _task_toml(stage: str, pqa: Path) -> str:
+    return f"""stage = "{stage}"
 [task]
 name = "pubmedqa"
 train = "{pqa}"

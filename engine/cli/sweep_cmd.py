@@ -78,6 +78,8 @@ def cmd_sweep(args) -> int:
     path = _config_path(args.config, "config")
     if args.parallel is not None:
         _check_parallel(args.parallel)  # before anything is written
+    if args.wait and queue.state()["paused"]:
+        raise InputError("the queue is paused, so --wait would wait forever: `mediswift queue resume` first", key="wait")
     vocab = _parent_vocab(db, args.set)
     plan = plan_sweep(path, args.set, args.grid, args.equal_flops, vocab)
     then = [(_config_path(c, "then"), c) for c in args.then]
@@ -115,7 +117,15 @@ def cmd_sweep(args) -> int:
             print(f"  {p.label}: {p.cfg.train.max_steps} steps" + (f", {p.planned_flops:.4g} FLOPs" if p.planned_flops else ""))
         sys.stdout.flush()
     if args.wait:
-        _work_until(db, queue, sweep_id, say=(lambda m: print(m, file=sys.stderr if args.json else sys.stdout, flush=True)))
+        try:
+            _work_until(db, queue, sweep_id, say=(lambda m: print(m, file=sys.stderr if args.json else sys.stdout,
+                                                                 flush=True)))
+        except KeyboardInterrupt:
+            print("stopped waiting; the queued runs go on in the background (mediswift queue list)", file=sys.stderr)
+            _ensure_runner(db)
+            return 130
+        if any(e["status"] == WAITING for e in queue.entries(include_ended=False)):
+            _ensure_runner(db)  # entries queued by others wait behind the sweep
         done = {e["id"]: e for e in queue.entries(sweep_id=sweep_id)}
         out["runs"] = [{"entry": e["id"], "label": e["label"], "status": e["status"], "run_id": e["run_id"],
                         "error": e["error"]} for e in done.values()]
@@ -124,10 +134,12 @@ def cmd_sweep(args) -> int:
         code = 0 if all(e["status"] == "completed" for e in done.values()) else 1
     else:
         code = 0
-        if not queue.state()["paused"]:
+        paused = queue.state()["paused"]
+        if not paused:
             _ensure_runner(db)
         if not args.json:
-            print("the queue runs in the background: `mediswift queue list`; the studio's Queue view")
+            print("the queue is paused: `mediswift queue resume` starts it" if paused else
+                  "the queue runs in the background: `mediswift queue list`, or the studio's Queue tab")
     if args.json:
         print(json.dumps(out, default=str))
     return code

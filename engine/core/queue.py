@@ -285,7 +285,7 @@ class Queue:
     def finish(self, entry_id: int, status: str, error: str | None = None) -> None:
         e = self.entry(entry_id)
         if e["cancel_requested"] and status in ("stopped", "completed", "failed", "crashed"):
-            error = f"cancelled (the run ended {status})"
+            error = f"cancelled while running (the run ended {status})"
             status = "cancelled"
         self._end(entry_id, status, error)
 
