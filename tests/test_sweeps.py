@@ -37,10 +37,14 @@ def test_a_2x2_sweep_at_equal_flops_runs_through_the_queue(cli, db_path):
     budget = 2e8
     tiny_sets = sets(*(t for t in TINY if not t.startswith("model.d_model")))
     r = cli("sweep", "demo", *tiny_sets, "--grid", "sparsity.level=0,0.5", "--grid", "model.d_model=32,48",
-            "--equal-flops", f"{budget:g}", "--name", "size-sparsity", "--wait", "--json")
+            "--equal-flops", f"{budget:g}", "--name", "size-sparsity", "--parallel", "2", "--wait", "--json")
     assert r.rc == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])
     assert len(out["runs"]) == 4 and all(x["status"] == "completed" for x in out["runs"])
+    # two at a time, never more: at each start, count the entries already running
+    spans = [(e["started_at"], e["finished_at"]) for e in _entries(db_path)]
+    overlap = [sum(1 for s0, f0 in spans if s0 <= s < f0) for s, _ in spans]
+    assert max(overlap) == 2, spans
     runs = json.loads(cli("runs", "list", "--json").stdout)
     assert len(runs) == 4
     for run in runs:
