@@ -184,6 +184,7 @@ class MainWindow(QMainWindow):
         if view is None or self.tabs.indexOf(view) < 0:
             view = StudyView(self.db, sweep_id)
             view.run_activated.connect(self.open_run)
+            view.compare_requested.connect(lambda ids: ids and self.open_compare(ids))
             self.studies[sweep_id] = view
             self.tabs.addTab(view, f"Study: {view.study['sweep']['name']}")
         else:

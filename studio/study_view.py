@@ -39,6 +39,7 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 class StudyView(QWidget):
     run_activated = Signal(str)
+    compare_requested = Signal(list)  # the sweep's grid runs, for the Compare tab
 
     def __init__(self, db: RunDB, sweep_id: str, parent: QWidget | None = None):
         super().__init__(parent)
@@ -62,9 +63,13 @@ class StudyView(QWidget):
         export.clicked.connect(self.export_chart_dialog)
         export_csv = QPushButton("Export CSV…", objectName="export_csv")
         export_csv.clicked.connect(self._export_csv_dialog)
+        compare = QPushButton("Compare runs", objectName="compare_runs")
+        compare.setToolTip("The grid's runs in the Compare tab: every curve on a shared FLOPs axis, config diff")
+        compare.clicked.connect(lambda: self.compare_requested.emit(self.run_ids()))
         bar = QHBoxLayout()
         bar.addWidget(self.title, 1)
         bar.addWidget(self.which)
+        bar.addWidget(compare)
         bar.addWidget(export)
         bar.addWidget(export_csv)
 
@@ -118,6 +123,9 @@ class StudyView(QWidget):
                                     any(c["status"] in ("waiting", "running") for c in p["children"])
                                     for p in self.study.get("points", [])):
             self.refresh()
+
+    def run_ids(self) -> list[str]:
+        return [p["run_id"] for p in self.study.get("points", []) if p["run_id"]]
 
     def levels(self) -> list[float]:
         return sorted({p["sparsity"] for p in self.study["points"] if p["sparsity"] is not None})
