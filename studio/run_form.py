@@ -52,7 +52,7 @@ PARENT_STAGES = {"vocab": (), "pretrain": ("vocab", "pretrain", "import"),
 PARENT_STATUSES = ("completed", "stopped")  # a finished model (stopped runs end on a checkpoint)
 # task fields that only one task reads: disabled for the others so the form says what matters
 TASK_ONLY = {"task.splits": ("pubmedqa",), "task.fold": ("pubmedqa",), "task.predict": ("pubmedqa",),
-             "task.head": ("hoc",), "task.train": ("pubmedqa", "hoc"), "task.dev": ("pubmedqa", "hoc")}
+             "task.scoring": ("pubmedqa",), "task.head": ("hoc",), "task.train": ("pubmedqa", "hoc"), "task.dev": ("pubmedqa", "hoc")}
 DEFAULT_PRESET = "demo"
 
 

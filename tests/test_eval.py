@@ -223,6 +223,38 @@ def test_eval_cli_on_a_copy_outside_the_repo(runs, tmp_path):
     stored = RunDB(runs["db"]).evaluations(runs["ft"])[-1]
     assert stored["id"] == out["evaluation_id"] and stored["data_path"] == str(copy.resolve())
     assert stored["metrics"]["accuracy"] == out["accuracy"] and stored["baselines"]["majority"]["predicts"] == "yes"
+    # the run's own task.scoring (the config default) was used, for the model and its zero-shot baseline
+    assert out["scoring"] == TaskConfig().scoring == stored["metrics"]["scoring"]
+    assert out["baselines"]["zero_shot"]["scoring"] == out["scoring"]
+    assert sum(out["predicted"].values()) == 10
+
+
+def test_eval_cli_scoring_raw_and_calibrated(runs, tmp_path, capsys):
+    """``--scoring`` chooses how answer likelihoods are compared; the JSON and the stored row say which,
+    the zero-shot baseline is scored the same way, and the predictions written follow from it."""
+    from engine.cli.commands import main
+
+    copy = tmp_path / "ten.json"
+    copy.write_text(json.dumps(dict(list(json.loads(PQA.read_text()).items())[:10])))
+    outs = {}
+    for scoring in ("raw", "calibrated"):
+        preds = tmp_path / f"{scoring}.jsonl"
+        rc = main(["eval", runs["ft"], "--data", str(copy), "--scoring", scoring, "--json", "--predictions", str(preds),
+                   "--db", str(runs["db"])])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        out = outs[scoring] = json.loads(captured.out)
+        assert out["scoring"] == scoring and out["baselines"]["zero_shot"]["scoring"] == scoring
+        assert ("content_free" in out) == (scoring == "calibrated")
+        stored = RunDB(runs["db"]).evaluations(runs["ft"])[-1]
+        assert stored["id"] == out["evaluation_id"] and stored["metrics"]["scoring"] == scoring
+        assert stored["baselines"]["zero_shot"]["scoring"] == scoring
+        rows = [json.loads(line) for line in preds.read_text().splitlines()]
+        assert out["predicted"] == {c: sum(r["pred"] == c for r in rows) for c in pubmedqa.CLASSES}
+    assert outs["raw"]["loss"] == pytest.approx(outs["calibrated"]["loss"])  # gold-answer loss: same either way
+    # human-readable output names the scoring too
+    assert main(["eval", runs["ft"], "--data", str(copy), "--scoring", "raw", "--no-baselines", "--db", str(runs["db"])]) == 0
+    assert "scoring raw" in capsys.readouterr().out
 
 
 def test_eval_cli_hoc_and_lm(runs, tmp_path):
@@ -238,6 +270,7 @@ def test_eval_cli_hoc_and_lm(runs, tmp_path):
     out = json.loads(r.stdout)
     assert out["n"] == 5 and 0.0 <= out["micro_f1"] <= 1.0 and "macro_f1" in out
     assert "skipped" in out["baselines"]["majority"]  # a pre-training run has no training labels
+    assert out["scoring"] == "generate"  # HoC labels are generated, not compared by likelihood
 
 
 def test_eval_cli_bad_input_exits_2(runs, tmp_path, capsys):
@@ -262,3 +295,15 @@ def test_eval_cli_bad_input_exits_2(runs, tmp_path, capsys):
         rc = main(["eval", run_id, "--task", task, "--data", path, "--json", "--db", str(runs["db"])])
         err = capsys.readouterr().err
         assert rc == 2 and words in err and err.startswith("mediswift: error:"), (task, path, err)
+    # calibration applies to answer likelihoods only: HoC labels are generated, lm is scored by its loss
+    h = tmp_path / "hoc.jsonl"
+    h.write_text("".join(HOC_DEV.read_text().splitlines(keepends=True)[:2]))
+    before = len(RunDB(runs["db"]).evaluations(runs["parent"]))
+    for task, path, words in (("hoc", h, "greedy generation"), ("lm", VALID, "scored by its loss")):
+        rc = main(["eval", runs["parent"], "--task", task, "--data", str(path), "--scoring", "calibrated", "--json",
+                   "--db", str(runs["db"])])
+        captured = capsys.readouterr()
+        assert rc == 2 and captured.out == "", (task, captured)
+        assert captured.err.count("\n") == 1 and captured.err.startswith("mediswift: error: --scoring calibrated"), captured.err
+        assert words in captured.err
+    assert len(RunDB(runs["db"]).evaluations(runs["parent"])) == before  # nothing stored

@@ -1,8 +1,10 @@
-"""``mediswift eval RUN_ID --task pubmedqa|hoc|lm --data PATH [--json]``: score a run on a labelled file.
+"""``mediswift eval RUN_ID --task pubmedqa|hoc|lm --data PATH [--scoring raw|calibrated] [--json]``: score a run.
 
 Works on any file of the task's format, anywhere on disk (the unseen test sets included), stores
 the result with its majority and zero-shot baselines in the run database (``evaluations``), and
-prints it. A prompt run is scored as its parent model with the learned prompt in front.
+prints it. A prompt run is scored as its parent model with the learned prompt in front. PubMedQA
+answer likelihoods are compared raw or calibrated (``--scoring``, default the run's ``task.scoring``);
+the output and the stored metrics say which (``"scoring"``: raw, calibrated, generate or head).
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ def register(subparsers, common) -> None:
     e.add_argument("--fold", type=int, default=0, help="fold for --split train/dev")
     e.add_argument("--limit", type=int, default=0, help="score only the first N examples (0 = all)")
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--scoring", choices=("raw", "calibrated"),
+                   help="PubMedQA answer-likelihood prediction: raw log-probabilities, or calibrated against a "
+                        "content-free input (default: the run's task.scoring)")
     e.add_argument("--no-baselines", action="store_true", help="skip the majority and zero-shot baselines")
     e.add_argument("--predictions", metavar="FILE.jsonl", help="also write each example's id, gold and predicted label")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -41,7 +46,7 @@ def cmd_eval(args) -> int:
     try:
         out = evaluate_run(db, args.run_id, args.data, task_name=args.task, split=args.split, splits=args.splits,
                            fold=args.fold, limit=args.limit, batch_size=args.batch_size, with_baselines=not args.no_baselines,
-                           predictions=args.predictions, warn=lambda m: sys.stderr.write(f"mediswift: warning: {m}\n"))
+                           predictions=args.predictions, scoring=args.scoring, warn=lambda m: sys.stderr.write(f"mediswift: warning: {m}\n"))
     except KeyboardInterrupt:
         sys.stderr.write(f"mediswift: evaluation of {args.run_id} interrupted; nothing was stored\n")
         return 130
@@ -52,11 +57,17 @@ def cmd_eval(args) -> int:
     else:
         from engine.tasks.scoring import headline
 
+        def how(m: dict) -> str:
+            said = f", scoring {m['scoring']}" if "scoring" in m else ""
+            if isinstance(m.get("predicted"), dict):
+                said += " (predicted " + ", ".join(f"{k} {v}" for k, v in m["predicted"].items()) + ")"
+            return said
+
         head = ", ".join(f"{k} {v:.4f}" for k, v in headline(out["task"], out).items())
-        print(f"run {out['run_id']} (step {out['step']}) on {out['data']} [{out['split']}]: n {out['n']}, {head}")
+        print(f"run {out['run_id']} (step {out['step']}) on {out['data']} [{out['split']}]: n {out['n']}, {head}{how(out)}")
         for name, b in out["baselines"].items():
             if "skipped" in b:
                 print(f"  {name}: skipped ({b['skipped']})")
             else:
-                print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in headline(out["task"], b).items()))
+                print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in headline(out["task"], b).items()) + how(b))
     return 0

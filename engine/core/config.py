@@ -295,6 +295,12 @@ class TaskConfig(_Section):
     fold: int = _f(0, "Cross-validation fold (0-9) when a split file is used.", min=0, max=9)
     head: str = _f("lm", "HoC: predict labels as text (lm) or with a classification head (classifier).", choices=("lm", "classifier"))
     predict: str = _f("likelihood", "PubMedQA prediction: compare answer likelihoods, or greedy generation + parsing.", choices=("likelihood", "generate"))
+    scoring: str = _f("raw", "Answer-likelihood prediction (PubMedQA with predict = 'likelihood'): 'raw' picks the answer "
+                      "with the highest log-probability; 'calibrated' first subtracts each answer's log-probability after "
+                      "content-free inputs (the same prompt with question and context replaced by 'N/A' and by nothing), "
+                      "so the answers' own prior likelihood does not decide. Generation and classifier heads ignore it. "
+                      "Default raw: measured in docs/pipeline.md (Scoring).",
+                      choices=("raw", "calibrated"))
     max_new_tokens: int = _f(32, "Longest generated answer (HoC label lists, PubMedQA with predict = 'generate').", min=1, max=4096)
     max_examples: int = _f(0, "Use at most this many training and this many development examples (0 = all); handy for quick trials.", min=0)
 

@@ -407,7 +407,8 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
     if evals:
         lines += ["| run | step | task | split | scores |", "|---|---|---|---|---|"]
         for rid, e in evals[-30:]:  # the card stays readable for long runs: latest evaluations only
-            scores = ", ".join(f"{k} {_fmt(v)}" for k, v in e["metrics"].items())
+            # numbers only: per-class and per-answer tables (f1_per_class, predicted, content_free) stay in the database
+            scores = ", ".join(f"{k} {_fmt(v)}" for k, v in e["metrics"].items() if not isinstance(v, (dict, list)))
             lines.append(f"| `{rid}` | {e['step']} | {e['task']} | {e['split']} | {scores} |")
     else:
         lines.append("No evaluations recorded.")

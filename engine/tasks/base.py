@@ -4,6 +4,10 @@ An example is four text segments: ``head`` (kept), ``context`` (the only part ev
 end), ``tail`` (the answer cue, kept) and ``target`` (the answer, the only tokens with a loss).
 Segments are tokenized separately and concatenated, so cutting the context never changes the
 tokens of the question or the answer.
+
+A task whose answers are compared by likelihood also gives ``content_free()``: its prompt template
+with the example's content replaced by each of ``CONTENT_FREE_TEXTS``. What a model answers there is
+the prior it brings to every example; calibrated scoring (engine/tasks/scoring.py) subtracts it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ from engine.data.tokens import SeededOrder
 from engine.data.vocab import special_ids
 
 
+# Texts that stand in for an example's content in the content-free inputs of calibrated scoring
+# (contextual calibration, Zhao et al. 2021): a placeholder and nothing at all.
+CONTENT_FREE_TEXTS = ("N/A", "")
+
+
 @dataclass
 class Example:
     id: str
@@ -25,7 +34,7 @@ class Example:
     context: str
     tail: str
     target: str
-    label: Any  # int class index (single-label) or tuple of class indices (multi-label)
+    label: Any  # int class index (single-label), tuple of class indices (multi-label); None: content-free
 
 
 @dataclass
@@ -59,16 +68,18 @@ class Encoder:
         self.tok = tok
         self.budget = budget
         self.eot, self.pad = special_ids(tok)
-        self._cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        # keyed by id(ex); the entry holds the example itself, so its id cannot be reused by another
+        # object while the entry lives (content-free examples, for one, are made per call)
+        self._cache: dict[int, tuple[Example, tuple[list[int], list[int], list[int]]]] = {}
 
     def ids(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids if text else []
 
     def parts(self, ex: Example) -> tuple[list[int], list[int], list[int]]:
-        key = id(ex)
-        if key not in self._cache:
-            self._cache[key] = (self.ids(ex.head), self.ids(ex.context), self.ids(ex.tail))
-        return self._cache[key]
+        hit = self._cache.get(id(ex))
+        if hit is None or hit[0] is not ex:
+            hit = self._cache[id(ex)] = (ex, (self.ids(ex.head), self.ids(ex.context), self.ids(ex.tail)))
+        return hit[1]
 
     def prompt(self, ex: Example, reserve: int, trunc: Truncation | None = None) -> list[int]:
         """Prompt ids leaving ``reserve`` tokens for the answer; cuts the context's end first."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.core.errors import InputError
-from engine.tasks.base import Example
+from engine.tasks.base import CONTENT_FREE_TEXTS, Example
 
 NAME = "pubmedqa"
 CLASSES = ("yes", "no", "maybe")
@@ -29,6 +29,20 @@ def target_text(label: int) -> str:
 
 def candidates() -> list[str]:
     return [target_text(c) for c in range(len(CLASSES))]
+
+
+def make_example(pmid: str, question: str, context: str, label: int | None) -> Example:
+    """One question in the prompt template: ``question: {Q} context:`` + `` {C}`` + the answer cue."""
+    q, c = question.strip(), context.strip()
+    return Example(pmid, "question:" + (f" {q}" if q else "") + " context:", f" {c}" if c else "", CUE,
+                   target_text(label) if label is not None else "", label)
+
+
+def content_free() -> list[Example]:
+    """The prompt template with question and context both replaced by "N/A", then by nothing: inputs
+    with nothing to read, whose answer log-probabilities are the model's prior over yes/no/maybe.
+    They carry no label; calibrated scoring subtracts their (averaged) answer log-probabilities."""
+    return [make_example(f"content-free:{text or 'empty'}", text, text, None) for text in CONTENT_FREE_TEXTS]
 
 
 _ANSWER = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
@@ -68,8 +82,7 @@ def read(path: str, key: str = "task.train") -> dict[str, Example]:
         contexts = rec["CONTEXTS"]
         context = " ".join(contexts) if isinstance(contexts, list) else str(contexts)
         y = CLASSES.index(str(label).lower())
-        out[str(pmid)] = Example(str(pmid), f"question: {rec['QUESTION'].strip()} context:", " " + context.strip(),
-                                 CUE, target_text(y), y)
+        out[str(pmid)] = make_example(str(pmid), str(rec["QUESTION"]), context, y)
     return out
 
 

@@ -1,26 +1,36 @@
 """Scoring a trained run on any file of a task's format (``mediswift eval``): the unseen test sets
 included. The result is stored in the run database with the majority and zero-shot baselines beside
-it; a prompt run is scored as its parent model with the learned prompt in front."""
+it; a prompt run is scored as its parent model with the learned prompt in front. Answer likelihoods
+are compared raw or calibrated (``scoring``; default: the run's own ``task.scoring``), the zero-shot
+baseline the same way, and the evaluation records which (``"scoring"`` in its metrics)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+from engine.core.config import TaskConfig
 from engine.core.errors import InputError
 from engine.model.checkpoint import load_checkpoint
 from engine.model.runs import build_model, load_run
 from engine.tasks import get_task
 from engine.tasks.base import Encoder, Truncation
 from engine.tasks.lm import read_tokens
-from engine.tasks.scoring import Scorer, evaluate_examples, majority_baseline
+from engine.tasks.scoring import SCORINGS, Scorer, evaluate_examples, majority_baseline, scoring_used
 
 
 def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split: str = "all", splits: str | None = None,
                  fold: int = 0, limit: int = 0, batch_size: int = 16, with_baselines: bool = True,
-                 predictions: str | None = None, warn=lambda message: None) -> dict:
-    """Score a run on a file and store the evaluation (with its baselines); returns what was stored."""
+                 predictions: str | None = None, scoring: str | None = None, warn=lambda message: None) -> dict:
+    """Score a run on a file and store the evaluation (with its baselines); returns what was stored.
+
+    ``scoring`` (raw, calibrated) is how answer likelihoods are compared; None: the run's own
+    ``task.scoring`` when it was trained on this task, else the config default.
+    """
     if limit < 0 or batch_size < 1:
         raise InputError("--limit must be 0 (all) or more, --batch-size 1 or more", key="limit" if limit < 0 else "batch_size")
+    if scoring is not None and scoring not in SCORINGS:
+        raise InputError(f"--scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}", key="scoring")
     rm = load_run(db, run_id)
     cfg = rm.cfg
     name = task_name or (cfg.task.name if cfg.stage in ("finetune", "prompt") else None)
@@ -28,6 +38,17 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
         raise InputError(f"run {rm.run_id} is a {cfg.stage} run; say which task to score with --task", key="task")
     if rm.head is not None and name != cfg.task.name:
         raise InputError(f"run {rm.run_id} has a {cfg.task.name} classification head; it cannot score {name}", key="task")
+    own_task = cfg.stage in ("finetune", "prompt") and cfg.task.name == name
+    tc = dataclasses.replace(cfg.task, scoring=scoring or (cfg.task.scoring if own_task else TaskConfig().scoring))
+    if scoring == "calibrated":
+        used = "loss" if name == "lm" else scoring_used(Scorer(rm.model, head=rm.head), get_task(name), tc)
+        if used != "calibrated":
+            how = {"loss": "lm is scored by its loss",
+                   "head": f"run {rm.run_id} predicts {name} with a classification head",
+                   "generate": f"run {rm.run_id} predicts {name} by greedy generation"
+                               + (" (task.predict = 'generate')" if name == "pubmedqa" else "")}[used]
+            raise InputError(f"--scoring calibrated applies only to answer-likelihood prediction (PubMedQA with "
+                             f"task.predict = 'likelihood'), but {how}", key="scoring")
     given, data = data, str(Path(data).expanduser().resolve())
     if not Path(data).exists():
         raise InputError(f"data file not found: {given}", key="data", path=given)
@@ -61,7 +82,7 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
             examples = examples[:limit]
         trunc = Truncation()
         preds: list = []
-        metrics = evaluate_examples(scorer, Encoder(rm.tok, budget), task, examples, cfg.task, trunc, preds)
+        metrics = evaluate_examples(scorer, Encoder(rm.tok, budget), task, examples, tc, trunc, preds)
         if predictions:
             _write_predictions(predictions, task, examples, preds)
         msg = trunc.message(f"{name} {Path(data).name}", len(examples), budget)
@@ -76,7 +97,7 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
                 baselines["majority"] = majority_baseline(task, train, examples)
             if zero_model is not None:
                 m = evaluate_examples(Scorer(zero_model, batch_size=batch_size), Encoder(rm.tok, cfg.model.n_ctx),
-                                      task, examples, cfg.task)
+                                      task, examples, tc)
                 m.pop("f1_per_class", None)
                 baselines["zero_shot"] = m
     split = split if name == "pubmedqa" else "all"

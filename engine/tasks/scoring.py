@@ -4,6 +4,12 @@
 turns a task's examples into metrics (PubMedQA: accuracy and macro-F1; HoC: micro- and macro-F1;
 both with the answer-token loss), ``block_loss`` scores plain text. ``majority_baseline`` and the
 zero-shot model (the parent, scored the same way) tell whether fine-tuning learned anything.
+
+Answer likelihoods are biased by each answer's own prior: a small model may find " yes." likelier
+than " no." whatever it reads. ``task.scoring = "calibrated"`` (contextual calibration, Zhao et al.
+2021) scores every answer once more after the task's content-free inputs (``task.content_free()``,
+through the same encoder, soft prompt and model) and predicts the argmax of the example's answer
+log-probability minus that content-free log-probability; ``"raw"`` predicts the plain argmax.
 """
 from __future__ import annotations
 
@@ -131,15 +137,48 @@ def _decode(tok, ids: list[int]) -> str:
     return tok.decode(ids) if ids else ""
 
 
+SCORINGS = ("raw", "calibrated")  # the two ways to compare answer likelihoods (task.scoring)
+
+
+def scoring_used(scorer: Scorer, task, tc) -> str:
+    """How ``evaluate_examples`` predicts with this scorer, task and config: ``"head"`` (a classifier
+    head), ``"generate"`` (greedy generation, parsed: HoC, PubMedQA with predict = 'generate') or, for
+    an answer-likelihood comparison, ``tc.scoring`` (``"raw"`` or ``"calibrated"``)."""
+    if scorer.head is not None:
+        return "head"
+    if task.MULTI_LABEL or tc.predict != "likelihood":
+        return "generate"
+    if tc.scoring not in SCORINGS:
+        raise InputError(f"task.scoring must be one of {', '.join(map(repr, SCORINGS))}, got {tc.scoring!r}", key="task.scoring")
+    return tc.scoring
+
+
+def content_free_logprobs(scorer: Scorer, enc: Encoder, task, cands: Sequence[list[int]], reserve: int) -> np.ndarray:
+    """Each candidate answer's log-probability after the task's content-free inputs, averaged over
+    those inputs [K]: what the model says with nothing to read (soft prompt included, if any)."""
+    free = task.content_free()
+    seqs = []
+    for ex in free:
+        p = enc.prompt(ex, reserve)
+        seqs.extend(Encoded(p + c, len(p)) for c in cands)
+    lps = np.asarray(scorer.answer_logprobs(seqs, enc.pad)).reshape(len(free), len(cands))  # [F, K]
+    return lps.mean(0)
+
+
 @torch.no_grad()
 def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Example], tc,
                       trunc: Truncation | None = None, predictions: list | None = None) -> dict:
-    """Predict every example the way the run is set up (head, task.predict) and score it.
+    """Predict every example the way the run is set up (head, task.predict, task.scoring) and score it.
 
-    ``predictions`` (a list) receives each example's predicted label, for inspection and tests.
+    The metrics name how the predictions were made (``"scoring"``: raw, calibrated, generate or head);
+    single-label ones count the predicted classes (``"predicted"``), and calibrated ones carry the
+    content-free log-probability subtracted from each answer (``"content_free"``). ``predictions``
+    (a list) receives each example's predicted label, for inspection and tests.
     """
     if not examples:
         raise InputError("no examples to evaluate", key="data")
+    scoring = scoring_used(scorer, task, tc)
+    extra: dict = {}
     was_training = scorer.model.training
     scorer.model.eval()
     try:
@@ -177,7 +216,11 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
                 for ex in examples:
                     p = enc.prompt(ex, reserve, trunc)
                     seqs.extend(Encoded(p + c, len(p)) for c in cands)
-                scores = np.asarray(scorer.answer_logprobs(seqs, enc.pad)).reshape(len(examples), len(cands))
+                scores = np.asarray(scorer.answer_logprobs(seqs, enc.pad)).reshape(len(examples), len(cands))  # [N, K]
+                if scoring == "calibrated":
+                    prior = content_free_logprobs(scorer, enc, task, cands, reserve)  # [K], once per call
+                    scores = scores - prior[None, :]
+                    extra["content_free"] = dict(zip(task.CLASSES, prior.tolist()))
                 pred = scores.argmax(1).tolist()
             else:
                 max_new = tc.max_new_tokens if task.MULTI_LABEL else min(tc.max_new_tokens, 8)  # 'yes.' needs few
@@ -190,6 +233,10 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
         metrics = (multi_label_metrics(gold, pred, task.CLASSES) if task.MULTI_LABEL
                    else single_label_metrics(gold, pred, task.CLASSES))
         metrics["loss"] = float(loss)
+        metrics["scoring"] = scoring
+        if not task.MULTI_LABEL:
+            metrics["predicted"] = {name: sum(1 for p in pred if p == c) for c, name in enumerate(task.CLASSES)}
+        metrics.update(extra)
         return metrics
     finally:
         scorer.model.train(was_training)

@@ -5,7 +5,9 @@
 - ``HeadFeed``: a labelled task through a classification head on the last prompt token (``task.head = "classifier"``).
 
 Each feed gives the next micro-batch's loss, scores the development data, names its headline metric
-and computes its baselines (majority class; the parent model zero-shot). The stages
+and computes its baselines (majority class; the parent model zero-shot). Development scoring and the
+zero-shot baseline follow the run's ``task`` settings, ``task.scoring`` included (raw or calibrated
+answer likelihoods); each evaluation's metrics say which was used. The stages
 (engine/train/finetune.py, prompt.py) pick one with ``make_feed``.
 """
 from __future__ import annotations
@@ -140,6 +142,9 @@ class AnswerFeed:
             raise InputError(f"no training example fits the {data.budget}-token window; use a larger model.n_ctx",
                              key="model.n_ctx")
         _serve(self, data, kept, trunc)
+        tc = data.cfg.task
+        if not data.task.MULTI_LABEL and tc.predict == "likelihood":
+            data.s.info(f"{tc.name} development: answers compared by {tc.scoring} likelihood (task.scoring)")
 
     def next(self, scorer: Scorer) -> Batch:
         x, y = collate_lm([self.encoded[i] for i in self.loader.next_indices()], self.data.enc.pad)
