@@ -83,6 +83,7 @@ class StudyView(QWidget):
         self.score_plot.setTitle("Downstream scores of the chained runs")
         self.score_plot.setLabel("left", "dev score")
         self.score_plot.showGrid(y=True, alpha=0.2)
+        self.score_plot.getAxis("left").enableAutoSIPrefix(False)  # scores in [0, 1], not "x0.001"
         self.score_legend = self.score_plot.addLegend(offset=(-10, 10))
 
         self.table = QTableWidget(objectName="study_table")
@@ -162,8 +163,8 @@ class StudyView(QWidget):
         if not rows:
             self.score_plot.setTitle("Downstream scores of the chained runs (none yet: sweep … --then CONFIG)")
             return
-        metric = rows[0][1]["metric"]
-        self.score_plot.setTitle(f"Downstream {metric} of the chained runs (dev)")
+        metrics = ", ".join(sorted({f"{c['task']}: {c['metric']}" for _, c in rows}))
+        self.score_plot.setTitle(f"Downstream dev scores of the chained runs ({metrics})")
         x = np.arange(len(rows), dtype=float)
         colors = {lv: PALETTE[i % len(PALETTE)] for i, lv in enumerate(self.levels())}
         scores = [c["metrics"].get(c["metric"]) or 0.0 for _, c in rows]
@@ -179,7 +180,8 @@ class StudyView(QWidget):
         if zx:
             self.score_plot.plot([x[i] for i in zx], [zero[i] for i in zx], pen=None, symbol="x", symbolSize=12,
                                  symbolBrush="#555", symbolPen="#555", name="zero-shot parent")
-        ticks = [(float(i), f"{p['label']}\n{c['stage']}") for i, (p, c) in enumerate(rows)]
+        short = {"finetune": "ft", "prompt": "prompt"}
+        ticks = [(float(i), f"{p['label']}\n{short.get(c['stage'], c['stage'])} {c['task']}") for i, (p, c) in enumerate(rows)]
         self.score_plot.getAxis("bottom").setTicks([ticks])
 
     def _fill_table(self) -> None:

@@ -13,4 +13,8 @@ $M sweep bench/results/pretrain-pubmed.toml --db "$DB" --name sparsity-pipeline 
     --set model.d_model=256 --set model.n_ctx=256 --set train.max_steps=400 --grid sparsity.level=0,0.5,0.75 \
     --then bench/results/finetune-pubmedqa.toml --then bench/results/prompt-pubmedqa.toml \
     --then bench/results/finetune-hoc.toml --wait
-.venv/bin/python bench/results/table.py --db "$DB" equal-flops sparsity-pipeline
+# 3. the same width at a third of the learning rate, dense and 75 % sparse: is the order of sweep 2 the learning rate's?
+$M sweep bench/results/pretrain-pubmed.toml --db "$DB" --name lr-check \
+    --set model.d_model=256 --set model.n_ctx=256 --set train.max_steps=400 --set train.lr=1e-3 \
+    --grid sparsity.level=0,0.75 --wait
+.venv/bin/python bench/results/table.py --db "$DB" equal-flops sparsity-pipeline lr-check
