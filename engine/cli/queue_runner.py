@@ -100,9 +100,8 @@ class QueueRunner:
                     if alive and proc is not None:
                         continue  # the engine is writing its last lines; take its exit first
                     self._end(e, status, run.get("error") if run else "the run's row is gone")
-                elif not alive:
-                    # the engine died without finishing: reaping marks the run crashed, next round ends the entry
-                    self.db.reap_crashed()
+                # else, if the engine died without finishing: the next round's reaping (work()) marks the run
+                # crashed, and this entry ends then
             elif not alive:
                 self._end(e, "failed", _last_error(e) or "the engine exited before the run started")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
-from engine.core.queue import ENDED, RUNNING, WAITING, Queue, describe
+from engine.core.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
 
 
 def register(subparsers, common) -> None:
@@ -77,7 +77,7 @@ def cmd_sweep(args) -> int:
     queue = Queue(db)
     path = _config_path(args.config, "config")
     if args.parallel is not None:
-        _check_parallel(args.parallel)  # before anything is written
+        check_parallel(args.parallel)  # before anything is written
     if args.wait and queue.state()["paused"]:
         raise InputError("the queue is paused, so --wait would wait forever: `mediswift queue resume` first", key="wait")
     vocab = _parent_vocab(db, args.set)
@@ -145,13 +145,6 @@ def cmd_sweep(args) -> int:
     return code
 
 
-def _check_parallel(n: int) -> None:
-    from engine.core.queue import MAX_PARALLEL
-
-    if not 1 <= n <= MAX_PARALLEL:
-        raise InputError(f"--parallel must be an integer in [1, {MAX_PARALLEL}], got {n}", key="parallel")
-
-
 def _named(sets: list[str], name: str) -> list[str]:
     return sets if any(s.split("=", 1)[0].strip() == "name" for s in sets) else [f"name={name}", *sets]
 
@@ -212,8 +205,6 @@ def _work_until(db, queue: Queue, sweep_id: str, say) -> None:
         if sweep_done():
             return
         if queue.runner_pid() is None and queue.claim_runner():
-            from engine.cli.queue_runner import QueueRunner
-
             QueueRunner(db, say).work(until=sweep_done)
             return
         time.sleep(1.0)
@@ -221,18 +212,17 @@ def _work_until(db, queue: Queue, sweep_id: str, say) -> None:
 
 def _print_outcome(db, queue: Queue, sweep_id: str, budget: float | None) -> None:
     print(f"{'entry':>5} {'status':10} {'run':9} {'steps':>6} {'FLOPs':>10} {'val loss':>9}  point")
+    spent = []
     for e in queue.entries(sweep_id=sweep_id):
         run = db.get_run(e["run_id"]) if e["run_id"] else None
         s = (run or {}).get("summary") or {}
         vl = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "-"
         fl = f"{s['flops']:.4g}" if s.get("flops") else "-"
         print(f"{e['id']:>5} {e['status']:10} {e['run_id'] or '-':9} {s.get('step', 0):>6} {fl:>10} {vl:>9}  {e['label']}")
-    if budget:
-        spent = [db.get_run(e["run_id"])["summary"].get("flops") for e in queue.entries(sweep_id=sweep_id)
-                 if e["run_id"] and e["after_id"] is None and db.get_run(e["run_id"])]
-        spent = [f for f in spent if f]
-        if spent:
-            print(f"training FLOPs against the budget {budget:.4g}: {min(spent) / budget:.4f}x to {max(spent) / budget:.4f}x")
+        if e["after_id"] is None and s.get("flops"):
+            spent.append(s["flops"])  # the grid's own runs: the ones the budget was set for
+    if budget and spent:
+        print(f"training FLOPs against the budget {budget:.4g}: {min(spent) / budget:.4f}x to {max(spent) / budget:.4f}x")
 
 
 def _ensure_runner(db) -> int | None:

@@ -30,6 +30,12 @@ ENDED = ("completed", "stopped", "failed", "crashed", "cancelled", "skipped")
 MAX_PARALLEL = 64
 
 
+def check_parallel(n: int) -> None:
+    """How many runs at once the queue may allow (``--parallel``, the Queue tab's spin box)."""
+    if not isinstance(n, int) or not 1 <= n <= MAX_PARALLEL:
+        raise InputError(f"--parallel must be an integer in [1, {MAX_PARALLEL}], got {n!r}", key="parallel")
+
+
 class Queue:
     def __init__(self, db: RunDB):
         self.db = db
@@ -150,8 +156,7 @@ class Queue:
             self.conn.execute("UPDATE queue_state SET paused = ? WHERE id = 1", [int(paused)])
 
     def set_parallel(self, n: int) -> None:
-        if not isinstance(n, int) or not 1 <= n <= MAX_PARALLEL:
-            raise InputError(f"--parallel must be an integer in [1, {MAX_PARALLEL}], got {n!r}", key="parallel")
+        check_parallel(n)
         with self.conn:
             self.conn.execute("UPDATE queue_state SET parallel = ? WHERE id = 1", [n])
 
