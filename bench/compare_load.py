@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from engine.core.rundb import FLUSH_S, RunDB
+from engine.store.rundb import FLUSH_S, RunDB
 
 TRAIN_NAMES = ("loss", "lr", "grad_norm", "tokens_per_s", "step_time", "sparsity")
 DRAWN = ("loss", "val_loss", "sparsity", "tokens_per_s", "grad_norm", "lr")  # the view's six charts
@@ -110,7 +110,7 @@ def main() -> int:
     app = QApplication.instance() or QApplication([])
     from PySide6.QtCore import QEvent, QObject
 
-    from engine.core.queries import load_series
+    from engine.store.queries import load_series
     from studio.compare_view import CompareView
 
     class PaintCounter(QObject):

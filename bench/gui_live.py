@@ -166,7 +166,7 @@ def main() -> int:
         view = RunView.__new__(RunView)
         import tempfile
 
-        from engine.core.rundb import RunDB
+        from engine.store.rundb import RunDB
         db = RunDB(os.path.join(tempfile.mkdtemp(), "bench.db"))
         view = RunView(db)
         view.resize(1400, 900)

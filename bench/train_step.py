@@ -276,7 +276,7 @@ def logging_overhead_ms(n: int = 300) -> float:
     import tempfile
 
     from engine.core.events import EventWriter
-    from engine.core.rundb import RunDB
+    from engine.store.rundb import RunDB
     from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, Point
 
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:

@@ -1,6 +1,6 @@
 """MediSwift engine: headless vocabulary learning, sparse pre-training, fine-tuning and prompting.
 
 Importing this package imports nothing heavy: the studio imports engine.core.config, engine.core.events and
-engine.core.rundb, which must stay free of torch and Qt.
+engine.store.rundb, which must stay free of torch and Qt.
 """
 __version__ = "0.1.0"

@@ -23,8 +23,8 @@ from PySide6.QtWidgets import (
 )
 
 from engine.core.errors import InputError
-from engine.core.queries import SERIES_DTYPE, eval_series, has_task_evaluations, load_series_counted, metric_names
-from engine.core.rundb import LIVE_STATUSES, RunDB
+from engine.store.queries import SERIES_DTYPE, eval_series, has_task_evaluations, load_series_counted, metric_names
+from engine.store.rundb import LIVE_STATUSES, RunDB
 from engine.publish.run_export import export_metrics
 from studio.chart_export import ChartExportDialog
 from studio.config_diff import ConfigDiffView

@@ -8,8 +8,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QCheckBox, QLabel, QTableWidget, QTableWidgetItem, QWidget
 
-from engine.core.queries import config_diff
-from engine.core.rundb import RunDB
+from engine.store.queries import config_diff
+from engine.store.rundb import RunDB
 from studio.widgets import table_page
 
 DIFF_BRUSH = QBrush(QColor("#fff3c4"))

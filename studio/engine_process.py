@@ -20,7 +20,7 @@ import tomli_w
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
 from engine.core.events import parse_line
-from engine.core.rundb import pid_alive
+from engine.store.rundb import pid_alive
 
 GRACEFUL_STOP_S = 30.0
 
@@ -56,9 +56,7 @@ def engine_env() -> QProcessEnvironment:
     env = QProcessEnvironment.systemEnvironment()
     env.insert("PYTHONUNBUFFERED", "1")  # events must reach us line by line, not in 8 KiB blocks
     env.insert("PYTHONIOENCODING", "utf-8")
-    # the engine imports from this checkout even when the studio is started from elsewhere
-    root = str(Path(__file__).resolve().parent.parent)
-    env.insert("PYTHONPATH", os.pathsep.join(p for p in (root, env.value("PYTHONPATH", "")) if p))
+    # the engine is the installed package beside the studio (sys.executable -m engine): nothing from a checkout
     return env
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import html
 
-from engine.core.queries import evaluations_by_run, numeric_metrics
-from engine.core.rundb import RunDB
+from engine.store.queries import evaluations_by_run, numeric_metrics
+from engine.store.rundb import RunDB
 
 # task -> (metric that decides "best", higher is better, metrics shown)
 HEADLINE = {

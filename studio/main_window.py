@@ -14,7 +14,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget
 
 from engine.core.paths import default_db_path, default_runs_dir
-from engine.core.rundb import LIVE_STATUSES, RunDB
+from engine.store.rundb import LIVE_STATUSES, RunDB
 from studio.compare_view import ComparePanel
 from studio.engine_process import EngineProcess, train_args
 from studio.estimate import EstimatePanel

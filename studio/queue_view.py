@@ -1,7 +1,7 @@
 """The Queue view: every queued, running and finished entry of the run queue, in order, with pause and
 resume, how many runs at once, move up/down, cancel, and the way to a run and to its sweep's study.
 
-The queue lives in the run database (engine.core.queue) and is worked by a runner process of its own
+The queue lives in the run database (engine.store.queue) and is worked by a runner process of its own
 (``mediswift queue work``) that this view starts, detached, whenever entries wait and none works them:
 closing the studio changes nothing for the queue, and a reopened studio shows it as it stands.
 """
@@ -17,8 +17,8 @@ from PySide6.QtWidgets import (
 )
 
 from engine.core.errors import InputError
-from engine.core.queue import MAX_PARALLEL, RUNNING, WAITING, Queue
-from engine.core.rundb import RunDB
+from engine.store.queue import MAX_PARALLEL, RUNNING, WAITING, Queue
+from engine.store.rundb import RunDB
 from studio.engine_process import engine_env
 from studio.run_view import STATUS_COLORS
 

@@ -22,7 +22,7 @@ from engine.core import config as cfgmod
 from engine.core.config import SECTIONS, RunConfig, field_docs, from_dict
 from engine.core.errors import InputError
 from engine.core.paths import list_presets, resolve_preset
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from studio.engine_process import command_preview, train_args
 from studio.field_editors import FieldEditor, make_editor
 

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.core.rundb import LIVE_STATUSES, RunDB, pid_alive
+from engine.store.rundb import LIVE_STATUSES, RunDB, pid_alive
 
 
 class RunBusyError(RuntimeError):

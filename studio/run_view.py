@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
     QTabWidget, QVBoxLayout, QWidget,
 )
 
-from engine.core.rundb import FINAL_STATUSES, RunDB, pid_alive
+from engine.store.rundb import FINAL_STATUSES, RunDB, pid_alive
 from studio import formatting as fmt
 from studio.engine_process import GRACEFUL_STOP_S, EngineProcess, signal_engine
 from studio.live_monitor import LiveMonitor

@@ -20,8 +20,8 @@ from PySide6.QtWidgets import (
 
 from engine.core.config import from_dict
 from engine.core.errors import InputError
-from engine.core.queries import disk_usage, last_eval_metrics, last_values
-from engine.core.rundb import RunDB
+from engine.store.queries import disk_usage, last_eval_metrics, last_values
+from engine.store.rundb import RunDB
 from engine.publish.run_export import FORMATS, export_config, export_metrics
 from studio import formatting as fmt
 from studio.lineage import best_scores, chain_html, score_text

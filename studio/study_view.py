@@ -7,7 +7,7 @@
   bar, the majority baseline (a dash) and the zero-shot parent (a cross) beside it.
 * **A table** of every point and chained run; CSV export of it, PNG/SVG export of both charts.
 
-Everything comes from the run database through engine.core.study; it refreshes while the sweep runs.
+Everything comes from the run database through engine.orchestrate.study; it refreshes while the sweep runs.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.core.rundb import RunDB
-from engine.core.study import study_csv, sweep_study
+from engine.store.rundb import RunDB
+from engine.orchestrate.study import study_csv, sweep_study
 from studio.chart_export import ChartExportDialog
 from studio.compare_view import PALETTE
 

@@ -13,8 +13,8 @@ from PySide6.QtGui import QGuiApplication, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import QAbstractItemView, QFileDialog, QLabel, QMessageBox, QPushButton, QTableView, QWidget
 
 from engine.core.errors import InputError
-from engine.core.queries import summary_rows
-from engine.core.rundb import RunDB
+from engine.store.queries import summary_rows
+from engine.store.rundb import RunDB
 from engine.publish.run_export import export_config
 from studio import formatting as fmt
 from studio.widgets import table_page

@@ -16,7 +16,7 @@ from helpers import REPO, engine_env, tiny
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.publish.run_export import METRIC_COLUMNS
 
 LEVELS = {"dense": 0.0, "half": 0.5, "quarter": 0.75}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.data.corpus import load_corpus
 from engine.data.tokens import BlockLoader, tokenize_corpus
 from engine.data.vocab import train_tokenizer

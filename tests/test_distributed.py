@@ -15,7 +15,7 @@ import time
 import pytest
 from helpers import PUBMED_TRAIN, needs_shared_data, process_table, read_until, start_train, tiny
 
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 
 pytestmark = needs_shared_data()
 

@@ -7,7 +7,7 @@ from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
 from engine.core.config import RunConfig, from_dict
 from engine.core.flops import flop_model_for_config
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, nonzero_counts, planned, step_flops_per_token
 from engine.model.mask_updates import drop_and_grow, install_mask, magnitude_prune
 from engine.model.sparse_linear import SparseLinear

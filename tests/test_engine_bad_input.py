@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 
 pytestmark = needs_shared_data()
 

@@ -13,7 +13,7 @@ from helpers import start_train as _start
 from helpers import tiny
 
 from engine.core.events import EVENT_FIELDS, validate_event
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 
 pytestmark = needs_shared_data()
 CORPUS = f"data.corpus={PUBMED_TRAIN}"

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.core.config import ModelConfig, RunConfig, field_docs, load_config, parse_overrides
 from engine.core.errors import InputError
 from engine.core.events import EventError, EventWriter, parse_line, validate_event
-from engine.core.paths import PRESETS_DIR, list_presets
-from engine.core.rundb import RunDB
+from engine.core.paths import list_presets, presets_dir
+from engine.store.rundb import RunDB
 from engine.data.tokens import BlockLoader, split_documents
 from engine.model.flops import flop_model_for, flop_model_for_config
 from engine.model.gpt import GPT, KVCache
@@ -26,17 +26,17 @@ from engine.train.optim import lr_factor
 
 def test_presets_load_and_match_the_paper_shapes():
     assert {"demo", "gpt3-125m", "mediswift-med", "mediswift-xl"} <= set(list_presets())
-    demo = load_config(PRESETS_DIR / "demo.toml")
+    demo = load_config(presets_dir() / "demo.toml")
     assert demo.sparsity.level == 0.75 and demo.data.corpus == ["builtin:hpo"]
-    med = load_config(PRESETS_DIR / "mediswift-med.toml")
-    xl = load_config(PRESETS_DIR / "mediswift-xl.toml")
+    med = load_config(presets_dir() / "mediswift-med.toml")
+    xl = load_config(presets_dir() / "mediswift-xl.toml")
     assert (med.model.n_layer, med.model.d_model, xl.model.n_layer, xl.model.d_model) == (24, 1024, 24, 2048)
-    for c in (med, xl, load_config(PRESETS_DIR / "gpt3-125m.toml")):
+    for c in (med, xl, load_config(presets_dir() / "gpt3-125m.toml")):
         assert c.model.n_ctx == 2048 and c.tokenizer.vocab_size == 42384
 
 
 def test_overrides_are_typed_and_validated():
-    cfg = load_config(PRESETS_DIR / "demo.toml", parse_overrides(["train.lr=1e-3", "data.corpus=a.txt", "model.bias=false"]))
+    cfg = load_config(presets_dir() / "demo.toml", parse_overrides(["train.lr=1e-3", "data.corpus=a.txt", "model.bias=false"]))
     assert cfg.train.lr == 1e-3 and cfg.data.corpus == ["a.txt"] and cfg.model.bias is False
     with pytest.raises(InputError) as e:
         load_config(None, parse_overrides(["train.sparsity=0.5"]))
@@ -298,7 +298,7 @@ def test_rundb_migrations_wal_and_crash_reaping(tmp_path):
 
 
 def test_deferred_metric_rows_commit_before_any_other_write(tmp_path, monkeypatch):
-    import engine.core.rundb as rundb
+    import engine.store.rundb as rundb
 
     writer, reader = RunDB(tmp_path / "r.db"), RunDB(tmp_path / "r.db")
     rid = writer.create_run(name="x", stage="pretrain", config={})
@@ -334,7 +334,7 @@ def test_import_layering_contracts():
 
 
 def test_ground_floor_imports_without_torch():
-    code = ("import sys; import engine.core.config, engine.core.events, engine.core.rundb, engine.core.paths; "
+    code = ("import sys; import engine.core.config, engine.core.events, engine.store.rundb, engine.core.paths; "
             "bad = [m for m in ('torch', 'PySide6', 'tokenizers') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout.strip()
     assert out == "[]"

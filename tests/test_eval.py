@@ -12,7 +12,7 @@ import torch
 from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
 from engine.core.config import ModelConfig, TaskConfig
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.data.vocab import train_tokenizer
 from engine.model.gpt import GPT
 from engine.model.soft_prompt import SoftPrompt

@@ -13,8 +13,8 @@ import pytest
 from helpers import REPO, engine_env
 
 from engine.core.config import RunConfig, load_config
-from engine.core.queries import config_diff, eval_series, flatten_config, load_series, metric_names, summary_rows
-from engine.core.rundb import RunDB
+from engine.store.queries import config_diff, eval_series, flatten_config, load_series, metric_names, summary_rows
+from engine.store.rundb import RunDB
 from engine.publish.run_export import METRIC_COLUMNS, export_metrics
 
 NAMES = ("loss", "lr", "tokens_per_s", "sparsity")

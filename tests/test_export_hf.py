@@ -15,7 +15,7 @@ import torch
 from helpers import REPO, engine_env, tiny
 
 from engine.core.config import from_dict
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.data.vocab import load_tokenizer
 from engine.model.checkpoint import load_checkpoint, save_checkpoint
 from engine.model.gpt import GPT

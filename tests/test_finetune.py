@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.data.vocab import load_tokenizer
 from engine.model.checkpoint import load_checkpoint
 from engine.tasks import pubmedqa

@@ -9,7 +9,7 @@ import torch
 from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
 from engine.core.config import from_dict
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.data.vocab import load_tokenizer
 from engine.model.checkpoint import load_checkpoint
 from engine.model.gpt import GPT

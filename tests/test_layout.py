@@ -1,5 +1,5 @@
 """Layout rules that no import contract can check: the studio reads the run database only through
-engine.core.queries (no SQL text, no connection of its own)."""
+engine.store.queries (no SQL text, no connection of its own)."""
 from __future__ import annotations
 
 import re

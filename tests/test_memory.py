@@ -55,7 +55,7 @@ _LOOP_PROBE = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from engine.core.config import RunConfig, TrainConfig
     from engine.core.events import EventWriter
-    from engine.core.rundb import RunDB
+    from engine.store.rundb import RunDB
     from engine.train import memory
     from engine.train.control import Control
     from engine.train.loop import TrainLoop

@@ -15,7 +15,7 @@ from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 from engine.core.config import load_config, parse_overrides
 from engine.core.events import EventWriter
 from engine.core.paths import resolve_preset
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.model.checkpoint import load_checkpoint
 from engine.model.soft_prompt import load_prompt
 from engine.train.child import child_config

@@ -1,11 +1,11 @@
-"""engine.core.queries on a real SQLite run database (rows written directly: no training needed)."""
+"""engine.store.queries on a real SQLite run database (rows written directly: no training needed)."""
 from __future__ import annotations
 
 import pytest
 
-from engine.core import queries as q
+from engine.store import queries as q
 from engine.core.errors import InputError
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 
 
 def _rows(rid: str, steps, name: str, value=lambda s: 10.0 - s) -> list[tuple]:

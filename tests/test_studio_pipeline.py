@@ -17,7 +17,7 @@ from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QMessageBox
 
 from engine.core.config import from_dict
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 
 PUBMEDQA_MAJORITY = {"accuracy": 0.552, "macro_f1": 0.237, "predicts": "yes"}
 

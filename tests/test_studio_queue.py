@@ -14,8 +14,8 @@ import pytest
 from helpers import REPO, TINY as TINY_SETS, engine_env, sets
 from PySide6.QtCore import Qt
 
-from engine.core.queue import Queue
-from engine.core.rundb import RunDB, pid_alive
+from engine.store.queue import Queue
+from engine.store.rundb import RunDB, pid_alive
 from studio.main_window import KEEP, MainWindow
 
 FORM = {

@@ -9,7 +9,7 @@ import time
 import pytest
 from helpers import process_table
 
-from engine.core.rundb import RunDB, pid_alive
+from engine.store.rundb import RunDB, pid_alive
 from studio.main_window import KEEP, MainWindow
 
 TINY = {

@@ -8,7 +8,7 @@ import pytest
 
 from engine.core.config import load_config, parse_overrides
 from engine.core.paths import resolve_preset
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from studio.engine_process import LineReader, parse_json_output, toml_value, train_args
 from studio.plot_buffers import EMA, GrowingArray, Series, minmax_thin
 from studio.run_data import RunData

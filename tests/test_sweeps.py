@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import SHARED_DATA, TINY, sets, tiny
 
-from engine.core.queue import Queue
-from engine.core.rundb import RunDB
-from engine.core.study import sweep_study
+from engine.store.queue import Queue
+from engine.store.rundb import RunDB
+from engine.orchestrate.study import sweep_study
 
 PQA = SHARED_DATA / "pubmedqa" / "pqal_trainval.json"
 VALID = SHARED_DATA / "pubmed_abstracts" / "valid.txt"

@@ -2,7 +2,7 @@
 
     python bench/results/table.py --db /tmp/results/runs.db equal-flops sparsity-pipeline
 
-Reads engine.core.study (the Study tab's data): per grid point its steps, training FLOPs, final and best
+Reads engine.orchestrate.study (the Study tab's data): per grid point its steps, training FLOPs, final and best
 validation loss, and the dev scores of its chained runs with their majority and zero-shot baselines.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.core.hardware import cpu_header  # noqa: E402
-from engine.core.rundb import RunDB  # noqa: E402
-from engine.core.study import sweep_study  # noqa: E402
+from engine.store.rundb import RunDB  # noqa: E402
+from engine.orchestrate.study import sweep_study  # noqa: E402
 
 
 def _f(v, spec=".4f"):

@@ -24,8 +24,8 @@ from engine.core.config import load_config, parse_overrides
 from engine.core.errors import InputError
 from engine.core.events import EventWriter
 from engine.core.paths import default_db_path, default_runs_dir, list_presets, resolve_preset
-from engine.core.queries import disk_usage, find_run
-from engine.core.rundb import RunDB
+from engine.store.queries import disk_usage, find_run
+from engine.store.rundb import RunDB
 
 EXIT_BAD_INPUT = 2
 
@@ -281,7 +281,7 @@ def _check_inputs(cfg, db: RunDB) -> None:
 
 
 def cmd_runs_list(args) -> int:
-    from engine.core.queue import Queue
+    from engine.store.queue import Queue
 
     db = _db(args)
     runs = db.list_runs()

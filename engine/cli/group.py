@@ -281,7 +281,7 @@ def _relay(control, group_dir: Path, done: threading.Event) -> None:
 
 
 def _mark_crashed(db_path: str, group_dir: Path, message: str, status: str = "crashed") -> None:
-    from engine.core.rundb import RunDB, pid_alive
+    from engine.store.rundb import RunDB, pid_alive
 
     f = group_dir / "run_id"
     if not f.is_file():

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine.core.queue import RUNNING, Queue
-from engine.core.rundb import FINAL_STATUSES, RunDB, pid_alive
+from engine.store.queue import RUNNING, Queue
+from engine.store.rundb import FINAL_STATUSES, RunDB, pid_alive
 
 POLL_S = 0.5
 

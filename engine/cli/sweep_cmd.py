@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
-from engine.core.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
+from engine.store.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
 
 
 def register(subparsers, common) -> None:
@@ -71,7 +71,7 @@ def _db(args):
 
 
 def cmd_sweep(args) -> int:
-    from engine.core.sweep import plan_sweep
+    from engine.orchestrate.sweep import plan_sweep
 
     db = _db(args)
     queue = Queue(db)

@@ -1,1 +1,1 @@
-"""Ground floor: config, events, run database and its queries, paths, the one error type. Imports neither torch nor Qt."""
+"""Ground floor: config, events, the stage and task registry, paths, errors, FLOP and hardware facts. Imports neither torch nor Qt nor SQLite."""

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 DB_ENV = "MEDISWIFT_DB"
 RUNS_ENV = "MEDISWIFT_RUNS_DIR"
 HOME_ENV = "MEDISWIFT_HOME"
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PRESETS_DIR = REPO_ROOT / "resources" / "presets"
+RESOURCES_PACKAGE = "mediswift_resources"  # the repository's resources/ folder, installed as package data
+
+
+def presets_dir() -> Path:
+    """The bundled presets, wherever the package is installed (a wheel, an editable checkout)."""
+    return Path(str(resources.files(RESOURCES_PACKAGE) / "presets"))
 
 
 def data_home() -> Path:
@@ -42,8 +47,8 @@ def resolve_preset(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.exists() or p.suffix == ".toml" or os.sep in name_or_path:
         return p
-    return PRESETS_DIR / f"{name_or_path}.toml"
+    return presets_dir() / f"{name_or_path}.toml"
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))

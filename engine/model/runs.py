@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from engine.core.config import ModelConfig, RunConfig, from_dict
 from engine.core.errors import InputError
-from engine.core.queries import find_run
-from engine.core.rundb import RunDB
+from engine.store.queries import find_run
+from engine.store.rundb import RunDB
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 from engine.model.checkpoint import current_path, file_sha256, is_legacy, load_checkpoint
 from engine.model.gpt import GPT

@@ -23,8 +23,8 @@ import torch
 from engine import __version__
 from engine.core.config import RunConfig, from_dict
 from engine.core.errors import InputError
-from engine.core.queries import lineage, summary_row
-from engine.core.rundb import RunDB
+from engine.store.queries import lineage, summary_row
+from engine.store.rundb import RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 from engine.model.checkpoint import load_checkpoint
 from engine.model.runs import model_source, resolve_run, tokenizer_path

@@ -16,7 +16,7 @@ import torch
 
 from engine.core.config import from_dict
 from engine.core.errors import InputError
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, save_tokenizer
 from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_checkpoint
 from engine.model.gpt import GPT

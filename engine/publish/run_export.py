@@ -1,6 +1,6 @@
 """Bulk export of past runs: metric rows to CSV, JSON or Parquet, and a run's config as TOML.
 
-The reads go through engine.core.queries; imports neither torch nor Qt (the studio calls these directly,
+The reads go through engine.store.queries; imports neither torch nor Qt (the studio calls these directly,
 the CLI wraps them in export_cmd).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Iterable
 
 from engine.core.config import from_dict
 from engine.core.errors import InputError
-from engine.core.queries import METRIC_COLUMNS, metric_rows, resolve_runs
-from engine.core.rundb import RunDB
+from engine.store.queries import METRIC_COLUMNS, metric_rows, resolve_runs
+from engine.store.rundb import RunDB
 
 FORMATS = ("csv", "json", "parquet")
 

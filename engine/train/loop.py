@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from engine.core.hardware import cpu_info
-from engine.core.queries import last_metric_value
+from engine.store.queries import last_metric_value
 from engine.data.tokens import SeededOrder
 from engine.model.checkpoint import load_checkpoint
 from engine.train.cadence import Cadence

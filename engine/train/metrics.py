@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.core.events import EventWriter
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 
 
 @dataclass

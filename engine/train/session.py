@@ -16,7 +16,7 @@ from pathlib import Path
 from engine import __version__
 from engine.core.config import RunConfig
 from engine.core.events import EventWriter
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, ProgressBar, TensorBoardSink
 
 

@@ -21,7 +21,7 @@ from helpers import PUBMED_TRAIN, REPO, SHARED_DATA, CliResult, engine_env, need
 
 from engine.core.config import field_docs, load_config
 from engine.core.errors import InputError
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 from engine.model.checkpoint import file_sha256
 
 pytestmark = needs_shared_data()

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from engine.core.errors import InputError
-from engine.core.rundb import RunDB
+from engine.store.rundb import RunDB
 
 # a metric row: the run, then the metrics table's own columns in its order (the bulk export's columns)
 METRIC_COLUMNS = ("run_id", "step", "tokens", "wall_time", "flops", "flops_dense", "name", "value")

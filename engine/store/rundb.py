@@ -83,7 +83,7 @@ def _m003_checkpoint_hash(db: sqlite_utils.Database) -> None:
 
 def _m004_sweeps_and_queue(db: sqlite_utils.Database) -> None:
     # a sweep is a named group of queued runs; the queue holds what waits to run, what runs and how each
-    # ended (engine.core.queue); queue_state is one row: paused, parallelism and the runner's lease
+    # ended (engine.store.queue); queue_state is one row: paused, parallelism and the runner's lease
     db["sweeps"].create({"id": str, "name": str, "spec": str, "created_at": float}, pk="id")
     db["queue"].create(
         {"id": int, "position": float, "sweep_id": str, "label": str, "point": str, "stage": str,

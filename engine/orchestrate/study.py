@@ -8,8 +8,8 @@ import csv
 import io
 import math
 
-from engine.core.queue import Queue
-from engine.core.rundb import RunDB
+from engine.store.queue import Queue
+from engine.store.rundb import RunDB
 
 # the score a task is judged by (the first of engine.tasks.scoring.headline's)
 HEADLINE = {"pubmedqa": "accuracy", "hoc": "micro_f1", "lm": "loss"}

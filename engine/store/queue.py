@@ -23,7 +23,7 @@ import time
 from typing import Any, Iterable
 
 from engine.core.errors import InputError
-from engine.core.rundb import RunDB, _process_start, pid_alive
+from engine.store.rundb import RunDB, _process_start, pid_alive
 
 WAITING, RUNNING = "waiting", "running"
 ENDED = ("completed", "stopped", "failed", "crashed", "cancelled", "skipped")

@@ -1,0 +1,6 @@
+"""The one store: the run database's schema (ordered migrations), its writes and its reads.
+
+The only package that holds SQL or touches the SQLite connection; no torch, no Qt (the studio reads
+through it). Orchestration that uses it (the queue runner, sweeps, the study) sits above, in
+``engine.orchestrate``.
+"""
