@@ -19,6 +19,7 @@ from pathlib import Path
 # setting wins. Must happen before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from engine.cli.common import EXIT_BAD_INPUT, open_db, print_json
 from engine.cli.group import check_group, in_group, world_size
 from engine.core.config import load_config, parse_overrides
 from engine.core.errors import InputError
@@ -27,17 +28,10 @@ from engine.core.paths import default_db_path, default_runs_dir, list_presets, r
 from engine.store.queries import disk_usage, find_run
 from engine.store.rundb import RunDB
 
-EXIT_BAD_INPUT = 2
 
 
-def _db(args) -> RunDB:
-    db = RunDB(args.db or default_db_path())
-    db.reap_crashed()  # any command notices runs whose engine died
-    return db
-
-
-def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+_db = open_db
+_print_json = print_json
 
 
 # -- train ------------------------------------------------------------------------------------------
@@ -507,17 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Commands that live in their own modules (evaluation, export)."""
-    out = []
-    for modname in ("engine.cli.eval_cmd", "engine.cli.export_cmd", "engine.cli.import_cmd", "engine.cli.sweep_cmd"):
-        try:
-            mod = __import__(modname, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
-        out.append(mod.register)
-    return out
+    """Commands that live in their own modules (evaluation, export, import, sweeps and the queue)."""
+    from engine.cli import eval_cmd, export_cmd, import_cmd, sweep_cmd
+
+    return [eval_cmd.register, export_cmd.register, import_cmd.register, sweep_cmd.register]
 
 
 def _stderr_error(message: str) -> None:

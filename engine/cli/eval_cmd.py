@@ -12,6 +12,8 @@ import json
 import signal
 import sys
 
+from engine.cli.common import open_db
+
 
 def register(subparsers, common) -> None:
     e = common(subparsers.add_parser("eval", help="score a run on a labelled file (PubMedQA, HoC) or a text file (lm)"))
@@ -37,10 +39,9 @@ def _interrupt(signum, _frame):
 
 
 def cmd_eval(args) -> int:
-    from engine.cli.commands import _db
     from engine.tasks.run_eval import evaluate_run
 
-    db = _db(args)
+    db = open_db(args)
     # SIGTERM stops an evaluation as Ctrl-C does: nothing is stored until the whole file is scored
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

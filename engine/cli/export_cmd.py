@@ -5,20 +5,14 @@ import json
 import sys
 from pathlib import Path
 
+from engine.cli.common import open_db
 from engine.core.errors import InputError
-
-
-def _cli():
-    from engine.cli import commands as cli
-
-    return cli
 
 
 def cmd_export(args) -> int:
     from engine.publish.run_export import export_config, export_metrics
 
-    cli = _cli()
-    db = cli._db(args)
+    db = open_db(args)
     fmt = args.format or Path(args.out).suffix.lstrip(".").lower()
     if fmt == "toml":
         if len(args.run_ids) != 1:
@@ -34,8 +28,7 @@ def cmd_export(args) -> int:
 def cmd_export_config(args) -> int:
     from engine.publish.run_export import config_toml
 
-    cli = _cli()
-    db = cli._db(args)
+    db = open_db(args)
     text = config_toml(db, args.run_id)
     if args.out in (None, "-"):
         sys.stdout.write(text)
@@ -49,8 +42,7 @@ def cmd_export_config(args) -> int:
 def cmd_export_hf(args) -> int:
     from engine.publish.hf_export import export_hf, verify_export
 
-    cli = _cli()
-    db = cli._db(args)
+    db = open_db(args)
     report = export_hf(db, args.run_id, args.out, overwrite=args.overwrite, license=args.license,
                        language=args.language)
     if args.verify:

@@ -5,13 +5,14 @@ import json
 import sys
 from pathlib import Path
 
+from engine.cli.common import open_db
+
 
 def cmd_import_hf(args) -> int:
-    from engine.cli import commands
     from engine.core.paths import default_runs_dir
     from engine.publish.hf_import import import_hf
 
-    db = commands._db(args)
+    db = open_db(args)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(db.path)
     report = import_hf(db, args.dir, runs_dir, name=args.name, warn=lambda m: sys.stderr.write(f"[mediswift] {m}\n"))
     if args.json:

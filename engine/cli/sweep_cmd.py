@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine.cli.common import open_db
 from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
 from engine.store.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
@@ -61,10 +62,7 @@ def register(subparsers, common) -> None:
     qw.set_defaults(fn=cmd_queue_work)
 
 
-def _db(args):
-    from engine.cli.commands import _db as open_db
-
-    return open_db(args)
+_db = open_db
 
 
 # -- sweep ------------------------------------------------------------------------------------------
