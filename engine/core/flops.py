@@ -1,4 +1,4 @@
-"""Training FLOPs, the paper's way (DESIGN.md):
+"""Training FLOPs, the paper's way (MediSwift and SPDF count them so):
 
 forward per token ≈ 2·N_sparse·(1−s) + 2·N_dense_matmul + 4·L·n_ctx·d + 2·d·V, training ≈ 3 × forward.
 

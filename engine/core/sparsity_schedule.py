@@ -122,7 +122,7 @@ class Schedule:
 
 def step_flops_per_token(flops_model, nonzero: int, rigl_update: bool) -> float:
     """Training FLOPs per token of one step with ``nonzero`` weights in the masked matrices (the FLOP
-    model's formula, DESIGN.md), plus, on a RigL update step, the dense weight gradient RigL reads:
+    model's formula, engine/core/flops.py), plus, on a RigL update step, the dense weight gradient RigL reads:
     2 * (N_sparse - nonzero) more per token (its backward forms every entry of dW, not only the nonzeros)."""
     import dataclasses
 
