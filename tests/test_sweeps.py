@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import SHARED_DATA, TINY, sets, tiny
 
-from engine.store.queue import Queue
+from engine.orchestrate.queue import Queue
 from engine.store.rundb import RunDB
 from engine.orchestrate.study import sweep_study
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from engine.cli.common import open_db
 from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
-from engine.store.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
+from engine.orchestrate.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
+from engine.orchestrate.runner import QueueRunner, ensure_runner, work_until_done
 
 
 def register(subparsers, common) -> None:
@@ -116,14 +117,14 @@ def cmd_sweep(args) -> int:
         sys.stdout.flush()
     if args.wait:
         try:
-            _work_until(db, queue, sweep_id, say=(lambda m: print(m, file=sys.stderr if args.json else sys.stdout,
+            work_until_done(db, sweep_id, say=(lambda m: print(m, file=sys.stderr if args.json else sys.stdout,
                                                                  flush=True)))
         except KeyboardInterrupt:
             print("stopped waiting; the queued runs go on in the background (mediswift queue list)", file=sys.stderr)
-            _ensure_runner(db)
+            ensure_runner(db)
             return 130
         if any(e["status"] == WAITING for e in queue.entries(include_ended=False)):
-            _ensure_runner(db)  # entries queued by others wait behind the sweep
+            ensure_runner(db)  # entries queued by others wait behind the sweep
         done = {e["id"]: e for e in queue.entries(sweep_id=sweep_id)}
         out["runs"] = [{"entry": e["id"], "label": e["label"], "status": e["status"], "run_id": e["run_id"],
                         "error": e["error"]} for e in done.values()]
@@ -134,7 +135,7 @@ def cmd_sweep(args) -> int:
         code = 0
         paused = queue.state()["paused"]
         if not paused:
-            _ensure_runner(db)
+            ensure_runner(db)
         if not args.json:
             print("the queue is paused: `mediswift queue resume` starts it" if paused else
                   "the queue runs in the background: `mediswift queue list`, or the studio's Queue tab")
@@ -182,32 +183,6 @@ def _parent_vocab(db, sets: list[str]) -> int | None:
     return (row or {}).get("summary", {}).get("vocab_size") if row else None
 
 
-def _work_until(db, queue: Queue, sweep_id: str, say) -> None:
-    """Work the queue here until every entry of the sweep ended; when another runner holds the queue,
-    follow its progress instead."""
-    from engine.cli.queue_runner import QueueRunner
-
-    def sweep_done() -> bool:
-        return all(e["status"] in ENDED for e in queue.entries(sweep_id=sweep_id))
-
-    if queue.claim_runner():
-        QueueRunner(db, say).work(until=sweep_done)
-        return
-    say(f"another runner (pid {queue.runner_pid()}) works this queue; following the sweep's progress")
-    seen: dict[int, str] = {}
-    while True:
-        for e in queue.entries(sweep_id=sweep_id):
-            if seen.get(e["id"]) != e["status"]:
-                seen[e["id"]] = e["status"]
-                say(f"entry {e['id']} {e['status']}: {e['label']}" + (f" run {e['run_id']}" if e["run_id"] else ""))
-        if sweep_done():
-            return
-        if queue.runner_pid() is None and queue.claim_runner():
-            QueueRunner(db, say).work(until=sweep_done)
-            return
-        time.sleep(1.0)
-
-
 def _print_outcome(db, queue: Queue, sweep_id: str, budget: float | None) -> None:
     print(f"{'entry':>5} {'status':10} {'run':9} {'steps':>6} {'FLOPs':>10} {'val loss':>9}  point")
     spent = []
@@ -221,17 +196,6 @@ def _print_outcome(db, queue: Queue, sweep_id: str, budget: float | None) -> Non
             spent.append(s["flops"])  # the grid's own runs: the ones the budget was set for
     if budget and spent:
         print(f"training FLOPs against the budget {budget:.4g}: {min(spent) / budget:.4f}x to {max(spent) / budget:.4f}x")
-
-
-def _ensure_runner(db) -> int | None:
-    """Start a background runner unless one already works this queue; its pid."""
-    from engine.cli.queue_runner import start_detached
-
-    queue = Queue(db)
-    pid = queue.runner_pid()
-    if pid:
-        return pid
-    return start_detached(db.path).pid
 
 
 # -- queue ------------------------------------------------------------------------------------------
@@ -278,7 +242,7 @@ def cmd_queue_resume(args) -> int:
         queue.set_parallel(args.parallel)
     queue.set_paused(False)
     waiting = [e for e in queue.entries(include_ended=False) if e["status"] == WAITING]
-    pid = _ensure_runner(db) if waiting else queue.runner_pid()
+    pid = ensure_runner(db) if waiting else queue.runner_pid()
     st = queue.state()
     print(f"queue resumed, {st['parallel']} at a time; {len(waiting)} waiting" + (f"; runner pid {pid}" if pid else ""))
     return 0
@@ -306,8 +270,6 @@ def cmd_queue_move(args) -> int:
 
 
 def cmd_queue_work(args) -> int:
-    from engine.cli.queue_runner import QueueRunner
-
     db = _db(args)
     queue = Queue(db)
     if not queue.claim_runner():

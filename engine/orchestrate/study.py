@@ -8,7 +8,7 @@ import csv
 import io
 import math
 
-from engine.store.queue import Queue
+from engine.orchestrate.queue import Queue
 from engine.store.rundb import RunDB
 
 # the score a task is judged by (the first of engine.tasks.scoring.headline's)

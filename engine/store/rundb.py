@@ -19,6 +19,7 @@ import sqlite_utils
 
 from engine.core.errors import InputError
 from engine.core.paths import default_db_path
+from engine.core.processes import pid_alive, process_start  # pid_alive: also importable from here, as before
 
 FINAL_STATUSES = ("completed", "stopped", "failed", "crashed")
 LIVE_STATUSES = ("created", "running", "paused")
@@ -107,38 +108,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
 ]
 
 
-def _process_start(pid: int) -> str:
-    """Kernel start time of a process (Linux), so a recycled pid is not mistaken for our run."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def pid_alive(pid: int | None, start: str | None = None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if start:
-        now = _process_start(pid)
-        if now and now != start:
-            return False
-    # a zombie (killed, not yet reaped by its parent) is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                return False
-    except OSError:
-        pass
-    return True
-
-
 class RunDB:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path).expanduser() if path else default_db_path()
@@ -215,7 +184,7 @@ class RunDB:
             now = time.time()
             conn.execute("UPDATE runs SET status = 'running', pid = ?, pid_start = ?, host = ?, started_at = ?, "
                          "heartbeat_at = ?, finished_at = NULL, error = NULL WHERE id = ?",
-                         [pid, _process_start(pid), socket.gethostname(), now, now, run_id])
+                         [pid, process_start(pid), socket.gethostname(), now, now, run_id])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

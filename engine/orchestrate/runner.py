@@ -1,5 +1,6 @@
 """The queue runner (``mediswift queue work``): starts queued runs as engine processes and records how
-each ended.
+each ended; and the two ways the CLI gets the queue worked (here until a sweep is done, or by a runner
+in the background). No torch: it starts engines, it does not train.
 
 Each run is an ordinary ``mediswift train`` in its own session, its events going to a file in the runs
 folder's ``queue/`` (not a pipe): neither the studio closing nor this runner dying touches it. A later
@@ -17,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine.store.queue import RUNNING, Queue
-from engine.store.rundb import FINAL_STATUSES, RunDB, pid_alive
+from engine.core.processes import pid_alive
+from engine.orchestrate.queue import ENDED, RUNNING, Queue
+from engine.store.rundb import FINAL_STATUSES, RunDB
 
 POLL_S = 0.5
 
@@ -154,3 +156,37 @@ def start_detached(db_path: str | Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=_child_env())
+
+
+def ensure_runner(db: RunDB) -> int | None:
+    """Start a background runner unless one already works this queue; its pid."""
+    pid = Queue(db).runner_pid()
+    if pid:
+        return pid
+    return start_detached(db.path).pid
+
+
+def work_until_done(db: RunDB, sweep_id: str, say: Callable[[str], None]) -> None:
+    """Work the queue here until every entry of the sweep ended; when another runner holds the queue,
+    follow its progress instead (and take over should that runner go)."""
+    queue = Queue(db)
+
+    def sweep_done() -> bool:
+        return all(e["status"] in ENDED for e in queue.entries(sweep_id=sweep_id))
+
+    if queue.claim_runner():
+        QueueRunner(db, say).work(until=sweep_done)
+        return
+    say(f"another runner (pid {queue.runner_pid()}) works this queue; following the sweep's progress")
+    seen: dict[int, str] = {}
+    while True:
+        for e in queue.entries(sweep_id=sweep_id):
+            if seen.get(e["id"]) != e["status"]:
+                seen[e["id"]] = e["status"]
+                say(f"entry {e['id']} {e['status']}: {e['label']}" + (f" run {e['run_id']}" if e["run_id"] else ""))
+        if sweep_done():
+            return
+        if queue.runner_pid() is None and queue.claim_runner():
+            QueueRunner(db, say).work(until=sweep_done)
+            return
+        time.sleep(1.0)

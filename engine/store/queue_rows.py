@@ -1,0 +1,173 @@
+"""The rows of the run queue and of sweeps (tables ``queue``, ``queue_state``, ``sweeps``): their SQL
+and nothing else.
+
+What the rows mean (the order chains run in, cancelling a running engine, who holds the runner
+lease) is engine.orchestrate.queue's business; this module reads and writes rows as it is told, so a
+schema change stays inside the store. JSON columns (``point``, ``sets``, ``spec``) are decoded here.
+
+Statuses: waiting → running → completed | stopped | failed | crashed, or cancelled / skipped without
+running. ``running`` with no ``run_id`` yet means the engine is starting.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterable
+
+from engine.core.errors import InputError
+from engine.store.rundb import RunDB
+
+WAITING, RUNNING = "waiting", "running"
+ENDED = ("completed", "stopped", "failed", "crashed", "cancelled", "skipped")
+
+
+class QueueStore:
+    """The queue's rows in one run database."""
+
+    def __init__(self, db: RunDB):
+        self.db = db
+        self.conn = db.db.conn
+
+    # -- entries ----------------------------------------------------------------------------------
+    def entries(self, include_ended: bool = True, sweep_id: str | None = None) -> list[dict]:
+        """Entries in queue order (position, then id)."""
+        sql, args = "SELECT * FROM queue", []
+        where = []
+        if not include_ended:
+            where.append(f"status IN ('{WAITING}', '{RUNNING}')")
+        if sweep_id:
+            where.append("sweep_id = ?")
+            args.append(sweep_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [_decode(r) for r in self.db.db.query(sql + " ORDER BY position, id", args)]
+
+    def entry(self, entry_id: int) -> dict:
+        rows = list(self.db.db.query("SELECT * FROM queue WHERE id = ?", [int(entry_id)]))
+        if not rows:
+            raise InputError(f"no queue entry {entry_id} (see `mediswift queue list`)", key="entry")
+        return _decode(rows[0])
+
+    def insert(self, rows: list[dict]) -> list[int]:
+        """Append entries after the last position; ``after`` in a row is an index into ``rows`` of the
+        entry it waits for (its id is filled in here). Returns the new ids, in order."""
+        ids: list[int] = []
+        with self.conn:
+            top = self.conn.execute("SELECT MAX(position) FROM queue").fetchone()[0] or 0.0
+            for i, it in enumerate(rows):
+                after = it.get("after")
+                row = {
+                    "position": top + 1 + i, "sweep_id": it.get("sweep_id"), "label": it.get("label", ""),
+                    "point": json.dumps(it.get("point") or {}), "stage": it.get("stage", ""),
+                    "config_name": it["config_name"], "config_text": it["config_text"],
+                    "sets": json.dumps(list(it.get("sets") or [])), "runs_dir": it["runs_dir"], "cwd": it["cwd"],
+                    "after_id": ids[after] if after is not None else None, "status": WAITING,
+                    "created_at": time.time(),
+                }
+                ids.append(self.db.db["queue"].insert(row).last_pk)
+        return ids
+
+    def set_positions(self, positions: Iterable[tuple[float, int]]) -> None:
+        """(position, entry id) pairs, in one transaction."""
+        with self.conn:
+            self.conn.executemany("UPDATE queue SET position = ? WHERE id = ?", list(positions))
+
+    def waiting_after(self, entry_id: int) -> list[int]:
+        """Ids of the waiting entries that wait for this one, directly or through others."""
+        out, frontier = [], [entry_id]
+        while frontier:
+            rows = self.conn.execute(f"SELECT id FROM queue WHERE after_id = ? AND status = '{WAITING}'",
+                                     [frontier.pop()]).fetchall()
+            for (i,) in rows:
+                out.append(i)
+                frontier.append(i)
+        return out
+
+    def request_cancel(self, entry_id: int) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE queue SET cancel_requested = 1 WHERE id = ?", [entry_id])
+
+    def mark_started(self, entry_id: int, pid: int, pid_start: str, log_path: str) -> None:
+        with self.conn:
+            self.conn.execute(f"UPDATE queue SET status = '{RUNNING}', pid = ?, pid_start = ?, log_path = ?, "
+                              "started_at = ?, error = NULL WHERE id = ?",
+                              [pid, pid_start, log_path, time.time(), entry_id])
+
+    def set_run(self, entry_id: int, run_id: str) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE queue SET run_id = ? WHERE id = ?", [run_id, entry_id])
+
+    def end(self, entry_id: int, status: str, error: str | None) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE queue SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                              [status, error, time.time(), entry_id])
+
+    # -- the queue's state: paused, parallelism, the runner's lease --------------------------------
+    def state(self) -> dict:
+        """The one ``queue_state`` row (``paused`` as a bool)."""
+        row = dict(next(iter(self.db.db.query("SELECT * FROM queue_state WHERE id = 1"))))
+        row["paused"] = bool(row["paused"])
+        return row
+
+    def set_paused(self, paused: bool) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE queue_state SET paused = ? WHERE id = 1", [int(paused)])
+
+    def set_parallel(self, n: int) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE queue_state SET parallel = ? WHERE id = 1", [n])
+
+    def claim_runner(self, pid: int, pid_start: str, host: str, held_by_other: Callable[[dict], bool]) -> bool:
+        """Write this runner into the lease unless ``held_by_other(state row)`` says a live runner holds
+        it; the check and the write are one write transaction, so two runners never both win."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if held_by_other(self.state()):
+                self.conn.execute("ROLLBACK")
+                return False
+            self.conn.execute("UPDATE queue_state SET runner_pid = ?, runner_pid_start = ?, runner_host = ?, "
+                              "runner_heartbeat = ? WHERE id = 1", [pid, pid_start, host, time.time()])
+            self.conn.execute("COMMIT")
+            return True
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def heartbeat(self, pid: int) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE queue_state SET runner_heartbeat = ? WHERE id = 1 AND runner_pid = ?",
+                              [time.time(), pid])
+
+    def release_runner(self, pid: int) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE queue_state SET runner_pid = NULL, runner_pid_start = NULL WHERE id = 1 "
+                              "AND runner_pid = ?", [pid])
+
+    # -- sweeps -----------------------------------------------------------------------------------
+    def insert_sweep(self, sweep_id: str, name: str, spec: dict) -> None:
+        with self.conn:
+            self.db.db["sweeps"].insert({"id": sweep_id, "name": name, "spec": json.dumps(spec, sort_keys=True),
+                                         "created_at": time.time()})
+
+    def sweeps(self) -> list[dict]:
+        """Every sweep, newest first (``spec`` decoded)."""
+        out = []
+        for r in self.db.db.query("SELECT * FROM sweeps ORDER BY created_at DESC"):
+            r = dict(r)
+            r["spec"] = json.loads(r["spec"] or "{}")
+            out.append(r)
+        return out
+
+    def sweep_of_runs(self) -> dict[str, dict]:
+        """run id -> {"id", "name"} of the sweep that queued it."""
+        sql = ("SELECT q.run_id, s.id, s.name FROM queue q JOIN sweeps s ON s.id = q.sweep_id "
+               "WHERE q.run_id IS NOT NULL")
+        return {r[0]: {"id": r[1], "name": r[2]} for r in self.conn.execute(sql).fetchall()}
+
+
+def _decode(r: dict) -> dict:
+    r = dict(r)
+    r["point"] = json.loads(r.get("point") or "{}")
+    r["sets"] = json.loads(r.get("sets") or "[]")
+    r["cancel_requested"] = bool(r.get("cancel_requested"))
+    return r
