@@ -2,13 +2,18 @@
 
 One store: SQL text, the SQLite connection and the sqlite modules appear only in engine/store/ (the
 engine and the studio read and write the run database through its functions and RunDB's methods).
+One registry: a stage or task name is written as a string only in engine/core/registry.py and the
+module that implements that stage or task.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
 from helpers import REPO
+
+pytestmark = pytest.mark.quick
 
 SCANNED = ("engine", "studio")  # the product's code; tests and benchmarks may reach into the database
 STORE = REPO / "engine" / "store"
@@ -22,7 +27,7 @@ SQL = re.compile(r"\b(select|insert|update|delete|create)\b.*\b(from|into|set|ta
 # files outside the store that still hold SQL, each waiting for its owner's fix; an entry whose file is
 # clean fails the test, so the list only shrinks
 SQL_PENDING = {
-    "engine/cli/commands.py": "catches sqlite3.DatabaseError: catch engine.store.DatabaseError instead",
+    "engine/cli/main.py": "catches sqlite3.DatabaseError: catch engine.store.DatabaseError instead",
 }
 
 
@@ -32,6 +37,14 @@ def product_files() -> list[Path]:
 
 def rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
+
+
+def assert_only_pending(hits: dict[str, list[str]], pending: dict[str, str], what: str, pending_name: str) -> None:
+    """No hit outside the pending files, and no pending file without hits (the list only shrinks)."""
+    found = [h for path, lines in hits.items() if path not in pending for h in lines]
+    assert not found, f"{what}:\n" + "\n".join(found)
+    stale = [path for path in pending if path not in hits]
+    assert not stale, f"nothing left to fix in {stale}: remove them from {pending_name}"
 
 
 def sql_lines(text: str) -> list[tuple[int, str]]:
@@ -44,11 +57,8 @@ def test_only_the_store_holds_sql():
         if STORE not in path.parents:
             for i, line in sql_lines(path.read_text(encoding="utf-8")):
                 hits.setdefault(rel(path), []).append(f"{rel(path)}:{i}: {line}")
-    found = [h for path, lines in hits.items() if path not in SQL_PENDING for h in lines]
-    assert not found, ("SQL outside engine/store (add a function to engine/store/queries.py or a RunDB "
-                       "method instead):\n" + "\n".join(found))
-    stale = [path for path in SQL_PENDING if path not in hits]
-    assert not stale, f"no SQL left in {stale}: remove them from SQL_PENDING"
+    assert_only_pending(hits, SQL_PENDING, "SQL outside engine/store (add a function to engine/store/queries.py "
+                        "or a RunDB method instead)", "SQL_PENDING")
 
 
 def test_the_sql_scan_finds_what_it_should():
@@ -57,3 +67,85 @@ def test_the_sql_scan_finds_what_it_should():
     assert sql_lines("import sqlite3\nfrom sqlite_utils import Database\nexcept sqlite3.DatabaseError:\n") == [
         (1, "import sqlite3"), (2, "from sqlite_utils import Database"), (3, "except sqlite3.DatabaseError:")]
     assert sql_lines('label = "Pick a run to delete"\nbutton.clicked.connect(f)\n"""reads SQLite."""\n') == []
+
+
+# -- one registry ----------------------------------------------------------------------------------
+# A stage or task name is written as a string only in engine/core/registry.py and in the module that
+# implements that stage or task (its registry ``impl``); everywhere else code asks the registry (a
+# capability, a spec's field) or uses its name constants (VOCAB, PRETRAIN, ..., LM, PUBMEDQA, HOC).
+# The scan reads every string constant of the syntax tree (docstrings and f-string text included), so
+# prose that merely contains a name ("the prompt run's parent") is not a hit; a constant *equal* to one is.
+#
+# Homonyms: a few names are also words of other vocabularies (a config section, a config value, a
+# tensor's name). Each lives in one named constant, listed here with what it means; the scan skips the
+# value of that assignment in that file, and nothing else.
+HOMONYMS = {
+    ("engine/core/config.py", "SECTION"): "a config section's name: the [prompt] section (PromptConfig)",
+    ("engine/core/config.py", "HEADS"): "task.head = 'lm': labels predicted as text by the language-model head",
+    ("engine/core/config.py", "PROMPT_INITS"): "prompt.init = 'vocab': prompt vectors drawn from vocabulary embeddings",
+    ("engine/model/soft_prompt.py", "TENSOR"): "the soft prompt's tensor name in its files and checkpoints",
+    ("engine/store/rundb.py", "PROMPT_ARTIFACT"): "artifacts.kind of a soft prompt file",
+    ("engine/publish/hf_export.py", "REPORT_PROMPT"): "export-hf's JSON field describing the exported prompt",
+}
+
+# files outside the lower floors that still write names, each waiting for its owner's fix; a file that
+# is clean fails the test, so the list only shrinks
+NAMES_PENDING = {
+    "engine/cli/export_cmd.py": "the export report's field 'prompt': engine.publish.hf_export.REPORT_PROMPT",
+}
+
+
+def registry_names() -> set[str]:
+    from engine.core import registry
+
+    return set(registry.STAGES) | set(registry.TASKS)
+
+
+def own_modules() -> dict[str, set[str]]:
+    """File -> the names it may write: the registry all of them, an implementation its own."""
+    from engine.core import registry
+
+    out = {"engine/core/registry.py": registry_names()}
+    for name, impl in [*((s.name, s.impl) for s in registry.STAGES.values()),
+                       *((t.name, t.impl) for t in registry.TASKS.values())]:
+        if impl:
+            out.setdefault(impl.partition(":")[0].replace(".", "/") + ".py", set()).add(name)
+    return out
+
+
+def name_literals(text: str, names: set[str], homonyms: set[str] = frozenset()) -> list[tuple[int, str]]:
+    """(line, name) of every string constant equal to one of ``names``, outside the values assigned to
+    the ``homonyms`` constants."""
+    import ast
+
+    tree = ast.parse(text)
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id in homonyms for t in targets):
+                skipped.update(id(n) for n in ast.walk(node.value))
+    return sorted((n.lineno, n.value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names
+                  and id(n) not in skipped)
+
+
+def test_stage_and_task_names_are_written_only_in_the_registry_and_their_own_modules():
+    names, own = registry_names(), own_modules()
+    hits: dict[str, list[str]] = {}
+    for path in product_files():
+        r = rel(path)
+        homonyms = {const for (file, const) in HOMONYMS if file == r}
+        for i, name in name_literals(path.read_text(encoding="utf-8"), names - own.get(r, set()), homonyms):
+            hits.setdefault(r, []).append(f"{r}:{i}: {name!r}")
+    assert_only_pending(hits, NAMES_PENDING, "stage or task names written as strings (use engine.core.registry: "
+                        "a capability of stage(name) / task(name), or the constants VOCAB ... HOC)", "NAMES_PENDING")
+
+
+def test_the_name_scan_finds_what_it_should():
+    names = {"prompt", "lm", "hoc"}
+    text = ('"""A prompt run."""\nif stage == "prompt":\n    x = cfg.prompt\n'
+            'HEADS = ("lm", "classifier")\nkeys = {"hoc": 1}\nmsg = f"a {x} prompt"\n')
+    assert name_literals(text, names) == [(2, "prompt"), (4, "lm"), (5, "hoc")]
+    assert name_literals(text, names, {"HEADS"}) == [(2, "prompt"), (5, "hoc")]
+    assert name_literals(text, set()) == []

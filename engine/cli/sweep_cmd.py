@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from engine.cli.common import open_db
+from engine.core import registry
 from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
 from engine.orchestrate.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
@@ -158,7 +159,7 @@ def _config_path(given: str, key: str) -> Path:
 def _stage_of(path: Path) -> str:
     from engine.core.config import load_toml
 
-    return str(load_toml(path).get("stage", "pretrain"))
+    return str(load_toml(path).get("stage", registry.PRETRAIN))  # a config without `stage` pre-trains
 
 
 def _check_then(path: Path, given: str) -> None:
@@ -166,7 +167,8 @@ def _check_then(path: Path, given: str) -> None:
     from engine.core.config import load_config
 
     stage = _stage_of(path)
-    if stage not in ("finetune", "prompt"):
+    spec = registry.STAGES.get(stage)
+    if spec is None or not spec.needs_parent:
         raise InputError(f"--then {given} is a {stage} config; --then chains a finetune or prompt stage after each run",
                          key="then", path=str(path))
     load_config(path, {"parent": "queued"})  # its parent comes from the queue; everything else is checked now

@@ -23,9 +23,10 @@ else:  # pragma: no cover
 
 import tomli_w
 
+from engine.core import registry
 from engine.core.errors import InputError
 
-STAGES = ("vocab", "pretrain", "finetune", "prompt")
+STAGES = registry.STARTABLE_STAGES  # what `stage` may say (an import run is made by import-hf, not configured)
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTIONS = ("uniform", "erk")
 KERNELS = ("auto", "dense", "sparse")
@@ -33,7 +34,9 @@ METHODS = ("static", "gmp", "set", "rigl")
 STRATEGIES = ("ddp", "fsdp")
 REPORTERS = ("tensorboard",)  # experiment trackers a run can also write to (engine.train.metrics sinks)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TASKS = ("lm", "pubmedqa", "hoc")
+TASKS = registry.TASK_NAMES
+HEADS = ("lm", "classifier")  # task.head: labels as text from the language-model head, or a classifier
+PROMPT_INITS = ("vocab", "text")  # prompt.init: sampled vocabulary embeddings, or init_text's
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -288,12 +291,12 @@ class TrainConfig(_Section):
 @dataclass(frozen=True)
 class TaskConfig(_Section):
     SECTION = "task"
-    name: str = _f("lm", "Fine-tuning task: causal LM on a corpus, PubMedQA (yes/no/maybe) or HoC (10 hallmarks).", choices=TASKS)
+    name: str = _f(registry.LM, "Fine-tuning task: causal LM on a corpus, PubMedQA (yes/no/maybe) or HoC (10 hallmarks).", choices=TASKS)
     train: str = _f("", "Training file (PubMedQA: PQA-L JSON; HoC: JSONL; lm: uses data.corpus).", kind="path")
     dev: str = _f("", "Development file; empty: the fold's dev split (PubMedQA) or a held-out part of train.", kind="path")
     splits: str = _f("", "PubMedQA 10-fold split file (pqal_splits.json); empty: looked up next to the train file.", kind="path")
     fold: int = _f(0, "Cross-validation fold (0-9) when a split file is used.", min=0, max=9)
-    head: str = _f("lm", "HoC: predict labels as text (lm) or with a classification head (classifier).", choices=("lm", "classifier"))
+    head: str = _f(HEADS[0], "HoC: predict labels as text (lm) or with a classification head (classifier).", choices=HEADS)
     predict: str = _f("likelihood", "PubMedQA prediction: compare answer likelihoods, or greedy generation + parsing.", choices=("likelihood", "generate"))
     scoring: str = _f("raw", "Answer-likelihood prediction (PubMedQA with predict = 'likelihood'): 'raw' picks the answer "
                       "with the highest log-probability; 'calibrated' first subtracts each answer's log-probability after "
@@ -309,20 +312,14 @@ class TaskConfig(_Section):
 class PromptConfig(_Section):
     SECTION = "prompt"
     n_tokens: int = _f(20, "Number of learned virtual-token embeddings.", min=1, max=1024)
-    init: str = _f("vocab", "Initialise from sampled vocabulary embeddings, or from the embedding of init_text.", choices=("vocab", "text"))
+    init: str = _f(PROMPT_INITS[0], "Initialise from sampled vocabulary embeddings, or from the embedding of init_text.", choices=PROMPT_INITS)
     init_text: str = _f("", "Text whose token embeddings initialise the prompt when init = 'text'.")
     lr: float = _f(0.3, "Learning rate of the prompt vectors (Lester et al. use ~0.3).", min=0.0, max=100.0, min_open=True)
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "tokenizer": TokenizerConfig,
-    "data": DataConfig,
-    "sparsity": SparsityConfig,
-    "train": TrainConfig,
-    "task": TaskConfig,
-    "prompt": PromptConfig,
-}
+# section name -> its dataclass, in the order of a config file; each class names its own section
+SECTIONS: dict[str, type] = {cls.SECTION: cls for cls in (
+    ModelConfig, TokenizerConfig, DataConfig, SparsityConfig, TrainConfig, TaskConfig, PromptConfig)}
 
 
 @dataclass(frozen=True)
@@ -331,7 +328,7 @@ class RunConfig(_Section):
 
     SECTION = ""
     name: str = _f("", "Run name shown in the studio (default: preset name + stage).")
-    stage: str = _f("pretrain", "Pipeline stage this run performs.", choices=STAGES)
+    stage: str = _f(registry.PRETRAIN, "Pipeline stage this run performs.", choices=STAGES)
     parent: str = _f("", "Parent run id (fine-tuning and prompting start from it; a pre-training may reuse its tokenizer).")
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -357,7 +354,7 @@ class RunConfig(_Section):
             raise InputError(f"sparsity.start_step ({sc.start_step}) is not before the last mask update, at 75 % of "
                              f"train.max_steps ({int(0.75 * steps)}); lower it, or set sparsity.end_step",
                              key="sparsity.start_step")
-        if self.stage in ("finetune", "prompt") and not self.parent:
+        if registry.stage(self.stage).needs_parent and not self.parent:
             raise InputError(f"parent is required for stage {self.stage!r}: give the id of the run to start from", key="parent")
 
     # -- conversions -------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ STARTABLE_STAGES: tuple[str, ...] = tuple(n for n, s in STAGES.items() if s.star
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 MODEL_STAGES: tuple[str, ...] = tuple(n for n, s in STAGES.items() if s.holds_model)
 LABELLED_TASKS: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.labelled)
+TASK_STAGES: tuple[str, ...] = tuple(n for n, s in STAGES.items() if "task" in s.sections)  # train on task.*
+CORPUS_STAGES: tuple[str, ...] = tuple(n for n, s in STAGES.items() if s.reads_corpus)
+SPARSE_STAGES: tuple[str, ...] = tuple(n for n, s in STAGES.items() if "sparsity" in s.sections)  # train sparse
 
 
 def stage(name: str) -> StageSpec:

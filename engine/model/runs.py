@@ -15,16 +15,16 @@ from pathlib import Path
 import torch.nn as nn
 
 from engine.core.config import ModelConfig, RunConfig, from_dict
+from engine.core.registry import IMPORT, PRETRAIN, PROMPT, VOCAB, stage
+from engine.core.registry import MODEL_STAGES  # noqa: F401  (importable from here, as before)
 from engine.core.errors import InputError
 from engine.store.queries import find_run
 from engine.store.rundb import RunDB
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 from engine.model.checkpoint import current_path, file_sha256, is_legacy, load_checkpoint
 from engine.model.gpt import GPT
-from engine.model.soft_prompt import SoftPrompt
+from engine.model.soft_prompt import TENSOR, SoftPrompt
 
-# stages whose checkpoints hold a whole model (a prompt run holds only its prompt; a vocab run nothing)
-MODEL_STAGES = ("pretrain", "finetune", "import")  # runs whose checkpoint holds a model to start from
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def resolve_run(db: RunDB, run_id: str, key: str = "run_id", what: str = "run", 
     """Find a run and its files; raises InputError naming ``key`` when something is missing."""
     row = find_run(db, run_id, key, what)
     ck = None
-    if row["stage"] != "vocab":
+    if row["stage"] != VOCAB:
         ck = good_checkpoint(db, row["id"], warn)
         if ck is None and need_checkpoint:
             raise InputError(f"{what} {row['id']} has no intact checkpoint file to start from", key=key)
@@ -122,8 +122,9 @@ def check_parent(db: RunDB, cfg: RunConfig) -> RunRef | None:
     if not cfg.parent:
         return None
     row = find_run(db, cfg.parent, "parent", "parent run")
-    if cfg.stage in ("finetune", "prompt"):
-        if row["stage"] not in MODEL_STAGES:
+    spec = stage(cfg.stage)
+    if spec.needs_parent:
+        if row["stage"] not in spec.parents:  # a run whose checkpoint holds a model to start from
             raise InputError(f"parent run {row['id']} is a {row['stage']} run; {cfg.stage} needs a pre-training "
                              f"or fine-tuning run (a model checkpoint) as parent", key="parent")
         ref = resolve_run(db, row["id"], "parent", "parent run")
@@ -132,9 +133,9 @@ def check_parent(db: RunDB, cfg: RunConfig) -> RunRef | None:
                              f"with `mediswift migrate-checkpoints {row['id']}` if you trust it", key="parent",
                              path=str(ref.checkpoint))
         return ref
-    if row["stage"] == "import":  # sparse continued pre-training of an imported model: its weights and tokenizer
+    if row["stage"] == IMPORT:  # sparse continued pre-training of an imported model: its weights and tokenizer
         return resolve_run(db, row["id"], "parent", "parent run")
-    if row["stage"] not in ("vocab", "pretrain"):
+    if row["stage"] not in (VOCAB, PRETRAIN):
         raise InputError(f"parent run {row['id']} is a {row['stage']} run; a {cfg.stage} run can only reuse a "
                          "vocabulary or pre-training run's tokenizer, or continue an imported model", key="parent")
     return resolve_run(db, row["id"], "parent", "parent run", need_checkpoint=False)
@@ -144,9 +145,9 @@ def model_source(db: RunDB, ref: RunRef, key: str = "run_id", state: dict | None
     """The run whose weights ``ref`` uses and the checkpoint file holding them: the run itself, or for
     a prompt run its parent and the parent checkpoint the prompt was trained on. ``state``: the run's
     own checkpoint, when the caller has loaded it already."""
-    if ref.stage != "prompt":
+    if ref.stage != PROMPT:
         if ref.checkpoint is None:
-            what = "is a vocabulary run: it has" if ref.stage == "vocab" else "has no checkpoint file:"
+            what = "is a vocabulary run: it has" if ref.stage == VOCAB else "has no checkpoint file:"
             raise InputError(f"run {ref.id} {what} no model weights", key=key)
         return ref.run, ref.checkpoint
     parent = find_run(db, ref.run.get("parent_id") or "", key, f"parent of prompt run {ref.id}")
@@ -211,11 +212,11 @@ def load_run(db: RunDB, run_id: str, key: str = "run_id") -> RunModel:
     prompt = None
     parent_ck = str(current_path(ck["parent_checkpoint"])) if ck.get("parent_checkpoint") else None
     state = ck
-    if ck.get("stage", cfg.stage) == "prompt":
+    if ck.get("stage", cfg.stage) == PROMPT:
         _, source = model_source(db, ref, key, ck)
         state = load_checkpoint(source)
-        prompt = SoftPrompt(*ck["prompt"].shape)
-        prompt.weight.data.copy_(ck["prompt"])
+        prompt = SoftPrompt(*ck[TENSOR].shape)
+        prompt.weight.data.copy_(ck[TENSOR])
     model = build_model(cfg.model, ck["vocab_size"], state["model"])
     return RunModel(ref, cfg, int(ck["step"]), int(ck["vocab_size"]), model, tok, prompt, load_head(state.get("head")),
                     state, parent_ck)

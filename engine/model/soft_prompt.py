@@ -18,6 +18,7 @@ from engine.core.config import PromptConfig
 from engine.data.vocab import SPECIAL_TOKENS
 
 PROMPT_FILE = "prompt.safetensors"
+TENSOR = "prompt"  # the prompt vectors' name in that file and in a prompt run's checkpoint
 
 
 class SoftPrompt(nn.Module):
@@ -60,7 +61,7 @@ def save_prompt(path: Path, vectors: torch.Tensor, meta: dict) -> int:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process
-    save_file({"prompt": vectors.detach().float().cpu().contiguous()}, str(tmp),
+    save_file({TENSOR: vectors.detach().float().cpu().contiguous()}, str(tmp),
               metadata={k: json.dumps(v) for k, v in meta.items()})
     tmp.replace(path)
     return path.stat().st_size
@@ -71,4 +72,4 @@ def load_prompt(path: str | Path) -> tuple[torch.Tensor, dict]:
 
     with safe_open(str(path), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return f.get_tensor("prompt"), meta
+        return f.get_tensor(TENSOR), meta

@@ -1,18 +1,17 @@
 """What a sweep found (the studio's Study view, its CSV export, docs/results.md): per grid point its run's
 training FLOPs, final and best validation loss and validation curve against FLOPs, and the downstream
 scores of the runs chained after it (``--then``) with their majority and zero-shot baselines.
-Ground floor: no torch, no Qt."""
+Above the store: no torch, no Qt."""
 from __future__ import annotations
 
 import csv
 import io
 import math
 
+from engine.core import registry
 from engine.orchestrate.queue import Queue
 from engine.store.rundb import RunDB
 
-# the score a task is judged by (the first of engine.tasks.scoring.headline's)
-HEADLINE = {"pubmedqa": "accuracy", "hoc": "micro_f1", "lm": "loss"}
 CSV_COLUMNS = ("entry", "run_id", "label", "status", "sparsity", "d_model", "n_layer", "steps", "flops",
                "flops_dense", "final_val_loss", "best_val_loss", "child_run", "child_stage", "child_task",
                "child_metric", "child_score", "majority", "zero_shot")
@@ -31,7 +30,7 @@ def sweep_study(db: RunDB, sweep_id: str) -> dict:
              "final_val_loss": None, "best_val_loss": None, "curve": {"flops": [], "val_loss": []}, "children": []}
         if run is not None:
             cfg, s = run["config"], run["summary"]
-            p.update(sparsity=float(cfg["sparsity"]["level"]) if run["stage"] == "pretrain" else 0.0,
+            p.update(sparsity=float(cfg["sparsity"]["level"]) if run["stage"] in registry.SPARSE_STAGES else 0.0,
                      d_model=cfg["model"]["d_model"], n_layer=cfg["model"]["n_layer"], steps=s.get("step"),
                      flops=s.get("flops"), flops_dense=s.get("flops_dense"), final_val_loss=_finite(s.get("val_loss")),
                      best_val_loss=_finite(s.get("best_val_loss")))
@@ -56,8 +55,14 @@ def _child(db: RunDB, e: dict) -> dict:
     if dev:
         last = dev[-1]
         out.update(task=last["task"], metrics=last["metrics"], baselines=last["baselines"],
-                   metric=HEADLINE.get(last["task"]))
+                   metric=_headline(last["task"]))
     return out
+
+
+def _headline(task: str) -> str | None:
+    """The score a task is judged by: the first of its registry headline metrics."""
+    spec = registry.TASKS.get(task)
+    return spec.headline[0] if spec else None
 
 
 def _finite(v):

@@ -6,7 +6,7 @@ a value out of range is refused at once with the key named, and no entry is crea
 
 ``--equal-flops BUDGET`` gives every point the ``train.max_steps`` whose training FLOPs (the engine's
 own FLOP model, engine.core.flops, with a dynamic method's schedule step by step) come closest to the
-budget, so every run's spend is within half a step of it. Ground floor: no torch.
+budget, so every run's spend is within half a step of it. No torch.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from engine.core import registry
 from engine.core.config import RunConfig, load_config, parse_overrides, parse_value
 from engine.core.errors import InputError
 from engine.core.flops import flop_model_for_config
@@ -119,7 +120,7 @@ def run_flops(cfg: RunConfig, steps: int, vocab_size: int | None = None) -> floa
 
 def equalize(p: Point, budget: float, vocab_size: int | None = None) -> None:
     """Set the point's train.max_steps to the step count whose FLOPs come closest to ``budget``."""
-    if p.cfg.stage != "pretrain":
+    if p.cfg.stage != registry.PRETRAIN:
         raise InputError(f"--equal-flops balances pre-training runs; this config is a {p.cfg.stage} stage", key="equal_flops")
     one = run_flops(p.cfg, 1, vocab_size)
     if one > budget:

@@ -21,18 +21,21 @@ from typing import Any
 import torch
 
 from engine import __version__
+from engine.core import registry
 from engine.core.config import RunConfig, from_dict
 from engine.core.errors import InputError
 from engine.store.queries import lineage, summary_row
-from engine.store.rundb import RunDB
+from engine.store.rundb import PROMPT_ARTIFACT, RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 from engine.model.checkpoint import load_checkpoint
 from engine.model.runs import model_source, resolve_run, tokenizer_path
+from engine.model.soft_prompt import TENSOR
 
 SPARSE_SUFFIXES = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight", "mlp.fc.weight", "mlp.proj.weight")
 PROMPT_FILE = "soft_prompt.safetensors"
 ADAPTER_DIR = "prompt_adapter"  # a PEFT prompt-tuning adapter for the model in the folder above it
-PROMPT_KEYS = ("prompt", "soft_prompt", "prompt_embeddings", "embeddings", "weight")
+PROMPT_KEYS = (TENSOR, "soft_prompt", "prompt_embeddings", "embeddings", "weight")  # where a file may hold a prompt
+REPORT_PROMPT = "prompt"  # the report's field describing the exported soft prompt (None without one)
 
 
 # -- weights --------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def _source(db: RunDB, run_id: str) -> tuple[dict, dict, Path, Path]:
 
 def _prompt_tensor(db: RunDB, run: dict, d_model: int) -> tuple[torch.Tensor, str] | None:
     """The learned soft prompt [P, d] of a prompt run: its 'prompt' artifact, else its checkpoint."""
-    candidates = [Path(a["path"]) for a in reversed(db.artifacts(run["id"], "prompt"))]
+    candidates = [Path(a["path"]) for a in reversed(db.artifacts(run["id"], PROMPT_ARTIFACT))]
     ck = db.latest_checkpoint(run["id"])
     if ck:
         candidates.append(Path(ck["path"]))
@@ -213,7 +216,7 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     _write_json(out / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD})
 
     prompt_info = None
-    if run["stage"] == "prompt":
+    if run["stage"] == registry.PROMPT:
         found = _prompt_tensor(db, run, cfg.model.d_model)
         if found is None:
             raise InputError(f"prompt run {run['id']} has no soft prompt (no 'prompt' artifact with a [P, {cfg.model.d_model}] tensor)")
@@ -228,7 +231,7 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
                       {"license": license, "language": [x.strip() for x in language.split(",") if x.strip()]})
     _place(out, "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
     return {"run_id": run["id"], "model_run": model_run["id"], "checkpoint": str(ck_path), "out": str(out),
-            "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, "prompt": prompt_info,
+            "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, REPORT_PROMPT: prompt_info,
             "files": sorted(p.name for p in out.iterdir())}
 
 
@@ -296,9 +299,18 @@ def _fmt(v: Any) -> str:
 
 
 # Hub dataset ids of the tasks the studio trains on (for the card's ``datasets`` and ``model-index``)
-TASK_DATASETS = {"pubmedqa": ("qiaojin/PubMedQA", "PubMedQA (PQA-L)"), "hoc": ("bigbio/hallmarks_of_cancer", "HoC")}
-HEADLINE = {"pubmedqa": (("accuracy", "accuracy"), ("macro_f1", "f1")), "hoc": (("micro_f1", "f1"),),
-            "lm": (("loss", "loss"), ("perplexity", "perplexity"))}
+TASK_DATASETS = {registry.PUBMEDQA: ("qiaojin/PubMedQA", "PubMedQA (PQA-L)"),
+                 registry.HOC: ("bigbio/hallmarks_of_cancer", "HoC")}
+# the card's metrics per task: (our metric, the Hub's metric type)
+HEADLINE = {registry.PUBMEDQA: (("accuracy", "accuracy"), ("macro_f1", "f1")), registry.HOC: (("micro_f1", "f1"),),
+            registry.LM: (("loss", "loss"), ("perplexity", "perplexity"))}
+
+
+def _on_corpus(stage: str, task: str | None) -> bool:
+    """Whether a run trained on corpus text (a vocabulary, a pre-training, a fine-tune on the LM task)
+    rather than on a labelled task's files."""
+    spec = registry.TASKS.get(task or "")
+    return stage in registry.CORPUS_STAGES or (spec is not None and not spec.labelled)
 
 
 def card_metadata(db: RunDB, run: dict, chain: list[dict], title: str, options: dict) -> dict:
@@ -310,7 +322,7 @@ def card_metadata(db: RunDB, run: dict, chain: list[dict], title: str, options: 
         task = (c.get("task") or {}).get("name")
         if task in TASK_DATASETS:
             datasets.append(TASK_DATASETS[task][0])
-        elif r["stage"] in ("vocab", "pretrain") or task == "lm":
+        elif _on_corpus(r["stage"], task):
             # local files: named as the user has them (the Hub has no id for them)
             datasets += [s if s.startswith("builtin:") else Path(s).name for s in (c.get("data") or {}).get("corpus", [])]
     latest: dict[tuple[str, str], dict] = {}
@@ -322,7 +334,7 @@ def card_metadata(db: RunDB, run: dict, chain: list[dict], title: str, options: 
         metrics = [{"type": kind, "name": f"{split} {key}", "value": round(float(e["metrics"][key]), 6)}
                    for key, kind in HEADLINE.get(task, ()) if isinstance(e["metrics"].get(key), (int, float))]
         if metrics:
-            results.append({"task": {"type": "text-generation" if task == "lm" else "text-classification"},
+            results.append({"task": {"type": "text-generation" if task == registry.LM else "text-classification"},
                             "dataset": {"type": hub, "name": name, "split": split}, "metrics": metrics})
     return {"license": options.get("license") or "other", "language": options.get("language") or ["en"],
             "datasets": list(dict.fromkeys(datasets)),
@@ -376,7 +388,7 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
         c = r.get("config") or {}
         data, task = c.get("data") or {}, c.get("task") or {}
         meta = r.get("meta") or {}
-        if r["stage"] in ("vocab", "pretrain") or task.get("name") == "lm":
+        if _on_corpus(r["stage"], task.get("name")):
             corpus = ", ".join(f"`{s}`" for s in data.get("corpus", []))
             extra = f", at most {data['max_documents']:,} documents" if data.get("max_documents") else ""
             toks = f"; {meta['train_tokens']:,} training / {meta.get('val_tokens', 0):,} validation tokens" if meta.get("train_tokens") else ""

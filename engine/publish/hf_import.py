@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from engine.core.config import from_dict
+from engine.core.registry import IMPORT, PRETRAIN
 from engine.core.errors import InputError
-from engine.store.rundb import RunDB
+from engine.store.rundb import TOKENIZER_ARTIFACT, RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, save_tokenizer
 from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_checkpoint
 from engine.model.gpt import GPT
@@ -156,7 +157,7 @@ def import_hf(db: RunDB, folder: str | Path, runs_dir: Path, name: str | None = 
         state["wte.weight"] = torch.cat([state["wte.weight"], state["wte.weight"].new_zeros(vocab - rows, d)])
     positions = int(hf_cfg.get("n_positions", 1024))
     act = "gelu" if hf_cfg.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh"
-    cfg = from_dict({"name": name or folder.name, "stage": "pretrain",
+    cfg = from_dict({"name": name or folder.name, "stage": PRETRAIN,
                      "model": {"n_layer": n_layer, "n_head": n_head, "d_model": d, "n_ctx": min(positions, 1024),
                                "n_positions": positions, "dropout": 0.0, "bias": True, "activation": act},
                      "tokenizer": {"vocab_size": vocab}, "sparsity": {"level": 0.0}})
@@ -166,13 +167,13 @@ def import_hf(db: RunDB, folder: str | Path, runs_dir: Path, name: str | None = 
     if missing or unexpected:
         raise InputError(f"the weights do not fit a {n_layer}-layer GPT-2 of width {d}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}", key="dir", path=str(folder))
-    run_id = db.create_run(name=cfg.name, stage="import", config=cfg.to_dict())
+    run_id = db.create_run(name=cfg.name, stage=IMPORT, config=cfg.to_dict())
     run_dir = Path(runs_dir).expanduser().resolve() / run_id
     db.update_run(run_id, run_dir=str(run_dir))
     tok_path = save_tokenizer(tok, run_dir)
-    db.add_artifact(run_id, "tokenizer", str(tok_path), {"vocab_size": vocab, "from": str(folder)})
+    db.add_artifact(run_id, TOKENIZER_ARTIFACT, str(tok_path), {"vocab_size": vocab, "from": str(folder)})
     path = run_dir / "checkpoints" / checkpoint_name(0)
-    ck = {"format": FORMAT, "stage": "import", "config": cfg.to_dict(), "vocab_size": vocab,
+    ck = {"format": FORMAT, "stage": IMPORT, "config": cfg.to_dict(), "vocab_size": vocab,
           "tokenizer": TOKENIZER_FILE, "model": model.state_dict(), "masks": {}, "kernels": {}, "step": 0,
           "tokens": 0, "flops": 0.0, "flops_dense": 0.0, "wall_time": 0.0}
     nbytes = save_checkpoint(ck, path)

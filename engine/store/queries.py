@@ -2,7 +2,7 @@
 
 Every read the studio, the exports and the training stages make of metric and evaluation rows goes
 through a named function here (the studio holds no SQL of its own), so a schema change is one file's
-business. Ground floor: numpy, no torch, no Qt. Reads commit the rows this process deferred first
+business. The store: numpy, no torch, no Qt. Reads commit the rows this process deferred first
 (RunDB's contract: any read of metrics sees every row logged before it).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from engine.core import registry
 from engine.core.errors import InputError
 from engine.store.rundb import RunDB
 
@@ -192,8 +193,8 @@ def last_eval_metrics(db: RunDB, split: str, metric: str) -> dict[str, float | N
 
 def has_task_evaluations(db: RunDB, run_id: str) -> bool:
     """Whether the run has task evaluations (any but the language model's own validation)."""
-    return db.db.execute("SELECT 1 FROM evaluations WHERE run_id = ? AND task != 'lm' LIMIT 1",
-                         [run_id]).fetchone() is not None
+    return db.db.execute("SELECT 1 FROM evaluations WHERE run_id = ? AND task != ? LIMIT 1",
+                         [run_id, registry.LM]).fetchone() is not None
 
 
 def eval_series(db: RunDB, run_id: str, frames: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -227,7 +228,7 @@ def task_scores(db: RunDB, run_id: str) -> dict[str, float]:
     """Latest score per task/split/metric, language-model validation excluded (it has its own column)."""
     out: dict[str, float] = {}
     for r in db.evaluations(run_id):
-        if r["task"] != "lm":
+        if r["task"] != registry.LM:
             out.update({f"{r['task']}/{r['split']}/{m}": v for m, v in numeric_metrics(r["metrics"]).items()})
     return out
 
@@ -244,8 +245,8 @@ def summary_row(db: RunDB, run: dict) -> dict:
         [run["id"]]).fetchone()
     last = last or (None, None, None, None)
     sparsity = s.get("sparsity")
-    if sparsity is None:
-        sparsity = (run.get("config") or {}).get("sparsity", {}).get("level") if run["stage"] == "pretrain" else None
+    if sparsity is None and run["stage"] in registry.SPARSE_STAGES:
+        sparsity = (run.get("config") or {}).get("sparsity", {}).get("level")
     return {
         "id": run["id"], "name": run.get("name") or "", "status": run["status"], "stage": run["stage"],
         "params_total": params.get("total"), "params_nonzero": params.get("nonzero"), "sparsity": sparsity,

@@ -1,7 +1,7 @@
 """The run database: the source of truth for runs, metrics, evaluations, checkpoints and artifacts.
 
 SQLite in WAL mode through sqlite-utils, so the studio reads while the engine writes. The schema is
-built by ordered migrations recorded in ``schema_migrations``. Ground floor: no torch, no Qt.
+built by ordered migrations recorded in ``schema_migrations``. The store: no torch, no Qt.
 The engine process of a run is the only writer of that run's rows.
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ from engine.core.processes import pid_alive, process_start  # pid_alive: also im
 
 FINAL_STATUSES = ("completed", "stopped", "failed", "crashed")
 LIVE_STATUSES = ("created", "running", "paused")
+# artifacts.kind of the files a run keeps besides its checkpoints
+TOKENIZER_ARTIFACT = "tokenizer"
+PROMPT_ARTIFACT = "prompt"  # a soft prompt's vectors (a prompt run writes it)
 # deferred metric rows (the engine's per-step logging) are committed together at most this far apart; one
 # commit per step rewrites a leaf page of the (run, name, step) index per metric name and caps at ~45k rows/s
 FLUSH_S = 0.5
@@ -84,7 +87,7 @@ def _m003_checkpoint_hash(db: sqlite_utils.Database) -> None:
 
 def _m004_sweeps_and_queue(db: sqlite_utils.Database) -> None:
     # a sweep is a named group of queued runs; the queue holds what waits to run, what runs and how each
-    # ended (engine.store.queue); queue_state is one row: paused, parallelism and the runner's lease
+    # ended (engine.store.queue_rows); queue_state is one row: paused, parallelism and the runner's lease
     db["sweeps"].create({"id": str, "name": str, "spec": str, "created_at": float}, pk="id")
     db["queue"].create(
         {"id": int, "position": float, "sweep_id": str, "label": str, "point": str, "stage": str,

@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from engine.core import registry
 from engine.core.config import TaskConfig
 from engine.core.errors import InputError
 from engine.model.checkpoint import load_checkpoint
@@ -33,20 +34,21 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
         raise InputError(f"--scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}", key="scoring")
     rm = load_run(db, run_id)
     cfg = rm.cfg
-    name = task_name or (cfg.task.name if cfg.stage in ("finetune", "prompt") else None)
+    name = task_name or (cfg.task.name if cfg.stage in registry.TASK_STAGES else None)
     if name is None:
         raise InputError(f"run {rm.run_id} is a {cfg.stage} run; say which task to score with --task", key="task")
     if rm.head is not None and name != cfg.task.name:
         raise InputError(f"run {rm.run_id} has a {cfg.task.name} classification head; it cannot score {name}", key="task")
-    own_task = cfg.stage in ("finetune", "prompt") and cfg.task.name == name
+    own_task = cfg.stage in registry.TASK_STAGES and cfg.task.name == name
+    task, spec = get_task(name), registry.task(name)  # get_task: an unknown name is InputError
     tc = dataclasses.replace(cfg.task, scoring=scoring or (cfg.task.scoring if own_task else TaskConfig().scoring))
     if scoring == "calibrated":
-        used = "loss" if name == "lm" else scoring_used(Scorer(rm.model, head=rm.head), get_task(name), tc)
+        used = "loss" if not spec.labelled else scoring_used(Scorer(rm.model, head=rm.head), task, tc)
         if used != "calibrated":
-            how = {"loss": "lm is scored by its loss",
+            how = {"loss": f"{name} is scored by its loss",
                    "head": f"run {rm.run_id} predicts {name} with a classification head",
                    "generate": f"run {rm.run_id} predicts {name} by greedy generation"
-                               + (" (task.predict = 'generate')" if name == "pubmedqa" else "")}[used]
+                               + (" (task.predict = 'generate')" if "task.predict" in spec.fields else "")}[used]
             raise InputError(f"--scoring calibrated applies only to answer-likelihood prediction (PubMedQA with "
                              f"task.predict = 'likelihood'), but {how}", key="scoring")
     given, data = data, str(Path(data).expanduser().resolve())
@@ -57,9 +59,9 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
     scorer = Scorer(rm.model, rm.prompt, rm.head, batch_size=batch_size)
     baselines: dict = {}
     zero_model = None
-    if with_baselines and rm.stage == "prompt" and rm.head is None:
+    if with_baselines and rm.stage == registry.PROMPT and rm.head is None:
         zero_model = rm.model  # a prompt run's model is its frozen parent: zero-shot is the same model, no prompt
-    elif with_baselines and rm.stage == "finetune" and rm.head is None:
+    elif with_baselines and rm.stage == registry.FINETUNE and rm.head is None:
         if rm.parent_checkpoint and Path(rm.parent_checkpoint).is_file():
             pck = load_checkpoint(rm.parent_checkpoint)
             zero_model = build_model(cfg.model, pck["vocab_size"], pck["model"])
@@ -68,7 +70,7 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
     elif with_baselines and rm.head is not None:
         baselines["zero_shot"] = {"skipped": "a classification head has no zero-shot form"}
 
-    if name == "lm":
+    if not spec.labelled:  # the language model on a corpus: scored by its loss on blocks of text
         tokens = read_tokens(data, rm.tok, cfg.data.text_field)
         max_blocks = limit or 0
         metrics = scorer.block_loss(tokens, budget, max_blocks)
@@ -76,7 +78,6 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
         if zero_model is not None:
             baselines["zero_shot"] = Scorer(zero_model, batch_size=batch_size).block_loss(tokens, budget, max_blocks)
     else:
-        task = get_task(name)
         examples = task.select(data, split, splits, fold)
         if limit:
             examples = examples[:limit]
@@ -100,7 +101,7 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
                                       task, examples, tc)
                 m.pop("f1_per_class", None)
                 baselines["zero_shot"] = m
-    split = split if name == "pubmedqa" else "all"
+    split = split if "task.splits" in spec.fields else "all"  # a task with a split file has named splits
     eval_id = db.add_evaluation(rm.run_id, rm.step, name, split, metrics, baselines, data)
     return {"task": name, "run_id": rm.run_id, "step": rm.step, "data": data, "split": split, **metrics,
             "baselines": baselines, "evaluation_id": eval_id}
@@ -109,7 +110,7 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
 def _training_examples(task, cfg, name: str):
     """The run's training examples (for the majority class), or why they are not available."""
 
-    if cfg.stage not in ("finetune", "prompt") or cfg.task.name != name:
+    if cfg.stage not in registry.TASK_STAGES or cfg.task.name != name:
         return f"run was not trained on {name}, so it has no training labels"
     try:
         train, _, _ = task.train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.core import registry
 from engine.core.errors import InputError
 from engine.model.gpt import GPT, KVCache
 from engine.tasks.base import (
@@ -276,7 +277,5 @@ def majority_baseline(task, train: Sequence[Example], examples: Sequence[Example
 
 
 def headline(task_name: str, metrics: dict) -> dict:
-    """The numbers worth a metric row / a summary entry."""
-    keys = {"pubmedqa": ("accuracy", "macro_f1", "loss"), "hoc": ("micro_f1", "macro_f1", "loss"),
-            "lm": ("loss", "perplexity")}[task_name]
-    return {k: metrics[k] for k in keys if k in metrics}
+    """The numbers worth a metric row / a summary entry (the task's registry ``headline``)."""
+    return {k: metrics[k] for k in registry.task(task_name).headline if k in metrics}
