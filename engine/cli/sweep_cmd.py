@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from engine.cli.common import open_db
-from engine.core import registry
 from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
 from engine.orchestrate.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
 from engine.orchestrate.runner import QueueRunner, ensure_runner, work_until_done
+from engine.orchestrate.sweep import check_then, default_name, parent_vocab, plan_sweep, queue_sweep
 
 
 def register(subparsers, common) -> None:
@@ -71,8 +71,6 @@ _db = open_db
 
 
 def cmd_sweep(args) -> int:
-    from engine.orchestrate.sweep import plan_sweep
-
     db = _db(args)
     queue = Queue(db)
     path = _config_path(args.config, "config")
@@ -80,30 +78,12 @@ def cmd_sweep(args) -> int:
         check_parallel(args.parallel)  # before anything is written
     if args.wait and queue.state()["paused"]:
         raise InputError("the queue is paused, so --wait would wait forever: `mediswift queue resume` first", key="wait")
-    vocab = _parent_vocab(db, args.set)
-    plan = plan_sweep(path, args.set, args.grid, args.equal_flops, vocab)
-    then = [(_config_path(c, "then"), c) for c in args.then]
-    for p, given in then:
-        _check_then(p, given)
+    plan = plan_sweep(path, args.set, args.grid, args.equal_flops, parent_vocab(db, args.set))
+    then_paths = [(_config_path(c, "then"), c) for c in args.then]
+    then = [check_then(p, given) for p, given in then_paths]
     runs_dir = str(Path(args.runs_dir).expanduser().resolve() if args.runs_dir else default_runs_dir(db.path))
-    name = args.name or f"{plan.points[0].cfg.name or Path(path).stem} × {' × '.join(k.split('.')[-1] for k in plan.grid)}"
-    spec = {"config": str(path), "sets": args.set, "grid": plan.grid, "equal_flops": plan.budget,
-            "then": [str(p) for p, _ in then], "runs_dir": runs_dir}
-    sweep_id = queue.create_sweep(name, spec)
-    text = Path(path).read_text(encoding="utf-8")
-    items = []
-    for p in plan.points:
-        head = len(items)
-        items.append({"sweep_id": sweep_id, "label": p.label, "point": p.values, "stage": p.cfg.stage,
-                      "config_name": str(args.config), "config_text": text,
-                      "sets": _named(p.sets, f"{name} · {p.label}"), "runs_dir": runs_dir, "cwd": os.getcwd()})
-        for tp, given in then:
-            stage = _stage_of(tp)
-            items.append({"sweep_id": sweep_id, "label": f"{p.label} → {Path(given).stem}", "point": p.values,
-                          "stage": stage, "config_name": given, "config_text": tp.read_text(encoding="utf-8"),
-                          "sets": [f"name={name} · {p.label} · {Path(given).stem}"], "runs_dir": runs_dir,
-                          "cwd": os.getcwd(), "after": head})
-    ids = queue.add(items)
+    name = args.name or default_name(plan, path)
+    sweep_id, ids = queue_sweep(queue, plan, name, path, str(args.config), args.set, then, runs_dir, os.getcwd())
     if args.parallel is not None:
         queue.set_parallel(args.parallel)
     out = {"sweep": {"id": sweep_id, "name": name}, "entries": ids,
@@ -145,44 +125,11 @@ def cmd_sweep(args) -> int:
     return code
 
 
-def _named(sets: list[str], name: str) -> list[str]:
-    return sets if any(s.split("=", 1)[0].strip() == "name" for s in sets) else [f"name={name}", *sets]
-
-
 def _config_path(given: str, key: str) -> Path:
     path = resolve_preset(given)
     if not path.is_file():
         raise InputError(f"config file not found: {given} (presets: {', '.join(list_presets())})", key=key, path=str(path))
     return path.resolve()
-
-
-def _stage_of(path: Path) -> str:
-    from engine.core.config import load_toml
-
-    return str(load_toml(path).get("stage", registry.PRETRAIN))  # a config without `stage` pre-trains
-
-
-def _check_then(path: Path, given: str) -> None:
-    """A --then config must be a stage that starts from a parent, and valid apart from that parent."""
-    from engine.core.config import load_config
-
-    stage = _stage_of(path)
-    spec = registry.STAGES.get(stage)
-    if spec is None or not spec.needs_parent:
-        raise InputError(f"--then {given} is a {stage} config; --then chains a finetune or prompt stage after each run",
-                         key="then", path=str(path))
-    load_config(path, {"parent": "queued"})  # its parent comes from the queue; everything else is checked now
-
-
-def _parent_vocab(db, sets: list[str]) -> int | None:
-    """A pre-training that reuses a parent's tokenizer has that tokenizer's size (for the FLOP budget)."""
-    from engine.core.config import parse_overrides
-
-    parent = parse_overrides(sets).get("parent")
-    if not parent:
-        return None
-    row = db.get_run(parent)
-    return (row or {}).get("summary", {}).get("vocab_size") if row else None
 
 
 def _print_outcome(db, queue: Queue, sweep_id: str, budget: float | None) -> None:

@@ -1,4 +1,5 @@
-"""Planning a sweep: grid arguments into validated run configs, and equal training FLOPs.
+"""Planning a sweep: grid arguments into validated run configs, and equal training FLOPs; then
+queueing it (one entry per grid point, and after each the ``--then`` configs chained to it).
 
 ``--grid key=v1,v2,…`` (repeatable) spans the cartesian product of its values. Every point is built
 into a full RunConfig here, before anything is queued, so a wrong key, a value of the wrong type or
@@ -13,11 +14,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from engine.core import registry
-from engine.core.config import RunConfig, load_config, parse_overrides, parse_value
+from engine.core.config import RunConfig, load_config, load_toml, parse_overrides, parse_value
 from engine.core.errors import InputError
 from engine.core.flops import flop_model_for_config
+from engine.orchestrate.queue import Queue
+from engine.store.rundb import RunDB
 
 
 @dataclass
@@ -141,3 +145,67 @@ def equalize(p: Point, budget: float, vocab_size: int | None = None) -> None:
     p.sets.append(f"train.max_steps={steps}")
     p.flops_per_step = spent / steps
     p.planned_flops = spent
+
+
+# -- queueing -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Then:
+    """A ``--then`` config: chained after every grid point's run, with that run as its parent."""
+    path: Path                # the config file
+    given: str                # as the user named it (a preset name or a path)
+    stage: str
+
+
+def check_then(path: Path, given: str) -> Then:
+    """A --then config must be a stage that starts from a parent, and valid apart from that parent."""
+    stage = str(load_toml(path).get("stage", registry.PRETRAIN))  # a config without `stage` pre-trains
+    spec = registry.STAGES.get(stage)
+    if spec is None or not spec.needs_parent:
+        raise InputError(f"--then {given} is a {stage} config; --then chains a finetune or prompt stage after each run",
+                         key="then", path=str(path))
+    load_config(path, {"parent": "queued"})  # its parent comes from the queue; everything else is checked now
+    return Then(path, given, stage)
+
+
+def parent_vocab(db: RunDB, sets: list[str]) -> int | None:
+    """A pre-training that reuses a parent's tokenizer has that tokenizer's size (for the FLOP budget)."""
+    parent = parse_overrides(sets).get("parent")
+    if not parent:
+        return None
+    row = db.get_run(parent)
+    return (row or {}).get("summary", {}).get("vocab_size") if row else None
+
+
+def default_name(plan: Plan, config_path: Path) -> str:
+    """The base config's name (or file name) and the grid's keys: ``demo × level × d_model``."""
+    return f"{plan.points[0].cfg.name or config_path.stem} × {' × '.join(k.split('.')[-1] for k in plan.grid)}"
+
+
+def queue_sweep(queue: Queue, plan: Plan, name: str, config_path: Path, config_name: str, sets: list[str],
+                then: list[Then], runs_dir: str, cwd: str) -> tuple[str, list[int]]:
+    """Record the sweep and queue its entries (a snapshot of each config's text); its id and the entry ids.
+    Each point's chained entries follow it, so its chain finishes before the next point starts."""
+    spec = {"config": str(config_path), "sets": sets, "grid": plan.grid, "equal_flops": plan.budget,
+            "then": [str(t.path) for t in then], "runs_dir": runs_dir}
+    sweep_id = queue.create_sweep(name, spec)
+    text = config_path.read_text(encoding="utf-8")
+    items: list[dict] = []
+    for p in plan.points:
+        head = len(items)
+        items.append({"sweep_id": sweep_id, "label": p.label, "point": p.values, "stage": p.cfg.stage,
+                      "config_name": config_name, "config_text": text,
+                      "sets": _named(p.sets, f"{name} · {p.label}"), "runs_dir": runs_dir, "cwd": cwd})
+        for t in then:
+            stem = Path(t.given).stem
+            items.append({"sweep_id": sweep_id, "label": f"{p.label} → {stem}", "point": p.values,
+                          "stage": t.stage, "config_name": t.given, "config_text": t.path.read_text(encoding="utf-8"),
+                          "sets": [f"name={name} · {p.label} · {stem}"], "runs_dir": runs_dir, "cwd": cwd,
+                          "after": head})
+    return sweep_id, queue.add(items)
+
+
+def _named(sets: list[str], name: str) -> list[str]:
+    """A run's --set items with its name first, unless they name it already."""
+    return sets if any(s.split("=", 1)[0].strip() == "name" for s in sets) else [f"name={name}", *sets]
