@@ -111,7 +111,7 @@ def main() -> int:
     from PySide6.QtCore import QEvent, QObject
 
     from engine.store.queries import load_series
-    from studio.compare_view import CompareView
+    from studio.views.compare_view import CompareView
 
     class PaintCounter(QObject):
         def __init__(self):

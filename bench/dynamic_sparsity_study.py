@@ -127,7 +127,7 @@ def screenshot(db: Path, run_ids: list[str], out: Path) -> str:
 import os; os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from PySide6.QtWidgets import QApplication
 app = QApplication([])
-from studio.main_window import KEEP, MainWindow
+from studio.views.main_window import KEEP, MainWindow
 win = MainWindow({str(db)!r}, {str(db.parent / 'runs')!r}, attach=False)
 win.close_policy = KEEP
 win.estimate.auto.setChecked(False)

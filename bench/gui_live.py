@@ -19,10 +19,10 @@ import numpy as np
 from PySide6.QtCore import QElapsedTimer, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
-from studio.engine_process import EngineProcess
-from studio.live_monitor import LiveMonitor
-from studio.plot_buffers import Series
-from studio.run_view import RunView
+from studio.commands.engine_process import EngineProcess
+from studio.views.live_monitor import LiveMonitor
+from studio.models.plot_buffers import Series
+from studio.views.run_view import RunView
 
 NAMES = ("loss", "lr", "tokens_per_s", "sparsity", "grad_norm")
 

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from PySide6.QtWidgets import QApplication  # after argparse, so --help works without a display
 
-    from studio.main_window import MainWindow
+    from studio.views.main_window import MainWindow
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("MediSwift Studio")

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from PySide6.QtWidgets import QApplication, QScrollArea
 
-    from studio.main_window import KEEP, MainWindow
+    from studio.views.main_window import KEEP, MainWindow
 
     app = QApplication.instance() or QApplication([])
     tmp = Path(tempfile.mkdtemp(prefix="mediswift-shots-"))

@@ -54,7 +54,7 @@ def _column(db: RunDB, rid: str, name: str, col: str) -> np.ndarray:
 
 
 def test_equal_flops_axis_uses_the_database_counters(qtbot, runs):
-    from studio.compare_view import FIXED_PANELS, CompareView
+    from studio.views.compare_view import FIXED_PANELS, CompareView
 
     view = CompareView(runs, runs.ids)
     qtbot.addWidget(view)
@@ -101,7 +101,7 @@ def test_equal_flops_axis_uses_the_database_counters(qtbot, runs):
 
 
 def test_ema_matches_the_recurrence():
-    from studio.compare_view import ema
+    from studio.views.compare_view import ema
 
     rng = np.random.default_rng(0)
     y = rng.normal(size=10_000)
@@ -117,7 +117,7 @@ def test_ema_matches_the_recurrence():
 
 
 def test_config_diff_shows_only_differing_keys(qtbot, runs):
-    from studio.config_diff import ConfigDiffView
+    from studio.widgets.config_diff import ConfigDiffView
 
     view = ConfigDiffView(runs, runs.ids)
     qtbot.addWidget(view)
@@ -130,8 +130,8 @@ def test_config_diff_shows_only_differing_keys(qtbot, runs):
 
 
 def test_studio_exports_metrics_csv_and_charts_that_match(qtbot, runs, tmp_path):
-    from studio.chart_export import ChartExportDialog, export_plot
-    from studio.compare_view import CompareView
+    from studio.widgets.chart_export import ChartExportDialog, export_plot
+    from studio.views.compare_view import CompareView
 
     view = CompareView(runs, runs.ids)
     qtbot.addWidget(view)
@@ -169,7 +169,7 @@ def test_studio_exports_metrics_csv_and_charts_that_match(qtbot, runs, tmp_path)
 
 
 def test_summary_table_sorts_by_numbers_and_copies_csv(qtbot, runs):
-    from studio.summary_table import SummaryTable
+    from studio.widgets.summary_table import SummaryTable
 
     table = SummaryTable(runs, runs.ids)
     qtbot.addWidget(table)
@@ -186,8 +186,8 @@ def test_summary_table_sorts_by_numbers_and_copies_csv(qtbot, runs):
 
 
 def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
-    from studio import run_notes
-    from studio.run_notes import RunNotesEditor, search_runs
+    from studio.views import run_notes
+    from studio.views.run_notes import RunNotesEditor, search_runs
 
     rid = runs.ids[1]
     editor = RunNotesEditor(runs, rid)
@@ -233,7 +233,7 @@ def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
 def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
     """Two 6,000-step runs: the overview reads a thinned series spanning the whole run, the ranges fit
     the data (and re-fit when a run is hidden), and zooming re-reads the visible steps from the database."""
-    from studio.compare_view import CompareView
+    from studio.views.compare_view import CompareView
 
     db = RunDB(tmp_path / "runs.db")
     steps = np.arange(1, 6001)
@@ -278,7 +278,7 @@ def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
 
 
 def test_runs_still_training_are_followed_unless_the_user_zoomed(qtbot, tmp_path):
-    from studio.compare_view import CompareView
+    from studio.views.compare_view import CompareView
 
     db = RunDB(tmp_path / "runs.db")
     rid = db.create_run(name="live", stage="pretrain", config={})

@@ -220,7 +220,7 @@ def test_the_form_previews_the_planned_schedule_before_launch(qtbot, tmp_path):
     import os
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from studio.main_window import KEEP, MainWindow
+    from studio.views.main_window import KEEP, MainWindow
 
     win = MainWindow(tmp_path / "runs.db", tmp_path / "runs", attach=False)
     win.estimate.auto.setChecked(False)
@@ -248,7 +248,7 @@ def test_the_form_previews_the_planned_schedule_before_launch(qtbot, tmp_path):
 
 def test_the_live_monitor_plots_mask_churn_and_a_changing_layer_heatmap(qtbot):
     from engine.core.events import make_event
-    from studio.live_monitor import LiveMonitor
+    from studio.views.live_monitor import LiveMonitor
 
     m = LiveMonitor()
     qtbot.addWidget(m)

@@ -129,7 +129,7 @@ def test_bin_weights_load_as_tensors_only_and_a_pickle_with_code_is_refused(expo
 
 def test_the_studio_imports_a_model_and_offers_it_as_a_parent(qtbot, exported, tmp_path):
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from studio.main_window import KEEP, MainWindow
+    from studio.views.main_window import KEEP, MainWindow
 
     _tmp, _db, _run, out, _cli = exported
     win = MainWindow(tmp_path / "runs.db", tmp_path / "runs", attach=False)

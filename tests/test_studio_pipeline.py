@@ -43,7 +43,7 @@ def db(tmp_path):
 
 @pytest.fixture
 def window(qtbot, db, tmp_path):
-    from studio.main_window import KEEP, MainWindow
+    from studio.views.main_window import KEEP, MainWindow
 
     win = MainWindow(db.path, tmp_path / "runs", attach=False)
     win.estimate.auto.setChecked(False)
@@ -77,7 +77,7 @@ def click_item(qtbot, tree, item, modifier=Qt.KeyboardModifier.NoModifier) -> No
 
 
 def test_compare_opens_from_a_browser_multi_selection(qtbot, window, db):
-    from studio.compare_view import ComparePanel
+    from studio.views.compare_view import ComparePanel
 
     ids = [make_run(db, f"s{int(lv * 100)}", "pretrain", level=lv) for lv in (0.0, 0.5, 0.9)]
     b = window.browser
@@ -134,7 +134,7 @@ def test_parent_picker_lists_only_compatible_parents(qtbot, window, db):
 
 
 def test_task_metric_rows_become_chart_series(qtbot, db):
-    from studio.run_view import RunView
+    from studio.views.run_view import RunView
 
     pre = make_run(db, "pre", "pretrain")
     ft = make_run(db, "ft", "finetune", pre, task="pubmedqa", steps=10)
@@ -160,7 +160,7 @@ def test_task_metric_rows_become_chart_series(qtbot, db):
 
 
 def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
-    from studio.lineage import best_scores, score_text
+    from studio.models.lineage import best_scores, score_text
 
     ids = pipeline(db)
     scores = best_scores(db)
@@ -182,7 +182,7 @@ def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
 
 
 def test_prompt_run_view_shows_nearest_tokens(qtbot, db):
-    from studio.run_view import RunView
+    from studio.views.run_view import RunView
 
     ids = pipeline(db)
     nearest = [[{"id": 5, "token": " cancer", "piece": "Ġcancer", "cos": 0.41}, {"id": 9, "token": " tumor", "cos": 0.39}],
@@ -233,7 +233,7 @@ def test_archive_and_delete_behind_a_confirmation(qtbot, window, db, monkeypatch
 
 
 def test_exports_from_the_browser_and_the_run_view(qtbot, window, db, tmp_path):
-    from studio.chart_export import export_plot
+    from studio.widgets.chart_export import export_plot
 
     ids = pipeline(db)
     b = window.browser
@@ -260,7 +260,7 @@ def test_exports_from_the_browser_and_the_run_view(qtbot, window, db, tmp_path):
 
 
 def test_run_header_shows_the_precision_and_the_cpu_features_it_was_chosen_from(qtbot, tmp_path):
-    from studio.run_view import RunView
+    from studio.views.run_view import RunView
 
     db = RunDB(tmp_path / "runs.db")
     pre = make_run(db, "pre", "pretrain", steps=10)

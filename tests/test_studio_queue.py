@@ -16,7 +16,7 @@ from PySide6.QtCore import Qt
 
 from engine.store.queue import Queue
 from engine.store.rundb import RunDB, pid_alive
-from studio.main_window import KEEP, MainWindow
+from studio.views.main_window import KEEP, MainWindow
 
 FORM = {
     "model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.n_ctx": 32, "tokenizer.vocab_size": 300,
@@ -108,7 +108,7 @@ def test_the_queue_survives_studio_restarts_and_the_study_exports(qtbot, studio,
         x, y = study.marker_series[run["config"]["sparsity"]["level"]]
         assert list(x) == [run["summary"]["flops"]] and list(y) == pytest.approx([run["summary"]["val_loss"]])
     assert study.table.rowCount() == 2
-    from studio.chart_export import export_plot
+    from studio.widgets.chart_export import export_plot
 
     png = export_plot(study.plots()["Validation loss against training FLOPs"], tmp_path / "study.png", 800, 500)
     svg = export_plot(study.plots()["Downstream scores"], tmp_path / "scores.svg", 800, 500)

@@ -10,7 +10,7 @@ import pytest
 from helpers import process_table
 
 from engine.store.rundb import RunDB, pid_alive
-from studio.main_window import KEEP, MainWindow
+from studio.views.main_window import KEEP, MainWindow
 
 TINY = {
     "model.n_layer": 1, "model.d_model": 32, "model.n_head": 2, "model.n_ctx": 32, "tokenizer.vocab_size": 300,

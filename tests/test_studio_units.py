@@ -9,9 +9,9 @@ import pytest
 from engine.core.config import load_config, parse_overrides
 from engine.core.paths import resolve_preset
 from engine.store.rundb import RunDB
-from studio.engine_process import LineReader, parse_json_output, toml_value, train_args
-from studio.plot_buffers import EMA, GrowingArray, Series, minmax_thin
-from studio.run_data import RunData
+from studio.commands.engine_process import LineReader, parse_json_output, toml_value, train_args
+from studio.models.plot_buffers import EMA, GrowingArray, Series, minmax_thin
+from studio.models.run_data import RunData
 
 
 def test_growing_array_doubles_and_keeps_rows():
@@ -85,7 +85,7 @@ def test_line_reader_and_json_output():
 
 @pytest.fixture
 def form(qtbot, tmp_path):
-    from studio.run_form import RunForm
+    from studio.views.run_form import RunForm
 
     db = RunDB(tmp_path / "runs.db")
     f = RunForm(db, tmp_path / "runs")
@@ -153,7 +153,7 @@ def test_toml_export_import_and_clone(form, tmp_path):
 
 
 def test_downsampled_curve_keeps_a_spike(qtbot):
-    from studio.live_monitor import LiveMonitor
+    from studio.views.live_monitor import LiveMonitor
 
     m = LiveMonitor()
     qtbot.addWidget(m)
@@ -177,7 +177,7 @@ def test_downsampled_curve_keeps_a_spike(qtbot):
 
 
 def test_peak_decimator_incremental_equals_from_scratch_and_keeps_extremes():
-    from studio.plot_buffers import PeakDecimator
+    from studio.models.plot_buffers import PeakDecimator
 
     rng = np.random.default_rng(1)
     y = rng.normal(size=60_000)
@@ -196,7 +196,7 @@ def test_peak_decimator_incremental_equals_from_scratch_and_keeps_extremes():
 
 
 def test_zoom_draws_the_visible_part_at_full_detail(qtbot):
-    from studio.live_monitor import LiveMonitor
+    from studio.views.live_monitor import LiveMonitor
 
     m = LiveMonitor()
     qtbot.addWidget(m)
@@ -221,7 +221,7 @@ def test_zoom_draws_the_visible_part_at_full_detail(qtbot):
 
 
 def test_x_range_follows_the_run_in_jumps_and_respects_a_user_zoom(qtbot):
-    from studio.live_monitor import LiveMonitor
+    from studio.views.live_monitor import LiveMonitor
 
     m = LiveMonitor()
     qtbot.addWidget(m)
@@ -251,7 +251,7 @@ def test_x_range_follows_the_run_in_jumps_and_respects_a_user_zoom(qtbot):
 def test_ema_live_and_whole_array_agree_with_nans_and_a_resume():
     """The live monitor's EMA (``follow`` as points arrive) and the compare view's (``ema`` of the whole
     array) give the same numbers, through NaNs and a resume that truncates the series."""
-    from studio.plot_buffers import ema
+    from studio.models.plot_buffers import ema
 
     rng = np.random.default_rng(1)
     y = rng.normal(size=3000)

@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QCheckBox, QLabel, QTableWidget, QTableWidgetItem,
 
 from engine.store.queries import config_diff
 from engine.store.rundb import RunDB
-from studio.widgets import table_page
+from studio.widgets.table_page import table_page
 
 DIFF_BRUSH = QBrush(QColor("#fff3c4"))
 

@@ -17,10 +17,10 @@ from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget,
 )
 
-from studio import formatting as fmt
-from studio.chart_export import ChartExportDialog
-from studio.plot_buffers import EMA, PeakDecimator, peak_indices
-from studio.run_data import LAYER_PREFIX, RunData
+from studio.models import formatting as fmt
+from studio.widgets.chart_export import ChartExportDialog
+from studio.models.plot_buffers import EMA, PeakDecimator, peak_indices
+from studio.models.run_data import LAYER_PREFIX, RunData
 
 pg.setConfigOptions(antialias=False, background="w", foreground="#333")
 

@@ -23,8 +23,8 @@ from PySide6.QtWidgets import (
 
 from engine.store.rundb import RunDB
 from engine.orchestrate.study import study_csv, sweep_study
-from studio.chart_export import ChartExportDialog
-from studio.compare_view import PALETTE
+from studio.widgets.chart_export import ChartExportDialog
+from studio.views.compare_view import PALETTE
 
 TABLE_COLUMNS = ("Entry", "Run", "Point", "Status", "Sparsity", "d_model", "Steps", "FLOPs", "Final val loss",
                  "Best val loss", "Chained run", "Task", "Score", "Majority", "Zero-shot")

@@ -15,16 +15,16 @@ from PySide6.QtWidgets import QFileDialog, QLabel, QMainWindow, QMessageBox, QTa
 
 from engine.core.paths import default_db_path, default_runs_dir
 from engine.store.rundb import LIVE_STATUSES, RunDB
-from studio.compare_view import ComparePanel
-from studio.engine_process import EngineProcess, train_args
-from studio.estimate import EstimatePanel
-from studio.hf_export import HfExportJob
-from studio.queue_view import QueueView
-from studio.run_form import RunForm
-from studio.run_view import RunView
-from studio.runs_browser import RunsBrowser
-from studio.schedule_preview import SchedulePreview
-from studio.study_view import StudyView
+from studio.views.compare_view import ComparePanel
+from studio.commands.engine_process import EngineProcess, train_args
+from studio.widgets.estimate_panel import EstimatePanel
+from studio.commands.hf_export import HfExportJob
+from studio.views.queue_view import QueueView
+from studio.views.run_form import RunForm
+from studio.views.run_view import RunView
+from studio.views.runs_browser import RunsBrowser
+from studio.widgets.schedule_preview import SchedulePreview
+from studio.views.study_view import StudyView
 
 REAP_MS = 5000
 KEEP, STOP, CANCEL = "keep", "stop", "cancel"

@@ -16,8 +16,8 @@ from engine.core.errors import InputError
 from engine.store.queries import summary_rows
 from engine.store.rundb import RunDB
 from engine.publish.run_export import export_config
-from studio import formatting as fmt
-from studio.widgets import table_page
+from studio.models import formatting as fmt
+from studio.widgets.table_page import table_page
 
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 

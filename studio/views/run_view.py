@@ -16,11 +16,11 @@ from PySide6.QtWidgets import (
 )
 
 from engine.store.rundb import FINAL_STATUSES, RunDB, pid_alive
-from studio import formatting as fmt
-from studio.engine_process import GRACEFUL_STOP_S, EngineProcess, signal_engine
-from studio.live_monitor import LiveMonitor
-from studio.log_pane import FileTail, LogPane, tail_lines
-from studio.run_data import RunData
+from studio.models import formatting as fmt
+from studio.commands.engine_process import GRACEFUL_STOP_S, EngineProcess, signal_engine
+from studio.views.live_monitor import LiveMonitor
+from studio.widgets.log_pane import FileTail, LogPane, tail_lines
+from studio.models.run_data import RunData
 
 STATUS_COLORS = {"running": "#2e7d32", "paused": "#b8860b", "completed": "#1f77b4", "stopped": "#555",
                  "failed": "#c9302c", "crashed": "#c9302c", "created": "#555", "starting": "#555"}

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from studio.plot_buffers import GrowingArray, Series
+from studio.models.plot_buffers import GrowingArray, Series
 
 LAYER_PREFIX = "sparsity/"
 VAL_PREFIXES = ("val_", "val/")  # the engine also logs validation results as metrics (val_loss, val_perplexity)

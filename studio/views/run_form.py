@@ -23,8 +23,8 @@ from engine.core.config import SECTIONS, RunConfig, field_docs, from_dict
 from engine.core.errors import InputError
 from engine.core.paths import list_presets, resolve_preset
 from engine.store.rundb import RunDB
-from studio.engine_process import command_preview, train_args
-from studio.field_editors import FieldEditor, make_editor
+from studio.commands.engine_process import command_preview, train_args
+from studio.widgets.field_editors import FieldEditor, make_editor
 
 STAGE_LABELS = {
     "vocab": "Vocabulary",
@@ -282,7 +282,7 @@ class RunForm(QWidget):
         return path or None
 
     def choose_clone(self) -> None:
-        from studio.runs_browser import pick_run  # a small dialog; imported late to keep this module light
+        from studio.views.runs_browser import pick_run  # a small dialog; imported late to keep this module light
 
         run_id = pick_run(self, self.db, "Clone the configuration of…")
         if run_id:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QProcess, Signal
 
-from studio.engine_process import engine_env, parse_json_output
+from studio.commands.engine_process import engine_env, parse_json_output
 
 
 class HfExportJob(QObject):

@@ -26,10 +26,10 @@ from engine.core.errors import InputError
 from engine.store.queries import SERIES_DTYPE, eval_series, has_task_evaluations, load_series_counted, metric_names
 from engine.store.rundb import LIVE_STATUSES, RunDB
 from engine.publish.run_export import export_metrics
-from studio.chart_export import ChartExportDialog
-from studio.config_diff import ConfigDiffView
-from studio.plot_buffers import ema
-from studio.summary_table import SummaryTable
+from studio.widgets.chart_export import ChartExportDialog
+from studio.widgets.config_diff import ConfigDiffView
+from studio.models.plot_buffers import ema
+from studio.widgets.summary_table import SummaryTable
 
 # key -> (button text, axis label, SI unit for pyqtgraph's prefixes)
 X_AXES = {

@@ -19,8 +19,8 @@ from PySide6.QtWidgets import (
 from engine.core.errors import InputError
 from engine.store.queue import MAX_PARALLEL, RUNNING, WAITING, Queue
 from engine.store.rundb import RunDB
-from studio.engine_process import engine_env
-from studio.run_view import STATUS_COLORS
+from studio.commands.engine_process import engine_env
+from studio.views.run_view import STATUS_COLORS
 
 COLUMNS = ("#", "Sweep", "Point", "Stage", "Status", "Run", "Started", "Note")
 REFRESH_MS = 1500

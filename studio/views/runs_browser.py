@@ -23,11 +23,11 @@ from engine.core.errors import InputError
 from engine.store.queries import disk_usage, last_eval_metrics, last_values
 from engine.store.rundb import RunDB
 from engine.publish.run_export import FORMATS, export_config, export_metrics
-from studio import formatting as fmt
-from studio.lineage import best_scores, chain_html, score_text
-from studio.run_form import STAGE_LABELS
-from studio.run_notes import RunNotesEditor
-from studio.run_view import STATUS_COLORS
+from studio.models import formatting as fmt
+from studio.models.lineage import best_scores, chain_html, score_text
+from studio.views.run_form import STAGE_LABELS
+from studio.views.run_notes import RunNotesEditor
+from studio.views.run_view import STATUS_COLORS
 
 COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Best score (baseline)", "Created", "Tags",
            "Notes")

@@ -12,8 +12,8 @@ from PySide6.QtWidgets import (
     QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
-from studio import formatting as fmt
-from studio.engine_process import EngineProcess, parse_json_output
+from studio.models import formatting as fmt
+from studio.commands.engine_process import EngineProcess, parse_json_output
 
 
 class EstimateRunner(QObject):
