@@ -111,6 +111,7 @@ def main() -> int:
     from PySide6.QtCore import QEvent, QObject
 
     from engine.store.queries import load_series
+    from studio.models.run_store import RunStore
     from studio.views.compare_view import CompareView
 
     class PaintCounter(QObject):
@@ -124,7 +125,7 @@ def main() -> int:
             return False
 
     db = RunDB(tmp / "runs.db")  # a fresh connection: nothing cached in this process
-    view = CompareView(db)
+    view = CompareView(RunStore(db, start=False))
     view.resize(1600, 1000)
     view.show()
     app.processEvents()

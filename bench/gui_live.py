@@ -20,8 +20,9 @@ from PySide6.QtCore import QElapsedTimer, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
 from studio.commands.engine_process import EngineProcess
-from studio.views.live_monitor import LiveMonitor
 from studio.models.plot_buffers import Series
+from studio.models.run_store import RunStore
+from studio.views.live_monitor import LiveMonitor
 from studio.views.run_view import RunView
 
 NAMES = ("loss", "lr", "tokens_per_s", "sparsity", "grad_norm")
@@ -163,12 +164,10 @@ def main() -> int:
     print(f"event-loop latency, {args.rate:.0f} events/s for {args.seconds:.0f} s through QProcess + RunView:")
     results = {}
     for label, preload in (("empty run", 0), (f"{args.points:,} points held", args.points)):
-        view = RunView.__new__(RunView)
         import tempfile
 
-        from engine.store.rundb import RunDB
-        db = RunDB(os.path.join(tempfile.mkdtemp(), "bench.db"))
-        view = RunView(db)
+        store = RunStore(os.path.join(tempfile.mkdtemp(), "bench.db"))  # polls as in the studio
+        view = RunView(store)
         view.resize(1400, 900)
         view.show()
         fill(view.monitor, preload)
@@ -180,6 +179,7 @@ def main() -> int:
         print(f"  {label:>22}: p50 {p50:5.1f} ms, p99 {p99:5.1f} ms, max {late.max():5.1f} ms")
         view.detach()
         view.close()
+        store.stop()
     worst_p99 = max(p99 for _p50, p99 in results.values())
     print(f"targets: redraw at {args.points:,} points {final_redraw:.2f} ms (< 16: "
           f"{'PASS' if final_redraw < 16 else 'FAIL'}); p99 latency {worst_p99:.1f} ms (< 50: "

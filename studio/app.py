@@ -17,7 +17,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from PySide6.QtWidgets import QApplication  # after argparse, so --help works without a display
+    from PySide6.QtWidgets import (
+        QApplication,  # after argparse, so --help works without a display
+    )
 
     from studio.views.main_window import MainWindow
 

@@ -17,7 +17,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 SIZE = (1600, 1000)
 # the shared PubMedQA data (next to the checkout); without it the pipeline shots are skipped
-PUBMEDQA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"
+PUBMEDQA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pubmedqa/pqal_trainval.json"
 TASK_QUICK = {"task.train": str(PUBMEDQA), "task.fold": 0, "task.max_examples": 48, "train.max_steps": 24,
               "train.eval_every": 6, "train.checkpoint_every": 24, "train.warmup_steps": 2, "train.threads": 1,
               "train.batch_size": 8}
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         win.form.set_field(k, v)
     first = win.start_run()
     wait(app, lambda: first.status in ("completed", "failed", "crashed"), 240, "the first run")
-    win.db.update_run(first.run_id, tags=["demo", "sparse-75"], notes="Baseline: 75 % sparse, tiny model on HPO definitions.")
+    win.commands.save_annotations(first.run_id, ["demo", "sparse-75"],
+                                  "Baseline: 75 % sparse, tiny model on HPO definitions.")
 
     # 2. a child run, caught mid-run for the live monitor, then stopped
     win.tabs.setCurrentWidget(win.form)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     shoot("live_monitor.png")
     second.stop()
     wait(app, lambda: second.status in ("stopped", "crashed", "failed", "completed"), 120, "the stop")
-    win.db.update_run(second.run_id, tags=["sparse-90"], notes="Higher sparsity; stopped early to compare.")
+    win.commands.save_annotations(second.run_id, ["sparse-90"], "Higher sparsity; stopped early to compare.")
 
     # 2b. a third sparsity, for the comparison at equal FLOPs
     win.form.load_preset("demo")

@@ -54,9 +54,10 @@ def _column(db: RunDB, rid: str, name: str, col: str) -> np.ndarray:
 
 
 def test_equal_flops_axis_uses_the_database_counters(qtbot, runs):
+    from studio.models.run_store import RunStore
     from studio.views.compare_view import FIXED_PANELS, CompareView
 
-    view = CompareView(runs, runs.ids)
+    view = CompareView(RunStore(runs, start=False), runs.ids)
     qtbot.addWidget(view)
     view.resize(1200, 700)
     assert view.run_ids() == runs.ids
@@ -101,7 +102,7 @@ def test_equal_flops_axis_uses_the_database_counters(qtbot, runs):
 
 
 def test_ema_matches_the_recurrence():
-    from studio.views.compare_view import ema
+    from studio.models.plot_buffers import ema
 
     rng = np.random.default_rng(0)
     y = rng.normal(size=10_000)
@@ -117,9 +118,10 @@ def test_ema_matches_the_recurrence():
 
 
 def test_config_diff_shows_only_differing_keys(qtbot, runs):
+    from studio.models.run_store import RunStore
     from studio.widgets.config_diff import ConfigDiffView
 
-    view = ConfigDiffView(runs, runs.ids)
+    view = ConfigDiffView(RunStore(runs, start=False), runs.ids)
     qtbot.addWidget(view)
     assert view.only_diff.isChecked()
     assert view.keys() == ["name", "sparsity.level"]
@@ -130,10 +132,11 @@ def test_config_diff_shows_only_differing_keys(qtbot, runs):
 
 
 def test_studio_exports_metrics_csv_and_charts_that_match(qtbot, runs, tmp_path):
-    from studio.widgets.chart_export import ChartExportDialog, export_plot
+    from studio.models.run_store import RunStore
     from studio.views.compare_view import CompareView
+    from studio.widgets.chart_export import ChartExportDialog, export_plot
 
-    view = CompareView(runs, runs.ids)
+    view = CompareView(RunStore(runs, start=False), runs.ids)
     qtbot.addWidget(view)
     view.show()
     n = view.export_metrics(tmp_path / "m.csv", "csv")
@@ -169,9 +172,10 @@ def test_studio_exports_metrics_csv_and_charts_that_match(qtbot, runs, tmp_path)
 
 
 def test_summary_table_sorts_by_numbers_and_copies_csv(qtbot, runs):
+    from studio.models.run_store import RunStore
     from studio.widgets.summary_table import SummaryTable
 
-    table = SummaryTable(runs, runs.ids)
+    table = SummaryTable(RunStore(runs, start=False), runs.ids)
     qtbot.addWidget(table)
     col = [c[1] for c in table.columns].index("flops")
     table.view.sortByColumn(col, Qt.SortOrder.AscendingOrder)
@@ -186,11 +190,15 @@ def test_summary_table_sorts_by_numbers_and_copies_csv(qtbot, runs):
 
 
 def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
-    from studio.views import run_notes
-    from studio.views.run_notes import RunNotesEditor, search_runs
+    from studio.commands import run_commands
+    from studio.commands.run_commands import Commands
+    from studio.models.run_filter import search_runs
+    from studio.models.run_store import RunStore
+    from studio.views.run_notes import RunNotesEditor
 
     rid = runs.ids[1]
-    editor = RunNotesEditor(runs, rid)
+    store = RunStore(runs, start=False)
+    editor = RunNotesEditor(store, Commands(store), rid)
     qtbot.addWidget(editor)
     editor.tags.setText("sparse,  baseline, sparse")
     editor.notes.setPlainText("half the weights\nlooks fine")
@@ -198,8 +206,8 @@ def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
         qtbot.mouseClick(editor.save_button, Qt.MouseButton.LeftButton)
     row = runs.get_run(rid)
     assert row["tags"] == ["sparse", "baseline"] and row["notes"].startswith("half the weights")
-    assert [r["id"] for r in search_runs(runs, "BASELINE")] == [rid]
-    assert [r["id"] for r in search_runs(runs, "weights fine")] == [rid]
+    assert [r["id"] for r in search_runs(store.runs(), "BASELINE")] == [rid]
+    assert [r["id"] for r in search_runs(store.runs(), "weights fine")] == [rid]
 
     editor.confirm = lambda *_a: True
     editor.toggle_archive()
@@ -225,14 +233,15 @@ def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
 
     live = runs.create_run(name="live", stage="pretrain", config=runs.get_run(rid)["config"])
     runs.update_run(live, status="running", pid=os.getpid())  # this very process: alive
-    with pytest.raises(run_notes.RunBusyError):
-        run_notes.delete_run(runs, live)
+    with pytest.raises(run_commands.RunBusyError):
+        run_commands.delete_run(runs, live)
     runs.delete_run(live)
 
 
 def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
     """Two 6,000-step runs: the overview reads a thinned series spanning the whole run, the ranges fit
     the data (and re-fit when a run is hidden), and zooming re-reads the visible steps from the database."""
+    from studio.models.run_store import RunStore
     from studio.views.compare_view import CompareView
 
     db = RunDB(tmp_path / "runs.db")
@@ -245,7 +254,7 @@ def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
         rows += [(rid, int(s), int(s) * 64, s * 0.1, s * 1e9, s * 2e9, "val_loss", float(scale)) for s in steps[::25]]
         db.insert_metric_rows(rows)
         ids.append(rid)
-    view = CompareView(db)
+    view = CompareView(RunStore(db, start=False))
     qtbot.addWidget(view)
     view.resize(1200, 700)
     view.show()
@@ -278,6 +287,7 @@ def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
 
 
 def test_runs_still_training_are_followed_unless_the_user_zoomed(qtbot, tmp_path):
+    from studio.models.run_store import RunStore
     from studio.views.compare_view import CompareView
 
     db = RunDB(tmp_path / "runs.db")
@@ -288,7 +298,7 @@ def test_runs_still_training_are_followed_unless_the_user_zoomed(qtbot, tmp_path
         db.insert_metric_rows([(rid, s, s * 64, s * 0.1, s * 1e9, s * 2e9, "loss", 5.0 - s / 1000) for s in range(first, last + 1)])
 
     log(1, 100)
-    view = CompareView(db)
+    view = CompareView(RunStore(db, start=False))
     qtbot.addWidget(view)
     view.resize(1000, 600)
     view.set_x_axis("step")

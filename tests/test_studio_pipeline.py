@@ -134,6 +134,7 @@ def test_parent_picker_lists_only_compatible_parents(qtbot, window, db):
 
 
 def test_task_metric_rows_become_chart_series(qtbot, db):
+    from studio.models.run_store import RunStore
     from studio.views.run_view import RunView
 
     pre = make_run(db, "pre", "pretrain")
@@ -142,7 +143,7 @@ def test_task_metric_rows_become_chart_series(qtbot, db):
         db.log_metrics(ft, step, step * 512, step * 0.1, step * 1e9, step * 1e9,
                        {"dev_accuracy": acc, "dev_macro_f1": f1, "dev_loss": 1.2 - step / 100})
     db.merge_meta(ft, baselines={"majority": PUBMEDQA_MAJORITY})
-    view = RunView(db)
+    view = RunView(RunStore(db, start=False))
     qtbot.addWidget(view)
     assert view.attach_run(ft)
     m = view.monitor
@@ -153,7 +154,7 @@ def test_task_metric_rows_become_chart_series(qtbot, db):
     assert m.task_shown and m.task_plot.scene() is m.glw.scene() and "Task scores (development set)" in m.plots()
     assert [round(line.value(), 3) for line in m.baseline_lines] == [0.552, 0.237]
     # a pre-training run has no task rows: no score chart
-    other = RunView(db)
+    other = RunView(RunStore(db, start=False))
     qtbot.addWidget(other)
     other.attach_run(pre)
     assert not other.monitor.task_shown and other.monitor.task_plot.scene() is None
@@ -163,7 +164,7 @@ def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
     from studio.models.lineage import best_scores, score_text
 
     ids = pipeline(db)
-    scores = best_scores(db)
+    scores = best_scores(window.store.evaluations_by_run())
     assert scores[ids["pre"]]["metrics"] == {"loss": 4.2}
     assert scores[ids["ft"]]["metrics"] == {"accuracy": 0.62, "macro_f1": 0.45}  # best by accuracy, not the last row
     assert scores[ids["ft"]]["baseline"] == {"accuracy": 0.552, "macro_f1": 0.237}
@@ -182,13 +183,14 @@ def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
 
 
 def test_prompt_run_view_shows_nearest_tokens(qtbot, db):
+    from studio.models.run_store import RunStore
     from studio.views.run_view import RunView
 
     ids = pipeline(db)
     nearest = [[{"id": 5, "token": " cancer", "piece": "Ġcancer", "cos": 0.41}, {"id": 9, "token": " tumor", "cos": 0.39}],
                [{"id": 7, "token": " answer", "cos": 0.33}, {"id": 3, "token": "?", "cos": 0.2}]]
     db.add_artifact(ids["pr"], "prompt", "/nowhere/prompt.safetensors", {"n_tokens": 2, "nearest_tokens": nearest})
-    view = RunView(db)
+    view = RunView(RunStore(db, start=False))
     qtbot.addWidget(view)
     view.attach_run(ids["pr"])
     t = view.prompt_table
@@ -260,6 +262,7 @@ def test_exports_from_the_browser_and_the_run_view(qtbot, window, db, tmp_path):
 
 
 def test_run_header_shows_the_precision_and_the_cpu_features_it_was_chosen_from(qtbot, tmp_path):
+    from studio.models.run_store import RunStore
     from studio.views.run_view import RunView
 
     db = RunDB(tmp_path / "runs.db")
@@ -271,7 +274,7 @@ def test_run_header_shows_the_precision_and_the_cpu_features_it_was_chosen_from(
                   cpu={"model": "Old CPU", "features": {"AMX": False, "AVX512-BF16": False, "AVX-512": False, "AVX2": True}})
     shown = {}
     for run in (pre, plain):
-        view = RunView(db)
+        view = RunView(RunStore(db, start=False))
         qtbot.addWidget(view)
         assert view.attach_run(run)
         shown[run] = (view.precision_label.text(), view.precision_label.toolTip())

@@ -60,7 +60,7 @@ def _statuses(win) -> dict[int, str]:
 def test_the_queue_survives_studio_restarts_and_the_study_exports(qtbot, studio, tmp_path):
     win = studio()
     qtbot.mouseClick(win.queue.pause_button, Qt.MouseButton.LeftButton)
-    assert win.queue.queue.state()["paused"] and win.queue.pause_button.text() == "Resume queue"
+    assert win.store.queue_state()["paused"] and win.queue.pause_button.text() == "Resume queue"
     for key, value in FORM.items():
         win.form.set_field(key, value)
     qtbot.mouseClick(win.form.queue_button, Qt.MouseButton.LeftButton)
@@ -87,8 +87,8 @@ def test_the_queue_survives_studio_restarts_and_the_study_exports(qtbot, studio,
     assert list(_statuses(win)) == [second, form_entry, first]
     assert win.queue.pause_button.text() == "Resume queue"
     qtbot.mouseClick(win.queue.pause_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: win.queue.queue.runner_pid() is not None, timeout=TIMEOUT_MS)
-    runner = win.queue.queue.runner_pid()
+    qtbot.waitUntil(lambda: win.store.runner_pid() is not None, timeout=TIMEOUT_MS)
+    runner = win.store.runner_pid()
     qtbot.waitUntil(lambda: _statuses(win)[second] == "running", timeout=TIMEOUT_MS)
     win.close()  # mid-run: the runner and its run go on without a studio
 

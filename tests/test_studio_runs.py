@@ -65,7 +65,7 @@ def test_tiny_run_streams_until_completed_and_charts_match_db(qtbot, studio):
     view = start_from_form(qtbot, win, TINY)
     qtbot.waitUntil(lambda: view.status == "completed" and view.process is None, timeout=RUN_TIMEOUT_MS)
     view.monitor.redraw()
-    db = RunDB(win.db.path)
+    db = RunDB(win.store.db.path)
     rows = db.metrics(view.run_id, names=["loss"])
     assert [r["step"] for r in rows] == list(range(1, 31))
     x, y = view.monitor.curve_points("loss")
@@ -106,9 +106,9 @@ def test_stop_mid_run_ends_stopped_with_checkpoint(qtbot, studio):
     except Exception:
         print(view.status, view.process, view.log.text()[-3000:])
         raise
-    ck = win.db.latest_checkpoint(view.run_id)
+    ck = win.store.db.latest_checkpoint(view.run_id)
     assert ck is not None and ck["step"] >= 5
-    assert win.db.get_run(view.run_id)["status"] == "stopped"
+    assert win.store.db.get_run(view.run_id)["status"] == "stopped"
     assert view.process_exit_code == 0
     assert view.buttons["restart"].isEnabled()  # resume from checkpoint is offered
 
@@ -119,7 +119,7 @@ def test_killed_engine_shows_crashed_with_log_tail(qtbot, studio):
     qtbot.waitUntil(lambda: (view.data.last_step or 0) >= 3, timeout=RUN_TIMEOUT_MS)
     os.kill(view.pid, signal.SIGKILL)
     qtbot.waitUntil(lambda: view.status == "crashed", timeout=30_000)
-    assert win.db.get_run(view.run_id)["status"] == "crashed"
+    assert win.store.db.get_run(view.run_id)["status"] == "crashed"
     assert view.banner.isVisibleTo(view)
     assert "crashed" in view.banner.text() and "started" in view.banner.text()  # engine.log tail is shown
 
@@ -139,12 +139,12 @@ def test_close_and_reopen_reattaches_to_running_run(qtbot, studio):
     seen = again.data.last_step
     qtbot.waitUntil(lambda: (again.data.last_step or 0) >= seen + 5, timeout=30_000)
     # charts keep filling from the database, point for point
-    rows = win2.db.metrics(run_id, names=["loss"])
+    rows = win2.store.db.metrics(run_id, names=["loss"])
     x, _ = again.monitor.curve_points("loss")
     assert list(x) == [r["step"] for r in rows][: len(x)]
     again.stop()  # through signals now: SIGTERM to the engine's pid
     qtbot.waitUntil(lambda: again.status == "stopped", timeout=RUN_TIMEOUT_MS)
-    assert win2.db.latest_checkpoint(run_id) is not None
+    assert win2.store.db.latest_checkpoint(run_id) is not None
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -163,13 +163,13 @@ def test_two_process_run_is_live_in_the_header_and_stop_ends_every_rank(qtbot, s
     qtbot.waitUntil(lambda: (view.data.last_step or 0) >= 5, timeout=RUN_TIMEOUT_MS)
     qtbot.waitUntil(lambda: "per rank" in view.world_label.text(), timeout=10_000)
     assert view.world_label.text().startswith("2 processes · ddp · ")
-    pgid = win.db.get_run(view.run_id)["meta"]["pgid"]
+    pgid = win.store.db.get_run(view.run_id)["meta"]["pgid"]
     assert len(_group_members(pgid)) >= 3  # the engine and its two ranks
     qtbot.mouseClick(view.buttons["stop"], Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: view.status == "stopped" and view.process is None, timeout=RUN_TIMEOUT_MS)
     assert view.process_exit_code == 0
-    run = win.db.get_run(view.run_id)
-    assert run["status"] == "stopped" and win.db.latest_checkpoint(view.run_id)["step"] == run["summary"]["step"]
+    run = win.store.db.get_run(view.run_id)
+    assert run["status"] == "stopped" and win.store.db.latest_checkpoint(view.run_id)["step"] == run["summary"]["step"]
     qtbot.waitUntil(lambda: not _group_members(pgid), timeout=10_000)
 
 
@@ -177,7 +177,7 @@ def test_a_second_stop_kills_the_whole_process_group(qtbot, studio):
     win = studio()
     view = start_from_form(qtbot, win, GROUP)
     qtbot.waitUntil(lambda: (view.data.last_step or 0) >= 3, timeout=RUN_TIMEOUT_MS)
-    pgid = win.db.get_run(view.run_id)["meta"]["pgid"]
+    pgid = win.store.db.get_run(view.run_id)["meta"]["pgid"]
     view.stop()
     assert view.buttons["stop"].text() == "Kill now"
     view.stop()
@@ -185,4 +185,4 @@ def test_a_second_stop_kills_the_whole_process_group(qtbot, studio):
     qtbot.waitUntil(lambda: not _group_members(pgid), timeout=10_000)
     assert any("killing the run's processes now" in t for _k, t in view.log.lines)
     # never left running: the studio marks it once the last rank has gone
-    qtbot.waitUntil(lambda: win.db.get_run(view.run_id)["status"] in ("crashed", "stopped"), timeout=10_000)
+    qtbot.waitUntil(lambda: win.store.db.get_run(view.run_id)["status"] in ("crashed", "stopped"), timeout=10_000)

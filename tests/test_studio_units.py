@@ -85,10 +85,11 @@ def test_line_reader_and_json_output():
 
 @pytest.fixture
 def form(qtbot, tmp_path):
+    from studio.models.run_store import RunStore
     from studio.views.run_form import RunForm
 
     db = RunDB(tmp_path / "runs.db")
-    f = RunForm(db, tmp_path / "runs")
+    f = RunForm(RunStore(db, start=False), tmp_path / "runs")
     qtbot.addWidget(f)
     yield f
     db.close()
@@ -145,7 +146,7 @@ def test_toml_export_import_and_clone(form, tmp_path):
     form.load_preset("demo")
     assert form.config.sparsity.level == 0.75
     assert form.load_file(out) and form.config.sparsity.level == 0.9 and form.overrides() == {}
-    run_id = form.db.create_run(name="old", stage="pretrain", config=form.config.to_dict())
+    run_id = form.store.db.create_run(name="old", stage="pretrain", config=form.config.to_dict())
     form.load_preset("demo")
     assert form.clone_run(run_id)
     assert form.config.sparsity.level == 0.9 and form.config.name == "old-clone"

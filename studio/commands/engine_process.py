@@ -20,7 +20,7 @@ import tomli_w
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
 from engine.core.events import parse_line
-from engine.store.rundb import pid_alive
+from engine.core.processes import pid_alive
 
 GRACEFUL_STOP_S = 30.0
 

@@ -12,6 +12,8 @@ from PySide6.QtCore import QObject, QProcess, Signal
 
 from studio.commands.engine_process import engine_env, parse_json_output
 
+PROMPT_FILE = "soft_prompt.safetensors"  # a prompt run's export holds its soft prompt in this file
+
 
 class HfExportJob(QObject):
     """One export. ``done(ok, message, report)``: the report is the CLI's JSON (empty on failure)."""
@@ -52,7 +54,7 @@ class HfExportJob(QObject):
                    + (f"\nfiles: {files}" if files else "")
                    + (f"\nsparsity of the attention/MLP matrices: {sp:.1%} (stored dense, zeros included)"
                       if isinstance(sp, (int, float)) else "")
-                   + ("\nsoft prompt: soft_prompt.safetensors" if report.get("prompt") else ""))
+                   + (f"\nsoft prompt: {PROMPT_FILE}" if PROMPT_FILE in (report.get("files") or []) else ""))
             self._report(True, msg, report)
             return
         errors = [e["message"] for e in events if e.get("type") == "error" and e.get("message")]

@@ -8,18 +8,9 @@ from __future__ import annotations
 
 import html
 
-from engine.store.queries import evaluations_by_run, numeric_metrics
-from engine.store.rundb import RunDB
-
-# task -> (metric that decides "best", higher is better, metrics shown)
-HEADLINE = {
-    "pubmedqa": ("accuracy", True, ("accuracy", "macro_f1")),
-    "hoc": ("micro_f1", True, ("micro_f1",)),
-    "lm": ("loss", False, ("loss",)),
-}
-METRIC_LABELS = {"accuracy": "acc", "macro_f1": "macro-F1", "micro_f1": "micro-F1", "loss": "val loss"}
-TASK_LABELS = {"pubmedqa": "PubMedQA", "hoc": "HoC", "lm": "LM"}
-STAGE_SHORT = {"vocab": "vocab", "pretrain": "sparse", "finetune": "dense", "prompt": "prompt"}
+from engine.core.registry import LM
+from studio.models.labels import METRIC_LABELS, score_metrics, stage_short, task_short
+from studio.models.run_store import numeric_metrics
 
 
 def best_from_rows(rows: list[dict]) -> dict | None:
@@ -28,11 +19,13 @@ def best_from_rows(rows: list[dict]) -> dict | None:
     Task evaluations win over LM ones (a fine-tune on PubMedQA is judged by PubMedQA); the baseline
     is the majority class of the task when stored, else the zero-shot parent.
     """
-    tasks = [r for r in rows if r.get("task") in HEADLINE and r["task"] != "lm"] or [r for r in rows if r.get("task") == "lm"]
+    tasks = [r for r in rows if score_metrics(r.get("task") or "") and r["task"] != LM] or [
+        r for r in rows if r.get("task") == LM]
     if not tasks:
         return None
     task = tasks[-1]["task"]
-    key, higher, shown = HEADLINE[task]
+    shown = score_metrics(task)
+    key, higher = shown[0], shown[0] != "loss"  # a loss is best low, a score high
     scored = [r for r in tasks if r["task"] == task and key in numeric_metrics(r["metrics"])]
     if not scored:
         return None
@@ -52,10 +45,10 @@ def best_from_rows(rows: list[dict]) -> dict | None:
             "baseline": {m: baseline[m] for m in shown if m in baseline}, "baseline_kind": baseline_kind}
 
 
-def best_scores(db: RunDB) -> dict[str, dict]:
-    """Run id -> best score, for every run with evaluations (one query: the browser shows all runs)."""
+def best_scores(evaluations_by_run: dict[str, list[dict]]) -> dict[str, dict]:
+    """Run id -> best score, for every run with evaluations (``RunStore.evaluations_by_run``: one query)."""
     out = {}
-    for rid, rows in evaluations_by_run(db).items():
+    for rid, rows in evaluations_by_run.items():
         b = best_from_rows(rows)
         if b is not None:
             out[rid] = b
@@ -67,7 +60,7 @@ def score_text(best: dict | None, baseline: bool = True) -> str:
     if not best:
         return ""
     parts = " · ".join(f"{METRIC_LABELS.get(m, m)} {v:.3f}" for m, v in best["metrics"].items())
-    text = f"{TASK_LABELS.get(best['task'], best['task'])} {parts}"
+    text = f"{task_short(best['task'])} {parts}"
     if baseline and best["baseline"]:
         kind = "majority" if best["baseline_kind"] == "majority" else "zero-shot"
         text += f" ({kind} " + " · ".join(f"{v:.3f}" for v in best["baseline"].values()) + ")"
@@ -95,6 +88,6 @@ def chain_html(runs: dict[str, dict], run_id: str, scores: dict[str, dict]) -> s
             name = f"<b>{name}</b>"
         score = html.escape(score_text(scores.get(r["id"])))
         lines.append(("&nbsp;&nbsp;" * i + "→ " if i else "")
-                     + f"<span style='color:#777'>{STAGE_SHORT.get(r['stage'], r['stage'])}</span> {name}"
+                     + f"<span style='color:#777'>{stage_short(r['stage'])}</span> {name}"
                      + (f" <span style='color:#2e5c8a'>— {score}</span>" if score else ""))
     return "<br>".join(lines)

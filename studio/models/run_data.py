@@ -194,3 +194,25 @@ class RunData:
             edges = np.linspace(0, n, max_cols + 1).astype(int)
             img = np.stack([np.nanmean(img[a:b], axis=0) for a, b in zip(edges[:-1], edges[1:])])
         return img, layers, (float(steps[0]), float(steps[-1]))
+
+
+# -- what a finished fine-tuning or prompting run adds to its charts (read from its row and artifacts) --
+
+
+def baseline_scores(run: dict) -> dict[str, float]:
+    """The majority baseline's development scores (``{"dev_accuracy": 0.55, ...}``) from the run's meta."""
+    majority = ((run.get("meta") or {}).get("baselines") or {}).get("majority") or {}
+    return {f"dev_{k}": float(v) for k, v in majority.items()
+            if k in ("accuracy", "macro_f1", "micro_f1") and isinstance(v, (int, float))}
+
+
+def prompt_tokens(run: dict, artifacts: list[dict]) -> list[list[tuple[str, float | None]]]:
+    """Per prompt vector, its nearest vocabulary tokens (token, cosine) from the run's prompt artifacts,
+    else the token strings kept in the run's meta."""
+    for art in reversed(artifacts):
+        rows = (art.get("meta") or {}).get("nearest_tokens")
+        if rows:
+            return [[(t.get("token", ""), t.get("cos")) if isinstance(t, dict) else (str(t), None) for t in row]
+                    for row in rows]
+    rows = (run.get("meta") or {}).get("prompt_nearest_tokens") or []
+    return [[(str(t), None) for t in row] for row in rows]

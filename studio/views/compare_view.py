@@ -3,14 +3,15 @@
 The x-axis switches in one click between step, tokens, FLOPs spent, dense-equivalent FLOPs and
 wall time: sparse pre-training is judged at *equal FLOPs spent*, where a 75 % sparse run has taken
 many more steps than a dense one for the same compute. Each run keeps one colour in every chart and
-in the run list (the legend); unchecking a run hides it. Curves are read from the database one SQL
-query per (run, metric) straight into numpy, so 20 runs × 100k rows load in well under a second.
+in the run list (the legend); unchecking a run hides it. Curves are read through the run store one SQL
+query per (run, metric) straight into numpy, so 20 runs × 100k rows load in well under a second. Runs
+still training are re-read (at most every few seconds) when the store says they progressed.
 
 ``CompareView`` is the charts; ``ComparePanel`` puts it beside the config diff and summary table.
 """
 from __future__ import annotations
 
-import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,14 @@ from PySide6.QtWidgets import (
 )
 
 from engine.core.errors import InputError
-from engine.store.queries import SERIES_DTYPE, eval_series, has_task_evaluations, load_series_counted, metric_names
-from engine.store.rundb import LIVE_STATUSES, RunDB
-from engine.publish.run_export import export_metrics
+from studio.commands.exports import write_metrics
+from studio.models.compare_data import EVAL_PREFIX, CompareData, curve_arrays, extent, is_sparse
+from studio.models.labels import PALETTE, is_sparse_stage
+from studio.models.run_filter import text_matches
+from studio.models.run_store import LIVE_STATUSES, RunStore
+from studio.models.throttle import Throttle
 from studio.widgets.chart_export import ChartExportDialog
 from studio.widgets.config_diff import ConfigDiffView
-from studio.models.plot_buffers import ema
 from studio.widgets.summary_table import SummaryTable
 
 # key -> (button text, axis label, SI unit for pyqtgraph's prefixes)
@@ -47,25 +50,19 @@ FIXED_PANELS = (
     ("tokens_per_s", "Throughput", "tokens/s", None),
 )
 FREE_PANELS = 2
-EVAL_PREFIX = "eval:"  # free-panel choices that come from the evaluations table (task scores)
-# colour-blind-friendly, distinguishable on white (Okabe–Ito, then Tableau)
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C564B", "#7F7F7F",
-           "#BCBD22", "#17BECF", "#9467BD")
-EVAL_METRICS = ("val_loss", "val_perplexity")  # logged at evaluations only: markers, no smoothing
-SPARSE_POINTS = 20  # any series this short is drawn the same way
 MARKER_POINTS = 100  # evaluation series up to this long get a marker per point; longer ones are plain lines
 # rows read per curve for the overview: two per horizontal pixel of a chart, within these bounds (the database
 # seek per row is the cost that matters with 20 runs × 6 charts); zooming re-reads the visible range as finely
 POINTS_PER_PIXEL, MIN_POINTS, MAX_POINTS = 2, 600, 4000
 REFINE_MS = 250
-LIVE_POLL_MS = 3000  # how often compared runs that are still training are re-read
+LIVE_POLL_MS = 3000  # compared runs that are still training are re-read at most this often
 
 
 def run_label(run: dict) -> str:
     """Legend text: name, sparsity when it matters, and a short id (names repeat across runs)."""
     name = run.get("name") or run["id"]
     level = (run.get("config") or {}).get("sparsity", {}).get("level")
-    sparse = f" · {level:.0%} sparse" if run["stage"] == "pretrain" and level is not None else ""
+    sparse = f" · {level:.0%} sparse" if is_sparse_stage(run["stage"]) and level is not None else ""
     return f"{name}{sparse} [{run['id'][:6]}]"
 
 
@@ -127,9 +124,9 @@ class CompareView(QWidget):
     runs_changed = Signal(list)
     x_axis_changed = Signal(str)
 
-    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+    def __init__(self, store: RunStore, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
         super().__init__(parent)
-        self.db = db
+        self.store = store
         self.x_axis = "flops"
         self.smoothing = 0.6
         self.show_raw = True
@@ -137,9 +134,7 @@ class CompareView(QWidget):
         self.selected: list[str] = []             # compared runs, in colour order
         self.colors: dict[str, str] = {}
         self.hidden: set[str] = set()             # compared but not drawn
-        self._series: dict[tuple[str, str], np.ndarray] = {}  # overview rows per (run, metric)
-        self._total: dict[tuple[str, str], int] = {}           # rows in the database per (run, metric)
-        self._evals: dict[str, dict[str, np.ndarray]] = {}
+        self.data = CompareData(store)            # the rows read, per (run, metric)
         self.curves: dict[tuple[str, int], tuple[pg.PlotCurveItem, pg.GraphicsObject]] = {}  # (run, panel) -> (raw, main)
         self._refined: set[tuple[str, int]] = set()  # curves showing a zoomed range re-read finer
         self._refined_for: tuple | None = None  # the view range refine() last read for
@@ -149,9 +144,10 @@ class CompareView(QWidget):
         self._refine_timer.timeout.connect(self.refine)
         self.panels[0].plot.sigXRangeChanged.connect(lambda *_a: self._refine_timer.start())
         self._fitted: list | None = None  # every chart's range as the last fit set it (a user zoom differs)
-        self._live: set[str] = set()      # compared runs that were training at the last poll
-        self._live_timer = QTimer(self, interval=LIVE_POLL_MS)
-        self._live_timer.timeout.connect(self.poll_live)  # runs while the view is shown
+        self._live: set[str] = set()      # compared runs that were training at the last re-read
+        self._live_poll = Throttle(self._poll_if_shown, LIVE_POLL_MS, self)
+        store.runs_progressed.connect(self._live_poll.request)
+        store.status_changed.connect(self._status_changed)
         self.reload_runs()
         if run_ids:
             self.set_runs(list(run_ids))
@@ -245,7 +241,7 @@ class CompareView(QWidget):
     # -- runs -------------------------------------------------------------------------------------------
     def reload_runs(self) -> None:
         """Re-read the run list (names, tags, archive flags) keeping the current selection."""
-        self.runs = {r["id"]: r for r in self.db.list_runs(include_archived=True)}
+        self.runs = {r["id"]: r for r in self.store.runs(include_archived=True)}
         show_archived = self.archived_box.isChecked()
         self.run_list.blockSignals(True)
         self.run_list.clear()
@@ -264,13 +260,9 @@ class CompareView(QWidget):
         self._filter_list(self.search.text())
 
     def _filter_list(self, text: str) -> None:
-        words = text.lower().split()
         for i in range(self.run_list.count()):
             item = self.run_list.item(i)
-            r = self.runs[item.data(Qt.ItemDataRole.UserRole)]
-            hay = " ".join([r["id"], r.get("name") or "", r["stage"], r["status"], " ".join(r.get("tags") or []),
-                            r.get("notes") or ""]).lower()
-            item.setHidden(not all(w in hay for w in words))
+            item.setHidden(not text_matches(self.runs[item.data(Qt.ItemDataRole.UserRole)], text))
 
     def _item_changed(self, item: QListWidgetItem) -> None:
         rid = item.data(Qt.ItemDataRole.UserRole)
@@ -291,12 +283,15 @@ class CompareView(QWidget):
         """Compare exactly these runs (ids or unique prefixes); unknown ids are ignored."""
         resolved = []
         for rid in run_ids:
-            row = self.runs.get(rid) or self.db.get_run(rid)
+            row = self.runs.get(rid) or self.store.run(rid)
             if row is not None and row["id"] not in resolved:
                 self.runs.setdefault(row["id"], row)
                 resolved.append(row["id"])
         for rid in [r for r in self.selected if r not in resolved]:
             self._drop_run(rid)
+            self.store.unwatch(rid)
+        for rid in [r for r in resolved if r not in self.selected]:
+            self.store.watch(rid)  # a compared run that trains is then read every tick: its progress is signalled
         self.selected = resolved
         used = {self.colors[r] for r in resolved if r in self.colors}
         free = [c for c in PALETTE if c not in used]
@@ -306,6 +301,11 @@ class CompareView(QWidget):
         self.reload_runs()
         self._redraw()
         self.runs_changed.emit(list(self.selected))
+
+    def release(self) -> None:
+        """The view is closing: its runs need no more watching."""
+        for rid in self.selected:
+            self.store.unwatch(rid)
 
     def set_run_visible(self, run_id: str, visible: bool) -> None:
         """Show or hide one compared run without forgetting it (its colour stays)."""
@@ -319,27 +319,28 @@ class CompareView(QWidget):
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
-        self._live_timer.start()
         self.poll_live()  # a run may have grown while another tab was in front
 
-    def hideEvent(self, event) -> None:
-        self._live_timer.stop()
-        super().hideEvent(event)
+    def _status_changed(self, run_id: str, _status: str) -> None:
+        if run_id in self.selected:
+            self._live_poll.request()
+
+    def _poll_if_shown(self) -> None:
+        if self.isVisible():
+            self.poll_live()
 
     def poll_live(self) -> None:
         """Re-read the curves of compared runs that are training (and of those that just ended), so the
         charts follow them. The axes keep following too, unless the user has zoomed or panned."""
-        status = {rid: (self.db.get_run(rid) or {}).get("status") for rid in self.selected}
+        self._live_poll.last = time.monotonic()
+        status = {rid: (self.store.run(rid) or {}).get("status") for rid in self.selected}
         live = {rid for rid, st in status.items() if st in LIVE_STATUSES}
         grown = live | (self._live & set(self.selected))
         self._live = live
         if not grown:
             return
-        for key in [k for k in self._series if k[0] in grown]:
-            del self._series[key]
-            self._total.pop(key, None)
+        self.data.forget(grown)
         for rid in grown:
-            self._evals.pop(rid, None)
             if rid in self.runs:
                 self.runs[rid]["status"] = status[rid]
         self._redraw_keeping_zoom()
@@ -349,23 +350,14 @@ class CompareView(QWidget):
 
     def refresh(self) -> None:
         """Drop cached rows and re-read everything (runs that were still training have grown)."""
-        self._series.clear()
-        self._total.clear()
-        self._evals.clear()
+        self.data.forget()
         self.reload_runs()
         self._refresh_picker_choices()
         self._redraw()
 
     # -- data -------------------------------------------------------------------------------------------
     def series(self, run_id: str, metric: str) -> np.ndarray:
-        key = (run_id, metric)
-        if key not in self._series:
-            if metric.startswith(EVAL_PREFIX):
-                self._eval_keys(run_id)
-                self._series[key] = self._evals[run_id].get(metric[len(EVAL_PREFIX):], np.zeros(0, SERIES_DTYPE))
-            else:
-                self._series[key], self._total[key] = load_series_counted(self.db, run_id, metric, self.points_per_curve())
-        return self._series[key]
+        return self.data.series(run_id, metric, self.points_per_curve())
 
     def points_per_curve(self) -> int:
         """Rows to read per curve: more than the chart has pixels across would not show."""
@@ -373,10 +365,7 @@ class CompareView(QWidget):
         return int(min(MAX_POINTS, max(MIN_POINTS, POINTS_PER_PIXEL * width)))
 
     def _refresh_picker_choices(self) -> None:
-        fixed = {m for m, *_ in FIXED_PANELS}
-        names = [n for n in metric_names(self.db, self.selected) if n not in fixed and not n.startswith("sparsity/")]
-        evals = sorted({k for rid in self.selected for k in self._eval_keys(rid) if not k.startswith("lm/")})
-        choices = [EVAL_PREFIX + k for k in evals] + names
+        choices = self.data.choices(self.selected, {m for m, *_ in FIXED_PANELS}, self.points_per_curve())
         defaults = choices[:] + ["lr", "grad_norm"]
         for i, p in enumerate(self.panels[len(FIXED_PANELS):]):
             current = p.picker.currentData()
@@ -389,14 +378,6 @@ class CompareView(QWidget):
                 p.picker.setCurrentIndex(choices.index(want))
             p.picker.blockSignals(False)
             self._set_free_metric(p, p.picker.currentData())
-
-    def _eval_keys(self, run_id: str) -> list[str]:
-        if run_id not in self._evals:
-            # language-model validation has its own chart; only task evaluations need parsing here
-            has_tasks = has_task_evaluations(self.db, run_id)
-            # x positions come from the (cached) training-loss rows
-            self._evals[run_id] = eval_series(self.db, run_id, self.series(run_id, "loss")) if has_tasks else {}
-        return list(self._evals[run_id])
 
     def _set_free_metric(self, panel: _Panel, metric: str | None) -> None:
         panel.metric = metric
@@ -478,8 +459,8 @@ class CompareView(QWidget):
             for rid in self.selected:
                 data = self.series(rid, panel.metric)
                 if data.size:
-                    sparse = self._is_sparse(panel.metric, data)
-                    total = self._total.get((rid, panel.metric), data.size)
+                    sparse = is_sparse(panel.metric, data)
+                    total = self.data.total(rid, panel.metric, data.size)
                     planned.append((index, rid, sparse, *self._curve_arrays(data, total, sparse)))
         shown = [(index, x, ys) for index, rid, sparse, x, y, smooth in planned if rid not in self.hidden
                  for ys in ((y, smooth) if self._raw_wanted() and not sparse else (smooth,))]
@@ -506,14 +487,6 @@ class CompareView(QWidget):
     def _fit(self, curves, panels, fit_x: bool = True) -> None:
         """Set the shared x range (``fit_x``) and the y range of ``panels`` to the extent of ``curves``,
         given as (panel index, x, y) arrays."""
-        def extent(arrays):
-            lo, hi = math.inf, -math.inf
-            for a in arrays:
-                a = a[np.isfinite(a)]
-                if a.size:
-                    lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
-            return (lo, hi) if lo <= hi else None
-
         for i in panels:
             self.panels[i].plot.vb.disableAutoRange()
             ys = extent(y for index, _x, y in curves if index == i)
@@ -532,19 +505,9 @@ class CompareView(QWidget):
                  if c.isVisible() and c.xData is not None]
         self._fit(shown, range(len(self.panels)))
 
-    @staticmethod
-    def _is_sparse(metric: str, data: np.ndarray) -> bool:
-        return metric in EVAL_METRICS or metric.startswith(EVAL_PREFIX) or data.size < SPARSE_POINTS
-
     def _curve_arrays(self, data: np.ndarray, total: int, sparse: bool = False):
         """(x, raw y, smoothed y) of one curve on the current x axis."""
-        x = data[self.x_axis].astype(np.float64)
-        y = data["value"]
-        if sparse:
-            return x, y, y
-        # a thinned series keeps every k-th row: w^k per kept point smooths like w per row
-        k = max(1.0, (total - 1) / max(data.size - 1, 1))
-        return x, y, ema(y, self.smoothing ** k if self.smoothing > 0 else 0.0)
+        return curve_arrays(data, total, self.x_axis, self.smoothing, sparse)
 
     def _set_curve_data(self, raw: pg.PlotCurveItem, main: pg.GraphicsObject, data: np.ndarray, total: int,
                         sparse: bool = False) -> None:
@@ -560,25 +523,13 @@ class CompareView(QWidget):
         self._refined_for = (x0, x1, self.x_axis, len(self.curves))
         for (rid, index), (raw, main) in self.curves.items():
             metric = self.panels[index].metric
-            key = (rid, metric)
-            over = self._series.get(key)
-            total = self._total.get(key, 0)
-            if over is None or total <= over.size:
+            zoomed = self.data.zoomed(rid, metric, self.x_axis, x0, x1, self.points_per_curve())
+            if zoomed is None:
                 continue  # not thinned: everything is drawn already
-            x = over[self.x_axis]
-            i0 = max(int(np.searchsorted(x, x0, side="left")) - 1, 0)
-            i1 = min(int(np.searchsorted(x, x1, side="right")), over.size - 1)
-            if (i1 - i0) > 0.8 * over.size:  # zoomed out: the overview (already drawn unless a zoom refined it)
-                if (rid, index) in self._refined:
-                    self._refined.discard((rid, index))
-                    self._set_curve_data(raw, main, over, total, self._is_sparse(metric, over))
-                continue
-            lo, hi = int(over["step"][i0]), int(over["step"][i1])
-            detail, n = load_series_counted(self.db, rid, metric, self.points_per_curve(), steps=(lo, hi))
-            merged = np.concatenate([over[:i0], detail, over[i1 + 1:]])
-            k_total = int(round(n * over.size / max(i1 - i0 + 1, 1)))  # density of the visible part, for smoothing
-            self._set_curve_data(raw, main, merged, max(k_total, merged.size), self._is_sparse(metric, merged))
-            self._refined.add((rid, index))
+            rows, total, detailed = zoomed
+            if detailed or (rid, index) in self._refined:  # (the overview is drawn already unless a zoom refined it)
+                self._set_curve_data(raw, main, rows, total, is_sparse(metric, rows))
+            (self._refined.add if detailed else self._refined.discard)((rid, index))
 
     # -- exports ----------------------------------------------------------------------------------------
     def plots(self) -> dict[str, pg.PlotItem]:
@@ -589,7 +540,7 @@ class CompareView(QWidget):
         ChartExportDialog(self.plots(), title, self).exec()
 
     def export_metrics(self, path: str | Path, fmt: str | None = None) -> int:
-        return export_metrics(self.db, self.selected, path, fmt)
+        return write_metrics(self.store, self.selected, path, fmt)
 
     def _export_metrics_dialog(self) -> None:
         if not self.selected:
@@ -617,13 +568,13 @@ class ComparePanel(QWidget):
     runs_changed = Signal(list)
     run_activated = Signal(str)  # double-click in the summary: the main window may open that run
 
-    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+    def __init__(self, store: RunStore, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
         super().__init__(parent)
-        self.db = db
+        self.store = store
         self.tabs = QTabWidget()
-        self.charts = CompareView(db)
-        self.diff = ConfigDiffView(db)
-        self.summary = SummaryTable(db)
+        self.charts = CompareView(store)
+        self.diff = ConfigDiffView(store)
+        self.summary = SummaryTable(store)
         self.tabs.addTab(self.charts, "Charts")
         self.tabs.addTab(self.diff, "Config diff")
         self.tabs.addTab(self.summary, "Summary")

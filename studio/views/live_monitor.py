@@ -18,9 +18,9 @@ from PySide6.QtWidgets import (
 )
 
 from studio.models import formatting as fmt
-from studio.widgets.chart_export import ChartExportDialog
 from studio.models.plot_buffers import EMA, PeakDecimator, peak_indices
 from studio.models.run_data import LAYER_PREFIX, RunData
+from studio.widgets.chart_export import ChartExportDialog
 
 pg.setConfigOptions(antialias=False, background="w", foreground="#333")
 

@@ -3,48 +3,54 @@ selection) and one tab per opened run.
 
 Closing never kills a run: the default answer keeps runs going, and the next start re-attaches to
 every run still marked running (after reaping the ones whose engine died).
+
+The window owns the run store (``studio.models.run_store.RunStore``: the one poller of the run
+database, whose signals every tab follows) and the commands (``studio.commands``: every write).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget
 
 from engine.core.paths import default_db_path, default_runs_dir
-from engine.store.rundb import LIVE_STATUSES, RunDB
-from studio.views.compare_view import ComparePanel
 from studio.commands.engine_process import EngineProcess, train_args
-from studio.widgets.estimate_panel import EstimatePanel
 from studio.commands.hf_export import HfExportJob
+from studio.commands.run_commands import Commands
+from studio.models.config_form import PARENT_STATUSES
+from studio.models.labels import STATUS_MARKS
+from studio.models.run_store import LIVE_STATUSES, RunStore
+from studio.views.compare_view import ComparePanel
 from studio.views.queue_view import QueueView
 from studio.views.run_form import RunForm
 from studio.views.run_view import RunView
 from studio.views.runs_browser import RunsBrowser
-from studio.widgets.schedule_preview import SchedulePreview
 from studio.views.study_view import StudyView
+from studio.widgets.estimate_panel import EstimatePanel
+from studio.widgets.schedule_preview import SchedulePreview
 
-REAP_MS = 5000
 KEEP, STOP, CANCEL = "keep", "stop", "cancel"
 
 
 class MainWindow(QMainWindow):
     def __init__(self, db_path: str | Path | None = None, runs_dir: str | Path | None = None, attach: bool = True):
         super().__init__()
-        self.db = RunDB(db_path or default_db_path())
-        self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir(self.db.path)
+        self.store = RunStore(db_path or default_db_path(), self)
+        self.commands = Commands(self.store, self)
+        self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir(self.store.path)
         self.views: list[RunView] = []
         self.compare: ComparePanel | None = None  # created on first use: it reads every run's series
         self.studies: dict[str, StudyView] = {}  # sweep id -> its open Study tab
         self.hf_jobs: list[HfExportJob] = []
         self.import_jobs: list[EngineProcess] = []
         self.close_policy: str | None = None  # tests and scripts answer the close question without a dialog
-        self.setWindowTitle(f"MediSwift Studio — {self.db.path}")
+        self.setWindowTitle(f"MediSwift Studio — {self.store.path}")
         self.resize(1500, 950)
 
-        self.form = RunForm(self.db, self.runs_dir)
+        self.form = RunForm(self.store, self.runs_dir)
         self.schedule = SchedulePreview()  # below the estimate: what the masks will do, before launch
         self.form.add_side_widget(self.schedule)
         self.form.changed.connect(lambda: self.schedule.show_config(self.form.config if self.form.is_valid() else None))
@@ -54,7 +60,7 @@ class MainWindow(QMainWindow):
         self.form.start_requested.connect(self.start_run)
         self.form.queue_requested.connect(self.queue_run)
         self.estimate.runner.failed.connect(self._estimate_failed)
-        self.browser = RunsBrowser(self.db)
+        self.browser = RunsBrowser(self.store, self.commands)
         self.browser.open_requested.connect(self.open_run)
         self.browser.clone_requested.connect(self.clone_run)
         self.browser.resume_requested.connect(self.resume_run)
@@ -68,7 +74,7 @@ class MainWindow(QMainWindow):
         self.tabs.tabCloseRequested.connect(self._close_tab)
         self.tabs.addTab(self.form, "New run")
         self.tabs.addTab(self.browser, "Runs")
-        self.queue = QueueView(self.db)
+        self.queue = QueueView(self.store, self.commands)
         self.queue.run_activated.connect(self.open_run)
         self.queue.study_requested.connect(self.open_study)
         self.tabs.addTab(self.queue, "Queue")
@@ -76,12 +82,9 @@ class MainWindow(QMainWindow):
             self.tabs.tabBar().setTabButton(i, self.tabs.tabBar().ButtonPosition.RightSide, None)
         self.setCentralWidget(self.tabs)
         self._menus()
-        self.db_label = QLabel(f"database: {self.db.path}")
+        self.db_label = QLabel(f"database: {self.store.path}")
         self.statusBar().addPermanentWidget(self.db_label)
-
-        self.reap_timer = QTimer(self, interval=REAP_MS)
-        self.reap_timer.timeout.connect(self._reap)
-        self.reap_timer.start()
+        self.store.status_changed.connect(self._store_status)
         self.estimate.config_changed(self.form.is_valid())
         self.schedule.show_config(self.form.config if self.form.is_valid() else None)
         if attach:
@@ -122,7 +125,7 @@ class MainWindow(QMainWindow):
         if not folder:
             return None
         out: list[str] = []
-        proc = EngineProcess(["import-hf", str(folder), "--json", "--db", str(self.db.path), "--runs-dir",
+        proc = EngineProcess(["import-hf", str(folder), "--json", "--db", str(self.store.path), "--runs-dir",
                               str(self.runs_dir)], self, launcher=False)
         proc.stdout_text.connect(out.append)
         proc.finished.connect(lambda code: self._imported(proc, code, out))
@@ -160,8 +163,8 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Fix the marked fields first.", 5000)
             return None
         self.estimate.runner.cancel()  # the probe would compete with the run for the CPU
-        proc = EngineProcess(self.form.run_args(self.db.path, self.runs_dir), self)
-        view = self._add_view(RunView(self.db), self.form.config.name or "new run")
+        proc = EngineProcess(self.form.run_args(self.store.path, self.runs_dir), self)
+        view = self._add_view(RunView(self.store), self.form.config.name or "new run")
         view.attach_process(proc)
         proc.event.connect(lambda ev, v=view: ev["type"] == "run_started" and self._retitle(v))
         proc.start()
@@ -182,7 +185,7 @@ class MainWindow(QMainWindow):
         """The Study tab of a sweep (one per sweep)."""
         view = self.studies.get(sweep_id)
         if view is None or self.tabs.indexOf(view) < 0:
-            view = StudyView(self.db, sweep_id)
+            view = StudyView(self.store, sweep_id)
             view.run_activated.connect(self.open_run)
             view.compare_requested.connect(lambda ids: ids and self.open_compare(ids))
             self.studies[sweep_id] = view
@@ -196,7 +199,7 @@ class MainWindow(QMainWindow):
         view = self.view_for(run_id) or self.open_run(run_id)
         if view is None or view.process is not None:
             return view
-        proc = EngineProcess(train_args(None, db=self.db.path, runs_dir=self.runs_dir, resume=view.run_id), self)
+        proc = EngineProcess(train_args(None, db=self.store.path, runs_dir=self.runs_dir, resume=view.run_id), self)
         view.attach_process(proc)
         proc.start()
         self.tabs.setCurrentWidget(view)
@@ -205,8 +208,9 @@ class MainWindow(QMainWindow):
     def open_run(self, run_id: str) -> RunView | None:
         view = self.view_for(run_id)
         if view is None:
-            view = RunView(self.db)
+            view = RunView(self.store)
             if not view.attach_run(run_id):
+                view.detach()
                 view.deleteLater()
                 return None
             self._add_view(view, view.title)
@@ -220,7 +224,7 @@ class MainWindow(QMainWindow):
     def open_compare(self, run_ids: list[str]) -> ComparePanel:
         """The Compare tab showing these runs (one tab, re-pointed on each request)."""
         if self.compare is None or self.tabs.indexOf(self.compare) < 0:
-            self.compare = ComparePanel(self.db, run_ids)
+            self.compare = ComparePanel(self.store, run_ids)
             self.compare.run_activated.connect(self.open_run)
             self.tabs.insertTab(2, self.compare, "Compare")
         else:
@@ -232,11 +236,11 @@ class MainWindow(QMainWindow):
     def export_hf(self, run_id: str, out_dir: str | None = None) -> HfExportJob | None:
         """``mediswift export-hf`` for a run, in the background; the result is reported when it ends."""
         if not out_dir:
-            run = self.db.get_run(run_id) or {"name": run_id}
+            run = self.store.run(run_id) or {"name": run_id}
             out_dir = QFileDialog.getExistingDirectory(self, f"Export {run.get('name') or run_id} to a new folder")
             if not out_dir:
                 return None
-        job = HfExportJob(self.db.path, run_id, out_dir, parent=self)
+        job = HfExportJob(self.store.path, run_id, out_dir, parent=self)
         job.done.connect(lambda ok, msg, _r, j=job: self._hf_done(j, ok, msg))
         self.hf_jobs.append(job)
         job.start()
@@ -275,8 +279,8 @@ class MainWindow(QMainWindow):
 
     def reattach(self) -> list[str]:
         """Open a tab for every run still live in the database (after reaping dead engines)."""
-        self.db.reap_crashed()
-        ids = [r["id"] for r in self.db.list_runs() if r["status"] in LIVE_STATUSES and r["status"] != "created"]
+        self.commands.reap_crashed()
+        ids = [r["id"] for r in self.store.runs() if r["status"] in LIVE_STATUSES and r["status"] != "created"]
         for run_id in reversed(ids):
             self.open_run(run_id)
         if ids:
@@ -292,10 +296,12 @@ class MainWindow(QMainWindow):
         view = self.view_for(run_id)
         if view is not None:
             i = self.tabs.indexOf(view)
-            marks = {"running": "▶ ", "paused": "⏸ ", "crashed": "✖ ", "failed": "✖ "}
             if i >= 0:
-                self.tabs.setTabText(i, marks.get(status, "") + view.title)
-        if status in ("completed", "stopped"):
+                self.tabs.setTabText(i, STATUS_MARKS.get(status, "") + view.title)
+
+    def _store_status(self, _run_id: str, status: str) -> None:
+        """A run finished (here, elsewhere or in the queue): it may now be a parent."""
+        if status in PARENT_STATUSES:
             self.form.refresh_parents()
 
     def _engine_error(self, ev: dict) -> None:
@@ -314,20 +320,16 @@ class MainWindow(QMainWindow):
         if isinstance(view, RunView):
             getattr(view, action)()
 
-    def _reap(self) -> None:
-        if self.db.reap_crashed():
-            self.browser.refresh()
-
     def _close_tab(self, i: int) -> None:
         view = self.tabs.widget(i)
         if view is self.compare:
             self.tabs.removeTab(i)
             self.compare = None
+            view.charts.release()
             view.deleteLater()
         elif isinstance(view, StudyView):
             self.studies.pop(view.sweep_id, None)
             self.tabs.removeTab(i)
-            view.timer.stop()
             view.deleteLater()
         elif isinstance(view, RunView):
             view.detach()  # a live run keeps going; reopen it from Runs
@@ -365,9 +367,5 @@ class MainWindow(QMainWindow):
                 view.stop()
             view.detach()
         self.estimate.runner.cancel()
-        self.reap_timer.stop()
-        self.browser.timer.stop()
-        self.queue.timer.stop()  # the queue's runner is a process of its own: it goes on
-        for study in self.studies.values():
-            study.timer.stop()
+        self.store.stop()  # the queue's runner is a process of its own: it goes on
         event.accept()

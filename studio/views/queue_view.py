@@ -1,47 +1,41 @@
 """The Queue view: every queued, running and finished entry of the run queue, in order, with pause and
 resume, how many runs at once, move up/down, cancel, and the way to a run and to its sweep's study.
 
-The queue lives in the run database (engine.store.queue) and is worked by a runner process of its own
-(``mediswift queue work``) that this view starts, detached, whenever entries wait and none works them:
-closing the studio changes nothing for the queue, and a reopened studio shows it as it stands.
+The queue lives in the run database and is worked by a runner process of its own (``mediswift queue
+work``) that the studio's commands start, detached, whenever entries wait and none works them: closing
+the studio changes nothing for the queue, and a reopened studio shows it as it stands. The view follows
+the run store's ``queue_changed``; its buttons go through ``studio.commands``.
 """
 from __future__ import annotations
 
-import sys
 import time
 
-from PySide6.QtCore import QProcess, Qt, QTimer, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView, QHBoxLayout, QLabel, QPushButton, QSpinBox, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget,
 )
 
 from engine.core.errors import InputError
-from engine.store.queue import MAX_PARALLEL, RUNNING, WAITING, Queue
-from engine.store.rundb import RunDB
-from studio.commands.engine_process import engine_env
-from studio.views.run_view import STATUS_COLORS
+from studio.commands.run_commands import Commands
+from studio.models.labels import STATUS_COLORS
+from studio.models.run_store import MAX_PARALLEL, RUNNING, WAITING, RunStore
 
 COLUMNS = ("#", "Sweep", "Point", "Stage", "Status", "Run", "Started", "Note")
-REFRESH_MS = 1500
-RUNNER_RETRY_S = 5.0  # a runner just started needs a moment to take its lease; don't start a second meanwhile
 
 
 class QueueView(QWidget):
     run_activated = Signal(str)    # run id
     study_requested = Signal(str)  # sweep id
 
-    def __init__(self, db: RunDB, parent: QWidget | None = None):
+    def __init__(self, store: RunStore, commands: Commands, parent: QWidget | None = None):
         super().__init__(parent)
-        self.db = db
-        self.queue = Queue(db)
+        self.store, self.commands = store, commands
         self.entries: list[dict] = []
-        self.runner_started_at = float("-inf")
-        self.runner_pids: list[int] = []  # runners this view started (the lease in the database names the live one)
+        self.paused = False
         self._build()
-        self.timer = QTimer(self, interval=REFRESH_MS)
-        self.timer.timeout.connect(self.refresh)
-        self.timer.start()
+        store.queue_changed.connect(self.refresh)
+        commands.runner_failed.connect(self.message.setText)
         self.refresh()
 
     def _build(self) -> None:
@@ -97,10 +91,10 @@ class QueueView(QWidget):
 
     # -- reading ----------------------------------------------------------------------------------
     def refresh(self) -> None:
-        self.db.reap_crashed()
-        state = self.queue.state()
-        sweeps = {s["id"]: s["name"] for s in self.queue.sweeps()}
-        self.entries = self.queue.entries()
+        state = self.store.queue_state()
+        self.paused = bool(state["paused"])
+        sweeps = {s["id"]: s["name"] for s in self.store.sweeps()}
+        self.entries = self.store.queue_entries()
         selected = self.selected_ids()
         self.tree.blockSignals(True)
         self.tree.clear()
@@ -118,7 +112,7 @@ class QueueView(QWidget):
         self.tree.blockSignals(False)
         waiting = sum(1 for e in self.entries if e["status"] == WAITING)
         running = sum(1 for e in self.entries if e["status"] == RUNNING)
-        runner = self.queue.runner_pid()
+        runner = self.store.runner_pid()
         self.state_label.setText(
             f"<b>{'paused' if state['paused'] else 'active'}</b> · {running} running · {waiting} waiting · "
             + (f"runner pid {runner}" if runner else "no runner (none needed)" if not waiting or state["paused"]
@@ -128,8 +122,6 @@ class QueueView(QWidget):
         self.parallel.setValue(state["parallel"])
         self.parallel.blockSignals(False)
         self._selection_changed()
-        if not state["paused"] and runner is None and self.queue.ready():
-            self.ensure_runner()
 
     def selected_ids(self) -> list[int]:
         return [it.data(0, Qt.ItemDataRole.UserRole) for it in self.tree.selectedItems()]
@@ -153,13 +145,13 @@ class QueueView(QWidget):
 
     # -- changing ---------------------------------------------------------------------------------
     def toggle_pause(self) -> None:
-        paused = not self.queue.state()["paused"]
-        self.queue.set_paused(paused)
+        paused = not self.store.queue_state()["paused"]
+        self.commands.queue_set_paused(paused)
         self.message.setText("paused: no new runs start; running ones go on" if paused else "resumed")
         self.refresh()
 
     def _parallel_changed(self, n: int) -> None:
-        self.queue.set_parallel(n)
+        self.commands.queue_set_parallel(n)
         self.message.setText(f"up to {n} run(s) at once")
 
     def move_selected(self, delta: int) -> None:
@@ -167,7 +159,7 @@ class QueueView(QWidget):
         heads = [x for x in self.entries if x["status"] == WAITING and not x["after_id"]]
         place = next(i for i, x in enumerate(heads) if x["id"] == e["id"]) + 1
         try:
-            self.queue.move(e["id"], place + delta)
+            self.commands.queue_move(e["id"], place + delta)
         except InputError as err:
             self.message.setText(str(err))
         self.refresh()
@@ -175,7 +167,8 @@ class QueueView(QWidget):
         self._selection_changed()
 
     def cancel_selected(self) -> list[str]:
-        lines = self.queue.cancel([e["id"] for e in self._selected_entries() if e["status"] in (WAITING, RUNNING)])
+        lines = self.commands.queue_cancel([e["id"] for e in self._selected_entries()
+                                            if e["status"] in (WAITING, RUNNING)])
         self.message.setText("; ".join(lines))
         self.refresh()
         return lines
@@ -192,28 +185,7 @@ class QueueView(QWidget):
 
     def add_run(self, config_text: str, config_name: str, sets: list[str], runs_dir: str, cwd: str) -> int:
         """Queue one run from the form (no sweep); returns its entry id."""
-        (entry_id,) = self.queue.add([{"config_text": config_text, "config_name": config_name, "sets": sets,
-                                       "runs_dir": runs_dir, "cwd": cwd, "label": config_name}])
+        entry_id = self.commands.queue_add(config_text, config_name, sets, runs_dir, cwd)
         self.message.setText(f"queued as entry {entry_id}")
         self.refresh()
         return entry_id
-
-    def ensure_runner(self) -> int | None:
-        """Start ``mediswift queue work`` detached (it outlives the studio) unless one was just started."""
-        if time.monotonic() - self.runner_started_at < RUNNER_RETRY_S:
-            return None
-        self.runner_started_at = time.monotonic()
-        proc = QProcess()
-        proc.setProgram(sys.executable)
-        proc.setArguments(["-m", "engine", "queue", "work", "--db", str(self.db.path)])
-        proc.setProcessEnvironment(engine_env())
-        proc.setStandardOutputFile(str(self.db.path.with_name("queue-runner.log")), QProcess.OpenModeFlag.Append)
-        proc.setStandardErrorFile(str(self.db.path.with_name("queue-runner.log")), QProcess.OpenModeFlag.Append)
-        started = proc.startDetached()  # PySide6: a bool, or (bool, pid) in some versions
-        ok, pid = started if isinstance(started, tuple) else (started, None)
-        if not ok:
-            self.message.setText("could not start the queue runner (mediswift queue work)")
-            return None
-        if pid:
-            self.runner_pids.append(pid)
-        return pid

@@ -7,7 +7,6 @@ stays disabled until the whole configuration is valid. The run is described as a
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,91 +14,21 @@ from typing import Any
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
-    QScrollArea, QSizePolicy, QSplitter, QVBoxLayout, QWidget,
+    QScrollArea, QSplitter, QVBoxLayout, QWidget,
 )
 
 from engine.core import config as cfgmod
 from engine.core.config import SECTIONS, RunConfig, field_docs, from_dict
 from engine.core.errors import InputError
 from engine.core.paths import list_presets, resolve_preset
-from engine.store.rundb import RunDB
+from engine.core.registry import PRETRAIN, task_fields
 from studio.commands.engine_process import command_preview, train_args
-from studio.widgets.field_editors import FieldEditor, make_editor
+from studio.models.config_form import flatten, nested, validate
+from studio.models.labels import SECTION_TITLES, STAGE_LABELS, hidden_sections, parent_stages
+from studio.models.run_store import RunStore
+from studio.widgets.field_editors import FieldEditor, ParentEditor, make_editor
 
-STAGE_LABELS = {
-    "vocab": "Vocabulary",
-    "pretrain": "Sparse pre-training",
-    "finetune": "Dense fine-tuning",
-    "prompt": "Soft prompting",
-    "import": "Imported model",  # not a stage to start: a model brought in with import-hf, to start from
-}
-SECTION_TITLES = {
-    "model": "Model", "tokenizer": "Tokenizer", "data": "Data", "sparsity": "Sparsity",
-    "train": "Training", "task": "Task (fine-tuning and prompting)", "prompt": "Soft prompt",
-}
-# sections a stage does not read are hidden, so the form only asks what matters
-HIDDEN_SECTIONS = {
-    "vocab": {"model", "sparsity", "train", "task", "prompt"},
-    "pretrain": {"task", "prompt"},
-    "finetune": {"sparsity", "prompt", "tokenizer"},
-    "prompt": {"sparsity", "tokenizer"},
-}
-# which parent stages a stage can start from, the usual one first: a pre-training reuses a vocabulary
-# (or pre-training) run's tokenizer, fine-tuning starts from a sparse pre-training (or another
-# fine-tune), soft prompting from a fine-tuned model (or a pre-trained one)
-PARENT_STAGES = {"vocab": (), "pretrain": ("vocab", "pretrain", "import"),
-                 "finetune": ("pretrain", "finetune", "import"), "prompt": ("finetune", "pretrain", "import")}
-PARENT_STATUSES = ("completed", "stopped")  # a finished model (stopped runs end on a checkpoint)
-# task fields that only one task reads: disabled for the others so the form says what matters
-TASK_ONLY = {"task.splits": ("pubmedqa",), "task.fold": ("pubmedqa",), "task.predict": ("pubmedqa",),
-             "task.scoring": ("pubmedqa",), "task.head": ("hoc",), "task.train": ("pubmedqa", "hoc"), "task.dev": ("pubmedqa", "hoc")}
 DEFAULT_PRESET = "demo"
-
-
-def nested(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        if "." in key:
-            sec, sub = key.split(".", 1)
-            out.setdefault(sec, {})[sub] = value
-        else:
-            out[key] = value
-    return out
-
-
-def flatten(d: dict) -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for sub, v in value.items():
-                out[f"{key}.{sub}"] = v
-        else:
-            out[key] = value
-    return out
-
-
-def validate(flat: dict[str, Any]) -> tuple[RunConfig | None, dict[str, str]]:
-    """All errors the engine would raise, one per section (it stops at the first), keyed by dotted field."""
-    d = nested(flat)
-    errors: dict[str, str] = {}
-    for sec, cls in SECTIONS.items():
-        try:
-            cls(**d.get(sec, {}))
-        except InputError as e:
-            errors[e.key] = str(e)
-        except TypeError as e:  # an unknown key in a section
-            errors[sec] = str(e)
-    top = {k: v for k, v in d.items() if k not in SECTIONS}
-    try:
-        RunConfig(**top)
-    except InputError as e:
-        errors[e.key] = str(e)
-    if errors:
-        return None, errors
-    try:
-        return from_dict(d), {}
-    except InputError as e:
-        return None, {e.key: str(e)}
 
 
 class RunForm(QWidget):
@@ -109,9 +38,9 @@ class RunForm(QWidget):
     start_requested = Signal()
     queue_requested = Signal()
 
-    def __init__(self, db: RunDB, runs_dir: Path, parent: QWidget | None = None):
+    def __init__(self, store: RunStore, runs_dir: Path, parent: QWidget | None = None):
         super().__init__(parent)
-        self.db, self.runs_dir = db, Path(runs_dir)
+        self.store, self.runs_dir = store, Path(runs_dir)
         self.docs = field_docs()
         self.editors: dict[str, FieldEditor] = {}
         self.groups: dict[str, QGroupBox] = {}
@@ -164,8 +93,10 @@ class RunForm(QWidget):
         fields = QWidget()
         col = QVBoxLayout(fields)
         col.addWidget(head_box)
-        # task and prompt first: a fine-tune or prompt run is mostly about them (pre-training hides both)
-        for sec in sorted(SECTIONS, key=lambda k: k not in ("task", "prompt")):
+        # the sections pre-training does not read first (task, prompt): a fine-tune or prompt run is
+        # mostly about them, and pre-training hides them
+        first = hidden_sections(PRETRAIN)
+        for sec in sorted(SECTIONS, key=lambda k: k not in first):
             box = QGroupBox(SECTION_TITLES.get(sec, sec))
             form = QFormLayout(box)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
@@ -282,15 +213,17 @@ class RunForm(QWidget):
         return path or None
 
     def choose_clone(self) -> None:
-        from studio.views.runs_browser import pick_run  # a small dialog; imported late to keep this module light
+        from studio.views.runs_browser import (
+            pick_run,  # a small dialog; imported late to keep this module light
+        )
 
-        run_id = pick_run(self, self.db, "Clone the configuration of…")
+        run_id = pick_run(self, self.store, "Clone the configuration of…")
         if run_id:
             self.clone_run(run_id)
 
     def clone_run(self, run_id: str) -> bool:
         """Load a past run's stored configuration; it is saved as a file so the command stays reproducible."""
-        run = self.db.get_run(run_id)
+        run = self.store.run(run_id)
         if not run:
             return False
         d = dict(run["config"])
@@ -306,25 +239,27 @@ class RunForm(QWidget):
         return True
 
     def clone_dir(self) -> Path:
-        return Path(self.db.path).parent / "studio" / "configs"
+        return Path(self.store.path).parent / "studio" / "configs"
 
     # -- stage and parent --------------------------------------------------------------------------------
     def _stage_changed(self) -> None:
         stage = self.editors["stage"].value()
+        hidden = hidden_sections(stage)  # sections a stage does not read: the form only asks what matters
         for sec, box in self.groups.items():
-            box.setVisible(sec not in HIDDEN_SECTIONS.get(stage, set()))
+            box.setVisible(sec not in hidden)
         self.refresh_parents()
 
     def refresh_parents(self) -> None:
         """Re-list the runs the current stage can start from (after a run finished, say)."""
         stage = self.editors["stage"].value()
         parent = self.editors["parent"]
-        parent.refresh(self.db, PARENT_STAGES.get(stage, ()))
-        parent.widget.setEnabled(bool(PARENT_STAGES.get(stage)))
+        stages = parent_stages(stage)
+        parent.refresh(self.store.runs(include_archived=False), stages)
+        parent.widget.setEnabled(bool(stages))
 
     def _task_changed(self) -> None:
         task = self.editors["task.name"].value()
-        for key, tasks in TASK_ONLY.items():
+        for key, tasks in task_fields().items():  # task fields another task does not read are greyed out
             if key in self.editors:
                 self.editors[key].widget.setEnabled(task in tasks)
                 for b in self.editors[key].container.findChildren(QPushButton):
@@ -397,67 +332,8 @@ class RunForm(QWidget):
         return ["estimate", *args[1:], "--json", "--probe-steps", str(probe_steps)]
 
     def command_preview(self) -> str:
-        return command_preview(self.run_args(self.db.path, self.runs_dir))
+        return command_preview(self.run_args(self.store.path, self.runs_dir))
 
     def set_field(self, key: str, value: Any) -> None:
         """Programmatic edit (tests, screenshots), exactly as if typed."""
         self.editors[key].set_value(value)
-
-
-class ParentEditor(FieldEditor):
-    """Editable combo of past runs a stage can start from; free text takes an id or prefix."""
-
-    def _build(self) -> QWidget:
-        w = QComboBox()
-        w.setEditable(True)
-        w.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        w.lineEdit().setPlaceholderText("none")
-        w.currentTextChanged.connect(self.changed)
-        return w
-
-    def refresh(self, db: RunDB, stages: tuple[str, ...]) -> None:
-        current = self.value()
-        self.widget.blockSignals(True)
-        self.widget.clear()
-        self.widget.addItem("", "")
-        runs = [r for r in db.list_runs(include_archived=False)
-                if r["stage"] in stages and r["status"] in PARENT_STATUSES]
-        runs.sort(key=lambda r: stages.index(r["stage"]))  # stable: newest first within a stage
-        for run in runs:
-            self.widget.addItem(parent_label(run), run["id"])
-        self.widget.blockSignals(False)
-        self.set_value(current)
-
-    def run_ids(self) -> list[str]:
-        """The runs offered (tests, scripts)."""
-        return [self.widget.itemData(i) for i in range(1, self.widget.count()) if self.widget.itemData(i)]
-
-    def value(self) -> str:
-        text = self.widget.currentText().strip()
-        i = self.widget.findText(text)
-        if i >= 0 and self.widget.itemData(i) is not None:
-            return self.widget.itemData(i)
-        return text
-
-    def set_value(self, value: Any) -> None:
-        value = value or ""
-        i = self.widget.findData(value)
-        if i >= 0:
-            self.widget.setCurrentIndex(i)
-        else:
-            self.widget.setEditText(str(value))
-
-
-def parent_label(run: dict) -> str:
-    """'ab12cd34 — hpo-sparse75 (Sparse pre-training, 75 % sparse, completed)'."""
-    cfg = run.get("config") or {}
-    extra = ""
-    if run["stage"] == "pretrain" and (cfg.get("sparsity") or {}).get("level") is not None:
-        extra = f", {100 * cfg['sparsity']['level']:.0f} % sparse"
-    elif run["stage"] in ("finetune", "prompt") and (cfg.get("task") or {}).get("name"):
-        extra = f", {cfg['task']['name']}"
-    return f"{run['id']} — {run['name']} ({STAGE_LABELS.get(run['stage'], run['stage'])}{extra}, {run['status']})"
-
-
-def config_json(cfg: RunConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -2,15 +2,15 @@
 next to its majority baseline, tags and notes, with filter and search. Opening a run shows its charts
 from the database; a live one keeps filling (re-attach). Several selected runs open in the Compare tab
 or export their metrics; one selected run exports its config (TOML) or its model (Hugging Face).
-Tags, notes, archive and delete use the one ``RunNotesEditor``.
+Tags, notes, archive and delete use the one ``RunNotesEditor``. The list follows the run store: rebuilt
+when a run appears, goes or changes, and at most every few seconds while live runs progress.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QItemSelectionModel, Qt, QTimer, Signal
+from PySide6.QtCore import QItemSelectionModel, Qt, Signal
 from PySide6.QtGui import QAction, QColor
 from PySide6.QtWidgets import (
     QAbstractItemView, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
@@ -18,32 +18,20 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from engine.core.config import from_dict
 from engine.core.errors import InputError
-from engine.store.queries import disk_usage, last_eval_metrics, last_values
-from engine.store.rundb import RunDB
-from engine.publish.run_export import FORMATS, export_config, export_metrics
-from studio.models import formatting as fmt
+from studio.commands.exports import FORMATS, write_config, write_metrics
+from studio.commands.run_commands import Commands
+from studio.models.labels import STAGE_LABELS, STATUS_COLORS, STATUSES, exports_model, stage_text
 from studio.models.lineage import best_scores, chain_html, score_text
-from studio.views.run_form import STAGE_LABELS
+from studio.models.run_details import config_text, detail_html
+from studio.models.run_filter import run_matches
+from studio.models.run_store import RunStore
+from studio.models.throttle import Throttle
 from studio.views.run_notes import RunNotesEditor
-from studio.views.run_view import STATUS_COLORS
 
 COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Best score (baseline)", "Created", "Tags",
            "Notes")
-REFRESH_MS = 3000
-
-
-def run_matches(run: dict, text: str, status: str, stage: str) -> bool:
-    if status and run["status"] != status:
-        return False
-    if stage and run["stage"] != stage:
-        return False
-    if not text:
-        return True
-    hay = " ".join([run["id"], run.get("name") or "", run.get("notes") or "", " ".join(run.get("tags") or []),
-                    run["stage"], run["status"]]).lower()
-    return all(word in hay for word in text.lower().split())
+REFRESH_MS = 3000  # while live runs progress, the list is rebuilt at most this often
 
 
 class RunsBrowser(QWidget):
@@ -54,16 +42,17 @@ class RunsBrowser(QWidget):
     export_hf_requested = Signal(str)
     run_deleted = Signal(str)
 
-    def __init__(self, db: RunDB, parent: QWidget | None = None):
+    def __init__(self, store: RunStore, commands: Commands, parent: QWidget | None = None):
         super().__init__(parent)
-        self.db = db
+        self.store, self.commands = store, commands
         self.runs: dict[str, dict] = {}
         self.scores: dict[str, dict] = {}
         self._current: str | None = None
+        self._stale = False  # the store reported a change while the list was hidden
         self._build()
-        self.timer = QTimer(self, interval=REFRESH_MS)
-        self.timer.timeout.connect(self._auto_refresh)
-        self.timer.start()
+        self.progress = Throttle(self._auto_refresh, REFRESH_MS, self)
+        store.runs_changed.connect(self._runs_changed)
+        store.runs_progressed.connect(self.progress.request)
         self.refresh()
 
     def _build(self) -> None:
@@ -72,7 +61,7 @@ class RunsBrowser(QWidget):
         self.search.textChanged.connect(self.refresh)
         self.status_filter = QComboBox(objectName="status_filter")
         self.status_filter.addItem("any status", "")
-        for s in ("running", "paused", "completed", "stopped", "failed", "crashed", "created"):
+        for s in STATUSES:
             self.status_filter.addItem(s, s)
         self.status_filter.currentIndexChanged.connect(self.refresh)
         self.stage_filter = QComboBox(objectName="stage_filter")
@@ -144,13 +133,14 @@ class RunsBrowser(QWidget):
                 self.tree.addAction(act)
             form.addRow(line)
         self.tree.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
-        self.notes = RunNotesEditor(self.db)
+        self.notes = RunNotesEditor(self.store, self.commands)
         self.notes.layout().setContentsMargins(0, 0, 0, 0)
         self.notes.title.hide()  # the details above already name the run
         self.notes.notes.setMaximumHeight(90)
         self.notes.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
-        self.notes.saved.connect(lambda _rid: self.refresh())
-        self.notes.archived_changed.connect(lambda _rid, _on: self.refresh())
+        # a save or an archive reaches the list as the store's runs_changed (at once when the list is shown)
+        self.notes.saved.connect(lambda _rid: self._refresh_if_stale())
+        self.notes.archived_changed.connect(lambda _rid, _on: self._refresh_if_stale())
         self.notes.deleted.connect(self._deleted)
         form.insertRow(0, self.detail)
         form.insertRow(1, QLabel("<b>Pipeline</b>"))
@@ -170,17 +160,38 @@ class RunsBrowser(QWidget):
         lay.addWidget(split, 1)
 
     # -- data ------------------------------------------------------------------------------------------
+    def _runs_changed(self) -> None:
+        self._stale = True
+        self._auto_refresh()
+
+    def _refresh_if_stale(self) -> None:
+        if self._stale:
+            self.refresh()
+
     def _auto_refresh(self) -> None:
         if self.isVisible():
             self.refresh()
+        else:
+            self._stale = True
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        self.store.want_list(self, True)  # runs added or edited elsewhere show within seconds
+        if self._stale:
+            self.refresh()
+
+    def hideEvent(self, event) -> None:
+        self.store.want_list(self, False)
+        super().hideEvent(event)
 
     def refresh(self) -> None:
-        self.db.reap_crashed()
-        runs = self.db.list_runs(include_archived=self.archived_box.isChecked())
+        self._stale = False
+        self.progress.last = time.monotonic()
+        runs = self.store.runs(include_archived=self.archived_box.isChecked())
         self.runs = {r["id"]: r for r in runs}
-        self.scores = best_scores(self.db)
-        last = last_values(self.db, "loss")  # one query each: the browser must stay fast with thousands of runs
-        vals = last_eval_metrics(self.db, "val", "loss")
+        self.scores = best_scores(self.store.evaluations_by_run())
+        last = self.store.last_values("loss")  # one query each: the browser must stay fast with thousands of runs
+        vals = self.store.last_eval_metrics("val", "loss")
         text = self.search.text().strip()
         status, stage = self.status_filter.currentData(), self.stage_filter.currentData()
         shown = {rid for rid, r in self.runs.items() if run_matches(r, text, status, stage)}
@@ -197,7 +208,7 @@ class RunsBrowser(QWidget):
         for r in sorted((self.runs[i] for i in shown), key=lambda r: r["created_at"]):
             loss = last.get(r["id"])
             item = QTreeWidgetItem([
-                r.get("name") or "", r["id"], STAGE_LABELS.get(r["stage"], r["stage"]), r["status"],
+                r.get("name") or "", r["id"], stage_text(r["stage"]), r["status"],
                 f"{loss[1]:,}" if loss else "", f"{loss[0]:.4f}" if loss else "",
                 f"{vals[r['id']]:.4f}" if vals.get(r["id"]) is not None else "",
                 score_text(self.scores.get(r["id"])),
@@ -250,25 +261,9 @@ class RunsBrowser(QWidget):
             return
         self.action_buttons["resume"].setEnabled(run["status"] in ("stopped", "crashed", "failed"))
         # the model lives in a checkpoint; a vocabulary run has none
-        self.action_buttons["export_hf"].setEnabled(run["stage"] != "vocab" and bool(self.db.latest_checkpoint(run_id)))
-        ckpts = self.db.checkpoints(run_id)
-        disk = disk_usage(run, ckpts)
-        summary = run.get("summary") or {}
-        lines = [f"<b>{run.get('name') or run_id}</b> ({run_id}) — {STAGE_LABELS.get(run['stage'], run['stage'])}",
-                 f"status <b style='color:{STATUS_COLORS.get(run['status'], '#333')}'>{run['status']}</b>",
-                 f"parent: {run.get('parent_id') or '—'}",
-                 f"checkpoints: {len(ckpts)}" + (f", last at step {ckpts[-1]['step']}" if ckpts else "")
-                 + (f" · disk: {fmt.nbytes(disk['checkpoint_bytes'])} in checkpoints, {fmt.nbytes(disk['run_dir_bytes'])} "
-                    "in the run folder" if disk["run_dir_bytes"] else ""),
-                 f"folder: {run.get('run_dir') or '—'}"]
-        if run.get("started_at") and run.get("finished_at"):
-            lines.append(f"duration: {fmt.duration(run['finished_at'] - run['started_at'])}")
-        if summary:
-            lines.append("summary: " + ", ".join(f"{k} {fmt.number(v) if isinstance(v, (int, float)) else v}"
-                                                 for k, v in list(summary.items())[:8]))
-        if run.get("error"):
-            lines.append(f"<span style='color:#c9302c'>error: {run['error']}</span>")
-        self.detail.setText("<br>".join(lines))
+        ckpts = self.store.checkpoints(run_id)
+        self.action_buttons["export_hf"].setEnabled(exports_model(run["stage"]) and bool(ckpts))
+        self.detail.setText(detail_html(run, ckpts))
         self.pipeline.setText(chain_html(self.runs, run_id, self.scores))
         if not (same and (self.notes.tags.hasFocus() or self.notes.notes.hasFocus())):  # a refresh must not eat typing
             self.notes.set_run(run_id)
@@ -335,7 +330,7 @@ class RunsBrowser(QWidget):
             if Path(path).suffix.lstrip(".").lower() not in FORMATS:
                 path += "." + chosen.split()[0].lower()
         try:
-            n = export_metrics(self.db, ids, path, fmt)
+            n = write_metrics(self.store, ids, path, fmt)
         except (InputError, OSError) as e:
             QMessageBox.warning(self, "Export metrics", str(e))
             return None
@@ -355,26 +350,18 @@ class RunsBrowser(QWidget):
             if not path:
                 return None
         try:
-            return export_config(self.db, run["id"], path)
-        except (InputError, InputError, OSError) as e:
+            return write_config(self.store, run["id"], path)
+        except (InputError, OSError) as e:
             QMessageBox.warning(self, "Export TOML", f"Cannot export the configuration of {run['id']}: {e}")
             return None
 
 
-def config_text(config: dict) -> str:
-    """TOML, as the user writes it; JSON if the current engine no longer accepts this old config."""
-    try:
-        return from_dict(config).to_toml()
-    except InputError:
-        return json.dumps(config, indent=2, sort_keys=True)
-
-
-def pick_run(parent: QWidget, db: RunDB, title: str) -> str | None:
+def pick_run(parent: QWidget, store: RunStore, title: str, commands: Commands | None = None) -> str | None:
     """A small modal list of runs (for Clone…)."""
     dlg = QDialog(parent)
     dlg.setWindowTitle(title)
     dlg.resize(900, 500)
-    browser = RunsBrowser(db, dlg)
+    browser = RunsBrowser(store, commands or Commands(store, dlg, act_on_store=False), dlg)
     chosen: list[str] = []
     browser.open_requested.connect(lambda rid: (chosen.append(rid), dlg.accept()))
     buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)

@@ -7,28 +7,30 @@
   bar, the majority baseline (a dash) and the zero-shot parent (a cross) beside it.
 * **A table** of every point and chained run; CSV export of it, PNG/SVG export of both charts.
 
-Everything comes from the run database through engine.orchestrate.study; it refreshes while the sweep runs.
+Everything comes from the run store (the sweep's study); it refreshes, at most every few seconds, while
+the sweep's runs progress.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout,
     QWidget,
 )
 
-from engine.store.rundb import RunDB
-from engine.orchestrate.study import study_csv, sweep_study
+from studio.models.labels import PALETTE, stage_tick
+from studio.models.run_store import RunStore, study_csv
+from studio.models.throttle import Throttle
 from studio.widgets.chart_export import ChartExportDialog
-from studio.views.compare_view import PALETTE
 
 TABLE_COLUMNS = ("Entry", "Run", "Point", "Status", "Sparsity", "d_model", "Steps", "FLOPs", "Final val loss",
                  "Best val loss", "Chained run", "Task", "Score", "Majority", "Zero-shot")
-REFRESH_MS = 3000
+REFRESH_MS = 3000  # while the sweep's runs progress, the study is read again at most this often
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -41,15 +43,15 @@ class StudyView(QWidget):
     run_activated = Signal(str)
     compare_requested = Signal(list)  # the sweep's grid runs, for the Compare tab
 
-    def __init__(self, db: RunDB, sweep_id: str, parent: QWidget | None = None):
+    def __init__(self, store: RunStore, sweep_id: str, parent: QWidget | None = None):
         super().__init__(parent)
-        self.db = db
+        self.store = store
         self.sweep_id = sweep_id
         self.study: dict = {}
         self._build()
-        self.timer = QTimer(self, interval=REFRESH_MS)
-        self.timer.timeout.connect(self._auto_refresh)
-        self.timer.start()
+        self.progress = Throttle(self._auto_refresh, REFRESH_MS, self)
+        store.runs_progressed.connect(self.progress.request)
+        store.queue_changed.connect(self.progress.request)
         self.refresh()
 
     def _build(self) -> None:
@@ -109,7 +111,8 @@ class StudyView(QWidget):
 
     # -- data -------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        self.study = sweep_study(self.db, self.sweep_id)
+        self.progress.last = time.monotonic()
+        self.study = self.store.sweep_study(self.sweep_id)
         sw, spec = self.study["sweep"], self.study["spec"]
         grid = ", ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in spec.get("grid", {}).items())
         done = sum(1 for p in self.study["points"] if p["status"] == "completed")
@@ -180,8 +183,8 @@ class StudyView(QWidget):
         if zx:
             self.score_plot.plot([x[i] for i in zx], [zero[i] for i in zx], pen=None, symbol="x", symbolSize=12,
                                  symbolBrush="#555", symbolPen="#555", name="zero-shot parent")
-        short = {"finetune": "ft", "prompt": "prompt"}
-        ticks = [(float(i), f"{p['label']}\n{short.get(c['stage'], c['stage'])} {c['task']}") for i, (p, c) in enumerate(rows)]
+        ticks = [(float(i), f"{p['label']}\n{stage_tick(c['stage'])} {c['task']}")
+                 for i, (p, c) in enumerate(rows)]
         self.score_plot.getAxis("bottom").setTicks([ticks])
 
     def _fill_table(self) -> None:

@@ -8,8 +8,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QCheckBox, QLabel, QTableWidget, QTableWidgetItem, QWidget
 
-from engine.store.queries import config_diff
-from engine.store.rundb import RunDB
+from studio.models.run_store import RunStore, config_diff
 from studio.widgets.table_page import table_page
 
 DIFF_BRUSH = QBrush(QColor("#fff3c4"))
@@ -26,9 +25,9 @@ def display_value(v: Any) -> str:
 class ConfigDiffView(QWidget):
     """Rows: dotted config keys (``train.lr``); columns: runs. Differing rows are highlighted."""
 
-    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+    def __init__(self, store: RunStore, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
         super().__init__(parent)
-        self.db = db
+        self.store = store
         self.run_ids_: list[str] = []
         self.only_diff = QCheckBox("Differences only", objectName="differences_only", checked=True)
         self.only_diff.toggled.connect(lambda _on: self._fill())
@@ -38,7 +37,7 @@ class ConfigDiffView(QWidget):
         self.set_runs(list(run_ids))
 
     def set_runs(self, run_ids: list[str]) -> None:
-        self.runs = [r for r in (self.db.get_run(i) for i in run_ids) if r is not None]
+        self.runs = [r for r in (self.store.run(i) for i in run_ids) if r is not None]
         self.run_ids_ = [r["id"] for r in self.runs]
         self._fill()
 

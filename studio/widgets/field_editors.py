@@ -9,10 +9,12 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (
-    QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout,
+    QWidget,
 )
 
 from engine.core.config import range_text  # the same wording as the engine's messages
+from studio.models.config_form import PARENT_STATUSES, parent_label
 
 INT_LIMIT = 2**31 - 1
 ERROR_STYLE = "border: 1px solid #d9534f; background: #fff3f3;"
@@ -236,3 +238,47 @@ def make_editor(key: str, info: dict, parent: QWidget | None = None, labels: dic
         return CorpusEditor(key, info, parent)
     return {"int": IntEditor, "float": FloatEditor, "bool": BoolEditor, "list": ListEditor}.get(
         info["type"], TextEditor)(key, info, parent)
+
+
+class ParentEditor(FieldEditor):
+    """Editable combo of past runs a stage can start from; free text takes an id or prefix."""
+
+    def _build(self) -> QWidget:
+        w = QComboBox()
+        w.setEditable(True)
+        w.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        w.lineEdit().setPlaceholderText("none")
+        w.currentTextChanged.connect(self.changed)
+        return w
+
+    def refresh(self, runs: list[dict], stages: tuple[str, ...]) -> None:
+        """Offer the finished runs of these stages (``runs``: rows, newest first)."""
+        current = self.value()
+        self.widget.blockSignals(True)
+        self.widget.clear()
+        self.widget.addItem("", "")
+        offered = [r for r in runs if r["stage"] in stages and r["status"] in PARENT_STATUSES]
+        offered.sort(key=lambda r: stages.index(r["stage"]))  # stable: newest first within a stage
+        for run in offered:
+            self.widget.addItem(parent_label(run), run["id"])
+        self.widget.blockSignals(False)
+        self.set_value(current)
+
+    def run_ids(self) -> list[str]:
+        """The runs offered (tests, scripts)."""
+        return [self.widget.itemData(i) for i in range(1, self.widget.count()) if self.widget.itemData(i)]
+
+    def value(self) -> str:
+        text = self.widget.currentText().strip()
+        i = self.widget.findText(text)
+        if i >= 0 and self.widget.itemData(i) is not None:
+            return self.widget.itemData(i)
+        return text
+
+    def set_value(self, value: Any) -> None:
+        value = value or ""
+        i = self.widget.findData(value)
+        if i >= 0:
+            self.widget.setCurrentIndex(i)
+        else:
+            self.widget.setEditText(str(value))

@@ -1,9 +1,9 @@
-"""The log pane: engine stderr, ``log``/``warning``/``error`` events and the engine.log tail of re-attached runs."""
+"""The log pane: engine stderr, ``log``/``warning``/``error`` events and the engine.log tail of re-attached
+runs (read by ``studio.models.log_tail``)."""
 from __future__ import annotations
 
 import html
 import time
-from pathlib import Path
 
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QPushButton, QTextEdit, QVBoxLayout, QWidget
@@ -71,40 +71,3 @@ class LogPane(QWidget):
 
     def text(self) -> str:
         return "\n".join(t for _k, t in self.lines)
-
-
-class FileTail:
-    """Reads what was appended to a file since the last call (the engine.log of a re-attached run)."""
-
-    def __init__(self, path: str | Path, from_end_bytes: int | None = None):
-        self.path = Path(path)
-        self.offset = 0
-        if from_end_bytes is not None and self.path.exists():
-            self.offset = max(0, self.path.stat().st_size - from_end_bytes)
-
-    def read_new(self) -> list[str]:
-        try:
-            size = self.path.stat().st_size
-        except OSError:
-            return []
-        if size < self.offset:  # rotated or truncated
-            self.offset = 0
-        if size == self.offset:
-            return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read()
-        cut = data.rfind(b"\n") + 1  # only whole lines; the rest comes next time
-        self.offset += cut
-        return data[:cut].decode("utf-8", errors="replace").splitlines()
-
-
-def tail_lines(path: str | Path, n: int = 40) -> list[str]:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            return fh.read().decode("utf-8", errors="replace").splitlines()[-n:]
-    except OSError:
-        return []

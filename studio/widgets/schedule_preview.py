@@ -13,6 +13,7 @@ from PySide6.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from engine.core.config import RunConfig
 from engine.core.flops import flop_model_for_config
+from engine.core.registry import PRETRAIN
 from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
 
 MAX_POINTS = 2000  # a long run is drawn on a coarser grid; the plan itself is per step
@@ -49,7 +50,7 @@ class SchedulePreview(QGroupBox):
 
     def show_config(self, cfg: RunConfig | None) -> None:
         """Draw the plan of ``cfg`` (a pre-training config); hidden for other stages."""
-        if cfg is None or cfg.stage != "pretrain":
+        if cfg is None or cfg.stage != PRETRAIN:
             self.setVisible(cfg is None and self.plan is not None)
             return
         self.setVisible(True)

@@ -13,10 +13,9 @@ from PySide6.QtGui import QGuiApplication, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import QAbstractItemView, QFileDialog, QLabel, QMessageBox, QPushButton, QTableView, QWidget
 
 from engine.core.errors import InputError
-from engine.store.queries import summary_rows
-from engine.store.rundb import RunDB
-from engine.publish.run_export import export_config
+from studio.commands.exports import write_config
 from studio.models import formatting as fmt
+from studio.models.run_store import RunStore
 from studio.widgets.table_page import table_page
 
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -40,9 +39,9 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
 TAIL = (("Parent", "parent", str), ("Tags", "tags", lambda v: ", ".join(v or [])))
 
 
-def table_rows(db: RunDB, run_ids: list[str]) -> tuple[list[dict], list[str]]:
+def table_rows(store: RunStore, run_ids: list[str]) -> tuple[list[dict], list[str]]:
     """Summary rows flattened for the table (task scores become columns) and the score keys."""
-    rows = summary_rows(db, run_ids)
+    rows = store.summary_rows(run_ids)
     score_keys = sorted({k for r in rows for k in r["scores"]})
     for r in rows:
         r["saving"] = r["flops_dense"] / r["flops"] if r["flops"] and r["flops_dense"] else None
@@ -56,9 +55,9 @@ class SummaryTable(QWidget):
 
     run_activated = Signal(str)
 
-    def __init__(self, db: RunDB, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
+    def __init__(self, store: RunStore, run_ids: list[str] | tuple[str, ...] = (), parent: QWidget | None = None):
         super().__init__(parent)
-        self.db = db
+        self.store = store
         self.rows: list[dict] = []
         self.columns: list[tuple[str, str, Any]] = []
         self.model = QStandardItemModel(self)
@@ -80,7 +79,7 @@ class SummaryTable(QWidget):
         self.set_runs(list(run_ids))
 
     def set_runs(self, run_ids: list[str]) -> None:
-        self.rows, score_keys = table_rows(self.db, [i for i in run_ids if self.db.get_run(i) is not None])
+        self.rows, score_keys = table_rows(self.store, [i for i in run_ids if self.store.run(i) is not None])
         self.columns = list(COLUMNS) + [(k, f"score:{k}", lambda v: "–" if v is None else f"{v:.4g}") for k in score_keys] + list(TAIL)
         self.model.clear()
         self.model.setHorizontalHeaderLabels([c[0] for c in self.columns])
@@ -133,6 +132,6 @@ class SummaryTable(QWidget):
         if not path:
             return
         try:
-            export_config(self.db, rid, Path(path))
+            write_config(self.store, rid, Path(path))
         except (InputError, OSError, ValueError) as e:
             QMessageBox.warning(self, "Export config", str(e))
