@@ -148,8 +148,8 @@ def main() -> int:
     if len(counter.painted) != len(view.panels):
         print(f"warning: only {len(counter.painted)} of {len(view.panels)} charts painted in the timed pass")
     points = view.points_per_curve()
-    read_rows = sum(a.size for a in view._series.values())
-    drawn_rows = sum(view._total.values())
+    read_rows = sum(a.size for a in view.data.overview.values())
+    drawn_rows = sum(view.data.totals.values())
     t = clock()
     view.set_x_axis("tokens")
     app.processEvents()

@@ -35,10 +35,10 @@ from engine.orchestrate.queue import MAX_PARALLEL, RUNNING, WAITING, Queue
 from engine.orchestrate.study import study_csv, sweep_study
 from engine.store import queries
 from engine.store.queries import SERIES_DTYPE, config_diff, disk_usage, numeric_metrics
-from engine.store.rundb import FINAL_STATUSES, LIVE_STATUSES, RunDB
+from engine.store.rundb import FINAL_STATUSES, LIVE_STATUSES, PROMPT_ARTIFACT, RunDB
 
-__all__ = ["FINAL_STATUSES", "LIVE_STATUSES", "MAX_PARALLEL", "RUNNING", "SERIES_DTYPE", "WAITING", "RunStore",
-           "config_diff", "disk_usage", "numeric_metrics", "study_csv"]
+__all__ = ["FINAL_STATUSES", "LIVE_STATUSES", "MAX_PARALLEL", "PROMPT_ARTIFACT", "RUNNING", "SERIES_DTYPE", "WAITING",
+           "RunStore", "config_diff", "disk_usage", "numeric_metrics", "study_csv"]
 
 POLL_MS = 250  # a status change shows within about a tick
 QUEUE_EVERY = 2  # ticks between two reads of the queue

@@ -12,14 +12,13 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QLabel, QMessageBox, QSplitter, QTabWidget, QVBoxLayout, QWidget
 
-from engine.core.registry import PROMPT
 from studio.commands.engine_process import GRACEFUL_STOP_S, EngineProcess
 from studio.commands.run_control import RunControl
 from studio.models import formatting as fmt
 from studio.models.labels import is_prompt_stage
 from studio.models.log_tail import FileTail, tail_lines
 from studio.models.run_data import RunData, baseline_scores, prompt_tokens
-from studio.models.run_store import FINAL_STATUSES, RunStore
+from studio.models.run_store import FINAL_STATUSES, PROMPT_ARTIFACT, RunStore
 from studio.views.live_monitor import LiveMonitor
 from studio.widgets.log_pane import LogPane
 from studio.widgets.prompt_tokens import PromptTokensTable
@@ -215,7 +214,7 @@ class RunView(QWidget):
     def prompt_tokens(self, run: dict) -> list[list[tuple[str, float | None]]]:
         """Per prompt vector, its nearest vocabulary tokens (token, cosine) from the run's prompt artifact,
         else the token strings kept in the run's meta."""
-        return prompt_tokens(run, self.store.artifacts(run["id"], PROMPT))  # a prompt run's artifact kind
+        return prompt_tokens(run, self.store.artifacts(run["id"], PROMPT_ARTIFACT))
 
     def show_prompt_tokens(self, rows: list[list[tuple[str, float | None]]]) -> None:
         t = self.prompt_table
