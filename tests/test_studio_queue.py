@@ -14,7 +14,7 @@ import pytest
 from helpers import REPO, TINY as TINY_SETS, engine_env, sets
 from PySide6.QtCore import Qt
 
-from engine.store.queue import Queue
+from engine.orchestrate.queue import Queue
 from engine.store.rundb import RunDB, pid_alive
 from studio.views.main_window import KEEP, MainWindow
 
