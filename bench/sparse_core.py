@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-# as the engine's CLI runs (engine/cli/commands.py): OpenMP workers that spin after a dense product would hold
+# as the engine's CLI runs (engine/cli/main.py): OpenMP workers that spin after a dense product would hold
 # the cores the next implementation's threads need
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

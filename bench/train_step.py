@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI runs (engine/cli/commands.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI runs (engine/cli/main.py)
 
 import torch  # noqa: E402
 
@@ -92,15 +92,14 @@ def run_config(shape: dict, level: float):
                       "train": {"batch_size": shape["batch"], "precision": "auto"}})
 
 
-class _Session:
-    """What engine/train/kernel_choice.py asks of a run session: its config, meta and log lines."""
+class _Reporter:
+    """What engine/train/kernel_choice.py reports (engine.train.reporter): meta and log lines."""
 
-    def __init__(self, cfg, verbose: bool):
-        self.cfg, self.run_id, self.meta, self.verbose = cfg, "bench", {}, verbose
-        self.db = self
+    def __init__(self, verbose: bool):
+        self.meta_items, self.verbose = {}, verbose
 
-    def merge_meta(self, run_id, **kw):
-        self.meta.update(kw)
+    def meta(self, **kw):
+        self.meta_items.update(kw)
 
     def info(self, msg):
         if self.verbose:
@@ -127,15 +126,15 @@ def ours(name: str, shape: dict, verbose: bool) -> Config:
 
     kernel = "dense"
     if level:
-        s = _Session(cfg, verbose)
+        report = _Reporter(verbose)
         if name == "ours_sparse75_core":
             for m in model.sparse_layers().values():
                 m.set_kernel("sparse")
             kernel = "sparse core"
         else:
-            mix = choose_kernels(s, model, tokens, CPU, precision.name)
+            mix = choose_kernels(report, cfg, model, tokens, CPU, precision.name)
             if "sparse" in mix.values():  # the whole-step trial the engine runs over its first steps
-                trial = KernelTrial(s, model, mix)
+                trial = KernelTrial(report, model, mix)
                 while not trial.done:
                     trial.before_step()
                     t = time.perf_counter()
@@ -277,7 +276,8 @@ def logging_overhead_ms(n: int = 300) -> float:
 
     from engine.core.events import EventWriter
     from engine.store.rundb import RunDB
-    from engine.train.metrics import DatabaseSink, EventSink, MetricsLogger, Point
+    from engine.train.metrics import EventSink, MetricsLogger, Point
+    from engine.train.reporter import DatabaseSink
 
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
         db = RunDB(Path(tmp) / "bench.db")

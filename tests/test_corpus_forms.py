@@ -77,7 +77,7 @@ def test_a_folder_of_split_files_keeps_its_validation_split_out_of_training(cli,
 
 
 def test_a_folder_that_is_neither_is_refused_naming_the_formats(tmp_path, capsys):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.md").write_text("hello")

@@ -140,7 +140,7 @@ def test_killed_rank_crashes_the_run_then_it_resumes_on_one_process(tmp_path, cl
 ])
 def test_a_group_this_machine_cannot_run_is_refused_before_it_starts(tmp_path, capsys, sets, key):
     # in-process: the checks come before any worker, run row or heavy import
-    from engine.cli.commands import main
+    from engine.cli import main
 
     db = tmp_path / "runs.db"
     assert main(["train", "demo", *tiny(CORPUS, *sets), "--db", str(db)]) == 2
@@ -153,7 +153,7 @@ def test_a_group_this_machine_cannot_run_is_refused_before_it_starts(tmp_path, c
 
 
 def test_an_unreachable_rendezvous_host_is_refused(tmp_path, capsys, monkeypatch):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     monkeypatch.setenv("MEDISWIFT_RDZV_WAIT_S", "1")
     # TEST-NET-1 (RFC 5737): routed nowhere, so nothing answers

@@ -206,7 +206,7 @@ def test_set_growth_is_a_function_of_seed_step_and_layer():
     (("sparsity.method='set'", "train.nproc=2"), "sparsity.method"),
 ])
 def test_bad_dynamic_sparsity_settings_exit_2_naming_the_key(tmp_path, capsys, sets, key):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     db = tmp_path / "runs.db"
     assert main(["train", "demo", *tiny(*sets), "--db", str(db)]) == 2

@@ -46,7 +46,7 @@ def test_tensorboard_event_files_hold_the_runs_loss_scalars_and_its_card_the_hub
 
 
 def test_an_unknown_tracker_is_refused_naming_the_key(tmp_path, capsys):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     assert main(["train", "demo", *tiny(CORPUS, "train.report_to=['wandb']"), "--db", str(tmp_path / "r.db")]) == 2
     err = capsys.readouterr().err
@@ -79,7 +79,7 @@ def test_retention_keeps_the_n_newest_plus_the_best_and_shows_disk_use(cli, db_p
 
 def test_retention_keeps_an_old_best_checkpoint_and_never_deletes_outside_the_run_folder(tmp_path):
     from engine.core.config import RunConfig
-    from engine.train.checkpointing import retain
+    from engine.train.reporter import retain
 
     db = RunDB(tmp_path / "runs.db")
     rid = db.create_run(name="r", stage="pretrain", config=RunConfig().to_dict())

@@ -232,7 +232,7 @@ def test_eval_cli_on_a_copy_outside_the_repo(runs, tmp_path):
 def test_eval_cli_scoring_raw_and_calibrated(runs, tmp_path, capsys):
     """``--scoring`` chooses how answer likelihoods are compared; the JSON and the stored row say which,
     the zero-shot baseline is scored the same way, and the predictions written follow from it."""
-    from engine.cli.commands import main
+    from engine.cli import main
 
     copy = tmp_path / "ten.json"
     copy.write_text(json.dumps(dict(list(json.loads(PQA.read_text()).items())[:10])))
@@ -274,7 +274,7 @@ def test_eval_cli_hoc_and_lm(runs, tmp_path):
 
 
 def test_eval_cli_bad_input_exits_2(runs, tmp_path, capsys):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     unlabelled = tmp_path / "unlabelled.json"
     data = json.loads(PQA.read_text())

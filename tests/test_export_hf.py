@@ -109,7 +109,7 @@ def test_exact_gelu_is_declared_and_tanh_gelu_would_differ(trained):
 
 
 def test_refuses_to_overwrite_and_rejects_unknown_run(trained, capsys):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     tmp, db, run = trained
     out = tmp / "busy"

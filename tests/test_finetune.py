@@ -53,7 +53,7 @@ def env(tmp_path_factory) -> Env:
 
 def main_inproc(env: Env, capsys, *args: str) -> tuple[int, list[dict], str]:
     """The CLI in this process (no interpreter start-up): exit code, events, stderr."""
-    from engine.cli.commands import main
+    from engine.cli import main
 
     rc = main([*args, "--db", str(env.db)])
     cap = capsys.readouterr()

@@ -88,7 +88,7 @@ def test_an_imported_model_fine_tunes_directly(exported, imported):
     ({"config.json": {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}}, "has no weights"),
 ])
 def test_unsupported_or_incomplete_folders_exit_2_with_one_line(tmp_path, capsys, files, expect):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -105,7 +105,7 @@ def test_bin_weights_load_as_tensors_only_and_a_pickle_with_code_is_refused(expo
 
     from safetensors.torch import load_file
 
-    from engine.cli.commands import main
+    from engine.cli import main
 
     _tmp, db_path, _run, out, _cli = exported
     folder = tmp_path / "bin"

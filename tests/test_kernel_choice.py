@@ -15,14 +15,17 @@ from engine.train.kernel_choice import KernelTrial, choose_kernels, dense_path_b
 from tests.helpers import tiny
 
 
-class Session:
-    def __init__(self, kernel="auto"):
-        self.cfg = from_dict({"sparsity": {"kernel": kernel}})
-        self.run_id, self.meta, self.lines = "r", {}, []
-        self.db = self
+CFG = from_dict({"sparsity": {"kernel": "auto"}})
 
-    def merge_meta(self, run_id, **kw):
-        self.meta.update(kw)
+
+class Reporter:
+    """What the kernel choice reports (engine.train.reporter): meta and log lines."""
+
+    def __init__(self):
+        self.meta_items, self.lines = {}, []
+
+    def meta(self, **kw):
+        self.meta_items.update(kw)
 
     def info(self, msg):
         self.lines.append(msg)
@@ -46,10 +49,10 @@ def test_auto_times_each_shape_in_the_runs_precision(monkeypatch, precision):
         return {"dense_ms": 2.0, "sparse_ms": 1.0}
 
     monkeypatch.setattr(ops, "time_kernels", fake_time)
-    s, model = Session(), _model()
-    choice = choose_kernels(s, model, 64, torch.device("cpu"), precision)
+    r, model = Reporter(), _model()
+    choice = choose_kernels(r, CFG, model, 64, torch.device("cpu"), precision)
     assert set(choice.values()) == {"sparse"} and seen and set(seen) == {precision}
-    assert s.meta["kernel_precision"] == precision and len(seen) == len(s.meta["kernel_timings"])  # once per shape
+    assert r.meta_items["kernel_precision"] == precision and len(seen) == len(r.meta_items["kernel_timings"])  # once per shape
 
 
 def test_a_dense_candidate_that_would_not_fit_is_never_tried(monkeypatch):
@@ -57,33 +60,33 @@ def test_a_dense_candidate_that_would_not_fit_is_never_tried(monkeypatch):
         raise AssertionError("the dense candidate was timed")
 
     monkeypatch.setattr(ops, "time_kernels", no_trial)
-    s, model = Session(), _model()
+    r, model = Reporter(), _model()
     layers = {n: m for n, m in model.sparse_layers().items() if m.is_sparse}
     need = dense_path_bytes(layers, "bf16")
     assert need > 6 * sum(m.out_features * m.in_features for m in layers.values()) - 1
-    choice = choose_kernels(s, model, 64, torch.device("cpu"), "bf16", available=need)  # 80 % of it is free
+    choice = choose_kernels(r, CFG, model, 64, torch.device("cpu"), "bf16", available=need)  # 80 % of it is free
     assert set(choice.values()) == {"sparse"}
-    assert "without a dense trial" in s.meta["kernel_dense_skipped"]
+    assert "without a dense trial" in r.meta_items["kernel_dense_skipped"]
     assert all(m.kernel == "sparse" for m in layers.values())
     # with room to spare the same model is timed
     monkeypatch.setattr(ops, "time_kernels", lambda *a, **k: {"dense_ms": 1.0, "sparse_ms": 2.0})
-    assert set(choose_kernels(Session(), model, 64, torch.device("cpu"), "bf16", available=1 << 40).values()) == {"dense"}
+    assert set(choose_kernels(Reporter(), CFG, model, 64, torch.device("cpu"), "bf16", available=1 << 40).values()) == {"dense"}
 
 
 @pytest.mark.parametrize("mix_s, dense_s, kept", [(0.5, 1.0, "sparse"), (1.2, 1.0, "dense")])
 def test_the_whole_step_trial_keeps_the_faster_and_records_both(mix_s, dense_s, kept):
-    s, model = Session(), _model()
+    r, model = Reporter(), _model()
     mix = {n: "sparse" for n, m in model.sparse_layers().items() if m.is_sparse}
     for n in mix:  # the trial's steps built both paths of every layer
         layer = model.sparse_layers()[n]
         layer.pattern()
         layer._dense_weight()
-    trial = KernelTrial(s, model, mix)
+    trial = KernelTrial(r, model, mix)
     while not trial.done:
         trial.before_step()
         trial.after_step(mix_s if trial.current == "mix" else dense_s)
     assert set(trial.kernels.values()) == {kept}
-    t = s.meta["kernel_trial"]
+    t = r.meta_items["kernel_trial"]
     assert (t["mix_step_s"], t["dense_step_s"]) == (mix_s, dense_s)
     assert all(m.kernel == kept for n, m in model.sparse_layers().items() if n in mix)
     for n in mix:  # the path not kept holds nothing any more

@@ -58,18 +58,19 @@ _LOOP_PROBE = textwrap.dedent("""
     from engine.store.rundb import RunDB
     from engine.train import memory
     from engine.train.control import Control
+    from engine.train.identity import RunIdentity
     from engine.train.loop import TrainLoop
-    from engine.train.session import RunSession
+    from engine.train.reporter import RunReporter
 
     class Probe:
-        def build(self, s, rt, resume):
+        def build(self, run, report, rt, resume):
             print(memory._applied, rt.device)
             raise SystemExit(0)
 
     tmp = Path(sys.argv[2])
     cfg = RunConfig(train=TrainConfig(max_steps=1, threads=1, device="cpu"))
-    s = RunSession(RunDB(tmp / "runs.db"), EventWriter(io.StringIO()), cfg, tmp / "runs")
-    TrainLoop(s, Control(read_stdin=False), Probe()).run()
+    report = RunReporter(RunDB(tmp / "runs.db"), EventWriter(io.StringIO()), cfg, tmp / "runs")
+    TrainLoop(RunIdentity(report.run_id, report.run_dir, cfg), report, Control(read_stdin=False), Probe()).run()
 """)
 
 

@@ -17,11 +17,13 @@ from engine.core.events import EventWriter
 from engine.core.paths import resolve_preset
 from engine.store.rundb import RunDB
 from engine.model.checkpoint import load_checkpoint
+from engine.model.runs import check_parent
 from engine.model.soft_prompt import load_prompt
 from engine.train.child import child_config
+from engine.train.identity import RunIdentity
 from engine.train.prompt import PromptStage
+from engine.train.reporter import RunReporter
 from engine.train.runtime import start_runtime
-from engine.train.session import RunSession
 from engine.train.step import train_step
 
 PQA = SHARED_DATA / "pubmedqa" / "pqal_trainval.json"
@@ -57,11 +59,12 @@ def test_only_the_prompt_trains(env, tmp_path):
     db = RunDB(env["db"])
     cfg = load_config(resolve_preset("prompt-pubmedqa"), parse_overrides(
         [f"parent={env['parent']}", *QUICK, "prompt.init=text", "prompt.init_text=yes no maybe"]))
-    cfg = child_config(cfg, db, explicit=set())
-    s = RunSession(db, EventWriter(io.StringIO()), cfg, tmp_path / "runs")
+    parent = check_parent(db, cfg)
+    cfg = child_config(cfg, parent, explicit=set())
+    report = RunReporter(db, EventWriter(io.StringIO()), cfg, tmp_path / "runs")
     stage = PromptStage()
-    s.start(cfg.train.max_steps)
-    stage.build(s, start_runtime(cfg.train), None)
+    report.start(cfg.train.max_steps)
+    stage.build(RunIdentity(report.run_id, report.run_dir, cfg, parent), report, start_runtime(cfg.train), None)
     opt = stage.make_optimizer()
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
     # init from text: the prompt starts as the embeddings of the text's tokens, repeated to n_tokens
@@ -78,7 +81,7 @@ def test_only_the_prompt_trains(env, tmp_path):
     assert r.flops > 0 and stage.child.train_factor == 2.0
     # the frozen 75 %-sparse parent's forward is counted on its nonzeros
     assert 0 < r.flops < r.flops_dense
-    s.close()
+    report.close()
 
 
 def test_prompt_run_saves_only_the_prompt_and_eval_uses_parent_plus_prompt(env, tmp_path):

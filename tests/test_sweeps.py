@@ -68,7 +68,7 @@ def test_a_2x2_sweep_at_equal_flops_runs_through_the_queue(cli, db_path):
     (["--grid", "sparsity.level=0,0.5", "--equal-flops", "1e3"], "--equal-flops 1000 is less than one training step"),
 ])
 def test_bad_sweep_input_exits_2_with_one_line_and_creates_nothing(db_path, capsys, grid, message):
-    from engine.cli.commands import main
+    from engine.cli import main
 
     rc = main(["sweep", "demo", *tiny(), *grid, "--db", str(db_path)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,4 @@
 """The engine's command line: ``mediswift`` (also ``python -m engine``); see main.py."""
-from engine.cli.commands import main
+from engine.cli.main import main
 
 __all__ = ["main"]

@@ -13,12 +13,16 @@ import signal
 import sys
 
 from engine.cli.common import open_db
+from engine.core import registry
+
+# the labelled tasks first, as the help has always listed them
+TASK_CHOICES = tuple(sorted(registry.TASK_NAMES, key=lambda name: not registry.task(name).labelled))
 
 
 def register(subparsers, common) -> None:
     e = common(subparsers.add_parser("eval", help="score a run on a labelled file (PubMedQA, HoC) or a text file (lm)"))
     e.add_argument("run_id")
-    e.add_argument("--task", choices=("pubmedqa", "hoc", "lm"), help="default: the run's task")
+    e.add_argument("--task", choices=TASK_CHOICES, help="default: the run's task")
     e.add_argument("--data", required=True, help="PubMedQA: PQA-L JSON; HoC: JSONL; lm: text/jsonl/... file or folder")
     e.add_argument("--split", default="all", help="PubMedQA: all (default), test, cv_pool, or the fold's train/dev (needs a split file)")
     e.add_argument("--splits", help="PubMedQA split file (default: pqal_splits.json next to --data)")

@@ -1,4 +1,4 @@
-"""CLI commands: ``export`` (metrics or config), ``export-config``, ``export-hf``. Registered by engine.cli.commands."""
+"""CLI commands: ``export`` (metrics or config), ``export-config``, ``export-hf``. Registered by engine.cli.main."""
 from __future__ import annotations
 
 import json
@@ -40,7 +40,7 @@ def cmd_export_config(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from engine.publish.hf_export import export_hf, verify_export
+    from engine.publish.hf_export import REPORT_PROMPT, export_hf, verify_export
 
     db = open_db(args)
     report = export_hf(db, args.run_id, args.out, overwrite=args.overwrite, license=args.license,
@@ -57,8 +57,9 @@ def cmd_export_hf(args) -> int:
     print(f"sparsity of the exported attention/MLP matrices: {report['sparsity']['matrices']:.1%} (stored dense, zeros included)")
     if report["skipped"]:
         print(f"not exported (no GPT-2 equivalent): {', '.join(report['skipped'])}")
-    if report["prompt"]:
-        print(f"soft prompt: {report['prompt']['n_tokens']} vectors in {report['prompt']['file']} (see README.md)")
+    prompt = report[REPORT_PROMPT]
+    if prompt:
+        print(f"soft prompt: {prompt['n_tokens']} vectors in {prompt['file']} (see README.md)")
     if "verify" in report:
         v = report["verify"]
         print(f"verified with transformers: same tokens {v['same_tokens']}, max |logit diff| {v['max_abs_diff']:.2e}")

@@ -1,9 +1,9 @@
 """Checkpoints and resume for every stage: the shared trainer state (optimizer, schedule, counters,
 random-number state) plus whatever the stage saves (its model or prompt, masks, data position).
 
-A checkpoint is written atomically (engine.model.checkpoint), recorded in the run database and
-announced as a ``checkpoint`` event; restoring one puts the run back exactly where it was, so a
-resumed run repeats the uninterrupted one.
+A checkpoint is written atomically (engine.model.checkpoint) and handed to the reporter, which
+records it (its row, and retention of older ones) and announces it; restoring one puts the run
+back exactly where it was, so a resumed run repeats the uninterrupted one.
 
 In a process group the checkpoint is the same single file: FSDP shards are gathered to full
 tensors (engine.train.distributed.consolidate) and rank 0 writes; on resume every rank reads it and
@@ -16,6 +16,8 @@ from engine.core.errors import InputError
 from engine.data.vocab import TOKENIZER_FILE
 from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_checkpoint
 from engine.train.distributed import consolidate, shard_optimizer_state
+from engine.train.identity import RunIdentity
+from engine.train.reporter import Reporter
 from engine.train.runtime import rng_state, set_rng_state
 
 
@@ -28,40 +30,11 @@ def restore_stage(stage, ck: dict, path: str) -> None:
     stage.load_state(ck)
 
 
-def retain(db, run_id: str, keep: int, run_dir) -> list[int]:
-    """Keep the ``keep`` newest checkpoints and the one with the lowest validation loss (an evaluation
-    at its step) when it is not among them; remove the others' files (inside the run folder only) and
-    rows. Returns the steps removed. ``keep`` 0 keeps everything."""
-    from pathlib import Path
-
-    rows = db.checkpoints(run_id)
-    if keep <= 0 or len(rows) <= keep:
-        return []
-    loss = {}
-    for e in db.evaluations(run_id):
-        value = (e.get("metrics") or {}).get("loss")
-        if value is not None and e["split"] in ("val", "dev"):
-            loss[e["step"]] = float(value)
-    kept = {r["id"] for r in rows[-keep:]}
-    scored = [r for r in rows if r["step"] in loss]
-    if scored:
-        kept.add(min(scored, key=lambda r: (loss[r["step"]], -r["step"]))["id"])
-    root = Path(run_dir).resolve()
-    removed = []
-    for r in rows:
-        if r["id"] in kept:
-            continue
-        f = Path(r["path"])
-        if f.resolve().is_relative_to(root) and not f.is_symlink():  # never a file outside the run folder
-            f.unlink(missing_ok=True)
-        db.delete_checkpoint(r["id"])
-        removed.append(int(r["step"]))
-    return removed
-
-
 class Checkpointer:
-    def __init__(self, session, stage, opt, sched, counters, scaler=None, precision: str = "fp32", par=None):
-        self.s, self.stage, self.opt, self.sched, self.counters = session, stage, opt, sched, counters
+    def __init__(self, run: RunIdentity, report: Reporter, stage, opt, sched, counters, scaler=None,
+                 precision: str = "fp32", par=None):
+        self.run, self.report = run, report
+        self.stage, self.opt, self.sched, self.counters = stage, opt, sched, counters
         self.precision = precision  # what the products ran in; the tensors saved are fp32 whatever it is
         self.scaler = scaler  # fp16's loss scale is trainer state too
         self.sharded = par is not None and par.kind == "fsdp"
@@ -69,28 +42,25 @@ class Checkpointer:
     def save(self, final: bool) -> tuple[str, int]:
         """Write the checkpoint of the current step; returns (path, bytes). Under FSDP every rank takes
         part in gathering the shards; rank 0 alone writes."""
-        s, c = self.s, self.counters
-        path = s.run_dir / "checkpoints" / checkpoint_name(c.step)
-        if not s.writer and not self.sharded:
+        run, c = self.run, self.counters
+        path = run.run_dir / "checkpoints" / checkpoint_name(c.step)
+        if not run.writer and not self.sharded:
             return str(path), 0
         optimizer, stage_state = self.opt.state_dict(), self.stage.state()
         if self.sharded:
             optimizer, stage_state = consolidate(optimizer), consolidate(stage_state)
-        if not s.writer:
+        if not run.writer:
             return str(path), 0
         state = {
-            "format": FORMAT, "stage": s.cfg.stage, "config": s.cfg.to_dict(), "vocab_size": self.stage.vocab_size,
+            "format": FORMAT, "stage": run.cfg.stage, "config": run.cfg.to_dict(), "vocab_size": self.stage.vocab_size,
             "tokenizer": TOKENIZER_FILE, "optimizer": optimizer, "scheduler": self.sched.state_dict(),
             "rng": rng_state(), "precision": self.precision, **c.state(), **stage_state,
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         nbytes = save_checkpoint(state, path)
-        s.db.add_checkpoint(s.run_id, c.step, c.tokens, str(path), nbytes, final, file_sha256(path))
-        removed = retain(s.db, s.run_id, s.cfg.train.keep_checkpoints, s.run_dir)
-        if removed:
-            s.info(f"removed {len(removed)} older checkpoint{'s' if len(removed) > 1 else ''} "
-                   f"(train.keep_checkpoints = {s.cfg.train.keep_checkpoints}): steps {', '.join(map(str, removed))}")
+        self.report.checkpoint_saved(c.step, c.tokens, str(path), nbytes, final, file_sha256(path),
+                                     keep=run.cfg.train.keep_checkpoints)
         return str(path), nbytes
 
     def restore(self, ck: dict, path: str) -> None:
@@ -102,8 +72,7 @@ class Checkpointer:
         if self.scaler is not None and ck.get("grad_scaler"):
             self.scaler.load_state_dict(ck["grad_scaler"])
         self.counters.load_state(ck)
-        self.s.db.truncate_metrics(self.s.run_id, self.counters.step)
-        self.s.info(f"resumed from {path} at step {self.counters.step}")
+        self.report.resumed(self.counters.step, path)
 
     def _check_moments(self, path: str) -> None:
         for group in self.opt.param_groups:

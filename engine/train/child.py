@@ -1,9 +1,10 @@
 """What fine-tuning and soft prompting share: both start from a parent run's model.
 
 ``child_config`` checks a child config against its parent before the run exists and gives it the
-parent's model shape. ``ChildRun`` is the component both stages compose: it loads the parent's
-weights (the checkpoint recorded at the start, when resuming), reuses its tokenizer, builds the
-task feed, counts FLOPs, scores the dev data with the baselines beside it and keeps the best score.
+parent's model shape (a pre-training continuing an imported model takes it too). ``ChildRun`` is
+the component both stages compose: it loads the parent's weights (the checkpoint recorded at the
+start, when resuming), reuses its tokenizer, builds the task feed, counts FLOPs, scores the dev
+data with the baselines beside it and keeps the best score.
 """
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from engine.core import registry
 from engine.core.config import ModelConfig, RunConfig, from_dict
 from engine.core.errors import InputError
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 from engine.model.checkpoint import current_path, load_checkpoint
 from engine.model.flops import FlopModel
 from engine.model.gpt import GPT
-from engine.model.runs import MODEL_STAGES, check_parent
+from engine.model.runs import RunRef
 from engine.tasks import get_task
 from engine.tasks.scoring import Scorer, headline
+from engine.train.identity import RunIdentity
+from engine.train.reporter import Reporter
 from engine.train.step import MicroBatch
 from engine.train.task_feeds import make_feed
 
@@ -27,14 +31,15 @@ SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias", "activation")
 MIN_TOKENS = 16  # room left for text after the soft prompt
 
 
-def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming: bool = False) -> RunConfig:
-    """Check a fine-tuning/prompting config against its parent; give it the parent's model shape.
+def child_config(cfg: RunConfig, parent: RunRef, explicit: set[str] | None = None, resuming: bool = False) -> RunConfig:
+    """Check a fine-tuning/prompting config against its parent (engine.model.runs.check_parent); give
+    it the parent's model shape.
 
     model.* keys are overwritten by the parent's; model.n_ctx may be set (``explicit``) up to the
     parent's n_positions, and otherwise is the parent's. Raises InputError (exit code 2).
     """
-    parent = check_parent(db, cfg)
-    if cfg.stage == "prompt" and cfg.task.head == "classifier":
+    prompting = cfg.stage == registry.PROMPT
+    if prompting and cfg.task.head == "classifier":
         raise InputError("soft prompting trains on the LM form of the task; set task.head = 'lm'", key="task.head")
     tok = parent.tokenizer_object()
     pv = parent.run["meta"].get("vocab_size")
@@ -51,16 +56,16 @@ def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming:
             raise InputError(f"model.n_ctx ({n_ctx}) exceeds the parent model's maximum context ({pm.max_positions} "
                              f"positions)", key="model.n_ctx")
         model = dataclasses.replace(pm, n_ctx=n_ctx, n_positions=pm.max_positions)
-    if cfg.stage == "prompt" and model.n_ctx - cfg.prompt.n_tokens < MIN_TOKENS:
+    if prompting and model.n_ctx - cfg.prompt.n_tokens < MIN_TOKENS:
         raise InputError(f"prompt.n_tokens ({cfg.prompt.n_tokens}) leaves fewer than {MIN_TOKENS} of the "
                          f"{model.n_ctx} context positions for text", key="prompt.n_tokens")
-    if cfg.stage == "prompt" and cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
+    if prompting and cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
         raise InputError("prompt.init is 'text' but prompt.init_text is empty", key="prompt.init_text")
-    if cfg.task.name != "lm":
+    if registry.task(cfg.task.name).labelled:
         get_task(cfg.task.name).train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
     d = cfg.to_dict()
     d["model"] = dataclasses.asdict(model)
-    if cfg.stage == "pretrain":  # continuing an imported model: its vocabulary too
+    if "tokenizer" in registry.stage(cfg.stage).sections:  # continuing an imported model: its vocabulary too
         d["tokenizer"]["vocab_size"] = tok.get_vocab_size()
     return from_dict(d)
 
@@ -68,23 +73,23 @@ def child_config(cfg: RunConfig, db, explicit: set[str] | None = None, resuming:
 class ChildRun:
     """The parent model, the task feed, FLOPs and dev evaluation of a fine-tuning or prompting run."""
 
-    def __init__(self, s, rt, resume: dict | None):
-        cfg = s.cfg
-        self.s, self.rt, self.cfg = s, rt, cfg
-        parent = check_parent(s.db, cfg)
+    def __init__(self, run: RunIdentity, report: Reporter, rt, resume: dict | None):
+        cfg = run.cfg
+        self.run, self.report, self.rt, self.cfg = run, report, rt, cfg
+        parent = run.parent
         self.parent_run = parent.id
         self.parent_ckpt = str(current_path(resume["parent_checkpoint"])) if resume else str(parent.checkpoint)
         if not Path(self.parent_ckpt).is_file():
             raise InputError(f"the parent checkpoint is gone: {self.parent_ckpt}", key="parent", path=self.parent_ckpt)
         pck = load_checkpoint(self.parent_ckpt)
-        if pck.get("stage") not in MODEL_STAGES:
+        if pck.get("stage") not in registry.MODEL_STAGES:
             raise InputError(f"{self.parent_ckpt} is a {pck.get('stage')} checkpoint, not a model", key="parent")
         self.tok = rt.group.writer_first(lambda: self._tokenizer(parent.tokenizer, parent.id, resume is not None))
         self.vocab_size = self.tok.get_vocab_size()
         if self.vocab_size != pck["vocab_size"]:
             raise InputError(f"tokenizer mismatch: the tokenizer has {self.vocab_size} tokens, the parent checkpoint "
                              f"{self.parent_ckpt} was trained with {pck['vocab_size']}", key="parent",
-                             path=str(s.run_dir / TOKENIZER_FILE))
+                             path=str(run.run_dir / TOKENIZER_FILE))
         pm = ModelConfig(**pck["config"]["model"])
         if any(getattr(pm, k) != getattr(cfg.model, k) for k in SHAPE_KEYS) or pm.max_positions != cfg.model.max_positions:
             raise InputError(f"the run's model shape differs from the parent checkpoint's ({pm}); model.* settings of "
@@ -102,11 +107,11 @@ class ChildRun:
         self.baselines: dict = {}
 
     def _tokenizer(self, parent_tok: Path, parent_id: str, resuming: bool):
-        own = self.s.run_dir / TOKENIZER_FILE
-        if not ((resuming or not self.s.writer) and own.is_file()):
+        own = self.run.run_dir / TOKENIZER_FILE
+        if not ((resuming or not self.run.writer) and own.is_file()):
             shutil.copyfile(parent_tok, own)
-            self.s.db.add_artifact(self.s.run_id, "tokenizer", str(own), {"from_run": parent_id})
-            self.s.info(f"reusing the tokenizer of parent run {parent_id}")
+            self.report.artifact("tokenizer", str(own), {"from_run": parent_id})
+            self.report.info(f"reusing the tokenizer of parent run {parent_id}")
         return load_tokenizer(own)
 
     def start(self, prompt, head, train_factor: float, sparse_forward: bool, resume: dict | None) -> None:
@@ -114,18 +119,18 @@ class ChildRun:
         cfg, tc = self.cfg, self.cfg.train
         self.n_prefix = prompt.weight.shape[0] if prompt is not None else 0
         self.scorer = Scorer(self.model, prompt, head, self.rt.device, tc.batch_size, self.rt.autocast)
-        self.feed = make_feed(self.s, self.tok, cfg.model.n_ctx - self.n_prefix)
+        self.feed = make_feed(self.run, self.report, self.tok, cfg.model.n_ctx - self.n_prefix)
         # FLOPs: ``train_factor`` x forward (3 when weight gradients are formed, 2 when only activation
         # gradients flow back to a prompt); ``sparse_forward``: the forward of a frozen sparse parent
         # touches only its nonzeros (the sparse counter)
         self.fm = FlopModel(cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, self.vocab_size, self.sparse_numel,
                             self.parent_nonzero if sparse_forward else self.sparse_numel)
         self.train_factor = train_factor
-        if resume is None and self.s.writer:  # the baselines are rank 0's to record
+        if resume is None and self.run.writer:  # the baselines are rank 0's to record
             plain = Scorer(self.model, None, None, self.rt.device, tc.batch_size, self.rt.autocast)
-            self.baselines = self.feed.baselines(plain, self.s)
-            self.s.db.merge_meta(self.s.run_id, baselines=self.baselines)
-            self.s.info("baselines on dev: " + "; ".join(
+            self.baselines = self.feed.baselines(plain, cfg)
+            self.report.meta(baselines=self.baselines)
+            self.report.info("baselines on dev: " + "; ".join(
                 f"{k}: " + ", ".join(f"{n} {v:.4f}" for n, v in headline(self.feed.name, m).items())
                 for k, m in self.baselines.items() if "skipped" not in m))
 
@@ -138,27 +143,27 @@ class ChildRun:
                           self.train_factor * fm.forward_per_token(False) * positions)
 
     def evaluate(self, step: int) -> dict:
-        s, name = self.s, self.feed.name
+        report, name = self.report, self.feed.name
         m = self.feed.evaluate(self.scorer)
         self.last_dev = m
         if self.best is None or (m[self.feed.key] < self.best if self.feed.lower_is_better else m[self.feed.key] > self.best):
             self.best = m[self.feed.key]
         scored = {k: headline(name, v) for k, v in self.baselines.items() if "skipped" not in v}
-        s.events.emit("eval", run_id=s.run_id, step=step, split="dev", metrics=headline(name, m), baselines=scored)
         data_path = self.feed.info.get("dev_file") or self.feed.info.get("train_file", "")
-        s.db.add_evaluation(s.run_id, step, name, "dev", m, self.baselines, data_path)
-        s.info(f"dev at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in headline(name, m).items())
-               + "".join(f"; {b}: " + ", ".join(f"{k} {v:.4f}" for k, v in bm.items()) for b, bm in scored.items()))
+        report.evaluation(step, name, "dev", m, shown=headline(name, m), baselines=self.baselines, shown_baselines=scored,
+                          data_path=data_path)
+        report.info(f"dev at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in headline(name, m).items())
+                    + "".join(f"; {b}: " + ", ".join(f"{k} {v:.4f}" for k, v in bm.items()) for b, bm in scored.items()))
         return self.feed.rows(m)
 
     def meta(self, trainable: int) -> None:
-        s, cfg = self.s, self.cfg
-        s.db.merge_meta(s.run_id, vocab_size=self.vocab_size, parent_checkpoint=self.parent_ckpt, trainable_params=trainable,
-                        params={"total": self.model.num_params(), "sparse_numel": self.sparse_numel,
-                                "parent_nonzero": self.parent_nonzero}, task=self.feed.info)
-        s.info(f"{cfg.stage}: {self.model.num_params():,} model parameters, {trainable:,} trainable; task {cfg.task.name}; "
-               f"context {cfg.model.n_ctx} tokens{f' ({self.n_prefix} of them the soft prompt)' if self.n_prefix else ''}; "
-               f"device {self.rt.device}")
+        cfg, report = self.cfg, self.report
+        report.meta(vocab_size=self.vocab_size, parent_checkpoint=self.parent_ckpt, trainable_params=trainable,
+                    params={"total": self.model.num_params(), "sparse_numel": self.sparse_numel,
+                            "parent_nonzero": self.parent_nonzero}, task=self.feed.info)
+        report.info(f"{cfg.stage}: {self.model.num_params():,} model parameters, {trainable:,} trainable; task {cfg.task.name}; "
+                    f"context {cfg.model.n_ctx} tokens{f' ({self.n_prefix} of them the soft prompt)' if self.n_prefix else ''}; "
+                    f"device {self.rt.device}")
 
     def state(self) -> dict:
         return {"masks": {}, "kernels": {}, "parent_checkpoint": self.parent_ckpt, "parent_run": self.parent_run,

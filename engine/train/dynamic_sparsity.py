@@ -25,8 +25,8 @@ from engine.train.seeds import derived_seed
 
 
 class MaskSchedule:
-    def __init__(self, s, model, cfg):
-        self.s, self.model, self.cfg = s, model, cfg
+    def __init__(self, report, model, cfg):
+        self.report, self.model, self.cfg = report, model, cfg  # report: info lines (engine.train.reporter)
         self.schedule = Schedule.from_config(cfg)
         self.opt: torch.optim.Optimizer | None = None  # set once the optimizer exists (moments are re-packed)
         self.pending: dict[str, float] = {}
@@ -118,8 +118,8 @@ class MaskSchedule:
         self.updates += 1
         self.pending = {"mask_churn": churn, "mask_update_s": seconds, "sparsity": sp["total"],
                         **{f"sparsity/{k}": v for k, v in sp["layers"].items()}}
-        self.s.info(f"mask update {self.updates} ({sc.method}) after step {step}: sparsity {sp['total']:.4f}, "
-                    f"{churn:.1%} of the connections replaced, re-packed in {seconds * 1000:.1f} ms")
+        self.report.info(f"mask update {self.updates} ({sc.method}) after step {step}: sparsity {sp['total']:.4f}, "
+                         f"{churn:.1%} of the connections replaced, re-packed in {seconds * 1000:.1f} ms")
         return True
 
     def take_metrics(self) -> dict[str, float]:

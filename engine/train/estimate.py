@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from engine.core import registry
 from engine.core.config import RunConfig
 from engine.model.flops import flop_model_for_config
 from engine.model.gpt import GPT
@@ -27,6 +28,11 @@ def available_memory() -> int:
     return 8 << 30
 
 
+def sparse_stage(cfg: RunConfig) -> bool:
+    """The run's stage trains masked (sparse) layers: it reads the sparsity section."""
+    return "sparsity" in registry.stage(cfg.stage).sections
+
+
 def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
     """Bytes a training run holds, by part (CPU; the sparse core's index only where it can run).
 
@@ -45,8 +51,9 @@ def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
     """
     m, tc = cfg.model, cfg.train
     vocab = cfg.tokenizer.vocab_size
-    level = cfg.sparsity.level if cfg.stage == "pretrain" else 0.0
-    if cfg.stage == "pretrain" and cfg.sparsity.method == "gmp":
+    sparse = sparse_stage(cfg)
+    level = cfg.sparsity.level if sparse else 0.0
+    if sparse and cfg.sparsity.method == "gmp":
         level = cfg.sparsity.initial  # GMP holds its densest masks first
     fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, level)
     with torch.device("meta"):
@@ -81,7 +88,8 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
     with torch.device("meta"):
         model = GPT(m, vocab)
     total = model.num_params()
-    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level if cfg.stage == "pretrain" else 0.0)
+    sparse = sparse_stage(cfg)
+    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level if sparse else 0.0)
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
     world = tc.nproc * tc.nnodes
     tokens = tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx * world
@@ -92,7 +100,7 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
         # structures of the path not chosen are dropped after the choice
         memory -= max(parts["sparse_index"], parts["dense_path"])
     sparse_flops = fm.train_per_token(True) * tokens
-    if cfg.stage == "pretrain" and cfg.sparsity.method != "static":
+    if sparse and cfg.sparsity.method != "static":
         # a dynamic method's FLOPs step by step: GMP's denser early steps, RigL's dense-gradient updates
         from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
 
@@ -127,7 +135,7 @@ def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device) -> dict
         torch.set_num_threads(tc.threads)
     torch.manual_seed(0)
     model = GPT(m, vocab)
-    if cfg.stage == "pretrain":
+    if sparse_stage(cfg):
         apply_sparsity(model, cfg.sparsity.level, cfg.sparsity.distribution, 0)
         if cfg.sparsity.kernel == "sparse" and device.type == "cpu":
             for layer in model.sparse_layers().values():

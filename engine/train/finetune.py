@@ -5,26 +5,29 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from engine.core import registry
 from engine.tasks import get_task
 from engine.train.child import ChildRun
+from engine.train.identity import RunIdentity
 from engine.train.optim import make_optimizer
+from engine.train.reporter import Reporter
 from engine.train.step import MicroBatch
 
 
 class FinetuneStage:
-    def build(self, s, rt, resume: dict | None) -> None:
-        self.s = s
-        self.child = ChildRun(s, rt, resume)
+    def build(self, run: RunIdentity, report: Reporter, rt, resume: dict | None) -> None:
+        cfg = self.cfg = run.cfg
+        self.child = ChildRun(run, report, rt, resume)
         self.vocab_size = self.child.vocab_size
         self.model = self.child.model
         self.model.train()
         if self.child.parent_masked:
             c = self.child
-            s.info(f"dropped the parent's masks: {c.sparse_numel - c.parent_nonzero:,} of {c.sparse_numel:,} sparse-layer "
-                   f"weights were zero and now train (dense fine-tuning)")
+            report.info(f"dropped the parent's masks: {c.sparse_numel - c.parent_nonzero:,} of {c.sparse_numel:,} sparse-layer "
+                        f"weights were zero and now train (dense fine-tuning)")
         self.head = None
-        if s.cfg.task.name != "lm" and s.cfg.task.head == "classifier":
-            self.head = nn.Linear(s.cfg.model.d_model, len(get_task(s.cfg.task.name).CLASSES))
+        if registry.task(cfg.task.name).labelled and cfg.task.head == "classifier":
+            self.head = nn.Linear(cfg.model.d_model, len(get_task(cfg.task.name).CLASSES))
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
             self.head.to(rt.device)
@@ -38,7 +41,7 @@ class FinetuneStage:
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         named = list(self.model.named_parameters()) + (list(self.head.named_parameters()) if self.head else [])
-        opt = make_optimizer(named, self.s.cfg.train)
+        opt = make_optimizer(named, self.cfg.train)
         self.child.meta(sum(p.numel() for g in opt.param_groups for p in g["params"]))
         return opt
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from engine.core.config import RunConfig
 from engine.model.gpt import GPT
 
 
-def choose_kernels(s, model: GPT, tokens_per_batch: int, device: torch.device, precision: str = "fp32",
-                   available: int | None = None) -> dict[str, str]:
+def choose_kernels(report, cfg: RunConfig, model: GPT, tokens_per_batch: int, device: torch.device,
+                   precision: str = "fp32", available: int | None = None) -> dict[str, str]:
     """Pick the matmul path per sparse layer, for the run's precision: forced by sparsity.kernel, or
-    timed once per shape (auto). A dense candidate whose memory would not fit is never tried."""
+    timed once per shape (auto). A dense candidate whose memory would not fit is never tried.
+    ``report``: where the timings and the choice are told (engine.train.reporter)."""
     layers = {n: m for n, m in model.sparse_layers().items() if m.is_sparse}
-    want = s.cfg.sparsity.kernel
+    want = cfg.sparsity.kernel
     if not layers:
         return {}
     if device.type != "cpu":
@@ -26,18 +28,18 @@ def choose_kernels(s, model: GPT, tokens_per_batch: int, device: torch.device, p
             ok = False
         if not ok:
             if want == "sparse":
-                s.warn(f"the sparse matmul core is unavailable here for {precision}; using the masked dense path")
+                report.warn(f"the sparse matmul core is unavailable here for {precision}; using the masked dense path")
             choice = {n: "dense" for n in layers}
         elif want in ("dense", "sparse"):
             choice = {n: want for n in layers}
         else:
-            too_big = dense_path_too_big(layers, precision, available, _step_reserve(s.cfg))
+            too_big = dense_path_too_big(layers, precision, available, _step_reserve(cfg))
             if too_big:
-                s.info(too_big)
-                s.db.merge_meta(s.run_id, kernel_dense_skipped=too_big)
+                report.info(too_big)
+                report.meta(kernel_dense_skipped=too_big)
                 choice = {n: "sparse" for n in layers}
             else:
-                choice = _timed_choice(s, layers, tokens_per_batch, ops.time_kernels, precision)
+                choice = _timed_choice(report, layers, tokens_per_batch, ops.time_kernels, precision)
     set_kernels(model, choice)
     release_unused_paths(model)
     return choice
@@ -75,7 +77,7 @@ def _step_reserve(cfg) -> int:
     return parts["activations"] + parts["logits"]
 
 
-def _timed_choice(s, layers: dict, tokens_per_batch: int, time_kernels, precision: str) -> dict[str, str]:
+def _timed_choice(report, layers: dict, tokens_per_batch: int, time_kernels, precision: str) -> dict[str, str]:
     by_shape: dict[tuple, str] = {}
     timings = {}
     choice = {}
@@ -86,8 +88,8 @@ def _timed_choice(s, layers: dict, tokens_per_batch: int, time_kernels, precisio
             by_shape[key] = "sparse" if t["sparse_ms"] < t["dense_ms"] else "dense"
             timings["x".join(map(str, key))] = {**t, "kernel": by_shape[key]}
         choice[name] = by_shape[key]
-    s.db.merge_meta(s.run_id, kernel_timings=timings, kernel_precision=precision)
-    s.info(f"kernel choice per layer shape (out x in), {precision}: " + ", ".join(
+    report.meta(kernel_timings=timings, kernel_precision=precision)
+    report.info(f"kernel choice per layer shape (out x in), {precision}: " + ", ".join(
         f"{k}: {v['kernel']} (dense {v['dense_ms']:.1f} ms, sparse {v['sparse_ms']:.1f} ms)" for k, v in timings.items()))
     return choice
 
@@ -117,8 +119,8 @@ class KernelTrial:
 
     ROUNDS = 3
 
-    def __init__(self, s, model: GPT, mix: dict[str, str], group=None):
-        self.s, self.model, self.mix = s, model, dict(mix)
+    def __init__(self, report, model: GPT, mix: dict[str, str], group=None):
+        self.report, self.model, self.mix = report, model, dict(mix)
         self.group = group  # in a process group rank 0's timings decide, so every rank keeps the same kernels
         self.plan = ["dense", "mix"] * self.ROUNDS
         self.times: dict[str, list[float]] = {"dense": [], "mix": []}
@@ -147,6 +149,6 @@ class KernelTrial:
         self.kernels = self.mix if mix < dense else {n: "dense" for n in self.mix}
         set_kernels(self.model, self.kernels)
         release_unused_paths(self.model)
-        self.s.db.merge_meta(self.s.run_id, kernels=self.kernels, kernel_trial={"dense_step_s": dense, "mix_step_s": mix})
-        self.s.info(f"kernel trial over the first steps: per-shape choice {mix * 1000:.0f} ms/step, all dense "
-                    f"{dense * 1000:.0f} ms/step; keeping {'the per-shape choice' if mix < dense else 'dense'}")
+        self.report.meta(kernels=self.kernels, kernel_trial={"dense_step_s": dense, "mix_step_s": mix})
+        self.report.info(f"kernel trial over the first steps: per-shape choice {mix * 1000:.0f} ms/step, all dense "
+                         f"{dense * 1000:.0f} ms/step; keeping {'the per-shape choice' if mix < dense else 'dense'}")

@@ -9,8 +9,9 @@ for what differs (its data, its loss, its evaluation, what it saves):
 
 A stage is any object with the methods of ``Stage`` below (engine/train/pretrain.py, finetune.py,
 prompt.py); ``before_step()``, ``after_step(seconds)``, ``pending_metrics()`` and
-``on_final_checkpoint(step)`` are optional.
-In a process group every rank runs this loop; rank 0's session alone writes (engine.train.session).
+``on_final_checkpoint(step)`` are optional. It is handed the run's identity and a reporter
+(engine.train.reporter), never the database.
+In a process group every rank runs this loop; rank 0's reporter alone records and speaks.
 """
 from __future__ import annotations
 
@@ -21,14 +22,16 @@ from typing import Protocol
 import torch
 
 from engine.core.hardware import cpu_info
-from engine.store.queries import last_metric_value
 from engine.data.tokens import SeededOrder
-from engine.model.checkpoint import load_checkpoint
 from engine.train.cadence import Cadence
 from engine.train.checkpointing import Checkpointer, restore_stage
 from engine.train.counters import Counters
 from engine.train.distributed import Parallel
+from engine.train.identity import RunIdentity
 from engine.train.optim import make_scheduler
+from engine.train.plan import Resume
+from engine.train.precision import Precision
+from engine.train.reporter import Reporter
 from engine.train.runtime import Runtime, start_runtime
 from engine.train.step import MicroBatch, train_step
 
@@ -36,7 +39,7 @@ from engine.train.step import MicroBatch, train_step
 class Stage(Protocol):
     vocab_size: int
 
-    def build(self, s, rt: Runtime, resume: dict | None) -> None:
+    def build(self, run: RunIdentity, report: Reporter, rt: Runtime, resume: dict | None) -> None:
         """Data, model and anything else the stage trains; ``resume`` is the checkpoint being resumed."""
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
@@ -74,44 +77,46 @@ def summary_of(state: dict) -> dict:
 
 
 class TrainLoop:
-    def __init__(self, session, control, stage: Stage, resume_ckpt: str | None = None, resume_state: dict | None = None):
-        self.s, self.control, self.stage, self.resume_ckpt = session, control, stage, resume_ckpt
-        self.resume_state = resume_state  # the checkpoint at resume_ckpt, when the caller has opened it already
-        self.cfg = session.cfg
+    def __init__(self, run: RunIdentity, report: Reporter, control, stage: Stage, precision: Precision | None = None,
+                 resume: Resume | None = None):
+        self.identity, self.report, self.control, self.stage = run, report, control, stage
+        self.precision = precision  # as the plan decided it (None: the runtime decides)
+        self.resume = resume
+        self.cfg = run.cfg
         self.counters = Counters()
         self.skipped = 0  # steps whose optimizer update was skipped (non-finite, train.skip_nonfinite)
         self._grad_reported = False  # the gradient bytes of a DDP step are reported once
+        # the summary's train_loss: the loss last logged (by this run before the checkpoint, on a resume)
+        self.last_loss = resume.train_loss if resume else None
 
     def run(self) -> str:
         """Train up to train.max_steps; returns "completed", or "stopped" when a stop was requested."""
-        s, tc = self.s, self.cfg.train
-        s.start(tc.max_steps)
-        rt = self.rt = start_runtime(tc)
+        report, tc = self.report, self.cfg.train
+        report.start(tc.max_steps)
+        rt = self.rt = start_runtime(tc, self.precision)
         group = rt.group
-        (s.warn if rt.precision.warning else s.info)(rt.precision.reason)
-        s.db.merge_meta(s.run_id, **rt.precision.as_meta(), cpu=cpu_info().as_meta(), world=group.as_meta())
+        (report.warn if rt.precision.warning else report.info)(rt.precision.reason)
+        report.meta(**rt.precision.as_meta(), cpu=cpu_info().as_meta(), world=group.as_meta())
         if group.distributed:
-            s.info(f"process group: {group.world} processes ({group.strategy}, {group.backend}); global batch "
-                   f"{group.world} x {tc.batch_size} x {tc.grad_accum} = {group.world * tc.batch_size * tc.grad_accum} sequences")
+            report.info(f"process group: {group.world} processes ({group.strategy}, {group.backend}); global batch "
+                        f"{group.world} x {tc.batch_size} x {tc.grad_accum} = {group.world * tc.batch_size * tc.grad_accum} sequences")
         self.scaler = rt.grad_scaler()
-        resume = self.resume_state
-        if resume is None and self.resume_ckpt:
-            resume = load_checkpoint(self.resume_ckpt)
-        self.stage.build(s, rt, resume)
+        resume = self.resume.opened() if self.resume else None
+        self.stage.build(self.identity, report, rt, resume)
         if resume is not None:
-            restore_stage(self.stage, resume, self.resume_ckpt)  # before FSDP shards what it loads
+            restore_stage(self.stage, resume, self.resume.checkpoint)  # before FSDP shards what it loads
         self.stage.train_order().shard(group.rank, group.world)
         self.par = Parallel(group, self.stage.trained_modules(), rt.device)
         self.opt = self.stage.make_optimizer()
         self.sched = make_scheduler(self.opt, tc)
-        self.ckpt = Checkpointer(s, self.stage, self.opt, self.sched, self.counters, self.scaler,
+        self.ckpt = Checkpointer(self.identity, report, self.stage, self.opt, self.sched, self.counters, self.scaler,
                                  rt.precision.name, self.par)
         if resume is not None:
-            self.ckpt.restore(resume, self.resume_ckpt)
+            self.ckpt.restore(resume, self.resume.checkpoint)
         self.cadence = Cadence(tc.eval_every, tc.checkpoint_every, tc.max_steps)
-        logger = s.metrics_logger(tc.max_steps)
+        logger = report.metrics_logger(tc.max_steps)
         self.counters.start_clock()  # wall time counts training, not setup
-        s.trained = True
+        report.training()
         try:
             status = self._steps(logger)
             if self.cadence.final_eval_due(self.counters.step):
@@ -119,7 +124,7 @@ class TrainLoop:
         finally:
             logger.close()  # trackers flush what they hold, a failed run's steps included
         self._save(final=True)
-        s.finish(status, self.counters.step, self.summary())
+        report.finish(status, self.counters.step, self.summary())
         return status
 
     def _steps(self, logger) -> str:
@@ -157,6 +162,8 @@ class TrainLoop:
                 metrics.update(self._evaluate())
             if metrics:
                 logger.log(metrics, c.point())
+                if "loss" in metrics:  # NaN is what the database cannot hold: no value
+                    self.last_loss = None if math.isnan(metrics["loss"]) else float(metrics["loss"])
             if self.cadence.checkpoint_due(c.step):
                 self._save(final=False)
         return "completed"
@@ -167,7 +174,7 @@ class TrainLoop:
             raise NonFiniteError(f"the {what} at step {step} is not finite; the run stops here and its last "
                                  "checkpoint is the last good state (lower train.lr, or set train.skip_nonfinite = true)")
         self.skipped += 1
-        self.s.warn(f"step {step}: the {what} is not finite; the optimizer step was skipped ({self.skipped} so far)")
+        self.report.warn(f"step {step}: the {what} is not finite; the optimizer step was skipped ({self.skipped} so far)")
 
     def _grad_exchange(self) -> None:
         """The gradient bytes DDP exchanged in the first step, by part, once (meta and the log)."""
@@ -184,37 +191,37 @@ class TrainLoop:
         info = {"bytes_per_step": g["bytes"], "masked_layers_bytes": g["masked_bytes"],
                 "masked_layers_dense_bytes": masked_dense, "masked_layers_ratio": ratio_masked,
                 "model_dense_bytes": dense_model, "model_ratio": ratio_model}
-        self.s.db.merge_meta(self.s.run_id, grad_exchange=info)
-        self.s.info(f"gradients exchanged per step: {g['bytes'] / 2**20:.2f} MiB"
-                    + (f"; masked layers {ratio_masked:.3f}x of the same layers dense, whole model {ratio_model:.3f}x"
-                       if ratio_masked is not None else ""))
+        self.report.meta(grad_exchange=info)
+        self.report.info(f"gradients exchanged per step: {g['bytes'] / 2**20:.2f} MiB"
+                         + (f"; masked layers {ratio_masked:.3f}x of the same layers dense, whole model {ratio_model:.3f}x"
+                            if ratio_masked is not None else ""))
 
     def _evaluate(self) -> dict:
         rows = self.par.run(lambda: self.stage.evaluate(self.counters.step))
         self.cadence.last_eval_step = self.counters.step
-        self.s.db.update_run(self.s.run_id, summary=self.summary())
+        self.report.summary(self.summary())
         return rows
 
     def _save(self, final: bool) -> None:
         path, nbytes = self.ckpt.save(final)
-        if not self.s.writer:
+        if not self.identity.writer:
             return
         on_final = getattr(self.stage, "on_final_checkpoint", None)
         if final and on_final:
             on_final(self.counters.step)
-        self.s.db.update_run(self.s.run_id, summary=self.summary())
-        self.s.events.emit("checkpoint", run_id=self.s.run_id, step=self.counters.step, path=path, bytes=nbytes, final=final)
+        self.report.summary(self.summary())
+        self.report.announce_checkpoint(self.counters.step, path, nbytes, final)
 
     def summary(self) -> dict:
         c = self.counters
         return summary_of({"step": c.step, "tokens": c.tokens, "flops": c.flops, "flops_dense": c.flops_dense,
-                           "wall_time": c.wall(), "train_loss": last_metric_value(self.s.db, self.s.run_id, "loss"),
+                           "wall_time": c.wall(), "train_loss": self.last_loss,
                            **self.stage.summary()})
 
     def _pause_wait(self) -> None:
         t = time.monotonic()
-        self.s.status("paused")
-        self.s.info(f"paused at step {self.counters.step}")
+        self.report.status("paused")
+        self.report.info(f"paused at step {self.counters.step}")
         control, group = self.control, self.rt.group
         while True:
             control.wake.wait(0.5)
@@ -226,5 +233,5 @@ class TrainLoop:
         if stop:
             control.request_stop(control.stop_reason or "stop")
         self.counters.add_pause(time.monotonic() - t)
-        self.s.status("running")
-        self.s.info("resumed" if not self.control.stop_requested.is_set() else "stopping")
+        self.report.status("running")
+        self.report.info("resumed" if not self.control.stop_requested.is_set() else "stopping")

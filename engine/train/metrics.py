@@ -1,6 +1,7 @@
-"""One metrics call fanned out to sinks: JSON-lines events, the run database, a terminal progress bar,
-and the experiment trackers of ``train.report_to`` (TensorBoard). A sink is any object with
-``write(point, metrics)``; ``close()`` is optional. Another tracker is another sink."""
+"""One metrics call fanned out to sinks: JSON-lines events, the run database (the reporter's
+``DatabaseSink``, engine.train.reporter), a terminal progress bar, and the experiment trackers of
+``train.report_to`` (TensorBoard). A sink is any object with ``write(point, metrics)``; ``close()``
+is optional. Another tracker is another sink."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.core.events import EventWriter
-from engine.store.rundb import RunDB
 
 
 @dataclass
@@ -34,18 +34,6 @@ class EventSink:
         self.events.emit("metrics", run_id=self.run_id, step=point.step, tokens=point.tokens,
                          wall_time=round(point.wall_time, 4), flops=point.flops, flops_dense=point.flops_dense,
                          metrics=metrics)
-
-
-class DatabaseSink:
-    """Rows are deferred and committed every ``rundb.FLUSH_S`` (and before any other write of the run):
-    fast steps share a commit, slow steps still reach the database as they happen."""
-
-    def __init__(self, db: RunDB, run_id: str):
-        self.db, self.run_id = db, run_id
-
-    def write(self, point: Point, metrics: dict[str, float]) -> None:
-        self.db.log_metrics(self.run_id, point.step, point.tokens, point.wall_time, point.flops, point.flops_dense,
-                            metrics, defer=True)
 
 
 class TensorBoardSink:

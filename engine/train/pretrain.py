@@ -13,86 +13,87 @@ import time
 import numpy as np
 import torch
 
+from engine.core import registry
+from engine.core.config import RunConfig
 from engine.data.corpus import load_corpus
 from engine.data.tokens import BlockLoader, check_enough_tokens, tokenize_corpus
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer, save_tokenizer, train_tokenizer
 from engine.model.checkpoint import load_checkpoint
 from engine.model.flops import flop_model_for
 from engine.model.gpt import GPT
-from engine.model.runs import check_parent
 from engine.model.sparsity import load_masks, masks_state, measure_sparsity, packed_state_dict, sparse_param_counts
 from engine.train.dynamic_sparsity import MaskSchedule
+from engine.train.identity import RunIdentity, continues_import
 from engine.train.kernel_choice import KernelTrial, choose_kernels, set_kernels
 from engine.train.optim import make_optimizer
+from engine.train.reporter import Reporter
 from engine.train.step import MicroBatch, lm_micro_batch
 
 
-def prepare_tokenizer(s, documents: list[str], resuming: bool):
+def prepare_tokenizer(run: RunIdentity, report: Reporter, documents: list[str], resuming: bool):
     """Learn the vocabulary, or reuse the parent's (or this run's own when resuming). The other ranks
     of a process group read the one rank 0 saved."""
-    own = s.run_dir / TOKENIZER_FILE
-    if (resuming or not s.writer) and own.is_file():
+    own = run.run_dir / TOKENIZER_FILE
+    if (resuming or not run.writer) and own.is_file():
         return load_tokenizer(own)
-    cfg = s.cfg
-    parent = check_parent(s.db, cfg)
+    cfg, parent = run.cfg, run.parent
     if parent is not None:
         tok = parent.tokenizer_object()
-        s.info(f"reusing the tokenizer of parent run {parent.id} ({tok.get_vocab_size()} tokens)")
+        report.info(f"reusing the tokenizer of parent run {parent.id} ({tok.get_vocab_size()} tokens)")
     else:
         t = time.monotonic()
-        s.info(f"learning a byte-level BPE vocabulary of {cfg.tokenizer.vocab_size} tokens on {len(documents)} documents")
+        report.info(f"learning a byte-level BPE vocabulary of {cfg.tokenizer.vocab_size} tokens on {len(documents)} documents")
         tok = train_tokenizer(documents, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cfg.tokenizer.lowercase,
-                              progress=lambda d, n: s.progress("tokenizer", d, n))
-        s.info(f"vocabulary learned in {time.monotonic() - t:.1f}s ({tok.get_vocab_size()} tokens)")
-    path = save_tokenizer(tok, s.run_dir)
-    s.db.add_artifact(s.run_id, "tokenizer", str(path), {"vocab_size": tok.get_vocab_size()})
+                              progress=lambda d, n: report.progress("tokenizer", d, n))
+        report.info(f"vocabulary learned in {time.monotonic() - t:.1f}s ({tok.get_vocab_size()} tokens)")
+    path = save_tokenizer(tok, run.run_dir)
+    report.artifact("tokenizer", str(path), {"vocab_size": tok.get_vocab_size()})
     return tok
 
 
-def load_stage_corpus(s):
-    cfg = s.cfg
+def load_stage_corpus(cfg: RunConfig, report: Reporter):
     corpus = load_corpus(cfg.data.corpus, cfg.data.text_field, cfg.data.max_documents)
-    s.info(f"corpus: {len(corpus.documents)} documents, {corpus.n_chars:,} characters from {'; '.join(corpus.sources)}")
+    report.info(f"corpus: {len(corpus.documents)} documents, {corpus.n_chars:,} characters from {'; '.join(corpus.sources)}")
     return corpus
 
 
-def run_vocab(s) -> str:
+def run_vocab(run: RunIdentity, report: Reporter) -> str:
     """The vocabulary stage: corpus → tokenizer, no training loop."""
-    s.start(0)
-    tok = prepare_tokenizer(s, load_stage_corpus(s).documents, resuming=False)
-    s.finish("completed", 0, {"vocab_size": tok.get_vocab_size()})
+    report.start(0)
+    tok = prepare_tokenizer(run, report, load_stage_corpus(run.cfg, report).documents, resuming=False)
+    report.finish("completed", 0, {"vocab_size": tok.get_vocab_size()})
     return "completed"
 
 
 class PretrainStage:
-    def build(self, s, rt, resume: dict | None) -> None:
-        cfg, tc = s.cfg, s.cfg.train
-        self.s, self.rt = s, rt
+    def build(self, run: RunIdentity, report: Reporter, rt, resume: dict | None) -> None:
+        cfg, tc = run.cfg, run.cfg.train
+        self.cfg, self.report, self.rt = cfg, report, rt
         t = time.monotonic()
         group = rt.group
-        corpus = load_stage_corpus(s)
-        self.tok = group.writer_first(lambda: prepare_tokenizer(s, corpus.documents, resume is not None))
+        corpus = load_stage_corpus(cfg, report)
+        self.tok = group.writer_first(lambda: prepare_tokenizer(run, report, corpus.documents, resume is not None))
         self.vocab_size = self.tok.get_vocab_size()
         splits = group.writer_first(lambda: tokenize_corpus(
-            corpus, self.tok, cfg.data.val_fraction, tc.seed, s.run_dir.parent / ".cache",
-            progress=lambda d, n: s.progress("tokenize", d, n)))
-        s.info(f"tokens: {len(splits.train):,} train ({splits.n_train_docs} docs), {len(splits.val):,} validation "
-               f"({splits.n_val_docs} docs){' from cache' if splits.from_cache else ''}; data ready in {time.monotonic() - t:.1f}s")
+            corpus, self.tok, cfg.data.val_fraction, tc.seed, run.run_dir.parent / ".cache",
+            progress=lambda d, n: report.progress("tokenize", d, n)))
+        report.info(f"tokens: {len(splits.train):,} train ({splits.n_train_docs} docs), {len(splits.val):,} validation "
+                    f"({splits.n_val_docs} docs){' from cache' if splits.from_cache else ''}; data ready in {time.monotonic() - t:.1f}s")
         check_enough_tokens(splits, cfg.model.n_ctx)
         self.loader = BlockLoader(splits.train, cfg.model.n_ctx, tc.batch_size, tc.seed)
         self.val_batches = BlockLoader(splits.val, cfg.model.n_ctx, tc.batch_size, tc.seed, shuffle=False).fixed_batches(tc.eval_batches)
         epochs = tc.max_steps * tc.batch_size * tc.grad_accum * group.world / self.loader.n_blocks
         if epochs > 10:
-            s.warn(f"the run covers the training data {epochs:.1f} times; expect overfitting (use a larger corpus or fewer steps)")
+            report.warn(f"the run covers the training data {epochs:.1f} times; expect overfitting (use a larger corpus or fewer steps)")
 
         self.model = GPT(cfg.model, self.vocab_size)
-        parent = check_parent(s.db, cfg)
-        imported = parent is not None and parent.stage == "import"
+        parent = run.parent
+        imported = continues_import(cfg, parent)
         if imported and resume is None:  # continued pre-training: the imported weights, then masks by magnitude
             self.model.load_state_dict(load_checkpoint(parent.checkpoint)["model"])
-            s.info(f"continuing imported model {parent.id}: masks by magnitude to sparsity {cfg.sparsity.level} "
-                   f"({cfg.sparsity.distribution}, {cfg.sparsity.method})")
-        self.masks = MaskSchedule(s, self.model, cfg)
+            report.info(f"continuing imported model {parent.id}: masks by magnitude to sparsity {cfg.sparsity.level} "
+                        f"({cfg.sparsity.distribution}, {cfg.sparsity.method})")
+        self.masks = MaskSchedule(report, self.model, cfg)
         self.masks.init_masks(tc.seed, from_weights=imported)
         self.step = 0  # completed steps (the checkpoint's, when resuming): the mask schedule's clock
         self.model.to(rt.device)
@@ -109,18 +110,18 @@ class PretrainStage:
             set_kernels(self.model, {n: self.kernels.get(n, "dense") for n in self.model.sparse_layers()})
         else:
             self.kernels = group.broadcast(
-                choose_kernels(s, self.model, tc.batch_size * cfg.model.n_ctx, rt.device, rt.precision.name))
+                choose_kernels(report, cfg, self.model, tc.batch_size * cfg.model.n_ctx, rt.device, rt.precision.name))
             set_kernels(self.model, self.kernels)
             if cfg.sparsity.kernel == "auto" and "sparse" in self.kernels.values():
-                self.trial = KernelTrial(s, self.model, self.kernels, group if group.distributed else None)
+                self.trial = KernelTrial(report, self.model, self.kernels, group if group.distributed else None)
         counts = sparse_param_counts(self.model)
         self.sparsity = measure_sparsity(self.model)
-        s.db.merge_meta(s.run_id, params=counts, vocab_size=self.vocab_size, kernels=self.kernels,
-                        flops_per_token={"dense": self.fm.train_per_token(False), "sparse": self.fm.train_per_token(True)},
-                        train_tokens=int(len(splits.train)), val_tokens=int(len(splits.val)))
-        s.info(f"model: {counts['total']:,} parameters, {counts['nonzero']:,} nonzero; sparsity {self.sparsity['total']:.3f}; "
-               f"training FLOPs per token {self.fm.train_per_token(True):.3g} sparse vs {self.fm.train_per_token(False):.3g} dense "
-               f"({self.fm.saving():.2f}x); device {rt.device}")
+        report.meta(params=counts, vocab_size=self.vocab_size, kernels=self.kernels,
+                    flops_per_token={"dense": self.fm.train_per_token(False), "sparse": self.fm.train_per_token(True)},
+                    train_tokens=int(len(splits.train)), val_tokens=int(len(splits.val)))
+        report.info(f"model: {counts['total']:,} parameters, {counts['nonzero']:,} nonzero; sparsity {self.sparsity['total']:.3f}; "
+                    f"training FLOPs per token {self.fm.train_per_token(True):.3g} sparse vs {self.fm.train_per_token(False):.3g} dense "
+                    f"({self.fm.saving():.2f}x); device {rt.device}")
 
     def _count_flops(self) -> None:
         """FLOPs per token from the masks in force (a dynamic method changes them)."""
@@ -134,7 +135,7 @@ class PretrainStage:
         return self.loader
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        opt = make_optimizer(list(self.model.named_parameters()), self.s.cfg.train)
+        opt = make_optimizer(list(self.model.named_parameters()), self.cfg.train)
         self.masks.opt = opt  # a mask update re-packs the moments of the values it moves
         return opt
 
@@ -172,7 +173,7 @@ class PretrainStage:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        s, dev = self.s, self.rt.device
+        dev = self.rt.device
         self.model.eval()
         losses = []
         for x, y in self.val_batches:
@@ -186,8 +187,7 @@ class PretrainStage:
         self.sparsity = measure_sparsity(self.model)
         out = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0)), "sparsity": self.sparsity["total"]}
         out.update({f"sparsity/{k}": v for k, v in self.sparsity["layers"].items()})
-        s.events.emit("eval", run_id=s.run_id, step=step, split="val", metrics={"loss": val, "perplexity": out["val_perplexity"]})
-        s.db.add_evaluation(s.run_id, step, "lm", "val", {"loss": val, "perplexity": out["val_perplexity"]})
+        self.report.evaluation(step, registry.LM, "val", {"loss": val, "perplexity": out["val_perplexity"]})
         return out
 
     # -- what it saves ------------------------------------------------------------------------------

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.soft_prompt import PROMPT_FILE, SoftPrompt, init_ids, nearest_tokens, save_prompt
+from engine.model.soft_prompt import PROMPT_FILE, TENSOR, SoftPrompt, init_ids, nearest_tokens, save_prompt
+from engine.store.rundb import PROMPT_ARTIFACT
 from engine.train.child import ChildRun
+from engine.train.identity import RunIdentity
+from engine.train.reporter import Reporter
 from engine.train.step import MicroBatch
 
 
 class PromptStage:
-    def build(self, s, rt, resume: dict | None) -> None:
-        cfg = s.cfg
-        self.s = s
-        self.child = ChildRun(s, rt, resume)
+    def build(self, run: RunIdentity, report: Reporter, rt, resume: dict | None) -> None:
+        cfg = run.cfg
+        self.run, self.report, self.cfg = run, report, cfg
+        self.child = ChildRun(run, report, rt, resume)
         self.vocab_size = self.child.vocab_size
         self.model = self.child.model
         for p in self.model.parameters():
@@ -35,10 +38,10 @@ class PromptStage:
         return self.child.feed.loader
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        tc = self.s.cfg.train
+        tc = self.cfg.train
         self.child.meta(self.prompt.weight.numel())
         # no weight decay: it would shrink the prompt toward 0
-        return torch.optim.AdamW([self.prompt.weight], lr=self.s.cfg.prompt.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
+        return torch.optim.AdamW([self.prompt.weight], lr=self.cfg.prompt.lr, betas=(tc.beta1, tc.beta2), eps=1e-8,
                                  weight_decay=0.0, foreach=False)
 
     def micro_batch(self) -> MicroBatch:
@@ -52,24 +55,24 @@ class PromptStage:
 
     def state(self) -> dict:
         # the model itself stays the parent's file
-        return {**self.child.state(), "prompt": self.prompt.weight.detach().cpu().clone()}
+        return {**self.child.state(), TENSOR: self.prompt.weight.detach().cpu().clone()}
 
     def load_state(self, ck: dict) -> None:
-        self.prompt.weight.data.copy_(ck["prompt"])
+        self.prompt.weight.data.copy_(ck[TENSOR])
         self.child.load_state(ck)
 
     def summary(self) -> dict:
         return self.child.summary()
 
     def on_final_checkpoint(self, step: int) -> None:
-        s, tok, c = self.s, self.child.tok, self.child
+        cfg, report, tok, c = self.cfg, self.report, self.child.tok, self.child
         w = self.prompt.weight.detach().cpu()
         nearest = nearest_tokens(w, self.model.wte.weight.detach().cpu(), tok, k=5)
-        meta = {"parent_run": s.cfg.parent, "parent_checkpoint": c.parent_ckpt, "n_tokens": int(w.shape[0]),
-                "d_model": int(w.shape[1]), "vocab_size": self.vocab_size, "step": step, "task": s.cfg.task.name,
-                "init": s.cfg.prompt.init, "init_tokens": [tok.decode([i]) for i in self.init_ids]}
-        path = s.run_dir / PROMPT_FILE
+        meta = {"parent_run": cfg.parent, "parent_checkpoint": c.parent_ckpt, "n_tokens": int(w.shape[0]),
+                "d_model": int(w.shape[1]), "vocab_size": self.vocab_size, "step": step, "task": cfg.task.name,
+                "init": cfg.prompt.init, "init_tokens": [tok.decode([i]) for i in self.init_ids]}
+        path = self.run.run_dir / PROMPT_FILE
         nbytes = save_prompt(path, w, meta)
-        s.db.add_artifact(s.run_id, "prompt", str(path), {**meta, "bytes": nbytes, "nearest_tokens": nearest})
-        s.db.merge_meta(s.run_id, prompt_nearest_tokens=[[t["token"] for t in row] for row in nearest])
-        s.info(f"saved the soft prompt ({nbytes:,} bytes) to {path}; nearest tokens: " + " | ".join(row[0]["token"] for row in nearest))
+        report.artifact(PROMPT_ARTIFACT, str(path), {**meta, "bytes": nbytes, "nearest_tokens": nearest})
+        report.meta(prompt_nearest_tokens=[[t["token"] for t in row] for row in nearest])
+        report.info(f"saved the soft prompt ({nbytes:,} bytes) to {path}; nearest tokens: " + " | ".join(row[0]["token"] for row in nearest))

@@ -43,9 +43,10 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
 
 
-def start_runtime(tc: TrainConfig) -> Runtime:
+def start_runtime(tc: TrainConfig, precision: Precision | None = None) -> Runtime:
     """Threads, device and seeds from train.*, and malloc keeping freed buffers for the next step
-    (engine.train.memory): the first thing every stage does."""
+    (engine.train.memory): the first thing every stage does. ``precision``: as the run's plan decided
+    it (engine.train.plan), else chosen here for the device."""
     keep_freed_memory()
     device = resolve_device(tc.device)
     group = from_environment(tc.strategy, device.type == "cuda")
@@ -56,7 +57,7 @@ def start_runtime(tc: TrainConfig) -> Runtime:
         torch.set_num_threads(max(1, usable_cores() // group.local_world))
     if device.type == "cuda" and group.distributed:
         device = torch.device("cuda", group.local_rank)
-    precision = choose_precision(tc.precision, device)
+    precision = precision or choose_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed % 2**32)

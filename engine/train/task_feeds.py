@@ -1,7 +1,7 @@
 """What a fine-tuning or prompting run trains on, in the three forms a task can take:
 
-- ``LMFeed``: causal LM on a corpus (``task.name = "lm"``), scored by validation loss;
-- ``AnswerFeed``: a labelled task as text, loss on the answer tokens only (PubMedQA, HoC with ``task.head = "lm"``);
+- ``LMFeed``: causal LM on a corpus (the unlabelled task of engine.core.registry), scored by validation loss;
+- ``AnswerFeed``: a labelled task as text, loss on the answer tokens only (PubMedQA, HoC with an LM head);
 - ``HeadFeed``: a labelled task through a classification head on the last prompt token (``task.head = "classifier"``).
 
 Each feed gives the next micro-batch's loss, scores the development data, names its headline metric
@@ -18,12 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.core import registry
+from engine.core.config import RunConfig
 from engine.core.errors import InputError
 from engine.data.corpus import load_corpus
 from engine.data.tokens import BlockLoader, check_enough_tokens, tokenize_corpus
 from engine.tasks import get_task
 from engine.tasks.base import Encoder, ExampleLoader, Truncation, collate_lm, collate_prompts
 from engine.tasks.scoring import Scorer, evaluate_examples, head_loss, head_targets, headline, majority_baseline
+from engine.train.identity import RunIdentity
+from engine.train.reporter import Reporter
 
 
 @dataclass
@@ -36,18 +40,18 @@ class Batch:
 class LMFeed:
     key, lower_is_better = "loss", True
 
-    def __init__(self, s, tok, budget: int):
-        cfg, tc = s.cfg, s.cfg.train
-        self.name = "lm"
+    def __init__(self, run: RunIdentity, report: Reporter, tok, budget: int):
+        cfg, tc = run.cfg, run.cfg.train
+        self.name = registry.LM
         corpus = load_corpus(cfg.data.corpus, cfg.data.text_field, cfg.data.max_documents)
-        splits = tokenize_corpus(corpus, tok, cfg.data.val_fraction, tc.seed, s.run_dir.parent / ".cache",
-                                 progress=lambda d, n: s.progress("tokenize", d, n))
+        splits = tokenize_corpus(corpus, tok, cfg.data.val_fraction, tc.seed, run.run_dir.parent / ".cache",
+                                 progress=lambda d, n: report.progress("tokenize", d, n))
         check_enough_tokens(splits, budget)
         self.loader = BlockLoader(splits.train, budget, tc.batch_size, tc.seed)
         self.val_batches = BlockLoader(splits.val, budget, tc.batch_size, tc.seed, shuffle=False).fixed_batches(tc.eval_batches)
-        self.info = {"name": "lm", "train_tokens": int(len(splits.train)), "val_tokens": int(len(splits.val)),
+        self.info = {"name": self.name, "train_tokens": int(len(splits.train)), "val_tokens": int(len(splits.val)),
                      "corpus": corpus.sources}
-        s.info(f"lm: {len(splits.train):,} training tokens, {len(splits.val):,} validation tokens")
+        report.info(f"{self.name}: {len(splits.train):,} training tokens, {len(splits.val):,} validation tokens")
 
     def next(self, scorer: Scorer) -> Batch:
         x, y = self.loader.next_batch()
@@ -65,23 +69,23 @@ class LMFeed:
     def rows(self, m: dict) -> dict:
         return {"val_loss": m["loss"], "val_perplexity": m["perplexity"]}
 
-    def baselines(self, plain: Scorer, s) -> dict:
+    def baselines(self, plain: Scorer, cfg: RunConfig) -> dict:
         return {"zero_shot": self.evaluate(plain)}
 
 
 class LabelledData:
     """The train and development examples of a labelled task, fitted to the window; dev scoring."""
 
-    def __init__(self, s, tok, budget: int):
-        cfg, tc = s.cfg, s.cfg.train
-        self.s, self.cfg, self.budget = s, cfg, budget
+    def __init__(self, cfg: RunConfig, report: Reporter, tok, budget: int):
+        tc = cfg.train
+        self.report, self.cfg, self.budget = report, cfg, budget
         self.task = get_task(cfg.task.name)
-        train, dev, info = self.task.train_dev(cfg.task, cfg.data.val_fraction, tc.seed, s.warn)
+        train, dev, info = self.task.train_dev(cfg.task, cfg.data.val_fraction, tc.seed, report.warn)
         if cfg.task.max_examples:
             train, dev = train[:cfg.task.max_examples], dev[:cfg.task.max_examples]
         overlap = {e.id for e in train} & {e.id for e in dev}
         if overlap:
-            s.warn(f"{len(overlap)} development examples are also training examples")
+            report.warn(f"{len(overlap)} development examples are also training examples")
         self.tok = tok
         self.enc = Encoder(tok, budget)
         self.train, self.dev, self.task_info = train, dev, info
@@ -94,12 +98,12 @@ class LabelledData:
         self.train = train
         msg = trunc.message(f"{cfg.task.name} training", len(train), self.budget)
         if msg:
-            self.s.warn(msg)
+            self.report.warn(msg)
         self.loader = ExampleLoader(len(train), cfg.train.batch_size, cfg.train.seed)
         self.info = {"name": cfg.task.name, **self.task_info, "n_train": len(train), "n_dev": len(self.dev),
                      "train_context_truncated": len(trunc.context)}
-        self.s.info(f"{cfg.task.name}: {len(train)} training and {len(self.dev)} development examples"
-                    + (f" (fold {self.task_info['fold']} of {self.task_info['splits']})" if "fold" in self.task_info else ""))
+        self.report.info(f"{cfg.task.name}: {len(train)} training and {len(self.dev)} development examples"
+                         + (f" (fold {self.task_info['fold']} of {self.task_info['splits']})" if "fold" in self.task_info else ""))
 
     def evaluate(self, scorer: Scorer) -> dict:
         m = evaluate_examples(scorer, self.enc, self.task, self.dev, self.cfg.task, self.dev_trunc)
@@ -107,7 +111,7 @@ class LabelledData:
             self._warned_dev = True
             msg = self.dev_trunc.message(f"{self.cfg.task.name} development", len(self.dev), self.budget)
             if msg:
-                self.s.warn(msg)
+                self.report.warn(msg)
         return m
 
     def rows(self, m: dict) -> dict:
@@ -121,7 +125,7 @@ def _serve(feed, data: LabelledData, train: list, trunc: Truncation) -> None:
     """What both labelled feeds take from their data: name, headline metric, order, scoring."""
     data.ready(train, trunc)
     feed.data, feed.name, feed.lower_is_better = data, data.cfg.task.name, False
-    feed.key = "accuracy" if feed.name == "pubmedqa" else "micro_f1"
+    feed.key = registry.task(feed.name).headline[0]  # what "best" means
     feed.loader, feed.info, feed.evaluate, feed.rows = data.loader, data.info, data.evaluate, data.rows
 
 
@@ -136,24 +140,24 @@ class AnswerFeed:
             except InputError:
                 pass  # its answer alone overflows the window
         if len(kept) < len(data.train):
-            data.s.warn(f"{len(data.train) - len(kept)} of {len(data.train)} training examples were skipped: their "
-                        f"answer does not fit the {data.budget}-token window")
+            data.report.warn(f"{len(data.train) - len(kept)} of {len(data.train)} training examples were skipped: their "
+                             f"answer does not fit the {data.budget}-token window")
         if not kept:
             raise InputError(f"no training example fits the {data.budget}-token window; use a larger model.n_ctx",
                              key="model.n_ctx")
         _serve(self, data, kept, trunc)
         tc = data.cfg.task
         if not data.task.MULTI_LABEL and tc.predict == "likelihood":
-            data.s.info(f"{tc.name} development: answers compared by {tc.scoring} likelihood (task.scoring)")
+            data.report.info(f"{tc.name} development: answers compared by {tc.scoring} likelihood (task.scoring)")
 
     def next(self, scorer: Scorer) -> Batch:
         x, y = collate_lm([self.encoded[i] for i in self.loader.next_indices()], self.data.enc.pad)
         return Batch(scorer.lm_loss(x, y), x.numel(), x.shape[1] + scorer.n_prefix)
 
-    def baselines(self, plain: Scorer, s) -> dict:
+    def baselines(self, plain: Scorer, cfg: RunConfig) -> dict:
         d = self.data
         # the parent as it was, over the whole window (no soft prompt in front)
-        zero = evaluate_examples(plain, Encoder(d.tok, s.cfg.model.n_ctx), d.task, d.dev, s.cfg.task)
+        zero = evaluate_examples(plain, Encoder(d.tok, cfg.model.n_ctx), d.task, d.dev, cfg.task)
         zero.pop("f1_per_class", None)
         return {"majority": d.majority(), "zero_shot": zero}
 
@@ -173,13 +177,14 @@ class HeadFeed:
         loss = head_loss(task, logits.float(), head_targets(task, [self.data.train[i].label for i in idx]))
         return Batch(loss, x.numel(), x.shape[1] + scorer.n_prefix)
 
-    def baselines(self, plain: Scorer, s) -> dict:
+    def baselines(self, plain: Scorer, cfg: RunConfig) -> dict:
         return {"majority": self.data.majority(),
                 "zero_shot": {"skipped": "a new classification head has no zero-shot form"}}
 
 
-def make_feed(s, tok, budget: int):
-    if s.cfg.task.name == "lm":
-        return LMFeed(s, tok, budget)
-    data = LabelledData(s, tok, budget)
-    return HeadFeed(data) if s.cfg.task.head == "classifier" else AnswerFeed(data)
+def make_feed(run: RunIdentity, report: Reporter, tok, budget: int):
+    cfg = run.cfg
+    if not registry.task(cfg.task.name).labelled:
+        return LMFeed(run, report, tok, budget)
+    data = LabelledData(cfg, report, tok, budget)
+    return HeadFeed(data) if cfg.task.head == "classifier" else AnswerFeed(data)

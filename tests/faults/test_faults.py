@@ -97,7 +97,7 @@ def test_sigkills_at_random_points_then_resume_equal_an_uninterrupted_run(tmp_pa
         proc.stdout.close()
         proc.stderr.close()
         if not finished:
-            # what every command does first (engine.cli.commands._db): notice runs whose engine died; the
+            # what every command does first (engine.cli.common.open_db): notice runs whose engine died; the
             # `runs list` command itself is exercised once below, here it would cost a process per kill
             db = RunDB(db_path)
             db.reap_crashed()

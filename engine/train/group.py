@@ -1,12 +1,14 @@
 """One run on many processes, started through torchrun's own launcher (``torch.distributed.launcher``,
-the Python API behind the ``torchrun`` command), and what this command does around it.
+the Python API behind the ``torchrun`` command), and what the launching process does around it.
 
     mediswift train (this process: checks, the elastic agent, control relay, final status)
-        └── workers, one per train.nproc (spawned by the agent, in this process's process group)
-              rank 0: the run's session (rows, events, log, the lease); the others: silent followers
+        └── workers, one per train.nproc (spawned by the agent, in this process's process group),
+            each handed the run's plan (engine.train.plan.RunPlan), not a command line
+              rank 0: the run's RunReporter (rows, events, log, the lease); the others: silent followers
 
-- Bad input is refused here, before any worker starts: too many processes for the machine, a
-  rendezvous endpoint that does not resolve or answer, FSDP where it cannot shard.
+- Bad input is refused before any worker starts (``check_group``, called when the run is planned):
+  too many processes for the machine, a rendezvous endpoint that does not resolve or answer, FSDP
+  where it cannot shard.
 - Control: a stop or pause (stdin line or signal) reaches this process; it signals its local workers,
   which agree on it at the next step (engine.train.distributed.Group.any), so every rank stops at the
   same step and rank 0 writes the final checkpoint. SIGINT/SIGTERM stay ours
@@ -19,6 +21,7 @@ the Python API behind the ``torchrun`` command), and what this command does arou
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -29,8 +32,19 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
+import torch
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from engine.core import registry
 from engine.core.errors import InputError
+from engine.train.control import Control
+from engine.train.estimate import sparse_stage
+from engine.train.reporter import record_lost_run
+from engine.train.runtime import usable_cores
 
 GROUP_DIR_ENV = "MEDISWIFT_GROUP_DIR"
 RDZV_WAIT_ENV = "MEDISWIFT_RDZV_WAIT_S"  # how long a node waits for a remote rendezvous host to answer
@@ -39,6 +53,11 @@ RDZV_WAIT_ENV = "MEDISWIFT_RDZV_WAIT_S"  # how long a node waits for a remote re
 def in_group() -> bool:
     """This process is a worker that torchrun started (ours or a user's own ``torchrun -m engine``)."""
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_follower() -> bool:
+    """A worker of a group other than rank 0: rank 0 speaks for the run."""
+    return in_group() and os.environ.get("RANK") != "0"
 
 
 def world_size(cfg) -> int:
@@ -50,9 +69,9 @@ def world_size(cfg) -> int:
 
 def check_group(cfg, resuming: bool) -> None:
     """Refuse a process group this machine cannot run (exit 2, naming the key)."""
-    tc = cfg.train
+    tc, spec = cfg.train, registry.stage(cfg.stage)
     world = world_size(cfg)
-    if tc.strategy == "fsdp" and cfg.stage == "prompt" and world > 1:
+    if tc.strategy == "fsdp" and not spec.shards and world > 1:
         raise InputError("train.strategy = 'fsdp' cannot shard a soft-prompting run: it trains only the prompt "
                          "vectors on a frozen model; use train.strategy = 'ddp'", key="train.strategy")
     if tc.strategy == "fsdp" and world == 1 and not resuming:
@@ -61,7 +80,7 @@ def check_group(cfg, resuming: bool) -> None:
                          key="train.strategy")
     if world == 1:
         return
-    if cfg.stage == "pretrain" and cfg.sparsity.method != "static":
+    if sparse_stage(cfg) and cfg.sparsity.method != "static":
         raise InputError(f"sparsity.method = {cfg.sparsity.method!r} runs on one process for now (a mask update would "
                          "have to change every rank's masks and its DDP/FSDP buckets alike); use train.nproc = 1",
                          key="sparsity.method")
@@ -74,10 +93,6 @@ def check_group(cfg, resuming: bool) -> None:
 
 
 def _check_processes(tc) -> None:
-    import torch
-
-    from engine.train.runtime import usable_cores
-
     cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
     if cuda:
         n = torch.cuda.device_count()
@@ -166,18 +181,10 @@ def _answers(addr: str, port: int, timeout: float) -> bool:
 # -- the launch ------------------------------------------------------------------------------------
 
 
-def launch(argv: list[str], cfg, db_path: str) -> int:
-    """Run ``mediswift train ARGV`` on ``train.nproc`` local processes of a ``train.nnodes`` group;
-    returns the exit code of the run (rank 0's where it runs here)."""
-    import logging
-
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from engine.train.control import Control
-
-    tc = cfg.train
+def launch(plan, run_rank: Callable) -> int:
+    """Run ``plan`` on ``train.nproc`` local processes of a ``train.nnodes`` group, each of which calls
+    ``run_rank(plan)``; returns the exit code of the run (rank 0's where it runs here)."""
+    tc = plan.cfg.train
     group_dir = Path(tempfile.mkdtemp(prefix="mediswift-group-"))
     os.environ[GROUP_DIR_ENV] = str(group_dir)
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # SIGINT/SIGTERM are a graceful stop, ours
@@ -196,36 +203,37 @@ def launch(argv: list[str], cfg, db_path: str) -> int:
     relay.start()
     code = 1
     try:
-        results = elastic_launch(config, worker)(argv)
+        results = elastic_launch(config, worker)(plan, run_rank)
         code = results.get(0, max(results.values(), default=1)) if results else 1
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        _mark_crashed(db_path, group_dir, f"rank {rank} of the process group died ({how}); the others were ended")
+        _mark_crashed(plan.db_path, group_dir, f"rank {rank} of the process group died ({how}); the others were ended")
         sys.stderr.write(f"mediswift: error: rank {rank} of the process group died ({how})\n")
         code = 1
     except KeyboardInterrupt:
         _signal_workers(group_dir, signal.SIGKILL)
-        _mark_crashed(db_path, group_dir, "interrupted twice; the processes were killed without a final checkpoint",
+        _mark_crashed(plan.db_path, group_dir, "interrupted twice; the processes were killed without a final checkpoint",
                       status="stopped")
         code = 130
     finally:
         done.set()
         control.uninstall()
-        _mark_crashed(db_path, group_dir, "the process group ended without finishing the run")
+        _mark_crashed(plan.db_path, group_dir, "the process group ended without finishing the run")
         shutil.rmtree(group_dir, ignore_errors=True)
     return int(code)
 
 
-def worker(argv: list[str]) -> int:
-    """A worker's whole life: announce its pid, watch its launcher, run ``train`` in the group."""
+def worker(plan, run_rank: Callable) -> int:
+    """A worker's whole life: announce its pid, watch its launcher, run its rank of the plan."""
     group_dir = os.environ.get(GROUP_DIR_ENV)
     if group_dir:
         Path(group_dir, f"rank{os.environ.get('LOCAL_RANK', '0')}.pid").write_text(str(os.getpid()))
     _watch_launcher()
-    from engine.cli.commands import main
-
-    return main(argv)
+    try:
+        return run_rank(plan)
+    except BrokenPipeError:  # the reader of stdout went away
+        return 0
 
 
 def record_run_id(run_id: str) -> None:
@@ -281,15 +289,6 @@ def _relay(control, group_dir: Path, done: threading.Event) -> None:
 
 
 def _mark_crashed(db_path: str, group_dir: Path, message: str, status: str = "crashed") -> None:
-    from engine.store.rundb import RunDB, pid_alive
-
     f = group_dir / "run_id"
-    if not f.is_file():
-        return
-    db = RunDB(db_path)
-    try:
-        row = db.get_run(f.read_text().strip())
-        if row and row["status"] in ("running", "paused") and not pid_alive(row["pid"], row["pid_start"]):
-            db.set_status(row["id"], status, error=message)
-    finally:
-        db.close()
+    if f.is_file():
+        record_lost_run(db_path, f.read_text().strip(), message, status)

@@ -1,0 +1,81 @@
+"""The engine's command line: ``mediswift`` (also ``python -m engine``): the parser and the entry point.
+
+Each command lives in its own module, which adds its parser (``register``) and holds what it does;
+a command module imports the engine's heavier layers (torch) inside the command, so the parser and
+the light commands start fast.
+
+Exit codes: 0 success (a stopped run included), 1 internal failure, 2 bad input (one clear line on
+stderr naming the field or file, plus an ``error`` event on stdout for commands that stream events).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Idle OpenMP threads of torch (and numba) spin by default; when cores are shared (the studio, a
+# second run, tests) the spinning threads steal the cores the working ones need and steps get
+# several times slower. Passive waiting costs little when the machine is quiet. A user's own
+# setting wins. Must happen before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from engine.cli import (  # noqa: E402
+    checkpoints_cmd,
+    config_cmd,
+    estimate_cmd,
+    eval_cmd,
+    export_cmd,
+    import_cmd,
+    inspect_cmd,
+    metrics_cmd,
+    runs_cmd,
+    sweep_cmd,
+    train_cmd,
+)
+from engine.cli.common import EXIT_BAD_INPUT, stderr_error  # noqa: E402
+from engine.core.errors import InputError  # noqa: E402
+from engine.core.events import EventWriter  # noqa: E402
+from engine.core.paths import default_db_path  # noqa: E402
+from engine.store import DatabaseError  # noqa: E402
+
+# in the order `mediswift --help` lists them
+COMMANDS = (train_cmd, runs_cmd, inspect_cmd, metrics_cmd, estimate_cmd, checkpoints_cmd, config_cmd,
+            eval_cmd, export_cmd, import_cmd, sweep_cmd)
+
+
+def with_db(sp: argparse.ArgumentParser, db: bool = True) -> argparse.ArgumentParser:
+    """A command that reads or writes the run database takes ``--db``."""
+    if db:
+        sp.add_argument("--db", help="run database (default: $MEDISWIFT_DB or ~/.local/share/mediswift/runs.db)")
+    return sp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mediswift", description="MediSwift engine: sparse pre-training of domain GPT models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub, with_db)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # commands whose stdout a program reads get the error as an event too
+    streams_events = args.command == "train" or (args.command == "estimate" and args.json)
+    try:
+        return args.fn(args)
+    except InputError as e:
+        stderr_error(str(e))
+        if streams_events:
+            EventWriter().emit("error", message=str(e), key=getattr(e, "key", None) or None, path=getattr(e, "path", None))
+        return EXIT_BAD_INPUT
+    except DatabaseError as e:  # a damaged or foreign file where the run database should be
+        db = getattr(args, "db", None) or default_db_path()
+        stderr_error(f"the run database {db} is damaged or not a run database ({e})")
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

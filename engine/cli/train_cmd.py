@@ -1,0 +1,34 @@
+"""``mediswift train CONFIG | --resume RUN_ID``: prepare the run (engine.train.plan), run it
+(engine.train.launch) and exit with its code; the run streams its own JSON-line events."""
+from __future__ import annotations
+
+from engine.cli.common import EXIT_BAD_INPUT
+from engine.core.errors import InputError
+
+
+def register(sub, with_db) -> None:
+    t = with_db(sub.add_parser("train", help="start (or --resume) a run; streams JSON-line events on stdout"))
+    t.add_argument("config", nargs="?", help="CONFIG.toml, or a preset name (see `mediswift presets`)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_steps=100")
+    t.add_argument("--runs-dir", help="folder for run folders (default: next to the database, or $MEDISWIFT_RUNS_DIR)")
+    t.add_argument("--resume", metavar="RUN_ID", help="continue a stopped or crashed run from its last checkpoint")
+    t.add_argument("--ignore-memory-check", action="store_true",
+                   help="start even when the estimated memory exceeds what this machine has available")
+    t.set_defaults(fn=cmd_train)
+
+
+def cmd_train(args) -> int:
+    # torch loads with these (the other commands start without it)
+    from engine.train.group import is_follower
+    from engine.train.launch import run_plan
+    from engine.train.plan import RunRequest, prepare_run
+
+    request = RunRequest(config=args.config, overrides=tuple(args.set), resume=args.resume, db=args.db,
+                         runs_dir=args.runs_dir, ignore_memory_check=args.ignore_memory_check)
+    try:
+        plan = prepare_run(request)
+    except InputError:
+        if is_follower():
+            return EXIT_BAD_INPUT  # a worker of a user's torchrun: its rank 0 says it, once
+        raise
+    return run_plan(plan)
