@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 from engine.cli.common import open_db, print_json
+from engine.orchestrate.queue import Queue
 from engine.store.queries import disk_usage, find_run
-from engine.store.queue import Queue
 
 
 def register(sub, with_db) -> None:

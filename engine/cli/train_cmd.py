@@ -2,8 +2,9 @@
 (engine.train.launch) and exit with its code; the run streams its own JSON-line events."""
 from __future__ import annotations
 
-from engine.cli.common import EXIT_BAD_INPUT
+from engine.cli.common import EXIT_BAD_INPUT, open_db
 from engine.core.errors import InputError
+from engine.store.rundb import RunDB
 
 
 def register(sub, with_db) -> None:
@@ -23,12 +24,16 @@ def cmd_train(args) -> int:
     from engine.train.launch import run_plan
     from engine.train.plan import RunRequest, prepare_run
 
-    request = RunRequest(config=args.config, overrides=tuple(args.set), resume=args.resume, db=args.db,
-                         runs_dir=args.runs_dir, ignore_memory_check=args.ignore_memory_check)
+    request = RunRequest(config=args.config, overrides=tuple(args.set), resume=args.resume, runs_dir=args.runs_dir,
+                         ignore_memory_check=args.ignore_memory_check)
+    follower = is_follower()  # a worker of a user's `torchrun -m engine train`, not its rank 0
+    db = RunDB(args.db) if follower else open_db(args)  # rank 0 alone notices crashed runs
     try:
-        plan = prepare_run(request)
+        plan = prepare_run(request, db)
     except InputError:
-        if is_follower():
-            return EXIT_BAD_INPUT  # a worker of a user's torchrun: its rank 0 says it, once
+        if follower:
+            return EXIT_BAD_INPUT  # its rank 0 says it, once
         raise
+    finally:
+        db.close()
     return run_plan(plan)

@@ -1,7 +1,7 @@
 """A run, prepared: everything decided and checked before anything is written.
 
-``prepare_run`` turns a request (a config or a run to resume, the ``--set`` overrides, where the
-database is) into a ``RunPlan``: the final config (a child run's model shape is its parent's, a run
+``prepare_run`` turns a request (a config or a run to resume, the ``--set`` overrides) and the run
+database (read, never written) into a ``RunPlan``: the final config (a child run's model shape is its parent's, a run
 resumed on another number of processes keeps its global batch), the parent resolved once, the
 resume checkpoint opened, the inputs, the process group and the memory checked, the precision and
 the number of processes decided. Bad input raises InputError here, so it leaves no run row behind.
@@ -9,7 +9,7 @@ the number of processes decided. Bad input raises InputError here, so it leaves 
 process group receive it.
 
 A worker of a group a user started with their own ``torchrun -m engine train ...`` prepares its own
-plan: the group's checks are the user's torchrun's, and rank 0 alone notices crashed runs.
+plan: the group's checks are the user's torchrun's.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from engine.model.runs import RunRef, check_parent, good_checkpoint
 from engine.store.rundb import RunDB
 from engine.train.child import child_config
 from engine.train.estimate import available_memory, estimate
-from engine.train.group import check_group, in_group, is_follower, world_size
+from engine.train.group import check_group, in_group, world_size
 from engine.train.identity import continues_import
 from engine.train.metrics import check_reporters
 from engine.train.precision import Precision, choose_precision
@@ -42,7 +42,6 @@ class RunRequest:
     config: str | None = None          # CONFIG.toml, or a preset name
     overrides: tuple[str, ...] = ()    # KEY=VALUE items, as given to --set
     resume: str | None = None          # a run id (or a unique prefix)
-    db: str | None = None              # the run database (default: the platform's)
     runs_dir: str | None = None        # where run folders go (default: next to the database)
     ignore_memory_check: bool = False
 
@@ -77,18 +76,8 @@ class RunPlan:
     notes: tuple[str, ...] = ()          # said once the run exists (how a resume keeps its global batch)
 
 
-def prepare_run(request: RunRequest) -> RunPlan:
+def prepare_run(request: RunRequest, db: RunDB) -> RunPlan:
     worker = in_group()  # a process of a torchrun group a user started: its group is checked already
-    db = RunDB(request.db)
-    try:
-        if not is_follower():
-            db.reap_crashed()  # any run whose engine died is noticed (by rank 0 alone in a group)
-        return _prepare(request, db, worker)
-    finally:
-        db.close()
-
-
-def _prepare(request: RunRequest, db: RunDB, worker: bool) -> RunPlan:
     overrides = parse_overrides(list(request.overrides))
     if request.resume and request.config:
         raise InputError("give either CONFIG or --resume RUN_ID (a resumed run keeps its own config; adjust it with --set)",
