@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import sys
 
+from engine.core.errors import EXIT_BAD_INPUT, error_line  # noqa: F401 (re-exported for the commands)
 from engine.core.paths import default_db_path
 from engine.store.rundb import RunDB
 
-EXIT_BAD_INPUT = 2
 
 
 def open_db(args) -> RunDB:
@@ -22,6 +22,4 @@ def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
 
 
-def stderr_error(message: str) -> None:
-    sys.stderr.write(f"mediswift: error: {message}\n")
-    sys.stderr.flush()
+stderr_error = error_line

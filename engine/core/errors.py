@@ -17,3 +17,14 @@ class InputError(ValueError):
         super().__init__(message)
         self.key = key
         self.path = path
+
+
+EXIT_BAD_INPUT = 2  # what every command exits with on bad input
+
+
+def error_line(message: str) -> None:
+    """The one line on stderr that bad input gets: ``mediswift: error: ...``."""
+    import sys
+
+    sys.stderr.write(f"mediswift: error: {message}\n")
+    sys.stderr.flush()

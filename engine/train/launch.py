@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from engine.core import registry
-from engine.core.errors import InputError
+from engine.core.errors import EXIT_BAD_INPUT, InputError, error_line
 from engine.core.events import EventWriter
 from engine.store.rundb import RunDB
 from engine.train.control import Control
@@ -25,7 +25,6 @@ from engine.train.loop import TrainLoop
 from engine.train.plan import RunPlan
 from engine.train.reporter import NullReporter, Reporter, RunReporter
 
-EXIT_BAD_INPUT = 2  # as every command exits on bad input (engine.cli.common)
 LOST_GROUP = ("Connection closed", "Connection reset", "gloo", "NCCL", "Broken pipe")
 
 
@@ -141,7 +140,6 @@ def say_error(e: InputError, event: bool = False) -> None:
     """The one stderr line of bad input (``mediswift: error: ...``); for an error found before the run
     existed (``event``), also the ``error`` event a reader of stdout waits for (the reporter sends
     it once the run exists)."""
-    sys.stderr.write(f"mediswift: error: {e}\n")
-    sys.stderr.flush()
+    error_line(str(e))
     if event:
         EventWriter().emit("error", message=str(e), key=e.key or None, path=e.path)
