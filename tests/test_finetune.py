@@ -42,13 +42,18 @@ class Env:
                                         env=engine_env(self.tmp)))
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> Env:
-    e = Env(tmp_path_factory.mktemp("ft"))
+def parent_env(tmp: Path) -> Env:
+    """A run database in ``tmp`` holding a tiny sparse pre-training run (``.parent``) to fine-tune."""
+    e = Env(tmp)
     r = e.cli("train", "demo", *sets(*PARENT, "name=parent"))
     assert r.rc == 0, r.stderr
     e.parent = r.run_id
     return e
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Env:
+    return parent_env(tmp_path_factory.mktemp("ft"))
 
 
 def main_inproc(env: Env, capsys, *args: str) -> tuple[int, list[dict], str]:

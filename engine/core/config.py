@@ -37,6 +37,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = registry.TASK_NAMES
 HEADS = ("lm", "classifier")  # task.head: labels as text from the language-model head, or a classifier
 PROMPT_INITS = ("vocab", "text")  # prompt.init: sampled vocabulary embeddings, or init_text's
+INITS = ("parent", "random")  # train.init: a child run starts from its parent's weights, or from fresh ones
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -275,6 +276,26 @@ class TrainConfig(_Section):
     report_to: list[str] = _f([], "Experiment trackers the metrics also go to, besides the run database: "
                               "'tensorboard' writes event files to the run folder's tensorboard/ (needs the "
                               "tensorboard package: pip install 'mediswift-studio[tensorboard]').")
+    epochs: int = _f(0, "Fine-tuning and prompting on a labelled task (pubmedqa, hoc): passes over the training "
+                     "examples (0 = off: train.max_steps decides). Above 0 it wins over train.max_steps: the run "
+                     "trains epochs x ceil(N / (processes x batch_size x grad_accum)) steps, N the training examples "
+                     "(after task.max_examples), evaluates on dev once per epoch (train.eval_every is replaced), and "
+                     "records the steps it derived as train.max_steps and train.eval_every in its config. Only a "
+                     "train.max_steps given with --set (or changed in the studio's form) counts steps instead: it "
+                     "turns epochs off for that run; giving both that way is an error.",
+                     min=0, max=100_000)
+    early_stopping_patience: int = _f(0, "Fine-tuning and prompting: stop after this many development evaluations "
+                                      "in a row without a better headline dev metric (accuracy, micro-F1; loss for "
+                                      "lm) than the best so far (0 = never stop early). With it or train.epochs, the "
+                                      "run keeps the checkpoint of its best evaluation (whatever "
+                                      "train.keep_checkpoints says) and eval, export-hf and child runs use it.",
+                                      min=0, max=100_000)
+    layer_decay: float = _f(1.0, "Fine-tuning: layer-wise learning-rate decay. The top (final norm, LM and "
+                            "classification heads) trains at train.lr, block i of L at lr x decay^(L - i), the "
+                            "embeddings at lr x decay^(L + 1). 1.0 = off.", min=0.0, max=1.0, min_open=True)
+    init: str = _f(INITS[0], "Fine-tuning and prompting: start from the parent's weights (parent), or from fresh "
+                   "weights of the parent's shape and tokenizer, drawn with train.seed (random): the control that "
+                   "shows what pre-training buys.", choices=INITS)
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # the form's text field and a bare --set value
@@ -356,6 +377,26 @@ class RunConfig(_Section):
                              key="sparsity.start_step")
         if registry.stage(self.stage).needs_parent and not self.parent:
             raise InputError(f"parent is required for stage {self.stage!r}: give the id of the run to start from", key="parent")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The fine-tuning keys of train.* only where they mean something."""
+        tc, spec = self.train, registry.stage(self.stage)
+        task_stage = self.stage in registry.TASK_STAGES
+        # (a fine-tuning run on the lm task is refused when the run is planned: a --set train.max_steps
+        # may still turn a preset's epochs off)
+        if tc.epochs and not task_stage:
+            raise InputError(f"train.epochs counts passes over a labelled task's training examples (fine-tuning or "
+                             f"prompting); a {self.stage} run counts train.max_steps", key="train.epochs")
+        if tc.early_stopping_patience and not task_stage:
+            raise InputError(f"train.early_stopping_patience watches the development metric of fine-tuning and "
+                             f"prompting runs; a {self.stage} run has none", key="train.early_stopping_patience")
+        if tc.layer_decay != 1.0 and self.stage != registry.FINETUNE:
+            raise InputError(f"train.layer_decay applies to dense fine-tuning, where every layer trains; a "
+                             f"{self.stage} run must leave it at 1.0", key="train.layer_decay")
+        if tc.init != INITS[0] and not spec.takes_parent_shape:
+            raise InputError(f"train.init = {tc.init!r} applies to runs that take their parent's shape (fine-tuning, "
+                             f"prompting); a {self.stage} run starts as its own config says", key="train.init")
 
     # -- conversions -------------------------------------------------------------------------------
     def to_dict(self) -> dict:

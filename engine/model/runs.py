@@ -2,7 +2,9 @@
 
 Every command and stage that starts from an existing run goes through here: a fine-tuning or
 prompting stage resolving its parent, a pre-training reusing a parent's vocabulary, ``eval``,
-``inspect`` and ``export-hf``. A soft-prompt run owns no weights: its model is the parent checkpoint
+``inspect`` and ``export-hf``. A run's model is its newest intact checkpoint, or, for a fine-tuning or
+prompting run that kept its best evaluation's checkpoint (train.epochs, train.early_stopping_patience),
+that one (``model_checkpoint``); resuming continues from the newest. A soft-prompt run owns no weights: its model is the parent checkpoint
 it recorded when it started (the parent may have trained on since). A child run without a
 tokenizer of its own uses its nearest ancestor's.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from engine.core.config import ModelConfig, RunConfig, from_dict
-from engine.core.registry import IMPORT, PRETRAIN, PROMPT, VOCAB, stage
+from engine.core.registry import IMPORT, PRETRAIN, PROMPT, TASK_STAGES, VOCAB, stage
 from engine.core.registry import MODEL_STAGES  # noqa: F401  (importable from here, as before)
 from engine.core.errors import InputError
 from engine.store.queries import find_run
@@ -31,7 +33,7 @@ from engine.model.soft_prompt import TENSOR, SoftPrompt
 class RunRef:
     """A run found in the database, with the files it stands on (nothing loaded yet)."""
     run: dict                 # the run's database row
-    checkpoint: Path | None   # its latest checkpoint file (None: a vocabulary run)
+    checkpoint: Path | None   # the checkpoint its model is taken from (model_checkpoint; None: a vocabulary run)
     tokenizer: Path           # its tokenizer.json, or the nearest ancestor's
 
     @property
@@ -101,13 +103,29 @@ def good_checkpoint(db: RunDB, run_id: str, warn=_stderr_warning) -> Path | None
     return None
 
 
+def model_checkpoint(db: RunDB, row: dict, warn=_stderr_warning) -> Path | None:
+    """The checkpoint a run's model is taken from (eval, export, inspect, a child run): the best
+    evaluation's, recorded in the run's meta as ``best_checkpoint`` by a fine-tuning or prompting run
+    that kept it, when intact; otherwise the newest intact one (good_checkpoint)."""
+    best = (row.get("meta") or {}).get("best_checkpoint") or {}
+    if row["stage"] in TASK_STAGES and best.get("step") is not None:
+        for r in reversed(db.checkpoints(row["id"])):
+            if r["step"] == best["step"]:
+                problem = checkpoint_problem(r)
+                if problem is None:
+                    return Path(r["path"])
+                warn(problem + "; using the newest intact checkpoint instead of the best evaluation's")
+                break
+    return good_checkpoint(db, row["id"], warn)
+
+
 def resolve_run(db: RunDB, run_id: str, key: str = "run_id", what: str = "run", need_checkpoint: bool = True,
                 warn=_stderr_warning) -> RunRef:
     """Find a run and its files; raises InputError naming ``key`` when something is missing."""
     row = find_run(db, run_id, key, what)
     ck = None
     if row["stage"] != VOCAB:
-        ck = good_checkpoint(db, row["id"], warn)
+        ck = model_checkpoint(db, row, warn)
         if ck is None and need_checkpoint:
             raise InputError(f"{what} {row['id']} has no intact checkpoint file to start from", key=key)
     elif need_checkpoint:

@@ -32,8 +32,9 @@ def restore_stage(stage, ck: dict, path: str) -> None:
 
 class Checkpointer:
     def __init__(self, run: RunIdentity, report: Reporter, stage, opt, sched, counters, scaler=None,
-                 precision: str = "fp32", par=None):
+                 precision: str = "fp32", par=None, best=None):
         self.run, self.report = run, report
+        self.best = best  # the loop's BestKeeper: its state travels with the checkpoint; retention keeps its step
         self.stage, self.opt, self.sched, self.counters = stage, opt, sched, counters
         self.precision = precision  # what the products ran in; the tensors saved are fp32 whatever it is
         self.scaler = scaler  # fp16's loss scale is trainer state too
@@ -58,9 +59,13 @@ class Checkpointer:
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
+        keeping = self.best is not None and self.best.enabled
+        if keeping:
+            state["best_eval"] = self.best.state()
         nbytes = save_checkpoint(state, path)
         self.report.checkpoint_saved(c.step, c.tokens, str(path), nbytes, final, file_sha256(path),
-                                     keep=run.cfg.train.keep_checkpoints)
+                                     keep=run.cfg.train.keep_checkpoints,
+                                     **({"best_step": self.best.best_step} if keeping else {}))
         return str(path), nbytes
 
     def restore(self, ck: dict, path: str) -> None:
@@ -72,6 +77,8 @@ class Checkpointer:
         if self.scaler is not None and ck.get("grad_scaler"):
             self.scaler.load_state_dict(ck["grad_scaler"])
         self.counters.load_state(ck)
+        if self.best is not None and self.best.enabled:
+            self.best.load_state(ck.get("best_eval"))
         self.report.resumed(self.counters.step, path)
 
     def _check_moments(self, path: str) -> None:

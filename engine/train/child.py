@@ -1,10 +1,11 @@
 """What fine-tuning and soft prompting share: both start from a parent run's model.
 
 ``child_config`` checks a child config against its parent before the run exists and gives it the
-parent's model shape (a pre-training continuing an imported model takes it too). ``ChildRun`` is
-the component both stages compose: it loads the parent's weights (the checkpoint recorded at the
-start, when resuming), reuses its tokenizer, builds the task feed, counts FLOPs, scores the dev
-data with the baselines beside it and keeps the best score.
+parent's model shape (a pre-training continuing an imported model takes it too); the task's files
+are checked by engine.train.plan.check_task_data. ``ChildRun`` is the component both stages
+compose: it loads the parent's weights (the checkpoint recorded at the start, when resuming), or
+with ``train.init = "random"`` fresh weights of the parent's shape, reuses its tokenizer, builds the
+task feed, counts FLOPs, scores the dev data with the baselines beside it and keeps the best score.
 """
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ import shutil
 from pathlib import Path
 
 from engine.core import registry
-from engine.core.config import ModelConfig, RunConfig, from_dict
+from engine.core.config import INITS, ModelConfig, RunConfig, from_dict
 from engine.core.errors import InputError
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 from engine.model.checkpoint import current_path, load_checkpoint
 from engine.model.flops import FlopModel
 from engine.model.gpt import GPT
 from engine.model.runs import RunRef
-from engine.tasks import get_task
 from engine.tasks.scoring import Scorer, headline
 from engine.train.identity import RunIdentity
 from engine.train.reporter import Reporter
@@ -61,8 +61,6 @@ def child_config(cfg: RunConfig, parent: RunRef, explicit: set[str] | None = Non
                          f"{model.n_ctx} context positions for text", key="prompt.n_tokens")
     if prompting and cfg.prompt.init == "text" and not cfg.prompt.init_text.strip():
         raise InputError("prompt.init is 'text' but prompt.init_text is empty", key="prompt.init_text")
-    if registry.task(cfg.task.name).labelled:
-        get_task(cfg.task.name).train_dev(cfg.task, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
     d = cfg.to_dict()
     d["model"] = dataclasses.asdict(model)
     if "tokenizer" in registry.stage(cfg.stage).sections:  # continuing an imported model: its vocabulary too
@@ -94,10 +92,16 @@ class ChildRun:
         if any(getattr(pm, k) != getattr(cfg.model, k) for k in SHAPE_KEYS) or pm.max_positions != cfg.model.max_positions:
             raise InputError(f"the run's model shape differs from the parent checkpoint's ({pm}); model.* settings of "
                              f"a {cfg.stage} run come from the parent", key="model")
-        # the parent's weights, dense: its masks are not installed (fine-tuning trains every weight)
+        # the parent's weights, dense: its masks are not installed (fine-tuning trains every weight);
+        # train.init = "random": the weights GPT draws from the seeded generator (the control run)
         self.model = GPT(cfg.model, self.vocab_size)
-        self.model.load_state_dict(pck["model"])
-        masks = pck.get("masks") or {}
+        self.random_init = cfg.train.init == INITS[1]
+        masks = {} if self.random_init else (pck.get("masks") or {})
+        if self.random_init:
+            report.info(f"train.init = {cfg.train.init!r}: the parent's shape and tokenizer with fresh weights (seed "
+                        f"{cfg.train.seed}); nothing of run {parent.id}'s training is used")
+        else:
+            self.model.load_state_dict(pck["model"])
         self.sparse_numel = sum(m.weight.numel() for m in self.model.sparse_layers().values())
         self.parent_nonzero = self.sparse_numel - sum(int((~m).sum()) for m in masks.values())
         self.parent_masked = bool(masks)
@@ -156,9 +160,16 @@ class ChildRun:
                     + "".join(f"; {b}: " + ", ".join(f"{k} {v:.4f}" for k, v in bm.items()) for b, bm in scored.items()))
         return self.feed.rows(m)
 
+    def dev_score(self) -> tuple[str, float, bool] | None:
+        """The last development evaluation's headline metric: (name, value, lower is better)."""
+        if not self.last_dev or self.last_dev.get(self.feed.key) is None:
+            return None
+        return self.feed.key, float(self.last_dev[self.feed.key]), self.feed.lower_is_better
+
     def meta(self, trainable: int) -> None:
         cfg, report = self.cfg, self.report
         report.meta(vocab_size=self.vocab_size, parent_checkpoint=self.parent_ckpt, trainable_params=trainable,
+                    **({"init": cfg.train.init} if self.random_init else {}),
                     params={"total": self.model.num_params(), "sparse_numel": self.sparse_numel,
                             "parent_nonzero": self.parent_nonzero}, task=self.feed.info)
         report.info(f"{cfg.stage}: {self.model.num_params():,} model parameters, {trainable:,} trainable; task {cfg.task.name}; "

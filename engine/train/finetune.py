@@ -9,7 +9,7 @@ from engine.core import registry
 from engine.tasks import get_task
 from engine.train.child import ChildRun
 from engine.train.identity import RunIdentity
-from engine.train.optim import make_optimizer
+from engine.train.optim import gpt_depth, make_optimizer
 from engine.train.reporter import Reporter
 from engine.train.step import MicroBatch
 
@@ -41,7 +41,12 @@ class FinetuneStage:
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         named = list(self.model.named_parameters()) + (list(self.head.named_parameters()) if self.head else [])
-        opt = make_optimizer(named, self.cfg.train)
+        tc, n_layer = self.cfg.train, self.cfg.model.n_layer
+        opt = make_optimizer(named, tc, depth=gpt_depth(n_layer), n_depths=n_layer + 2)
+        if tc.layer_decay != 1.0:
+            self.child.report.info(f"layer-wise learning-rate decay {tc.layer_decay:g}: the embeddings train at "
+                                   f"{tc.layer_decay ** (n_layer + 1):.3g} x train.lr, block 0 at "
+                                   f"{tc.layer_decay ** n_layer:.3g} x, the heads at 1 x")
         self.child.meta(sum(p.numel() for g in opt.param_groups for p in g["params"]))
         return opt
 
@@ -67,6 +72,9 @@ class FinetuneStage:
         if self.head is not None and ck.get("head"):
             self.head.load_state_dict(ck["head"])
         self.child.load_state(ck)
+
+    def dev_score(self):
+        return self.child.dev_score()
 
     def summary(self) -> dict:
         return {**self.child.summary(), "sparsity": 0.0}

@@ -8,8 +8,10 @@ for what differs (its data, its loss, its evaluation, what it saves):
      Cadence (evaluation and checkpoints)  ->  last evaluation, final checkpoint, summary, run_finished.
 
 A stage is any object with the methods of ``Stage`` below (engine/train/pretrain.py, finetune.py,
-prompt.py); ``before_step()``, ``after_step(seconds)``, ``pending_metrics()`` and
-``on_final_checkpoint(step)`` are optional. It is handed the run's identity and a reporter
+prompt.py); ``before_step()``, ``after_step(seconds)``, ``pending_metrics()``,
+``on_final_checkpoint(step)`` and ``dev_score()`` (the last evaluation's headline metric: what
+early stopping and the best checkpoint go by, with train.epochs or train.early_stopping_patience)
+are optional. It is handed the run's identity and a reporter
 (engine.train.reporter), never the database.
 In a process group every rank runs this loop; rank 0's reporter alone records and speaks.
 """
@@ -23,7 +25,7 @@ import torch
 
 from engine.core.hardware import cpu_info
 from engine.data.tokens import SeededOrder
-from engine.train.cadence import Cadence
+from engine.train.cadence import BestKeeper, Cadence
 from engine.train.checkpointing import Checkpointer, restore_stage
 from engine.train.counters import Counters
 from engine.train.distributed import Parallel
@@ -86,6 +88,9 @@ class TrainLoop:
         self.counters = Counters()
         self.skipped = 0  # steps whose optimizer update was skipped (non-finite, train.skip_nonfinite)
         self._grad_reported = False  # the gradient bytes of a DDP step are reported once
+        self.best = BestKeeper()  # the best development evaluation (a fine-tuning recipe with epochs or early stopping)
+        self.improved = False  # the evaluation of this step was the best so far
+        self.stopped_early = False
         # the summary's train_loss: the loss last logged (by this run before the checkpoint, on a resume)
         self.last_loss = resume.train_loss if resume else None
 
@@ -109,10 +114,15 @@ class TrainLoop:
         self.par = Parallel(group, self.stage.trained_modules(), rt.device)
         self.opt = self.stage.make_optimizer()
         self.sched = make_scheduler(self.opt, tc)
+        score = getattr(self.stage, "dev_score", None)
+        self.best = BestKeeper(enabled=score is not None and bool(tc.epochs or tc.early_stopping_patience),
+                               patience=tc.early_stopping_patience)
         self.ckpt = Checkpointer(self.identity, report, self.stage, self.opt, self.sched, self.counters, self.scaler,
-                                 rt.precision.name, self.par)
+                                 rt.precision.name, self.par, best=self.best)
         if resume is not None:
             self.ckpt.restore(resume, self.resume.checkpoint)
+        if tc.epochs:
+            report.meta(epochs={"epochs": tc.epochs, "steps_per_epoch": tc.eval_every, "max_steps": tc.max_steps})
         self.cadence = Cadence(tc.eval_every, tc.checkpoint_every, tc.max_steps)
         logger = report.metrics_logger(tc.max_steps)
         self.counters.start_clock()  # wall time counts training, not setup
@@ -164,8 +174,18 @@ class TrainLoop:
                 logger.log(metrics, c.point())
                 if "loss" in metrics:  # NaN is what the database cannot hold: no value
                     self.last_loss = None if math.isnan(metrics["loss"]) else float(metrics["loss"])
-            if self.cadence.checkpoint_due(c.step):
+            # the best evaluation's step gets a checkpoint (the last step's is the final one)
+            if self.cadence.checkpoint_due(c.step) or (self.improved and c.step < tc.max_steps):
                 self._save(final=False)
+            self.improved = False
+            if (self.best.enabled and self.cadence.last_eval_step == c.step < tc.max_steps
+                    and group.any(self.best.should_stop())[0]):
+                self.stopped_early = True
+                b = self.best
+                since = f"on {b.best:.4f} (step {b.best_step})" if b.best is not None else "at all"
+                self.report.info(f"early stopping at step {c.step}: the dev {b.metric or 'metric'} has not improved "
+                                 f"{since} for {b.since_best} evaluations (train.early_stopping_patience)")
+                return "completed"
         return "completed"
 
     def _non_finite(self, r, step: int) -> None:
@@ -199,6 +219,9 @@ class TrainLoop:
     def _evaluate(self) -> dict:
         rows = self.par.run(lambda: self.stage.evaluate(self.counters.step))
         self.cadence.last_eval_step = self.counters.step
+        if self.best.enabled:  # every rank decides alike (a checkpoint is everyone's work under FSDP)
+            better = self.best.observe(self.counters.step, self.stage.dev_score())
+            self.improved = self.rt.group.any(better)[0]
         self.report.summary(self.summary())
         return rows
 
@@ -209,6 +232,8 @@ class TrainLoop:
         on_final = getattr(self.stage, "on_final_checkpoint", None)
         if final and on_final:
             on_final(self.counters.step)
+        if self.best.enabled and self.best.best_step == self.counters.step:
+            self.report.meta(best_checkpoint={**self.best.record(), "path": path})
         self.report.summary(self.summary())
         self.report.announce_checkpoint(self.counters.step, path, nbytes, final)
 
@@ -216,6 +241,7 @@ class TrainLoop:
         c = self.counters
         return summary_of({"step": c.step, "tokens": c.tokens, "flops": c.flops, "flops_dense": c.flops_dense,
                            "wall_time": c.wall(), "train_loss": self.last_loss,
+                           "best_step": self.best.best_step, "stopped_early": self.stopped_early or None,
                            **self.stage.summary()})
 
     def _pause_wait(self) -> None:

@@ -13,6 +13,7 @@ plan: the group's checks are the user's torchrun's.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from engine.data.corpus import check_corpus_spec
 from engine.model.checkpoint import load_checkpoint
 from engine.model.runs import RunRef, check_parent, good_checkpoint
 from engine.store.rundb import RunDB
+from engine.tasks import get_task
 from engine.train.child import child_config
 from engine.train.estimate import available_memory, estimate
 from engine.train.group import check_group, in_group, world_size
@@ -103,6 +105,14 @@ def prepare_run(request: RunRequest, db: RunDB) -> RunPlan:
     if spec.takes_parent_shape or continues_import(cfg, parent):
         # the model shape comes from the parent; only an explicitly given model.n_ctx is honoured
         cfg = child_config(cfg, parent, explicit, resuming=resume is not None)
+    cfg, note = steps_or_epochs(cfg, explicit)
+    notes += (note,) if note else ()
+    n_train = check_task_data(cfg)
+    if cfg.train.epochs:
+        # (a worker of a user's own torchrun counts its group's processes)
+        world = int(os.environ.get("WORLD_SIZE", world_size(cfg))) if worker else world_size(cfg)
+        cfg, note = epoch_steps(cfg, n_train, world, explicit)
+        notes += (note,)
     if not worker:
         check_group(cfg, resuming=resume is not None)
         if spec.trains and not request.ignore_memory_check:
@@ -119,8 +129,9 @@ def _resume(db: RunDB, run_id: str, overrides: dict, check_status: bool) -> tupl
     # (a worker of a group reads the row after its rank 0 may have claimed it: the claim itself is the check)
     if check_status and row["status"] in ("running", "paused"):
         raise InputError(f"cannot resume run {row['id']}: it is still {row['status']} (pid {row['pid']})", key="resume")
-    if check_status and row["status"] == "completed" and "train.max_steps" not in overrides:
-        raise InputError(f"run {row['id']} already completed; to train further add --set train.max_steps=N", key="resume")
+    if check_status and row["status"] == "completed" and not {"train.max_steps", "train.epochs"} & set(overrides):
+        more = "train.epochs" if row["config"].get("train", {}).get("epochs") else "train.max_steps"
+        raise InputError(f"run {row['id']} already completed; to train further add --set {more}=N", key="resume")
     stored = from_dict(row["config"])
     cfg, note = keep_global_batch(stored, stored.replace(overrides), overrides)
     path = good_checkpoint(db, row["id"])
@@ -163,6 +174,71 @@ def check_inputs(cfg: RunConfig, db: RunDB) -> tuple[RunRef | None, Precision | 
         return parent, None
     check_reporters(cfg.train.report_to)
     return parent, choose_precision(cfg.train.precision, _device(cfg.train.device))  # fp16 on a CPU, say
+
+
+def check_task_data(cfg: RunConfig) -> int | None:
+    """A fine-tuning or prompting run's labelled files, read once before the run exists: neither the
+    training nor the development examples may be empty, and every label of the development data
+    (each hallmark of a multi-label task, each class of a single-label one) must occur in the
+    training data, or the run could never learn what it is scored on. Returns the number of training
+    examples the run uses (after task.max_examples); None for a run without labelled task data."""
+    if cfg.stage not in registry.TASK_STAGES or not registry.task(cfg.task.name).labelled:
+        return None
+    tc = cfg.task
+    task = get_task(tc.name)
+    train, dev, _ = task.train_dev(tc, cfg.data.val_fraction, cfg.train.seed, lambda m: None)
+    dev_from = f"the development file {tc.dev}" if tc.dev else "the development split"
+    if not train:
+        raise InputError(f"{tc.name}: the training data ({tc.train}) holds no examples", key="task.train",
+                         path=tc.train)
+    if not dev:
+        raise InputError(f"{tc.name}: {dev_from} holds no examples", key="task.dev" if tc.dev else "task.train",
+                         path=tc.dev or tc.train)
+    seen = set().union(*(_labels(e.label) for e in train))
+    missing = sorted(set().union(*(_labels(e.label) for e in dev)) - seen)
+    if missing:
+        names = ", ".join(repr(task.CLASSES[i]) for i in missing)
+        word = (("label", "labels") if task.MULTI_LABEL else ("class", "classes"))[len(missing) > 1]
+        raise InputError(f"{tc.name}: {dev_from} has the {word} {names}, which no training example has ({tc.train}); "
+                         f"the run could not learn to predict {'them' if len(missing) > 1 else 'it'}",
+                         key="task.dev" if tc.dev else "task.train", path=tc.dev or tc.train)
+    return min(len(train), tc.max_examples) if tc.max_examples else len(train)
+
+
+def _labels(label) -> set[int]:
+    """A label as a set of class indices: a multi-label example's tuple, a single-label example's int."""
+    return set(label) if isinstance(label, (tuple, list, set, frozenset)) else {int(label)}
+
+
+def steps_or_epochs(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfig, str | None]:
+    """train.epochs (> 0) decides a run's length, except that a train.max_steps given with --set (a
+    quick trial of a by-epochs preset, the studio's form, a sweep's equal FLOPs, a resume trained
+    further) turns epochs off for the run; both given is an error."""
+    if not cfg.train.epochs or "train.max_steps" not in explicit:
+        return cfg, None
+    if "train.epochs" in explicit:
+        raise InputError(f"give train.epochs ({cfg.train.epochs}) or train.max_steps ({cfg.train.max_steps}), not "
+                         "both: epochs derive the steps (train.epochs = 0 counts train.max_steps)", key="train.epochs")
+    return cfg.replace({"train.epochs": 0}), (f"train.max_steps = {cfg.train.max_steps} was given: the run counts steps "
+                                              f"and train.epochs ({cfg.train.epochs}) is off")
+
+
+def epoch_steps(cfg: RunConfig, n_train: int | None, world: int, explicit: set[str]) -> tuple[RunConfig, str]:
+    """train.epochs > 0 wins over train.max_steps: epochs x ceil(N / (processes x batch_size x
+    grad_accum)) steps, an evaluation every epoch; the config records what was derived."""
+    tc = cfg.train
+    if not n_train:
+        raise InputError(f"train.epochs counts passes over a labelled task's training examples "
+                         f"({', '.join(registry.LABELLED_TASKS)}); a run on {cfg.task.name} counts train.max_steps",
+                         key="train.epochs")
+    per_step = world * tc.batch_size * tc.grad_accum
+    spe = math.ceil(n_train / per_step)
+    steps = tc.epochs * spe
+    note = (f"train.epochs = {tc.epochs}: {tc.epochs} x {spe} steps ({n_train} training examples, {per_step} per step) "
+            f"= {steps} steps, a development evaluation every epoch"
+            + (f" (train.eval_every = {tc.eval_every} as given is replaced)"
+               if "train.eval_every" in explicit and tc.eval_every != spe else ""))
+    return cfg.replace({"train.max_steps": steps, "train.eval_every": spe}), note
 
 
 def _device(name: str) -> torch.device:

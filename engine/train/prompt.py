@@ -61,6 +61,9 @@ class PromptStage:
         self.prompt.weight.data.copy_(ck[TENSOR])
         self.child.load_state(ck)
 
+    def dev_score(self):
+        return self.child.dev_score()
+
     def summary(self) -> dict:
         return self.child.summary()
 

@@ -53,8 +53,9 @@ class Reporter(Protocol):
         (the headline metrics; all of them when None) and ``shown_baselines``."""
 
     def checkpoint_saved(self, step: int, tokens: int, path: str, nbytes: int, final: bool, sha256: str,
-                         keep: int) -> None:
-        """A checkpoint file was written; older ones beyond ``keep`` go (train.keep_checkpoints)."""
+                         keep: int, best_step: int | None = None) -> None:
+        """A checkpoint file was written; older ones beyond ``keep`` go (train.keep_checkpoints), except
+        the best evaluation's (``best_step``: a fine-tuning recipe's, by its headline dev metric)."""
 
     def announce_checkpoint(self, step: int, path: str, nbytes: int, final: bool) -> None: ...
 
@@ -173,9 +174,9 @@ class RunReporter:
         self.db.add_evaluation(self.run_id, step, task, split, metrics, baselines, data_path)
 
     def checkpoint_saved(self, step: int, tokens: int, path: str, nbytes: int, final: bool, sha256: str,
-                         keep: int) -> None:
+                         keep: int, best_step: int | None = None) -> None:
         self.db.add_checkpoint(self.run_id, step, tokens, path, nbytes, final, sha256)
-        removed = retain(self.db, self.run_id, keep, self.run_dir)
+        removed = retain(self.db, self.run_id, keep, self.run_dir, best_step)
         if removed:
             self.info(f"removed {len(removed)} older checkpoint{'s' if len(removed) > 1 else ''} "
                       f"(train.keep_checkpoints = {keep}): steps {', '.join(map(str, removed))}")
@@ -261,10 +262,11 @@ class DatabaseSink:
                             metrics, defer=True)
 
 
-def retain(db: RunDB, run_id: str, keep: int, run_dir) -> list[int]:
+def retain(db: RunDB, run_id: str, keep: int, run_dir, best_step: int | None = None) -> list[int]:
     """Keep the ``keep`` newest checkpoints and the one with the lowest validation loss (an evaluation
-    at its step) when it is not among them; remove the others' files (inside the run folder only) and
-    rows. Returns the steps removed. ``keep`` 0 keeps everything."""
+    at its step) when it is not among them, or, given ``best_step``, the one at that step (the best
+    evaluation by the task's headline metric); remove the others' files (inside the run folder only)
+    and rows. Returns the steps removed. ``keep`` 0 keeps everything."""
     rows = db.checkpoints(run_id)
     if keep <= 0 or len(rows) <= keep:
         return []
@@ -275,7 +277,9 @@ def retain(db: RunDB, run_id: str, keep: int, run_dir) -> list[int]:
             loss[e["step"]] = float(value)
     kept = {r["id"] for r in rows[-keep:]}
     scored = [r for r in rows if r["step"] in loss]
-    if scored:
+    if best_step is not None:
+        kept |= {r["id"] for r in rows if r["step"] == best_step}
+    elif scored:
         kept.add(min(scored, key=lambda r: (loss[r["step"]], -r["step"]))["id"])
     root = Path(run_dir).resolve()
     removed = []
