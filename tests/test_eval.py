@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import REPO, SHARED_DATA, CliResult, engine_env, sets
 
-from engine.core.config import ModelConfig, TaskConfig
+from engine.core.config import ModelConfig, TaskConfig, TrainConfig
 from engine.store.rundb import RunDB
 from engine.data.vocab import train_tokenizer
 from engine.model.gpt import GPT
@@ -220,8 +220,26 @@ def test_eval_cli_on_a_copy_outside_the_repo(runs, tmp_path):
     assert out["baselines"]["majority"]["predicts"] == "yes"
     assert out["baselines"]["majority"]["accuracy"] == pytest.approx(sum(row["gold"] == "yes" for row in rows) / 10)
     assert "accuracy" in out["baselines"]["zero_shot"]
+    # TF-IDF + logistic regression fitted on the same 8 training questions, as scikit-learn gives it here
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    train = pubmedqa.train_dev(TaskConfig(name=pubmedqa.NAME, train=str(PQA)), 0.05, TrainConfig().seed, lambda m: None)[0][:8]
+    scored = pubmedqa.select(str(copy), "all", None, 0)
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    xt = vec.fit_transform([f"{e.head} {e.context}" for e in train])
+    labels = [e.label for e in train]
+    if len(set(labels)) == 1:  # these 8 are all "yes": that is the only answer a regression can learn
+        want = np.array(labels[:1] * len(scored))
+    else:
+        lr = LogisticRegression(C=10.0, class_weight="balanced", max_iter=2000).fit(xt, labels)
+        want = lr.predict(vec.transform([f"{e.head} {e.context}" for e in scored]))
+    tfidf = out["baselines"]["tfidf_lr"]
+    assert tfidf["fitted_on"] == 8 and tfidf["n"] == 10
+    assert tfidf["accuracy"] == pytest.approx(float(np.mean(want == np.array([e.label for e in scored]))))
     stored = RunDB(runs["db"]).evaluations(runs["ft"])[-1]
     assert stored["id"] == out["evaluation_id"] and stored["data_path"] == str(copy.resolve())
+    assert stored["baselines"]["tfidf_lr"] == tfidf
     assert stored["metrics"]["accuracy"] == out["accuracy"] and stored["baselines"]["majority"]["predicts"] == "yes"
     # the run's own task.scoring (the config default) was used, for the model and its zero-shot baseline
     assert out["scoring"] == TaskConfig().scoring == stored["metrics"]["scoring"]

@@ -36,6 +36,7 @@ REPORTERS = ("tensorboard",)  # experiment trackers a run can also write to (eng
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = registry.TASK_NAMES
 HEADS = ("lm", "classifier")  # task.head: labels as text from the language-model head, or a classifier
+POOLINGS = ("mean", "attention")  # task.pooling: how a classifier head reduces a window's hidden states
 PROMPT_INITS = ("vocab", "text")  # prompt.init: sampled vocabulary embeddings, or init_text's
 INITS = ("parent", "random")  # train.init: a child run starts from its parent's weights, or from fresh ones
 
@@ -317,7 +318,11 @@ class TaskConfig(_Section):
     dev: str = _f("", "Development file; empty: the fold's dev split (PubMedQA) or a held-out part of train.", kind="path")
     splits: str = _f("", "PubMedQA 10-fold split file (pqal_splits.json); empty: looked up next to the train file.", kind="path")
     fold: int = _f(0, "Cross-validation fold (0-9) when a split file is used.", min=0, max=9)
-    head: str = _f(HEADS[0], "HoC: predict labels as text (lm) or with a classification head (classifier).", choices=HEADS)
+    head: str = _f(HEADS[0], "Predict labels as text (lm) or with a classification head over the whole input "
+                   "(classifier: pooled hidden states, long documents in overlapping windows; multi-label "
+                   "thresholds tuned on dev and kept with the run). Fine-tuning only.", choices=HEADS)
+    pooling: str = _f(POOLINGS[0], "Classifier head: pool each window's hidden states by their mean, or by learned "
+                      "attention weights (a score per token, softmax over the window).", choices=POOLINGS)
     predict: str = _f("likelihood", "PubMedQA prediction: compare answer likelihoods, or greedy generation + parsing.", choices=("likelihood", "generate"))
     scoring: str = _f("raw", "Answer-likelihood prediction (PubMedQA with predict = 'likelihood'): 'raw' picks the answer "
                       "with the highest log-probability; 'calibrated' first subtracts each answer's log-probability after "

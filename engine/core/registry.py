@@ -68,10 +68,11 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec(LM, "Causal LM on the corpus", "engine.tasks.lm", ("loss", "perplexity"), labelled=False),
     TaskSpec(PUBMEDQA, "PubMedQA (yes/no/maybe)", "engine.tasks.pubmedqa", ("accuracy", "macro_f1", "loss"),
-             fields=("task.train", "task.dev", "task.splits", "task.fold", "task.predict", "task.scoring"),
+             fields=("task.train", "task.dev", "task.splits", "task.fold", "task.predict", "task.scoring", "task.head",
+                     "task.pooling"),
              answer_metric="accuracy"),
     TaskSpec(HOC, "HoC (10 hallmarks, multi-label)", "engine.tasks.hoc", ("micro_f1", "macro_f1", "loss"),
-             fields=("task.train", "task.dev", "task.head"), answer_metric="micro_f1"),
+             fields=("task.train", "task.dev", "task.head", "task.pooling"), answer_metric="micro_f1"),
 )}
 
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)

@@ -24,6 +24,7 @@ from engine.store.queries import find_run
 from engine.store.rundb import RunDB
 from engine.data.vocab import TOKENIZER_FILE, load_tokenizer
 from engine.model.checkpoint import current_path, file_sha256, is_legacy, load_checkpoint
+from engine.model.classifier import head_from_state
 from engine.model.gpt import GPT
 from engine.model.soft_prompt import TENSOR, SoftPrompt
 
@@ -241,9 +242,8 @@ def load_run(db: RunDB, run_id: str, key: str = "run_id") -> RunModel:
 
 
 def load_head(state: dict | None) -> nn.Module | None:
+    """The classification head a checkpoint saved (engine.model.classifier: pooled, with its decision
+    thresholds; or an earlier version's linear layer over the last token), in eval mode; None without one."""
     if not state:
         return None
-    w = state["weight"]
-    head = nn.Linear(w.shape[1], w.shape[0])
-    head.load_state_dict(state)
-    return head
+    return head_from_state(state).eval()

@@ -28,8 +28,11 @@ from engine.store.queries import lineage, summary_row
 from engine.store.rundb import PROMPT_ARTIFACT, RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 from engine.model.checkpoint import load_checkpoint
+from engine.model.classifier import LAST, MEAN, head_from_state
 from engine.model.runs import model_source, resolve_run, tokenizer_path
 from engine.model.soft_prompt import TENSOR
+from engine.tasks import get_task
+from engine.tasks.base import WINDOW_STRIDE
 
 SPARSE_SUFFIXES = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.out.weight", "mlp.fc.weight", "mlp.proj.weight")
 PROMPT_FILE = "soft_prompt.safetensors"
@@ -422,6 +425,7 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
             # numbers only: per-class and per-answer tables (f1_per_class, predicted, content_free) stay in the database
             scores = ", ".join(f"{k} {_fmt(v)}" for k, v in e["metrics"].items() if not isinstance(v, (dict, list)))
             lines.append(f"| `{rid}` | {e['step']} | {e['task']} | {e['split']} | {scores} |")
+        lines += baselines_section(evals)
     else:
         lines.append("No evaluations recorded.")
     lines += [
@@ -459,14 +463,74 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
                   "These checkpoint tensors have no place in GPT2LMHeadModel (e.g. a classification head): "
                   + ", ".join(f"`{k}`" for k in skipped)]
     if ck.get("head"):
-        lines += ["", "## Classification head: not exported, and why", "",
-                  "This run trained a classification head (`task.head = \"classifier\"`): a linear layer with a bias "
-                  "over the hidden state of the last prompt token. transformers' GPT2ForSequenceClassification "
-                  "scores the last non-padding token through a `score` layer without a bias, so no exact equivalent "
-                  "exists there; the head stays in the run's checkpoint (`head.weight`, `head.bias`) and "
-                  "`mediswift eval` scores with it."]
+        lines += head_section(cfg, ck["head"])
     lines += ["", "## Training configuration", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def baselines_section(evals: list[tuple[str, dict]]) -> list[str]:
+    """The model's headline figure beside each baseline of the same evaluation (the latest one per run,
+    task and split): what a trivial or bag-of-words model scores on the same data."""
+    latest: dict[tuple, tuple[str, dict]] = {}
+    for rid, e in evals:
+        if e.get("baselines"):
+            latest[(rid, e["task"], e["split"])] = (rid, e)
+    if not latest:
+        return []
+    names = list(dict.fromkeys(b for _, e in latest.values() for b in e["baselines"]))
+    lines = ["", "### Baselines", "",
+             "Each evaluation is stored with its baselines, scored on the same examples: `majority` (the most "
+             "frequent training label), `tfidf_lr` (TF-IDF over word 1-2-grams + logistic regression, fitted on "
+             "the run's training split), `zero_shot` (the parent model before this run). A model below the TF-IDF "
+             "baseline has not learned what a bag of words finds.", "",
+             "| run | step | task | split | metric | model | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(names)]
+    for rid, e in latest.values():
+        key = registry.task(e["task"]).headline[0] if e["task"] in registry.TASKS else "loss"
+        cells = []
+        for b in names:
+            bm = e["baselines"].get(b) or {}
+            cells.append(_fmt(bm.get(key)) if key in bm else ("skipped" if "skipped" in bm else "–"))
+        lines.append(f"| `{rid}` | {e['step']} | {e['task']} | {e['split']} | {key} | {_fmt(e['metrics'].get(key))} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def head_section(cfg: RunConfig, state: dict) -> list[str]:
+    """What the run's classification head reads and how it decides (its decision thresholds per label)."""
+    head = head_from_state(state)
+    classes = None
+    if cfg.task.name in registry.TASKS and registry.task(cfg.task.name).labelled:
+        task = get_task(cfg.task.name)
+        classes = task.CLASSES if len(task.CLASSES) == head.proj.out_features else None
+        multi = task.MULTI_LABEL
+    else:
+        multi = False
+    lines = ["", "## Classification head: not exported, and why", ""]
+    if head.pooling == LAST:
+        lines.append("This run trained a classification head (`task.head = \"classifier\"`) of an earlier version: a "
+                     "linear layer with a bias over the hidden state of the last prompt token, predicting a label "
+                     "where its probability exceeds 0.5.")
+    else:
+        lines.append(f"This run trained a classification head (`task.head = \"classifier\"`, `task.pooling = "
+                     f"\"{head.pooling}\"`): the final hidden states of every input token are pooled "
+                     f"({'by their mean' if head.pooling == MEAN else 'by learned attention weights'}); a document "
+                     f"longer than the context window is read in overlapping windows (each starting {WINDOW_STRIDE:g} of a "
+                     "window's text after the one before) whose pooled vectors are averaged; a linear layer with a bias gives "
+                     "one logit per class.")
+    if multi and classes:
+        probs = torch.sigmoid(head.thresholds.float()).tolist()
+        lines += ["", "A label is predicted where its probability exceeds its own threshold, tuned on the "
+                  "development data (the cut that maximizes that label's F1):", "",
+                  "| label | threshold (probability) | threshold (logit) |", "|---|---|---|"]
+        lines += [f"| {c} | {p:.4f} | {float(t):.4f} |" for c, p, t in zip(classes, probs, head.thresholds.tolist())]
+    elif classes:
+        lines.append("")
+        lines.append("The class with the highest logit is predicted (" + ", ".join(classes) + ").")
+    lines += ["", "transformers' GPT2ForSequenceClassification scores the last non-padding token through a `score` "
+              "layer without a bias, so no exact equivalent exists there; the head stays in the run's checkpoint "
+              "(`head`) and `mediswift eval` scores with it, thresholds included."]
+    return lines
 
 
 # -- verification (needs transformers) ---------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""What every labelled task shares: examples, truncation to the context window, batching, F1.
+"""What every labelled task shares: examples, truncation to the context window, windows, batching, F1.
 
 An example is four text segments: ``head`` (kept), ``context`` (the only part ever cut, from its
 end), ``tail`` (the answer cue, kept) and ``target`` (the answer, the only tokens with a loss).
 Segments are tokenized separately and concatenated, so cutting the context never changes the
 tokens of the question or the answer.
+
+A classification head reads the whole context instead (``Encoder.windows``): a context longer than
+the room the window leaves is read as overlapping windows, each ``head + a piece of the context +
+tail``, consecutive pieces starting ``WINDOW_STRIDE`` of that room apart (the last one ends with the
+context), so every context token is in at least one window and nothing is cut.
 
 A task whose answers are compared by likelihood also gives ``content_free()``: its prompt template
 with the example's content replaced by each of ``CONTENT_FREE_TEXTS``. What a model answers there is
@@ -26,6 +31,10 @@ from engine.data.vocab import special_ids
 # (contextual calibration, Zhao et al. 2021): a placeholder and nothing at all.
 CONTENT_FREE_TEXTS = ("N/A", "")
 
+# How far consecutive windows of a long context start apart, as a fraction of the context tokens a
+# window holds: 0.5 = each window overlaps the one before it by half.
+WINDOW_STRIDE = 0.5
+
 
 @dataclass
 class Example:
@@ -47,9 +56,11 @@ class Encoded:
 
 @dataclass
 class Truncation:
-    """Counts of examples whose context (or, as a last resort, question) was cut."""
+    """Counts of examples whose context (or, as a last resort, question) was cut, and of those read
+    whole in several windows (``windowed``: nothing cut)."""
     context: set = field(default_factory=set)
     question: set = field(default_factory=set)
+    windowed: set = field(default_factory=set)
 
     def message(self, what: str, n: int, n_ctx: int) -> str | None:
         if not self.context and not self.question:
@@ -100,6 +111,21 @@ class Encoder:
             trunc.question.add(ex.id)
         return h[-keep_head:] + t  # keep the end of the question, next to the answer cue
 
+    def windows(self, ex: Example, trunc: Truncation | None = None) -> list[list[int]]:
+        """The example as one or more windows of at most ``budget`` tokens, together holding its whole
+        context: ``head + context[s:s + room] + tail`` for starts ``s`` that are ``WINDOW_STRIDE`` x
+        ``room`` apart, the last one ending with the context. Only a head and tail that leave no room
+        for any context are cut (as ``prompt`` cuts them)."""
+        h, c, t = self.parts(ex)
+        room = self.budget - len(h) - len(t)
+        if room >= len(c) or room <= 0:
+            return [self.prompt(ex, 0, trunc)]
+        step = max(1, int(room * WINDOW_STRIDE))
+        starts = list(range(0, len(c) - room, step)) + [len(c) - room]
+        if trunc is not None:
+            trunc.windowed.add(ex.id)
+        return [h + c[s:s + room] + t for s in starts]
+
     def answer_ids(self, text: str) -> list[int]:
         return self.ids(text) + [self.eot]
 
@@ -123,14 +149,17 @@ def collate_lm(encoded: Sequence[Encoded], pad: int) -> tuple[torch.Tensor, torc
     return x, y
 
 
-def collate_prompts(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompts and the index of each one's last token (where a classifier head reads)."""
-    L = max(len(p) for p in prompts)
-    x = torch.full((len(prompts), L), pad, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
-    return x, last
+def collate_windows(windows: Sequence[Sequence[list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows of a few examples as one right-padded batch [N, T], each window's length [N] and the
+    example it belongs to [N] (what a classification head pools over and averages by)."""
+    rows = [(i, w) for i, ws in enumerate(windows) for w in ws]
+    L = max(len(w) for _, w in rows)
+    x = torch.full((len(rows), L), pad, dtype=torch.long)
+    for j, (_, w) in enumerate(rows):
+        x[j, :len(w)] = torch.tensor(w, dtype=torch.long)
+    lengths = torch.tensor([len(w) for _, w in rows], dtype=torch.long)
+    group = torch.tensor([i for i, _ in rows], dtype=torch.long)
+    return x, lengths, group
 
 
 class ExampleLoader(SeededOrder):

@@ -1,6 +1,8 @@
 """Scoring a trained run on any file of a task's format (``mediswift eval``): the unseen test sets
-included. The result is stored in the run database with the majority and zero-shot baselines beside
-it; a prompt run is scored as its parent model with the learned prompt in front. Answer likelihoods
+included. The result is stored in the run database with the majority, TF-IDF + logistic regression
+(``tfidf_lr``, fitted on the run's training split) and zero-shot baselines beside it; a prompt run is
+scored as its parent model with the learned prompt in front, a run with a classification head through
+that head, with the decision thresholds the run tuned on its development data. Answer likelihoods
 are compared raw or calibrated (``scoring``; default: the run's own ``task.scoring``), the zero-shot
 baseline the same way, and the evaluation records which (``"scoring"`` in its metrics)."""
 from __future__ import annotations
@@ -18,6 +20,7 @@ from engine.tasks import get_task
 from engine.tasks.base import Encoder, Truncation
 from engine.tasks.lm import read_tokens
 from engine.tasks.scoring import SCORINGS, Scorer, evaluate_examples, majority_baseline, scoring_used
+from engine.tasks.text_baseline import NAME as TFIDF, tfidf_lr_baseline
 
 
 def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split: str = "all", splits: str | None = None,
@@ -94,8 +97,10 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
             train = _training_examples(task, cfg, name)
             if isinstance(train, str):
                 baselines["majority"] = {"skipped": train}
+                baselines[TFIDF] = {"skipped": train}
             else:
                 baselines["majority"] = majority_baseline(task, train, examples)
+                baselines[TFIDF] = tfidf_lr_baseline(task, train, examples)
             if zero_model is not None:
                 m = evaluate_examples(Scorer(zero_model, batch_size=batch_size), Encoder(rm.tok, cfg.model.n_ctx),
                                       task, examples, tc)
@@ -108,7 +113,8 @@ def evaluate_run(db, run_id: str, data: str, task_name: str | None = None, split
 
 
 def _training_examples(task, cfg, name: str):
-    """The run's training examples (for the majority class), or why they are not available."""
+    """The run's training examples (for the majority class and the TF-IDF baseline), or why they are
+    not available."""
 
     if cfg.stage not in registry.TASK_STAGES or cfg.task.name != name:
         return f"run was not trained on {name}, so it has no training labels"

@@ -2,8 +2,16 @@
 
 ``Scorer`` wraps a GPT with an optional soft prompt and classification head; ``evaluate_examples``
 turns a task's examples into metrics (PubMedQA: accuracy and macro-F1; HoC: micro- and macro-F1;
-both with the answer-token loss), ``block_loss`` scores plain text. ``majority_baseline`` and the
-zero-shot model (the parent, scored the same way) tell whether fine-tuning learned anything.
+both with the answer-token loss), ``block_loss`` scores plain text. ``majority_baseline``, the
+TF-IDF + logistic-regression baseline (engine/tasks/text_baseline.py) and the zero-shot model (the
+parent, scored the same way) tell whether fine-tuning learned anything.
+
+A classification head (engine/model/classifier.py) reads each example whole, in overlapping windows
+when it is longer than the model's window (``Encoder.windows``). Multi-label heads predict a label
+where its logit exceeds the label's threshold; ``tune_thresholds`` picks, for each label on its own,
+the cut point that maximizes that label's F1 on the development data, and development scoring during
+training stores them in the head (``evaluate_examples(..., tune=True)``). ``head_weights`` gives the
+training loss its per-label positive weights (multi-label) or class weights (single-label).
 
 Answer likelihoods are biased by each answer's own prior: a small model may find " yes." likelier
 than " no." whatever it reads. ``task.scoring = "calibrated"`` (contextual calibration, Zhao et al.
@@ -25,9 +33,10 @@ import torch.nn.functional as F
 
 from engine.core import registry
 from engine.core.errors import InputError
+from engine.model.classifier import LAST
 from engine.model.gpt import GPT, KVCache
 from engine.tasks.base import (
-    Encoded, Encoder, Example, Truncation, collate_lm, collate_prompts, multi_label_metrics, single_label_metrics,
+    Encoded, Encoder, Example, Truncation, collate_lm, collate_windows, multi_label_metrics, single_label_metrics,
 )
 
 
@@ -58,11 +67,12 @@ class Scorer:
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(self.device).reshape(-1),
                                ignore_index=-100, reduction=reduction)
 
-    def head_logits(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, x: torch.Tensor, lengths: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
+        """The head's logits [n, K] for ``n`` examples whose windows are the rows of x [N, T]
+        (``collate_windows``: each row's length and example)."""
         with self.autocast():
-            h = self.hidden(x)
-        h = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]  # [B, C] at each prompt's last token
-        return self.head(h.float())                                          # [B, K]
+            h = self.hidden(x)                                               # [N, T, C]
+        return self.head(h.float(), lengths, group, n)                       # [n, K]
 
     @torch.no_grad()
     def answer_logprobs(self, seqs: Sequence[Encoded], pad: int) -> list[float]:
@@ -168,13 +178,19 @@ def content_free_logprobs(scorer: Scorer, enc: Encoder, task, cands: Sequence[li
 
 @torch.no_grad()
 def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Example], tc,
-                      trunc: Truncation | None = None, predictions: list | None = None) -> dict:
+                      trunc: Truncation | None = None, predictions: list | None = None, tune: bool = False) -> dict:
     """Predict every example the way the run is set up (head, task.predict, task.scoring) and score it.
 
     The metrics name how the predictions were made (``"scoring"``: raw, calibrated, generate or head);
     single-label ones count the predicted classes (``"predicted"``), and calibrated ones carry the
     content-free log-probability subtracted from each answer (``"content_free"``). ``predictions``
     (a list) receives each example's predicted label, for inspection and tests.
+
+    With a classification head the metrics also count the examples read in several windows
+    (``"windowed"``); multi-label ones carry the decision thresholds used, as probabilities
+    (``"thresholds"``). ``tune`` (development scoring during training): first set the head's
+    thresholds to those that maximize each label's F1 on these examples (``tune_thresholds``), and
+    record the figures the thresholds before had (``"before_tuning"``).
     """
     if not examples:
         raise InputError("no examples to evaluate", key="data")
@@ -185,17 +201,25 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
     try:
         gold = [ex.label for ex in examples]
         if scorer.head is not None:
-            prompts = [enc.prompt(ex, 0, trunc) for ex in examples]
+            windows = [head_windows(enc, scorer.head, ex, trunc) for ex in examples]
             logits, loss_sum = [], 0.0
-            for i in range(0, len(prompts), scorer.batch_size):
-                x, last = collate_prompts(prompts[i:i + scorer.batch_size], enc.pad)
-                lg = scorer.head_logits(x, last).float().cpu()
+            for i in range(0, len(windows), scorer.batch_size):
+                part = windows[i:i + scorer.batch_size]
+                x, lengths, group = collate_windows(part, enc.pad)
+                lg = scorer.head_logits(x, lengths, group, len(part)).float().cpu()
                 t = head_targets(task, gold[i:i + scorer.batch_size])
                 loss_sum += float(head_loss(task, lg, t, reduction="sum"))
                 logits.append(lg)
-            lg = torch.cat(logits)
+            lg = torch.cat(logits)                                               # [N, K]
+            extra["windowed"] = sum(1 for w in windows if len(w) > 1)
             if task.MULTI_LABEL:
-                pred = [tuple(int(c) for c in torch.nonzero(row > 0).flatten()) for row in lg]
+                if tune:
+                    gold_ind = head_targets(task, gold).numpy().astype(bool)
+                    untuned = multi_label_metrics(gold, _above(lg, scorer.head.thresholds), task.CLASSES)
+                    scorer.head.set_thresholds(tune_thresholds(lg.numpy(), gold_ind, scorer.head.thresholds.cpu().numpy()))
+                    extra["before_tuning"] = {k: untuned[k] for k in ("micro_f1", "macro_f1")}
+                pred = _above(lg, scorer.head.thresholds)
+                extra["thresholds"] = dict(zip(task.CLASSES, torch.sigmoid(scorer.head.thresholds.float().cpu()).tolist()))
                 loss = loss_sum / (len(examples) * len(task.CLASSES))
             else:
                 pred = lg.argmax(-1).tolist()
@@ -243,6 +267,71 @@ def evaluate_examples(scorer: Scorer, enc: Encoder, task, examples: Sequence[Exa
         scorer.model.train(was_training)
 
 
+def head_windows(enc: Encoder, head: nn.Module, ex: Example, trunc: Truncation | None = None) -> list[list[int]]:
+    """What a head reads of an example: the whole of it in windows (``Encoder.windows``), or for a head
+    of an earlier version (last-token pooling) the one prompt it was trained on, cut to the window."""
+    if getattr(head, "pooling", None) == LAST:
+        return [enc.prompt(ex, 0, trunc)]
+    return enc.windows(ex, trunc)
+
+
+def _above(logits: torch.Tensor, thresholds: torch.Tensor) -> list[tuple[int, ...]]:
+    on = logits > thresholds.to(logits.device, logits.dtype)[None, :]       # [N, K]
+    return [tuple(int(c) for c in torch.nonzero(row).flatten()) for row in on]
+
+
+def tune_thresholds(scores: np.ndarray, gold: np.ndarray, current: np.ndarray | None = None) -> np.ndarray:
+    """Per-label decision thresholds [K] for scores [N, K] (logits) and gold indicators [N, K].
+
+    Each label on its own: among the cut points between consecutive distinct scores (and one below
+    the lowest), the one where predicting ``score > cut`` gives that label the highest F1 on these
+    examples; of equal F1s, the highest cut (the fewest positive predictions). A label with no positive
+    example keeps its ``current`` threshold (default 0: probability 0.5). Maximizing each label's F1
+    rather than the pooled micro-F1 lets a rare label keep a low cut and a common one a high one.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    gold = np.asarray(gold, dtype=bool)
+    out = (np.zeros(scores.shape[1], np.float32) if current is None else np.array(current, dtype=np.float32))
+    for k in range(scores.shape[1]):
+        s, y = scores[:, k], gold[:, k]
+        positives = int(y.sum())
+        if positives == 0:
+            continue
+        order = np.argsort(-s, kind="stable")
+        s_desc, y_desc = s[order], y[order]
+        ends = np.flatnonzero(np.r_[s_desc[:-1] > s_desc[1:], True])      # cut after each distinct score
+        tp = np.cumsum(y_desc)[ends]
+        fp = np.cumsum(~y_desc)[ends]
+        f1 = 2 * tp / (positives + tp + fp)
+        j = int(ends[int(np.argmax(f1))])                                 # first maximum: the highest cut
+        if j + 1 < len(s_desc):
+            lo, hi = s_desc[j + 1], s_desc[j]
+            cut = np.float32((np.float64(lo) + np.float64(hi)) / 2)
+            out[k] = lo if cut >= hi else cut                            # strictly below hi, at least lo
+        else:
+            out[k] = np.float32(s_desc[-1] - 1.0)                          # every example positive
+    return out
+
+
+# per-label positive weights and class weights are clipped to [1 / WEIGHT_MAX, WEIGHT_MAX]
+WEIGHT_MAX = 10.0
+
+
+def head_weights(task, labels: Sequence) -> torch.Tensor:
+    """Loss weights [K] from the training labels. Multi-label: each label's positive weight, its
+    negatives over its positives (BCE's ``pos_weight``), so a rare label's few positives count as
+    much as its many negatives. Single-label: inverse class frequency, ``N / (K x n_c)`` (1 for a class
+    absent from training). Both clipped to [1 / WEIGHT_MAX, WEIGHT_MAX]."""
+    k, n = len(task.CLASSES), len(labels)
+    if task.MULTI_LABEL:
+        pos = head_targets(task, labels).sum(0)                               # [K]
+        w = torch.where(pos > 0, (n - pos) / pos.clamp(min=1), torch.ones(k))
+    else:
+        counts = torch.bincount(torch.tensor(list(labels), dtype=torch.long), minlength=k).float()
+        w = torch.where(counts > 0, n / (k * counts.clamp(min=1)), torch.ones(k))
+    return w.clamp(1.0 / WEIGHT_MAX, WEIGHT_MAX)
+
+
 def head_targets(task, labels: Sequence) -> torch.Tensor:
     if task.MULTI_LABEL:
         t = torch.zeros(len(labels), len(task.CLASSES))
@@ -252,10 +341,14 @@ def head_targets(task, labels: Sequence) -> torch.Tensor:
     return torch.tensor(list(labels), dtype=torch.long)
 
 
-def head_loss(task, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def head_loss(task, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE over every label (multi-label; ``weight``: the positive weights) or cross-entropy
+    (single-label; ``weight``: the class weights)."""
+    weight = weight.to(logits.device) if weight is not None else None
     if task.MULTI_LABEL:
-        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.device), reduction=reduction)
-    return F.cross_entropy(logits, targets.to(logits.device), reduction=reduction)
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.device), reduction=reduction, pos_weight=weight)
+    return F.cross_entropy(logits, targets.to(logits.device), reduction=reduction, weight=weight)
 
 
 def majority_baseline(task, train: Sequence[Example], examples: Sequence[Example]) -> dict:

@@ -40,6 +40,15 @@ def tfidf_lr_baseline(task, train: Sequence[Example], examples: Sequence[Example
 
 def tfidf_lr_predict(task, train: Sequence[Example], examples: Sequence[Example]) -> list:
     """Predicted labels: a tuple of class indices per example (multi-label) or one class index."""
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: these small solves are several times faster that way than with threads contending for
+    # the cores (HoC, 1,295 abstracts: 7 s instead of 30 s on two busy cores)
+    with threadpool_limits(limits=1):
+        return _fit_predict(task, train, examples)
+
+
+def _fit_predict(task, train: Sequence[Example], examples: Sequence[Example]) -> list:
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression

@@ -1,11 +1,11 @@
 """Dense fine-tuning (SPDF): the parent's weights with its masks dropped, so every weight trains, on a
-task (engine/train/task_feeds.py), optionally through a new classification head."""
+task (engine/train/task_feeds.py), optionally through a new classification head (engine/model/classifier.py)."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from engine.core import registry
+from engine.model.classifier import new_head
 from engine.tasks import get_task
 from engine.train.child import ChildRun
 from engine.train.identity import RunIdentity
@@ -27,10 +27,7 @@ class FinetuneStage:
                         f"weights were zero and now train (dense fine-tuning)")
         self.head = None
         if registry.task(cfg.task.name).labelled and cfg.task.head == "classifier":
-            self.head = nn.Linear(cfg.model.d_model, len(get_task(cfg.task.name).CLASSES))
-            nn.init.normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-            self.head.to(rt.device)
+            self.head = new_head(cfg.model.d_model, len(get_task(cfg.task.name).CLASSES), cfg.task.pooling).to(rt.device)
         self.child.start(None, self.head, train_factor=3.0, sparse_forward=False, resume=resume)
 
     def trained_modules(self) -> dict:

@@ -2,10 +2,14 @@
 
 - ``LMFeed``: causal LM on a corpus (the unlabelled task of engine.core.registry), scored by validation loss;
 - ``AnswerFeed``: a labelled task as text, loss on the answer tokens only (PubMedQA, HoC with an LM head);
-- ``HeadFeed``: a labelled task through a classification head on the last prompt token (``task.head = "classifier"``).
+- ``HeadFeed``: a labelled task through a classification head (``task.head = "classifier"``) over the
+  whole input, long documents in overlapping windows (engine/model/classifier.py), with per-label
+  positive weights or class weights in its loss and, for multi-label tasks, per-label thresholds
+  tuned on the development data at every evaluation (kept in the head, saved with it).
 
 Each feed gives the next micro-batch's loss, scores the development data, names its headline metric
-and computes its baselines (majority class; the parent model zero-shot). Development scoring and the
+and computes its baselines (majority class; TF-IDF + logistic regression fitted on the training
+examples; the parent model zero-shot). Development scoring and the
 zero-shot baseline follow the run's ``task`` settings, ``task.scoring`` included (raw or calibrated
 answer likelihoods); each evaluation's metrics say which was used. The stages
 (engine/train/finetune.py, prompt.py) pick one with ``make_feed``.
@@ -24,8 +28,11 @@ from engine.core.errors import InputError
 from engine.data.corpus import load_corpus
 from engine.data.tokens import BlockLoader, check_enough_tokens, tokenize_corpus
 from engine.tasks import get_task
-from engine.tasks.base import Encoder, ExampleLoader, Truncation, collate_lm, collate_prompts
-from engine.tasks.scoring import Scorer, evaluate_examples, head_loss, head_targets, headline, majority_baseline
+from engine.tasks.base import WINDOW_STRIDE, Encoder, ExampleLoader, Truncation, collate_lm, collate_windows
+from engine.tasks.scoring import (
+    Scorer, evaluate_examples, head_loss, head_targets, head_weights, headline, majority_baseline,
+)
+from engine.tasks.text_baseline import NAME as TFIDF, tfidf_lr_baseline
 from engine.train.identity import RunIdentity
 from engine.train.reporter import Reporter
 
@@ -89,6 +96,7 @@ class LabelledData:
         self.tok = tok
         self.enc = Encoder(tok, budget)
         self.train, self.dev, self.task_info = train, dev, info
+        self.train_split = train  # what the TF-IDF baseline is fitted on (train may lose examples that overflow)
         self.dev_trunc = Truncation()
         self._warned_dev = False
 
@@ -105,8 +113,8 @@ class LabelledData:
         self.report.info(f"{cfg.task.name}: {len(train)} training and {len(self.dev)} development examples"
                          + (f" (fold {self.task_info['fold']} of {self.task_info['splits']})" if "fold" in self.task_info else ""))
 
-    def evaluate(self, scorer: Scorer) -> dict:
-        m = evaluate_examples(scorer, self.enc, self.task, self.dev, self.cfg.task, self.dev_trunc)
+    def evaluate(self, scorer: Scorer, tune: bool = False) -> dict:
+        m = evaluate_examples(scorer, self.enc, self.task, self.dev, self.cfg.task, self.dev_trunc, tune=tune)
         if not self._warned_dev:
             self._warned_dev = True
             msg = self.dev_trunc.message(f"{self.cfg.task.name} development", len(self.dev), self.budget)
@@ -119,6 +127,10 @@ class LabelledData:
 
     def majority(self) -> dict:
         return majority_baseline(self.task, self.train, self.dev)
+
+    def text_baselines(self) -> dict:
+        """The baselines that read no model: majority class and TF-IDF + logistic regression."""
+        return {"majority": self.majority(), TFIDF: tfidf_lr_baseline(self.task, self.train_split, self.dev)}
 
 
 def _serve(feed, data: LabelledData, train: list, trunc: Truncation) -> None:
@@ -159,26 +171,45 @@ class AnswerFeed:
         # the parent as it was, over the whole window (no soft prompt in front)
         zero = evaluate_examples(plain, Encoder(d.tok, cfg.model.n_ctx), d.task, d.dev, cfg.task)
         zero.pop("f1_per_class", None)
-        return {"majority": d.majority(), "zero_shot": zero}
+        return {**d.text_baselines(), "zero_shot": zero}
 
 
 class HeadFeed:
+    """Whole documents (overlapping windows when longer than the window) through a classification head;
+    BCE with per-label positive weights (multi-label) or cross-entropy with class weights; development
+    scoring tunes the multi-label thresholds (``evaluate_examples(..., tune=True)``)."""
+
     def __init__(self, data: LabelledData):
         trunc = Truncation()
-        self.prompts = [data.enc.prompt(ex, 0, trunc) for ex in data.train]
+        self.windows = [data.enc.windows(ex, trunc) for ex in data.train]
         _serve(self, data, data.train, trunc)
+        dev_trunc = Truncation()
+        for ex in data.dev:
+            data.enc.windows(ex, dev_trunc)
+        task = data.task
+        self.weights = head_weights(task, [ex.label for ex in data.train])
+        n_windows = sum(len(w) for w in self.windows)
+        data.info.update(train_windowed=len(trunc.windowed), dev_windowed=len(dev_trunc.windowed),
+                         train_windows=n_windows, window_stride=WINDOW_STRIDE, pooling=data.cfg.task.pooling,
+                         **{"pos_weight" if task.MULTI_LABEL else "class_weight": dict(zip(task.CLASSES, self.weights.tolist()))})
+        if trunc.windowed or dev_trunc.windowed:
+            data.report.info(f"{data.cfg.task.name}: {len(trunc.windowed)} of {len(data.train)} training and "
+                             f"{len(dev_trunc.windowed)} of {len(data.dev)} development examples are longer than the "
+                             f"{data.budget}-token window and are read whole in overlapping windows (stride "
+                             f"{WINDOW_STRIDE:g} of a window's text; {n_windows} training windows in all)")
+        self.evaluate = lambda scorer: data.evaluate(scorer, tune=True)
 
     def next(self, scorer: Scorer) -> Batch:
         idx = self.loader.next_indices()
-        x, last = collate_prompts([self.prompts[i] for i in idx], self.data.enc.pad)
-        with scorer.autocast():
-            logits = scorer.head_logits(x, last)
+        x, lengths, group = collate_windows([self.windows[i] for i in idx], self.data.enc.pad)
+        logits = scorer.head_logits(x, lengths, group, len(idx))
         task = self.data.task
-        loss = head_loss(task, logits.float(), head_targets(task, [self.data.train[i].label for i in idx]))
+        loss = head_loss(task, logits.float(), head_targets(task, [self.data.train[i].label for i in idx]),
+                         weight=self.weights)
         return Batch(loss, x.numel(), x.shape[1] + scorer.n_prefix)
 
     def baselines(self, plain: Scorer, cfg: RunConfig) -> dict:
-        return {"majority": self.data.majority(),
+        return {**self.data.text_baselines(),
                 "zero_shot": {"skipped": "a new classification head has no zero-shot form"}}
 
 
