@@ -172,6 +172,29 @@ def test_early_stopping_keeps_the_best_epoch_and_eval_and_export_use_it(env, tmp
 
 
 @needs_data
+def test_a_prompt_run_publishes_its_best_evaluations_prompt(env):
+    from engine.model.soft_prompt import TENSOR
+    from engine.store.rundb import PROMPT_ARTIFACT
+    from safetensors.torch import load_file
+
+    r = env.cli("train", "prompt-pubmedqa", *pqa(env, "task.max_examples=8", "train.epochs=3", "prompt.n_tokens=8",
+                                                 "train.early_stopping_patience=1", "prompt.lr=1e-3"))
+    assert r.rc == 0, r.stderr
+    db = RunDB(env.db)
+    run = db.get_run(r.run_id)
+    best = run["meta"]["best_checkpoint"]["step"]
+    last = run["summary"]["step"]
+    steps = {c["step"]: c["path"] for c in db.checkpoints(r.run_id)}
+    assert best in steps and last in steps
+    (art,) = db.artifacts(r.run_id, PROMPT_ARTIFACT)
+    assert art["meta"]["step"] == best
+    published = next(iter(load_file(art["path"]).values()))
+    assert torch.equal(published, load_checkpoint(steps[best])[TENSOR])
+    if best != last:  # the final prompt moved on (lr 1e-3): the published one is not it
+        assert not torch.equal(published, load_checkpoint(steps[last])[TENSOR])
+
+
+@needs_data
 def test_random_init_keeps_shape_and_tokenizer_with_fresh_weights(env):
     r = env.cli("train", "finetune-pubmedqa", *pqa(env, "task.max_examples=8", "train.init=random",
                                                    "train.max_steps=1", "train.lr=1e-9", "train.weight_decay=0"))

@@ -36,6 +36,7 @@ class BestKeeper:
     metric: str | None = None
     best: float | None = None
     best_step: int | None = None
+    best_path: str | None = None  # the checkpoint written at best_step
     since_best: int = 0
 
     def observe(self, step: int, score: tuple[str, float, bool] | None) -> bool:
@@ -59,9 +60,11 @@ class BestKeeper:
         return {"step": self.best_step, "metric": self.metric, "value": self.best}
 
     def state(self) -> dict:
-        return {"metric": self.metric, "best": self.best, "best_step": self.best_step, "since_best": self.since_best}
+        return {"metric": self.metric, "best": self.best, "best_step": self.best_step, "best_path": self.best_path,
+                "since_best": self.since_best}
 
     def load_state(self, state: dict | None) -> None:
         if state:
             self.metric, self.best = state.get("metric"), state.get("best")
             self.best_step, self.since_best = state.get("best_step"), int(state.get("since_best") or 0)
+            self.best_path = state.get("best_path")

@@ -61,6 +61,8 @@ class Checkpointer:
             state["grad_scaler"] = self.scaler.state_dict()
         keeping = self.best is not None and self.best.enabled
         if keeping:
+            if self.best.best_step == c.step:
+                self.best.best_path = str(path)
             state["best_eval"] = self.best.state()
         nbytes = save_checkpoint(state, path)
         self.report.checkpoint_saved(c.step, c.tokens, str(path), nbytes, final, file_sha256(path),

@@ -9,7 +9,8 @@ for what differs (its data, its loss, its evaluation, what it saves):
 
 A stage is any object with the methods of ``Stage`` below (engine/train/pretrain.py, finetune.py,
 prompt.py); ``before_step()``, ``after_step(seconds)``, ``pending_metrics()``,
-``on_final_checkpoint(step)`` and ``dev_score()`` (the last evaluation's headline metric: what
+``on_final_checkpoint(step, best=(step, path))`` (``best`` only when an earlier evaluation was the best)
+and ``dev_score()`` (the last evaluation's headline metric: what
 early stopping and the best checkpoint go by, with train.epochs or train.early_stopping_patience)
 are optional. It is handed the run's identity and a reporter
 (engine.train.reporter), never the database.
@@ -229,11 +230,14 @@ class TrainLoop:
         path, nbytes = self.ckpt.save(final)
         if not self.identity.writer:
             return
+        b = self.best
+        if b.enabled and b.best_step == self.counters.step:  # (the checkpointer noted its path)
+            self.report.meta(best_checkpoint={**b.record(), "path": path})
         on_final = getattr(self.stage, "on_final_checkpoint", None)
         if final and on_final:
-            on_final(self.counters.step)
-        if self.best.enabled and self.best.best_step == self.counters.step:
-            self.report.meta(best_checkpoint={**self.best.record(), "path": path})
+            # an earlier evaluation was the best: what the stage publishes comes from its checkpoint
+            earlier = b.enabled and b.best_path is not None and b.best_step != self.counters.step
+            on_final(self.counters.step, **({"best": (b.best_step, b.best_path)} if earlier else {}))
         self.report.summary(self.summary())
         self.report.announce_checkpoint(self.counters.step, path, nbytes, final)
 

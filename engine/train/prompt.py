@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.model.checkpoint import load_checkpoint
 from engine.model.soft_prompt import PROMPT_FILE, TENSOR, SoftPrompt, init_ids, nearest_tokens, save_prompt
 from engine.store.rundb import PROMPT_ARTIFACT
 from engine.train.child import ChildRun
@@ -67,9 +68,13 @@ class PromptStage:
     def summary(self) -> dict:
         return self.child.summary()
 
-    def on_final_checkpoint(self, step: int) -> None:
+    def on_final_checkpoint(self, step: int, best: tuple[int, str] | None = None) -> None:
+        """The prompt artifact: the final prompt, or with ``best`` (step, checkpoint) the best
+        evaluation's prompt (train.epochs, train.early_stopping_patience), which export-hf publishes."""
         cfg, report, tok, c = self.cfg, self.report, self.child.tok, self.child
         w = self.prompt.weight.detach().cpu()
+        if best is not None:
+            step, w = best[0], load_checkpoint(best[1])[TENSOR]
         nearest = nearest_tokens(w, self.model.wte.weight.detach().cpu(), tok, k=5)
         meta = {"parent_run": cfg.parent, "parent_checkpoint": c.parent_ckpt, "n_tokens": int(w.shape[0]),
                 "d_model": int(w.shape[1]), "vocab_size": self.vocab_size, "step": step, "task": cfg.task.name,
