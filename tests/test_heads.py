@@ -212,6 +212,10 @@ def test_tfidf_baseline_equals_scikit_learn_on_real_hoc():
     assert got["fitted_on"] == 400 and got["n"] == len(dev) == 186
     assert got["micro_f1"] > 0.5                                  # a bag of words reads HoC well
     assert example_text(train[0]) == train[0].context
+    # nothing to fit or score, or no word to read: skipped with the reason, never a failed evaluation
+    assert "skipped" in tfidf_lr_baseline(hoc, [], dev) and "skipped" in tfidf_lr_baseline(hoc, train, [])
+    blank = [Example(str(i), "", " ", hoc.CUE, "", (i % 2,)) for i in range(4)]
+    assert "could not be fitted" in tfidf_lr_baseline(hoc, blank, blank)["skipped"]
 
 
 @needs_data

@@ -28,7 +28,10 @@ def tfidf_lr_baseline(task, train: Sequence[Example], examples: Sequence[Example
     """Fit on ``train``, predict ``examples``; the task's metrics, plus what was fitted."""
     if not train or not examples:
         return {"skipped": "no training examples" if not train else "no examples to score"}
-    pred = tfidf_lr_predict(task, train, examples)
+    try:
+        pred = tfidf_lr_predict(task, train, examples)
+    except ValueError as e:  # e.g. texts without a single word: nothing for a bag of words to read
+        return {"skipped": f"TF-IDF could not be fitted: {e}"}
     gold = [ex.label for ex in examples]
     m = (multi_label_metrics(gold, pred, task.CLASSES) if task.MULTI_LABEL
          else single_label_metrics(gold, pred, task.CLASSES))
