@@ -47,6 +47,7 @@ def _f1(pred: np.ndarray, gold: np.ndarray) -> float:
     return 2 * tp / (2 * tp + int((pred & ~gold).sum()) + int((~pred & gold).sum())) if tp else 0.0
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("seed", range(4))
 def test_thresholds_equal_a_brute_force_search(seed):
     """Per label: the tuned cut predicts exactly the set the best of all possible cuts predicts
@@ -80,6 +81,7 @@ def test_thresholds_equal_a_brute_force_search(seed):
     assert m["f1_per_class"][hoc.CLASSES[0]] == pytest.approx(_f1(scores[:, 0] > cuts[0], gold[:, 0]))
 
 
+@pytest.mark.quick
 def test_threshold_between_adjacent_floats_keeps_the_order():
     hi = np.float32(1.0)
     lo = np.nextafter(hi, np.float32(0))                         # the float32 just below 1.0
@@ -90,6 +92,7 @@ def test_threshold_between_adjacent_floats_keeps_the_order():
 # -- loss weights ------------------------------------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_head_weights_by_hand():
     labels = [(0,), (0, 1), (), (2,), (0,)] + [()] * 40          # 45 examples
     w = head_weights(hoc, labels).tolist()
@@ -109,6 +112,7 @@ def _long_example(tok) -> Example:
     return Example("long", "question: what?", " " + text, " answer:", "", (1, 4))
 
 
+@pytest.mark.quick
 def test_windows_cover_a_long_document(tok):
     enc = Encoder(tok, 24)
     ex = _long_example(tok)
@@ -130,6 +134,7 @@ def test_windows_cover_a_long_document(tok):
     assert enc.windows(short) == [enc.prompt(short, 0)]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("pooling", [MEAN, ATTENTION])
 def test_windowed_pooling_equals_a_hand_computation(tok, pooling):
     torch.manual_seed(0)
@@ -160,6 +165,7 @@ def test_windowed_pooling_equals_a_hand_computation(tok, pooling):
     assert m["windowed"] == 1 and m["scoring"] == "head"
 
 
+@pytest.mark.quick
 def test_an_earlier_linear_head_loads_and_predicts_as_before(tok):
     """A checkpoint's plain nn.Linear head (last prompt token, sigmoid > 0.5) keeps scoring as it did."""
     torch.manual_seed(1)
