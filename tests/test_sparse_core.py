@@ -97,6 +97,23 @@ def test_empty_rows_and_columns_and_no_bias():
     _check(torch.randn(150, 90, generator=g), m, bias=False)
 
 
+def test_parameters_stay_resizable_after_a_step():
+    """FSDP2 frees an unsharded parameter by resizing its storage to nothing; handing the values or
+    the bias to the kernels must not make that impossible (Tensor.numpy() would)."""
+    g = torch.Generator().manual_seed(3)
+    m = _mask(64, 80, 0.75, g)
+    p = SparsePattern.from_mask(m)
+    v = p.pack(torch.randn(64, 80, generator=g) * m).requires_grad_()
+    b = torch.randn(64, generator=g).requires_grad_()
+    x = torch.randn(300, 80, generator=g, requires_grad=True)
+    sparse_linear(x, v, b, p).sum().backward()
+    for t in (v, b):
+        storage = t.detach().untyped_storage()
+        size = storage.nbytes()
+        storage.resize_(0)  # raises "Trying to resize storage that is not resizable" when exported
+        storage.resize_(size)
+
+
 def test_all_zero_mask():
     g = torch.Generator().manual_seed(2)
     _check(torch.randn(20, 30, generator=g), torch.zeros(10, 30, dtype=torch.bool))

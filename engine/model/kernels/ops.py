@@ -4,6 +4,7 @@ Torch tensors are handed to the numba kernels as zero-copy numpy views; all
 scratch buffers come from ``torch.empty`` because torch's allocator aligns to
 64 bytes, so every 512-byte feature row of a tile starts on a cache line.
 """
+import ctypes
 import statistics
 import threading
 import time
@@ -161,6 +162,23 @@ def _fwd_tiles(x2, p, bf16=None):
     return _Tiles(xt, nt, x2.shape[0])
 
 
+_CTYPES = {torch.float32: ctypes.c_float, torch.int16: ctypes.c_int16, torch.float64: ctypes.c_double}
+
+
+def _param_view(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor that may be a parameter's own memory.
+
+    ``Tensor.numpy()`` marks the storage as never resizable (numpy would otherwise be left pointing
+    at freed memory), and FSDP2 frees an unsharded parameter by resizing its storage to nothing, so
+    a parameter exported that way fails the next reshard. The view is taken from the address
+    instead; the caller holds ``t`` for as long as the kernel runs."""
+    t = t.contiguous()
+    if t.numel() == 0:
+        return np.empty(tuple(t.shape), dtype=torch.empty(0, dtype=t.dtype).numpy().dtype)
+    ptr = ctypes.cast(t.data_ptr(), ctypes.POINTER(_CTYPES[t.dtype]))
+    return np.ctypeslib.as_array(ptr, shape=(t.numel(),)).reshape(tuple(t.shape))
+
+
 def _bits(t):
     """numpy view of a tensor, bf16 as its int16 bit patterns (numpy has no bf16)."""
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
@@ -173,7 +191,7 @@ def _plan_values(values, p, pl, name, bf16=False):
     if bf16 or values.dtype == torch.bfloat16:
         values = values.to(torch.bfloat16).view(torch.int16)
     out = _scratch(name, p.nnz, values.dtype)
-    _call("scatter", p.nnz * SCATTER_COST, values.numpy(), pl.pos, out.numpy())
+    _call("scatter", p.nnz * SCATTER_COST, _param_view(values), pl.pos, out.numpy())
     return out
 
 
@@ -224,7 +242,10 @@ def _call(name, work, *args, queues=1):
 def _bias_arg(bias, dtype):
     if bias is None:
         return _dummy(dtype), False
-    return bias.detach().to(dtype).contiguous().numpy(), True
+    b = bias.detach().to(dtype).contiguous()
+    # the parameter itself (alive as long as the layer): a view that leaves its storage resizable;
+    # a converted copy: numpy's own view, which keeps the copy alive
+    return (_param_view(b) if b.data_ptr() == bias.data_ptr() else b.numpy()), True
 
 
 def _forward(tiles, values, bias, p):
