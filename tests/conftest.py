@@ -26,3 +26,12 @@ def cli(tmp_path: Path, db_path: Path):
         return CliResult(proc)
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quick subset runs one case of each parametrized quick test (its first): the other cases
+    repeat the same path on other inputs, and belong to the full suite."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and any(i for i in spec.indices.values()):
+            item.own_markers = [m for m in item.own_markers if m.name != "quick"]

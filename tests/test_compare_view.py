@@ -101,6 +101,7 @@ def test_equal_flops_axis_uses_the_database_counters(qtbot, runs):
     assert not view.curves[(runs.ids[0], 0)][1].isVisible()
 
 
+@pytest.mark.quick
 def test_ema_matches_the_recurrence():
     from studio.models.plot_buffers import ema
 
@@ -238,6 +239,7 @@ def test_tags_notes_search_archive_and_delete(qtbot, runs, monkeypatch):
     runs.delete_run(live)
 
 
+@pytest.mark.quick
 def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
     """Two 6,000-step runs: the overview reads a thinned series spanning the whole run, the ranges fit
     the data (and re-fit when a run is hidden), and zooming re-reads the visible steps from the database."""
@@ -286,6 +288,7 @@ def test_long_runs_are_thinned_fitted_and_refined_on_zoom(qtbot, tmp_path):
     db.close()
 
 
+@pytest.mark.quick
 def test_runs_still_training_are_followed_unless_the_user_zoomed(qtbot, tmp_path):
     from studio.models.run_store import RunStore
     from studio.views.compare_view import CompareView

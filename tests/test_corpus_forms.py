@@ -23,6 +23,7 @@ def texts() -> list[str]:
     return lines[:120]
 
 
+@pytest.mark.quick
 def test_a_saved_dataset_and_its_arrow_file_load_the_same_documents(tmp_path, texts):
     import datasets
 
@@ -34,6 +35,7 @@ def test_a_saved_dataset_and_its_arrow_file_load_the_same_documents(tmp_path, te
     assert list(load_corpus([str(arrow)]).documents) == texts
 
 
+@pytest.mark.quick
 def test_a_dataset_dict_trains_on_train_and_validates_on_its_validation_split(tmp_path, texts):
     import datasets
 
@@ -53,6 +55,7 @@ def test_a_dataset_dict_trains_on_train_and_validates_on_its_validation_split(tm
     assert BlockLoader(splits.train, 16, 2, 1).tokens is splits.train
 
 
+@pytest.mark.quick
 def test_gzip_files_load_as_their_uncompressed_form(tmp_path, texts):
     with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(texts))
@@ -76,6 +79,7 @@ def test_a_folder_of_split_files_keeps_its_validation_split_out_of_training(cli,
     assert meta["val_tokens"] > 0 and meta["train_tokens"] > 0
 
 
+@pytest.mark.quick
 def test_a_folder_that_is_neither_is_refused_naming_the_formats(tmp_path, capsys):
     from engine.cli import main
 

@@ -130,6 +130,7 @@ def test_killed_rank_crashes_the_run_then_it_resumes_on_one_process(tmp_path, cl
     assert [r["step"] for r in db.metrics(started["run_id"], names=["loss"])] == list(range(1, 21))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("sets,key", [
     (("train.nproc=64",), "train.nproc"),
     (("train.nproc=2", "train.threads=2"), "train.threads"),
@@ -152,6 +153,7 @@ def test_a_group_this_machine_cannot_run_is_refused_before_it_starts(tmp_path, c
     assert not [e for e in events if e["type"] == "run_started"] and RunDB(db).list_runs() == []
 
 
+@pytest.mark.quick
 def test_an_unreachable_rendezvous_host_is_refused(tmp_path, capsys, monkeypatch):
     from engine.cli import main
 

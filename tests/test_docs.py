@@ -39,6 +39,7 @@ def module_map() -> dict[str, str]:
     return out
 
 
+@pytest.mark.quick
 def test_the_architecture_map_names_every_module():
     described = module_map()
     missing = []
@@ -55,6 +56,7 @@ def test_the_architecture_map_names_every_module():
     assert not missing, "docs/architecture.md's folder map lacks:\n" + "\n".join(sorted(set(missing)))
 
 
+@pytest.mark.quick
 def test_no_page_points_at_a_missing_file():
     broken = []
     for page in PAGES:
@@ -78,6 +80,7 @@ def test_no_page_points_at_a_missing_file():
     assert not broken, "references to files the repository lacks:\n" + "\n".join(broken)
 
 
+@pytest.mark.quick
 def test_the_map_reader_reads_nesting():
     # the reader itself: a nested package and a continuation line
     assert set(module_map()) >= {"engine", "engine/core", "engine/model", "studio"}

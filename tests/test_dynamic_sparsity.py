@@ -33,6 +33,7 @@ def _with_moments(layer: SparseLinear) -> torch.optim.AdamW:
     return opt
 
 
+@pytest.mark.quick
 def test_set_drops_the_smallest_and_grows_the_highest_scores_with_zero_values_and_moments():
     # row-major offsets:  0    1    2    3  |  4    5    6    7
     layer = _layer([[0.5, 0.0, -0.1, 0.9], [0.0, -0.3, 0.0, 0.2]],
@@ -52,6 +53,7 @@ def test_set_drops_the_smallest_and_grows_the_highest_scores_with_zero_values_an
     assert torch.equal(layer.weight != 0, torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.bool))
 
 
+@pytest.mark.quick
 def test_rigl_grows_where_the_dense_gradient_is_largest_never_where_it_just_dropped():
     layer = _layer([[0.05, 0.0], [0.0, 0.8]], [[1, 0], [0, 1]])
     grad = torch.tensor([[100.0, 0.2], [0.5, 100.0]])  # the largest |grad| sit on active (or dropped) weights
@@ -61,6 +63,7 @@ def test_rigl_grows_where_the_dense_gradient_is_largest_never_where_it_just_drop
     assert int(new.sum()) == int(layer.mask.sum())
 
 
+@pytest.mark.quick
 def test_magnitude_pruning_keeps_the_largest_and_serves_a_dense_matrix_too():
     w = torch.tensor([[0.3, -2.0, 0.1], [1.0, -0.2, 0.0]])
     assert magnitude_prune(w, None, 2).reshape(-1).tolist() == [False, True, False, True, False, False]
@@ -70,6 +73,7 @@ def test_magnitude_pruning_keeps_the_largest_and_serves_a_dense_matrix_too():
         magnitude_prune(w, mask, 6)
 
 
+@pytest.mark.quick
 def test_gmp_sparsity_follows_the_cubic_schedule_and_drop_fractions_decay_on_a_cosine():
     s = Schedule("gmp", level=0.9, initial=0.2, start=10, end=110, every=10, drop=0.3)
     for t in (10, 20, 50, 100, 110):
@@ -83,6 +87,7 @@ def test_gmp_sparsity_follows_the_cubic_schedule_and_drop_fractions_decay_on_a_c
     assert not Schedule("static", 0.75, 0.75, 0, 100, 1, 0.3).updates(100)
 
 
+@pytest.mark.quick
 def test_the_end_step_defaults_to_three_quarters_of_the_run():
     cfg = RunConfig().replace({"sparsity.method": "rigl", "train.max_steps": 400})
     assert Schedule.from_config(cfg).end == 300
@@ -171,6 +176,7 @@ def test_the_sparse_core_keeps_working_after_updates(cli):
     assert curves["sparse"] == pytest.approx(curves["dense"], rel=1e-4)
 
 
+@pytest.mark.quick
 def test_set_growth_is_a_function_of_seed_step_and_layer():
     """What makes a resumed SET run grow exactly what the uninterrupted one grew: no hidden RNG state."""
     from engine.core.config import ModelConfig
@@ -195,6 +201,7 @@ def test_set_growth_is_a_function_of_seed_step_and_layer():
     assert sched.pending["mask_churn"] == pytest.approx(sched.schedule.drop_fraction(3), abs=0.02)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("sets,key", [
     (("sparsity.method='magnitude'",), "sparsity.method"),
     (("sparsity.start_step=50", "sparsity.end_step=20"), "sparsity.end_step"),
@@ -216,6 +223,7 @@ def test_bad_dynamic_sparsity_settings_exit_2_naming_the_key(tmp_path, capsys, s
     assert RunDB(db).list_runs() == []
 
 
+@pytest.mark.quick
 def test_the_form_previews_the_planned_schedule_before_launch(qtbot, tmp_path):
     import os
 
@@ -246,6 +254,7 @@ def test_the_form_previews_the_planned_schedule_before_launch(qtbot, tmp_path):
     win.close()
 
 
+@pytest.mark.quick
 def test_the_live_monitor_plots_mask_churn_and_a_changing_layer_heatmap(qtbot):
     from engine.core.events import make_event
     from studio.views.live_monitor import LiveMonitor

@@ -45,6 +45,7 @@ def test_tensorboard_event_files_hold_the_runs_loss_scalars_and_its_card_the_hub
         "perplexity": pytest.approx(last["metrics"]["perplexity"], rel=1e-5)}
 
 
+@pytest.mark.quick
 def test_an_unknown_tracker_is_refused_naming_the_key(tmp_path, capsys):
     from engine.cli import main
 
@@ -77,6 +78,7 @@ def test_retention_keeps_the_n_newest_plus_the_best_and_shows_disk_use(cli, db_p
     assert [c["step"] for c in db.checkpoints(r.run_id)][-2:] == [8, 10]
 
 
+@pytest.mark.quick
 def test_retention_keeps_an_old_best_checkpoint_and_never_deletes_outside_the_run_folder(tmp_path):
     from engine.core.config import RunConfig
     from engine.train.reporter import retain

@@ -84,6 +84,7 @@ def test_binary_and_non_utf8_files(cli, db_path, tmp_path):
     _no_live_runs(db_path)
 
 
+@pytest.mark.quick
 def test_unreadable_file(cli, tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root reads any file")

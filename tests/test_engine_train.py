@@ -194,6 +194,7 @@ def test_tokenizer_and_token_cache_are_reused(cli, db_path, tmp_path):
     assert open(a).read() == open(b).read()
 
 
+@pytest.mark.quick
 def test_vocabulary_stage_alone(cli, db_path):
     r = cli("train", "demo", *tiny(CORPUS, "stage=vocab", "tokenizer.vocab_size=500"))
     assert r.rc == 0, r.stderr

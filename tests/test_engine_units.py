@@ -24,6 +24,7 @@ from engine.model.sparsity import apply_sparsity, layer_densities, measure_spars
 from engine.train.optim import lr_factor
 
 
+@pytest.mark.quick
 def test_presets_load_and_match_the_paper_shapes():
     assert {"demo", "gpt3-125m", "mediswift-med", "mediswift-xl"} <= set(list_presets())
     demo = load_config(presets_dir() / "demo.toml")
@@ -35,6 +36,7 @@ def test_presets_load_and_match_the_paper_shapes():
         assert c.model.n_ctx == 2048 and c.tokenizer.vocab_size == 42384
 
 
+@pytest.mark.quick
 def test_overrides_are_typed_and_validated():
     cfg = load_config(presets_dir() / "demo.toml", parse_overrides(["train.lr=1e-3", "data.corpus=a.txt", "model.bias=false"]))
     assert cfg.train.lr == 1e-3 and cfg.data.corpus == ["a.txt"] and cfg.model.bias is False
@@ -53,6 +55,7 @@ def test_overrides_are_typed_and_validated():
     assert parse_overrides(['name="quoted"', "train.max_steps=12"]) == {"name": "quoted", "train.max_steps": 12}
 
 
+@pytest.mark.quick
 def test_field_docs_cover_every_key_for_forms():
     docs = field_docs()
     assert "sparsity.level" in docs and docs["sparsity.level"]["max"] == 1.0
@@ -60,6 +63,7 @@ def test_field_docs_cover_every_key_for_forms():
     assert all(info["doc"] for info in docs.values())
 
 
+@pytest.mark.quick
 def test_paper_flop_ratios():
     med = flop_model_for_config(24, 1024, 2048, 42384, 0.75)
     xl = flop_model_for_config(24, 2048, 2048, 42384, 0.75)
@@ -67,6 +71,7 @@ def test_paper_flop_ratios():
     assert xl.saving() == pytest.approx(2.5, abs=0.06)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("n_layer,d_model,n_ctx,vocab", [(2, 64, 64, 500), (1, 128, 128, 300)])
 def test_dense_flops_agree_with_flop_counter(n_layer, d_model, n_ctx, vocab):
     torch.manual_seed(0)
@@ -83,6 +88,7 @@ def test_dense_flops_agree_with_flop_counter(n_layer, d_model, n_ctx, vocab):
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
+@pytest.mark.quick
 def test_uniform_and_erk_masks_hit_the_target():
     model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=64, n_ctx=16), 300)
     apply_sparsity(model, 0.9, "uniform", seed=1)
@@ -100,6 +106,7 @@ def test_uniform_and_erk_masks_hit_the_target():
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(model.sparse_layers().values(), m2.sparse_layers().values()))
 
 
+@pytest.mark.quick
 def test_masked_layers_store_and_train_only_their_nonzeros():
     from engine.core.config import TrainConfig
     from engine.model.sparsity import load_masks, masks_state
@@ -147,6 +154,7 @@ def test_masked_layers_store_and_train_only_their_nonzeros():
     assert torch.equal(dict(fc.named_parameters())["weight"], dense.blocks[0].mlp.fc.weight)
 
 
+@pytest.mark.quick
 def test_attention_inputs_share_one_sparse_product():
     torch.manual_seed(1)
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=16), 64)
@@ -173,6 +181,7 @@ def test_attention_inputs_share_one_sparse_product():
     assert attn.qkv._pattern is not stale and attn.qkv._pattern.density == pytest.approx(0.25, abs=1e-3)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("chunk_values", [301 * 7, 1 << 23])  # several chunks, and one
 def test_head_loss_equals_plain_cross_entropy_with_its_gradients(monkeypatch, chunk_values):
     """The fused head loss (chunked logits, only d loss/d logits kept) equals F.cross_entropy over the
@@ -200,6 +209,7 @@ def test_head_loss_equals_plain_cross_entropy_with_its_gradients(monkeypatch, ch
         assert torch.allclose(model(x, y)[1], ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.quick
 def test_head_loss_under_bf16_autocast_matches_the_autocast_reference():
     """Under CPU bf16 autocast the fused loss equals autocast's own head (bf16 product, fp32 loss)
     within bf16 rounding, and its gradients reach the fp32 weights."""
@@ -220,6 +230,7 @@ def test_head_loss_under_bf16_autocast_matches_the_autocast_reference():
     assert torch.allclose(g, model.lm_head.weight.grad, rtol=5e-2, atol=2e-3)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kernel", ["dense", "sparse"])
 def test_key_value_cache_gives_the_full_forwards_hidden_states(kernel):
     """Greedy generation's cached forward (the training blocks with a KVCache): a prompt behind a soft
@@ -245,6 +256,7 @@ def test_key_value_cache_gives_the_full_forwards_hidden_states(kernel):
             model.hidden(x[:, :3], cache=cache)                # 14 cached + 3 > 16 positions
 
 
+@pytest.mark.quick
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
@@ -252,6 +264,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
 
 
+@pytest.mark.quick
 def test_block_loader_is_deterministic_and_resumable():
     tokens = np.arange(10_000, dtype=np.int32)
     a = BlockLoader(tokens, 16, 4, seed=3)
@@ -268,6 +281,7 @@ def test_block_loader_is_deterministic_and_resumable():
     assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
 
 
+@pytest.mark.quick
 def test_event_schema_round_trip():
     buf = io.StringIO()
     w = EventWriter(buf)
@@ -282,6 +296,7 @@ def test_event_schema_round_trip():
     assert parse_line("some library print") is None
 
 
+@pytest.mark.quick
 def test_rundb_migrations_wal_and_crash_reaping(tmp_path):
     db = RunDB(tmp_path / "r.db")
     assert db.schema_version() >= 1
@@ -297,6 +312,7 @@ def test_rundb_migrations_wal_and_crash_reaping(tmp_path):
     assert RunDB(tmp_path / "r.db").schema_version() == db.schema_version()  # re-opening migrates nothing
 
 
+@pytest.mark.quick
 def test_deferred_metric_rows_commit_before_any_other_write(tmp_path, monkeypatch):
     import engine.store.rundb as rundb
 
@@ -324,6 +340,7 @@ def test_deferred_metric_rows_commit_before_any_other_write(tmp_path, monkeypatc
     reader.close()
 
 
+@pytest.mark.quick
 def test_import_layering_contracts():
     r = subprocess.run([sys.executable, "-m", "importlinter.cli", "--config", str(REPO / "pyproject.toml")],
                        capture_output=True, text=True, cwd=REPO)
@@ -333,6 +350,7 @@ def test_import_layering_contracts():
     assert "BROKEN" not in r.stdout
 
 
+@pytest.mark.quick
 def test_ground_floor_imports_without_torch():
     code = ("import sys; import engine.core.config, engine.core.events, engine.store.rundb, engine.core.paths; "
             "bad = [m for m in ('torch', 'PySide6', 'tokenizers') if m in sys.modules]; print(bad)")
@@ -340,6 +358,7 @@ def test_ground_floor_imports_without_torch():
     assert out == "[]"
 
 
+@pytest.mark.quick
 def test_dense_path_of_a_packed_layer_follows_in_place_updates_and_repeated_use():
     from engine.model.sparse_linear import SparseLinear
 
@@ -360,6 +379,7 @@ def test_dense_path_of_a_packed_layer_follows_in_place_updates_and_repeated_use(
     torch.testing.assert_close(layer.values.grad, expected)
 
 
+@pytest.mark.quick
 def test_sparse_kernel_structures_share_the_layers_mask_and_offsets():
     """Per nonzero, a sparse layer keeps its values, the row-major offsets once (shared by the layer
     and its kernel pattern), three index plans and one permutation per plan; the pattern holds the
@@ -375,6 +395,7 @@ def test_sparse_kernel_structures_share_the_layers_mask_and_offsets():
     assert p.fwd.pos.size == p.bwd.pos.size == p.sdd.src.size == layer.values.numel()
 
 
+@pytest.mark.quick
 def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens():
     from tokenizers import Tokenizer
 

@@ -30,6 +30,7 @@ needs_data = pytest.mark.skipif(not (PQA.is_file() and VALID.is_file() and HOC_D
 # -- metrics by hand -------------------------------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_single_label_metrics_match_hand_computation():
     # gold yes yes no maybe; predicted yes no no (unparsed)
     m = single_label_metrics([0, 0, 1, 2], [0, 1, 1, -1], pubmedqa.CLASSES)
@@ -39,6 +40,7 @@ def test_single_label_metrics_match_hand_computation():
     assert m["macro_f1"] == pytest.approx(4 / 9)
 
 
+@pytest.mark.quick
 def test_multi_label_metrics_match_hand_computation():
     gold = [(0, 1), (), (2,)]
     pred = [(0,), (3,), (2, 1)]
@@ -50,6 +52,7 @@ def test_multi_label_metrics_match_hand_computation():
     assert m["exact_match"] == 0.0 and m["precision"] == 0.5 and m["recall"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("seed", range(6))
 def test_metrics_agree_with_scikit_learn_on_random_labels(seed):
     """Our convention: F1 over the task's fixed class list (``labels=``), and a class with no true
@@ -92,6 +95,7 @@ def test_metrics_agree_with_scikit_learn_on_random_labels(seed):
     assert h["f1_per_class"] == pytest.approx(dict(zip(hoc.CLASSES, per_label)))
 
 
+@pytest.mark.quick
 def test_majority_baseline():
     ex = lambda y: Example("x", "", "", "", "", y)  # noqa: E731
     m = majority_baseline(pubmedqa, [ex(1), ex(1), ex(0)], [ex(1), ex(0), ex(2), ex(1)])
@@ -101,6 +105,7 @@ def test_majority_baseline():
     assert h["predicts"] == hoc.CLASSES[8] and h["micro_f1"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.quick
 def test_parsers():
     assert pubmedqa.parse(" maybe. yes") == 2 and pubmedqa.parse("Yes.") == 0 and pubmedqa.parse("unclear") == -1
     assert hoc.parse(" resisting cell death;  Cellular energetics; nonsense. genomic instability and mutation") == (2, 7)
@@ -116,6 +121,7 @@ def tok():
     return train_tokenizer(VALID.read_text(encoding="utf-8").splitlines()[:150], 400) if VALID.is_file() else None
 
 
+@pytest.mark.quick
 @needs_data
 def test_likelihood_prediction_matches_manual_log_probs(tok):
     torch.manual_seed(0)
@@ -142,6 +148,7 @@ def test_likelihood_prediction_matches_manual_log_probs(tok):
     assert m["loss"] == pytest.approx(gold_nll, rel=1e-4)
 
 
+@pytest.mark.quick
 @needs_data
 def test_greedy_generation_matches_manual_loop(tok):
     torch.manual_seed(1)

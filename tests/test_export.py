@@ -86,6 +86,7 @@ def test_cli_exports_csv_json_parquet_with_the_database_rows(db, tmp_path):
         assert got == expected, fmt  # exact: floats round-trip through every format
 
 
+@pytest.mark.quick
 def test_export_filters_names_and_rejects_bad_input(db, tmp_path):
     n = export_metrics(db, [db.ids[1]], tmp_path / "v.csv", names=["val_loss"])
     assert n == 3
@@ -95,6 +96,7 @@ def test_export_filters_names_and_rejects_bad_input(db, tmp_path):
     assert r.returncode == 2 and "format" in r.stderr
 
 
+@pytest.mark.quick
 def test_config_exports_as_rerunnable_toml(db, tmp_path):
     out = tmp_path / "cfg.toml"
     r = _cli(tmp_path, db, "export-config", db.ids[1], "--out", str(out))
@@ -106,6 +108,7 @@ def test_config_exports_as_rerunnable_toml(db, tmp_path):
     assert load_config(out2).sparsity.level == 0.0
 
 
+@pytest.mark.quick
 def test_config_diff_lists_only_differing_keys_by_default():
     a = RunConfig().to_dict()
     b = RunConfig().replace({"sparsity.level": 0.5, "train.lr": 1e-3}).to_dict()
@@ -118,6 +121,7 @@ def test_config_diff_lists_only_differing_keys_by_default():
     assert config_diff({"a": a, "b": dict(a)}) == []
 
 
+@pytest.mark.quick
 def test_series_names_and_summary_match_the_database(db):
     assert metric_names(db, db.ids) == sorted(NAMES + ("val_loss",))
     s = load_series(db, db.ids[1], "loss")

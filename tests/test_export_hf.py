@@ -95,6 +95,7 @@ def test_export_loads_in_transformers_with_same_tokens_and_logits(trained):
     assert "50.0%" in card and "dense tensors" in card and run["id"] in card
 
 
+@pytest.mark.quick
 def test_exact_gelu_is_declared_and_tanh_gelu_would_differ(trained):
     """transformers' "gelu_new" is the tanh approximation; our MLP uses the exact erf GELU."""
     tmp, db, run = trained
@@ -108,6 +109,7 @@ def test_exact_gelu_is_declared_and_tanh_gelu_would_differ(trained):
     assert float((transformers.activations.ACT2FN["gelu_new"](x) - exact).abs().max()) > 1e-4
 
 
+@pytest.mark.quick
 def test_refuses_to_overwrite_and_rejects_unknown_run(trained, capsys):
     from engine.cli import main
 
@@ -136,6 +138,7 @@ def _fake_run(db: RunDB, tmp, src_run: dict, config: dict, model: GPT, stage: st
     return db.get_run(rid)
 
 
+@pytest.mark.quick
 def test_bias_free_model_exports_zero_biases(trained):
     tmp, db, run = trained
     cfg = from_dict(run["config"]).replace({"model.bias": False, "sparsity.level": 0.75})
@@ -159,6 +162,7 @@ def test_bias_free_model_exports_zero_biases(trained):
     assert float(hf.transformer.h[0].attn.c_attn.bias.detach().abs().sum()) == 0.0
 
 
+@pytest.mark.quick
 def test_prompt_run_exports_parent_model_and_prompt_file(trained):
     tmp, db, run = trained
     ours, cfg = _ours(db, run["id"])

@@ -93,6 +93,7 @@ def test_only_answer_tokens_carry_labels_and_long_context_is_cut(env):
     assert (y[1, len(enc.train(Example("2", "question: q? context:", " short.", pubmedqa.CUE, " no.", 1)).ids) - 1:] == -100).all()
 
 
+@pytest.mark.quick
 def test_loss_gradient_reaches_only_answer_positions(env):
     from engine.core.config import ModelConfig
     from engine.model.gpt import GPT
@@ -185,6 +186,7 @@ def test_hoc_classifier_head_and_lm_task(env):
     assert {"val_loss", "val_perplexity"} <= names
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", ["no_parent", "no_train", "wrong_format", "no_labels", "n_ctx", "bad_splits"])
 def test_bad_input_exits_2_without_a_run(env, case, tmp_path, capsys):
     args = [f"parent={env.parent}", f"task.train={PQA}"]
@@ -222,6 +224,7 @@ def test_smaller_context_is_honoured(env):
     assert model["n_ctx"] == 96 and model["n_positions"] == 128 and model["n_layer"] == 1
 
 
+@pytest.mark.quick
 def test_tokenizer_mismatch_exits_2(env, tmp_path, capsys):
     db = RunDB(env.db)
     run_dir = Path(db.get_run(env.parent)["run_dir"])

@@ -82,6 +82,7 @@ def test_an_imported_model_fine_tunes_directly(exported, imported):
     assert ft.returncode == 0, ft.stderr
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("files,expect", [
     ({}, "has no config.json"),
     ({"config.json": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}}, "unsupported architecture"),
@@ -100,6 +101,7 @@ def test_unsupported_or_incomplete_folders_exit_2_with_one_line(tmp_path, capsys
     assert RunDB(tmp_path / "r.db").list_runs() == []
 
 
+@pytest.mark.quick
 def test_bin_weights_load_as_tensors_only_and_a_pickle_with_code_is_refused(exported, tmp_path, capsys):
     import shutil
 

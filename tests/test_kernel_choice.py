@@ -40,6 +40,7 @@ def _model(level=0.75):
     return m
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_auto_times_each_shape_in_the_runs_precision(monkeypatch, precision):
     seen = []
@@ -55,6 +56,7 @@ def test_auto_times_each_shape_in_the_runs_precision(monkeypatch, precision):
     assert r.meta_items["kernel_precision"] == precision and len(seen) == len(r.meta_items["kernel_timings"])  # once per shape
 
 
+@pytest.mark.quick
 def test_a_dense_candidate_that_would_not_fit_is_never_tried(monkeypatch):
     def no_trial(*a, **k):
         raise AssertionError("the dense candidate was timed")
@@ -73,6 +75,7 @@ def test_a_dense_candidate_that_would_not_fit_is_never_tried(monkeypatch):
     assert set(choose_kernels(Reporter(), CFG, model, 64, torch.device("cpu"), "bf16", available=1 << 40).values()) == {"dense"}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("mix_s, dense_s, kept", [(0.5, 1.0, "sparse"), (1.2, 1.0, "dense")])
 def test_the_whole_step_trial_keeps_the_faster_and_records_both(mix_s, dense_s, kept):
     r, model = Reporter(), _model()

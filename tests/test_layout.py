@@ -49,6 +49,7 @@ def sql_lines(text: str) -> list[tuple[int, str]]:
     return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if SQL.search(line)]
 
 
+@pytest.mark.quick
 def test_only_the_store_holds_sql():
     hits: dict[str, list[str]] = {}
     for path in product_files():
@@ -59,6 +60,7 @@ def test_only_the_store_holds_sql():
                         "or a RunDB method instead)", "SQL_PENDING")
 
 
+@pytest.mark.quick
 def test_the_sql_scan_finds_what_it_should():
     assert sql_lines('x = 1\nrows = conn.execute(\n  "SELECT run_id FROM evaluations")\nself.db.db.conn\n') == [
         (2, "rows = conn.execute("), (3, '"SELECT run_id FROM evaluations")'), (4, "self.db.db.conn")]
@@ -126,6 +128,7 @@ def name_literals(text: str, names: set[str], homonyms: set[str] = frozenset()) 
                   and id(n) not in skipped)
 
 
+@pytest.mark.quick
 def test_stage_and_task_names_are_written_only_in_the_registry_and_their_own_modules():
     names, own = registry_names(), own_modules()
     hits: dict[str, list[str]] = {}
@@ -138,6 +141,7 @@ def test_stage_and_task_names_are_written_only_in_the_registry_and_their_own_mod
                         "a capability of stage(name) / task(name), or the constants VOCAB ... HOC)", "NAMES_PENDING")
 
 
+@pytest.mark.quick
 def test_the_name_scan_finds_what_it_should():
     names = {"prompt", "lm", "hoc"}
     text = ('"""A prompt run."""\nif stage == "prompt":\n    x = cfg.prompt\n'

@@ -74,6 +74,7 @@ _LOOP_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.quick
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
 @pytest.mark.parametrize("setting, applied", [("1", "True"), ("0", "False")])
 def test_training_stages_apply_it(tmp_path, setting, applied):

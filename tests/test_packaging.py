@@ -41,6 +41,7 @@ def installed(wheel: Path, tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.quick
 def test_the_wheel_holds_every_module_and_the_presets(wheel: Path):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {p.relative_to(REPO).as_posix() for top in ("engine", "studio") for p in (REPO / top).rglob("*.py")

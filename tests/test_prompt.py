@@ -55,6 +55,7 @@ def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@pytest.mark.quick
 def test_only_the_prompt_trains(env, tmp_path):
     db = RunDB(env["db"])
     cfg = load_config(resolve_preset("prompt-pubmedqa"), parse_overrides(

@@ -28,6 +28,7 @@ def db(tmp_path):
     d.close()
 
 
+@pytest.mark.quick
 def test_runs_resolve_by_prefix_and_unknown_ones_name_the_key(db):
     assert [r["name"] for r in q.resolve_runs(db, ["bbbb", "aaaa0001"])] == ["child", "root"]
     with pytest.raises(InputError, match="unknown run: nope") as e:
@@ -36,6 +37,7 @@ def test_runs_resolve_by_prefix_and_unknown_ones_name_the_key(db):
     assert [r["id"] for r in q.lineage(db, "bbbb0002")] == db.ids
 
 
+@pytest.mark.quick
 def test_metric_rows_and_names(db):
     root, child = db.ids
     rows = list(q.metric_rows(db, [child, root], names=["loss"]))
@@ -46,6 +48,7 @@ def test_metric_rows_and_names(db):
     assert q.metric_names(db, db.ids) == ["loss", "lr"]
 
 
+@pytest.mark.quick
 def test_last_values_are_at_the_highest_step(db):
     root, child = db.ids
     assert q.last_metric_value(db, root, "loss") == 7.0
@@ -57,6 +60,7 @@ def test_last_values_are_at_the_highest_step(db):
     assert q.last_metric_value(db, root, "loss") == 0.125
 
 
+@pytest.mark.quick
 def test_evaluation_reads(db):
     root, child = db.ids
     assert q.last_eval_metrics(db, "val", "loss") == {root: None, child: 1.5}  # the latest evaluation decides
@@ -69,6 +73,7 @@ def test_evaluation_reads(db):
     assert ev["step"].tolist() == [5] and ev["flops"].tolist() == [50.0]  # x borrowed from the loss rows
 
 
+@pytest.mark.quick
 def test_series_thinning_and_summary(db):
     root = db.ids[0]
     db.insert_metric_rows(_rows(root, range(10, 10_001, 10), "grad_norm", float))

@@ -43,6 +43,7 @@ def pqa(env: Env, *extra: str) -> list[str]:
 # -- units -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_layer_decay_scales_each_depth_and_is_off_at_one():
     cfg = ModelConfig(n_layer=3, n_head=2, d_model=16, n_ctx=16)
     model, head = GPT(cfg, 50), torch.nn.Linear(16, 4)
@@ -69,6 +70,7 @@ def test_layer_decay_scales_each_depth_and_is_off_at_one():
     assert len(plain.param_groups) == 2 and all(g["lr"] == 1e-3 and "lr_scale" not in g for g in plain.param_groups)
 
 
+@pytest.mark.quick
 def test_best_keeper_ties_patience_and_state():
     b = BestKeeper(enabled=True, patience=2)
     assert b.observe(3, ("accuracy", 0.5, False)) and b.best_step == 3
@@ -91,6 +93,7 @@ def test_best_keeper_ties_patience_and_state():
                                                ("train.init", "random", registry.PRETRAIN),
                                                ("train.layer_decay", 0.0, registry.FINETUNE),
                                                ("train.init", "zeros", registry.FINETUNE)])
+@pytest.mark.quick
 def test_recipe_keys_are_refused_where_they_mean_nothing(key, value, stage):
     with pytest.raises(InputError) as e:
         load_config(None, {"stage": stage, "parent": "abc", key: value})
@@ -100,6 +103,7 @@ def test_recipe_keys_are_refused_where_they_mean_nothing(key, value, stage):
     assert ok.train.epochs == 3 and RunConfig().train.epochs == 0 and RunConfig().train.init == "parent"
 
 
+@pytest.mark.quick
 def test_retention_keeps_the_best_evaluations_checkpoint(tmp_path):
     db = RunDB(tmp_path / "r.db")
     run = db.create_run(name="ft", stage=registry.FINETUNE, config={}, run_dir=str(tmp_path))

@@ -76,6 +76,7 @@ def _examples():
     return out
 
 
+@pytest.mark.quick
 def test_calibration_recovers_labels_that_the_prior_hides(tok):
     enc = Encoder(tok, 128)
     cands = [enc.answer_ids(c) for c in pubmedqa.candidates()]
@@ -107,6 +108,7 @@ def test_calibration_recovers_labels_that_the_prior_hides(tok):
     assert cal["loss"] == raw["loss"]  # the loss is on the gold answers: scoring does not change it
 
 
+@pytest.mark.quick
 def test_calibration_uses_the_mean_over_content_free_inputs(tok):
     """A prior seen only after "N/A" (not after the empty input) is halved by the average over both."""
     enc = Encoder(tok, 128)
@@ -124,6 +126,7 @@ def test_calibration_uses_the_mean_over_content_free_inputs(tok):
     assert m["content_free"]["yes"] == pytest.approx(LOG_PRIOR[0])
 
 
+@pytest.mark.quick
 def test_content_free_examples_follow_the_template():
     real = pubmedqa.make_example("1", " Is it safe? ", " It was. ", 0)
     assert (real.head, real.context, real.tail, real.target) == ("question: Is it safe? context:", " It was.",
@@ -133,6 +136,7 @@ def test_content_free_examples_follow_the_template():
         ("question: N/A context:", " N/A", pubmedqa.CUE, None), ("question: context:", "", pubmedqa.CUE, None)]
 
 
+@pytest.mark.quick
 def test_calibrated_scoring_runs_through_the_soft_prompt(tok):
     """With a real model and soft prompt: calibrated = raw log-prob minus the mean content-free log-prob,
     both computed by hand with the same prompt vectors in front."""
@@ -167,6 +171,7 @@ def test_calibrated_scoring_runs_through_the_soft_prompt(tok):
     assert not np.allclose(plain, prior, atol=1e-3)
 
 
+@pytest.mark.quick
 def test_scoring_names_the_prediction_path(tok):
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=32, n_ctx=64), tok.get_vocab_size())
     plain, with_head = Scorer(model), Scorer(model, head=nn.Linear(32, 3))
@@ -181,6 +186,7 @@ def test_scoring_names_the_prediction_path(tok):
     assert m["scoring"] == "generate"
 
 
+@pytest.mark.quick
 def test_task_scoring_config_key():
     assert TaskConfig().scoring == "raw"  # the measured default (docs/pipeline.md, Scoring)
     assert from_dict({"task": {"name": "pubmedqa", "scoring": "raw"}}).task.scoring == "raw"

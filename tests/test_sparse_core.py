@@ -56,10 +56,12 @@ def _check(x, mask, bias=True, seed=0, rtol=1e-4):
         close(b.grad, gyd.reshape(-1, out_f).sum(0), "db")
 
 
+@pytest.mark.quick
 def test_kernels_available():
     assert kernel_available()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("n,in_f,out_f,sp", [
     (37, 50, 19, 0.5),      # ragged everything
     (128, 64, 64, 0.75),    # exactly one tile / one column block
@@ -76,6 +78,7 @@ def test_matches_dense(n, in_f, out_f, sp):
     _check(torch.randn(n, in_f, generator=g), _mask(out_f, in_f, sp, g), seed=n)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("n,in_f,out_f,sp", [(37, 50, 19, 0.5), (300, 200, 130, 0.9),
                                               (257, 96, 160, 0.0), (1300, 40, 70, 0.75)])
 def test_parallel_path(monkeypatch, n, in_f, out_f, sp):
@@ -91,12 +94,14 @@ def test_parallel_path(monkeypatch, n, in_f, out_f, sp):
     _check(torch.randn(n, in_f, generator=g), _mask(out_f, in_f, sp, g, empty_rows=(1,)), seed=n)
 
 
+@pytest.mark.quick
 def test_empty_rows_and_columns_and_no_bias():
     g = torch.Generator().manual_seed(1)
     m = _mask(70, 90, 0.6, g, empty_rows=(0, 5, 69), empty_cols=(0, 1, 64, 89))
     _check(torch.randn(150, 90, generator=g), m, bias=False)
 
 
+@pytest.mark.quick
 def test_parameters_stay_resizable_after_a_step():
     """FSDP2 frees an unsharded parameter by resizing its storage to nothing; handing the values or
     the bias to the kernels must not make that impossible (Tensor.numpy() would)."""
@@ -114,11 +119,13 @@ def test_parameters_stay_resizable_after_a_step():
         storage.resize_(size)
 
 
+@pytest.mark.quick
 def test_all_zero_mask():
     g = torch.Generator().manual_seed(2)
     _check(torch.randn(20, 30, generator=g), torch.zeros(10, 30, dtype=torch.bool))
 
 
+@pytest.mark.quick
 def test_non_contiguous_and_3d_inputs():
     g = torch.Generator().manual_seed(3)
     m = _mask(40, 48, 0.7, g)
@@ -133,6 +140,7 @@ def test_non_contiguous_and_3d_inputs():
     _check(x3nc, m)
 
 
+@pytest.mark.quick
 def test_grad_subsets():
     g = torch.Generator().manual_seed(4)
     m = _mask(24, 40, 0.5, g)
@@ -155,6 +163,7 @@ def test_grad_subsets():
                 assert a.grad is None
 
 
+@pytest.mark.quick
 def test_bad_shapes_raise():
     p = SparsePattern.from_mask(torch.ones(4, 6, dtype=torch.bool))
     with pytest.raises(ValueError):
@@ -163,6 +172,7 @@ def test_bad_shapes_raise():
         sparse_linear(torch.randn(3, 6), torch.randn(23), None, p)
 
 
+@pytest.mark.quick
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(5)
     m = _mask(7, 19, 0.6, g, empty_rows=(2,))
@@ -174,6 +184,7 @@ def test_gradcheck_float64():
                                     eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.quick
 def test_float64_matches_float32_path():
     g = torch.Generator().manual_seed(6)
     m = _mask(33, 70, 0.75, g)
@@ -187,12 +198,14 @@ def test_float64_matches_float32_path():
     assert torch.allclose(y64, x.double() @ (w.double() * m).T, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.quick
 def test_large_layer_fp32():
     """A GPT-2-like shape exercising many tiles and column blocks."""
     g = torch.Generator().manual_seed(7)
     _check(torch.randn(300, 768, generator=g), _mask(256, 768, 0.75, g), rtol=2e-4)
 
 
+@pytest.mark.quick
 def test_time_kernels_runs_both_paths_and_reports_the_median_of_the_timed_rounds(monkeypatch):
     """time_kernels times the dense path (unpack + three products) and the sparse core's forward, dX
     and SDDMM, one warm-up call each and then ``repeats`` timed rounds. Each path here also moves a fake
@@ -227,6 +240,7 @@ def test_time_kernels_runs_both_paths_and_reports_the_median_of_the_timed_rounds
     assert r == {"dense_ms": pytest.approx(2.0), "sparse_ms": pytest.approx(5.0)}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kernel", ["spmm", "sddmm", "spmm_bf16", "sddmm_bf16"])
 def test_work_queue_gives_the_serial_result_however_workers_run(kernel):
     """The parallel kernels' workers draw items from a shared queue. Whether two workers run at the
@@ -420,6 +434,7 @@ def _check_bf16(x, mask, bias=True, seed=0, autocast=False):
     return calls[0]
 
 
+@pytest.mark.quick
 def test_bf16_kernels_available_and_path_named():
     from engine.model.kernels import bf16_path, ops
 
@@ -452,12 +467,14 @@ BF16_CASES = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("n,in_f,out_f,sp", BF16_CASES)
 def test_bf16_matches_dense_masked_bf16(n, in_f, out_f, sp):
     g = torch.Generator().manual_seed(n + in_f + 1)
     assert _check_bf16(torch.randn(n, in_f, generator=g), _mask(out_f, in_f, sp, g), seed=n) == 1
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("n,in_f,out_f,sp", [(37, 50, 19, 0.5), (300, 200, 130, 0.9),
                                               (257, 96, 160, 0.0), (1300, 40, 70, 0.75)])
 def test_bf16_parallel_path(monkeypatch, n, in_f, out_f, sp):
@@ -472,6 +489,7 @@ def test_bf16_parallel_path(monkeypatch, n, in_f, out_f, sp):
     _check_bf16(torch.randn(n, in_f, generator=g), _mask(out_f, in_f, sp, g, empty_rows=(1,)), seed=n)
 
 
+@pytest.mark.quick
 def test_bf16_empty_rows_columns_no_bias_3d_and_non_contiguous():
     g = torch.Generator().manual_seed(21)
     m = _mask(70, 90, 0.6, g, empty_rows=(0, 5, 69), empty_cols=(0, 1, 64, 89))
@@ -482,6 +500,7 @@ def test_bf16_empty_rows_columns_no_bias_3d_and_non_contiguous():
     _check_bf16(torch.randn(48, 130, generator=g).t(), m, bias=False)        # transposed view
 
 
+@pytest.mark.quick
 def test_bf16_under_autocast_with_fp32_input():
     """Under CPU autocast an fp32 input is rounded to bf16 by the core (as autocast's linear rounds it);
     y is bf16, dX comes back fp32 (x's dtype), dW and db fp32."""
@@ -490,12 +509,14 @@ def test_bf16_under_autocast_with_fp32_input():
     assert _check_bf16(torch.randn(77, 64, generator=g), _mask(33, 64, 0.5, g), bias=False, autocast=True) == 1
 
 
+@pytest.mark.quick
 def test_bf16_empty_input_and_empty_mask_fall_back_to_dense_bf16():
     g = torch.Generator().manual_seed(23)
     assert _check_bf16(torch.randn(0, 30, generator=g), _mask(10, 30, 0.5, g)) == 0
     assert _check_bf16(torch.randn(20, 30, generator=g), torch.zeros(10, 30, dtype=torch.bool)) == 0
 
 
+@pytest.mark.quick
 def test_bf16_rounding_is_torchs_round_to_nearest_even():
     """fp32 activations are rounded to bf16 while tiling exactly as torch's .bfloat16() rounds (ties to
     even, overflow to inf, inf, NaN, signed zero, subnormals), on the vector blocks (32 x 32) and the
@@ -533,6 +554,7 @@ def test_bf16_rounding_is_torchs_round_to_nearest_even():
         assert torch.equal(sparse_linear(xb, p.pack(w), b.float(), p), (prod + b.float()).bfloat16())
 
 
+@pytest.mark.quick
 def test_bf16_grad_subsets():
     g = torch.Generator().manual_seed(25)
     m = _mask(24, 40, 0.5, g)
@@ -551,6 +573,7 @@ def test_bf16_grad_subsets():
     assert torch.allclose(bb.grad, torch.full((24,), 50.0))
 
 
+@pytest.mark.quick
 def test_bf16_time_kernels_times_bf16_dense_products_and_the_bf16_core(monkeypatch):
     """time_kernels(precision="bf16"): the dense candidate multiplies in bf16 (the weight unpacked and
     cast, as the masked dense path under autocast), the sparse one runs the bf16 kernels."""
@@ -614,6 +637,7 @@ def _bf16_core_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.quick
 def test_bf16_sparse_linear_under_autocast_runs_on_the_core_and_matches_the_masked_dense_path(monkeypatch):
     """A SparseLinear on the sparse core under torch.autocast("cpu", bfloat16) runs the bf16 core (all
     three products) and gives what the masked dense path gives under autocast: bf16 outputs, fp32
@@ -653,6 +677,7 @@ def test_bf16_sparse_linear_under_autocast_runs_on_the_core_and_matches_the_mask
     assert torch.allclose(gvd, want, rtol=1e-6, atol=0)  # bf16 products on the dense path
 
 
+@pytest.mark.quick
 def test_bf16_sparse_group_under_autocast_is_one_core_product(monkeypatch):
     """q, k and v under autocast run as one bf16 product over their stacked masks, with each layer's
     outputs and gradients those of its own layer on the core."""
@@ -684,6 +709,7 @@ def test_bf16_sparse_group_under_autocast_is_one_core_product(monkeypatch):
     assert torch.allclose(xg.grad, xs.grad, rtol=2e-2, atol=2e-2)  # one bf16 rounding vs a sum of three
 
 
+@pytest.mark.quick
 def test_fp16_autocast_leaves_the_core():
     """Autocast to another dtype is not the core's: the layer takes the dense path, which autocast runs."""
     (m,) = _layers(34, [(32, 16)])

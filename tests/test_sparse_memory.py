@@ -2,6 +2,7 @@
 as values plus mask bits and read back as the same dense state; the memory estimate that decides what
 is tried counts nonzeros, and says a 75 %-sparse mediswift-xl step fits where the dense one cannot."""
 from __future__ import annotations
+import pytest
 
 import torch
 
@@ -20,6 +21,7 @@ def _model(level):
     return m
 
 
+@pytest.mark.quick
 def test_a_checkpoint_holds_the_nonzeros_and_reads_back_dense(tmp_path):
     sizes = {}
     for level in (0.5, 0.9):
@@ -39,6 +41,7 @@ def test_a_checkpoint_holds_the_nonzeros_and_reads_back_dense(tmp_path):
     assert abs(saved - 0.4 * sparse_numel * 4) < 0.02 * sparse_numel * 4, sizes
 
 
+@pytest.mark.quick
 def test_a_damaged_masked_weight_is_refused_naming_the_file(tmp_path):
     from engine.core.errors import InputError
     from engine.model.checkpoint import MaskedWeight
@@ -54,6 +57,7 @@ def test_a_damaged_masked_weight_is_refused_naming_the_file(tmp_path):
         raise AssertionError("a masked weight with the wrong number of values was loaded")
 
 
+@pytest.mark.quick
 def test_the_estimate_fits_a_75_percent_sparse_xl_step_where_dense_cannot():
     base = {"train.batch_size": 1, "train.grad_accum": 1, "train.precision": "bf16"}
     cfg = load_config(resolve_preset("mediswift-xl"), base)

@@ -76,6 +76,7 @@ def click_item(qtbot, tree, item, modifier=Qt.KeyboardModifier.NoModifier) -> No
     qtbot.mouseClick(tree.viewport(), Qt.MouseButton.LeftButton, modifier, rect.center())
 
 
+@pytest.mark.quick
 def test_compare_opens_from_a_browser_multi_selection(qtbot, window, db):
     from studio.views.compare_view import ComparePanel
 
@@ -104,6 +105,7 @@ def test_compare_opens_from_a_browser_multi_selection(qtbot, window, db):
     assert window.compare is panel and panel.charts.run_ids() == [ids[1]]
 
 
+@pytest.mark.quick
 def test_parent_picker_lists_only_compatible_parents(qtbot, window, db):
     vocab = make_run(db, "vocab", "vocab", steps=0)
     pre = make_run(db, "pre", "pretrain")
@@ -133,6 +135,7 @@ def test_parent_picker_lists_only_compatible_parents(qtbot, window, db):
     assert form.editors["parent"].value() == ft and "parent" not in form.errors
 
 
+@pytest.mark.quick
 def test_task_metric_rows_become_chart_series(qtbot, db):
     from studio.models.run_store import RunStore
     from studio.views.run_view import RunView
@@ -160,6 +163,7 @@ def test_task_metric_rows_become_chart_series(qtbot, db):
     assert not other.monitor.task_shown and other.monitor.task_plot.scene() is None
 
 
+@pytest.mark.quick
 def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
     from studio.models.lineage import best_scores, score_text
 
@@ -182,6 +186,7 @@ def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
     assert b.item_for(ids["ft"]).parent() is b.item_for(ids["pre"])
 
 
+@pytest.mark.quick
 def test_prompt_run_view_shows_nearest_tokens(qtbot, db):
     from studio.models.run_store import RunStore
     from studio.views.run_view import RunView
@@ -204,6 +209,7 @@ def test_prompt_run_view_shows_nearest_tokens(qtbot, db):
     assert view.prompt_tokens(db.get_run(ids["pr"])) == [[("a", None), ("b", None), ("c", None)]]
 
 
+@pytest.mark.quick
 def test_archive_and_delete_behind_a_confirmation(qtbot, window, db, monkeypatch):
     ids = pipeline(db)
     asked = []
@@ -261,6 +267,7 @@ def test_exports_from_the_browser_and_the_run_view(qtbot, window, db, tmp_path):
     assert not ok and "nosuchrun" in message
 
 
+@pytest.mark.quick
 def test_run_header_shows_the_precision_and_the_cpu_features_it_was_chosen_from(qtbot, tmp_path):
     from studio.models.run_store import RunStore
     from studio.views.run_view import RunView

@@ -60,6 +60,7 @@ def start_from_form(qtbot, win, values):
     return view
 
 
+@pytest.mark.quick
 def test_tiny_run_streams_until_completed_and_charts_match_db(qtbot, studio):
     win = studio()
     view = start_from_form(qtbot, win, TINY)

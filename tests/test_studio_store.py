@@ -57,6 +57,7 @@ def module_name(path: str) -> str:
     return path[:-3].replace("/", ".").removesuffix(".__init__")
 
 
+@pytest.mark.quick
 def test_only_the_run_store_reads_the_database_and_only_commands_write():
     readers, writers, callers = [], [], []
     for path, tree in studio_modules().items():
@@ -83,6 +84,7 @@ def test_only_the_run_store_reads_the_database_and_only_commands_write():
     assert "engine.store.queries" in imported(studio_modules()[RUN_STORE])
 
 
+@pytest.mark.quick
 def test_the_run_store_holds_the_studios_only_database_timer():
     """Exactly one QTimer in the models (the store's); a view's timers poll no database (checked below)."""
     timers = {path: sum(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", "")) == "QTimer"
@@ -91,6 +93,7 @@ def test_the_run_store_holds_the_studios_only_database_timer():
     assert {p: n for p, n in timers.items() if n} == {RUN_STORE: 1, "studio/models/throttle.py": 1}
 
 
+@pytest.mark.quick
 def test_no_import_cycle_among_studio_modules():
     trees = studio_modules()
     names = {module_name(p): p for p in trees}
@@ -146,6 +149,7 @@ def dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.quick
 def test_the_run_store_signals_what_another_connection_writes(qtbot, store, tmp_path):
     """The engine's side is a second connection; the store's timer alone brings each change to its signals."""
     engine = RunDB(tmp_path / "runs.db")
@@ -189,6 +193,7 @@ def test_the_run_store_signals_what_another_connection_writes(qtbot, store, tmp_
     engine.close()
 
 
+@pytest.mark.quick
 def test_a_dead_engine_is_reported_and_the_commands_reap_it(qtbot, store, tmp_path):
     from studio.commands.run_commands import Commands
 
@@ -205,6 +210,7 @@ def test_a_dead_engine_is_reported_and_the_commands_reap_it(qtbot, store, tmp_pa
     engine.close()
 
 
+@pytest.mark.quick
 def test_one_timer_polls_the_database_while_a_live_run_is_followed(qtbot, tmp_path):
     """Every SQL statement the studio runs while nobody touches it comes from the run store's tick (or a
     view's throttled refresh that one of its signals asked for); the re-attached run's tab follows the rows

@@ -14,6 +14,7 @@ from studio.models.plot_buffers import EMA, GrowingArray, Series, minmax_thin
 from studio.models.run_data import RunData
 
 
+@pytest.mark.quick
 def test_growing_array_doubles_and_keeps_rows():
     a = GrowingArray(2, capacity=4)
     for i in range(100):
@@ -25,6 +26,7 @@ def test_growing_array_doubles_and_keeps_rows():
     assert len(a) == 50 and a.last(0) == 49
 
 
+@pytest.mark.quick
 def test_ema_incremental_matches_reference():
     rng = np.random.default_rng(0)
     v = rng.random(5000)
@@ -39,6 +41,7 @@ def test_ema_incremental_matches_reference():
         np.testing.assert_allclose(e.values(), ref, rtol=1e-9)
 
 
+@pytest.mark.quick
 def test_minmax_thin_keeps_spikes():
     x = np.arange(200_000.0)
     y = np.sin(x / 1000)
@@ -49,6 +52,7 @@ def test_minmax_thin_keeps_spikes():
     assert np.all(np.diff(tx) > 0)
 
 
+@pytest.mark.quick
 def test_run_data_dedupes_steps_from_events_and_db():
     d = RunData()
     ev = {"type": "metrics", "run_id": "r", "step": 1, "tokens": 64, "wall_time": 0.1, "flops": 10.0, "flops_dense": 25.0,
@@ -65,6 +69,7 @@ def test_run_data_dedupes_steps_from_events_and_db():
     assert d.last_step == 2 and len(d.series["loss"]) == 2
 
 
+@pytest.mark.quick
 def test_toml_values_round_trip_through_the_engine_parser():
     items = {"train.lr": 3e-4, "data.corpus": ["builtin:hpo", "/x y/z.jsonl"], "name": "a b", "model.bias": False}
     args = train_args("demo.toml", items)
@@ -73,6 +78,7 @@ def test_toml_values_round_trip_through_the_engine_parser():
     assert toml_value("x") == '"x"'
 
 
+@pytest.mark.quick
 def test_line_reader_and_json_output():
     r = LineReader()
     assert r.feed(b'{"a": 1}\n{"b"') == ['{"a": 1}']
@@ -95,6 +101,7 @@ def form(qtbot, tmp_path):
     db.close()
 
 
+@pytest.mark.quick
 def test_form_opens_with_demo_and_previews_the_command(form):
     assert form.preset_combo.currentText() == "demo"
     assert form.is_valid() and form.start_button.isEnabled()
@@ -108,6 +115,7 @@ def test_form_opens_with_demo_and_previews_the_command(form):
     assert cfg == form.config and cfg.train.max_steps == 42
 
 
+@pytest.mark.quick
 def test_bad_value_marks_its_field_and_disables_start(form, qtbot):
     form.set_field("model.n_head", 3)  # 128 is not divisible by 3
     ed = form.editors["model.n_head"]
@@ -125,6 +133,7 @@ def test_bad_value_marks_its_field_and_disables_start(form, qtbot):
     assert form.start_button.isEnabled() and form.config.train.lr == 1e-3
 
 
+@pytest.mark.quick
 def test_stage_needs_parent_and_engine_errors_land_on_fields(form):
     form.set_field("stage", "finetune")
     assert not form.groups["task"].isHidden() and form.groups["sparsity"].isHidden()
@@ -139,6 +148,7 @@ def test_stage_needs_parent_and_engine_errors_land_on_fields(form):
     assert form.is_valid()
 
 
+@pytest.mark.quick
 def test_toml_export_import_and_clone(form, tmp_path):
     form.set_field("sparsity.level", 0.9)
     out = form.export_toml(str(tmp_path / "x.toml"))
@@ -153,6 +163,7 @@ def test_toml_export_import_and_clone(form, tmp_path):
     assert form.base_path is not None and form.base_path.exists()
 
 
+@pytest.mark.quick
 def test_downsampled_curve_keeps_a_spike(qtbot):
     from studio.views.live_monitor import LiveMonitor
 
@@ -177,6 +188,7 @@ def test_downsampled_curve_keeps_a_spike(qtbot):
     assert m.curve_points("loss")[1].shape == (n,)
 
 
+@pytest.mark.quick
 def test_peak_decimator_incremental_equals_from_scratch_and_keeps_extremes():
     from studio.models.plot_buffers import PeakDecimator
 
@@ -196,6 +208,7 @@ def test_peak_decimator_incremental_equals_from_scratch_and_keeps_extremes():
     assert PeakDecimator(max_bins=256).indices(y[:300]) is None  # short: drawn whole
 
 
+@pytest.mark.quick
 def test_zoom_draws_the_visible_part_at_full_detail(qtbot):
     from studio.views.live_monitor import LiveMonitor
 
@@ -221,6 +234,7 @@ def test_zoom_draws_the_visible_part_at_full_detail(qtbot):
     assert len(m.loss_raw.getData()[0]) < 5_000
 
 
+@pytest.mark.quick
 def test_x_range_follows_the_run_in_jumps_and_respects_a_user_zoom(qtbot):
     from studio.views.live_monitor import LiveMonitor
 
@@ -249,6 +263,7 @@ def test_x_range_follows_the_run_in_jumps_and_respects_a_user_zoom(qtbot):
     assert m.loss_plot.getViewBox().viewRange()[0] == pytest.approx([50, 60])
 
 
+@pytest.mark.quick
 def test_ema_live_and_whole_array_agree_with_nans_and_a_resume():
     """The live monitor's EMA (``follow`` as points arrive) and the compare view's (``ema`` of the whole
     array) give the same numbers, through NaNs and a resume that truncates the series."""

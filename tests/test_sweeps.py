@@ -60,6 +60,7 @@ def test_a_2x2_sweep_at_equal_flops_runs_through_the_queue(cli, db_path):
     assert all(p["final_val_loss"] is not None and p["curve"]["flops"][-1] == p["flops"] for p in study["points"])
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("grid, message", [
     (["--grid", "sparsity.levle=0,0.5"], "unknown config key 'sparsity.levle'; did you mean 'sparsity.level'?"),
     (["--grid", "train.grad_accum=1,big"], "train.grad_accum must be an integer, got 'big'"),

@@ -136,6 +136,7 @@ CHECKPOINT_DAMAGE = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind", list(CHECKPOINT_DAMAGE))
 def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_is_used(trained, kind, record):
     tmp, db_path, run_id = trained
@@ -194,6 +195,7 @@ DATABASE_DAMAGE = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind", list(DATABASE_DAMAGE))
 def test_a_damaged_database_exits_2_with_a_line_naming_it(trained, tmp_path, kind, record):
     tmp, db_path, run_id = trained
@@ -212,6 +214,7 @@ TOKENIZER_DAMAGE = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind", list(TOKENIZER_DAMAGE))
 def test_a_damaged_tokenizer_exits_2_with_a_line_naming_it(trained, tmp_path, kind, record):
     tmp, db_path, run_id = trained
@@ -304,6 +307,7 @@ def test_concurrent_resumes_one_proceeds_one_exits_2(trained, tmp_path, record):
 FLOAT_KEYS = [k for k, v in field_docs().items() if v["type"] == "float"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("key", FLOAT_KEYS)
 def test_every_float_key_rejects_non_finite_values(key, value, record):
@@ -319,6 +323,7 @@ def test_a_nan_setting_leaves_no_run_behind(tmp_path, record):
     assert record("float key x NaN/inf: CLI exit 2, no run row", held), r.stderr
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", ["whitespace-only corpus", "model too large for memory", "n_ctx 65536"])
 def test_bad_input_is_refused_before_a_run_row_exists(tmp_path, case, record):
     db = tmp_path / "runs.db"
@@ -334,6 +339,7 @@ def test_bad_input_is_refused_before_a_run_row_exists(tmp_path, case, record):
     assert record("bad input: refused before any run row", held), r.stderr
 
 
+@pytest.mark.quick
 def test_a_non_finite_step_leaves_weights_and_moments_untouched(record):
     from engine.core.config import ModelConfig, TrainConfig
     from engine.model.gpt import GPT
