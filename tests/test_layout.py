@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from import_graph import cycles, graph, modules
 
 pytestmark = pytest.mark.quick
 
@@ -24,11 +25,6 @@ SQL = re.compile(r"\b(select|insert|update|delete|create)\b.*\b(from|into|set|ta
                  r"|\.execute(many)?\(|\.query\(|\bdb\.db\b|\.conn\b"
                  r"|^\s*(import|from)\s+sqlite|\bsqlite(3|_utils)\.", re.IGNORECASE)
 
-# files outside the store that still hold SQL, each waiting for its owner's fix; an entry whose file is
-# clean fails the test, so the list only shrinks
-SQL_PENDING: dict[str, str] = {}
-
-
 def product_files() -> list[Path]:
     return [p for root in SCANNED for p in sorted((REPO / root).rglob("*.py"))]
 
@@ -37,12 +33,9 @@ def rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-def assert_only_pending(hits: dict[str, list[str]], pending: dict[str, str], what: str, pending_name: str) -> None:
-    """No hit outside the pending files, and no pending file without hits (the list only shrinks)."""
-    found = [h for path, lines in hits.items() if path not in pending for h in lines]
+def assert_no_hits(hits: dict[str, list[str]], what: str) -> None:
+    found = [h for lines in hits.values() for h in lines]
     assert not found, f"{what}:\n" + "\n".join(found)
-    stale = [path for path in pending if path not in hits]
-    assert not stale, f"nothing left to fix in {stale}: remove them from {pending_name}"
 
 
 def sql_lines(text: str) -> list[tuple[int, str]]:
@@ -56,8 +49,7 @@ def test_only_the_store_holds_sql():
         if STORE not in path.parents:
             for i, line in sql_lines(path.read_text(encoding="utf-8")):
                 hits.setdefault(rel(path), []).append(f"{rel(path)}:{i}: {line}")
-    assert_only_pending(hits, SQL_PENDING, "SQL outside engine/store (add a function to engine/store/queries.py "
-                        "or a RunDB method instead)", "SQL_PENDING")
+    assert_no_hits(hits, "SQL outside engine/store (add a function to engine/store/queries.py or a RunDB method instead)")
 
 
 @pytest.mark.quick
@@ -87,11 +79,6 @@ HOMONYMS = {
     ("engine/store/rundb.py", "PROMPT_ARTIFACT"): "artifacts.kind of a soft prompt file",
     ("engine/publish/hf_export.py", "REPORT_PROMPT"): "export-hf's JSON field describing the exported prompt",
 }
-
-# files outside the lower floors that still write names, each waiting for its owner's fix; a file that
-# is clean fails the test, so the list only shrinks
-NAMES_PENDING: dict[str, str] = {}
-
 
 def registry_names() -> set[str]:
     from engine.core import registry
@@ -137,8 +124,8 @@ def test_stage_and_task_names_are_written_only_in_the_registry_and_their_own_mod
         homonyms = {const for (file, const) in HOMONYMS if file == r}
         for i, name in name_literals(path.read_text(encoding="utf-8"), names - own.get(r, set()), homonyms):
             hits.setdefault(r, []).append(f"{r}:{i}: {name!r}")
-    assert_only_pending(hits, NAMES_PENDING, "stage or task names written as strings (use engine.core.registry: "
-                        "a capability of stage(name) / task(name), or the constants VOCAB ... HOC)", "NAMES_PENDING")
+    assert_no_hits(hits, "stage or task names written as strings (use engine.core.registry: a capability of "
+                   "stage(name) / task(name), or the constants VOCAB ... HOC)")
 
 
 @pytest.mark.quick
@@ -149,3 +136,16 @@ def test_the_name_scan_finds_what_it_should():
     assert name_literals(text, names) == [(2, "prompt"), (4, "lm"), (5, "hoc")]
     assert name_literals(text, names, {"HEADS"}) == [(2, "prompt"), (5, "hoc")]
     assert name_literals(text, set()) == []
+
+
+def test_no_import_cycle_among_the_engines_modules():
+    """Within engine/cli (and every other engine package) no module imports, even inside a function or
+    through importlib, a module that imports it back."""
+    g = graph(modules(REPO / "engine"))
+    assert "engine.cli.train_cmd" in g["engine.cli.main"]  # the scan sees the command modules
+    assert not cycles(g), f"import cycles among engine modules: {cycles(g)}"
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
+    assert cycles({"a": ["b"], "b": []}) == []

@@ -14,6 +14,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import pytest
 from helpers import REPO
+from import_graph import cycles, graph, imported, modules
 
 from engine.core.processes import pid_alive, process_start
 from engine.orchestrate.queue import Queue
@@ -32,29 +33,7 @@ RUN_STORE = "studio/models/run_store.py"
 
 
 def studio_modules() -> dict[str, ast.Module]:
-    return {p.relative_to(REPO).as_posix(): ast.parse(p.read_text(encoding="utf-8"))
-            for p in sorted(STUDIO.rglob("*.py")) if "__pycache__" not in p.parts}
-
-
-def imported(tree: ast.Module) -> set[str]:
-    """Every module a file imports: at the top, inside functions, and through importlib/__import__ strings."""
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                   or (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module")))):
-            out.add(node.args[0].value)
-    return out
-
-
-def module_name(path: str) -> str:
-    return path[:-3].replace("/", ".").removesuffix(".__init__")
+    return modules(STUDIO)
 
 
 @pytest.mark.quick
@@ -95,39 +74,9 @@ def test_the_run_store_holds_the_studios_only_database_timer():
 
 @pytest.mark.quick
 def test_no_import_cycle_among_studio_modules():
-    trees = studio_modules()
-    names = {module_name(p): p for p in trees}
-    graph = {m: sorted({i for i in imported(trees[p]) if i in names and i != m}) for m, p in names.items()}
-    # Tarjan's strongly connected components: a component of two or more modules is a cycle
-    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                cycles.append(sorted(comp))
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    assert not cycles, f"import cycles among studio modules: {cycles}"
-    assert "studio.views.runs_browser" in graph["studio.views.run_form"]  # the scan sees function-level imports
+    g = graph(studio_modules())
+    assert not cycles(g), f"import cycles among studio modules: {cycles(g)}"
+    assert "studio.views.runs_browser" in g["studio.views.run_form"]  # the scan sees function-level imports
 
 
 # -- the run store on a real database -------------------------------------------------------------------
