@@ -1,13 +1,11 @@
-"""What every command shares: opening the run database, printing JSON, the bad-input exit code."""
+"""What every command shares: opening the run database and printing JSON (bad input: engine.core.errors)."""
 from __future__ import annotations
 
 import json
 import sys
 
-from engine.core.errors import EXIT_BAD_INPUT, error_line  # noqa: F401 (re-exported for the commands)
 from engine.core.paths import default_db_path
 from engine.store.rundb import RunDB
-
 
 
 def open_db(args) -> RunDB:
@@ -21,5 +19,3 @@ def open_db(args) -> RunDB:
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
 
-
-stderr_error = error_line

@@ -32,7 +32,7 @@ from engine.cli import (  # noqa: E402
     sweep_cmd,
     train_cmd,
 )
-from engine.cli.common import EXIT_BAD_INPUT, stderr_error  # noqa: E402
+from engine.core.errors import EXIT_BAD_INPUT, error_line  # noqa: E402
 from engine.core.errors import InputError  # noqa: E402
 from engine.core.events import EventWriter  # noqa: E402
 from engine.core.paths import default_db_path  # noqa: E402
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except InputError as e:
-        stderr_error(str(e))
+        error_line(str(e))
         if streams_events:
             EventWriter().emit("error", message=str(e), key=getattr(e, "key", None) or None, path=getattr(e, "path", None))
         return EXIT_BAD_INPUT
     except DatabaseError as e:  # a damaged or foreign file where the run database should be
         db = getattr(args, "db", None) or default_db_path()
-        stderr_error(f"the run database {db} is damaged or not a run database ({e})")
+        error_line(f"the run database {db} is damaged or not a run database ({e})")
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         return 0

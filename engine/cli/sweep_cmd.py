@@ -64,14 +64,13 @@ def register(subparsers, common) -> None:
     qw.set_defaults(fn=cmd_queue_work)
 
 
-_db = open_db
 
 
 # -- sweep ------------------------------------------------------------------------------------------
 
 
 def cmd_sweep(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     queue = Queue(db)
     path = _config_path(args.config, "config")
     if args.parallel is not None:
@@ -151,7 +150,7 @@ def _print_outcome(db, queue: Queue, sweep_id: str, budget: float | None) -> Non
 
 
 def cmd_queue_list(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     queue = Queue(db)
     st = queue.state()
     sweeps = {s["id"]: s["name"] for s in queue.sweeps()}
@@ -179,13 +178,13 @@ def cmd_queue_list(args) -> int:
 
 
 def cmd_queue_pause(args) -> int:
-    Queue(_db(args)).set_paused(True)
+    Queue(open_db(args)).set_paused(True)
     print("queue paused: no new runs start; running ones go on (mediswift queue resume)")
     return 0
 
 
 def cmd_queue_resume(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     queue = Queue(db)
     if args.parallel is not None:
         queue.set_parallel(args.parallel)
@@ -198,7 +197,7 @@ def cmd_queue_resume(args) -> int:
 
 
 def cmd_queue_cancel(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     queue = Queue(db)
     ids = list(args.entries)
     if args.sweep:
@@ -213,13 +212,13 @@ def cmd_queue_cancel(args) -> int:
 
 
 def cmd_queue_move(args) -> int:
-    place = Queue(_db(args)).move(args.entry, args.place)
+    place = Queue(open_db(args)).move(args.entry, args.place)
     print(f"entry {args.entry} is now number {place} among the waiting entries")
     return 0
 
 
 def cmd_queue_work(args) -> int:
-    db = _db(args)
+    db = open_db(args)
     queue = Queue(db)
     if not queue.claim_runner():
         print(f"another runner (pid {queue.runner_pid()}) already works this queue")

@@ -2,8 +2,8 @@
 (engine.train.launch) and exit with its code; the run streams its own JSON-line events."""
 from __future__ import annotations
 
-from engine.cli.common import EXIT_BAD_INPUT, open_db
-from engine.core.errors import InputError
+from engine.cli.common import open_db
+from engine.core.errors import EXIT_BAD_INPUT, InputError
 from engine.store.rundb import RunDB
 
 

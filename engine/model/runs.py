@@ -18,7 +18,6 @@ import torch.nn as nn
 
 from engine.core.config import ModelConfig, RunConfig, from_dict
 from engine.core.registry import IMPORT, PRETRAIN, PROMPT, TASK_STAGES, VOCAB, stage
-from engine.core.registry import MODEL_STAGES  # noqa: F401  (importable from here, as before)
 from engine.core.errors import InputError
 from engine.store.queries import find_run
 from engine.store.rundb import RunDB
