@@ -288,3 +288,120 @@ def test_run_header_shows_the_precision_and_the_cpu_features_it_was_chosen_from(
     assert shown[pre][0] == "bf16 · AVX512-BF16"
     assert "has AVX512-BF16" in shown[pre][1] and "Test CPU" in shown[pre][1] and "AMX no" in shown[pre][1]
     assert shown[plain][0] == "fp32 · no bf16 units"
+
+
+HOC_MAJORITY = {"micro_f1": 0.195, "macro_f1": 0.09, "predicts": []}
+HOC_TFIDF = {"micro_f1": 0.739, "macro_f1": 0.61, "fitted_on": 1295,
+             "model": "TF-IDF 1-2-grams (sublinear) + logistic regression (C=10, balanced)"}
+
+
+def hoc_runs(db: RunDB) -> dict[str, str]:
+    """Two HoC fine-tunes of one parent: one evaluated with both text baselines (and a zero-shot one), as the
+    engine stores them now; one evaluated before baselines were stored (none in its row, none in its meta)."""
+    ids = {"pre": make_run(db, "pre", "pretrain")}
+    ids["both"] = make_run(db, "ft-both", "finetune", ids["pre"], task="hoc", steps=10)
+    for step, f1 in ((5, 0.55), (10, 0.612)):
+        db.log_metrics(ids["both"], step, step * 512, step * 0.1, step * 1e9, step * 1e9,
+                       {"dev_micro_f1": f1, "dev_macro_f1": f1 - 0.2, "dev_loss": 0.5})
+    db.add_evaluation(ids["both"], 10, "hoc", "dev", {"micro_f1": 0.612, "macro_f1": 0.41, "loss": 0.5},
+                      baselines={"majority": HOC_MAJORITY, "tfidf_lr": HOC_TFIDF,
+                                 "zero_shot": {"skipped": "a classification head has no zero-shot form"}})
+    db.merge_meta(ids["both"], baselines={"majority": HOC_MAJORITY, "tfidf_lr": HOC_TFIDF})
+    ids["none"] = make_run(db, "ft-old", "finetune", ids["pre"], task="hoc", steps=10)
+    db.log_metrics(ids["none"], 10, 5120, 1.0, 1e10, 1e10, {"dev_micro_f1": 0.5, "dev_loss": 0.6})
+    db.add_evaluation(ids["none"], 10, "hoc", "dev", {"micro_f1": 0.5, "macro_f1": 0.3, "loss": 0.6})
+    return ids
+
+
+@pytest.mark.quick
+def test_tfidf_baseline_in_the_browser_and_the_score_chart(qtbot, window, db):
+    from studio.models.lineage import score_text
+    from studio.models.run_store import RunStore
+    from studio.views.run_view import RunView
+
+    ids = hoc_runs(db)
+    # a PubMedQA run with a majority but no TF-IDF baseline (stored before it existed): brackets as before
+    old = make_run(db, "ft-pubmedqa", "finetune", ids["pre"], task="pubmedqa", steps=10)
+    db.add_evaluation(old, 10, "pubmedqa", "dev", {"accuracy": 0.62, "macro_f1": 0.45},
+                      baselines={"majority": PUBMEDQA_MAJORITY})
+    b = window.browser
+    b.refresh()
+    col = 7
+    assert b.tree.headerItem().text(col) == "Best score (baselines)"
+    assert "TF-IDF" in b.tree.headerItem().toolTip(col) and "majority" in b.tree.headerItem().toolTip(col)
+    both = b.item_for(ids["both"])
+    assert both.text(col) == "HoC micro-F1 0.612 (majority 0.195, TF-IDF 0.739)"
+    assert both.toolTip(col).startswith(both.text(col)) and "logistic regression" in both.toolTip(col)
+    assert b.item_for(ids["none"]).text(col) == "HoC micro-F1 0.500"  # nothing stored: no brackets
+    assert b.item_for(old).text(col) == "PubMedQA acc 0.620 · macro-F1 0.450 (majority 0.552 · 0.237)"
+    b.select(ids["both"])
+    assert "(majority 0.195, TF-IDF 0.739)" in b.pipeline.text()
+    # a multi-metric score keeps each baseline's values together
+    best = {"task": "pubmedqa", "step": 1, "metrics": {"accuracy": 0.62, "macro_f1": 0.45},
+            "baseline": {"accuracy": 0.552, "macro_f1": 0.237}, "baseline_kind": "majority",
+            "tfidf": {"accuracy": 0.601, "macro_f1": 0.41}}
+    assert score_text(best) == "PubMedQA acc 0.620 · macro-F1 0.450 (majority 0.552 · 0.237, TF-IDF 0.601 · 0.410)"
+
+    # the run view's score chart: a dashed majority line and a dotted TF-IDF line per score, both labelled
+    view = RunView(RunStore(db, start=False))
+    qtbot.addWidget(view)
+    assert view.attach_run(ids["both"])
+    m = view.monitor
+    kinds = {k: sorted(round(v, 3) for v in vals) for k, vals in m.baseline_kinds().items()}
+    assert kinds == {"majority": [0.09, 0.195], "tfidf_lr": [0.61, 0.739]}
+    assert all(ln in m.task_plot.items for ln in m.baseline_lines)
+    labels = {ln.label.toPlainText(): ln.pen.style() for ln in m.baseline_lines}
+    assert labels == {"majority micro-F1 0.195": Qt.PenStyle.DashLine, "majority macro-F1 0.090": Qt.PenStyle.DashLine,
+                      "TF-IDF micro-F1 0.739": Qt.PenStyle.DotLine, "TF-IDF macro-F1 0.610": Qt.PenStyle.DotLine}
+    # showing the results again replaces the lines, it does not stack them
+    view._show_results(db.get_run(ids["both"]))
+    assert len(m.baseline_lines) == 4
+    # a run with no baselines stored: a score chart without reference lines
+    plain = RunView(RunStore(db, start=False))
+    qtbot.addWidget(plain)
+    assert plain.attach_run(ids["none"])
+    assert plain.monitor.task_shown and plain.monitor.baseline_lines == []
+
+
+@pytest.mark.quick
+def test_study_view_shows_the_tfidf_baseline_of_chained_runs(qtbot, db, tmp_path):
+    from engine.orchestrate.queue import Queue
+    from studio.models.run_store import RunStore
+    from studio.views.study_view import TABLE_COLUMNS, StudyView
+
+    ids = hoc_runs(db)
+    other = make_run(db, "pre50", "pretrain", level=0.5)
+    q = Queue(db)
+    sweep = q.create_sweep("levels", {"grid": {"sparsity.level": [0.75, 0.5]}})
+    item = {"config_name": "demo", "config_text": "", "sets": [], "runs_dir": str(tmp_path / "runs"),
+            "cwd": str(tmp_path), "sweep_id": sweep}
+    entries = q.add([{**item, "label": "sparsity.level=0.75", "stage": "pretrain"},
+                     {**item, "label": "sparsity.level=0.75", "stage": "finetune", "after": 0},
+                     {**item, "label": "sparsity.level=0.5", "stage": "pretrain"},
+                     {**item, "label": "sparsity.level=0.5", "stage": "finetune", "after": 2}])
+    for entry, run in zip(entries, (ids["pre"], ids["both"], other, ids["none"])):
+        q.set_run(entry, run)
+        q.finish(entry, "completed")
+    view = StudyView(RunStore(db, start=False), sweep)
+    qtbot.addWidget(view)
+    t = view.table
+    header = [t.horizontalHeaderItem(c).text() for c in range(t.columnCount())]
+    assert header == list(TABLE_COLUMNS) and header[-4:] == ["Score", "Majority", "TF-IDF", "Zero-shot"]
+    assert "logistic regression" in t.horizontalHeaderItem(header.index("TF-IDF")).toolTip()
+    rows = {t.item(r, 10).text(): [t.item(r, c).text() for c in range(12, 16)] for r in range(t.rowCount())}
+    assert rows == {ids["both"]: ["0.6120", "0.1950", "0.7390", "–"],  # the zero-shot one was skipped
+                    ids["none"]: ["0.5000", "–", "–", "–"]}
+    # the chart: bars, the majority dash and the TF-IDF diamond (each with its legend entry) where stored
+    bar = [r for r, (_p, c) in enumerate(view.score_bars) if c["run_id"] == ids["both"]][0]
+    assert set(view.baseline_markers) == {"majority", "tfidf_lr"}
+    x, y = view.baseline_markers["tfidf_lr"].getData()
+    assert list(x) == [bar] and list(y) == pytest.approx([0.739])
+    assert list(view.baseline_markers["majority"].getData()[1]) == pytest.approx([0.195])
+    legend = [label.text for _sample, label in view.score_legend.items]
+    assert legend == ["majority baseline", "TF-IDF + LR baseline"]
+    # the old run alone: nothing drawn for the baselines, no legend entries
+    db.db.execute("UPDATE evaluations SET baselines = '{}'")
+    db.db.conn.commit()
+    view.refresh()
+    assert view.baseline_markers == {} and view.score_legend.items == []
+    assert {t.item(r, 14).text() for r in range(t.rowCount())} == {"–"}

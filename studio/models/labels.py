@@ -30,6 +30,11 @@ TASK_SHORT = {PUBMEDQA: "PubMedQA", HOC: "HoC", LM: "LM"}
 # the metrics a task's score text shows, the first one decides "best" (the registry's answer metric)
 SCORE_METRICS = {PUBMEDQA: ("accuracy", "macro_f1"), HOC: ("micro_f1",), LM: ("loss",)}
 METRIC_LABELS = {"accuracy": "acc", "macro_f1": "macro-F1", "micro_f1": "micro-F1", "loss": "val loss"}
+# the baselines an evaluation is stored with (its ``baselines`` JSON, the run meta's ``baselines``), as the views
+# name them: the majority class, TF-IDF + logistic regression fitted on the training split (engine.tasks.text_baseline),
+# the parent scored without training
+MAJORITY, TFIDF, ZERO_SHOT = "majority", "tfidf_lr", "zero_shot"
+BASELINE_LABELS = {MAJORITY: "majority", TFIDF: "TF-IDF", ZERO_SHOT: "zero-shot"}
 
 
 def stage_text(name: str) -> str:

@@ -1,5 +1,6 @@
 """The pipeline of a run (vocabulary → sparse pre-training → dense fine-tuning → soft prompting) and
-each stage's best score, read from the ``evaluations`` table, next to its majority baseline.
+each stage's best score, read from the ``evaluations`` table, next to its majority baseline and the
+TF-IDF + logistic regression baseline (``tfidf_lr``, stored since that baseline exists; older runs have none).
 
 Scores are task-specific: PubMedQA accuracy and macro-F1, HoC micro-F1, language modelling the
 validation loss (lower is better; its reference is the zero-shot parent, there is no majority class).
@@ -9,7 +10,9 @@ from __future__ import annotations
 import html
 
 from engine.core.registry import LM
-from studio.models.labels import METRIC_LABELS, score_metrics, stage_short, task_short
+from studio.models.labels import (
+    BASELINE_LABELS, MAJORITY, METRIC_LABELS, TFIDF, ZERO_SHOT, score_metrics, stage_short, task_short,
+)
 from studio.models.run_store import numeric_metrics
 
 
@@ -17,7 +20,8 @@ def best_from_rows(rows: list[dict]) -> dict | None:
     """Best evaluation of one run from its rows (``metrics``/``baselines`` decoded).
 
     Task evaluations win over LM ones (a fine-tune on PubMedQA is judged by PubMedQA); the baseline
-    is the majority class of the task when stored, else the zero-shot parent.
+    is the majority class of the task when stored, else the zero-shot parent; ``tfidf`` is the TF-IDF +
+    logistic regression baseline of the same evaluation row (empty when none was stored).
     """
     tasks = [r for r in rows if score_metrics(r.get("task") or "") and r["task"] != LM] or [
         r for r in rows if r.get("task") == LM]
@@ -31,18 +35,20 @@ def best_from_rows(rows: list[dict]) -> dict | None:
         return None
     best = (max if higher else min)(scored, key=lambda r: numeric_metrics(r["metrics"])[key])
     metrics = numeric_metrics(best["metrics"])
-    baseline, baseline_kind = {}, ""
+    baseline, baseline_kind, tfidf = {}, "", {}
     for r in reversed(tasks):  # the final evaluation carries the baselines
         b = r.get("baselines") or {}
-        for kind in ("majority", "zero_shot"):
+        for kind in (MAJORITY, ZERO_SHOT):
             vals = numeric_metrics(b.get(kind) or {})
             if any(m in vals for m in shown):
                 baseline, baseline_kind = vals, kind
                 break
-        if baseline:
+        tfidf = numeric_metrics(b.get(TFIDF) or {})  # scored on the same examples as the row's majority
+        if baseline or any(m in tfidf for m in shown):
             break
     return {"task": task, "step": best["step"], "metrics": {m: metrics[m] for m in shown if m in metrics},
-            "baseline": {m: baseline[m] for m in shown if m in baseline}, "baseline_kind": baseline_kind}
+            "baseline": {m: baseline[m] for m in shown if m in baseline}, "baseline_kind": baseline_kind,
+            "tfidf": {m: tfidf[m] for m in shown if m in tfidf}}
 
 
 def best_scores(evaluations_by_run: dict[str, list[dict]]) -> dict[str, dict]:
@@ -55,15 +61,26 @@ def best_scores(evaluations_by_run: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
+# what the brackets after a score mean (the runs browser's tooltips)
+BASELINES_TIP = ("In brackets, the baselines scored on the same examples: the majority class of the training split "
+                 "(the zero-shot parent where there is no majority class, as for LM loss) and TF-IDF over word "
+                 "1-2-grams + logistic regression fitted on the training split (runs evaluated before it existed "
+                 "have none)")
+
+
 def score_text(best: dict | None, baseline: bool = True) -> str:
-    """'PubMedQA acc 0.620 · macro-F1 0.450 (majority 0.552 · 0.237)'."""
+    """'PubMedQA acc 0.620 · macro-F1 0.450 (majority 0.552 · 0.237, TF-IDF 0.601 · 0.410)': the baselines in
+    the order of the score's metrics, the TF-IDF one only where it was stored."""
     if not best:
         return ""
     parts = " · ".join(f"{METRIC_LABELS.get(m, m)} {v:.3f}" for m, v in best["metrics"].items())
     text = f"{task_short(best['task'])} {parts}"
-    if baseline and best["baseline"]:
-        kind = "majority" if best["baseline_kind"] == "majority" else "zero-shot"
-        text += f" ({kind} " + " · ".join(f"{v:.3f}" for v in best["baseline"].values()) + ")"
+    if baseline:
+        refs = [(BASELINE_LABELS.get(best["baseline_kind"], best["baseline_kind"]), best["baseline"]),
+                (BASELINE_LABELS[TFIDF], best.get("tfidf") or {})]
+        shown = [f"{label} " + " · ".join(f"{v:.3f}" for v in vals.values()) for label, vals in refs if vals]
+        if shown:
+            text += " (" + ", ".join(shown) + ")"
     return text
 
 

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from studio.models.labels import MAJORITY
 from studio.models.plot_buffers import GrowingArray, Series
 
 LAYER_PREFIX = "sparsity/"
@@ -199,11 +200,13 @@ class RunData:
 # -- what a finished fine-tuning or prompting run adds to its charts (read from its row and artifacts) --
 
 
-def baseline_scores(run: dict) -> dict[str, float]:
-    """The majority baseline's development scores (``{"dev_accuracy": 0.55, ...}``) from the run's meta."""
-    majority = ((run.get("meta") or {}).get("baselines") or {}).get("majority") or {}
-    return {f"dev_{k}": float(v) for k, v in majority.items()
-            if k in ("accuracy", "macro_f1", "micro_f1") and isinstance(v, (int, float))}
+def baseline_scores(run: dict, kind: str = MAJORITY) -> dict[str, float]:
+    """A baseline's development scores (``{"dev_accuracy": 0.55, ...}``) from the run's meta: ``majority``
+    (the default) or ``tfidf_lr`` (TF-IDF + logistic regression); empty where the run has none stored
+    (runs from before that baseline, or one that was skipped)."""
+    scores = ((run.get("meta") or {}).get("baselines") or {}).get(kind) or {}
+    return {f"dev_{k}": float(v) for k, v in scores.items()
+            if k in ("accuracy", "macro_f1", "micro_f1") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def prompt_tokens(run: dict, artifacts: list[dict]) -> list[list[tuple[str, float | None]]]:

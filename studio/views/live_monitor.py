@@ -1,7 +1,8 @@
 """Live charts of one run (pyqtgraph): loss, validation loss, learning rate, throughput, sparsity,
 a layer × step sparsity heatmap and cumulative FLOPs spent vs dense-equivalent; for fine-tuning and
 soft prompting, the task scores on the development set (``dev_accuracy``, ``dev_macro_f1``,
-``dev_micro_f1``: the rows ``engine.train.finetune`` logs) with the majority baseline, shown only when present.
+``dev_micro_f1``: the rows ``engine.train.finetune`` logs) with the majority baseline (dashed) and the TF-IDF +
+logistic regression baseline (dotted) as labelled lines, each shown only when present.
 
 Plot items are created once; a timer hands each changed curve the points worth drawing of its
 growing numpy buffers: the min and max of each bin (``PeakDecimator``, kept incrementally, so spikes
@@ -18,6 +19,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.models import formatting as fmt
+from studio.models.labels import BASELINE_LABELS, MAJORITY, TFIDF
 from studio.models.plot_buffers import EMA, PeakDecimator, peak_indices
 from studio.models.run_data import LAYER_PREFIX, RunData
 from studio.widgets.chart_export import ChartExportDialog
@@ -36,6 +38,9 @@ TASK_PREFIX = "dev_"  # task scores on the development set, logged as metric row
 DEV_LOSS = "dev_loss"  # drawn with the losses, not with the scores (another scale)
 TASK_COLORS = {"dev_accuracy": "#1f77b4", "dev_macro_f1": "#2ca02c", "dev_micro_f1": "#9467bd"}
 TASK_NAMES = {"dev_accuracy": "accuracy", "dev_macro_f1": "macro-F1", "dev_micro_f1": "micro-F1"}
+# a baseline's reference line: pen style and where its label sits along the line (majority on the left,
+# TF-IDF on the right, so two close values do not print over each other)
+BASELINE_STYLES = {MAJORITY: (Qt.PenStyle.DashLine, 0.02, (0, 1)), TFIDF: (Qt.PenStyle.DotLine, 0.98, (1, 1))}
 
 
 def _nice_ceil(v: float) -> float:
@@ -274,18 +279,28 @@ class LiveMonitor(QWidget):
             self.task_curves[name] = curve
         return curve
 
-    def set_baselines(self, baselines: dict[str, float], kind: str = "majority") -> None:
-        """Dashed lines at a baseline's scores (``{"dev_accuracy": 0.55, ...}``), in each score's colour."""
-        for line in self.baseline_lines:
+    def set_baselines(self, baselines: dict[str, float], kind: str = MAJORITY) -> None:
+        """Labelled lines at a baseline's scores (``{"dev_accuracy": 0.55, ...}``), in each score's colour;
+        replaces the lines of that kind only (``majority`` dashed, ``tfidf_lr`` dotted), so both can show."""
+        for line in [ln for ln in self.baseline_lines if ln.baseline_kind == kind]:
             self.task_plot.removeItem(line)
-        self.baseline_lines = []
+            self.baseline_lines.remove(line)
+        style, position, anchor = BASELINE_STYLES.get(kind, BASELINE_STYLES[MAJORITY])
         for name, value in baselines.items():
             color = TASK_COLORS.get(name, "#777")
-            line = pg.InfiniteLine(pos=value, angle=0, pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DashLine),
-                                   label=f"{kind} {TASK_NAMES.get(name, name)} {value:.3f}",
-                                   labelOpts={"position": 0.02, "color": color, "anchors": [(0, 1), (0, 1)]})
+            line = pg.InfiniteLine(pos=value, angle=0, pen=pg.mkPen(color, width=1, style=style),
+                                   label=f"{BASELINE_LABELS.get(kind, kind)} {TASK_NAMES.get(name, name)} {value:.3f}",
+                                   labelOpts={"position": position, "color": color, "anchors": [anchor, anchor]})
+            line.baseline_kind = kind
             self.task_plot.addItem(line)
             self.baseline_lines.append(line)
+
+    def baseline_kinds(self) -> dict[str, list[float]]:
+        """kind -> the values of its lines on the score chart (what a test or a screenshot checks)."""
+        out: dict[str, list[float]] = {}
+        for line in self.baseline_lines:
+            out.setdefault(line.baseline_kind, []).append(float(line.value()))
+        return out
 
     def task_metric_names(self) -> list[str]:
         return sorted(n for n in self.data.series if n.startswith(TASK_PREFIX) and n != DEV_LOSS)

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import QLabel, QMessageBox, QSplitter, QTabWidget, QVBoxL
 from studio.commands.engine_process import GRACEFUL_STOP_S, EngineProcess
 from studio.commands.run_control import RunControl
 from studio.models import formatting as fmt
-from studio.models.labels import is_prompt_stage
+from studio.models.labels import MAJORITY, TFIDF, is_prompt_stage
 from studio.models.log_tail import FileTail, tail_lines
 from studio.models.run_data import RunData, baseline_scores, prompt_tokens
 from studio.models.run_store import FINAL_STATUSES, PROMPT_ARTIFACT, RunStore
@@ -204,10 +204,10 @@ class RunView(QWidget):
 
     # -- results of fine-tuning and prompting ---------------------------------------------------------
     def _show_results(self, run: dict) -> None:
-        """Majority baselines on the score chart; a prompt run's nearest tokens (both from the database)."""
-        scores = baseline_scores(run)
-        if scores:
-            self.monitor.set_baselines(scores)
+        """Majority and TF-IDF baselines on the score chart (each where the run's meta has it); a prompt run's
+        nearest tokens (both from the database)."""
+        for kind in (MAJORITY, TFIDF):  # none stored (an older run, a pre-training run): no line of that kind
+            self.monitor.set_baselines(baseline_scores(run, kind), kind)
         if is_prompt_stage(run.get("stage") or ""):
             self.show_prompt_tokens(self.prompt_tokens(run))
 

@@ -1,5 +1,5 @@
 """Every run in the database: status, stage, lineage (parent → child tree) with each stage's best score
-next to its majority baseline, tags and notes, with filter and search. Opening a run shows its charts
+next to its majority and TF-IDF baselines, tags and notes, with filter and search. Opening a run shows its charts
 from the database; a live one keeps filling (re-attach). Several selected runs open in the Compare tab
 or export their metrics; one selected run exports its config (TOML) or its model (Hugging Face).
 Tags, notes, archive and delete use the one ``RunNotesEditor``. The list follows the run store: rebuilt
@@ -22,14 +22,14 @@ from engine.core.errors import InputError
 from studio.commands.exports import FORMATS, write_config, write_metrics
 from studio.commands.run_commands import Commands
 from studio.models.labels import STAGE_LABELS, STATUS_COLORS, STATUSES, exports_model, stage_text
-from studio.models.lineage import best_scores, chain_html, score_text
+from studio.models.lineage import BASELINES_TIP, best_scores, chain_html, score_text
 from studio.models.run_details import config_text, detail_html
 from studio.models.run_filter import run_matches
 from studio.models.run_store import RunStore
 from studio.models.throttle import Throttle
 from studio.views.run_notes import RunNotesEditor
 
-COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Best score (baseline)", "Created", "Tags",
+COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Best score (baselines)", "Created", "Tags",
            "Notes")
 REFRESH_MS = 3000  # while live runs progress, the list is rebuilt at most this often
 
@@ -81,6 +81,8 @@ class RunsBrowser(QWidget):
 
         self.tree = QTreeWidget(objectName="runs_tree")
         self.tree.setHeaderLabels(COLUMNS)
+        self.tree.headerItem().setToolTip(COLUMNS.index("Best score (baselines)"),
+                                          "The run's best evaluation score. " + BASELINES_TIP)
         self.tree.setAlternatingRowColors(True)
         self.tree.setSortingEnabled(False)
         self.tree.setUniformRowHeights(True)
@@ -89,7 +91,7 @@ class RunsBrowser(QWidget):
         self.tree.itemDoubleClicked.connect(lambda item, _c: self.open_requested.emit(item.data(0, Qt.ItemDataRole.UserRole)))
         self.tree.currentItemChanged.connect(self._selected)
         self.tree.itemSelectionChanged.connect(self._selection_changed)
-        for i, w in enumerate((190, 72, 130, 76, 50, 60, 64, 330, 112, 110)):
+        for i, w in enumerate((190, 72, 130, 76, 50, 60, 64, 400, 112, 110)):
             self.tree.setColumnWidth(i, w)
 
         # details of the selected run
@@ -101,7 +103,8 @@ class RunsBrowser(QWidget):
         self.pipeline = QLabel(objectName="pipeline")
         self.pipeline.setWordWrap(True)
         self.pipeline.setToolTip("The run's pipeline (vocabulary → sparse → dense → prompt), each stage with its best "
-                                 "score and, in brackets, its majority-class (or zero-shot) baseline")
+                                 "score and, in brackets, its majority-class (or zero-shot) and TF-IDF + logistic "
+                                 "regression baselines")
         self.config_view = QPlainTextEdit(objectName="run_config")
         self.config_view.setReadOnly(True)
         self.config_view.setStyleSheet("font-family: monospace; font-size: 11px;")
@@ -218,7 +221,8 @@ class RunsBrowser(QWidget):
             item.setData(0, Qt.ItemDataRole.UserRole, r["id"])
             item.setForeground(3, QColor(STATUS_COLORS.get(r["status"], "#333")))
             item.setForeground(7, QColor("#2e5c8a"))
-            item.setToolTip(7, item.text(7))  # the column is often narrower than score and baseline
+            if item.text(7):  # the column is often narrower than score and baselines
+                item.setToolTip(7, f"{item.text(7)}\n{BASELINES_TIP}")
             if r.get("archived"):
                 for c in range(len(COLUMNS)):
                     item.setForeground(c, QColor("#999"))

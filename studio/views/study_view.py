@@ -4,7 +4,8 @@
   (thin) and its final or best value (a marker, joined across the runs of one level), so runs of equal
   FLOPs line up in one column and a larger sparse model is seen against a smaller dense one.
 * **Downstream scores** of the runs chained after each point (``sweep --then``): their dev score as a
-  bar, the majority baseline (a dash) and the zero-shot parent (a cross) beside it.
+  bar, the majority baseline (a dash), the TF-IDF + logistic regression baseline (a diamond) and the
+  zero-shot parent (a cross) beside it; a baseline the run has not stored (older runs) is not drawn.
 * **A table** of every point and chained run; CSV export of it, PNG/SVG export of both charts.
 
 Everything comes from the run store (the sweep's study); it refreshes, at most every few seconds, while
@@ -23,13 +24,17 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.models.labels import PALETTE, stage_tick
+from studio.models.labels import MAJORITY, PALETTE, TFIDF, ZERO_SHOT, stage_tick
 from studio.models.run_store import RunStore, study_csv
 from studio.models.throttle import Throttle
 from studio.widgets.chart_export import ChartExportDialog
 
 TABLE_COLUMNS = ("Entry", "Run", "Point", "Status", "Sparsity", "d_model", "Steps", "FLOPs", "Final val loss",
-                 "Best val loss", "Chained run", "Task", "Score", "Majority", "Zero-shot")
+                 "Best val loss", "Chained run", "Task", "Score", "Majority", "TF-IDF", "Zero-shot")
+# the baselines beside each chained run's bar: kind -> (legend name, symbol, size, pen colour, brush)
+BASELINE_MARKERS = {MAJORITY: ("majority baseline", "_", 28, "#000", None),
+                    TFIDF: ("TF-IDF + LR baseline", "d", 11, "#8C564B", "#8C564B"),
+                    ZERO_SHOT: ("zero-shot parent", "x", 12, "#555", "#555")}
 REFRESH_MS = 3000  # while the sweep's runs progress, the study is read again at most this often
 
 
@@ -37,6 +42,12 @@ def _fmt(v, spec: str = ".4f") -> str:
     if v is None:
         return "–"
     return format(v, spec) if isinstance(v, float) else str(v)
+
+
+def _baseline(child: dict, kind: str) -> float | None:
+    """A chained run's baseline of one kind on its headline metric; None where not stored (or skipped)."""
+    v = (child["baselines"].get(kind) or {}).get(child["metric"]) if child["metric"] else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 class StudyView(QWidget):
@@ -91,6 +102,9 @@ class StudyView(QWidget):
         self.table = QTableWidget(objectName="study_table")
         self.table.setColumnCount(len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
+        self.table.horizontalHeaderItem(TABLE_COLUMNS.index("TF-IDF")).setToolTip(
+            "TF-IDF over word 1-2-grams + logistic regression, fitted on the task's training split and scored on "
+            "the same examples (– where the run has none stored)")
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.cellDoubleClicked.connect(self._open_row)
@@ -163,6 +177,7 @@ class StudyView(QWidget):
         self.score_legend.clear()
         rows = [(p, c) for p in self.study["points"] for c in p["children"] if c["metric"]]
         self.score_bars = rows
+        self.baseline_markers: dict[str, pg.PlotDataItem] = {}  # kind -> its markers (only kinds some run has)
         if not rows:
             self.score_plot.setTitle("Downstream scores of the chained runs (none yet: sweep … --then CONFIG)")
             return
@@ -173,16 +188,14 @@ class StudyView(QWidget):
         scores = [c["metrics"].get(c["metric"]) or 0.0 for _, c in rows]
         brushes = [pg.mkBrush(colors.get(p["sparsity"], "#888")) for p, _ in rows]
         self.score_plot.addItem(pg.BarGraphItem(x=x, height=scores, width=0.6, brushes=brushes))
-        majority = [(c["baselines"].get("majority") or {}).get(c["metric"]) for _, c in rows]
-        zero = [(c["baselines"].get("zero_shot") or {}).get(c["metric"]) for _, c in rows]
-        mx = [i for i, v in enumerate(majority) if v is not None]
-        zx = [i for i, v in enumerate(zero) if v is not None]
-        if mx:
-            self.score_plot.plot([x[i] for i in mx], [majority[i] for i in mx], pen=None, symbol="_", symbolSize=28,
-                                 symbolPen=pg.mkPen("#000", width=2), name="majority baseline")
-        if zx:
-            self.score_plot.plot([x[i] for i in zx], [zero[i] for i in zx], pen=None, symbol="x", symbolSize=12,
-                                 symbolBrush="#555", symbolPen="#555", name="zero-shot parent")
+        for kind, (name, symbol, size, pen, brush) in BASELINE_MARKERS.items():
+            values = [_baseline(c, kind) for _, c in rows]
+            at = [i for i, v in enumerate(values) if v is not None]
+            if at:
+                self.baseline_markers[kind] = self.score_plot.plot(
+                    [x[i] for i in at], [values[i] for i in at], pen=None, symbol=symbol, symbolSize=size,
+                    symbolPen=pg.mkPen(pen, width=2 if kind == MAJORITY else 1), name=name,
+                    **({"symbolBrush": brush} if brush else {}))
         ticks = [(float(i), f"{p['label']}\n{stage_tick(c['stage'])} {c['task']}")
                  for i, (p, c) in enumerate(rows)]
         self.score_plot.getAxis("bottom").setTicks([ticks])
@@ -194,12 +207,11 @@ class StudyView(QWidget):
                     p["steps"], _fmt(p["flops"], ".4g"), _fmt(p["final_val_loss"]), _fmt(p["best_val_loss"])]
             for c in p["children"] or [None]:
                 if c is None:
-                    rows.append(base + ["", "", "", "", ""])
+                    rows.append(base + ["", "", "", "", "", ""])
                     continue
                 m = c["metric"]
                 rows.append(base + [c["run_id"] or c["status"], c["task"] or "", _fmt(c["metrics"].get(m)) if m else "",
-                                    _fmt((c["baselines"].get("majority") or {}).get(m)) if m else "",
-                                    _fmt((c["baselines"].get("zero_shot") or {}).get(m)) if m else ""])
+                                    *(_fmt(_baseline(c, kind)) if m else "" for kind in (MAJORITY, TFIDF, ZERO_SHOT))])
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             for col, v in enumerate(row):
