@@ -1,8 +1,10 @@
 """Cost of a run before it starts: parameters, FLOPs, memory, and an ETA from a measured probe."""
 from __future__ import annotations
 
+import math
 import os
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -33,7 +35,24 @@ def sparse_stage(cfg: RunConfig) -> bool:
     return "sparsity" in registry.stage(cfg.stage).sections
 
 
-def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
+@dataclass(frozen=True)
+class StepShape:
+    """What a run's training micro-batches really hold where that is not ``batch_size`` sequences of
+    ``n_ctx`` tokens: a classification head reads each long example as several windows, so a micro-batch
+    of ``batch_size`` examples is every window of those examples (engine.tasks.base.collate_windows).
+    Counted by engine.train.plan.step_shape, which replays the run's own batch order."""
+    peak_rows: int          # windows in the largest micro-batch
+    peak_tokens: int        # its positions (windows x the longest window's length): what activations hold
+    tokens: int             # positions over the whole run (every micro-batch of every process)
+    micro_batches: int
+    windows_per_example: float
+    lm_logits: bool = False  # the step computes no [tokens, vocab] logits (a classification head)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_breakdown(cfg: RunConfig, shape: StepShape | None = None) -> dict[str, int]:
     """Bytes a training run holds, by part (CPU; the sparse core's index only where it can run).
 
     * states: fp32 values, gradients and two AdamW moments of what trains (a masked matrix trains as
@@ -47,7 +66,11 @@ def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
       fp32 (Korthikanti et al. 2022, without the attention-score term: scaled_dot_product_attention
       never stores the score matrix); measured: a 75 %-sparse mediswift-xl step (bf16, one 2,048-token
       sequence) peaked at 18.8 GiB where this estimate gives 19.4 (docs/performance.md);
-    * logits: the head loss keeps one [tokens, vocab] gradient in the product's dtype, plus fp32 chunks.
+    * logits: the head loss keeps one [tokens, vocab] gradient in the product's dtype, plus fp32 chunks
+      (none with a classification head).
+
+    The tokens are one micro-batch's: ``batch_size`` x n_ctx, or with ``shape`` the largest micro-batch
+    the run's loader builds (every window of its examples).
     """
     m, tc = cfg.model, cfg.train
     vocab = cfg.tokenizer.vocab_size
@@ -62,14 +85,15 @@ def memory_breakdown(cfg: RunConfig) -> dict[str, int]:
     masked = fm.sparse_nonzero < fm.sparse_numel
     bf16 = tc.precision in ("bf16", "fp16") or (tc.precision == "auto" and _auto_low_precision(tc))
     width = 2 if bf16 else 4
-    tokens = tc.batch_size * m.n_ctx
+    tokens = shape.peak_tokens if shape is not None else tc.batch_size * m.n_ctx
+    lm_logits = shape is None or shape.lm_logits
     return {
         "states": 16 * nonzero,
         "masks": fm.sparse_numel + 8 * fm.sparse_nonzero if masked else 0,
         "sparse_index": 24 * fm.sparse_nonzero if masked and cfg.sparsity.kernel != "dense" else 0,
         "dense_path": (4 + (2 if bf16 else 0)) * fm.sparse_numel if masked and cfg.sparsity.kernel != "sparse" else 0,
         "activations": width // 2 * m.n_layer * tokens * 34 * m.d_model,
-        "logits": width * tokens * vocab + 4 * (1 << 23) * 2,
+        "logits": width * tokens * vocab + 4 * (1 << 23) * 2 if lm_logits else 0,
     }
 
 
@@ -82,7 +106,11 @@ def _auto_low_precision(tc) -> bool:
         return False
 
 
-def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
+def estimate(cfg: RunConfig, probe_steps: int = 3, shape: StepShape | None = None) -> dict:
+    """Parameters, FLOPs, tokens and memory of ``cfg`` as it will run (train.max_steps as
+    engine.train.plan derived it, from train.epochs where they count), and a measured step time and
+    ETA from ``probe_steps`` timed steps. ``shape``: what the micro-batches really hold where a
+    classification head reads examples in windows (engine.train.plan.step_shape)."""
     m, tc = cfg.model, cfg.train
     vocab = cfg.tokenizer.vocab_size
     with torch.device("meta"):
@@ -92,8 +120,8 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
     fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level if sparse else 0.0)
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
     world = tc.nproc * tc.nnodes
-    tokens = tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx * world
-    parts = memory_breakdown(cfg)
+    tokens = shape.tokens if shape is not None else tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx * world
+    parts = memory_breakdown(cfg, shape)
     memory = sum(parts.values())
     if cfg.sparsity.kernel == "auto":
         # one of the two paths stays: the dense one is never tried where it does not fit, and the
@@ -117,19 +145,25 @@ def estimate(cfg: RunConfig, probe_steps: int = 3) -> dict:
         "tokens": tokens, "memory_bytes": memory, "memory_parts": parts, "step_seconds": None, "eta_seconds": None,
         "processes": world, "strategy": tc.strategy if world > 1 else "single", "memory_per_process_bytes": per_process,
         "device": "cuda" if (tc.device != "cpu" and torch.cuda.is_available()) else "cpu",
+        "max_steps": tc.max_steps, "epochs": tc.epochs,
     }
+    if shape is not None:
+        out["step_shape"] = shape.as_dict()
     if probe_steps <= 0:
         return out
     if memory > 0.5 * available_memory():
         out["probe_skipped"] = f"the model needs about {memory / 2**30:.1f} GiB, more than half of this machine's free memory"
         return out
-    out.update(_probe(cfg, vocab, probe_steps, torch.device(out["device"])))
+    # a probe micro-batch of as many positions as the run's micro-batches hold on average
+    rows = max(1, math.ceil(shape.tokens / (shape.micro_batches * m.n_ctx))) if shape is not None else tc.batch_size
+    out.update(_probe(cfg, vocab, probe_steps, torch.device(out["device"]), rows))
     out["eta_seconds"] = out["step_seconds"] * tc.max_steps
     return out
 
 
-def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device) -> dict:
-    """Time real optimizer steps on random tokens (the first is a warm-up and not counted)."""
+def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device, rows: int) -> dict:
+    """Time real optimizer steps on random tokens, ``rows`` sequences of n_ctx per micro-batch (the
+    first step is a warm-up and not counted)."""
     m, tc = cfg.model, cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -142,7 +176,7 @@ def _probe(cfg: RunConfig, vocab: int, steps: int, device: torch.device) -> dict
                 layer.set_kernel("sparse")
     model.to(device)
     opt = make_optimizer(list(model.named_parameters()), tc)
-    x = torch.randint(0, vocab, (tc.batch_size, m.n_ctx), device=device)
+    x = torch.randint(0, vocab, (rows, m.n_ctx), device=device)
     rt = Runtime(device, choose_precision(tc.precision, device))
     autocast, scaler = rt.autocast, rt.grad_scaler()
     times = []

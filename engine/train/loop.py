@@ -130,7 +130,10 @@ class TrainLoop:
         report.training()
         try:
             status = self._steps(logger)
-            if self.cadence.final_eval_due(self.counters.step):
+            # a stopped run keeps the best evaluation's cadence (an evaluation every epoch): one more at the
+            # stop step would count towards the best and the patience, and its resume would part from the
+            # uninterrupted run
+            if self.cadence.final_eval_due(self.counters.step) and not (status == "stopped" and self.best.enabled):
                 logger.log(self._evaluate(), self.counters.point())
         finally:
             logger.close()  # trackers flush what they hold, a failed run's steps included

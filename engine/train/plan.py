@@ -29,8 +29,9 @@ from engine.model.checkpoint import load_checkpoint
 from engine.model.runs import RunRef, check_parent, good_checkpoint
 from engine.store.rundb import RunDB
 from engine.tasks import get_task
+from engine.tasks.base import Encoder, ExampleLoader
 from engine.train.child import child_config
-from engine.train.estimate import available_memory, estimate
+from engine.train.estimate import StepShape, available_memory, estimate
 from engine.train.group import check_group, in_group, world_size
 from engine.train.identity import continues_import
 from engine.train.metrics import check_reporters
@@ -105,18 +106,13 @@ def prepare_run(request: RunRequest, db: RunDB) -> RunPlan:
     if spec.takes_parent_shape or continues_import(cfg, parent):
         # the model shape comes from the parent; only an explicitly given model.n_ctx is honoured
         cfg = child_config(cfg, parent, explicit, resuming=resume is not None)
-    cfg, note = steps_or_epochs(cfg, explicit)
-    notes += (note,) if note else ()
-    n_train = check_task_data(cfg)
-    if cfg.train.epochs:
-        # (a worker of a user's own torchrun counts its group's processes)
-        world = int(os.environ.get("WORLD_SIZE", world_size(cfg))) if worker else world_size(cfg)
-        cfg, note = epoch_steps(cfg, n_train, world, explicit)
-        notes += (note,)
+    # (a worker of a user's own torchrun counts its group's processes)
+    cfg, more = run_length(cfg, explicit, int(os.environ.get("WORLD_SIZE", world_size(cfg))) if worker else None)
+    notes += more
     if not worker:
         check_group(cfg, resuming=resume is not None)
         if spec.trains and not request.ignore_memory_check:
-            check_memory(cfg)
+            check_memory(cfg, parent)
     runs_dir = Path(request.runs_dir) if request.runs_dir else default_runs_dir(db.path)
     return RunPlan(cfg, str(db.path), str(runs_dir), world=world_size(cfg) if spec.trains else 1,
                    precision=precision, parent=parent, resume=resume, notes=notes)
@@ -210,6 +206,74 @@ def _labels(label) -> set[int]:
     return set(label) if isinstance(label, (tuple, list, set, frozenset)) else {int(label)}
 
 
+def run_length(cfg: RunConfig, explicit: set[str], world: int | None = None) -> tuple[RunConfig, tuple[str, ...]]:
+    """The run's length as ``mediswift train`` counts it (``mediswift estimate`` too): train.epochs x
+    steps per epoch from the task's training examples where epochs count (``epoch_steps``), else
+    train.max_steps (``steps_or_epochs``); the task's files are checked on the way (``check_task_data``).
+    ``explicit``: the keys given with --set; ``world``: the processes (default: the config's)."""
+    cfg, note = steps_or_epochs(cfg, explicit)
+    notes = (note,) if note else ()
+    n_train = check_task_data(cfg)
+    if cfg.train.epochs:
+        cfg, note = epoch_steps(cfg, n_train, world_size(cfg) if world is None else world, explicit)
+        notes += (note,)
+    return cfg, notes
+
+
+def estimate_config(cfg: RunConfig, db: RunDB | None, explicit: set[str]) -> tuple[RunConfig, StepShape | None, tuple[str, ...]]:
+    """``mediswift estimate``: the config as ``prepare_run`` would run it (a child run's model shape
+    from its parent, the length from train.epochs) and what its micro-batches hold (``step_shape``).
+    A parent the database does not hold (or no database) leaves the config's own model shape and one
+    window per example, said in the notes, rather than no estimate at all."""
+    notes: tuple[str, ...] = ()
+    parent = None
+    if cfg.parent:
+        try:
+            if db is None:
+                raise InputError("no run database", key="parent")
+            parent = check_parent(db, cfg)
+        except InputError as e:
+            notes += (f"parent {cfg.parent}: {e}; estimated with the config's model shape"
+                      + (" and one window per example" if _windowed(cfg) else ""),)
+    if parent is not None and (registry.stage(cfg.stage).takes_parent_shape or continues_import(cfg, parent)):
+        cfg = child_config(cfg, parent, explicit)
+    cfg, more = run_length(cfg, explicit)
+    return cfg, step_shape(cfg, parent), notes + more
+
+
+def _windowed(cfg: RunConfig) -> bool:
+    """A run whose examples are read in windows: a classification head on a labelled task."""
+    return (cfg.stage in registry.TASK_STAGES and registry.task(cfg.task.name).labelled
+            and cfg.task.head == "classifier")
+
+
+def step_shape(cfg: RunConfig, parent: RunRef | None) -> StepShape | None:
+    """What the micro-batches of a run with a classification head hold: each example is every window of
+    it (engine.tasks.base.Encoder.windows with the parent's tokenizer at the run's n_ctx), and the run's
+    own batch order (ExampleLoader, the same seed) is replayed over every micro-batch of the run (train.max_steps x
+    grad_accum x processes), so the largest micro-batch and the tokens are the ones the run will
+    build. None where a micro-batch is batch_size sequences of at most n_ctx tokens."""
+    if parent is None or not _windowed(cfg):
+        return None
+    tc = cfg.train
+    train, _, _ = get_task(cfg.task.name).train_dev(cfg.task, cfg.data.val_fraction, tc.seed, lambda m: None)
+    if cfg.task.max_examples:
+        train = train[:cfg.task.max_examples]
+    enc = Encoder(parent.tokenizer_object(), cfg.model.n_ctx)
+    lengths = [[len(w) for w in enc.windows(ex)] for ex in train]
+    order = ExampleLoader(len(train), tc.batch_size, tc.seed)  # unsharded: every process's batches in turn
+    n_micro = tc.max_steps * tc.grad_accum * world_size(cfg)
+    peak_rows = peak_tokens = tokens = 0
+    for _ in range(n_micro):
+        rows = [n for i in order.next_indices() for n in lengths[i]]
+        positions = len(rows) * max(rows)  # right-padded to the batch's longest window
+        tokens += positions
+        if positions > peak_tokens or (positions == peak_tokens and len(rows) > peak_rows):
+            peak_rows, peak_tokens = len(rows), positions
+    return StepShape(peak_rows=peak_rows, peak_tokens=peak_tokens, tokens=tokens, micro_batches=n_micro,
+                     windows_per_example=sum(map(len, lengths)) / len(lengths), lm_logits=False)
+
+
 def steps_or_epochs(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfig, str | None]:
     """train.epochs (> 0) decides a run's length, except that a train.max_steps given with --set (a
     quick trial of a by-epochs preset, the studio's form, a sweep's equal FLOPs, a resume trained
@@ -249,12 +313,13 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def check_memory(cfg: RunConfig) -> None:
+def check_memory(cfg: RunConfig, parent: RunRef | None = None) -> None:
     """A run that cannot fit in this machine's memory is refused before it starts (not an allocation
-    traceback); the processes of a group on this machine count together."""
+    traceback); the processes of a group on this machine count together. A classification head's
+    micro-batches count every window of their examples, the largest the run will build (``step_shape``)."""
     if cfg.train.device != "cpu" and torch.cuda.is_available():
         return  # GPU memory is another budget; the device itself reports it
-    est = estimate(cfg, probe_steps=0)
+    est = estimate(cfg, probe_steps=0, shape=step_shape(cfg, parent))
     need, have = est.get("memory_per_process_bytes", est["memory_bytes"]) * cfg.train.nproc, available_memory()
     if need > 0.9 * have:
         raise InputError(f"the run needs about {need / 2**30:.1f} GiB of memory and this machine has {have / 2**30:.1f} GiB "
