@@ -123,9 +123,9 @@ def test_prompt_run_saves_only_the_prompt_and_eval_uses_parent_plus_prompt(env, 
     assert out["baselines"]["zero_shot"]["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert out["loss"] != pytest.approx(plain["loss"], rel=1e-6)
 
-    # a prompt run is no parent for fine-tuning; a classifier head cannot be prompted; the prompt must leave room
-    for args in ([f"parent={r.run_id}"], [f"parent={env['parent']}", "task.head=classifier"],
-                 [f"parent={env['parent']}", "prompt.n_tokens=120"]):
+    # a prompt run is no parent for fine-tuning; the prompt must leave room (a classifier head is allowed:
+    # tests/test_prompt_head.py)
+    for args in ([f"parent={r.run_id}"], [f"parent={env['parent']}", "prompt.n_tokens=120"]):
         preset = "finetune-pubmedqa" if args[0] == f"parent={r.run_id}" else "prompt-pubmedqa"
         bad = cli("train", preset, *sets(*QUICK, *args))
         assert bad.rc == 2 and bad.stderr.startswith("mediswift: error:"), bad.stderr

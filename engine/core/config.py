@@ -320,7 +320,9 @@ class TaskConfig(_Section):
     fold: int = _f(0, "Cross-validation fold (0-9) when a split file is used.", min=0, max=9)
     head: str = _f(HEADS[0], "Predict labels as text (lm) or with a classification head over the whole input "
                    "(classifier: pooled hidden states, long documents in overlapping windows; multi-label "
-                   "thresholds tuned on dev and kept with the run). Fine-tuning only.", choices=HEADS)
+                   "thresholds tuned on dev and kept with the run). Fine-tuning, and soft prompting (the head "
+                   "trains with the prompt at train.lr, the parent frozen; it pools the text tokens, not the prompt's).",
+                   choices=HEADS)
     pooling: str = _f(POOLINGS[0], "Classifier head: pool each window's hidden states by their mean, or by learned "
                       "attention weights (a score per token, softmax over the window).", choices=POOLINGS)
     predict: str = _f("likelihood", "PubMedQA prediction: compare answer likelihoods, or greedy generation + parsing.", choices=("likelihood", "generate"))

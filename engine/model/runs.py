@@ -4,8 +4,9 @@ Every command and stage that starts from an existing run goes through here: a fi
 prompting stage resolving its parent, a pre-training reusing a parent's vocabulary, ``eval``,
 ``inspect`` and ``export-hf``. A run's model is its newest intact checkpoint, or, for a fine-tuning or
 prompting run that kept its best evaluation's checkpoint (train.epochs, train.early_stopping_patience),
-that one (``model_checkpoint``); resuming continues from the newest. A soft-prompt run owns no weights: its model is the parent checkpoint
-it recorded when it started (the parent may have trained on since). A child run without a
+that one (``model_checkpoint``); resuming continues from the newest. A soft-prompt run owns no model weights: its model is the parent checkpoint
+it recorded when it started (the parent may have trained on since), its prompt and (with
+``task.head = "classifier"``) its classification head come from its own checkpoint. A child run without a
 tokenizer of its own uses its nearest ancestor's.
 """
 from __future__ import annotations
@@ -194,6 +195,7 @@ class RunModel:
     prompt: nn.Module | None
     head: nn.Module | None
     state: dict               # the checkpoint holding the weights (the parent's, for a prompt run)
+    # (prompt and head come from the run's own checkpoint: for a prompt run, not from ``state``)
     parent_checkpoint: str | None  # the model the run started from (the zero-shot baseline)
 
     @property
@@ -235,8 +237,10 @@ def load_run(db: RunDB, run_id: str, key: str = "run_id") -> RunModel:
         state = load_checkpoint(source)
         prompt = SoftPrompt(*ck[TENSOR].shape)
         prompt.weight.data.copy_(ck[TENSOR])
+    # the head is the run's own: a prompt run's (trained with its prompt, in the prompt run's checkpoint),
+    # never its parent's, which the prompt run did not use
     model = build_model(cfg.model, ck["vocab_size"], state["model"])
-    return RunModel(ref, cfg, int(ck["step"]), int(ck["vocab_size"]), model, tok, prompt, load_head(state.get("head")),
+    return RunModel(ref, cfg, int(ck["step"]), int(ck["vocab_size"]), model, tok, prompt, load_head(ck.get("head")),
                     state, parent_ck)
 
 

@@ -39,6 +39,7 @@ PROMPT_FILE = "soft_prompt.safetensors"
 ADAPTER_DIR = "prompt_adapter"  # a PEFT prompt-tuning adapter for the model in the folder above it
 PROMPT_KEYS = (TENSOR, "soft_prompt", "prompt_embeddings", "embeddings", "weight")  # where a file may hold a prompt
 REPORT_PROMPT = "prompt"  # the report's field describing the exported soft prompt (None without one)
+REPORT_HEAD = "head"  # the report's field describing the run's classification head, not exported (None without one)
 
 
 # -- weights --------------------------------------------------------------------------------------
@@ -142,6 +143,20 @@ def _source(db: RunDB, run_id: str) -> tuple[dict, dict, Path, Path]:
     return ref.run, model_run, ck_path, tokenizer_path(db, model_run)
 
 
+def _run_head(db: RunDB, run: dict, cfg: RunConfig, ck: dict) -> tuple[RunConfig, dict, int] | None:
+    """The classification head the run trained, as (the config it trained under, its state, the step of
+    the checkpoint holding it): a fine-tuning run's from ``ck``; a prompt run's from its own checkpoint
+    (the one its model is taken from: the best evaluation's, else the newest; engine.model.runs),
+    never from the parent's, which the prompt run did not use. None without one."""
+    if run["stage"] != registry.PROMPT:
+        return (cfg, ck["head"], int(ck.get("step") or 0)) if ck.get("head") else None
+    own = resolve_run(db, run["id"], need_checkpoint=False).checkpoint
+    if own is None:
+        return None
+    state = load_checkpoint(own)
+    return (from_dict(state["config"]), state["head"], int(state.get("step") or 0)) if state.get("head") else None
+
+
 def _prompt_tensor(db: RunDB, run: dict, d_model: int) -> tuple[torch.Tensor, str] | None:
     """The learned soft prompt [P, d] of a prompt run: its 'prompt' artifact, else its checkpoint."""
     candidates = [Path(a["path"]) for a in reversed(db.artifacts(run["id"], PROMPT_ARTIFACT))]
@@ -230,12 +245,17 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
                        "adapter": write_prompt_adapter(out / ADAPTER_DIR, prompt, cfg)}
 
     sparsity = _exported_sparsity(tensors)
+    head = _run_head(db, run, cfg, ck)
     card = model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info,
-                      {"license": license, "language": [x.strip() for x in language.split(",") if x.strip()]})
+                      {"license": license, "language": [x.strip() for x in language.split(",") if x.strip()]}, head=head)
     _place(out, "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
+    head_info = None
+    if head is not None:  # described in the card, not exported (head_section says why)
+        h = head_from_state(head[1])
+        head_info = {"exported": False, "pooling": h.pooling, "classes": h.proj.out_features, "step": head[2]}
     return {"run_id": run["id"], "model_run": model_run["id"], "checkpoint": str(ck_path), "out": str(out),
             "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, REPORT_PROMPT: prompt_info,
-            "files": sorted(p.name for p in out.iterdir())}
+            REPORT_HEAD: head_info, "files": sorted(p.name for p in out.iterdir())}
 
 
 def write_prompt_adapter(folder: Path, prompt: torch.Tensor, cfg: RunConfig) -> str:
@@ -345,7 +365,10 @@ def card_metadata(db: RunDB, run: dict, chain: list[dict], title: str, options: 
 
 
 def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, tensors: dict,
-               skipped: list[str], sparsity: dict, prompt_info: dict | None, options: dict | None = None) -> str:
+               skipped: list[str], sparsity: dict, prompt_info: dict | None, options: dict | None = None,
+               head: tuple[RunConfig, dict, int] | None = None) -> str:
+    """The README.md of an export. ``head``: the run's classification head (``_run_head``), described
+    and not exported; without it, the head in ``ck`` if any."""
     chain = lineage(db, model_run["id"]) + ([run] if run is not model_run else [])
     m = cfg.model
     title = run.get("name") or run["id"]
@@ -462,8 +485,10 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
         lines += ["", "## Not exported", "",
                   "These checkpoint tensors have no place in GPT2LMHeadModel (e.g. a classification head): "
                   + ", ".join(f"`{k}`" for k in skipped)]
-    if ck.get("head"):
-        lines += head_section(cfg, ck["head"])
+    if head is None and ck.get("head") and run["stage"] != registry.PROMPT:
+        head = (cfg, ck["head"], int(ck.get("step") or 0))
+    if head is not None:
+        lines += head_section(head[0], head[1], prompt_run=run["stage"] == registry.PROMPT, step=head[2])
     lines += ["", "## Training configuration", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -496,8 +521,10 @@ def baselines_section(evals: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def head_section(cfg: RunConfig, state: dict) -> list[str]:
-    """What the run's classification head reads and how it decides (its decision thresholds per label)."""
+def head_section(cfg: RunConfig, state: dict, prompt_run: bool = False, step: int | None = None) -> list[str]:
+    """What the run's classification head reads and how it decides (its decision thresholds per label),
+    and why it is not exported. ``prompt_run``: the head trained with a soft prompt on the frozen parent,
+    in the prompt run's checkpoint of ``step``."""
     head = head_from_state(state)
     classes = None
     if cfg.task.name in registry.TASKS and registry.task(cfg.task.name).labelled:
@@ -511,6 +538,16 @@ def head_section(cfg: RunConfig, state: dict) -> list[str]:
         lines.append("This run trained a classification head (`task.head = \"classifier\"`) of an earlier version: a "
                      "linear layer with a bias over the hidden state of the last prompt token, predicting a label "
                      "where its probability exceeds 0.5.")
+    elif prompt_run:
+        lines.append(f"This prompt run trained a classification head together with its soft prompt, the parent model "
+                     f"frozen (`task.head = \"classifier\"`, `task.pooling = \"{head.pooling}\"`): the model reads the "
+                     "soft prompt followed by the text, and the final hidden states of the text's tokens are pooled "
+                     f"({'by their mean' if head.pooling == MEAN else 'by learned attention weights'}; the soft prompt's "
+                     "own positions are not pooled: under causal attention they see only the prompt, the same for "
+                     "every input); a document "
+                     f"longer than the context window (less the prompt) is read in overlapping windows (each starting "
+                     f"{WINDOW_STRIDE:g} of a window's text after the one before), each behind the prompt, whose pooled "
+                     "vectors are averaged; a linear layer with a bias gives one logit per class.")
     else:
         lines.append(f"This run trained a classification head (`task.head = \"classifier\"`, `task.pooling = "
                      f"\"{head.pooling}\"`): the final hidden states of every input token are pooled "
@@ -529,7 +566,14 @@ def head_section(cfg: RunConfig, state: dict) -> list[str]:
         lines.append("The class with the highest logit is predicted (" + ", ".join(classes) + ").")
     lines += ["", "transformers' GPT2ForSequenceClassification scores the last non-padding token through a `score` "
               "layer without a bias, so no exact equivalent exists there; the head stays in the run's checkpoint "
-              "(`head`) and `mediswift eval` scores with it, thresholds included."]
+              f"(`head`{f', step {step}' if step is not None else ''}) and `mediswift eval` scores with it, "
+              "thresholds included."]
+    if prompt_run:
+        lines += ["", f"The soft prompt above (`{PROMPT_FILE}`, `{ADAPTER_DIR}/`) is exported as a PEFT prompt-tuning "
+                  "adapter for a causal LM: with GPT2LMHeadModel it gives the language model's next-token logits with "
+                  "the prompt in front, not this head's predictions. PEFT's prompt tuning has no place for a pooled "
+                  "head with a bias and per-label thresholds, and the prompt was trained for the head, not for the "
+                  "LM head's logits. `mediswift eval` on this run scores the parent model + the prompt + the head."]
     return lines
 
 

@@ -2,7 +2,8 @@
 included. The result is stored in the run database with the majority, TF-IDF + logistic regression
 (``tfidf_lr``, fitted on the run's training split) and zero-shot baselines beside it; a prompt run is
 scored as its parent model with the learned prompt in front, a run with a classification head through
-that head, with the decision thresholds the run tuned on its development data. Answer likelihoods
+that head, with the decision thresholds the run tuned on its development data (a prompt run's head is
+its own, from its checkpoint, read behind the prompt: engine.model.runs.load_run). Answer likelihoods
 are compared raw or calibrated (``scoring``; default: the run's own ``task.scoring``), the zero-shot
 baseline the same way, and the evaluation records which (``"scoring"`` in its metrics)."""
 from __future__ import annotations

@@ -39,8 +39,6 @@ def child_config(cfg: RunConfig, parent: RunRef, explicit: set[str] | None = Non
     parent's n_positions, and otherwise is the parent's. Raises InputError (exit code 2).
     """
     prompting = cfg.stage == registry.PROMPT
-    if prompting and cfg.task.head == "classifier":
-        raise InputError("soft prompting trains on the LM form of the task; set task.head = 'lm'", key="task.head")
     tok = parent.tokenizer_object()
     pv = parent.run["meta"].get("vocab_size")
     if pv is not None and pv != tok.get_vocab_size():
@@ -118,8 +116,13 @@ class ChildRun:
             self.report.info(f"reusing the tokenizer of parent run {parent_id}")
         return load_tokenizer(own)
 
-    def start(self, prompt, head, train_factor: float, sparse_forward: bool, resume: dict | None) -> None:
-        """Once the stage has its prompt/head: the scorer, the data, the FLOP model, the baselines."""
+    def start(self, prompt, head, train_factor: float, sparse_forward: bool, resume: dict | None,
+              head_flops: bool = False) -> None:
+        """Once the stage has its prompt/head: the scorer, the data, the FLOP model, the baselines.
+
+        ``head_flops`` (soft prompting with a classification head): the step forms no vocabulary logits,
+        so the parent's forward is counted without the LM head, and the head's own pooling and
+        projection are counted apart (``_head_flops``), with its weight gradients."""
         cfg, tc = self.cfg, self.cfg.train
         self.n_prefix = prompt.weight.shape[0] if prompt is not None else 0
         self.scorer = Scorer(self.model, prompt, head, self.rt.device, tc.batch_size, self.rt.autocast)
@@ -127,7 +130,9 @@ class ChildRun:
         # FLOPs: ``train_factor`` x forward (3 when weight gradients are formed, 2 when only activation
         # gradients flow back to a prompt); ``sparse_forward``: the forward of a frozen sparse parent
         # touches only its nonzeros (the sparse counter)
-        self.fm = FlopModel(cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, self.vocab_size, self.sparse_numel,
+        self.flop_head = head if head_flops else None
+        self.fm = FlopModel(cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx,
+                            0 if self.flop_head is not None else self.vocab_size, self.sparse_numel,
                             self.parent_nonzero if sparse_forward else self.sparse_numel)
         self.train_factor = train_factor
         if resume is None and self.run.writer:  # the baselines are rank 0's to record
@@ -142,9 +147,23 @@ class ChildRun:
         b = self.feed.next(self.scorer)
         # every position of the padded batch is computed, soft-prompt positions included
         fm = dataclasses.replace(self.fm, n_ctx=b.seq_len)
-        positions = b.tokens // (b.seq_len - self.n_prefix) * b.seq_len
-        return MicroBatch(b.loss, b.tokens, self.train_factor * fm.forward_per_token(True) * positions,
-                          self.train_factor * fm.forward_per_token(False) * positions)
+        rows = b.tokens // (b.seq_len - self.n_prefix)
+        positions = rows * b.seq_len
+        head = self._head_flops(rows, b.tokens)
+        return MicroBatch(b.loss, b.tokens, self.train_factor * fm.forward_per_token(True) * positions + head,
+                          self.train_factor * fm.forward_per_token(False) * positions + head)
+
+    def _head_flops(self, windows: int, text_positions: int) -> float:
+        """A classification head's training FLOPs (counted with ``head_flops``): forward, then its weight
+        and activation gradients (3 x forward). Its forward pools every text position of a window (the
+        masked sum, 2 x d_model each; attention pooling also scores each position, 2 x d_model) and
+        projects each window's vector to the classes (2 x d_model x classes)."""
+        head = self.flop_head
+        if head is None:
+            return 0.0
+        d = self.cfg.model.d_model
+        per_position = 2 * d * (2 if hasattr(head, "attn") else 1)
+        return 3.0 * (per_position * text_positions + 2 * d * head.proj.out_features * windows)
 
     def evaluate(self, step: int) -> dict:
         report, name = self.report, self.feed.name
