@@ -399,6 +399,13 @@ def test_study_view_shows_the_tfidf_baseline_of_chained_runs(qtbot, db, tmp_path
     assert list(view.baseline_markers["majority"].getData()[1]) == pytest.approx([0.195])
     legend = [label.text for _sample, label in view.score_legend.items]
     assert legend == ["majority baseline", "TF-IDF + LR baseline"]
+    # the CSV export carries the same baselines, in columns of their own
+    import csv
+    import io
+    from engine.orchestrate.study import study_csv, sweep_study
+    table = {r["child_run"]: r for r in csv.DictReader(io.StringIO(study_csv(sweep_study(db, sweep))))}
+    assert [table[ids["both"]][k] for k in ("child_score", "majority", "tfidf_lr", "zero_shot")] == ["0.612", "0.195", "0.739", ""]
+    assert table[ids["none"]]["tfidf_lr"] == ""
     # the old run alone: nothing drawn for the baselines, no legend entries
     db.db.execute("UPDATE evaluations SET baselines = '{}'")
     db.db.conn.commit()

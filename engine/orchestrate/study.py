@@ -1,6 +1,6 @@
 """What a sweep found (the studio's Study view, its CSV export, docs/results.md): per grid point its run's
 training FLOPs, final and best validation loss and validation curve against FLOPs, and the downstream
-scores of the runs chained after it (``--then``) with their majority and zero-shot baselines.
+scores of the runs chained after it (``--then``) with their majority, TF-IDF + logistic regression and zero-shot baselines.
 Above the store: no torch, no Qt."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engine.store.rundb import RunDB
 
 CSV_COLUMNS = ("entry", "run_id", "label", "status", "sparsity", "d_model", "n_layer", "steps", "flops",
                "flops_dense", "final_val_loss", "best_val_loss", "child_run", "child_stage", "child_task",
-               "child_metric", "child_score", "majority", "zero_shot")
+               "child_metric", "child_score", "majority", "tfidf_lr", "zero_shot")
 
 
 def sweep_study(db: RunDB, sweep_id: str) -> dict:
@@ -84,5 +84,6 @@ def study_csv(study: dict) -> str:
             m = c["metric"]
             w.writerow(base + [c["run_id"], c["stage"], c["task"], m, c["metrics"].get(m) if m else None,
                                (c["baselines"].get("majority") or {}).get(m) if m else None,
+                               (c["baselines"].get("tfidf_lr") or {}).get(m) if m else None,
                                (c["baselines"].get("zero_shot") or {}).get(m) if m else None])
     return buf.getvalue()

@@ -117,7 +117,9 @@ def estimate(cfg: RunConfig, probe_steps: int = 3, shape: StepShape | None = Non
         model = GPT(m, vocab)
     total = model.num_params()
     sparse = sparse_stage(cfg)
-    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level if sparse else 0.0)
+    # a classification head's step forms no vocabulary logits: no LM-head term, as the run counts it
+    logits_vocab = vocab if shape is None or shape.lm_logits else 0
+    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, logits_vocab, cfg.sparsity.level if sparse else 0.0)
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
     world = tc.nproc * tc.nnodes
     tokens = shape.tokens if shape is not None else tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx * world

@@ -28,7 +28,8 @@ class FinetuneStage:
         self.head = None
         if registry.task(cfg.task.name).labelled and cfg.task.head == "classifier":
             self.head = new_head(cfg.model.d_model, len(get_task(cfg.task.name).CLASSES), cfg.task.pooling).to(rt.device)
-        self.child.start(None, self.head, train_factor=3.0, sparse_forward=False, resume=resume)
+        self.child.start(None, self.head, train_factor=3.0, sparse_forward=False, resume=resume,
+                         head_flops=self.head is not None)  # a head forms no vocabulary logits
 
     def trained_modules(self) -> dict:
         return {"model": self.model, **({"head": self.head} if self.head is not None else {})}
