@@ -151,3 +151,49 @@ checkpoint_every = 4
 warmup_steps = 1
 threads = 1
 """
+
+
+def _model_run(db: RunDB, stage: str = "pretrain", checkpoint: bool = True) -> str:
+    """A run row a sweep may name as parent (the sweep reads rows only; nothing trains here)."""
+    run_id = db.create_run(name=f"a {stage} run", stage=stage, config={})
+    if checkpoint:
+        db.add_checkpoint(run_id, 3, 96, "/nonexistent/step-3.safetensors", 1, True)
+    return run_id
+
+
+@pytest.mark.quick
+def test_a_grid_over_parent_queues_the_same_recipe_from_each_parent(db_path, capsys):
+    from engine.cli import main
+
+    db = RunDB(db_path)
+    a, b = _model_run(db), _model_run(db, "finetune")
+    assert main(["queue", "pause", "--db", str(db_path)]) == 0  # queued, not run
+    rc = main(["sweep", "finetune-hoc", "--db", str(db_path), "--grid", f"parent={a},{b}", "--grid", "train.seed=1,2",
+               "--set", "task.train=hoc/train.jsonl", "--set", "task.dev=hoc/dev.jsonl", "--name", "from-parents"])
+    assert rc == 0, capsys.readouterr().err
+    entries = Queue(db).entries()
+    assert [(e["point"]["parent"], e["point"]["train.seed"]) for e in entries] == [(a, 1), (a, 2), (b, 1), (b, 2)]
+    assert [e["label"] for e in entries] == [f"parent={a} seed=1", f"parent={a} seed=2", f"parent={b} seed=1",
+                                             f"parent={b} seed=2"]
+    for e in entries:  # the engine started for each entry gets its parent as a --set
+        assert f"parent={e['point']['parent']}" in e["sets"] and "task.train=hoc/train.jsonl" in e["sets"]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("kind, message", [
+    ("unknown", "parent run not found: feedbeef"),
+    ("prompt", "is a prompt run; a finetune run starts from a pretrain or finetune or import run"),
+    ("no checkpoint", "has no checkpoint to start from yet"),
+])
+def test_a_bad_parent_in_the_grid_exits_2_with_one_line_before_anything_is_queued(db_path, capsys, kind, message):
+    from engine.cli import main
+
+    db = RunDB(db_path)
+    good = _model_run(db)
+    bad = {"unknown": "feedbeef", "prompt": _model_run(db, "prompt"),
+           "no checkpoint": _model_run(db, checkpoint=False)}[kind]
+    rc = main(["sweep", "finetune-hoc", "--db", str(db_path), "--grid", f"parent={good},{bad}",
+               "--set", "task.train=hoc/train.jsonl", "--set", "task.dev=hoc/dev.jsonl"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert Queue(db).entries() == [] and Queue(db).sweeps() == []

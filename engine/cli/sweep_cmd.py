@@ -18,7 +18,7 @@ from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
 from engine.orchestrate.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
 from engine.orchestrate.runner import QueueRunner, ensure_runner, work_until_done
-from engine.orchestrate.sweep import check_then, default_name, parent_vocab, plan_sweep, queue_sweep
+from engine.orchestrate.sweep import check_parents, check_then, default_name, parent_vocab, plan_sweep, queue_sweep
 
 
 def register(subparsers, common) -> None:
@@ -27,7 +27,7 @@ def register(subparsers, common) -> None:
     s.add_argument("config", help="CONFIG.toml or a preset name: the base of every run")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,…",
-                   help="a key and its values; several --grid span their product")
+                   help="a key and its values; several --grid span their product (parent=ID1,ID2: one recipe from several parents)")
     s.add_argument("--equal-flops", metavar="BUDGET",
                    help="give each run the train.max_steps that spends this many training FLOPs (e.g. 2e13)")
     s.add_argument("--name", help="the sweep's name (default: CONFIG's name and the grid keys)")
@@ -78,6 +78,7 @@ def cmd_sweep(args) -> int:
     if args.wait and queue.state()["paused"]:
         raise InputError("the queue is paused, so --wait would wait forever: `mediswift queue resume` first", key="wait")
     plan = plan_sweep(path, args.set, args.grid, args.equal_flops, parent_vocab(db, args.set))
+    check_parents(db, plan)  # --set parent=ID or --grid parent=ID1,ID2: runs of this database, before anything is queued
     then_paths = [(_config_path(c, "then"), c) for c in args.then]
     then = [check_then(p, given) for p, given in then_paths]
     runs_dir = str(Path(args.runs_dir).expanduser().resolve() if args.runs_dir else default_runs_dir(db.path))

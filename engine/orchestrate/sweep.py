@@ -5,6 +5,10 @@ queueing it (one entry per grid point, and after each the ``--then`` configs cha
 into a full RunConfig here, before anything is queued, so a wrong key, a value of the wrong type or
 a value out of range is refused at once with the key named, and no entry is created.
 
+``parent`` may be a grid key (``--grid parent=ID1,ID2``: the same fine-tuning or prompting recipe from
+several parents); every parent a point names, by --set or --grid, is checked against the run database
+before anything is queued (``check_parents``).
+
 ``--equal-flops BUDGET`` gives every point the ``train.max_steps`` whose training FLOPs (the engine's
 own FLOP model, engine.core.flops, with a dynamic method's schedule step by step) come closest to the
 budget, so every run's spend is within half a step of it. No torch.
@@ -21,6 +25,7 @@ from engine.core.config import RunConfig, load_config, load_toml, parse_override
 from engine.core.errors import InputError
 from engine.core.flops import flop_model_for_config
 from engine.orchestrate.queue import Queue
+from engine.store.queries import find_run
 from engine.store.rundb import RunDB
 
 
@@ -167,6 +172,27 @@ def check_then(path: Path, given: str) -> Then:
                          key="then", path=str(path))
     load_config(path, {"parent": "queued"})  # its parent comes from the queue; everything else is checked now
     return Then(path, given, stage)
+
+
+def check_parents(db: RunDB, plan: Plan) -> None:
+    """Every parent the plan's points name (``--set parent=ID`` or ``--grid parent=ID1,ID2``) is a run of
+    this database that the point's stage can start from: a fine-tuning or prompting needs a run of one of
+    its parent stages with a checkpoint, a pre-training a vocabulary, pre-training or imported run.
+    InputError naming ``parent`` on the first that is not, so a bad id leaves no sweep or entry behind."""
+    seen: set[tuple[str, str]] = set()
+    for p in plan.points:
+        given, st = p.cfg.parent, p.cfg.stage
+        if not given or (given, st) in seen:
+            continue
+        seen.add((given, st))
+        row = find_run(db, given, "parent", "parent run")
+        spec = registry.stage(st)
+        if row["stage"] not in spec.parents:
+            raise InputError(f"parent run {row['id']} is a {row['stage']} run; a {st} run starts from a "
+                             f"{' or '.join(spec.parents)} run", key="parent")
+        if spec.needs_parent and db.latest_checkpoint(row["id"]) is None:
+            raise InputError(f"parent run {row['id']} ({row['status']}) has no checkpoint to start from yet",
+                             key="parent")
 
 
 def parent_vocab(db: RunDB, sets: list[str]) -> int | None:
