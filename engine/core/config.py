@@ -7,11 +7,14 @@ show them next to the value that is wrong.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -39,6 +42,8 @@ HEADS = ("lm", "classifier")  # task.head: labels as text from the language-mode
 POOLINGS = ("mean", "attention")  # task.pooling: how a classifier head reduces a window's hidden states
 PROMPT_INITS = ("vocab", "text")  # prompt.init: sampled vocabulary embeddings, or init_text's
 INITS = ("parent", "random")  # train.init: a child run starts from its parent's weights, or from fresh ones
+INT64_MAX = 2**63 - 1  # every integer key stays a signed 64-bit value (SQLite, torch and numpy take it)
+MAX_NAME = 200  # characters in a run (or sweep) name
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -49,13 +54,20 @@ def _f(default: Any, doc: str, **meta: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """A class's resolved annotations, once: ``get_type_hints`` compiles every string annotation on each
+    call, which made building a config cost milliseconds (and a 10,000-point sweep minutes)."""
+    return get_type_hints(cls)
+
+
 class _Section:
     """Shared validation: type checks from annotations, then ranges and choices from metadata."""
 
     SECTION = ""
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             key = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
             value = _coerce(key, getattr(self, f.name), hints[f.name])
@@ -74,10 +86,20 @@ class _Section:
                 )
                 if bad:
                     raise InputError(f"{key} must be {range_text(meta)}, got {value!r}", key=key)
+            if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+                # a key without its own bounds still has to fit the 64 bits everything downstream stores
+                raise InputError(f"{key} must fit a signed 64-bit integer (at most {INT64_MAX}), got {value}", key=key)
         self.check()
 
     def check(self) -> None:
         """Cross-field checks of one section."""
+
+
+def _bound(x: int | float) -> str:
+    """A bound as typed: integers exactly (2**63 - 1 is not 9.22337e+18), floats short."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return "2^63-1" if x == INT64_MAX else f"{x:,}" if x >= 100_000 else str(x)
+    return f"{x:g}"
 
 
 def range_text(meta: dict) -> str:
@@ -85,10 +107,29 @@ def range_text(meta: dict) -> str:
     if lo is not None and hi is not None:
         left = "(" if meta.get("min_open") else "["
         right = ")" if meta.get("max_open") else "]"
-        return f"in {left}{lo:g}, {hi:g}{right}"
+        return f"in {left}{_bound(lo)}, {_bound(hi)}{right}"
     if lo is not None:
-        return f"> {lo:g}" if meta.get("min_open") else f">= {lo:g}"
-    return f"< {hi:g}" if meta.get("max_open") else f"<= {hi:g}"
+        return f"> {_bound(lo)}" if meta.get("min_open") else f">= {_bound(lo)}"
+    return f"< {_bound(hi)}" if meta.get("max_open") else f"<= {_bound(hi)}"
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a run or sweep name (None when it can): names go into TOML files, file
+    names, table cells and one-line messages, so no control characters (newlines, tabs, NUL, escape
+    sequences, line or paragraph separators) and at most MAX_NAME characters."""
+    if len(name) > MAX_NAME:
+        return f"is {len(name):,} characters long; at most {MAX_NAME}"
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in "\u200e\u200f\u202a\u202b\u202c\u202d\u202e":
+            return f"holds the control character {ascii(ch)[1:-1]}"
+    return None
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character ``name_problem`` refuses replaced by a space, cut to MAX_NAME: what
+    export-config writes for a run stored before names were checked."""
+    out = "".join(" " if name_problem(ch) else ch for ch in str(name))
+    return " ".join(out.split())[:MAX_NAME]
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -194,7 +235,7 @@ class DataConfig(_Section):
     )
     text_field: str = _f("text", "Column holding the text in .jsonl/.json/.csv/.parquet files.")
     val_fraction: float = _f(0.05, "Fraction of documents held out for validation.", min=0.0, max=0.5, min_open=True)
-    max_documents: int = _f(0, "Use at most this many documents (0 = all); handy for quick trials.", min=0)
+    max_documents: int = _f(0, "Use at most this many documents (0 = all); handy for quick trials.", min=0, max=10**12)
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):  # a single path is the common case in TOML and --set
@@ -219,9 +260,9 @@ class SparsityConfig(_Section):
                      "2017), set (drop the smallest weights, regrow at random, Mocanu et al. 2018) or rigl (drop the "
                      "smallest, regrow where the dense gradient is largest, Evci et al. 2020). docs/dynamic_sparsity.md.",
                      choices=METHODS)
-    start_step: int = _f(0, "First step at which a dynamic method updates the masks.", min=0)
-    end_step: int = _f(0, "Step after which the masks stay fixed (0: 75 % of train.max_steps, RigL's default).", min=0)
-    update_every: int = _f(100, "Steps between mask updates (RigL's and GMP's default: 100).", min=1)
+    start_step: int = _f(0, "First step at which a dynamic method updates the masks.", min=0, max=10_000_000)
+    end_step: int = _f(0, "Step after which the masks stay fixed (0: 75 % of train.max_steps, RigL's default).", min=0, max=10_000_000)
+    update_every: int = _f(100, "Steps between mask updates (RigL's and GMP's default: 100).", min=1, max=10_000_000)
     drop_fraction: float = _f(0.3, "SET/RigL: fraction of each layer's nonzeros dropped and regrown at the first update, "
                               "decaying to 0 by end_step on a cosine (0.3: RigL and SET's default).",
                               min=0.0, max=1.0, min_open=True, max_open=True)
@@ -245,19 +286,19 @@ class TrainConfig(_Section):
     batch_size: int = _f(8, "Sequences per micro-batch.", min=1, max=65536)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1, max=4096)
     min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of the peak (cosine decay).", min=0.0, max=1.0)
-    warmup_steps: int = _f(30, "Linear warm-up steps (a run shorter than this warms up throughout).", min=0)
+    warmup_steps: int = _f(30, "Linear warm-up steps (a run shorter than this warms up throughout).", min=0, max=10_000_000)
     weight_decay: float = _f(0.1, "AdamW weight decay, applied to weight matrices only.", min=0.0, max=10.0)
     beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=1.0, max_open=True)
     beta2: float = _f(0.95, "AdamW beta2.", min=0.0, max=1.0, max_open=True)
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).", min=0.0)
     skip_nonfinite: bool = _f(False, "Skip optimizer steps whose loss or gradient norm is NaN/inf (with a warning) instead of failing the run.")
-    eval_every: int = _f(50, "Validation every this many steps (and at the end).", min=1)
-    eval_batches: int = _f(8, "Validation micro-batches per evaluation.", min=1)
-    checkpoint_every: int = _f(100, "Checkpoint every this many steps (and at the end).", min=1)
+    eval_every: int = _f(50, "Validation every this many steps (and at the end).", min=1, max=10_000_000)
+    eval_batches: int = _f(8, "Validation micro-batches per evaluation.", min=1, max=1_000_000)
+    checkpoint_every: int = _f(100, "Checkpoint every this many steps (and at the end).", min=1, max=10_000_000)
     keep_checkpoints: int = _f(0, "Keep the N newest checkpoints (the final one is the newest) and the one with the best "
-                               "validation loss when it is not among them: at most N + 1 on disk. 0 keeps all.", min=0)
-    log_every: int = _f(1, "Emit training metrics every this many steps.", min=1)
-    seed: int = _f(1337, "Random seed for init, masks and data order.", min=0)
+                               "validation loss when it is not among them: at most N + 1 on disk. 0 keeps all.", min=0, max=1_000_000)
+    log_every: int = _f(1, "Emit training metrics every this many steps.", min=1, max=10_000_000)
+    seed: int = _f(1337, "Random seed for init, masks and data order.", min=0, max=INT64_MAX)
     device: str = _f("auto", "Where to train: auto picks CUDA when available.", choices=DEVICES)
     threads: int = _f(0, "CPU threads for torch (0 = all cores).", min=0, max=1024)
     precision: str = _f("auto", "Precision of the products: auto picks bf16 where the device computes it natively "
@@ -333,7 +374,7 @@ class TaskConfig(_Section):
                       "Default raw: measured in docs/pipeline.md (Scoring).",
                       choices=("raw", "calibrated"))
     max_new_tokens: int = _f(32, "Longest generated answer (HoC label lists, PubMedQA with predict = 'generate').", min=1, max=4096)
-    max_examples: int = _f(0, "Use at most this many training and this many development examples (0 = all); handy for quick trials.", min=0)
+    max_examples: int = _f(0, "Use at most this many training and this many development examples (0 = all); handy for quick trials.", min=0, max=10**12)
 
 
 @dataclass(frozen=True)
@@ -355,7 +396,8 @@ class RunConfig(_Section):
     """A whole run: top-level keys plus one object per section."""
 
     SECTION = ""
-    name: str = _f("", "Run name shown in the studio (default: preset name + stage).")
+    name: str = _f("", f"Run name shown in the studio (default: preset name + stage): one line of printable text, "
+                   f"at most {MAX_NAME} characters.")
     stage: str = _f(registry.PRETRAIN, "Pipeline stage this run performs.", choices=STAGES)
     parent: str = _f("", "Parent run id (fine-tuning and prompting start from it; a pre-training may reuse its tokenizer).")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -377,6 +419,9 @@ class RunConfig(_Section):
             object.__setattr__(self, f.name, value)
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise InputError(f"{f.name} must be one of {', '.join(map(repr, f.metadata['choices']))}, got {value!r}", key=f.name)
+        problem = name_problem(self.name)
+        if problem:
+            raise InputError(f"name {problem}: a run name must be one line of printable text", key="name")
         sc, steps = self.sparsity, self.train.max_steps
         if sc.method != "static" and not sc.end_step and sc.start_step >= max(1, int(0.75 * steps)):
             raise InputError(f"sparsity.start_step ({sc.start_step}) is not before the last mask update, at 75 % of "
@@ -424,12 +469,19 @@ class RunConfig(_Section):
 
 
 def field_docs() -> dict[str, dict]:
-    """Every dotted key with its default, type name, doc and UI hints (for forms and docs)."""
+    """Every dotted key with its default, type name, doc and UI hints (for forms and docs): a copy the
+    caller may change."""
+    return copy.deepcopy(_field_docs())
+
+
+@functools.lru_cache(maxsize=None)
+def _field_docs() -> dict[str, dict]:
+    """field_docs, built once (the classes do not change); never handed out, only read here."""
     out: dict[str, dict] = {}
     for f in dataclasses.fields(RunConfig):
         if f.name in SECTIONS:
             cls = SECTIONS[f.name]
-            hints = get_type_hints(cls)
+            hints = _hints(cls)
             for sf in dataclasses.fields(cls):
                 out[f"{f.name}.{sf.name}"] = _field_info(sf, hints[sf.name])
         else:
@@ -445,7 +497,7 @@ def _field_info(f: dataclasses.Field, hint: Any) -> dict:
 
 
 def all_keys() -> list[str]:
-    return list(field_docs())
+    return list(_field_docs())
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -501,7 +553,7 @@ def parse_value(text: str) -> Any:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    types = {k: v["type"] for k, v in field_docs().items()}
+    types = {k: v["type"] for k, v in _field_docs().items()}
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:

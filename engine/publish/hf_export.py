@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from engine.core import registry
 from engine.core.config import RunConfig, from_dict
 from engine.core.errors import InputError
 from engine.store.queries import lineage, summary_row
+from engine.publish.run_export import check_target, file_kind, write_atomic
 from engine.store.rundb import PROMPT_ARTIFACT, RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 from engine.model.checkpoint import load_checkpoint
@@ -208,8 +210,7 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
 
     run, model_run, ck_path, tok_path = _source(db, run_id)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} exists and is not empty (use --overwrite to replace its files)", key="out", path=str(out))
+    check_out_folder(out, overwrite)
     ck = load_checkpoint(ck_path)
     cfg = from_dict(ck["config"])
     tok = load_tokenizer(tok_path)
@@ -278,16 +279,51 @@ def write_prompt_adapter(folder: Path, prompt: torch.Tensor, cfg: RunConfig) -> 
     return ADAPTER_DIR
 
 
+EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", TOKENIZER_FILE, "tokenizer_config.json",
+                "special_tokens_map.json", "README.md", PROMPT_FILE)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """``--out`` may receive an export, checked before anything is read or written: absent, or a folder
+    (empty, or any with ``overwrite``) where each file the export writes is absent or a regular file (a
+    symlink to one is replaced, never written through) and the adapter folder is a real folder. A file,
+    device, FIFO or socket as ``--out``, or a special file or folder in an export file's place (or a
+    symlink to one), is InputError whatever ``overwrite`` says."""
+    try:
+        mode = os.stat(out).st_mode
+    except FileNotFoundError:
+        if os.path.lexists(out):
+            raise InputError(f"{out} is a symlink to nothing: give a folder to write", key="out", path=str(out)) from None
+        return
+    except OSError as e:
+        raise InputError(f"{out}: cannot use it as the export folder ({e.strerror})", key="out", path=str(out)) from None
+    if not stat.S_ISDIR(mode):
+        what = "regular file" if stat.S_ISREG(mode) else file_kind(mode)
+        raise InputError(f"{out} is a {what}, not a folder: export-hf writes a folder of files there", key="out",
+                         path=str(out))
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise InputError(f"{out}: cannot read the export folder ({e.strerror})", key="out", path=str(out)) from None
+    if not empty and not overwrite:
+        raise InputError(f"{out} exists and is not empty (use --overwrite to replace its files)", key="out", path=str(out))
+    for name in EXPORT_FILES:
+        check_target(out / name, True)
+    adapter = out / ADAPTER_DIR
+    if os.path.lexists(adapter):
+        if adapter.is_symlink() or not adapter.is_dir():
+            raise InputError(f"{adapter} is not a folder of its own (a file or a symlink): an export never writes "
+                             f"through it", key="out", path=str(adapter))
+        for name in ADAPTER_FILES:
+            check_target(adapter / name, True)
+
+
 def _place(out: Path, name: str, write) -> None:
     """Write one export file: to a fresh temporary file inside ``out``, then renamed over ``out/name``.
-    A rename replaces a symlink itself, so an export never writes through a link to somewhere else."""
-    tmp = out / f".{name}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    try:
-        write(tmp)
-        os.replace(tmp, out / name)
-    finally:
-        tmp.unlink(missing_ok=True)
+    A rename replaces a symlink itself, so an export never writes through a link to somewhere else; a
+    special file or folder in its place is refused (run_export.write_atomic)."""
+    write_atomic(out / name, write, overwrite=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -19,6 +19,8 @@ from engine.store.rundb import RunDB
 
 WAITING, RUNNING = "waiting", "running"
 ENDED = ("completed", "stopped", "failed", "crashed", "cancelled", "skipped")
+_INSERT_ENTRY = ("INSERT INTO queue (position, sweep_id, label, point, stage, config_name, config_text, sets, runs_dir, "
+                 "cwd, after_id, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class QueueStore:
@@ -50,21 +52,20 @@ class QueueStore:
 
     def insert(self, rows: list[dict]) -> list[int]:
         """Append entries after the last position; ``after`` in a row is an index into ``rows`` of the
-        entry it waits for (its id is filled in here). Returns the new ids, in order."""
+        entry it waits for (its id is filled in here). Returns the new ids, in order.
+
+        All of them in one transaction with one prepared statement (a 10,000-point sweep: well under a
+        second; through sqlite-utils' per-row insert, which inspects the table each time, it took many)."""
         ids: list[int] = []
+        now = time.time()
         with self.conn:
             top = self.conn.execute("SELECT MAX(position) FROM queue").fetchone()[0] or 0.0
             for i, it in enumerate(rows):
                 after = it.get("after")
-                row = {
-                    "position": top + 1 + i, "sweep_id": it.get("sweep_id"), "label": it.get("label", ""),
-                    "point": json.dumps(it.get("point") or {}), "stage": it.get("stage", ""),
-                    "config_name": it["config_name"], "config_text": it["config_text"],
-                    "sets": json.dumps(list(it.get("sets") or [])), "runs_dir": it["runs_dir"], "cwd": it["cwd"],
-                    "after_id": ids[after] if after is not None else None, "status": WAITING,
-                    "created_at": time.time(),
-                }
-                ids.append(self.db.db["queue"].insert(row).last_pk)
+                row = (top + 1 + i, it.get("sweep_id"), it.get("label", ""), json.dumps(it.get("point") or {}),
+                       it.get("stage", ""), it["config_name"], it["config_text"], json.dumps(list(it.get("sets") or [])),
+                       it["runs_dir"], it["cwd"], ids[after] if after is not None else None, WAITING, now)
+                ids.append(self.conn.execute(_INSERT_ENTRY, row).lastrowid)
         return ids
 
     def set_positions(self, positions: Iterable[tuple[float, int]]) -> None:
