@@ -5,7 +5,6 @@ before anything is queued, and queue a 10,000-point grid quickly. In-process whe
 processes."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -148,3 +147,84 @@ def load_config_text(text: str) -> RunConfig:
     from engine.core.config import from_dict
 
     return from_dict(tomllib.loads(text))
+
+
+# -- sweeps ------------------------------------------------------------------------------------------
+
+
+def _sweep(capsys, db_path, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["sweep", "demo", *args, "--db", str(db_path)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _nothing_queued(db_path) -> bool:
+    from engine.orchestrate.queue import Queue
+
+    db = RunDB(db_path)
+    return Queue(db).entries() == [] and Queue(db).sweeps() == [] and db.list_runs() == []
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("grid, named", [
+    ("sparsity.level=0,0.5,0.50", "0.5 and 0.50"),
+    ("train.seed=1,1", "1 twice"),
+    ("train.seed=3,1,3.0", "3 and 3.0"),
+    ("sparsity.kernel=dense,sparse,dense", "dense twice"),
+    ("train.skip_nonfinite=true,false,true", "true twice"),
+])
+def test_duplicate_grid_values_are_refused_naming_the_key_and_values(tmp_path, capsys, grid, named):
+    rc, _, err = _sweep(capsys, tmp_path / "runs.db", "--grid", grid)
+    key = grid.split("=")[0]
+    assert _one_line(rc, err, f"--grid {key} repeats a value", named), err
+    assert _nothing_queued(tmp_path / "runs.db")
+
+
+@pytest.mark.quick
+def test_a_point_this_machine_cannot_run_is_refused_before_anything_is_queued(tmp_path, capsys):
+    from engine.orchestrate.sweep import usable_cores
+
+    too_many = usable_cores() + 1
+    db = tmp_path / "runs.db"
+    cases = [(["--set", "train.device=cpu", "--grid", f"train.nproc=1,{too_many}"], f"train.nproc is {too_many}"),
+             (["--set", "train.device=cpu", "--grid", "train.nproc=1,99"], "train.nproc is 99"),
+             (["--grid", "train.strategy=ddp,fsdp"], "train.strategy = 'fsdp'"),
+             (["--set", "train.nnodes=2", "--grid", "train.seed=1,2"], "train.rdzv_endpoint")]
+    for args, needle in cases:
+        rc, _, err = _sweep(capsys, db, *args)
+        assert _one_line(rc, err, needle), (args, err)
+        assert _nothing_queued(db), args
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("name", ["two\nlines", "x" * 201, "bell\x07"])
+def test_a_sweep_name_that_is_not_one_printable_line_is_refused(tmp_path, capsys, name):
+    rc, _, err = _sweep(capsys, tmp_path / "runs.db", "--grid", "train.seed=1,2", "--name", name)
+    assert _one_line(rc, err, "--name"), err
+    assert _nothing_queued(tmp_path / "runs.db")
+
+
+def test_a_10000_point_grid_queues_and_every_entry_is_complete(tmp_path, capsys):
+    """100 x 100 points, each validated and queued (asserted only as completing, never timed)."""
+    import json
+
+    from engine.orchestrate.queue import Queue
+
+    db_path = tmp_path / "runs.db"
+    assert main(["queue", "pause", "--db", str(db_path)]) == 0  # queued, not run
+    seeds = ",".join(str(i) for i in range(100))
+    levels = ",".join(f"{i / 100:g}" for i in range(100))
+    rc, out, err = _sweep(capsys, db_path, "--grid", f"train.seed={seeds}", "--grid", f"sparsity.level={levels}",
+                          "--set", "train.max_steps=5", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert len(report["entries"]) == 10_000
+    entries = Queue(RunDB(db_path)).entries()
+    assert len(entries) == 10_000 and len({e["label"] for e in entries}) == 10_000
+    assert [e["id"] for e in entries] == report["entries"]
+    e = entries[-1]
+    assert e["point"] == {"train.seed": 99, "sparsity.level": 0.99} and e["status"] == "waiting"
+    assert "train.max_steps=5" in e["sets"] and "sparsity.level=0.99" in e["sets"]
+    name = next(s.split("=", 1)[1] for s in e["sets"] if s.startswith("name="))
+    assert name_problem(name) is None

@@ -67,6 +67,8 @@ def test_a_2x2_sweep_at_equal_flops_runs_through_the_queue(cli, db_path):
     (["--grid", "sparsity.level="], "--grid sparsity.level has an empty value"),
     ([], "a sweep needs at least one --grid"),
     (["--grid", "sparsity.level=0,0.5", "--equal-flops", "1e3"], "--equal-flops 1000 is less than one training step"),
+    (["--grid", "sparsity.level=0.5,0.50"], "--grid sparsity.level repeats a value: 0.5 and 0.50"),
+    (["--grid", "train.nproc=1,99", "--set", "train.device=cpu"], "train.nproc is 99 but this machine has"),
 ])
 def test_bad_sweep_input_exits_2_with_one_line_and_creates_nothing(db_path, capsys, grid, message):
     from engine.cli import main

@@ -18,7 +18,8 @@ from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
 from engine.orchestrate.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
 from engine.orchestrate.runner import QueueRunner, ensure_runner, work_until_done
-from engine.orchestrate.sweep import check_parents, check_then, default_name, parent_vocab, plan_sweep, queue_sweep
+from engine.orchestrate.sweep import (check_parents, check_sweep_name, check_then, default_name, parent_vocab, plan_sweep,
+                                      queue_sweep)
 
 
 def register(subparsers, common) -> None:
@@ -27,10 +28,12 @@ def register(subparsers, common) -> None:
     s.add_argument("config", help="CONFIG.toml or a preset name: the base of every run")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,…",
-                   help="a key and its values; several --grid span their product (parent=ID1,ID2: one recipe from several parents)")
+                   help="a key and its values; several --grid span their product (parent=ID1,ID2: one recipe from "
+                   "several parents). Each value once (0.5,0.50 is refused); every point is validated, train.nproc "
+                   "against this machine included, before anything is queued")
     s.add_argument("--equal-flops", metavar="BUDGET",
                    help="give each run the train.max_steps that spends this many training FLOPs (e.g. 2e13)")
-    s.add_argument("--name", help="the sweep's name (default: CONFIG's name and the grid keys)")
+    s.add_argument("--name", help="the sweep's name, one printable line (default: CONFIG's name and the grid keys)")
     s.add_argument("--then", action="append", default=[], metavar="CONFIG",
                    help="after each run completes, queue this fine-tuning or prompting config with parent = that run")
     s.add_argument("--parallel", type=int, help="runs the queue may run at once (default: as it is, 1 at first)")
@@ -75,6 +78,8 @@ def cmd_sweep(args) -> int:
     path = _config_path(args.config, "config")
     if args.parallel is not None:
         check_parallel(args.parallel)  # before anything is written
+    if args.name is not None:
+        check_sweep_name(args.name)
     if args.wait and queue.state()["paused"]:
         raise InputError("the queue is paused, so --wait would wait forever: `mediswift queue resume` first", key="wait")
     plan = plan_sweep(path, args.set, args.grid, args.equal_flops, parent_vocab(db, args.set))

@@ -13,8 +13,8 @@ import difflib
 import functools
 import json
 import math
+import re
 import sys
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -119,17 +119,19 @@ def name_problem(name: str) -> str | None:
     sequences, line or paragraph separators) and at most MAX_NAME characters."""
     if len(name) > MAX_NAME:
         return f"is {len(name):,} characters long; at most {MAX_NAME}"
-    for ch in name:
-        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in "\u200e\u200f\u202a\u202b\u202c\u202d\u202e":
-            return f"holds the control character {ascii(ch)[1:-1]}"
-    return None
+    bad = _NAME_BAD.search(name)
+    return f"holds the control character {ascii(bad.group())[1:-1]}" if bad else None
+
+
+# Unicode's control characters (Cc), line and paragraph separators (Zl, Zp), lone surrogates (Cs) and the
+# bidirectional marks and overrides that reorder a line as it is shown
+_NAME_BAD = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def safe_name(name: str) -> str:
     """``name`` with every character ``name_problem`` refuses replaced by a space, cut to MAX_NAME: what
     export-config writes for a run stored before names were checked."""
-    out = "".join(" " if name_problem(ch) else ch for ch in str(name))
-    return " ".join(out.split())[:MAX_NAME]
+    return " ".join(_NAME_BAD.sub(" ", str(name)).split())[:MAX_NAME]
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -467,6 +469,19 @@ class RunConfig(_Section):
             _set_dotted(d, key, value)
         return from_dict(d)
 
+    def with_values(self, overrides: dict[str, Any]) -> "RunConfig":
+        """What ``replace`` gives, built section by section: each section an override touches is built
+        (and validated) again, the others are kept as they are (already valid), then the whole config's
+        checks run. A sweep builds thousands of points from one base this way in milliseconds each."""
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in overrides.items():
+            _set_dotted(sections if "." in key else top, key, value)  # unknown keys refused as everywhere
+        if not sections and not top:
+            return self
+        changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()}
+        return dataclasses.replace(self, **changed, **top)
+
 
 def field_docs() -> dict[str, dict]:
     """Every dotted key with its default, type name, doc and UI hints (for forms and docs): a copy the
@@ -581,7 +596,12 @@ def load_toml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a TOML file (or start from defaults), apply dotted overrides, validate once at the end."""
-    d = load_toml(path) if path else {}
+    return config_from(load_toml(path) if path else {}, overrides)
+
+
+def config_from(d: dict, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """``d`` (a config file's settings, left as it is) with dotted overrides applied, validated."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}  # its tables copied before changes
     for key, value in (overrides or {}).items():
         _set_dotted(d, key, value)
     return from_dict(d)

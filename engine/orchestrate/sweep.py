@@ -3,7 +3,12 @@ queueing it (one entry per grid point, and after each the ``--then`` configs cha
 
 ``--grid key=v1,v2,…`` (repeatable) spans the cartesian product of its values. Every point is built
 into a full RunConfig here, before anything is queued, so a wrong key, a value of the wrong type or
-a value out of range is refused at once with the key named, and no entry is created.
+a value out of range is refused at once with the key named, and no entry is created. So is a point this
+machine cannot run (``check_machine``: ``train.nproc`` against its cores or GPUs, and the other checks
+``train`` makes of a process group that need no network), a grid value given twice (``0.5,0.50``: the
+same value once typed), and a sweep name that is not one printable line. Points are built from one
+validated base config, each re-validating only the sections its grid values touch, and queued in one
+transaction: a 10,000-point grid queues in seconds.
 
 ``parent`` may be a grid key (``--grid parent=ID1,ID2``: the same fine-tuning or prompting recipe from
 several parents); every parent a point names, by --set or --grid, is checked against the run database
@@ -16,12 +21,16 @@ budget, so every run's spend is within half a step of it. No torch.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.core import registry
-from engine.core.config import RunConfig, load_config, load_toml, parse_overrides, parse_value
+from engine.core.config import (MAX_NAME, RunConfig, config_from, load_config, load_toml, name_problem,
+                                parse_overrides, parse_value, safe_name)
 from engine.core.errors import InputError
 from engine.core.flops import flop_model_for_config
 from engine.orchestrate.queue import Queue
@@ -68,10 +77,31 @@ def parse_grid(items: list[str]) -> dict[str, list]:
             raise InputError(f"--grid {key} has an empty value ({item!r}); give key=v1,v2,…", key=key)
         if key in grid:
             raise InputError(f"--grid {key} is given twice; list all its values in one --grid", key=key)
-        if len(set(values)) != len(values):
-            raise InputError(f"--grid {key} repeats a value ({item!r})", key=key)
         grid[key] = values
     return grid
+
+
+def _same_key(v):
+    """Grid values that are the same setting once typed compare equal under this: 0.5 and 0.50, 1 and 1.0."""
+    if isinstance(v, bool):
+        return ("bool", v)
+    if isinstance(v, (int, float)):
+        return ("number", v)  # 3 and 3.0 are one dict key; 2**60 and 2**60 + 1 stay two (no float rounding)
+    return ("other", json.dumps(v, sort_keys=True, default=str))
+
+
+def check_duplicates(grid: dict[str, list[str]], typed: dict[str, list]) -> None:
+    """InputError naming the key and the values when a --grid key lists one value twice (as typed, or
+    as written: ``0.5,0.50``, ``1,1``), which would queue identical runs."""
+    for key, values in typed.items():
+        first: dict = {}
+        for text, v in zip(grid[key], values):
+            k = _same_key(v)
+            if k in first:
+                same = f"{first[k]} and {text}" if first[k] != text else f"{text} twice"
+                raise InputError(f"--grid {key} repeats a value: {same} (the same setting); list each value once",
+                                 key=key)
+            first[k] = text
 
 
 def plan_sweep(config_path, sets: list[str], grid_items: list[str], budget_text: str | None = None,
@@ -86,16 +116,95 @@ def plan_sweep(config_path, sets: list[str], grid_items: list[str], budget_text:
     if budget is not None and "train.max_steps" in grid:
         raise InputError("--equal-flops sets train.max_steps; it cannot also be a --grid key", key="train.max_steps")
     typed = {k: [parse_overrides([f"{k}={v}"])[k] for v in vals] for k, vals in grid.items()}
+    check_duplicates(grid, typed)
     plan = Plan(grid=typed, budget=budget)
-    for combo in itertools.product(*typed.values()):
-        values = dict(zip(typed, combo))
-        cfg = load_config(config_path, {**base, **values})  # unknown keys, wrong types, ranges: named here
-        point_sets = list(sets) + [f"{k}={grid[k][typed[k].index(v)]}" for k, v in values.items()]
+    build = _point_builder(config_path, base)
+    keys = list(typed)
+    for combo in itertools.product(*(range(len(typed[k])) for k in keys)):
+        values = {k: typed[k][i] for k, i in zip(keys, combo)}
+        cfg = build(values)  # unknown keys, wrong types, ranges: named here
+        point_sets = list(sets) + [f"{k}={grid[k][i]}" for k, i in zip(keys, combo)]
         plan.points.append(Point(values, cfg, point_sets))
+    checked: set[tuple] = set()
+    for p in plan.points:  # what train would refuse of this machine, before anything is queued
+        tc = p.cfg.train
+        sig = (p.cfg.stage, p.cfg.sparsity.method, tc.nproc, tc.nnodes, tc.strategy, tc.device, tc.threads,
+               tc.rdzv_endpoint)
+        if sig not in checked:
+            checked.add(sig)
+            check_machine(p.cfg)
     if budget is not None:
         for p in plan.points:
             equalize(p, budget, vocab_size)
     return plan
+
+
+def _point_builder(config_path, base: dict):
+    """values -> the point's validated RunConfig. The config file is read once; when the base config
+    (file + --set) is valid on its own, each point re-validates only the sections its values touch
+    (RunConfig.with_values); otherwise (a base that only its grid values complete, such as a fine-tuning
+    whose parent is a grid key) each point is built whole from the file's settings."""
+    d = load_toml(config_path) if config_path else {}
+    try:
+        base_cfg = config_from(d, base)
+    except InputError:
+        return lambda values: config_from(d, {**base, **values})
+    return base_cfg.with_values
+
+
+# -- what this machine can run --------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def gpu_count() -> int | None:
+    """NVIDIA GPUs this machine has, from /dev (no torch in the orchestration layer); None if unknown."""
+    try:
+        return sum(1 for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n))
+    except OSError:
+        return None
+
+
+def check_machine(cfg: RunConfig) -> None:
+    """The checks ``train`` makes of a run's processes (engine.train.group.check_group) that need neither
+    torch nor the network, with its wording: a point this machine cannot run is refused before it is
+    queued instead of failing when its turn comes."""
+    tc, spec = cfg.train, registry.stage(cfg.stage)
+    world = tc.nproc * tc.nnodes
+    if tc.strategy == "fsdp" and not spec.shards and world > 1:
+        raise InputError("train.strategy = 'fsdp' cannot shard a soft-prompting run: it trains only the prompt "
+                         "vectors on a frozen model; use train.strategy = 'ddp'", key="train.strategy")
+    if tc.strategy == "fsdp" and world == 1:
+        raise InputError("train.strategy = 'fsdp' shards the model across processes, and train.nproc x train.nnodes "
+                         "is 1: there is nothing to shard it across; raise train.nproc or use 'ddp'", key="train.strategy")
+    if world == 1:
+        return
+    if "sparsity" in spec.sections and cfg.sparsity.method != "static":
+        raise InputError(f"sparsity.method = {cfg.sparsity.method!r} runs on one process for now (a mask update would "
+                         "have to change every rank's masks and its DDP/FSDP buckets alike); use train.nproc = 1",
+                         key="sparsity.method")
+    gpus = gpu_count()
+    if tc.device == "cuda" or (tc.device == "auto" and gpus):
+        if gpus and tc.nproc > gpus:
+            raise InputError(f"train.nproc is {tc.nproc} but this machine has {gpus} GPU{'s' if gpus != 1 else ''}; "
+                             "one process per GPU", key="train.nproc")
+    else:
+        cores = usable_cores()
+        if tc.nproc > cores:
+            raise InputError(f"train.nproc is {tc.nproc} but this machine has {cores} CPU core{'s' if cores != 1 else ''} "
+                             "available; each process needs at least one", key="train.nproc")
+        if tc.threads and tc.threads * tc.nproc > cores:
+            raise InputError(f"train.threads = {tc.threads} for each of {tc.nproc} processes needs "
+                             f"{tc.threads * tc.nproc} cores and this machine has {cores}; lower train.threads (0 "
+                             "shares the cores out)", key="train.threads")
+    if tc.nnodes > 1 and not tc.rdzv_endpoint:
+        raise InputError(f"train.nnodes is {tc.nnodes}: the machines need a meeting point; set train.rdzv_endpoint "
+                         "= 'HOST:PORT' of one of them (the same on every machine)", key="train.rdzv_endpoint")
 
 
 def parse_budget(text: str) -> float:
@@ -170,7 +279,8 @@ def check_then(path: Path, given: str) -> Then:
     if spec is None or not spec.needs_parent:
         raise InputError(f"--then {given} is a {stage} config; --then chains a finetune or prompt stage after each run",
                          key="then", path=str(path))
-    load_config(path, {"parent": "queued"})  # its parent comes from the queue; everything else is checked now
+    # its parent comes from the queue; everything else is checked now, this machine's processes included
+    check_machine(load_config(path, {"parent": "queued"}))
     return Then(path, given, stage)
 
 
@@ -206,29 +316,43 @@ def parent_vocab(db: RunDB, sets: list[str]) -> int | None:
 
 def default_name(plan: Plan, config_path: Path) -> str:
     """The base config's name (or file name) and the grid's keys: ``demo × level × d_model``."""
-    return f"{plan.points[0].cfg.name or config_path.stem} × {' × '.join(k.split('.')[-1] for k in plan.grid)}"
+    return safe_name(f"{plan.points[0].cfg.name or config_path.stem} × {' × '.join(k.split('.')[-1] for k in plan.grid)}")
+
+
+def check_sweep_name(name: str) -> str:
+    """A sweep's name (it heads each of its runs' names): one printable line of at most MAX_NAME characters."""
+    problem = name_problem(name)
+    if problem:
+        raise InputError(f"--name {problem}: a sweep name must be one line of printable text of at most "
+                         f"{MAX_NAME} characters", key="name")
+    return name
 
 
 def queue_sweep(queue: Queue, plan: Plan, name: str, config_path: Path, config_name: str, sets: list[str],
                 then: list[Then], runs_dir: str, cwd: str) -> tuple[str, list[int]]:
     """Record the sweep and queue its entries (a snapshot of each config's text); its id and the entry ids.
     Each point's chained entries follow it, so its chain finishes before the next point starts."""
+    check_sweep_name(name)
     spec = {"config": str(config_path), "sets": sets, "grid": plan.grid, "equal_flops": plan.budget,
             "then": [str(t.path) for t in then], "runs_dir": runs_dir}
-    sweep_id = queue.create_sweep(name, spec)
     text = config_path.read_text(encoding="utf-8")
+    then_text = [t.path.read_text(encoding="utf-8") for t in then]
     items: list[dict] = []
     for p in plan.points:
         head = len(items)
-        items.append({"sweep_id": sweep_id, "label": p.label, "point": p.values, "stage": p.cfg.stage,
+        # run names as train will check them: one printable line, cut to MAX_NAME (a long grid's labels)
+        items.append({"label": p.label, "point": p.values, "stage": p.cfg.stage,
                       "config_name": config_name, "config_text": text,
-                      "sets": _named(p.sets, f"{name} · {p.label}"), "runs_dir": runs_dir, "cwd": cwd})
-        for t in then:
+                      "sets": _named(p.sets, safe_name(f"{name} · {p.label}")), "runs_dir": runs_dir, "cwd": cwd})
+        for t, t_text in zip(then, then_text):
             stem = Path(t.given).stem
-            items.append({"sweep_id": sweep_id, "label": f"{p.label} → {stem}", "point": p.values,
-                          "stage": t.stage, "config_name": t.given, "config_text": t.path.read_text(encoding="utf-8"),
-                          "sets": [f"name={name} · {p.label} · {stem}"], "runs_dir": runs_dir, "cwd": cwd,
-                          "after": head})
+            items.append({"label": f"{p.label} → {stem}", "point": p.values,
+                          "stage": t.stage, "config_name": t.given, "config_text": t_text,
+                          "sets": [f"name={safe_name(f'{name} · {p.label} · {stem}')}"], "runs_dir": runs_dir,
+                          "cwd": cwd, "after": head})
+    sweep_id = queue.create_sweep(name, spec)  # only once every entry is built: nothing half-queued
+    for it in items:
+        it["sweep_id"] = sweep_id
     return sweep_id, queue.add(items)
 
 
