@@ -183,7 +183,7 @@ def test_duplicate_grid_values_are_refused_naming_the_key_and_values(tmp_path, c
 
 @pytest.mark.quick
 def test_a_point_this_machine_cannot_run_is_refused_before_anything_is_queued(tmp_path, capsys):
-    from engine.orchestrate.sweep import usable_cores
+    from engine.core.machine_checks import usable_cores
 
     too_many = usable_cores() + 1
     db = tmp_path / "runs.db"

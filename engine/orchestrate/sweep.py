@@ -23,8 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from engine.core.config import (MAX_NAME, RunConfig, config_from, load_config, l
                                 parse_overrides, parse_value, safe_name)
 from engine.core.errors import InputError
 from engine.core.flops import flop_model_for_config
+from engine.core.machine_checks import check_processes, gpu_count
 from engine.orchestrate.queue import Queue
 from engine.store.queries import find_run
 from engine.store.rundb import RunDB
@@ -152,59 +151,10 @@ def _point_builder(config_path, base: dict):
     return base_cfg.with_values
 
 
-# -- what this machine can run --------------------------------------------------------------------------
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def gpu_count() -> int | None:
-    """NVIDIA GPUs this machine has, from /dev (no torch in the orchestration layer); None if unknown."""
-    try:
-        return sum(1 for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n))
-    except OSError:
-        return None
-
-
 def check_machine(cfg: RunConfig) -> None:
-    """The checks ``train`` makes of a run's processes (engine.train.group.check_group) that need neither
-    torch nor the network, with its wording: a point this machine cannot run is refused before it is
-    queued instead of failing when its turn comes."""
-    tc, spec = cfg.train, registry.stage(cfg.stage)
-    world = tc.nproc * tc.nnodes
-    if tc.strategy == "fsdp" and not spec.shards and world > 1:
-        raise InputError("train.strategy = 'fsdp' cannot shard a soft-prompting run: it trains only the prompt "
-                         "vectors on a frozen model; use train.strategy = 'ddp'", key="train.strategy")
-    if tc.strategy == "fsdp" and world == 1:
-        raise InputError("train.strategy = 'fsdp' shards the model across processes, and train.nproc x train.nnodes "
-                         "is 1: there is nothing to shard it across; raise train.nproc or use 'ddp'", key="train.strategy")
-    if world == 1:
-        return
-    if "sparsity" in spec.sections and cfg.sparsity.method != "static":
-        raise InputError(f"sparsity.method = {cfg.sparsity.method!r} runs on one process for now (a mask update would "
-                         "have to change every rank's masks and its DDP/FSDP buckets alike); use train.nproc = 1",
-                         key="sparsity.method")
-    gpus = gpu_count()
-    if tc.device == "cuda" or (tc.device == "auto" and gpus):
-        if gpus and tc.nproc > gpus:
-            raise InputError(f"train.nproc is {tc.nproc} but this machine has {gpus} GPU{'s' if gpus != 1 else ''}; "
-                             "one process per GPU", key="train.nproc")
-    else:
-        cores = usable_cores()
-        if tc.nproc > cores:
-            raise InputError(f"train.nproc is {tc.nproc} but this machine has {cores} CPU core{'s' if cores != 1 else ''} "
-                             "available; each process needs at least one", key="train.nproc")
-        if tc.threads and tc.threads * tc.nproc > cores:
-            raise InputError(f"train.threads = {tc.threads} for each of {tc.nproc} processes needs "
-                             f"{tc.threads * tc.nproc} cores and this machine has {cores}; lower train.threads (0 "
-                             "shares the cores out)", key="train.threads")
-    if tc.nnodes > 1 and not tc.rdzv_endpoint:
-        raise InputError(f"train.nnodes is {tc.nnodes}: the machines need a meeting point; set train.rdzv_endpoint "
-                         "= 'HOST:PORT' of one of them (the same on every machine)", key="train.rdzv_endpoint")
+    """The checks ``train`` makes of a run's processes (engine.core.machine_checks), with its wording: a
+    point this machine cannot run is refused before it is queued instead of failing when its turn comes."""
+    check_processes(cfg, gpu_count() if cfg.train.device != "cpu" else 0)
 
 
 def parse_budget(text: str) -> float:

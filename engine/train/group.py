@@ -39,12 +39,10 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from engine.core import registry
 from engine.core.errors import InputError
+from engine.core.machine_checks import check_processes
 from engine.train.control import Control
-from engine.train.estimate import sparse_stage
 from engine.train.reporter import record_lost_run
-from engine.train.runtime import usable_cores
 
 GROUP_DIR_ENV = "MEDISWIFT_GROUP_DIR"
 RDZV_WAIT_ENV = "MEDISWIFT_RDZV_WAIT_S"  # how long a node waits for a remote rendezvous host to answer
@@ -69,45 +67,11 @@ def world_size(cfg) -> int:
 
 def check_group(cfg, resuming: bool) -> None:
     """Refuse a process group this machine cannot run (exit 2, naming the key)."""
-    tc, spec = cfg.train, registry.stage(cfg.stage)
-    world = world_size(cfg)
-    if tc.strategy == "fsdp" and not spec.shards and world > 1:
-        raise InputError("train.strategy = 'fsdp' cannot shard a soft-prompting run: it trains only the prompt "
-                         "vectors on a frozen model; use train.strategy = 'ddp'", key="train.strategy")
-    if tc.strategy == "fsdp" and world == 1 and not resuming:
-        raise InputError("train.strategy = 'fsdp' shards the model across processes, and train.nproc x train.nnodes "
-                         "is 1: there is nothing to shard it across; raise train.nproc or use 'ddp'",
-                         key="train.strategy")
-    if world == 1:
-        return
-    if sparse_stage(cfg) and cfg.sparsity.method != "static":
-        raise InputError(f"sparsity.method = {cfg.sparsity.method!r} runs on one process for now (a mask update would "
-                         "have to change every rank's masks and its DDP/FSDP buckets alike); use train.nproc = 1",
-                         key="sparsity.method")
-    _check_processes(tc)
-    if tc.nnodes > 1 and not tc.rdzv_endpoint:
-        raise InputError(f"train.nnodes is {tc.nnodes}: the machines need a meeting point; set train.rdzv_endpoint "
-                         "= 'HOST:PORT' of one of them (the same on every machine)", key="train.rdzv_endpoint")
-    if tc.rdzv_endpoint:
-        check_rendezvous(tc.rdzv_endpoint, tc.nnodes)
-
-
-def _check_processes(tc) -> None:
+    tc = cfg.train
     cuda = tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available())
-    if cuda:
-        n = torch.cuda.device_count()
-        if tc.nproc > n:
-            raise InputError(f"train.nproc is {tc.nproc} but this machine has {n} GPU{'s' if n != 1 else ''}; "
-                             "one process per GPU", key="train.nproc")
-        return
-    cores = usable_cores()
-    if tc.nproc > cores:
-        raise InputError(f"train.nproc is {tc.nproc} but this machine has {cores} CPU core{'s' if cores != 1 else ''} "
-                         "available; each process needs at least one", key="train.nproc")
-    if tc.threads and tc.threads * tc.nproc > cores:
-        raise InputError(f"train.threads = {tc.threads} for each of {tc.nproc} processes needs {tc.threads * tc.nproc} "
-                         f"cores and this machine has {cores}; lower train.threads (0 shares the cores out)",
-                         key="train.threads")
+    check_processes(cfg, torch.cuda.device_count() if cuda else 0, resuming)
+    if world_size(cfg) > 1 and tc.rdzv_endpoint:
+        check_rendezvous(tc.rdzv_endpoint, tc.nnodes)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

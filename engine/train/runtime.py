@@ -3,7 +3,6 @@ every stage; and the random-number state a checkpoint carries so a resumed run r
 uninterrupted one."""
 from __future__ import annotations
 
-import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import torch
 
 from engine.core.config import TrainConfig
 from engine.core.errors import InputError
+from engine.core.machine_checks import usable_cores
 from engine.train.distributed import Group, from_environment
 from engine.train.memory import keep_freed_memory
 from engine.train.precision import Precision, choose_precision
@@ -62,13 +62,6 @@ def start_runtime(tc: TrainConfig, precision: Precision | None = None) -> Runtim
     random.seed(tc.seed)
     np.random.seed(tc.seed % 2**32)
     return Runtime(device, precision, group)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def rng_state() -> dict:
