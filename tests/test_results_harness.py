@@ -92,7 +92,10 @@ def _ms(xs: list[float]) -> str:
 
 
 def _last_dev(db: RunDB, run_id: str) -> dict:
-    return [e for e in db.evaluations(run_id) if e["split"] == "dev"][-1]
+    """The dev evaluation of the model the run keeps: its best epoch's where it recorded one, else its last."""
+    dev = [e for e in db.evaluations(run_id) if e["split"] == "dev"]
+    best = ((db.get_run(run_id).get("meta") or {}).get("best_checkpoint") or {}).get("step")
+    return next((e for e in reversed(dev) if e["step"] == best), dev[-1])
 
 
 def test_downstream_harness_on_a_tiny_database(tmp_path):

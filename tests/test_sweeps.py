@@ -172,7 +172,10 @@ def test_a_grid_over_parent_queues_the_same_recipe_from_each_parent(db_path, cap
     assert main(["queue", "pause", "--db", str(db_path)]) == 0  # queued, not run
     rc = main(["sweep", "finetune-hoc", "--db", str(db_path), "--grid", f"parent={a},{b}", "--grid", "train.seed=1,2",
                "--set", "task.train=hoc/train.jsonl", "--set", "task.dev=hoc/dev.jsonl", "--name", "from-parents"])
-    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    # a by-epochs preset's points count epochs (their steps come from the examples when they start)
+    assert f"  parent={a} seed=1: 4 epochs\n" in out.out and " steps" not in out.out
     entries = Queue(db).entries()
     assert [(e["point"]["parent"], e["point"]["train.seed"]) for e in entries] == [(a, 1), (a, 2), (b, 1), (b, 2)]
     assert [e["label"] for e in entries] == [f"parent={a} seed=1", f"parent={a} seed=2", f"parent={b} seed=1",

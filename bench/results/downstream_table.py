@@ -4,8 +4,10 @@
 
 Reads the sweeps bench/results/downstream.sh queues (by name, see SWEEPS) through engine.orchestrate (the
 queue's entries, engine.orchestrate.study for the parents) and the store's run and evaluation rows; no SQL
-of its own. A run's score is its last development evaluation (the Study tab's rule), and its baselines
-(majority, tfidf_lr, zero_shot) are the ones stored with that evaluation. Runs are grouped by what they
+of its own. A run's score is the development evaluation of the model it keeps: the best epoch's with
+train.epochs or early stopping (what `mediswift eval` and export-hf use; the epoch is chosen on the same dev
+data, as the decision thresholds are), else its last; its baselines (majority, tfidf_lr, zero_shot) are the
+ones stored with that evaluation. Runs are grouped by what they
 start from: the parent's sparsity (dense / 50 % / 75 %), or "random init" for train.init = random.
 
 Means count the runs that completed with a score; the others (waiting, running, failed, crashed, stopped,
@@ -132,7 +134,10 @@ class Study:
             evals = self.db.evaluations(run["id"])
             dev = [ev for ev in evals if ev["split"] == "dev"]
             if dev:
-                last = dev[-1]
+                # the model the run keeps (its best evaluation's checkpoint with train.epochs or early
+                # stopping, else its last): what `mediswift eval` and export-hf use
+                best = ((run.get("meta") or {}).get("best_checkpoint") or {}).get("step")
+                last = next((ev for ev in reversed(dev) if ev["step"] == best), dev[-1])
                 spec = TASKS.get(last["task"])
                 metric = spec.headline[0] if spec else None
                 r.update(task=last["task"], metric=metric, score=last["metrics"].get(metric) if metric else None,

@@ -93,13 +93,14 @@ def cmd_sweep(args) -> int:
         queue.set_parallel(args.parallel)
     out = {"sweep": {"id": sweep_id, "name": name}, "entries": ids,
            "points": [{"label": p.label, "values": p.values, "max_steps": p.cfg.train.max_steps,
+                       "epochs": p.cfg.train.epochs if _by_epochs(p) else 0,
                        "planned_flops": p.planned_flops or None} for p in plan.points]}
     if not args.json:
         print(f"sweep {sweep_id} ({name}): {len(plan.points)} run(s)" + (f", {len(ids) - len(plan.points)} chained"
                                                                          if len(ids) > len(plan.points) else "")
               + (f", each {plan.budget:.4g} training FLOPs" if plan.budget else "") + f"; queue entries {ids[0]}–{ids[-1]}")
         for p in plan.points:
-            print(f"  {p.label}: {p.cfg.train.max_steps} steps" + (f", {p.planned_flops:.4g} FLOPs" if p.planned_flops else ""))
+            print(f"  {p.label}: {_length(p)}" + (f", {p.planned_flops:.4g} FLOPs" if p.planned_flops else ""))
         sys.stdout.flush()
     if args.wait:
         try:
@@ -231,3 +232,16 @@ def cmd_queue_work(args) -> int:
         return 0
     QueueRunner(db, say=lambda m: print(time.strftime("%H:%M:%S ") + m, flush=True)).work(forever=args.forever)
     return 0
+
+
+def _by_epochs(p) -> bool:
+    """The point's run counts train.epochs (its steps come from the task's examples when it starts), as
+    engine.train.plan decides: a train.max_steps given with --set, a grid or a FLOP budget turns them off."""
+    given = {kv.split("=", 1)[0].strip() for kv in p.sets}
+    return bool(p.cfg.train.epochs) and not p.planned_flops and "train.max_steps" not in given
+
+
+def _length(p) -> str:
+    tc = p.cfg.train
+    return f"{tc.epochs} epoch{'s' if tc.epochs != 1 else ''}" if _by_epochs(p) else f"{tc.max_steps} steps"
+
