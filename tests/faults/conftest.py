@@ -18,6 +18,20 @@ def record():
     return note
 
 
+def pytest_sessionfinish(session):
+    """Under xdist (the default -n 2) each worker hands its tally to the controller, which prints the table."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["fault_tally"] = {category: list(counts) for category, counts in TALLY.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for category, (tried, held) in (getattr(node, "workeroutput", None) or {}).get("fault_tally", {}).items():
+        TALLY[category][0] += tried
+        TALLY[category][1] += held
+
+
 def pytest_terminal_summary(terminalreporter):
     if not TALLY:
         return
