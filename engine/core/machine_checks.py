@@ -1,4 +1,4 @@
-"""What this machine can run, without torch: its usable cores, its NVIDIA GPUs (from /dev), and the
+"""What this machine can run, without torch: its usable cores, memory and NVIDIA GPUs (from /dev), and the
 checks of a run's processes against them. ``mediswift train`` (engine.train.group.check_group) and a
 sweep, before it queues a point (engine.orchestrate.sweep), refuse the same configs with the same words."""
 from __future__ import annotations
@@ -15,6 +15,19 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def available_memory() -> int:
+    """Bytes this machine has available (MemAvailable): what `train`'s and `import-hf`'s memory checks
+    compare a need with (8 GiB where /proc/meminfo cannot be read)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
 
 
 def gpu_count() -> int | None:

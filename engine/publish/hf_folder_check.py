@@ -30,6 +30,7 @@ from pathlib import Path
 
 from engine.core.config import from_dict
 from engine.core.errors import InputError
+from engine.core.machine_checks import available_memory
 from engine.core.registry import PRETRAIN
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE
 
@@ -101,19 +102,6 @@ def _fail(path: Path | str, problem: str) -> InputError:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0][:200] if text else "") or type(e).__name__
-
-
-def available_memory() -> int:
-    """Bytes this machine has available (MemAvailable), as engine.train.estimate.available_memory
-    counts them for `train`'s memory check (the layers keep publish from importing train)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 8 << 30
 
 
 # -- files ------------------------------------------------------------------------------------------

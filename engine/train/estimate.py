@@ -10,6 +10,7 @@ import torch
 
 from engine.core import registry
 from engine.core.config import RunConfig
+from engine.core.machine_checks import available_memory
 from engine.model.flops import flop_model_for_config
 from engine.model.gpt import GPT
 from engine.model.sparsity import apply_sparsity
@@ -17,17 +18,6 @@ from engine.train.optim import make_optimizer
 from engine.train.precision import choose_precision
 from engine.train.runtime import Runtime
 from engine.train.step import lm_micro_batch, train_step
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def sparse_stage(cfg: RunConfig) -> bool:

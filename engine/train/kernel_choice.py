@@ -56,7 +56,7 @@ def dense_path_bytes(layers: dict, precision: str) -> int:
 def dense_path_too_big(layers: dict, precision: str, available: int | None = None, reserve: int = 0) -> str:
     """Why the dense candidate must not run (it would not fit in free memory beside the ``reserve``
     bytes the step needs anyway: activations and logits), or ''."""
-    from engine.train.estimate import available_memory
+    from engine.core.machine_checks import available_memory
 
     need = dense_path_bytes(layers, precision) + reserve
     have = available_memory() if available is None else available

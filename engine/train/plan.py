@@ -31,7 +31,8 @@ from engine.store.rundb import RunDB
 from engine.tasks import get_task
 from engine.tasks.base import Encoder, ExampleLoader
 from engine.train.child import child_config
-from engine.train.estimate import StepShape, available_memory, estimate
+from engine.core.machine_checks import available_memory
+from engine.train.estimate import StepShape, estimate
 from engine.train.group import check_group, in_group, world_size
 from engine.train.identity import continues_import
 from engine.train.metrics import check_reporters
