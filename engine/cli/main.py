@@ -5,7 +5,9 @@ a command module imports the engine's heavier layers (torch) inside the command,
 the light commands start fast.
 
 Exit codes: 0 success (a stopped run included), 1 internal failure, 2 bad input (one clear line on
-stderr naming the field or file, plus an ``error`` event on stdout for commands that stream events).
+stderr naming the field or file, plus an ``error`` event on stdout for commands that stream events),
+3 a file-system or disk error (a full disk, the file-size limit, a read-only or immutable folder: one
+line naming the path and the errno; a run it hits ends ``failed`` with that line as its error).
 """
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ from engine.cli import (  # noqa: E402
     sweep_cmd,
     train_cmd,
 )
-from engine.core.errors import EXIT_BAD_INPUT, error_line  # noqa: E402
-from engine.core.errors import InputError  # noqa: E402
+from engine.core.errors import EXIT_BAD_INPUT, EXIT_IO_ERROR, error_line  # noqa: E402
+from engine.core.errors import FileSystemError, InputError  # noqa: E402
 from engine.core.events import EventWriter  # noqa: E402
 from engine.core.paths import default_db_path  # noqa: E402
 from engine.store import DatabaseError  # noqa: E402
+from engine.store.rundb import disk_fault  # noqa: E402
 
 # in the order `mediswift --help` lists them
 COMMANDS = (train_cmd, runs_cmd, inspect_cmd, metrics_cmd, estimate_cmd, checkpoints_cmd, config_cmd,
@@ -50,8 +53,14 @@ def with_db(sp: argparse.ArgumentParser, db: bool = True) -> argparse.ArgumentPa
     return sp
 
 
+EXIT_CODES = ("exit codes: 0 success (a stopped run included), 1 internal failure (the run holds the error), "
+              "2 bad input (one line naming the field or file), 3 a file-system or disk error (one line naming "
+              "the path and the errno), 130 interrupted")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mediswift", description="MediSwift engine: sparse pre-training of domain GPT models.")
+    p = argparse.ArgumentParser(prog="mediswift", description="MediSwift engine: sparse pre-training of domain GPT models.",
+                                epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub, with_db)
@@ -69,12 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         if streams_events:
             EventWriter().emit("error", message=str(e), key=getattr(e, "key", None) or None, path=getattr(e, "path", None))
         return EXIT_BAD_INPUT
-    except DatabaseError as e:  # a damaged or foreign file where the run database should be
-        db = getattr(args, "db", None) or default_db_path()
-        error_line(f"the run database {db} is damaged or not a run database ({e})")
-        return EXIT_BAD_INPUT
     except BrokenPipeError:
         return 0
+    except (DatabaseError, OSError) as e:
+        db = getattr(args, "db", None) or default_db_path()
+        fault = disk_fault(e, db)  # a full disk, the file-size limit, a read-only folder: the path and errno
+        if fault is None and isinstance(e, OSError):
+            fault = FileSystemError.of(e, action="read or write")
+        if fault is not None:
+            error_line(str(fault))
+            if streams_events:
+                EventWriter().emit("error", message=str(fault), key=None, path=fault.filename)
+            return EXIT_IO_ERROR
+        # a damaged or foreign file where the run database should be
+        error_line(f"the run database {db} is damaged or not a run database ({e})")
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -12,16 +12,18 @@ to convert them (``mediswift migrate-checkpoints RUN_ID``, which asks before tru
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.core.errors import InputError
+from engine.core.errors import FileSystemError, InputError
 
 FORMAT = 3  # 3: bool tensors as bits, masked weights as their nonzeros (2 is read alike)
 SUFFIX = ".safetensors"
@@ -114,10 +116,16 @@ def _decode(obj, tensors):
 
 
 def save_checkpoint(state: dict, path: Path) -> int:
-    """Write ``state`` atomically to ``path``; returns its size in bytes."""
+    """Write ``state`` atomically to ``path``; returns its size in bytes. A file system that refuses
+    it (full, the file-size limit, read-only) raises FileSystemError naming ``path`` and the errno,
+    and no temporary file is left."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileSystemError.of(e, path.parent) from None
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_encode({**state, "format": FORMAT}, tensors, set()))
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temporary file
@@ -126,9 +134,16 @@ def save_checkpoint(state: dict, path: Path) -> int:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        return path.stat().st_size
+    except OSError as e:
+        raise FileSystemError.of(e, path) from None
+    except SafetensorError as e:  # the Rust writer's I/O errors: "... (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        raise FileSystemError(int(m.group(1)) or errno.EIO, path) from None
     finally:
         tmp.unlink(missing_ok=True)
-    return path.stat().st_size
 
 
 def file_sha256(path: str | Path) -> str:

@@ -6,8 +6,10 @@ The engine process of a run is the only writer of that run's rows.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import secrets
 import socket
 import sqlite3
@@ -17,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
-from engine.core.errors import InputError
+from engine.core.errors import FileSystemError, InputError
 from engine.core.paths import default_db_path
 from engine.core.processes import pid_alive, process_start  # pid_alive: also importable from here, as before
 
@@ -29,6 +31,60 @@ PROMPT_ARTIFACT = "prompt"  # a soft prompt's vectors (a prompt run writes it)
 # deferred metric rows (the engine's per-step logging) are committed together at most this far apart; one
 # commit per step rewrites a leaf page of the (run, name, step) index per metric name and caps at ~45k rows/s
 FLUSH_S = 0.5
+# SQLite's primary result codes of a file system that refused the database's files (the database itself is intact)
+SQLITE_PERM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 3, 8, 10, 13, 14
+DISK_CODES = (SQLITE_PERM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN)
+
+
+def disk_fault(e: BaseException, db_path: str | Path | None = None) -> FileSystemError | None:
+    """A database error that is the file system's, not the file's (the disk is full, the file-size
+    limit is reached, the folder is read-only or immutable), as a FileSystemError naming the database
+    and the errno; None for anything else (a damaged or foreign file keeps its own message).
+    SQLite does not pass the errno on: it is read back from the file system (``probe_errno``)."""
+    if isinstance(e, FileSystemError):
+        return e
+    if isinstance(e, OSError):  # a file's (it names one) or the disk's; a closed pipe or socket is neither
+        storage = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EIO)
+        return FileSystemError.of(e) if storage or e.filename is not None else None
+    if not isinstance(e, sqlite3.Error):
+        return None
+    code = getattr(e, "sqlite_errorcode", None)
+    text = str(e).lower()
+    if code is not None:
+        if code & 0xFF not in DISK_CODES:
+            return None
+    elif not any(w in text for w in ("disk i/o error", "database or disk is full", "readonly database",
+                                      "unable to open database file")):
+        return None
+    path = Path(db_path) if db_path else default_db_path()
+    return FileSystemError(probe_errno(path, full=code is not None and code & 0xFF == SQLITE_FULL), path)
+
+
+def probe_errno(path: Path, full: bool = False) -> int:
+    """The errno a failed write of the database (``path``, with its -wal and -journal files) most likely
+    met: the file-size limit reached, no space left, a read-only file system, a folder or file it may
+    not write; EIO when none of these shows."""
+    files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-journal")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        for f in files:
+            try:
+                if f.stat().st_size + 8192 >= soft:
+                    return errno.EFBIG
+            except OSError:
+                pass
+    folder = path.parent if path.parent.exists() else Path(path.anchor or "/")
+    try:
+        st = os.statvfs(folder)
+        if st.f_flag & os.ST_RDONLY:
+            return errno.EROFS
+        if full or st.f_bavail * st.f_frsize < 65536:
+            return errno.ENOSPC
+    except OSError:
+        pass
+    if not os.access(folder, os.W_OK | os.X_OK) or any(f.exists() and not os.access(f, os.W_OK) for f in files):
+        return errno.EACCES if os.geteuid() != 0 else errno.EPERM
+    return errno.EIO
 
 
 def _m001_initial(db: sqlite_utils.Database) -> None:
@@ -153,10 +209,12 @@ class RunDB:
     def create_run(self, *, name: str, stage: str, config: dict, parent_id: str | None = None,
                    run_dir: str = "", versions: dict | None = None, run_id: str | None = None) -> str:
         run_id = run_id or secrets.token_hex(4)
+        pid = os.getpid()  # the creating process: a ``created`` row whose process is gone is reaped (reap_crashed)
         self.db["runs"].insert(
             {
                 "id": run_id, "name": name, "stage": stage, "parent_id": parent_id or None, "status": "created",
                 "config": json.dumps(config, sort_keys=True), "created_at": time.time(), "host": socket.gethostname(),
+                "pid": pid, "pid_start": process_start(pid),
                 "versions": json.dumps(versions or {}), "run_dir": run_dir, "summary": "{}", "meta": "{}",
                 "tags": "[]", "notes": "", "archived": 0,
             }
@@ -227,14 +285,43 @@ class RunDB:
             self.db.execute("DELETE FROM runs WHERE id = ?", [run_id])
 
     def reap_crashed(self) -> list[str]:
-        """Mark ``running``/``paused`` rows of this host whose process is gone as ``crashed``."""
+        """Mark ``running``/``paused`` rows of this host whose process is gone as ``crashed``, and
+        ``created`` rows whose creating process is gone (it died before the run started: nothing to
+        resume) as ``failed``."""
         host = socket.gethostname()
         crashed = []
-        for r in self.db.query("SELECT id, pid, pid_start, host FROM runs WHERE status IN ('running', 'paused')"):
-            if r["host"] == host and not pid_alive(r["pid"], r["pid_start"]):
-                self.set_status(r["id"], "crashed", error="the engine process ended without finishing the run")
+        for r in self.db.query("SELECT id, status, pid, pid_start, host FROM runs "
+                               "WHERE status IN ('created', 'running', 'paused')"):
+            if r["host"] != host or (r["status"] == "created" and not r["pid"]):
+                continue  # another machine's, or a created row of an older version (no pid recorded)
+            if not pid_alive(r["pid"], r["pid_start"]):
+                if r["status"] == "created":
+                    self.set_status(r["id"], "failed", error="the engine process ended before the run started")
+                else:
+                    self.set_status(r["id"], "crashed", error="the engine process ended without finishing the run")
                 crashed.append(r["id"])
         return crashed
+
+    def record_failure(self, run_id: str, status: str, error: str) -> bool:
+        """End a run whose process met a disk fault: its status and error, written even when the
+        database's own writes just failed (the pending rows are dropped, a truncating WAL checkpoint
+        gives back what the write-ahead log held and the write is tried again). False when the file
+        system still refuses it (the next command then reaps the run)."""
+        self._pending = []
+        for attempt in range(2):
+            try:
+                if self.db.conn.in_transaction:
+                    self.db.conn.rollback()
+                self.set_status(run_id, status, error=error)
+                return True
+            except sqlite3.Error:
+                if attempt:
+                    return False
+                try:
+                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:
+                    pass
+        return False
 
     # -- metrics -----------------------------------------------------------------------------------
     def log_metrics(self, run_id: str, step: int, tokens: int, wall_time: float, flops: float,

@@ -64,10 +64,16 @@ class Checkpointer:
             if self.best.best_step == c.step:
                 self.best.best_path = str(path)
             state["best_eval"] = self.best.state()
+        existed = path.exists()
         nbytes = save_checkpoint(state, path)
-        self.report.checkpoint_saved(c.step, c.tokens, str(path), nbytes, final, file_sha256(path),
-                                     keep=run.cfg.train.keep_checkpoints,
-                                     **({"best_step": self.best.best_step} if keeping else {}))
+        try:
+            self.report.checkpoint_saved(c.step, c.tokens, str(path), nbytes, final, file_sha256(path),
+                                         keep=run.cfg.train.keep_checkpoints,
+                                         **({"best_step": self.best.best_step} if keeping else {}))
+        except BaseException:
+            if not existed:  # its row could not be written (a disk fault, say): no file without a row
+                path.unlink(missing_ok=True)
+            raise
         return str(path), nbytes
 
     def restore(self, ck: dict, path: str) -> None:

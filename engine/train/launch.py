@@ -1,8 +1,9 @@
 """Running a prepared plan (engine.train.plan): in this process, or as a process group.
 
-``run_plan`` returns the run's exit code: 0 completed or stopped, 1 failed, 2 bad input, 130
-interrupted twice. Whatever happens after the run's row exists is recorded on the run (its status
-and error) by the reporter, and said once: by rank 0 in a group.
+``run_plan`` returns the run's exit code: 0 completed or stopped, 1 failed, 2 bad input, 3 a
+file-system or disk error (a full disk, the file-size limit, a read-only folder: one line naming the
+path and the errno), 130 interrupted twice. Whatever happens after the run's row exists is recorded
+on the run (its status and error) by the reporter, and said once: by rank 0 in a group.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from engine.core import registry
-from engine.core.errors import EXIT_BAD_INPUT, InputError, error_line
+from engine.core.errors import EXIT_BAD_INPUT, EXIT_IO_ERROR, FileSystemError, InputError, error_line
 from engine.core.events import EventWriter
-from engine.store.rundb import RunDB
+from engine.store import DatabaseError
+from engine.store.rundb import RunDB, disk_fault
 from engine.train.control import Control
 from engine.train.distributed import from_environment
 from engine.train.group import in_group, launch, record_run_id
@@ -50,7 +52,11 @@ def run_stage(plan: RunPlan, run: RunIdentity, report: Reporter, control: Contro
 
 def run_here(plan: RunPlan) -> int:
     """The whole run in this process."""
-    report = _open_run(plan)
+    try:
+        report = _open_run(plan)
+    except FileSystemError as e:  # the row is failed with it already (or was never written)
+        say_error(e, event=True)
+        return EXIT_IO_ERROR
     run = RunIdentity(report.run_id, report.run_dir, plan.cfg, plan.parent)
     control = Control()
     control.install()
@@ -65,6 +71,11 @@ def run_here(plan: RunPlan) -> int:
         report.fail("interrupted twice; stopped without a final checkpoint", status="stopped")
         return 130
     except Exception as e:  # noqa: BLE001 - record any failure before exiting
+        fault = disk_fault(e, plan.db_path)
+        if fault is not None:  # the file system refused a write: the run fails with the path and errno
+            report.fail(str(fault), path=fault.filename)
+            say_error(fault)
+            return EXIT_IO_ERROR
         report.error(traceback.format_exc())
         report.fail(f"{type(e).__name__}: {e}")
         return 1
@@ -82,10 +93,10 @@ def run_rank(plan: RunPlan) -> int:
     if group.is_writer:
         try:
             report = _open_run(plan)
-        except InputError as e:
+        except (InputError, FileSystemError) as e:
             group.broadcast((None, None))  # the others end too
             say_error(e, event=True)
-            return EXIT_BAD_INPUT
+            return EXIT_IO_ERROR if isinstance(e, FileSystemError) else EXIT_BAD_INPUT
         record_run_id(report.run_id)
         group.broadcast((report.run_id, str(report.run_dir)))
         run = RunIdentity(report.run_id, report.run_dir, cfg, plan.parent)
@@ -108,6 +119,11 @@ def run_rank(plan: RunPlan) -> int:
         return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - record any failure before exiting
         text = str(e)
+        fault = None if not group.is_writer else disk_fault(e, plan.db_path)
+        if fault is not None:  # rank 0's file system refused a write: the run fails with the path and errno
+            report.fail(str(fault), path=fault.filename)
+            say_error(fault)
+            return EXIT_IO_ERROR
         lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(w in text for w in LOST_GROUP))
         if not lost:
             report.error(traceback.format_exc())
@@ -129,17 +145,26 @@ def run_rank(plan: RunPlan) -> int:
 
 def _open_run(plan: RunPlan) -> RunReporter:
     """The run's row and folder (a resume claims its row): from here on the run exists."""
-    report = RunReporter(RunDB(plan.db_path), EventWriter(), plan.cfg, Path(plan.runs_dir),
-                         resume_id=plan.resume.run_id if plan.resume else None)
+    try:
+        report = RunReporter(RunDB(plan.db_path), EventWriter(), plan.cfg, Path(plan.runs_dir),
+                             resume_id=plan.resume.run_id if plan.resume else None)
+    except DatabaseError as e:  # the database's file system refused the row (a damaged file keeps its message)
+        fault = disk_fault(e, plan.db_path)
+        if fault is None:
+            raise
+        raise fault from None
     for note in plan.notes:
         report.info(note)
     return report
 
 
-def say_error(e: InputError, event: bool = False) -> None:
-    """The one stderr line of bad input (``mediswift: error: ...``); for an error found before the run
-    existed (``event``), also the ``error`` event a reader of stdout waits for (the reporter sends
-    it once the run exists)."""
+def say_error(e: InputError | FileSystemError, event: bool = False) -> None:
+    """The one stderr line of bad input or a file-system error (``mediswift: error: ...``); for an
+    error found before the run existed (``event``), also the ``error`` event a reader of stdout waits
+    for (the reporter sends it once the run exists)."""
     error_line(str(e))
     if event:
-        EventWriter().emit("error", message=str(e), key=e.key or None, path=e.path)
+        if isinstance(e, FileSystemError):
+            EventWriter().emit("error", message=str(e), key=None, path=e.filename)
+        else:
+            EventWriter().emit("error", message=str(e), key=e.key or None, path=e.path)

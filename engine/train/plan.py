@@ -13,8 +13,10 @@ plan: the group's checks are the user's torchrun's.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 
 from engine.core import registry
 from engine.core.config import RunConfig, from_dict, load_config, load_toml, parse_overrides
-from engine.core.errors import InputError
+from engine.core.errors import FileSystemError, InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
 from engine.data.corpus import check_corpus_spec
 from engine.model.checkpoint import load_checkpoint
@@ -115,8 +117,35 @@ def prepare_run(request: RunRequest, db: RunDB) -> RunPlan:
         if spec.trains and not request.ignore_memory_check:
             check_memory(cfg, parent)
     runs_dir = Path(request.runs_dir) if request.runs_dir else default_runs_dir(db.path)
+    if resume is not None:  # its checkpoints go to its own folder
+        check_writable_folder(Path((db.get_run(resume.run_id) or {}).get("run_dir") or runs_dir))
+    else:
+        check_writable_folder(runs_dir)
     return RunPlan(cfg, str(db.path), str(runs_dir), world=world_size(cfg) if spec.trains else 1,
                    precision=precision, parent=parent, resume=resume, notes=notes)
+
+
+def check_writable_folder(folder: Path) -> None:
+    """The folder run folders (or a resumed run's checkpoints) go to can be written: it, or the
+    nearest folder above it that exists, takes a new file (created and removed at once: a read-only or
+    immutable folder, a read-only file system). A file in its place, or where a folder above it
+    should be, is refused too. FileSystemError naming the folder and the errno; nothing is left."""
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link where the folder goes
+            raise FileSystemError(errno.ENOENT, probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileSystemError(errno.ENOTDIR, folder)  # it, or a folder above it, is a file
+    try:
+        fd, name = tempfile.mkstemp(prefix=".mediswift-write-check-", dir=probe)
+    except OSError as e:
+        raise FileSystemError.of(e, folder) from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def _resume(db: RunDB, run_id: str, overrides: dict, check_status: bool) -> tuple[RunConfig, Resume, str | None]:
@@ -165,7 +194,7 @@ def check_inputs(cfg: RunConfig, db: RunDB) -> tuple[RunRef | None, Precision | 
     behind); returns the parent and the precision the run will train in."""
     spec = registry.stage(cfg.stage)
     if spec.reads_corpus or not registry.task(cfg.task.name).labelled:
-        check_corpus_spec(cfg.data.corpus)
+        check_corpus_spec(cfg.data.corpus, cfg.data.text_field)  # every source opened, its first records read
     parent = check_parent(db, cfg)
     if not spec.trains:
         return parent, None

@@ -19,8 +19,10 @@ from typing import Protocol
 
 from engine import __version__
 from engine.core.config import RunConfig
+from engine.core.errors import FileSystemError
 from engine.core.events import EventWriter
-from engine.store.rundb import RunDB, pid_alive
+from engine.store import DatabaseError
+from engine.store.rundb import RunDB, disk_fault, pid_alive
 from engine.train.metrics import EventSink, MetricsLogger, Point, ProgressBar, TensorBoardSink
 
 VERSIONED = ("torch", "numpy", "tokenizers", "datasets", "numba", "sqlite_utils")
@@ -109,15 +111,32 @@ class RunReporter:
             self.run_id = db.create_run(name=cfg.name or cfg.stage, stage=cfg.stage, config=cfg.to_dict(),
                                         parent_id=cfg.parent or None, versions=package_versions())
             self.run_dir = Path(runs_dir).expanduser().resolve() / self.run_id
-            db.update_run(self.run_id, run_dir=str(self.run_dir))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log = self._make_logger()
+        try:
+            if not resume_id:
+                db.update_run(self.run_id, run_dir=str(self.run_dir))
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.log = self._make_logger()
+            except OSError as e:
+                raise FileSystemError.of(e, self.run_dir) from None
+        except (OSError, DatabaseError) as e:
+            # the folder or the row could not be written (prepare_run checked the runs folder; the disk
+            # filled since, say): the run ends failed with the reason now, never left ``created``
+            fault = disk_fault(e, db.path)
+            if fault is None:
+                raise
+            if resume_id:
+                prev = self.resumed_from or {}
+                db.record_failure(self.run_id, prev.get("status") or "crashed", str(fault))
+            else:
+                db.record_failure(self.run_id, "failed", str(fault))
+            raise fault from None
 
     def _make_logger(self) -> logging.Logger:
         log = logging.getLogger(f"mediswift.run.{self.run_id}")
         log.setLevel(logging.INFO)
         log.propagate = False
-        fh = logging.FileHandler(self.run_dir / "engine.log", encoding="utf-8")
+        fh = QuietFileHandler(self.run_dir / "engine.log", encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
         err = logging.StreamHandler(sys.stderr)
@@ -206,20 +225,39 @@ class RunReporter:
 
     def fail(self, message: str, key: str | None = None, path: str | None = None, status: str = "failed") -> None:
         prev = self.resumed_from
-        if prev is not None and not self.trained and status == "failed":
-            # a resume that failed before training leaves the run as it was (status and stored config)
-            status = prev["status"]
-            self.db.update_run(self.run_id, config=prev["config"], pid=prev["pid"], pid_start=prev["pid_start"])
-        self.db.set_status(self.run_id, status, error=message)
+        try:
+            if prev is not None and not self.trained and status == "failed":
+                # a resume that failed before training leaves the run as it was (status and stored config)
+                status = prev["status"]
+                self.db.update_run(self.run_id, config=prev["config"], pid=prev["pid"], pid_start=prev["pid_start"])
+            self.db.set_status(self.run_id, status, error=message)
+        except DatabaseError as e:
+            if disk_fault(e, self.db.path) is None:
+                raise
+            # the database's own writes fail (a full disk, the file-size limit): the status goes in
+            # after the pending rows are dropped and the write-ahead log is given back
+            self.db.record_failure(self.run_id, status, message)
         self.log.error("error: " + message)
         self.events.emit("error", run_id=self.run_id, message=message, key=key, path=path)
         self.events.emit("run_finished", run_id=self.run_id, status=status, step=-1, summary={})
 
     def close(self) -> None:
-        self.db.flush_metrics()
+        try:
+            self.db.flush_metrics()
+        except DatabaseError as e:
+            if disk_fault(e, self.db.path) is None:
+                raise  # (rows that a disk fault refused are lost; the run already says why it ended)
         for h in list(self.log.handlers):
             h.close()
             self.log.removeHandler(h)
+
+
+class QuietFileHandler(logging.FileHandler):
+    """``engine.log``: a line the file system refuses (a full disk) is dropped, not a logging traceback
+    on stderr; the run's one error line says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class NullReporter:
