@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatabaseError, OSError) as e:
         db = getattr(args, "db", None) or default_db_path()
         fault = disk_fault(e, db)  # a full disk, the file-size limit, a read-only folder: the path and errno
-        if fault is None and isinstance(e, OSError):
-            fault = FileSystemError.of(e, action="read or write")
+        if isinstance(e, OSError) and (fault is None or fault.filename in (None, "?")):
+            # a write that names no file (a full disk under an export): the file the command writes
+            fault = FileSystemError.of(e, e.filename or getattr(args, "out", None) or None,
+                                       action="write" if getattr(args, "out", None) else "read or write")
         if fault is not None:
             error_line(str(fault))
             if streams_events:

@@ -283,7 +283,7 @@ def test_a_full_file_system_during_a_run_and_an_export(tmp_path, small_fs, small
     out = small_fs / "metrics.csv"
     rc, err = _main(capsys, "export", _runs(db)[0]["id"], "--format", "csv", "--out", str(out), "--db", str(db))
     leftovers = [p.name for p in small_fs.iterdir() if p.name not in ("filler", "runs.db", "runs.db-wal", "runs.db-shm", "runs")]
-    held = _one_line(rc, err, EXIT_IO_ERROR, "(ENOSPC)") and not leftovers
+    held = _one_line(rc, err, EXIT_IO_ERROR, str(small_fs), "(ENOSPC)") and not leftovers
     assert record("disk: full tmpfs during an export: exit 3, no partial file", held), (rc, err, leftovers)
 
 
