@@ -27,7 +27,7 @@ WRITES = {
               "log_metrics", "insert_metric_rows", "truncate_metrics", "add_evaluation", "add_checkpoint",
               "replace_checkpoint_file", "delete_checkpoint", "add_artifact"),
     "Queue": ("add", "set_paused", "set_parallel", "move", "cancel", "claim_runner", "heartbeat", "release_runner",
-              "ready", "mark_started", "set_run", "finish", "create_sweep"),
+              "ready", "claim", "record_engine", "mark_running", "settle_starts", "set_run", "finish", "create_sweep"),
 }
 RUN_STORE = "studio/models/run_store.py"
 

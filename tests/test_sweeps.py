@@ -180,8 +180,8 @@ def test_a_grid_over_parent_queues_the_same_recipe_from_each_parent(db_path, cap
     assert [(e["point"]["parent"], e["point"]["train.seed"]) for e in entries] == [(a, 1), (a, 2), (b, 1), (b, 2)]
     assert [e["label"] for e in entries] == [f"parent={a} seed=1", f"parent={a} seed=2", f"parent={b} seed=1",
                                              f"parent={b} seed=2"]
-    for e in entries:  # the engine started for each entry gets its parent as a --set
-        assert f"parent={e['point']['parent']}" in e["sets"] and "task.train=hoc/train.jsonl" in e["sets"]
+    for e in entries:  # the engine started for each entry gets its parent as a --set, and its paths absolute
+        assert f"parent={e['point']['parent']}" in e["sets"] and f"task.train={Path('hoc/train.jsonl').resolve()}" in e["sets"]
 
 
 @pytest.mark.quick

@@ -16,7 +16,7 @@ from pathlib import Path
 from engine.cli.common import open_db
 from engine.core.errors import InputError
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
-from engine.orchestrate.queue import ENDED, RUNNING, WAITING, Queue, check_parallel, describe
+from engine.orchestrate.queue import ENDED, RUNNING, STARTING, WAITING, Queue, check_parallel, describe
 from engine.orchestrate.runner import QueueRunner, ensure_runner, work_until_done
 from engine.orchestrate.sweep import (check_parents, check_sweep_name, check_then, default_name, parent_vocab, plan_sweep,
                                       queue_sweep)
@@ -180,7 +180,7 @@ def cmd_queue_list(args) -> int:
     for r in rows:
         sweep = sweeps.get(r["sweep_id"], "")
         print(f"{r['id']:>5} {r['status']:10} {r['run_id'] or '-':9} {sweep[:20]:20} {r['label'] or r['config_name']}"
-              + (f"  ({r['error']})" if r["error"] and r["status"] not in ("completed", WAITING, RUNNING) else ""))
+              + (f"  ({r['error']})" if r["error"] and r["status"] not in ("completed", WAITING, STARTING, RUNNING) else ""))
     return 0
 
 
@@ -210,7 +210,7 @@ def cmd_queue_cancel(args) -> int:
     if args.sweep:
         sweep = queue.sweep(args.sweep)
         ids += [e["id"] for e in queue.entries(include_ended=False, sweep_id=sweep["id"]) if e["after_id"] is None
-                or e["status"] == RUNNING]
+                or e["status"] in (STARTING, RUNNING)]
     if not ids:
         raise InputError("say which entries to cancel: ENTRY … or --sweep ID (see `mediswift queue list`)", key="entry")
     for line in queue.cancel(ids):

@@ -6,31 +6,50 @@ read and change the queue through this one module; its rows live in the run data
 
 An entry is one ``mediswift train`` to run later: a snapshot of its config file's text (so editing the
 file after queueing changes nothing), its ``--set`` overrides, its runs folder and working directory.
+Paths are made absolute when an entry is stored (``add``: the runs folder, and every path-valued ``--set``
+key, ``data.corpus`` and ``task.train``/``dev``/``splits``, against the entry's working directory), so
+where a runner or its engine runs never changes what an entry names.
 An entry may wait for another (``after_id``): it starts only once that one completed, with ``parent``
 set to that run (``mediswift sweep --then``); if that one ended otherwise it is skipped.
 
-Statuses: waiting → running → completed | stopped | failed | crashed, or cancelled / skipped without
-running. ``running`` with no ``run_id`` yet means the engine is starting. One runner works a database's
-queue at a time (a lease like a run's: pid + process start time in ``queue_state``).
+Statuses: waiting → starting → running → completed | stopped | failed | crashed, or cancelled / skipped
+without running. One runner works a database's queue at a time (a lease like a run's: pid + process start
+time in ``queue_state``), and an entry starts in two phases, so it never runs twice even if that runner
+is killed at any point or a second runner works the queue too:
+
+1. ``claim``: one write transaction takes a waiting entry for this runner (status ``starting``, the
+   runner's pid, process start time and host), only while it is waiting and the queue has room;
+2. the runner starts the engine held at a gate, records its pid (``record_engine``), then lets it go
+   and marks the entry ``running``. An engine whose runner dies before letting it go exits unstarted.
+
+``settle_starts`` (every ``ready()``) finishes a ``starting`` entry whose runner is gone: its engine
+alive or its run started (the run_started event in the entry's log): adopted, ``running``; otherwise it
+never ran and waits again.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
+from engine.core.config import field_docs, parse_value
 from engine.core.errors import InputError
 from engine.core.processes import pid_alive, process_start
-from engine.store.queue_rows import ENDED, RUNNING, WAITING, QueueStore
+from engine.store.queue_rows import ENDED, LIVE, RUNNING, STARTING, WAITING, QueueStore
 from engine.store.rundb import RunDB
 
 MAX_PARALLEL = 64
 HEARTBEAT_FRESH_S = 60  # a runner on another host counts as alive while its heartbeat is this recent
 
-__all__ = ["ENDED", "MAX_PARALLEL", "RUNNING", "WAITING", "Queue", "check_parallel", "describe"]
+GATE_MARK = "mediswift-queue-gate"  # in the command line of an engine still held at its gate (engine.orchestrate.runner)
+
+__all__ = ["ENDED", "LIVE", "MAX_PARALLEL", "RUNNING", "STARTING", "WAITING", "Queue", "absolute_sets",
+           "check_parallel", "describe", "started_run"]
 
 
 def check_parallel(n: int) -> None:
@@ -43,6 +62,68 @@ def describe(e: dict) -> dict[str, Any]:
     """The fields of an entry worth showing (``queue list --json``, the Queue view)."""
     return {k: e[k] for k in ("id", "position", "sweep_id", "label", "stage", "status", "run_id", "after_id",
                               "config_name", "sets", "error", "created_at", "started_at", "finished_at")}
+
+
+def _path_keys() -> dict[str, str]:
+    """Config keys whose values are paths (field metadata kind "path" or "corpus") -> their type name."""
+    return {k: info["type"] for k, info in field_docs().items() if info.get("kind") in ("path", "corpus")}
+
+
+def _absolute(value: str, cwd: str) -> str:
+    """A path as the engine would open it from ``cwd``; embedded corpora (``builtin:...``) and empty values
+    stay as they are."""
+    if not isinstance(value, str) or not value.strip() or value.startswith("builtin:"):
+        return value
+    return str((Path(cwd) / Path(value).expanduser()).resolve())
+
+
+def absolute_sets(sets: Iterable[str], cwd: str) -> list[str]:
+    """``--set`` items with path-valued keys (``data.corpus`` items, ``task.train``, ``task.dev``,
+    ``task.splits``) made absolute against ``cwd``; every other item as given."""
+    keys = _path_keys()
+    out = []
+    for item in sets:
+        key, eq, text = item.partition("=")
+        if not eq or key.strip() not in keys:
+            out.append(item)
+            continue
+        value = parse_value(text.strip())
+        if keys[key.strip()] == "str" and not isinstance(value, str):
+            value = text.strip()  # as parse_overrides reads a text key: bare text as typed (task.train=2024)
+        if isinstance(value, list):
+            fixed = [_absolute(v, cwd) for v in value]
+            out.append(item if fixed == value else f"{key.strip()}={json.dumps(fixed)}")
+        elif isinstance(value, str):
+            fixed = _absolute(value, cwd)
+            # bare text reads back as itself unless it parses as another TOML value: then quote it
+            out.append(item if fixed == value else
+                       f"{key.strip()}={fixed if parse_value(fixed) == fixed else json.dumps(fixed)}")
+        else:
+            out.append(item)  # not a path (a number, a boolean): the config refuses it, as given
+    return out
+
+
+def started_run(log_path: str | None) -> str | None:
+    """The run id from an engine's run_started event in its events log, once it has written it."""
+    if not log_path or not Path(log_path).is_file():
+        return None
+    with open(log_path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if '"run_started"' in line:
+                try:
+                    return json.loads(line).get("run_id")
+                except json.JSONDecodeError:
+                    return None
+    return None
+
+
+def _at_gate(pid: int) -> bool:
+    """Whether a process is an engine still held at its gate (its runner has not let it go)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return GATE_MARK.encode() in fh.read()
+    except OSError:
+        return False
 
 
 def _live_runner(state: dict) -> int | None:
@@ -103,7 +184,12 @@ class Queue:
         label, point, stage, after, an index into ``items`` of the entry to wait for). An entry that
         waits for another is placed right after it, so a grid point's chain finishes before the next
         point's (with one run at a time)."""
-        ids = self.rows.insert(list(items))
+        rows = []
+        for it in items:
+            cwd = str(Path(it.get("cwd") or os.getcwd()).expanduser().resolve())
+            rows.append({**it, "cwd": cwd, "runs_dir": _absolute(str(it["runs_dir"]), cwd),
+                         "sets": absolute_sets(it.get("sets") or [], cwd)})
+        ids = self.rows.insert(rows)
         self._renumber()
         return ids
 
@@ -164,7 +250,7 @@ class Queue:
             if e["status"] == WAITING:
                 self._end(e["id"], "cancelled", "cancelled before it started")
                 lines.append(f"entry {e['id']}: cancelled")
-            elif e["status"] == RUNNING:
+            elif e["status"] in (STARTING, RUNNING):  # a starting one is stopped once its engine is let go
                 self.rows.request_cancel(e["id"])
                 pid = self._run_pid(e)
                 if pid:
@@ -187,7 +273,7 @@ class Queue:
             run = self.db.get_run(e["run_id"])
             if run and run["status"] in ("running", "paused") and pid_alive(run["pid"], run["pid_start"]):
                 return run["pid"]
-        return e["pid"] if pid_alive(e["pid"], e["pid_start"]) else None
+        return e["pid"] if pid_alive(e["pid"], e["pid_start"]) and not _at_gate(e["pid"]) else None
 
     # -- the runner's side ------------------------------------------------------------------------
     def claim_runner(self) -> bool:
@@ -209,6 +295,7 @@ class Queue:
     def ready(self) -> list[dict]:
         """Waiting entries that may start now, in order (those that wait for an unfinished entry are
         left; those whose entry ended otherwise than completed are skipped here)."""
+        self.settle_starts()  # a start a dead runner left half done: adopted, or waiting again
         rows = self.entries()
         by_id = {r["id"]: r for r in rows}
         out = []
@@ -226,8 +313,48 @@ class Queue:
                 self._end(r["id"], "skipped", f"not started: the run it continues (entry {dep['id']}) ended {dep['status']}")
         return out
 
-    def mark_started(self, entry_id: int, pid: int, log_path: str) -> None:
-        self.rows.mark_started(entry_id, pid, process_start(pid), log_path)
+    def claim(self, e: dict, log_path: str) -> bool:
+        """Phase one of a start: this runner takes the waiting entry (status starting) if it is still
+        waiting and fewer than ``parallel`` entries are starting or running; False otherwise."""
+        me = os.getpid()
+        return self.rows.claim(e["id"], me, process_start(me), socket.gethostname(), log_path,
+                               self.rows.state()["parallel"])
+
+    def record_engine(self, entry_id: int, pid: int) -> bool:
+        """Phase two: the engine started (held at its gate) for an entry this runner claimed."""
+        return self.rows.record_engine(entry_id, os.getpid(), pid, process_start(pid))
+
+    def mark_running(self, entry_id: int) -> bool:
+        """The engine of this runner's starting entry was let go."""
+        return self.rows.mark_running(entry_id, os.getpid())
+
+    def _claimer_alive(self, e: dict) -> bool:
+        pid = e["runner_pid"]
+        if not pid:
+            return False
+        if e["runner_host"] and e["runner_host"] != socket.gethostname():
+            return _live_runner(self.rows.state()) == pid  # another machine's: while it holds the lease, fresh
+        return pid_alive(pid, e["runner_pid_start"])
+
+    def settle_starts(self) -> list[str]:
+        """Finish the starts a dead runner left half done (entries ``starting`` whose runner is gone):
+        one whose engine is alive or whose run started is adopted (``running``, watched by the runner
+        from now on); one whose engine never ran waits again. One line per entry settled."""
+        lines = []
+        for e in self.entries(include_ended=False):
+            if e["status"] != STARTING or self._claimer_alive(e):
+                continue
+            alive = pid_alive(e["pid"], e["pid_start"])  # first: once it is dead, its log is complete
+            if alive and _at_gate(e["pid"]):
+                continue  # its runner died before letting it go: it exits by itself, then this entry waits again
+            run_id = started_run(e["log_path"])
+            if run_id or alive:
+                if self.rows.mark_running(e["id"], e["runner_pid"], run_id):
+                    lines.append(f"entry {e['id']}: adopted its engine (pid {e['pid']})"
+                                 + (f", run {run_id}" if run_id else "") + f"; runner {e['runner_pid']} is gone")
+            elif self.rows.roll_back(e["id"], e["runner_pid"]):
+                lines.append(f"entry {e['id']}: waiting again (runner {e['runner_pid']} died before its engine ran)")
+        return lines
 
     def set_run(self, entry_id: int, run_id: str) -> None:
         self.rows.set_run(entry_id, run_id)

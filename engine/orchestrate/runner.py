@@ -7,11 +7,18 @@ folder's ``queue/`` (not a pipe): neither the studio closing nor this runner dyi
 runner adopts the runs an earlier one started by watching their rows, so the queue survives any of
 its processes crashing; a run whose engine died is marked crashed (the database's reaping) and the
 queue moves on.
+
+An entry starts in two phases (engine.orchestrate.queue): the runner claims it in the database, starts
+its engine held at a gate (a few lines of Python that wait for one byte on stdin, then exec the engine:
+same pid), records the engine's pid, and only then lets it go. Killed before that byte, the runner
+leaves an engine that reads end-of-file and exits without starting; killed after it, an engine whose
+pid is recorded, which the next runner adopts. ``MEDISWIFT_FAULT_RUNNER=after-claim|after-spawn|after-record``
+makes a runner SIGKILL itself at that point of a start (the fault suite's hook).
 """
 from __future__ import annotations
 
-import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,15 +26,32 @@ from pathlib import Path
 from typing import Callable
 
 from engine.core.processes import pid_alive
-from engine.orchestrate.queue import ENDED, RUNNING, Queue
+from engine.orchestrate.queue import ENDED, GATE_MARK, RUNNING, STARTING, Queue, started_run
 from engine.store.rundb import FINAL_STATUSES, RunDB
 
 POLL_S = 0.5
+FAULT_ENV = "MEDISWIFT_FAULT_RUNNER"  # after-claim | after-spawn | after-record: SIGKILL this runner there
+# the gate an engine waits at until its runner has recorded its pid: one byte "g" on stdin execs the engine
+# (argv[1:]) with stdin on /dev/null; end-of-file (the runner died) exits without starting it
+_GATE = (f"# {GATE_MARK}\n"
+         "import os, sys\n"
+         "if os.read(0, 1) != b'g':\n"
+         "    os._exit(0)\n"
+         "fd = os.open(os.devnull, os.O_RDONLY)\n"
+         "os.dup2(fd, 0)\n"
+         "os.close(fd)\n"
+         "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class QueueRunner:
     def __init__(self, db: RunDB, say: Callable[[str], None] = lambda line: None):
         self.db = db
+        self.db_path = Path(db.path).expanduser().resolve()  # the engine runs in the entry's folder, not ours
         self.queue = Queue(db)
         self.say = say
         self.children: dict[int, subprocess.Popen] = {}  # entry id -> engine process this runner started
@@ -38,6 +62,8 @@ class QueueRunner:
             while True:
                 self.queue.heartbeat()
                 self.db.reap_crashed()
+                for line in self.queue.settle_starts():
+                    self.say(line)
                 self.watch()
                 if not self.queue.state()["paused"]:
                     self.start_ready()
@@ -52,35 +78,58 @@ class QueueRunner:
     def _busy(self) -> bool:
         st = self.queue.state()
         live = self.queue.entries(include_ended=False)
-        running = [e for e in live if e["status"] == RUNNING]
+        running = [e for e in live if e["status"] in (STARTING, RUNNING)]
         return bool(running) or (not st["paused"] and bool(self.queue.ready()))
 
     # -- starting ---------------------------------------------------------------------------------
     def start_ready(self) -> None:
         parallel = self.queue.state()["parallel"]
-        running = sum(1 for e in self.queue.entries(include_ended=False) if e["status"] == RUNNING)
+        running = sum(1 for e in self.queue.entries(include_ended=False) if e["status"] in (STARTING, RUNNING))
         for e in self.queue.ready()[:max(0, parallel - running)]:
             self.launch(e)
 
-    def launch(self, e: dict) -> None:
+    def launch(self, e: dict) -> bool:
+        """Start one entry in two phases (claim, then the engine's pid recorded before it may start);
+        False when another runner took it first or the queue is full."""
         folder = Path(e["runs_dir"]) / "queue"
-        folder.mkdir(parents=True, exist_ok=True)
-        config = folder / f"entry-{e['id']}.toml"
-        config.write_text(e["config_text"], encoding="utf-8")
+        log = folder / f"entry-{e['id']}.events.jsonl"
+        if not self.queue.claim(e, str(log)):
+            return False
+        _fault("after-claim")
         sets = list(e["sets"])
         if e.get("parent_run"):
             sets.append(f"parent={e['parent_run']}")
-        cmd = [sys.executable, "-m", "engine", "train", str(config), "--db", str(self.db.path),
-               "--runs-dir", e["runs_dir"]]
-        for s in sets:
-            cmd += ["--set", s]
-        log = folder / f"entry-{e['id']}.events.jsonl"
-        with open(log, "wb") as out, open(folder / f"entry-{e['id']}.stderr.log", "wb") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=e["cwd"] or None,
-                                    start_new_session=True, env=_child_env())
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / f"entry-{e['id']}.toml"
+            config.write_text(e["config_text"], encoding="utf-8")
+            cmd = [sys.executable, "-m", "engine", "train", str(config), "--db", str(self.db_path),
+                   "--runs-dir", e["runs_dir"]]
+            for s in sets:
+                cmd += ["--set", s]
+            with open(log, "wb") as out, open(folder / f"entry-{e['id']}.stderr.log", "wb") as err:
+                proc = subprocess.Popen([sys.executable, "-S", "-c", _GATE, *cmd], stdin=subprocess.PIPE, stdout=out,
+                                        stderr=err, cwd=e["cwd"] or None, start_new_session=True, env=_child_env())
+        except OSError as exc:  # the runs folder or the entry's working directory is gone or not writable
+            self._end(e, "failed", f"could not start the engine: {exc}")
+            return True
+        _fault("after-spawn")
+        if not self.queue.record_engine(e["id"], proc.pid):  # no longer this runner's claim (never while it lives)
+            proc.stdin.close()  # the gate reads end-of-file: the engine never starts
+            proc.wait()
+            return True
+        try:
+            proc.stdin.write(b"g")
+            proc.stdin.close()
+        except OSError:
+            pass  # the gate is gone: the watch finds the engine dead and ends the entry
+        _fault("after-record")
+        self.queue.mark_running(e["id"])
         self.children[e["id"]] = proc
-        self.queue.mark_started(e["id"], proc.pid, str(log))
+        if self.queue.entry(e["id"])["cancel_requested"]:  # cancelled while starting: stop it gracefully now
+            proc.send_signal(signal.SIGTERM)
         self.say(f"entry {e['id']} started: {e['label'] or e['config_name']} (pid {proc.pid})")
+        return True
 
     # -- watching ---------------------------------------------------------------------------------
     def watch(self) -> None:
@@ -91,7 +140,7 @@ class QueueRunner:
             code = proc.poll() if proc is not None else None
             alive = (code is None) if proc is not None else pid_alive(e["pid"], e["pid_start"])
             if not e["run_id"]:
-                run_id = _started_run(e["log_path"])
+                run_id = started_run(e["log_path"])
                 if run_id:
                     self.queue.set_run(e["id"], run_id)
                     e["run_id"] = run_id
@@ -119,21 +168,8 @@ class QueueRunner:
 def _child_env() -> dict:
     env = dict(os.environ)
     env.pop("MEDISWIFT_GROUP_DIR", None)
+    env.pop(FAULT_ENV, None)
     return env
-
-
-def _started_run(log_path: str | None) -> str | None:
-    """The run id from the engine's run_started event, once it has written it."""
-    if not log_path or not Path(log_path).is_file():
-        return None
-    with open(log_path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if '"run_started"' in line:
-                try:
-                    return json.loads(line).get("run_id")
-                except json.JSONDecodeError:
-                    return None
-    return None
 
 
 def _last_error(e: dict) -> str | None:
@@ -151,8 +187,9 @@ def _last_error(e: dict) -> str | None:
 
 def start_detached(db_path: str | Path) -> subprocess.Popen:
     """A runner for this database in its own session, outliving whoever started it."""
+    db_path = Path(db_path).expanduser().resolve()
     cmd = [sys.executable, "-m", "engine", "queue", "work", "--db", str(db_path)]
-    log = Path(db_path).expanduser().resolve().with_name("queue-runner.log")  # what it started and how each ended
+    log = db_path.with_name("queue-runner.log")  # what it started and how each ended
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=_child_env())

@@ -32,7 +32,7 @@ from engine.core.config import (MAX_NAME, RunConfig, config_from, load_config, l
 from engine.core.errors import InputError
 from engine.core.flops import flop_model_for_config
 from engine.core.machine_checks import check_processes, gpu_count
-from engine.orchestrate.queue import Queue
+from engine.orchestrate.queue import Queue, absolute_sets
 from engine.store.queries import find_run
 from engine.store.rundb import RunDB
 
@@ -283,8 +283,10 @@ def queue_sweep(queue: Queue, plan: Plan, name: str, config_path: Path, config_n
     """Record the sweep and queue its entries (a snapshot of each config's text); its id and the entry ids.
     Each point's chained entries follow it, so its chain finishes before the next point starts."""
     check_sweep_name(name)
-    spec = {"config": str(config_path), "sets": sets, "grid": plan.grid, "equal_flops": plan.budget,
-            "then": [str(t.path) for t in then], "runs_dir": runs_dir}
+    # paths as absolute as the entries' (Queue.add makes theirs so): the sweep reads the same from anywhere
+    spec = {"config": str(Path(cwd, config_path).resolve()), "sets": absolute_sets(sets, cwd), "grid": plan.grid,
+            "equal_flops": plan.budget, "then": [str(Path(cwd, t.path).resolve()) for t in then],
+            "runs_dir": str(Path(cwd, runs_dir).resolve())}
     text = config_path.read_text(encoding="utf-8")
     then_text = [t.path.read_text(encoding="utf-8") for t in then]
     items: list[dict] = []

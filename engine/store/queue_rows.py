@@ -5,22 +5,46 @@ What the rows mean (the order chains run in, cancelling a running engine, who ho
 lease) is engine.orchestrate.queue's business; this module reads and writes rows as it is told, so a
 schema change stays inside the store. JSON columns (``point``, ``sets``, ``spec``) are decoded here.
 
-Statuses: waiting → running → completed | stopped | failed | crashed, or cancelled / skipped without
-running. ``running`` with no ``run_id`` yet means the engine is starting.
+Statuses: waiting → starting → running → completed | stopped | failed | crashed, or cancelled / skipped
+without running. ``starting``: a runner claimed the entry (``runner_pid``, ``runner_pid_start``,
+``runner_host``) and is starting its engine; ``running`` with no ``run_id`` yet means the engine has not
+written its run_started event yet.
+
+Schema: the queue tables come from the run database's migration 4 (engine.store.rundb); the claim
+columns are added here (``_ensure_claim_columns``), once per database, the first time a QueueStore opens it.
 """
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from typing import Callable, Iterable
 
 from engine.core.errors import InputError
 from engine.store.rundb import RunDB
 
-WAITING, RUNNING = "waiting", "running"
+WAITING, STARTING, RUNNING = "waiting", "starting", "running"
+LIVE = (WAITING, STARTING, RUNNING)
 ENDED = ("completed", "stopped", "failed", "crashed", "cancelled", "skipped")
 _INSERT_ENTRY = ("INSERT INTO queue (position, sweep_id, label, point, stage, config_name, config_text, sets, runs_dir, "
                  "cwd, after_id, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# who claimed an entry that is starting (the two-phase start: claimed, then its engine started and recorded)
+_CLAIM_COLUMNS = (("runner_pid", "INTEGER"), ("runner_pid_start", "TEXT"), ("runner_host", "TEXT"))
+
+
+def _ensure_claim_columns(conn: sqlite3.Connection) -> None:
+    """Add the claim columns to a queue table that lacks them (a database made before the two-phase
+    start); two processes adding them at once is harmless."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(queue)").fetchall()}
+    for column, kind in _CLAIM_COLUMNS:
+        if column in have:
+            continue
+        try:
+            with conn:
+                conn.execute(f"ALTER TABLE queue ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):
+                raise
 
 
 class QueueStore:
@@ -29,6 +53,7 @@ class QueueStore:
     def __init__(self, db: RunDB):
         self.db = db
         self.conn = db.db.conn
+        _ensure_claim_columns(self.conn)
 
     # -- entries ----------------------------------------------------------------------------------
     def entries(self, include_ended: bool = True, sweep_id: str | None = None) -> list[dict]:
@@ -36,7 +61,7 @@ class QueueStore:
         sql, args = "SELECT * FROM queue", []
         where = []
         if not include_ended:
-            where.append(f"status IN ('{WAITING}', '{RUNNING}')")
+            where.append(f"status IN ('{WAITING}', '{STARTING}', '{RUNNING}')")
         if sweep_id:
             where.append("sweep_id = ?")
             args.append(sweep_id)
@@ -88,11 +113,50 @@ class QueueStore:
         with self.conn:
             self.conn.execute("UPDATE queue SET cancel_requested = 1 WHERE id = ?", [entry_id])
 
-    def mark_started(self, entry_id: int, pid: int, pid_start: str, log_path: str) -> None:
+    # -- the two-phase start --------------------------------------------------------------------------
+    def claim(self, entry_id: int, runner_pid: int, runner_pid_start: str, host: str, log_path: str,
+              parallel: int) -> bool:
+        """Phase one: take a waiting entry for this runner (status starting) while fewer than ``parallel``
+        entries are starting or running; one write transaction, so of two runners only one ever gets it.
+        False when it is no longer waiting or the queue is full."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self.conn.execute(
+                f"UPDATE queue SET status = '{STARTING}', runner_pid = ?, runner_pid_start = ?, runner_host = ?, "
+                "log_path = ?, pid = NULL, pid_start = NULL, run_id = NULL, started_at = ?, error = NULL "
+                f"WHERE id = ? AND status = '{WAITING}' AND "
+                f"(SELECT COUNT(*) FROM queue WHERE status IN ('{STARTING}', '{RUNNING}')) < ?",
+                [runner_pid, runner_pid_start, host, log_path, time.time(), entry_id, parallel])
+            self.conn.execute("COMMIT")
+            return cur.rowcount == 1
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def record_engine(self, entry_id: int, runner_pid: int, pid: int, pid_start: str) -> bool:
+        """Phase two: the engine this runner started for its claimed entry (still held at its gate)."""
         with self.conn:
-            self.conn.execute(f"UPDATE queue SET status = '{RUNNING}', pid = ?, pid_start = ?, log_path = ?, "
-                              "started_at = ?, error = NULL WHERE id = ?",
-                              [pid, pid_start, log_path, time.time(), entry_id])
+            cur = self.conn.execute(f"UPDATE queue SET pid = ?, pid_start = ? WHERE id = ? AND status = '{STARTING}' "
+                                    "AND runner_pid = ?", [pid, pid_start, entry_id, runner_pid])
+        return cur.rowcount == 1
+
+    def mark_running(self, entry_id: int, runner_pid: int, run_id: str | None = None) -> bool:
+        """A starting entry of ``runner_pid`` (this runner's, or one a dead runner left whose engine is
+        adopted) is running."""
+        with self.conn:
+            cur = self.conn.execute(f"UPDATE queue SET status = '{RUNNING}', run_id = COALESCE(?, run_id) "
+                                    f"WHERE id = ? AND status = '{STARTING}' AND runner_pid = ?",
+                                    [run_id, entry_id, runner_pid])
+        return cur.rowcount == 1
+
+    def roll_back(self, entry_id: int, runner_pid: int) -> bool:
+        """A starting entry whose runner died before its engine ran waits again, as if never claimed."""
+        with self.conn:
+            cur = self.conn.execute(
+                f"UPDATE queue SET status = '{WAITING}', runner_pid = NULL, runner_pid_start = NULL, runner_host = NULL, "
+                "pid = NULL, pid_start = NULL, log_path = NULL, started_at = NULL, run_id = NULL "
+                f"WHERE id = ? AND status = '{STARTING}' AND runner_pid = ? AND run_id IS NULL", [entry_id, runner_pid])
+        return cur.rowcount == 1
 
     def set_run(self, entry_id: int, run_id: str) -> None:
         with self.conn:
