@@ -337,8 +337,8 @@ def _check_json_records(f: Path, text: str, whole: bool, field: str) -> None:
             raise _bad(f, f"record {n} is a JSON {_json_type(r)}, not an object with a {field!r} field")
     if not any(field in r for r in records):
         keys = sorted({k for r in records for k in r})
-        raise _bad(f, f"has no {field!r} field in its first records (fields: {', '.join(keys) or 'none'}); "
-                      "set data.text_field", key="data.text_field")
+        raise _bad(f, f"has no {field!r} column: no such field in its first records (fields: "
+                      f"{', '.join(keys) or 'none'}); set data.text_field", key="data.text_field")
     _values_are_text(f, [r.get(field) for r in records], field, whole and len(records) < HEAD_RECORDS)
 
 

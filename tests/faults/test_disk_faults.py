@@ -8,6 +8,7 @@ message. A corpus the run could not read is refused (exit 2, one line naming the
 or folder exists. Each check is recorded in the fault tally (tests/faults/conftest.py)."""
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -89,8 +90,11 @@ def _leftovers(runs_dir: Path, db: Path) -> list[str]:
     left = [str(p) for p in runs_dir.rglob("*.tmp")] if runs_dir.exists() else []
     rows = set()
     if db.exists():
-        with sqlite3.connect(db) as conn:
+        conn = sqlite3.connect(db)
+        try:
             rows = {r[0] for r in conn.execute("SELECT path FROM checkpoints")}
+        finally:
+            conn.close()
     left += [str(p) for p in runs_dir.rglob("*.safetensors") if str(p) not in rows] if runs_dir.exists() else []
     return left
 
@@ -239,8 +243,11 @@ def test_the_file_size_limit_during_a_database_write(tmp_path, small_corpus, rec
     finally:
         ballast.close()
     runs_dir = tmp_path / "runs"
-    with sqlite3.connect(db) as conn:
+    conn = sqlite3.connect(db)
+    try:
         intact = conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
     held = (_one_line(r.rc, r.stderr, EXIT_IO_ERROR, str(db), "(EFBIG)") and _failed_with(db, str(db), "(EFBIG)")
             and intact and not _leftovers(runs_dir, db))
     assert record("disk: RLIMIT_FSIZE in a database write: exit 3, failed", held), \
@@ -260,7 +267,9 @@ def small_fs(tmp_path):
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        gc.collect()  # database connections of the in-process commands, closed
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)  # still busy: detached, never left mounted
 
 
 def test_a_full_file_system_during_a_run_and_an_export(tmp_path, small_fs, small_corpus, capsys, record):
@@ -271,7 +280,11 @@ def test_a_full_file_system_during_a_run_and_an_export(tmp_path, small_fs, small
             and _failed_with(db, str(small_fs), "(ENOSPC)") and not _leftovers(runs_dir, db))
     assert record("disk: full tmpfs during a run: exit 3, failed", held), \
         (r.rc, r.stderr[-1500:], _runs(db), _leftovers(runs_dir, db))
-    # the same file system, filled to the last byte: an export of the run's metrics
+    # the same file system, filled to the last byte: an export of the run's metrics onto it (the
+    # database read from a copy elsewhere: opening one needs its -wal and -shm files written)
+    run_id = _runs(db)[0]["id"]
+    copy = tmp_path / "copy.db"
+    shutil.copy(db, copy)
     fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
     try:
         while os.write(fd, b"\0" * 4096):
@@ -281,8 +294,8 @@ def test_a_full_file_system_during_a_run_and_an_export(tmp_path, small_fs, small
     finally:
         os.close(fd)
     out = small_fs / "metrics.csv"
-    rc, err = _main(capsys, "export", _runs(db)[0]["id"], "--format", "csv", "--out", str(out), "--db", str(db))
-    leftovers = [p.name for p in small_fs.iterdir() if p.name not in ("filler", "runs.db", "runs.db-wal", "runs.db-shm", "runs")]
+    rc, err = _main(capsys, "export", run_id, "--format", "csv", "--out", str(out), "--db", str(copy))
+    leftovers = [p.name for p in small_fs.iterdir() if p.name not in ("filler", "runs.db", "runs")]
     held = _one_line(rc, err, EXIT_IO_ERROR, str(small_fs), "(ENOSPC)") and not leftovers
     assert record("disk: full tmpfs during an export: exit 3, no partial file", held), (rc, err, leftovers)
 
