@@ -314,6 +314,9 @@ class TrainConfig(_Section):
                      min=1, max=4096)
     rdzv_endpoint: str = _f("", "host:port where the machines of a multi-node run meet (torchrun's c10d rendezvous, "
                             "hosted by the machine at that address); empty on one machine: a free local port.")
+    rdzv_timeout: int = _f(300, "Seconds the machines of a multi-node run wait for each other at train.rdzv_endpoint "
+                           "(the wait says every 10 s how many have joined); after it the run gives up with one line "
+                           "naming the nodes that came (exit 3).", min=1, max=86_400)
     strategy: str = _f("ddp", "How several processes share the model: ddp keeps a full copy on each and averages the "
                        "gradients (of the packed nonzeros, for masked layers); fsdp shards weights, gradients and "
                        "optimizer state across them (FSDP2).", choices=STRATEGIES)
