@@ -7,8 +7,12 @@ the Python API behind the ``torchrun`` command), and what the launching process 
               rank 0: the run's RunReporter (rows, events, log, the lease); the others: silent followers
 
 - Bad input is refused before any worker starts (``check_group``, called when the run is planned):
-  too many processes for the machine, a rendezvous endpoint that does not resolve or answer, FSDP
-  where it cannot shard.
+  too many processes for the machine, a rendezvous endpoint that does not resolve or answer or that
+  answers as another server (one TCPStore question tells), FSDP where it cannot shard.
+- The rendezvous (torch's c10d, created through us: RendezvousWatch) says every 10 s how many nodes
+  have joined and gives up after ``train.rdzv_timeout`` with one line (exit 3); a stop while it waits
+  ends the wait at once (exit 130). The launcher's temporary folder names its pid and start time, so a
+  later launch removes one that a SIGKILL left behind.
 - Control: a stop or pause (stdin line or signal) reaches this process; it signals its local workers,
   which agree on it at the next step (engine.train.distributed.Group.any), so every rank stops at the
   same step and rank 0 writes the final checkpoint. SIGINT/SIGTERM stay ours
