@@ -131,6 +131,22 @@ def test_every_update_leaves_each_layer_its_exact_count_and_flops_follow_the_for
             step_flops_per_token(fm, nnz, True) - step_flops_per_token(fm, nnz, False))
 
 
+@pytest.mark.parametrize("method, extra", [("gmp", {"sparsity.initial": 0.2}), ("rigl", {"sparsity.distribution": "erk"}),
+                                           ("set", {})])
+def test_the_estimate_of_a_long_dynamic_run_sums_its_plan_per_update(monkeypatch, method, extra):
+    import engine.core.sparsity_schedule as ss
+    from engine.train.estimate import estimate
+
+    cfg = RunConfig().replace({"sparsity.method": method, "train.max_steps": 3000, "sparsity.update_every": 7,
+                               "model.n_layer": 2, "model.d_model": 64, "tokenizer.vocab_size": 512, **extra})
+    m = cfg.model
+    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, cfg.tokenizer.vocab_size, 0.0)
+    per_step = planned(Schedule.from_config(cfg), gpt_layer_shapes(m.n_layer, m.d_model), 3000, fm)["flops_per_token"]
+    tokens = 3000 * cfg.train.batch_size * cfg.train.grad_accum * m.n_ctx
+    monkeypatch.setattr(ss, "planned", None)  # the estimate never walks the steps
+    assert estimate(cfg, probe_steps=0)["flops"]["sparse"] == sum(per_step) * tokens / 3000
+
+
 @needs_shared_data()
 @pytest.mark.parametrize("method", ["gmp"])  # SET's seeded growth: test_set_growth_is_a_function_of_seed_step_and_layer
 def test_resume_across_an_update_equals_the_uninterrupted_run(cli, db_path, method):

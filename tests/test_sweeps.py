@@ -202,3 +202,98 @@ def test_a_bad_parent_in_the_grid_exits_2_with_one_line_before_anything_is_queue
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert Queue(db).entries() == [] and Queue(db).sweeps() == []
+
+
+# -- equal-FLOPs planning: the schedule's sum over its phases, never step by step ----------------------
+
+
+def _run_flops_stepwise(cfg, steps: int, vocab_size: int | None = None) -> float:
+    """The reference: the planning as it was, the per-step plan summed step by step."""
+    from engine.core.flops import flop_model_for_config
+    from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
+
+    m, tc = cfg.model, cfg.train
+    vocab = vocab_size or cfg.tokenizer.vocab_size
+    tokens = tc.batch_size * tc.grad_accum * m.n_ctx * tc.nproc * tc.nnodes
+    if cfg.sparsity.method == "static":
+        return steps * tokens * flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level).train_per_token(True)
+    c = cfg.replace({"train.max_steps": steps})
+    plan = planned(Schedule.from_config(c), gpt_layer_shapes(m.n_layer, m.d_model), steps,
+                   flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
+    return tokens * sum(plan["flops_per_token"])
+
+
+def _small(method: str, *extra: str):
+    from engine.core.config import RunConfig, parse_overrides
+
+    return RunConfig().replace(parse_overrides([
+        "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.n_ctx=16", "tokenizer.vocab_size=300",
+        "train.batch_size=2", "train.warmup_steps=0", f"sparsity.method={method}", "sparsity.update_every=7",
+        *extra]))
+
+
+@pytest.mark.quick
+def test_the_phase_sum_equals_the_step_by_step_plan_for_every_method():
+    from engine.core.flops import flop_model_for_config
+    from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned, planned_flops_per_token
+
+    shapes, fm = gpt_layer_shapes(2, 40), flop_model_for_config(2, 40, 16, 300, 0.0)
+    cases = 0
+    for method in ("static", "gmp", "set", "rigl"):
+        for dist in ("uniform", "erk"):
+            for start, end, every in ((0, 30, 1), (0, 30, 4), (3, 31, 5), (6, 40, 10), (9, 5, 3)):  # (9, 5): no update
+                sched = Schedule(method, 0.8, 0.25 if method == "gmp" else 0.8, start, end, every, 0.3, dist)
+                for n in (0, 1, 2, 3, 4, 5, 6, 9, 10, 29, 30, 31, 32, 45):
+                    assert sched.update_steps(n) == sched.updates(n) and sched.update_count(n) == len(sched.updates(n))
+                    want = sum(planned(sched, shapes, n, fm)["flops_per_token"])
+                    assert planned_flops_per_token(sched, shapes, n, fm) == want, (sched, n)
+                    cases += 1
+    assert cases == 560
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("static", ()), ("gmp", ()), ("gmp", ("sparsity.initial=0.3", "sparsity.distribution=erk")),
+    ("gmp", ("sparsity.start_step=5", "sparsity.end_step=90")), ("set", ()), ("rigl", ()),
+    ("rigl", ("sparsity.distribution=erk", "sparsity.start_step=3", "sparsity.end_step=60", "sparsity.level=0.9")),
+])
+def test_equal_flops_planning_equals_the_step_by_step_planning(monkeypatch, method, extra):
+    import engine.orchestrate.sweep as sw
+
+    cfg = _small(method, *extra)
+    for n in (1, 6, 7, 8, 59, 60, 61, 90, 133):
+        assert sw.run_flops(cfg, n) == _run_flops_stepwise(cfg, n), n
+    one = _run_flops_stepwise(cfg, 6)
+    for budget, vocab in ((one * 1.01, None), (one * 13.7, 257), (one * 40, None), (one * 71.3, None)):
+        fast = sw.Point({}, cfg, [])
+        sw.equalize(fast, budget, vocab)
+        with monkeypatch.context() as mp:  # the same search over the old step-by-step FLOPs
+            mp.setattr(sw, "run_flops", _run_flops_stepwise)
+            slow = sw.Point({}, cfg, [])
+            sw.equalize(slow, budget, vocab)
+        assert (fast.cfg.train.max_steps, fast.planned_flops, fast.sets) == \
+               (slow.cfg.train.max_steps, slow.planned_flops, slow.sets), (budget, vocab)
+
+
+@pytest.mark.quick
+def test_a_3e14_gmp_sweep_plans_by_phases_not_step_by_step(monkeypatch):
+    import engine.core.sparsity_schedule as ss
+    import engine.orchestrate.sweep as sw
+    from engine.core.paths import resolve_preset
+
+    def per_step(*a, **k):
+        raise AssertionError("the planning went step by step")
+
+    calls = []
+    phase_sum = ss.planned_flops_per_token
+    monkeypatch.setattr(ss, "planned", per_step)
+    monkeypatch.setattr(ss.Schedule, "sparsity_during", per_step)
+    monkeypatch.setattr(ss.Schedule, "is_update", per_step)
+    monkeypatch.setattr(ss, "planned_flops_per_token", lambda *a: calls.append(a[2]) or phase_sum(*a))
+    plan = sw.plan_sweep(resolve_preset("demo"), ["sparsity.method=gmp"], ["sparsity.level=0.75,0.9"], "3e14")
+    assert len(calls) < 100  # a bisection: tens of sums, each over the schedule's mask updates
+    for p in plan.points:
+        steps = p.cfg.train.max_steps
+        assert steps > 20_000 and p.sets[-1] == f"train.max_steps={steps}"
+        assert abs(p.planned_flops - 3e14) <= p.planned_flops / steps  # within a step of the budget
+        below, above = sw.run_flops(p.cfg, steps - 1), sw.run_flops(p.cfg, steps + 1)
+        assert below < p.planned_flops < above and abs(p.planned_flops - 3e14) <= min(abs(below - 3e14), abs(above - 3e14))

@@ -22,13 +22,20 @@ class FlopModel:
     dense_matmul: int = 0    # other matmul weights besides the LM head (none in our GPT)
 
     def forward_per_token(self, sparse: bool = True) -> float:
-        n_sparse = self.sparse_nonzero if sparse else self.sparse_numel
+        return self._forward(self.sparse_nonzero if sparse else self.sparse_numel)
+
+    def _forward(self, n_sparse: int) -> float:
         attention = 4 * self.n_layer * self.n_ctx * self.d_model
         lm_head = 2 * self.d_model * self.vocab_size
         return 2.0 * n_sparse + 2.0 * self.dense_matmul + attention + lm_head
 
     def train_per_token(self, sparse: bool = True) -> float:
         return 3.0 * self.forward_per_token(sparse)
+
+    def train_per_token_at(self, nonzero: int) -> float:
+        """``train_per_token(True)`` of this model with ``nonzero`` weights in the masked matrices (a
+        dynamic method's step), without building another FlopModel."""
+        return 3.0 * self._forward(nonzero)
 
     def saving(self) -> float:
         """Dense-equivalent / sparse training FLOPs (the paper's '2–2.5x')."""

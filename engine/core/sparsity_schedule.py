@@ -20,6 +20,7 @@ Per-layer levels follow ``sparsity.distribution`` at every sparsity (``layer_den
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 DYNAMIC = ("gmp", "set", "rigl")
@@ -119,16 +120,55 @@ class Schedule:
     def updates(self, max_steps: int) -> list[int]:
         return [t for t in range(1, max_steps + 1) if self.is_update(t)]
 
+    def update_steps(self, max_steps: int) -> list[int]:
+        """``updates(max_steps)`` by arithmetic: O(updates), not O(steps)."""
+        if not self.dynamic:
+            return []
+        lo, hi = max(1, self.start), min(max_steps, self.end)
+        if hi < lo:
+            return []
+        first = self.start + -(-(lo - self.start) // self.every) * self.every  # the first grid step >= lo
+        out = list(range(first, hi + 1, self.every))
+        if self.method == "gmp" and self.end <= hi and (not out or out[-1] != self.end):
+            out.append(self.end)  # GMP also prunes at end_step
+        return out
+
+    def update_count(self, max_steps: int) -> int:
+        """``len(updates(max_steps))`` in closed form."""
+        if not self.dynamic:
+            return 0
+        lo, hi = max(1, self.start), min(max_steps, self.end)
+        if hi < lo:
+            return 0
+        n = (hi - self.start) // self.every - -(-(lo - self.start) // self.every) + 1
+        if self.method == "gmp" and self.end <= hi and (self.end - self.start) % self.every:
+            n += 1
+        return max(0, n)
+
+    def phases(self, max_steps: int) -> list[tuple[float, int]]:
+        """``(sparsity, steps)`` of each stretch of steps 1..max_steps that trains at one sparsity, in
+        order: what ``sparsity_during`` gives step by step, one entry per mask update instead of per step.
+        Only GMP changes the sparsity; the others hold ``level`` throughout."""
+        if max_steps < 1:
+            return []
+        if self.method != "gmp":
+            return [(self.level, max_steps)]
+        out, prev, s = [], 0, self.initial
+        start, span, level, initial = self.start, max(1, self.end - self.start), self.level, self.initial
+        for u in self.update_steps(max_steps - 1):  # an update after step u sets the sparsity from step u + 1
+            out.append((s, u - prev))
+            # gmp_sparsity(u), inlined operation for operation (a phase per update: this loop is the cost)
+            s, prev = level + (initial - level) * (1.0 - min(1.0, max(0.0, (u - start) / span))) ** 3, u
+        out.append((s, max_steps - prev))
+        return [(s, k) for s, k in out if k > 0]
+
 
 def step_flops_per_token(flops_model, nonzero: int, rigl_update: bool) -> float:
     """Training FLOPs per token of one step with ``nonzero`` weights in the masked matrices (the FLOP
     model's formula, engine/core/flops.py), plus, on a RigL update step, the dense weight gradient RigL reads:
     2 * (N_sparse - nonzero) more per token (its backward forms every entry of dW, not only the nonzeros)."""
-    import dataclasses
-
-    fm = dataclasses.replace(flops_model, sparse_nonzero=nonzero)
-    extra = 2.0 * (fm.sparse_numel - nonzero) if rigl_update else 0.0
-    return fm.train_per_token(True) + extra
+    extra = 2.0 * (flops_model.sparse_numel - nonzero) if rigl_update else 0.0
+    return flops_model.train_per_token_at(nonzero) + extra
 
 
 def planned(schedule: Schedule, shapes: dict[str, tuple[int, int]], max_steps: int, flops_model=None) -> dict:
@@ -153,3 +193,34 @@ def planned(schedule: Schedule, shapes: dict[str, tuple[int, int]], max_steps: i
         if schedule.is_update(step):
             out["updates"].append(step)
     return out
+
+
+def _exact(x: float):
+    return int(x) if x.is_integer() else x  # the FLOP model's values are whole numbers: sum them exactly
+
+
+def planned_flops_per_token(schedule: Schedule, shapes: dict[str, tuple[int, int]], max_steps: int, flops_model) -> float:
+    """``sum(planned(schedule, shapes, max_steps, flops_model)["flops_per_token"])`` without going step by
+    step: one term per stretch at one sparsity (``Schedule.phases``: one for static, SET and RigL, one per
+    mask update for GMP), plus RigL's update steps counted in closed form. The per-step values are whole
+    numbers, so the sum is exact and equals the step-by-step one (tests/test_sweeps.py checks it)."""
+    if max_steps < 1:
+        return 0.0
+    f0 = _exact(step_flops_per_token(flops_model, 0, False))
+    slope = _exact(step_flops_per_token(flops_model, 1, False)) - f0  # F is affine in the nonzeros (flops.py)
+    kinds = [(s0, s1, k) for (s0, s1), k in Counter(shapes.values()).items()]
+    uniform, nnz, weighted = schedule.distribution == "uniform", 0, 0
+    for s, steps in schedule.phases(max_steps):
+        if uniform or s == 0.0:  # nonzero_counts' arithmetic per distinct shape (GMP: a phase per update)
+            dens = 1.0 - s
+            nnz = sum(k * (s0 * s1 - int(round((1.0 - dens) * s0 * s1))) for s0, s1, k in kinds)
+        else:
+            nnz = sum(nonzero_counts(shapes, s, schedule.distribution).values())
+        weighted += steps * nnz
+    if _exact(step_flops_per_token(flops_model, nnz, False)) != f0 + slope * nnz:
+        raise AssertionError("the FLOP model is not affine in the nonzeros")  # pragma: no cover - a guard
+    total = max_steps * f0 + slope * weighted
+    if schedule.method == "rigl":  # level throughout: a single phase, holding every update step
+        total += schedule.update_count(max_steps) * (_exact(step_flops_per_token(flops_model, nnz, True))
+                                                     - _exact(step_flops_per_token(flops_model, nnz, False)))
+    return float(total)

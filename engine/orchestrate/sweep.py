@@ -15,8 +15,10 @@ several parents); every parent a point names, by --set or --grid, is checked aga
 before anything is queued (``check_parents``).
 
 ``--equal-flops BUDGET`` gives every point the ``train.max_steps`` whose training FLOPs (the engine's
-own FLOP model, engine.core.flops, with a dynamic method's schedule step by step) come closest to the
-budget, so every run's spend is within half a step of it. No torch.
+own FLOP model, engine.core.flops, with a dynamic method's schedule) come closest to the budget, so
+every run's spend is within half a step of it. Each count's FLOPs are a closed form (static) or a sum
+over the schedule's mask updates (``planned_flops_per_token``), never a walk over the steps, and the
+count is found by bisection over them: milliseconds for any budget. No torch.
 """
 from __future__ import annotations
 
@@ -170,20 +172,20 @@ def parse_budget(text: str) -> float:
 
 def run_flops(cfg: RunConfig, steps: int, vocab_size: int | None = None) -> float:
     """Training FLOPs of ``steps`` optimizer steps of a pre-training config, as its run will count them:
-    tokens per step times the FLOP model's training FLOPs per token (a dynamic method's plan step by
-    step, RigL's dense-gradient updates included)."""
+    tokens per step times the FLOP model's training FLOPs per token (a dynamic method's plan summed over
+    its phases, one per mask update, RigL's dense-gradient updates included: the sum of the per-step
+    plan, exactly, without going step by step). Static: one product, whatever ``steps``."""
     m, tc = cfg.model, cfg.train
     vocab = vocab_size or cfg.tokenizer.vocab_size
     tokens = tc.batch_size * tc.grad_accum * m.n_ctx * tc.nproc * tc.nnodes
     if cfg.sparsity.method == "static":
         fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level)
         return steps * tokens * fm.train_per_token(True)
-    from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
+    from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned_flops_per_token
 
-    c = cfg.replace({"train.max_steps": steps})
-    plan = planned(Schedule.from_config(c), gpt_layer_shapes(m.n_layer, m.d_model), steps,
-                   flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
-    return tokens * sum(plan["flops_per_token"])
+    c = cfg.with_values({"train.max_steps": steps})  # validated; the schedule's default end_step follows it
+    return tokens * planned_flops_per_token(Schedule.from_config(c), gpt_layer_shapes(m.n_layer, m.d_model), steps,
+                                            flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
 
 
 def equalize(p: Point, budget: float, vocab_size: int | None = None) -> None:

@@ -121,12 +121,13 @@ def estimate(cfg: RunConfig, probe_steps: int = 3, shape: StepShape | None = Non
         memory -= max(parts["sparse_index"], parts["dense_path"])
     sparse_flops = fm.train_per_token(True) * tokens
     if sparse and cfg.sparsity.method != "static":
-        # a dynamic method's FLOPs step by step: GMP's denser early steps, RigL's dense-gradient updates
-        from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
+        # a dynamic method's planned FLOPs (GMP's denser early steps, RigL's dense-gradient updates),
+        # summed per mask update rather than per step: a long run's estimate stays instant
+        from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned_flops_per_token
 
-        plan = planned(Schedule.from_config(cfg), gpt_layer_shapes(m.n_layer, m.d_model), tc.max_steps,
-                       flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
-        sparse_flops = sum(plan["flops_per_token"]) * tokens / tc.max_steps
+        per_run = planned_flops_per_token(Schedule.from_config(cfg), gpt_layer_shapes(m.n_layer, m.d_model),
+                                          tc.max_steps, flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
+        sparse_flops = per_run * tokens / tc.max_steps
     # each process of a group holds its own activations and paths; FSDP shards the trained state
     shards = world if tc.strategy == "fsdp" else 1
     per_process = memory - parts["states"] + parts["states"] // shards
