@@ -45,7 +45,12 @@ def kernel_available(precision="fp32"):
         ok = False
         if _kernels() is not None:
             try:
-                ok = _self_check_fp32() if precision == "fp32" else _self_check_bf16()
+                # the first call may come from inside a training step (a resumed run skips the kernel
+                # choice): under autocast the dense references would be bf16 products, the check would
+                # fail and the run would leave the core for the dense fallback, parting from the
+                # uninterrupted run. The check is the same wherever it is called from.
+                with torch.autocast("cpu", enabled=False), torch.no_grad():
+                    ok = _self_check_fp32() if precision == "fp32" else _self_check_bf16()
             except Exception:
                 ok = False
         _AVAILABLE[precision] = bool(ok)
