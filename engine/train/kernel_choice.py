@@ -9,11 +9,18 @@ from engine.core.config import RunConfig
 from engine.model.gpt import GPT
 
 
+TIMED_NOTE = ("sparsity.kernel = 'auto' timed the sparse core against the dense path on this run's first steps: "
+              "the two paths sum in different orders, so another run may keep other kernels and part from this "
+              "one in the last bits (a resume keeps this run's choice; set sparsity.kernel to 'sparse' or "
+              "'dense' for bitwise repeatable runs)")
+
+
 def choose_kernels(report, cfg: RunConfig, model: GPT, tokens_per_batch: int, device: torch.device,
-                   precision: str = "fp32", available: int | None = None) -> dict[str, str]:
+                   precision: str = "fp32", available: int | None = None, info: dict | None = None) -> dict[str, str]:
     """Pick the matmul path per sparse layer, for the run's precision: forced by sparsity.kernel, or
     timed once per shape (auto). A dense candidate whose memory would not fit is never tried.
-    ``report``: where the timings and the choice are told (engine.train.reporter)."""
+    ``report``: where the timings and the choice are told (engine.train.reporter). ``info``, when
+    given, gets ``timed = True`` if the choice came from timings (so another run may choose otherwise)."""
     layers = {n: m for n, m in model.sparse_layers().items() if m.is_sparse}
     want = cfg.sparsity.kernel
     if not layers:
@@ -40,6 +47,8 @@ def choose_kernels(report, cfg: RunConfig, model: GPT, tokens_per_batch: int, de
                 choice = {n: "sparse" for n in layers}
             else:
                 choice = _timed_choice(report, layers, tokens_per_batch, ops.time_kernels, precision)
+                if info is not None:
+                    info["timed"] = True
     set_kernels(model, choice)
     release_unused_paths(model)
     return choice
@@ -130,6 +139,23 @@ class KernelTrial:
     @property
     def done(self) -> bool:
         return not self.plan and self.current is None
+
+    def state(self) -> dict | None:
+        """What a checkpoint keeps of a trial still under way (None once it has ended): the steps
+        still to try and the times so far, so a resumed run takes the same kernels at the same
+        steps as the uninterrupted one (whether it then keeps the same ones depends on its own
+        timings: see docs/reliability.md, Bitwise reproducibility)."""
+        if self.done:
+            return None
+        return {"plan": list(self.plan), "mix": dict(self.mix),
+                "times": {k: list(v) for k, v in self.times.items()}}
+
+    @classmethod
+    def resumed(cls, report, model: GPT, state: dict, group=None) -> "KernelTrial":
+        trial = cls(report, model, state["mix"], group)
+        trial.plan = list(state["plan"])
+        trial.times = {k: [float(t) for t in state["times"].get(k, [])] for k in ("dense", "mix")}
+        return trial
 
     def before_step(self) -> None:
         self.current = self.plan.pop(0) if self.plan else None

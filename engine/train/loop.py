@@ -35,7 +35,7 @@ from engine.train.optim import make_scheduler
 from engine.train.plan import Resume
 from engine.train.precision import Precision
 from engine.train.reporter import Reporter
-from engine.train.runtime import Runtime, start_runtime
+from engine.train.runtime import Runtime, bitwise_meta, start_runtime
 from engine.train.step import MicroBatch, train_step
 
 
@@ -111,6 +111,8 @@ class TrainLoop:
         self.stage.build(self.identity, report, rt, resume)
         if resume is not None:
             restore_stage(self.stage, resume, self.resume.checkpoint)  # before FSDP shards what it loads
+        note = getattr(self.stage, "kernel_note", None)
+        report.meta(bitwise=bitwise_meta(rt.device, note() if note else "", group.world))
         self.stage.train_order().shard(group.rank, group.world)
         self.par = Parallel(group, self.stage.trained_modules(), rt.device)
         self.opt = self.stage.make_optimizer()

@@ -24,7 +24,7 @@ from engine.model.gpt import GPT
 from engine.model.sparsity import load_masks, masks_state, measure_sparsity, packed_state_dict, sparse_param_counts
 from engine.train.dynamic_sparsity import MaskSchedule
 from engine.train.identity import RunIdentity, continues_import
-from engine.train.kernel_choice import KernelTrial, choose_kernels, set_kernels
+from engine.train.kernel_choice import TIMED_NOTE, KernelTrial, choose_kernels, set_kernels
 from engine.train.optim import make_optimizer
 from engine.train.reporter import Reporter
 from engine.train.step import MicroBatch, lm_micro_batch
@@ -105,12 +105,18 @@ class PretrainStage:
             load_masks(self.model, resume["masks"])  # before the FLOP model and kernels, which count them
         self._count_flops()
         self.step_flops = self.flops_per_token  # this step's (RigL's update steps count the dense gradient)
+        self.kernels_timed = bool(resume and resume.get("kernels_timed"))
         if resume is not None and resume.get("kernels"):
             self.kernels = dict(resume["kernels"])
             set_kernels(self.model, {n: self.kernels.get(n, "dense") for n in self.model.sparse_layers()})
+            if resume.get("kernel_trial"):  # checkpointed inside the trial: it goes on where it was
+                self.trial = KernelTrial.resumed(report, self.model, resume["kernel_trial"],
+                                                 group if group.distributed else None)
         else:
-            self.kernels = group.broadcast(
-                choose_kernels(report, cfg, self.model, tc.batch_size * cfg.model.n_ctx, rt.device, rt.precision.name))
+            info: dict = {}
+            self.kernels = group.broadcast(choose_kernels(report, cfg, self.model, tc.batch_size * cfg.model.n_ctx,
+                                                          rt.device, rt.precision.name, info=info))
+            self.kernels_timed = bool(info.get("timed"))
             set_kernels(self.model, self.kernels)
             if cfg.sparsity.kernel == "auto" and "sparse" in self.kernels.values():
                 self.trial = KernelTrial(report, self.model, self.kernels, group if group.distributed else None)
@@ -193,7 +199,12 @@ class PretrainStage:
     # -- what it saves ------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"model": packed_state_dict(self.model), "masks": masks_state(self.model), "data": self.loader.state(),
-                "best_val": self.best_val, "kernels": self.kernels}
+                "best_val": self.best_val, "kernels": self.kernels,
+                "kernel_trial": self.trial.state() if self.trial else None, "kernels_timed": self.kernels_timed}
+
+    def kernel_note(self) -> str:
+        """Why the kernels make this run not bitwise repeatable from its config ('' when they do not)."""
+        return TIMED_NOTE if self.kernels_timed else ""
 
     def load_state(self, ck: dict) -> None:
         # build() installed this checkpoint's masks already (the FLOP model and kernels count them)

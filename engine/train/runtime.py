@@ -78,3 +78,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def bitwise_meta(device: torch.device, kernel_note: str = "", world: int = 1) -> dict:
+    """What the run promises about repeating itself bitwise, for its meta (``bitwise``): two runs of
+    the same config and seed on this machine (``same_seed``), and a resume against the uninterrupted
+    run (``resume``), each with the reasons it cannot be (docs/reliability.md, Bitwise reproducibility)."""
+    same, resume, why = True, True, []
+    if device.type == "cuda":
+        same = resume = False
+        why.append("CUDA: some kernels (atomic adds in backward ops, cuBLAS split reductions) do not fix their "
+                   "summation order, and deterministic algorithms are not forced")
+    if kernel_note:
+        same = False
+        why.append(kernel_note)
+    if world > 1:
+        why.append(f"{world} processes: bitwise only when resumed on the same number of processes (the gradient "
+                   "sum's order follows the world size)")
+    return {"same_seed": same, "resume": resume, "why": why}
