@@ -127,3 +127,16 @@ def test_bf16_and_fp32_runs_of_the_demo_preset_reach_the_same_validation_loss(cl
         val[p] = done["summary"]["val_loss"]
         assert f"precision {p}" in r.stderr
     assert abs(val["bf16"] - val["fp32"]) < 0.03, val
+
+
+@pytest.mark.quick
+def test_the_sparse_cores_self_check_holds_inside_autocast(monkeypatch):
+    """A resumed bf16 run checks the core first inside a training step: under autocast the check once
+    compared against bf16 products, failed, and the run left the core for the dense fallback."""
+    from engine.model.kernels import ops
+
+    if ops._kernels() is None:
+        pytest.skip("numba kernels unavailable")
+    monkeypatch.setattr(ops, "_AVAILABLE", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.kernel_available("bf16") and ops.kernel_available("fp32")
