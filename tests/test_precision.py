@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import needs_shared_data, tiny
 
 from engine.core.errors import InputError
 from engine.core.hardware import CpuInfo, cpu_info, parse_cpuinfo
 from engine.train.precision import choose_precision
 from engine.train.step import MicroBatch, train_step
-from tests.helpers import needs_shared_data, tiny
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
