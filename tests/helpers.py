@@ -1,6 +1,8 @@
 """Shared test helpers: real data from ../shared/data, a temporary run database, the real CLI in a subprocess."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -61,6 +63,21 @@ class CliResult:
     def run_id(self) -> str | None:
         started = self.of_type("run_started")
         return started[0]["run_id"] if started else None
+
+
+def cli_inproc(tmp_path: Path, db_path: Path, *args: str) -> CliResult:
+    """``mediswift ARGS --db DB`` through the CLI's own ``main`` in this process, under the environment
+    ``engine_env`` gives a subprocess (no interpreter start-up and no torch import per call: a run that only
+    sets a test up, or a read-only command); stdout and stderr captured as ``CliResult`` reads them."""
+    from unittest import mock
+
+    from engine.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, engine_env(tmp_path), clear=True), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        rc = main([*args, "--db", str(db_path)])
+    return CliResult(subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue()))
 
 
 def needs_shared_data():

@@ -2,7 +2,8 @@
 and FLOPs a by-epochs run trains (and the windows of a classification head), the memory check counts the
 windows the run's largest micro-batch really holds, and a by-epochs run with early stopping that is
 killed or stopped after a checkpoint and resumed ends as the uninterrupted run did. A tiny parent, small
-slices of the real HoC files, the real CLI."""
+slices of the real HoC files, the real CLI: in a subprocess for the runs that are killed or stopped, its
+``main`` in this process for the rest (no interpreter start-up and torch import each)."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SHARED_DATA, engine_env, read_until, sets
-from test_finetune import Env, parent_env
+from helpers import REPO, SHARED_DATA, cli_inproc, engine_env, read_until, sets
+from test_finetune import PARENT, Env
 
-from engine.core.config import from_dict, load_config
+from engine.core.config import from_dict, load_config, load_toml
 from engine.core.errors import InputError
+from engine.core.paths import resolve_preset
 from engine.store.rundb import RunDB
 from engine.train.estimate import StepShape, memory_breakdown
 
@@ -32,9 +34,12 @@ N_TRAIN, N_DEV, BATCH = 22, 6, 4  # ceil(22 / 4) = 6 steps an epoch (the last ba
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
     """The tiny parent of tests/test_finetune.py (n_ctx 128: every HoC abstract is read in several
-    windows) and slices of the HoC files: the first training abstracts, and development abstracts
-    whose hallmarks all occur in them."""
-    e = parent_env(tmp_path_factory.mktemp("epochs"))
+    windows), trained through the CLI in this process, and slices of the HoC files: the first training
+    abstracts, and development abstracts whose hallmarks all occur in them."""
+    e = Env(tmp_path_factory.mktemp("epochs"))
+    r = cli_inproc(e.tmp, e.db, "train", "demo", *sets(*PARENT, "name=parent"))
+    assert r.rc == 0, r.stderr
+    e.parent = r.run_id
     lines = [json.loads(x) for x in (HOC / "train.jsonl").read_text().splitlines() if x.strip()][:N_TRAIN]
     seen = {label for r in lines for label in r["labels"]}
     dev = [json.loads(x) for x in (HOC / "dev.jsonl").read_text().splitlines() if x.strip()]
@@ -72,10 +77,10 @@ def test_memory_counts_the_step_shapes_positions_and_no_lm_logits_for_a_head():
 
 def test_estimate_counts_epochs_and_windows_as_the_run_trains_them(env):
     args = hoc(env, "train.epochs=2", "train.early_stopping_patience=0")
-    est = env.cli("estimate", "finetune-hoc", "--json", "--probe-steps", "1", *sets(*args))
+    est = cli_inproc(env.tmp, env.db, "estimate", "finetune-hoc", "--json", "--probe-steps", "1", *sets(*args))
     assert est.rc == 0, est.stderr
     e = json.loads(est.stdout.splitlines()[-1])
-    run = env.cli("train", "finetune-hoc", *sets(*args))
+    run = cli_inproc(env.tmp, env.db, "train", "finetune-hoc", *sets(*args))  # the CLI's train, in this process
     assert run.rc == 0, run.stderr
     db = RunDB(env.db)
     row = db.get_run(run.run_id)
@@ -102,14 +107,16 @@ def test_estimate_counts_epochs_and_windows_as_the_run_trains_them(env):
     assert parts["activations"] == memory_breakdown(cfg)["activations"] * max(step_tokens) // (BATCH * 128)
 
     # --set train.max_steps turns epochs off, as it does for train
-    e5 = json.loads(env.cli("estimate", "finetune-hoc", "--json", "--probe-steps", "0",
-                            *sets(*hoc(env, "train.max_steps=5"))).stdout.splitlines()[-1])
+    preset_epochs = load_toml(resolve_preset("finetune-hoc"))["train"]["epochs"]
+    assert preset_epochs > 0
+    e5 = json.loads(cli_inproc(env.tmp, env.db, "estimate", "finetune-hoc", "--json", "--probe-steps", "0",
+                               *sets(*hoc(env, "train.max_steps=5"))).stdout.splitlines()[-1])
     assert (e5["max_steps"], e5["epochs"], e5["step_shape"]["micro_batches"]) == (5, 0, 5)
-    assert "train.epochs (3) is off" in e5["notes"][-1]
-    # the preset's own 3 epochs over the slice, without --set
-    e3 = json.loads(env.cli("estimate", "finetune-hoc", "--json", "--probe-steps", "0",
-                            *sets(*hoc(env))).stdout.splitlines()[-1])
-    assert (e3["max_steps"], e3["epochs"]) == (3 * math.ceil(N_TRAIN / BATCH), 3)
+    assert f"train.epochs ({preset_epochs}) is off" in e5["notes"][-1]
+    # the preset's own epochs over the slice, without --set
+    ep = json.loads(cli_inproc(env.tmp, env.db, "estimate", "finetune-hoc", "--json", "--probe-steps", "0",
+                               *sets(*hoc(env))).stdout.splitlines()[-1])
+    assert (ep["max_steps"], ep["epochs"]) == (preset_epochs * math.ceil(N_TRAIN / BATCH), preset_epochs)
 
 
 def test_the_memory_check_refuses_what_the_windows_need(env, monkeypatch):
@@ -145,19 +152,27 @@ def _outcome(db: RunDB, run_id: str) -> dict:
             "status": run["status"]}
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
-def test_a_by_epochs_run_killed_or_stopped_and_resumed_ends_as_the_uninterrupted_run(env, how):
-    # 6 epochs of 6 steps at patience 1; a checkpoint every 4 steps, so step 8 is in the second epoch,
-    # after the first epoch's evaluation and its best checkpoint at step 6
-    args = sets(*hoc(env, "train.epochs=6", "train.early_stopping_patience=1", "train.checkpoint_every=4",
+# 6 epochs of 6 steps at patience 1; a checkpoint every 4 steps, so step 8 is in the second epoch,
+# after the first epoch's evaluation and its best checkpoint at step 6
+def _resume_args(env: Env) -> list[str]:
+    return sets(*hoc(env, "train.epochs=6", "train.early_stopping_patience=1", "train.checkpoint_every=4",
                      "train.lr=3e-3"))
-    ref = env.cli("train", "finetune-hoc", *args)
-    assert ref.rc == 0, ref.stderr
-    db = RunDB(env.db)
-    reference = _outcome(db, ref.run_id)
-    assert reference["status"] == "completed" and reference["best_step"] is not None
-    assert reference["stopped_early"] is True and reference["step"] < 36  # early stopping ended it
 
+
+@pytest.fixture(scope="module")
+def reference(env) -> dict:
+    """The uninterrupted run both resume cases must end as (trained once, through the CLI in this process)."""
+    ref = cli_inproc(env.tmp, env.db, "train", "finetune-hoc", *_resume_args(env))
+    assert ref.rc == 0, ref.stderr
+    out = _outcome(RunDB(env.db), ref.run_id)
+    assert out["status"] == "completed" and out["best_step"] is not None
+    assert out["stopped_early"] is True and out["step"] < 36  # early stopping ended it
+    return out
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_a_by_epochs_run_killed_or_stopped_and_resumed_ends_as_the_uninterrupted_run(env, reference, how):
+    args = _resume_args(env)
     proc = _popen(env, "train", "finetune-hoc", *args)
     try:
         started, _ = read_until(proc, lambda e: e["type"] == "run_started", timeout=120)
@@ -178,6 +193,6 @@ def test_a_by_epochs_run_killed_or_stopped_and_resumed_ends_as_the_uninterrupted
     db = RunDB(env.db)
     db.reap_crashed()
     assert db.get_run(run_id)["status"] == ("crashed" if how == "sigkill" else "stopped")
-    resumed = env.cli("train", "--resume", run_id)
+    resumed = cli_inproc(env.tmp, env.db, "train", "--resume", run_id)  # the CLI's resume, in this process
     assert resumed.rc == 0, resumed.stderr
     assert _outcome(RunDB(env.db), run_id) == reference

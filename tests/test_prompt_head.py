@@ -2,7 +2,8 @@
 train, the head pools the text tokens behind the prompt, its FLOPs are counted apart from the frozen
 parent's, and everything that handles a prompt run handles its head: checkpoints and resume, the best
 evaluation's checkpoint, `eval` (the prompt run's own head, never its parent's), `inspect` and
-`export-hf`. A tiny parent trained here, small slices of the real HoC and PubMedQA files, the real CLI."""
+`export-hf`. A tiny parent trained here, small slices of the real HoC and PubMedQA files, the real CLI (its
+``main`` in this process, no interpreter start-up and torch import each; a subprocess resumes a run)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_DATA, sets
-from test_finetune import Env, parent_env
+from helpers import SHARED_DATA, cli_inproc, sets
+from test_finetune import PARENT, Env
 
 from engine.core.config import load_config, parse_overrides
 from engine.core.events import EventWriter
@@ -54,7 +55,10 @@ def env(tmp_path_factory) -> Env:
     """The tiny 75 %-sparse parent of tests/test_finetune.py (n_ctx 128: HoC abstracts are read in several
     windows behind an 8-token prompt); slices of HoC (dev abstracts whose hallmarks all occur in the
     training slice) and of PubMedQA fold 0 (a split file beside the slice of pqal_trainval.json)."""
-    e = parent_env(tmp_path_factory.mktemp("prompt_head"))
+    e = Env(tmp_path_factory.mktemp("prompt_head"))
+    r = cli_inproc(e.tmp, e.db, "train", "demo", *sets(*PARENT, "name=parent"))
+    assert r.rc == 0, r.stderr
+    e.parent = r.run_id
     lines = [json.loads(x) for x in (HOC / "train.jsonl").read_text().splitlines() if x.strip()][:N_TRAIN]
     seen = {label for r in lines for label in r["labels"]}
     dev = [json.loads(x) for x in (HOC / "dev.jsonl").read_text().splitlines() if x.strip()]
@@ -167,18 +171,18 @@ def test_hoc_prompt_head_run_best_epoch_eval_inspect_and_export(env, tmp_path):
     holds its prompt and head, `eval` of the run reproduces the dev evaluation stored at that step with
     the prompt run's head and thresholds (never the parent's), `inspect` and `export-hf` work and the card
     describes that head."""
-    ft = env.cli("train", "finetune-hoc", *sets(f"parent={env.parent}", f"task.train={env.train}",
-                                                f"task.dev={env.dev}", "task.head=classifier", "train.max_steps=2",
-                                                "train.batch_size=4", "train.threads=1", "train.warmup_steps=1"))
+    ft = cli_inproc(env.tmp, env.db, "train", "finetune-hoc",
+                    *sets(f"parent={env.parent}", f"task.train={env.train}", f"task.dev={env.dev}", "task.head=classifier",
+                          "train.max_steps=2", "train.batch_size=4", "train.threads=1", "train.warmup_steps=1"))
     assert ft.rc == 0, ft.stderr
     db = RunDB(env.db)
     ft_ck = db.latest_checkpoint(ft.run_id)["path"]
     parent_head = load_checkpoint(ft_ck)["head"]
     digest = sha(ft_ck)
 
-    r = env.cli("train", "prompt-pubmedqa", *hoc_args(env, ft.run_id, "train.epochs=3", "train.early_stopping_patience=2",
-                                                      "train.warmup_steps=1", "train.lr=3e-3", "prompt.lr=0.1",
-                                                      "train.checkpoint_every=1000"))
+    r = cli_inproc(env.tmp, env.db, "train", "prompt-pubmedqa",
+                   *hoc_args(env, ft.run_id, "train.epochs=3", "train.early_stopping_patience=2", "train.warmup_steps=1",
+                             "train.lr=3e-3", "prompt.lr=0.1", "train.checkpoint_every=1000"))
     assert r.rc == 0, r.stderr
     assert sha(ft_ck) == digest, "the parent checkpoint must not change"
     db = RunDB(env.db)
@@ -214,7 +218,7 @@ def test_hoc_prompt_head_run_best_epoch_eval_inspect_and_export(env, tmp_path):
     assert torch.equal(rm.head.proj.weight, ck["head"]["proj.weight"])
     assert torch.equal(rm.head.thresholds, ck["head"]["thresholds"])
 
-    ev = env.cli("eval", r.run_id, "--task", "hoc", "--data", str(env.dev), "--json", "--batch-size", "4")
+    ev = cli_inproc(env.tmp, env.db, "eval", r.run_id, "--task", "hoc", "--data", str(env.dev), "--json", "--batch-size", "4")
     assert ev.rc == 0, ev.stderr
     out = json.loads(ev.stdout)
     assert out["step"] == best["step"] and out["scoring"] == "head" and out["n"] == N_DEV
@@ -225,13 +229,13 @@ def test_hoc_prompt_head_run_best_epoch_eval_inspect_and_export(env, tmp_path):
     assert "skipped" in out["baselines"]["zero_shot"]
     assert out["baselines"]["tfidf_lr"]["micro_f1"] == pytest.approx(stored["baselines"]["tfidf_lr"]["micro_f1"])
 
-    ins = env.cli("inspect", r.run_id, "--json")
+    ins = cli_inproc(env.tmp, env.db, "inspect", r.run_id, "--json")
     assert ins.rc == 0, ins.stderr
     rep = json.loads(ins.stdout)
     assert rep["stage"] == "prompt" and rep["step"] == best["step"] and rep["params"]["total"] > 0
 
     out_dir = tmp_path / "hf"
-    hf = env.cli("export-hf", r.run_id, "--out", str(out_dir), "--json")
+    hf = cli_inproc(env.tmp, env.db, "export-hf", r.run_id, "--out", str(out_dir), "--json")
     assert hf.rc == 0, hf.stderr
     report = json.loads(hf.stdout.strip().splitlines()[-1])
     assert report["head"] == {"exported": False, "pooling": "mean", "classes": 10, "step": best["step"]}
@@ -253,9 +257,9 @@ def test_pubmedqa_prompt_head_resumed_equals_the_uninterrupted_run(env):
     args = ["train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.eval_every=3", "train.checkpoint_every=3",
             "train.lr=3e-3", "prompt.lr=0.1", "task.fold=0", "task.pooling=attention"]
     base = sets(f"parent={env.parent}", f"task.train={env.pqa}", *COMMON, *args)
-    full = env.cli("train", "prompt-pubmedqa", *base, *sets("train.max_steps=6"))
+    full = cli_inproc(env.tmp, env.db, "train", "prompt-pubmedqa", *base, *sets("train.max_steps=6"))
     assert full.rc == 0, full.stderr
-    part = env.cli("train", "prompt-pubmedqa", *base, *sets("train.max_steps=3"))
+    part = cli_inproc(env.tmp, env.db, "train", "prompt-pubmedqa", *base, *sets("train.max_steps=3"))
     assert part.rc == 0, part.stderr
     resumed = env.cli("train", "--resume", part.run_id, *sets("train.max_steps=6"))
     assert resumed.rc == 0, resumed.stderr
