@@ -303,7 +303,11 @@ def test_rundb_migrations_wal_and_crash_reaping(tmp_path):
     assert db.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     rid = db.create_run(name="x", stage="pretrain", config={})
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    db.update_run(rid, status="running", pid=proc.pid, host=__import__("socket").gethostname())
+    from engine.core.processes import process_start
+
+    # the engine's lease records the pid with its start time (a created row holds the creating process's)
+    db.update_run(rid, status="running", pid=proc.pid, pid_start=process_start(proc.pid),
+                  host=__import__("socket").gethostname())
     assert db.reap_crashed() == []
     proc.kill()
     proc.wait()

@@ -12,7 +12,7 @@ from engine.model.gpt import GPT
 from engine.model.kernels import ops
 from engine.model.sparsity import apply_sparsity
 from engine.train.kernel_choice import KernelTrial, choose_kernels, dense_path_bytes
-from tests.helpers import tiny
+from helpers import tiny
 
 
 CFG = from_dict({"sparsity": {"kernel": "auto"}})

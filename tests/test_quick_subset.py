@@ -10,7 +10,8 @@ from helpers import REPO
 pytestmark = pytest.mark.quick
 
 # test modules whose every test is a long end-to-end run (minutes of real engines and widgets)
-ONLY_LONG = {"tests/test_studio_queue.py"}
+# (the queue faults kill runners in the middle of starting real engines)
+ONLY_LONG = {"tests/test_studio_queue.py", "tests/faults/test_queue_faults.py"}
 
 
 def has_quick_tests(path) -> bool:

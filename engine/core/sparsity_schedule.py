@@ -155,7 +155,7 @@ class Schedule:
             return [(self.level, max_steps)]
         out, prev, s = [], 0, self.initial
         start, span, level, initial = self.start, max(1, self.end - self.start), self.level, self.initial
-        for u in self.update_steps(max_steps - 1):  # an update after step u sets the sparsity from step u + 1
+        for u in self.update_steps(max_steps - 1):  # the mask change after step u holds from step u + 1
             out.append((s, u - prev))
             # gmp_sparsity(u), inlined operation for operation (a phase per update: this loop is the cost)
             s, prev = level + (initial - level) * (1.0 - min(1.0, max(0.0, (u - start) / span))) ** 3, u

@@ -168,6 +168,7 @@ def test_a_run_folder_that_cannot_be_made_fails_the_row_at_once(tmp_path, record
     assert record("disk: run folder not creatable: row failed at once", held), _runs(db)
 
 
+@pytest.mark.quick
 def test_created_rows_whose_process_is_gone_are_reaped(tmp_path, record):
     db = tmp_path / "runs.db"
     code = ("import sys; from engine.store.rundb import RunDB; "
@@ -377,6 +378,7 @@ BAD_CORPORA = ["plain text named .txt.gz", "JSON lines named .jsonl.gz", "trunca
                "folder with no corpus files", "folder whose only file is empty"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", BAD_CORPORA)
 def test_a_bad_corpus_is_refused_before_a_run_row_or_folder(tmp_path, bad_corpora, capsys, case, record):
     corpus = bad_corpora[case]

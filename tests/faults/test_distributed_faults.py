@@ -188,6 +188,7 @@ def test_an_http_server_at_the_endpoint_is_one_line_at_once(tmp_path, capsys, re
     assert RunDB(tmp_path / "runs.db").list_runs() == []
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind,words", [("banner", "got 'SSH-2.0-OpenSSH_9.6'"), ("closer", "closed the connection"),
                                         ("silent", "no answer in 1 s")])
 def test_other_servers_are_named_and_a_real_store_passes(kind, words, record):

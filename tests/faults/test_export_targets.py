@@ -120,6 +120,7 @@ def test_an_export_onto_a_special_file_is_refused_and_leaves_it(run_db, place, c
     assert record("export onto a special file: refused, left as it was", held), (rc, err)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("command", list(FILE_EXPORTS))
 def test_an_existing_file_needs_overwrite(run_db, place, capsys, record, command):
     _, db, rid = run_db

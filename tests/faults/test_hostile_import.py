@@ -509,6 +509,7 @@ def _import_in_process(folder: Path, db: Path, runs: Path, capsys) -> tuple[int,
     return rc, capsys.readouterr().err
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case_id,mutate,names,expect", IN_PROCESS, ids=[c[0] for c in IN_PROCESS])
 def test_a_hostile_folder_is_one_line_and_exit_2_with_nothing_left_behind(base, tmp_path, capsys, record, case_id,
                                                                          mutate, names, expect):
