@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fault_tally import TALLY
 from helpers import REPO, CliResult, engine_env
 
 
@@ -35,3 +36,33 @@ def pytest_collection_modifyitems(config, items):
         spec = getattr(item, "callspec", None)
         if spec is not None and any(i for i in spec.indices.values()):
             item.own_markers = [m for m in item.own_markers if m.name != "quick"]
+
+
+# -- the fault suite's table (tests/faults records into fault_tally.TALLY) ------------------------------
+
+
+def pytest_sessionfinish(session):
+    """Under xdist (the default -n 2) each worker hands its tally to the controller, which prints the table."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["fault_tally"] = {category: list(counts) for category, counts in TALLY.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for category, (tried, held) in (getattr(node, "workeroutput", None) or {}).get("fault_tally", {}).items():
+        TALLY[category][0] += tried
+        TALLY[category][1] += held
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not TALLY:
+        return
+    w = terminalreporter
+    w.section("fault suite: what was tried and what held")
+    w.write_line(f"{'category':64} {'tried':>6} {'held':>6}")
+    for category, (tried, held) in TALLY.items():
+        w.write_line(f"{category:64} {tried:>6} {held:>6}")
+    tried = sum(t for t, _ in TALLY.values())
+    held = sum(h for _, h in TALLY.values())
+    w.write_line(f"{'all':64} {tried:>6} {held:>6}")
