@@ -25,6 +25,21 @@ TINY = [
 ]
 
 
+def hoc_slices(folder: Path, n_train: int, n_dev: int, prefix: str = "") -> tuple[Path, Path]:
+    """Slices of the real HoC files written to ``folder``: the first ``n_train`` training abstracts and
+    ``n_dev`` development abstracts whose hallmarks all occur in them (so the dev-label check passes)."""
+    hoc = SHARED_DATA / "hoc"
+    train = [json.loads(x) for x in (hoc / "train.jsonl").read_text().splitlines() if x.strip()][:n_train]
+    seen = {label for r in train for label in r["labels"]}
+    dev = [json.loads(x) for x in (hoc / "dev.jsonl").read_text().splitlines() if x.strip()]
+    dev = [r for r in dev if set(r["labels"]) <= seen][:n_dev]
+    assert len(dev) == n_dev
+    paths = folder / f"{prefix}train.jsonl", folder / f"{prefix}dev.jsonl"
+    for path, rows in zip(paths, (train, dev)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
 def sets(*items: str) -> list[str]:
     out: list[str] = []
     for item in items:

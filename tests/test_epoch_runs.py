@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SHARED_DATA, cli_inproc, engine_env, read_until, sets
+from helpers import hoc_slices, REPO, SHARED_DATA, cli_inproc, engine_env, read_until, sets
 from test_finetune import PARENT, Env
 
 from engine.core.config import from_dict, load_config, load_toml
@@ -40,14 +40,7 @@ def env(tmp_path_factory) -> Env:
     r = cli_inproc(e.tmp, e.db, "train", "demo", *sets(*PARENT, "name=parent"))
     assert r.rc == 0, r.stderr
     e.parent = r.run_id
-    lines = [json.loads(x) for x in (HOC / "train.jsonl").read_text().splitlines() if x.strip()][:N_TRAIN]
-    seen = {label for r in lines for label in r["labels"]}
-    dev = [json.loads(x) for x in (HOC / "dev.jsonl").read_text().splitlines() if x.strip()]
-    dev = [r for r in dev if set(r["labels"]) <= seen][:N_DEV]
-    assert len(dev) == N_DEV
-    e.train, e.dev = e.tmp / "train.jsonl", e.tmp / "dev.jsonl"
-    e.train.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    e.dev.write_text("".join(json.dumps(r) + "\n" for r in dev))
+    e.train, e.dev = hoc_slices(e.tmp, N_TRAIN, N_DEV)
     return e
 
 

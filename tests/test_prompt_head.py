@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_DATA, cli_inproc, sets
+from helpers import hoc_slices, SHARED_DATA, cli_inproc, sets
 from test_finetune import PARENT, Env
 
 from engine.core.config import load_config, parse_overrides
@@ -59,14 +59,7 @@ def env(tmp_path_factory) -> Env:
     r = cli_inproc(e.tmp, e.db, "train", "demo", *sets(*PARENT, "name=parent"))
     assert r.rc == 0, r.stderr
     e.parent = r.run_id
-    lines = [json.loads(x) for x in (HOC / "train.jsonl").read_text().splitlines() if x.strip()][:N_TRAIN]
-    seen = {label for r in lines for label in r["labels"]}
-    dev = [json.loads(x) for x in (HOC / "dev.jsonl").read_text().splitlines() if x.strip()]
-    dev = [r for r in dev if set(r["labels"]) <= seen][:N_DEV]
-    assert len(dev) == N_DEV
-    e.train, e.dev = e.tmp / "hoc_train.jsonl", e.tmp / "hoc_dev.jsonl"
-    e.train.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    e.dev.write_text("".join(json.dumps(r) + "\n" for r in dev))
+    e.train, e.dev = hoc_slices(e.tmp, N_TRAIN, N_DEV, prefix='hoc_')
 
     data = json.loads(PQA.read_text())
     fold0 = next(f for f in json.loads(SPLITS.read_text())["folds"] if f.get("fold", 0) == 0)
