@@ -9,10 +9,20 @@ import pytest
 from fault_tally import TALLY
 from helpers import REPO, CliResult, engine_env
 
+from engine.store.rundb import RunDB
+
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "runs.db"
+
+
+@pytest.fixture
+def db(db_path: Path):
+    """An empty run database (the real SQLite store); tests that need rows write them through it."""
+    d = RunDB(db_path)
+    yield d
+    d.close()
 
 
 @pytest.fixture

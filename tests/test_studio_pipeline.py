@@ -35,13 +35,6 @@ def make_run(db: RunDB, name: str, stage: str, parent: str | None = None, status
 
 
 @pytest.fixture
-def db(tmp_path):
-    d = RunDB(tmp_path / "runs.db")
-    yield d
-    d.close()
-
-
-@pytest.fixture
 def window(qtbot, db, tmp_path):
     from studio.views.main_window import KEEP, MainWindow
 
@@ -130,7 +123,9 @@ def test_parent_picker_lists_only_compatible_parents(qtbot, window, db):
     assert form.editors["stage"].value() == "finetune" and form.editors["task.name"].value() == "hoc"
     assert form.editors["task.dev"].widget.isEnabled() and not form.editors["task.fold"].widget.isEnabled()
     form.load_preset("prompt-pubmedqa")
-    assert form.editors["task.fold"].widget.isEnabled() and form.groups["prompt"].isVisibleTo(form)
+    # the prompt's keys are offered: its length and learning rate under Basic, the rest in the (folded) Advanced part
+    assert form.editors["task.fold"].widget.isEnabled() and form.editors["prompt.n_tokens"].widget.isVisibleTo(form)
+    assert not form.groups["prompt"].isHidden()
     form.set_field("parent", ft)
     assert form.editors["parent"].value() == ft and "parent" not in form.errors
 
@@ -166,6 +161,7 @@ def test_task_metric_rows_become_chart_series(qtbot, db):
 @pytest.mark.quick
 def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
     from studio.models.lineage import best_scores, score_text
+    from studio.views.runs_browser import COLUMNS
 
     ids = pipeline(db)
     scores = best_scores(window.store.evaluations_by_run())
@@ -180,7 +176,7 @@ def test_lineage_chain_with_best_scores_and_baselines(qtbot, window, db):
     assert "LM val loss 4.200" in text
     assert "PubMedQA acc 0.620 · macro-F1 0.450 (majority 0.552 · 0.237)" in text
     assert "acc 0.600" in text
-    assert b.item_for(ids["ft"]).text(7) == score_text(scores[ids["ft"]])
+    assert b.item_for(ids["ft"]).text(COLUMNS.index("Best score (baselines)")) == score_text(scores[ids["ft"]])
     # the tree is the lineage: prompt under fine-tune under pre-training
     assert b.item_for(ids["pr"]).parent() is b.item_for(ids["ft"])
     assert b.item_for(ids["ft"]).parent() is b.item_for(ids["pre"])
@@ -234,8 +230,10 @@ def test_archive_and_delete_behind_a_confirmation(qtbot, window, db, monkeypatch
     db.update_run(ids["ft"], status="completed", pid=None)
     b.refresh()
     b.select(ids["ft"])
-    with qtbot.waitSignal(b.run_deleted):
+    with qtbot.waitSignal(b.run_deleted):  # to the trash (Undo brings it back), then for good when it is emptied
         qtbot.mouseClick(b.notes.delete_button, Qt.MouseButton.LeftButton)
+    assert b.item_for(ids["ft"]) is None and db.get_run(ids["ft"]) is not None
+    assert b.empty_trash() == [ids["ft"]] and "for good" in asked[-1]
     assert db.get_run(ids["ft"]) is None and b.item_for(ids["ft"]) is None
     assert not db.metrics(ids["ft"]) and not db.evaluations(ids["ft"])
 
@@ -316,6 +314,7 @@ def hoc_runs(db: RunDB) -> dict[str, str]:
 @pytest.mark.quick
 def test_tfidf_baseline_in_the_browser_and_the_score_chart(qtbot, window, db):
     from studio.models.lineage import score_text
+    from studio.views.runs_browser import COLUMNS
     from studio.models.run_store import RunStore
     from studio.views.run_view import RunView
 
@@ -326,7 +325,7 @@ def test_tfidf_baseline_in_the_browser_and_the_score_chart(qtbot, window, db):
                       baselines={"majority": PUBMEDQA_MAJORITY})
     b = window.browser
     b.refresh()
-    col = 7
+    col = COLUMNS.index("Best score (baselines)")
     assert b.tree.headerItem().text(col) == "Best score (baselines)"
     assert "TF-IDF" in b.tree.headerItem().toolTip(col) and "majority" in b.tree.headerItem().toolTip(col)
     both = b.item_for(ids["both"])

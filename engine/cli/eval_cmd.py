@@ -53,6 +53,10 @@ def cmd_eval(args) -> int:
                            fold=args.fold, limit=args.limit, batch_size=args.batch_size, with_baselines=not args.no_baselines,
                            predictions=args.predictions, scoring=args.scoring, warn=lambda m: sys.stderr.write(f"mediswift: warning: {m}\n"))
     except KeyboardInterrupt:
+        # a second signal while we leave must not turn this clean exit into a death by signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        previous = signal.SIG_IGN
         sys.stderr.write(f"mediswift: evaluation of {args.run_id} interrupted; nothing was stored\n")
         return 130
     finally:

@@ -8,18 +8,14 @@ a budget below one step exits 2 with one line and leaves no sweep, entry or run 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
 from engine.cli.common import open_db
 from engine.core.errors import InputError
-from engine.core.paths import default_runs_dir, list_presets, resolve_preset
-from engine.orchestrate.queue import ENDED, RUNNING, STARTING, WAITING, Queue, check_parallel, describe
+from engine.orchestrate.queue import ENDED, RUNNING, STARTING, WAITING, Queue, describe
 from engine.orchestrate.runner import QueueRunner, ensure_runner, work_until_done
-from engine.orchestrate.sweep import (check_parents, check_sweep_name, check_then, default_name, parent_vocab, plan_sweep,
-                                      queue_sweep)
+from engine.orchestrate.sweep import SweepRequest, by_epochs, length_text, prepare_sweep, submit_sweep
 
 
 def register(subparsers, common) -> None:
@@ -75,32 +71,24 @@ def register(subparsers, common) -> None:
 def cmd_sweep(args) -> int:
     db = open_db(args)
     queue = Queue(db)
-    path = _config_path(args.config, "config")
-    if args.parallel is not None:
-        check_parallel(args.parallel)  # before anything is written
-    if args.name is not None:
-        check_sweep_name(args.name)
+    # the studio's New sweep dialog queues through the same two calls (engine.orchestrate.sweep)
+    prepared = prepare_sweep(db, SweepRequest(config=args.config, grid=args.grid, sets=args.set,
+                                              equal_flops=args.equal_flops, name=args.name, then=args.then,
+                                              parallel=args.parallel, runs_dir=args.runs_dir))
     if args.wait and queue.state()["paused"]:
         raise InputError("the queue is paused, so --wait would wait forever: `mediswift queue resume` first", key="wait")
-    plan = plan_sweep(path, args.set, args.grid, args.equal_flops, parent_vocab(db, args.set))
-    check_parents(db, plan)  # --set parent=ID or --grid parent=ID1,ID2: runs of this database, before anything is queued
-    then_paths = [(_config_path(c, "then"), c) for c in args.then]
-    then = [check_then(p, given) for p, given in then_paths]
-    runs_dir = str(Path(args.runs_dir).expanduser().resolve() if args.runs_dir else default_runs_dir(db.path))
-    name = args.name or default_name(plan, path)
-    sweep_id, ids = queue_sweep(queue, plan, name, path, str(args.config), args.set, then, runs_dir, os.getcwd())
-    if args.parallel is not None:
-        queue.set_parallel(args.parallel)
+    plan, name = prepared.plan, prepared.name
+    sweep_id, ids = submit_sweep(queue, prepared)
     out = {"sweep": {"id": sweep_id, "name": name}, "entries": ids,
            "points": [{"label": p.label, "values": p.values, "max_steps": p.cfg.train.max_steps,
-                       "epochs": p.cfg.train.epochs if _by_epochs(p) else 0,
+                       "epochs": p.cfg.train.epochs if by_epochs(p) else 0,
                        "planned_flops": p.planned_flops or None} for p in plan.points]}
     if not args.json:
         print(f"sweep {sweep_id} ({name}): {len(plan.points)} run(s)" + (f", {len(ids) - len(plan.points)} chained"
                                                                          if len(ids) > len(plan.points) else "")
               + (f", each {plan.budget:.4g} training FLOPs" if plan.budget else "") + f"; queue entries {ids[0]}–{ids[-1]}")
         for p in plan.points:
-            print(f"  {p.label}: {_length(p)}" + (f", {p.planned_flops:.4g} FLOPs" if p.planned_flops else ""))
+            print(f"  {p.label}: {length_text(p)}" + (f", {p.planned_flops:.4g} FLOPs" if p.planned_flops else ""))
         sys.stdout.flush()
     if args.wait:
         try:
@@ -129,13 +117,6 @@ def cmd_sweep(args) -> int:
     if args.json:
         print(json.dumps(out, default=str))
     return code
-
-
-def _config_path(given: str, key: str) -> Path:
-    path = resolve_preset(given)
-    if not path.is_file():
-        raise InputError(f"config file not found: {given} (presets: {', '.join(list_presets())})", key=key, path=str(path))
-    return path.resolve()
 
 
 def _print_outcome(db, queue: Queue, sweep_id: str, budget: float | None) -> None:
@@ -232,16 +213,3 @@ def cmd_queue_work(args) -> int:
         return 0
     QueueRunner(db, say=lambda m: print(time.strftime("%H:%M:%S ") + m, flush=True)).work(forever=args.forever)
     return 0
-
-
-def _by_epochs(p) -> bool:
-    """The point's run counts train.epochs (its steps come from the task's examples when it starts), as
-    engine.train.plan decides: a train.max_steps given with --set, a grid or a FLOP budget turns them off."""
-    given = {kv.split("=", 1)[0].strip() for kv in p.sets}
-    return bool(p.cfg.train.epochs) and not p.planned_flops and "train.max_steps" not in given
-
-
-def _length(p) -> str:
-    tc = p.cfg.train
-    return f"{tc.epochs} epoch{'s' if tc.epochs != 1 else ''}" if _by_epochs(p) else f"{tc.max_steps} steps"
-

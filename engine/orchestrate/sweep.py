@@ -14,6 +14,10 @@ transaction: a 10,000-point grid queues in seconds.
 several parents); every parent a point names, by --set or --grid, is checked against the run database
 before anything is queued (``check_parents``).
 
+``prepare_sweep`` does all of that for one ``SweepRequest`` (the command's arguments as given) and
+``submit_sweep`` queues what it prepared: ``mediswift sweep`` and the studio's New sweep dialog both go
+through this pair, so the same request queues the same entries from either.
+
 ``--equal-flops BUDGET`` gives every point the ``train.max_steps`` whose training FLOPs (the engine's
 own FLOP model, engine.core.flops, with a dynamic method's schedule) come closest to the budget, so
 every run's spend is within half a step of it. Each count's FLOPs are a closed form (static) or a sum
@@ -25,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +39,8 @@ from engine.core.config import (MAX_NAME, RunConfig, config_from, load_config, l
 from engine.core.errors import InputError
 from engine.core.flops import flop_model_for_config
 from engine.core.machine_checks import check_processes, gpu_count
-from engine.orchestrate.queue import Queue, absolute_sets
+from engine.core.paths import default_runs_dir, list_presets, resolve_preset
+from engine.orchestrate.queue import Queue, absolute_sets, check_parallel
 from engine.store.queries import find_run
 from engine.store.rundb import RunDB
 
@@ -50,6 +56,19 @@ class Point:
     @property
     def label(self) -> str:
         return " ".join(f"{k.split('.')[-1]}={_text(v)}" for k, v in self.values.items())
+
+
+def by_epochs(p: Point) -> bool:
+    """The point's run counts train.epochs (its steps come from the task's examples when it starts), as
+    engine.train.plan decides: a train.max_steps given with --set, a grid or a FLOP budget turns them off."""
+    given = {kv.split("=", 1)[0].strip() for kv in p.sets}
+    return bool(p.cfg.train.epochs) and not p.planned_flops and "train.max_steps" not in given
+
+
+def length_text(p: Point) -> str:
+    """'4 epochs' or '120 steps': how long the point's run is planned to be."""
+    tc = p.cfg.train
+    return f"{tc.epochs} epoch{'s' if tc.epochs != 1 else ''}" if by_epochs(p) else f"{tc.max_steps} steps"
 
 
 @dataclass
@@ -313,3 +332,67 @@ def queue_sweep(queue: Queue, plan: Plan, name: str, config_path: Path, config_n
 def _named(sets: list[str], name: str) -> list[str]:
     """A run's --set items with its name first, unless they name it already."""
     return sets if any(s.split("=", 1)[0].strip() == "name" for s in sets) else [f"name={name}", *sets]
+
+
+# -- one request, from the command line or the studio --------------------------------------------------
+
+
+@dataclass
+class SweepRequest:
+    """One ``mediswift sweep`` as given: CONFIG and the --grid, --set, --then items as typed, the budget as
+    text. Relative paths mean what they mean from this process's working directory, as on the command line."""
+    config: str                                         # CONFIG: a TOML file or a preset name
+    grid: list[str]                                     # --grid KEY=V1,V2,…
+    sets: list[str] = field(default_factory=list)       # --set KEY=VALUE
+    equal_flops: str | None = None                      # --equal-flops BUDGET
+    name: str | None = None                             # --name
+    then: list[str] = field(default_factory=list)       # --then CONFIG
+    parallel: int | None = None                         # --parallel (None: as the queue is)
+    runs_dir: str | None = None                         # --runs-dir (None: next to the database)
+
+
+@dataclass
+class PreparedSweep:
+    """A request checked whole and planned: what ``submit_sweep`` queues. Nothing is written yet."""
+    request: SweepRequest
+    plan: Plan
+    config_path: Path
+    then: list[Then]
+    name: str
+    runs_dir: str
+    cwd: str
+
+
+def config_path(given: str, key: str) -> Path:
+    """A config file named as on the command line (a path or a preset name), absolute; InputError if none."""
+    path = resolve_preset(given)
+    if not path.is_file():
+        raise InputError(f"config file not found: {given} (presets: {', '.join(list_presets())})", key=key,
+                         path=str(path))
+    return path.resolve()
+
+
+def prepare_sweep(db: RunDB, req: SweepRequest) -> PreparedSweep:
+    """Every check ``mediswift sweep`` makes before it writes, in its order, and the plan: InputError on the
+    first problem, with nothing written."""
+    path = config_path(req.config, "config")
+    if req.parallel is not None:
+        check_parallel(req.parallel)
+    if req.name is not None:
+        check_sweep_name(req.name)
+    plan = plan_sweep(path, req.sets, req.grid, req.equal_flops, parent_vocab(db, req.sets))
+    check_parents(db, plan)
+    then_paths = [(config_path(c, "then"), c) for c in req.then]  # every file found, then each checked
+    then = [check_then(p, given) for p, given in then_paths]
+    runs_dir = str(Path(req.runs_dir).expanduser().resolve() if req.runs_dir else default_runs_dir(db.path))
+    return PreparedSweep(req, plan, path, then, req.name or default_name(plan, path), runs_dir, os.getcwd())
+
+
+def submit_sweep(queue: Queue, prepared: PreparedSweep) -> tuple[str, list[int]]:
+    """Queue a prepared sweep (and set the queue's parallelism if it asked): its id and entry ids."""
+    req = prepared.request
+    out = queue_sweep(queue, prepared.plan, prepared.name, prepared.config_path, str(req.config), req.sets,
+                      prepared.then, prepared.runs_dir, prepared.cwd)
+    if req.parallel is not None:
+        queue.set_parallel(req.parallel)
+    return out

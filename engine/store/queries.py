@@ -103,12 +103,34 @@ def last_metric_value(db: RunDB, run_id: str, name: str) -> float | None:
     return None if row is None else float(row[0])
 
 
+def runs_signature(db: RunDB) -> tuple[int, int]:
+    """(how many runs, the highest rowid): one cheap read that moves when a run is added or deleted, so a
+    poller can notice a new run without reading the whole list."""
+    count, top = _conn(db).execute("SELECT COUNT(*), MAX(rowid) FROM runs").fetchone()
+    return int(count), int(top or 0)
+
+
 def last_values(db: RunDB, name: str) -> dict[str, tuple[float, int]]:
     """Run id -> (value, step) of the metric at each run's highest step, for every run, in one query
     (the runs browser lists thousands)."""
     sql = ("SELECT m.run_id, m.value, m.step FROM metrics m JOIN (SELECT run_id, MAX(step) s FROM metrics "
            "WHERE name = ? GROUP BY run_id) t ON m.run_id = t.run_id AND m.step = t.s WHERE m.name = ?")
     return {rid: (value, step) for rid, value, step in _conn(db).execute(sql, [name, name])}
+
+
+def last_points(db: RunDB, name: str, run_ids: Iterable[str] | None = None) -> dict[str, dict]:
+    """Run id -> {value, step, flops, wall_time} of the metric's row at each run's highest step: the value and
+    the run's counters there (FLOPs spent so far, training seconds), for every run or only ``run_ids``."""
+    ids = None if run_ids is None else list(run_ids)
+    if ids is not None and not ids:
+        return {}
+    where = "" if ids is None else f" AND run_id IN ({', '.join('?' * len(ids))})"
+    sql = ("SELECT m.run_id, m.value, m.step, m.flops, m.wall_time FROM metrics m JOIN (SELECT run_id, MAX(step) s "
+           f"FROM metrics WHERE name = ?{where} GROUP BY run_id) t ON m.run_id = t.run_id AND m.step = t.s "
+           "WHERE m.name = ?")
+    rows = _conn(db).execute(sql, [name, *(ids or []), name])
+    return {rid: {"value": value, "step": step, "flops": flops, "wall_time": wall}
+            for rid, value, step, flops, wall in rows}
 
 
 def load_series(db: RunDB, run_id: str, name: str, max_points: int | None = None,

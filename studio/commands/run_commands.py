@@ -1,5 +1,6 @@
 """The studio's writes to the run database, all of them: crashed runs reaped, tags and notes saved,
-archive, delete, and the queue's changes (add, pause, parallelism, order, cancel, its runner started).
+archive, delete (through the trash, ``run_trash``), and the queue's changes (add a run or a sweep, pause,
+parallelism, order, cancel, its runner started).
 
 Tags (runs.tags, a JSON list) and notes (runs.notes) are the user's annotations: the only run columns
 the studio writes, besides the ``archived`` flag and a crashed run's status. Archiving hides a run from
@@ -11,24 +12,23 @@ studio and then has the run store re-read, so every view sees the change through
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QProcess, Signal
+from PySide6.QtCore import QCoreApplication, QObject, QProcess, Signal
 
-from engine.core.processes import pid_alive
 from engine.orchestrate.queue import Queue
-from engine.store.rundb import LIVE_STATUSES, RunDB
+from engine.store.rundb import RunDB
+from studio.commands import run_trash
 from studio.commands.engine_process import engine_env
+from studio.commands.run_trash import RunBusyError, delete_run, is_live, run_folder
 from studio.models.run_store import RunStore
 
+__all__ = ["Commands", "RunBusyError", "delete_run", "is_live", "parse_tags", "run_folder", "save_annotations",
+           "set_archived"]
+
 RUNNER_RETRY_S = 5.0  # a runner just started needs a moment to take its lease; don't start a second meanwhile
-
-
-class RunBusyError(RuntimeError):
-    pass
 
 
 def parse_tags(text: str) -> list[str]:
@@ -47,31 +47,6 @@ def save_annotations(db: RunDB, run_id: str, tags: list[str], notes: str) -> Non
 
 def set_archived(db: RunDB, run_id: str, archived: bool) -> None:
     db.update_run(run_id, archived=1 if archived else 0)
-
-
-def is_live(run: dict) -> bool:
-    """The run's engine process is alive (it writes the run's rows)."""
-    return run["status"] in LIVE_STATUSES and pid_alive(run.get("pid"), run.get("pid_start"))
-
-
-def run_folder(run: dict) -> Path | None:
-    """The run's folder, only if it is one: named after the run id, so a bad run_dir never deletes more."""
-    p = Path(run.get("run_dir") or "")
-    return p if run.get("run_dir") and p.name == run["id"] and p.is_dir() else None
-
-
-def delete_run(db: RunDB, run_id: str, remove_folder: bool = True) -> Path | None:
-    """Delete the run's rows (metrics, evaluations, checkpoints, artifacts, run) and its folder."""
-    run = db.get_run(run_id)
-    if run is None:
-        raise KeyError(run_id)
-    if is_live(run):
-        raise RunBusyError(f"run {run['id']} is {run['status']} (pid {run['pid']}); stop it before deleting it")
-    folder = run_folder(run) if remove_folder else None
-    db.delete_run(run["id"])
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-    return folder
 
 
 class Commands(QObject):
@@ -93,6 +68,9 @@ class Commands(QObject):
         if act_on_store:  # one Commands per store does (the main window's); a dialog's borrows the writes only
             store.engines_gone.connect(self._engines_gone)
             store.runner_needed.connect(self.ensure_runner)
+            app = QCoreApplication.instance()
+            if app is not None:  # what was deleted this session goes for good when the studio quits
+                app.aboutToQuit.connect(self.empty_trash)
 
     @property
     def db(self) -> RunDB:
@@ -123,6 +101,23 @@ class Commands(QObject):
         self.store.refresh()
         return folder
 
+    # -- the trash (Delete with Undo) ----------------------------------------------------------------
+    def trash_run(self, run_id: str) -> dict:
+        """Delete with Undo: the run leaves every list, rows and folder kept until the trash is emptied.
+        Raises RunBusyError while its engine is alive, KeyError for an unknown run."""
+        return run_trash.trash_run(self.store, run_id)
+
+    def restore_run(self, run_id: str | None = None) -> dict | None:
+        """Undo a delete (the last one by default)."""
+        return run_trash.restore_run(self.store, run_id)
+
+    def empty_trash(self) -> tuple[list[str], list[str]]:
+        """Delete the trashed runs for good: (deleted ids, ids kept because their engine is alive)."""
+        out = run_trash.empty_trash(self.store)
+        if out[0]:
+            self.store.refresh()
+        return out
+
     # -- the queue -----------------------------------------------------------------------------------
     def queue_add(self, config_text: str, config_name: str, sets: list[str], runs_dir: str, cwd: str) -> int:
         """Queue one run from the form (no sweep); returns its entry id."""
@@ -130,6 +125,16 @@ class Commands(QObject):
                                        "runs_dir": runs_dir, "cwd": cwd, "label": config_name}])
         self.store.refresh(full=False)
         return entry_id
+
+    def queue_sweep(self, request) -> tuple[str, list[int]]:
+        """Queue a sweep exactly as ``mediswift sweep`` would (``sweep_commands.SweepRequest``): its id and
+        entry ids. Raises InputError, with nothing written, for what the command would refuse."""
+        from studio.commands.sweep_commands import queue_sweep
+
+        try:
+            return queue_sweep(self.db, request)
+        finally:
+            self.store.refresh(full=False)
 
     def queue_set_paused(self, paused: bool) -> None:
         self.queue.set_paused(paused)

@@ -16,6 +16,8 @@ from studio.models.run_store import SERIES_DTYPE, RunStore
 EVAL_PREFIX = "eval:"  # metric choices that come from the evaluations table (task scores)
 EVAL_METRICS = ("val_loss", "val_perplexity")  # logged at evaluations only: markers, no smoothing
 SPARSE_POINTS = 20  # any series this short is drawn the same way
+# schedules the run follows, not noisy measurements: smoothing would only draw a lagged copy of them
+SCHEDULES = ("lr", "sparsity")
 
 
 def is_sparse(metric: str, data: np.ndarray) -> bool:
@@ -23,9 +25,15 @@ def is_sparse(metric: str, data: np.ndarray) -> bool:
     return metric in EVAL_METRICS or metric.startswith(EVAL_PREFIX) or data.size < SPARSE_POINTS
 
 
+def drawn_as_logged(metric: str, data: np.ndarray) -> bool:
+    """A series drawn unsmoothed, without a raw shadow: the sparse ones and the schedules (learning rate)."""
+    return metric in SCHEDULES or is_sparse(metric, data)
+
+
 def curve_arrays(data: np.ndarray, total: int, x_axis: str, smoothing: float,
                  sparse: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, raw y, smoothed y) of one series on the ``x_axis``; ``total`` is its row count in the database."""
+    """(x, raw y, smoothed y) of one series on the ``x_axis``; ``total`` is its row count in the database;
+    ``sparse``: drawn as logged (smoothed y is y)."""
     x = data[x_axis].astype(np.float64)
     y = data["value"]
     if sparse:

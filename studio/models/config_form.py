@@ -1,14 +1,86 @@
-"""The new-run form's configuration without widgets: dotted field keys to the nested config and back, and
-validation by the engine's own code, every section at once (the engine stops at the first error)."""
+"""The new-run form's configuration without widgets: dotted field keys to the nested config and back,
+validation by the engine's own code, every section at once (the engine stops at the first error), which
+keys the form asks first (Basic) and which ones a choice turns off, and the model shape a child run takes
+from its parent."""
 from __future__ import annotations
 
 from typing import Any
 
-from engine.core.config import SECTIONS, RunConfig, from_dict
+from engine.core.config import METHODS, SECTIONS, RunConfig, from_dict
 from engine.core.errors import InputError
-from studio.models.labels import is_sparse_stage, is_task_stage, stage_text
+from engine.core.registry import FINETUNE, STAGES, TASK_STAGES, TASKS, task_fields
+from studio.models.labels import is_sparse_stage, is_task_stage, parent_stages, stage_text
 
 PARENT_STATUSES = ("completed", "stopped")  # a finished model (stopped runs end on a checkpoint)
+
+# what a user sets on most runs, asked first; every other key sits in the folded Advanced part (a key of a
+# section the stage does not read is hidden in both)
+RUN_KEYS = ("name", "stage", "parent")
+BASIC_KEYS = (
+    "data.corpus", "task.name", "task.train", "task.dev", "sparsity.level", "sparsity.method", "prompt.n_tokens",
+    "train.max_steps", "train.epochs", "train.batch_size", "train.lr", "prompt.lr", "train.seed", "train.threads",
+    "train.precision",
+)
+DYNAMIC = tuple(m for m in METHODS if m != "static")
+# sparsity.* key -> the methods that read it (the others leave it greyed out)
+METHOD_FIELDS = {"sparsity.start_step": DYNAMIC, "sparsity.end_step": DYNAMIC, "sparsity.update_every": DYNAMIC,
+                 "sparsity.drop_fraction": ("set", "rigl"), "sparsity.initial": ("gmp",)}
+# a child's model.* keys come from its parent; only the context length may be set (up to the parent's positions)
+CHILD_MODEL_KEYS = ("model.n_ctx",)
+# train.* keys only some stages may set (the engine refuses them elsewhere: RunConfig._check_recipe)
+STAGE_KEYS = {"train.epochs": TASK_STAGES, "train.early_stopping_patience": TASK_STAGES,
+              "train.layer_decay": (FINETUNE,),
+              "train.init": tuple(n for n, s in STAGES.items() if s.takes_parent_shape)}
+
+
+def applies(key: str, flat: dict[str, Any]) -> bool:
+    """Whether ``key`` means something for the run the other values describe (a greyed-out field does not)."""
+    if key == "parent":
+        return bool(parent_stages(flat.get("stage") or ""))
+    if key == "data.corpus":  # a labelled task reads its own files instead
+        spec, task = STAGES.get(flat.get("stage") or ""), TASKS.get(flat.get("task.name") or "")
+        return not (spec and "task" in spec.sections and not spec.reads_corpus and task and task.labelled)
+    if key in METHOD_FIELDS:
+        return flat.get("sparsity.method") in METHOD_FIELDS[key]
+    tasks = task_fields().get(key)
+    if tasks is not None:
+        return flat.get("task.name") in tasks
+    return True
+
+
+def takes_parent_shape(stage_name: str) -> bool:
+    spec = STAGES.get(stage_name)
+    return bool(spec and spec.takes_parent_shape)
+
+
+def shown_for_stage(key: str, stage_name: str) -> bool:
+    """A key of a section the stage reads that the stage may set (a child run's model keys are its parent's
+    but the context length; fine-tuning keys belong to fine-tuning)."""
+    if key.startswith("model.") and takes_parent_shape(stage_name):
+        return key in CHILD_MODEL_KEYS
+    return stage_name in STAGE_KEYS.get(key, (stage_name,))
+
+
+def parent_shape(run: dict | None) -> dict | None:
+    """The model shape a child of ``run`` trains with: its stored config's model section and vocabulary."""
+    if not run:
+        return None
+    cfg = run.get("config") or {}
+    model = dict(cfg.get("model") or {})
+    if not model:
+        return None
+    vocab = (run.get("meta") or {}).get("vocab_size") or (cfg.get("tokenizer") or {}).get("vocab_size")
+    return {**model, "vocab_size": vocab}
+
+
+def shape_text(shape: dict) -> str:
+    """'4 layers · d_model 128 · 4 heads · context 128 (up to 256) · vocabulary 8,192'."""
+    n_ctx, n_pos = shape.get("n_ctx"), shape.get("n_positions") or shape.get("n_ctx")
+    parts = [f"{shape.get('n_layer')} layers", f"d_model {shape.get('d_model')}", f"{shape.get('n_head')} heads",
+             f"context {n_ctx}" + (f" (up to {n_pos})" if n_pos and n_pos != n_ctx else "")]
+    if shape.get("vocab_size"):
+        parts.append(f"vocabulary {int(shape['vocab_size']):,}")
+    return " · ".join(parts)
 
 
 def nested(flat: dict[str, Any]) -> dict:

@@ -91,3 +91,8 @@ def world_badge(meta: dict | None, tokens_per_s: float | None = None) -> tuple[s
     tip = (f"{size} processes ({world.get('nproc')} per machine on {nodes} machine{'s' if nodes > 1 else ''}), "
            f"{world.get('strategy')} over {world.get('backend')}; rank 0 writes the run's rows and events")
     return text, tip
+
+
+def elide(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis ("a-long-run-na…"); shorter text as is."""
+    return text if len(text) <= limit else text[: max(limit - 1, 0)].rstrip() + "…"

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from studio.models.run_store import FINAL_STATUSES
 from studio.models.labels import MAJORITY
 from studio.models.plot_buffers import GrowingArray, Series
 
@@ -27,6 +28,9 @@ class RunData:
         self.version = 0  # bumps on any change, so views know when to redraw
         self.max_steps: int | None = None
         self.eval_ids: set[Any] = set()
+        # whether the run is still training, as its view knows it (None: not told; see ``training``)
+        self.live: bool | None = None
+        self.config: dict = {}  # the run's stored config, where its view has it (sparsity.method)
 
     # -- feeding -------------------------------------------------------------------------------------
     def add_metrics(self, step: int, tokens: float, wall_time: float, flops: float, flops_dense: float,
@@ -103,8 +107,13 @@ class RunData:
                                     ev["metrics"])
         if t == "eval" and ev.get("split", "val") == "val":
             return self.add_eval(ev["step"], ev["metrics"])
-        if t == "run_started" and ev.get("max_steps"):
-            self.max_steps = int(ev["max_steps"])
+        if t == "run_started":
+            self.live = True
+            if ev.get("max_steps"):
+                self.max_steps = int(ev["max_steps"])
+            self.config = ev.get("config") or self.config
+        elif t in ("status", "run_finished") and ev.get("status"):
+            self.live = ev["status"] not in FINAL_STATUSES
         return False
 
     def add_db_rows(self, rows: Iterable[dict]) -> int:
@@ -151,6 +160,31 @@ class RunData:
     def latest_val(self, name: str = "loss") -> float | None:
         s = self.val.get(name)
         return float(s.y()[-1]) if s is not None and len(s) else None
+
+    def training(self) -> bool:
+        """Whether more steps may come: as the view told (``live``), else until the last step reaches
+        ``max_steps`` (a run of unknown length may always grow). Charts of a finished run fit its data."""
+        if self.live is not None:
+            return self.live
+        if self.max_steps and self.last_step is not None:
+            return self.last_step < self.max_steps
+        return True
+
+    def static_masks(self) -> bool:
+        """Whether the per-layer sparsity cannot change (``sparsity.method = "static"``): its heatmap
+        would be one flat colour. Without the config: no mask churn logged and every layer's sparsity
+        constant so far."""
+        method = (self.config.get("sparsity") or {}).get("method")
+        if method is not None:
+            return method == "static"
+        if "mask_churn" in self.series:
+            return False
+        for name in self.series:
+            if name.startswith(LAYER_PREFIX):
+                y = self.series[name].y()
+                if len(y) and np.nanmax(y) != np.nanmin(y):
+                    return False
+        return True
 
     def layer_names(self) -> list[str]:
         return sorted(n[len(LAYER_PREFIX):] for n in self.series if n.startswith(LAYER_PREFIX))

@@ -26,11 +26,17 @@ def detail_html(run: dict, checkpoints: list[dict]) -> str:
     if run.get("started_at") and run.get("finished_at"):
         lines.append(f"duration: {fmt.duration(run['finished_at'] - run['started_at'])}")
     if summary:
-        lines.append("summary: " + ", ".join(f"{k} {fmt.number(v) if isinstance(v, (int, float)) else v}"
-                                             for k, v in list(summary.items())[:8]))
+        lines.append("summary: " + ", ".join(f"{k} {_summary_value(k, v)}" for k, v in list(summary.items())[:8]))
     if run.get("error"):
         lines.append(f"<span style='color:#c9302c'>error: {run['error']}</span>")
     return "<br>".join(lines)
+
+
+def _summary_value(key: str, value) -> str:
+    """FLOP counts with their unit (26.2 GFLOP, not 26,172,456,960), other numbers as numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return fmt.flops(value) if "flops" in key else fmt.number(value)
 
 
 def config_text(config: dict) -> str:

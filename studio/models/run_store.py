@@ -5,12 +5,17 @@ What one tick of the timer (``POLL_MS``) reads, cheapest first:
 
 * the runs it knows to be live (``created``, ``running``, ``paused``) and the runs a view watches, each
   by its id: a status change is seen within a tick, a moved heartbeat means new rows;
+* how many runs there are and the newest one's rowid (one cheap read): a run added or deleted elsewhere
+  (a queue runner, the CLI) has the whole list read at once, so it shows within a tick too;
 * for the runs a view follows (a re-attached run's tab): the metric rows after the last step it got and
   the evaluations it has not seen;
 * every other tick, the queue (entries, state, runner);
 * the whole run list only every few seconds (a run added, removed or edited elsewhere): often while a
   view that lists runs is on screen (``want_list``), seldom otherwise, and never more than a small share
   of the time (reading thousands of rows costs a good part of a second).
+
+Runs put in the studio's trash (``hide_run``: deleted, with Undo) are left out of ``runs()`` until they
+are brought back or the trash is emptied (``studio.commands`` deletes them then).
 
 The store only reads. What it finds that needs a write (a run whose engine died without marking it, a
 queue with waiting entries and no runner) it reports as a signal that ``studio.commands`` acts on; a
@@ -45,6 +50,9 @@ QUEUE_EVERY = 2  # ticks between two reads of the queue
 LIST_MS, IDLE_LIST_MS = 3000, 15000  # the whole run list: while a view lists runs / otherwise
 LIST_SHARE, IDLE_LIST_SHARE = 0.05, 0.01  # at most this share of the time goes to reading the run list
 ENGINE_STATUSES = ("running", "paused")  # a row that names a live engine process
+# a created row is an engine about to start (from the queue, a CLI): read every tick while this young, as
+# running ones are (older ones are left to the list reads: rows of dead engines that nothing reaped)
+CREATED_HOT_S = 600
 # the fields of a run row that views show; a change to any of them is a change of the run list
 SHOWN = ("name", "stage", "status", "parent_id", "tags", "notes", "archived", "error", "summary", "run_dir",
          "started_at", "finished_at", "pid")
@@ -97,6 +105,8 @@ class RunStore(QObject):
         self._list_cost = 0.0
         self._next_list_at = 0.0  # when the whole list is read next (time.monotonic())
         self._list_cache: list[dict] | None = None  # the list just read, while its signals are out
+        self._list_sig: tuple[int, int] | None = None  # runs_signature at the last whole-list read
+        self._hidden: dict[str, dict] = {}  # run id -> its row when it went to the trash (in that order)
         self._queue_sig: Any = None
         self._ticks = 0
         self._polling = False
@@ -158,9 +168,25 @@ class RunStore(QObject):
         return self.db.get_run(run_id)
 
     def runs(self, include_archived: bool = True) -> list[dict]:
-        """Every run, newest first (the list the poll just read, while its signals are out)."""
+        """Every run but those in the trash, newest first (the list the poll just read, while its signals are out)."""
         rows = self._list_cache if self._list_cache is not None else self.db.list_runs(include_archived=True)
-        return rows if include_archived else [r for r in rows if not r.get("archived")]
+        return [r for r in rows if r["id"] not in self._hidden and (include_archived or not r.get("archived"))]
+
+    # -- the trash (what the studio deleted, kept whole until it is emptied) ------------------------------
+    def hide_run(self, run_id: str, row: dict) -> None:
+        """Leave this run out of ``runs()`` (it went to the trash); every view hears ``runs_changed`` now."""
+        self._hidden[run_id] = row
+        self.runs_changed.emit()
+
+    def unhide_runs(self, run_ids: Iterable[str]) -> None:
+        """Back in ``runs()`` (out of the trash: restored, or deleted for good)."""
+        back = [self._hidden.pop(rid) for rid in list(run_ids) if rid in self._hidden]
+        if back:
+            self.runs_changed.emit()
+
+    def hidden_runs(self) -> list[dict]:
+        """The runs in the trash, as they were when they went there, oldest first."""
+        return list(self._hidden.values())
 
     def children(self, run_id: str) -> list[dict]:
         return [r for r in self.runs() if r.get("parent_id") == run_id]
@@ -185,6 +211,15 @@ class RunStore(QObject):
 
     def last_values(self, name: str) -> dict[str, tuple[float, int]]:
         return queries.last_values(self.db, name)
+
+    def last_points(self, name: str, run_ids: Iterable[str] | None = None) -> dict[str, dict]:
+        """Run id -> {value, step, flops, wall_time} at each run's last row of metric ``name``."""
+        return queries.last_points(self.db, name, run_ids)
+
+    def known_run(self, run_id: str) -> dict | None:
+        """A run's row as the last poll read it (a live run's is at most a tick old), else read now."""
+        known = self._known.get(run_id)
+        return known["row"] if known is not None else self.db.get_run(run_id)
 
     def last_eval_metrics(self, split: str, metric: str) -> dict[str, float | None]:
         return queries.last_eval_metrics(self.db, split, metric)
@@ -229,6 +264,7 @@ class RunStore(QObject):
             self._record(row)
         self._list_cost = time.monotonic() - t0
         self._schedule_list(t0)
+        self._list_sig = queries.runs_signature(self.db)
         self._queue_sig = self._queue_signature(*self._read_queue())
 
     def _record(self, row: dict) -> tuple[dict | None, dict]:
@@ -240,9 +276,11 @@ class RunStore(QObject):
     def _hot(self) -> list[str]:
         """Runs read every tick: those with an engine (running, paused), and watched ones not yet ended."""
         out = []
+        young = time.time() - CREATED_HOT_S
         for rid, k in self._known.items():
             status = k["shown"]["status"]
-            if status in ENGINE_STATUSES or (status in LIVE_STATUSES and rid in self._watched):
+            if (status in ENGINE_STATUSES or (status in LIVE_STATUSES and rid in self._watched)
+                    or (status == "created" and (k["row"].get("created_at") or 0) > young)):
                 out.append(rid)
         return out + [rid for rid in self._watched if rid not in self._known]
 
@@ -282,6 +320,7 @@ class RunStore(QObject):
         hot = list(dict.fromkeys(self._hot() + extra))
         if full:
             t0 = time.monotonic()
+            self._list_sig = queries.runs_signature(self.db)  # (before the list: a run added meanwhile is read next tick)
             listed = self.db.list_runs(include_archived=True)
             self._list_cost = time.monotonic() - t0
             self._schedule_list(t0)
@@ -300,7 +339,7 @@ class RunStore(QObject):
         return rows, [rid for rid in hot if rid in rows], gone, None
 
     def _poll_once(self, full: bool | None, queue: bool, extra: list[str]) -> None:
-        full = bool(full) or (full is None and time.monotonic() >= self._next_list_at)
+        full = bool(full) or (full is None and (time.monotonic() >= self._next_list_at or self._list_moved()))
         rows, hot, changed, listed = self._read_rows(full, extra)
         progressed = False
         statuses: dict[str, str] = {}
@@ -349,6 +388,10 @@ class RunStore(QObject):
             self.engines_gone.emit(gone_engines)
         if queue:
             self._poll_queue()
+
+    def _list_moved(self) -> bool:
+        """A run was added or deleted since the whole list was last read (one cheap read)."""
+        return queries.runs_signature(self.db) != self._list_sig
 
     def _follow_news(self, run_id: str, row: dict, status_moved: bool,
                      beat_moved: bool) -> tuple[list[dict], list[dict]]:

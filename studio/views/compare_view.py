@@ -7,6 +7,11 @@ in the run list (the legend); unchecking a run hides it. Curves are read through
 query per (run, metric) straight into numpy, so 20 runs × 100k rows load in well under a second. Runs
 still training are re-read (at most every few seconds) when the store says they progressed.
 
+One run order holds everywhere: the order the runs were picked in (the browser's selection, then each
+run checked in the list). The run list shows the compared runs first in that order, the shared legend
+above the charts lists them in it (names elided, ids kept, a click hides or shows a run), and the config
+diff's columns and the summary's rows follow it.
+
 ``CompareView`` is the charts; ``ComparePanel`` puts it beside the config diff and summary table.
 """
 from __future__ import annotations
@@ -25,13 +30,18 @@ from PySide6.QtWidgets import (
 
 from engine.core.errors import InputError
 from studio.commands.exports import write_metrics
-from studio.models.compare_data import EVAL_PREFIX, CompareData, curve_arrays, extent, is_sparse
+from studio.models.compare_data import EVAL_PREFIX, CompareData, curve_arrays, drawn_as_logged, extent, is_sparse
 from studio.models.labels import PALETTE, is_sparse_stage
 from studio.models.run_filter import text_matches
 from studio.models.run_store import LIVE_STATUSES, RunStore
 from studio.models.throttle import Throttle
 from studio.widgets.chart_export import ChartExportDialog
+from studio.widgets.chart_placeholder import ChartPlaceholder
+from studio.widgets.chart_style import (
+    ChartTheme, ThemeFollower, compact_ticks, fixed_axis_width, padded_range, set_title, style_plot,
+)
 from studio.widgets.config_diff import ConfigDiffView
+from studio.widgets.run_legend import RunLegend
 from studio.widgets.summary_table import SummaryTable
 
 # key -> (button text, axis label, SI unit for pyqtgraph's prefixes)
@@ -56,14 +66,20 @@ MARKER_POINTS = 100  # evaluation series up to this long get a marker per point;
 POINTS_PER_PIXEL, MIN_POINTS, MAX_POINTS = 2, 600, 4000
 REFINE_MS = 250
 LIVE_POLL_MS = 3000  # compared runs that are still training are re-read at most this often
+NO_RUNS = "check runs in the list to compare them"
+
+
+def run_label_parts(run: dict) -> tuple[str, str]:
+    """(name, the rest): the name, which may be elided, and what must stay (sparsity, a short id)."""
+    name = run.get("name") or run["id"]
+    level = (run.get("config") or {}).get("sparsity", {}).get("level")
+    sparse = f" · {level:.0%} sparse" if is_sparse_stage(run["stage"]) and level is not None else ""
+    return name, f"{sparse} [{run['id'][:6]}]"
 
 
 def run_label(run: dict) -> str:
     """Legend text: name, sparsity when it matters, and a short id (names repeat across runs)."""
-    name = run.get("name") or run["id"]
-    level = (run.get("config") or {}).get("sparsity", {}).get("level")
-    sparse = f" · {level:.0%} sparse" if is_sparse_stage(run["stage"]) and level is not None else ""
-    return f"{name}{sparse} [{run['id'][:6]}]"
+    return "".join(run_label_parts(run))
 
 
 def _swatch(color: str) -> QIcon:
@@ -73,11 +89,13 @@ def _swatch(color: str) -> QIcon:
 
 
 class _Panel(QWidget):
-    """One chart: a header (fixed title or a metric picker, export button) over a PlotWidget."""
+    """One chart: a header (fixed title or a metric picker, export button) over a PlotWidget, or a line
+    of text in its place while there is nothing to draw."""
 
     def __init__(self, title: str, y_label: str, unit: str | None, free: bool):
         super().__init__()
-        self.metric: str | None = None
+        # the metric drawn; not ``metric``: that would hide QWidget.metric(), which Qt calls on font changes
+        self.metric_name: str | None = None
         self.title = title
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -86,32 +104,42 @@ class _Panel(QWidget):
         self.picker: QComboBox | None = None
         if free:
             self.picker = QComboBox()
-            self.picker.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+            self.picker.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            self.picker.setMinimumContentsLength(12)
             head.addWidget(self.picker)
         head.addStretch(1)
         self.export_button = QToolButton(text="Export…", toolTip="Save this chart as PNG or SVG")
         head.addWidget(self.export_button)
         lay.addLayout(head)
-        self.widget = pg.PlotWidget(background="w")
+        self.widget = pg.PlotWidget()
         self.plot: pg.PlotItem = self.widget.getPlotItem()
-        self.plot.setTitle(title, size="10pt", color="#222")
+        set_title(self.plot, title, ChartTheme.of())
         self.plot.setLabel("left", y_label, units=unit)
         # without a unit, pyqtgraph's "(x0.001)" scaling of the axis only confuses (sparsity, lr)
         self.plot.getAxis("left").enableAutoSIPrefix(unit is not None)
         # a fixed width: otherwise new tick labels re-lay out the chart and re-fit every linked view
-        self.plot.getAxis("left").setWidth(64)
+        fixed_axis_width(self.plot, "left", 64)
+        for side in ("left", "bottom"):
+            compact_ticks(self.plot.getAxis(side))
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.plot.setDownsampling(auto=True, mode="peak")
         self.plot.setClipToView(True)
-        for side in ("left", "bottom"):
-            self.plot.getAxis(side).setTextPen("#333")
-            self.plot.getAxis(side).setPen("#888")
-        lay.addWidget(self.widget, 1)
+        self.holder = ChartPlaceholder(self.widget, NO_RUNS)
+        self.holder.show_text(NO_RUNS)
+        lay.addWidget(self.holder, 1)
 
     def set_title(self, title: str, y_label: str) -> None:
         self.title = title
-        self.plot.setTitle(title, size="10pt", color="#222")
+        set_title(self.plot, title, ChartTheme.of(self))
         self.plot.setLabel("left", y_label)
+
+    def show_placeholder(self, text: str | None) -> None:
+        """``text`` in place of the chart; None: the chart."""
+        self.holder.show_text(text)
+
+    def apply_theme(self, theme: ChartTheme) -> None:
+        self.widget.setBackground(theme.background)
+        style_plot(self.plot, theme)
 
 
 class CompareView(QWidget):
@@ -196,7 +224,10 @@ class CompareView(QWidget):
         self.archived_box = QCheckBox("show archived", objectName="show_archived")
         self.archived_box.toggled.connect(lambda _on: self.reload_runs())
         self.run_list = QListWidget(objectName="run_list")
-        self.run_list.setToolTip("Check runs to compare; the swatch is the run's colour in every chart")
+        self.run_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # a long name loses its middle, not its id
+        self.run_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.run_list.setToolTip("Check runs to compare; the swatch is the run's colour in every chart. "
+                                 "Compared runs come first, in the order they were picked")
         self.run_list.itemChanged.connect(self._item_changed)
         reload = QPushButton("Reload", toolTip="Re-read every compared run (runs still training are re-read "
                              "every few seconds anyway)")
@@ -212,21 +243,26 @@ class CompareView(QWidget):
         charts = QWidget()
         grid = QGridLayout(charts)
         grid.setContentsMargins(0, 0, 0, 0)
+        # one legend for every chart, above them: it never covers a curve and lists every run
+        self.legend = RunLegend()
+        self.legend.toggled.connect(self.set_run_visible)
+        grid.addWidget(self.legend, 0, 0, 1, 3)
         self.panels: list[_Panel] = []
         for metric, title, y_label, unit in FIXED_PANELS:
             p = _Panel(title, y_label, unit, free=False)
-            p.metric = metric
+            p.metric_name = metric
             self.panels.append(p)
         for i in range(FREE_PANELS):
             p = _Panel(f"Metric {i + 1}", "value", None, free=True)
             p.picker.currentIndexChanged.connect(lambda _i, panel=p: self._pick_metric(panel))
             self.panels.append(p)
         for i, p in enumerate(self.panels):
-            grid.addWidget(p, i // 3, i % 3)
+            grid.addWidget(p, 1 + i // 3, i % 3)
             p.export_button.clicked.connect(lambda _c=False, panel=p: self.export_chart_dialog(panel.title))
             if i:
                 p.plot.setXLink(self.panels[0].plot)  # one shared x-axis across the charts
-        self.legend = self.panels[0].plot.addLegend(offset=(-8, 8), labelTextSize="8pt")
+        for row in (1, 2):
+            grid.setRowStretch(row, 1)
         self._update_x_labels()
 
         split = QSplitter(Qt.Orientation.Horizontal)
@@ -237,6 +273,31 @@ class CompareView(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(bar)
         lay.addWidget(split, 1)
+        self.follower = ThemeFollower(self, self._apply_theme)
+
+    def _apply_theme(self, theme: ChartTheme) -> None:
+        """Chart colours and text sizes from the palette and the font; the curves are drawn again in
+        colours readable on the new background."""
+        for p in self.panels:
+            p.apply_theme(theme)
+        if self.selected:  # (from what was read already: a restyle never waits on the database)
+            self._update_legend()
+            self.run_list.blockSignals(True)
+            for i in range(self.run_list.count()):
+                item = self.run_list.item(i)
+                rid = item.data(Qt.ItemDataRole.UserRole)
+                if rid in self.selected:
+                    item.setIcon(_swatch(self._color(rid).name()))
+            self.run_list.blockSignals(False)
+            self._redraw_keeping_zoom()
+
+    def _color(self, run_id: str) -> QColor:
+        """The run's colour as drawn on this background (the palette's colour, flipped when too dark)."""
+        return self.follower.theme.readable(self.colors[run_id])
+
+    def _update_legend(self) -> None:
+        self.legend.set_runs([(rid, *run_label_parts(self.runs[rid]), self._color(rid)) for rid in self.selected],
+                             self.hidden)
 
     # -- runs -------------------------------------------------------------------------------------------
     def reload_runs(self) -> None:
@@ -245,7 +306,9 @@ class CompareView(QWidget):
         show_archived = self.archived_box.isChecked()
         self.run_list.blockSignals(True)
         self.run_list.clear()
-        for rid, r in self.runs.items():
+        order = [*self.selected, *(rid for rid in self.runs if rid not in self.selected)]
+        for rid in order:
+            r = self.runs[rid]
             if r.get("archived") and not show_archived and rid not in self.selected:
                 continue
             item = QListWidgetItem(run_label(r))
@@ -253,8 +316,8 @@ class CompareView(QWidget):
             item.setToolTip(f"{rid} · {r['stage']} · {r['status']}" + (f"\ntags: {', '.join(r['tags'])}" if r.get("tags") else ""))
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(Qt.CheckState.Checked if rid in self.selected else Qt.CheckState.Unchecked)
-            if rid in self.colors:
-                item.setIcon(_swatch(self.colors[rid]))
+            if rid in self.selected:
+                item.setIcon(_swatch(self._color(rid).name()))
             self.run_list.addItem(item)
         self.run_list.blockSignals(False)
         self._filter_list(self.search.text())
@@ -267,6 +330,8 @@ class CompareView(QWidget):
     def _item_changed(self, item: QListWidgetItem) -> None:
         rid = item.data(Qt.ItemDataRole.UserRole)
         on = item.checkState() == Qt.CheckState.Checked
+        if on == (rid in self.selected):
+            return  # not a check or an uncheck (a new swatch, say): the order stays
         ids = [r for r in self.selected if r != rid] + ([rid] if on else [])
         self.set_runs(ids)
 
@@ -299,6 +364,7 @@ class CompareView(QWidget):
             self.colors[rid] = free[i] if i < len(free) else pg.intColor(len(self.colors), hues=17).name()
         self._refresh_picker_choices()
         self.reload_runs()
+        self._update_legend()
         self._redraw()
         self.runs_changed.emit(list(self.selected))
 
@@ -310,6 +376,8 @@ class CompareView(QWidget):
     def set_run_visible(self, run_id: str, visible: bool) -> None:
         """Show or hide one compared run without forgetting it (its colour stays)."""
         (self.hidden.discard if visible else self.hidden.add)(run_id)
+        if run_id in self.selected:
+            self._update_legend()
         for (rid, index), (raw, main) in self.curves.items():
             if rid == run_id:
                 main.setVisible(visible)
@@ -361,7 +429,9 @@ class CompareView(QWidget):
 
     def points_per_curve(self) -> int:
         """Rows to read per curve: more than the chart has pixels across would not show."""
-        width = self.panels[0].plot.vb.width()
+        # the chart's holder is laid out even while its placeholder text shows (the plot's own size is stale then)
+        panel = self.panels[0]
+        width = panel.holder.width() - panel.plot.getAxis("left").maximumWidth()
         return int(min(MAX_POINTS, max(MIN_POINTS, POINTS_PER_PIXEL * width)))
 
     def _refresh_picker_choices(self) -> None:
@@ -380,7 +450,7 @@ class CompareView(QWidget):
             self._set_free_metric(p, p.picker.currentData())
 
     def _set_free_metric(self, panel: _Panel, metric: str | None) -> None:
-        panel.metric = metric
+        panel.metric_name = metric
         if metric is None:
             panel.set_title("(no metric)", "value")
         elif metric.startswith(EVAL_PREFIX):
@@ -436,7 +506,6 @@ class CompareView(QWidget):
 
     def _redraw(self, fit: bool = True) -> None:
         self._refined_for = None
-        self.legend.clear()
         self._redraw_panels(range(len(self.panels)), fit)
 
     def _redraw_panels(self, indices, fit: bool = True) -> None:
@@ -454,35 +523,52 @@ class CompareView(QWidget):
                 self._refined.discard(key)
                 for c in self.curves.pop(key):
                     panel.plot.removeItem(c)
-            if panel.metric is None:
+            if panel.metric_name is None:
                 continue
             for rid in self.selected:
-                data = self.series(rid, panel.metric)
+                data = self.series(rid, panel.metric_name)
                 if data.size:
-                    sparse = is_sparse(panel.metric, data)
-                    total = self.data.total(rid, panel.metric, data.size)
-                    planned.append((index, rid, sparse, *self._curve_arrays(data, total, sparse)))
-        shown = [(index, x, ys) for index, rid, sparse, x, y, smooth in planned if rid not in self.hidden
-                 for ys in ((y, smooth) if self._raw_wanted() and not sparse else (smooth,))]
+                    logged = drawn_as_logged(panel.metric_name, data)
+                    markers = is_sparse(panel.metric_name, data) and data.size <= MARKER_POINTS
+                    total = self.data.total(rid, panel.metric_name, data.size)
+                    planned.append((index, rid, logged, markers, *self._curve_arrays(data, total, logged)))
+        shown = [(index, x, ys) for index, rid, logged, _m, x, y, smooth in planned if rid not in self.hidden
+                 for ys in ((y, smooth) if self._raw_wanted() and not logged else (smooth,))]
+        for index in indices:
+            self.panels[index].show_placeholder(self._placeholder(index, {p[0] for p in planned}))
         if fit:
             self._fit(shown, indices, fit_x=len(indices) == len(self.panels))
-        for index, rid, sparse, x, y, smooth in planned:
-            color = self.colors[rid]
-            name = run_label(self.runs[rid]) if index == 0 else None
+        theme = self.follower.theme
+        for index, rid, logged, markers, x, y, smooth in planned:
+            color = self._color(rid)
+            name = run_label(self.runs[rid])  # not listed on screen (the shared legend is); an export lists it
             # plain curve items for lines: PlotDataItem's clipping, downsampling and inner scatter item cost
             # ~3 ms per curve to set up, and a thinned curve has at most a few thousand points to draw
-            raw = pg.PlotCurveItem(x, y, pen=pg.mkPen(QColor(color).lighter(170), width=1))
-            if sparse and x.size <= MARKER_POINTS:
+            raw = pg.PlotCurveItem(x, y, pen=pg.mkPen(theme.faint(color), width=1))
+            if markers:
                 main = pg.PlotDataItem(x, smooth, pen=pg.mkPen(color, width=1), name=name, symbol="o", symbolSize=5,
                                        symbolBrush=color, symbolPen=None)
             else:
                 main = pg.PlotCurveItem(x, smooth, pen=pg.mkPen(color, width=1), name=name)
-            (self._unsmoothed.add if sparse else self._unsmoothed.discard)((rid, index))
-            raw.setVisible(not sparse and self._raw_wanted() and rid not in self.hidden)
+            (self._unsmoothed.add if logged else self._unsmoothed.discard)((rid, index))
+            raw.setVisible(not logged and self._raw_wanted() and rid not in self.hidden)
             main.setVisible(rid not in self.hidden)
             self.panels[index].plot.addItem(raw)
             self.panels[index].plot.addItem(main)
             self.curves[(rid, index)] = (raw, main)
+
+    def _placeholder(self, index: int, drawn: set[int]) -> str | None:
+        """What a chart says instead of empty axes; None when it has curves to draw."""
+        metric = self.panels[index].metric_name
+        if not self.selected:
+            return NO_RUNS
+        if index in drawn:
+            return None
+        if metric is None:
+            return "no other metric logged by these runs"
+        if any((self.runs.get(rid) or {}).get("status") in LIVE_STATUSES for rid in self.selected):
+            return f"waiting for the first {metric} rows…"
+        return f"no {metric} logged by {'this run' if len(self.selected) == 1 else 'these runs'}"
 
     def _fit(self, curves, panels, fit_x: bool = True) -> None:
         """Set the shared x range (``fit_x``) and the y range of ``panels`` to the extent of ``curves``,
@@ -490,8 +576,8 @@ class CompareView(QWidget):
         for i in panels:
             self.panels[i].plot.vb.disableAutoRange()
             ys = extent(y for index, _x, y in curves if index == i)
-            if ys is not None:
-                self.panels[i].plot.vb.setYRange(*ys, padding=0.05)
+            if ys is not None:  # (a flat series gets room around it, not pyqtgraph's arbitrary ±0.5)
+                self.panels[i].plot.vb.setYRange(*padded_range(*ys), padding=0)
         xs = extent(x for _i, x, _y in curves) if fit_x else None
         if xs is not None:
             self.panels[0].plot.vb.setXRange(*xs, padding=0.02)  # the other charts are x-linked to it
@@ -522,13 +608,13 @@ class CompareView(QWidget):
             return  # this range is drawn already (a zoom timer firing after an explicit refine)
         self._refined_for = (x0, x1, self.x_axis, len(self.curves))
         for (rid, index), (raw, main) in self.curves.items():
-            metric = self.panels[index].metric
+            metric = self.panels[index].metric_name
             zoomed = self.data.zoomed(rid, metric, self.x_axis, x0, x1, self.points_per_curve())
             if zoomed is None:
                 continue  # not thinned: everything is drawn already
             rows, total, detailed = zoomed
             if detailed or (rid, index) in self._refined:  # (the overview is drawn already unless a zoom refined it)
-                self._set_curve_data(raw, main, rows, total, is_sparse(metric, rows))
+                self._set_curve_data(raw, main, rows, total, drawn_as_logged(metric, rows))
             (self._refined.add if detailed else self._refined.discard)((rid, index))
 
     # -- exports ----------------------------------------------------------------------------------------

@@ -8,12 +8,18 @@ Plot items are created once; a timer hands each changed curve the points worth d
 growing numpy buffers: the min and max of each bin (``PeakDecimator``, kept incrementally, so spikes
 stay), at most ~4k points whatever the length; a zoomed-in view gets the visible part at full detail.
 Monitors that are not on screen skip their ticks and catch up when shown.
+
+The x range follows a training run up to its ``max_steps`` and fits the data of a finished one; a flat
+series gets a padded y range; legends sit under their charts; colours and text sizes follow the
+palette and the application font (``studio.widgets.chart_style``); before the first step a placeholder
+stands in for the charts.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Qt, QTimer
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget,
 )
@@ -23,14 +29,16 @@ from studio.models.labels import BASELINE_LABELS, MAJORITY, TFIDF
 from studio.models.plot_buffers import EMA, PeakDecimator, peak_indices
 from studio.models.run_data import LAYER_PREFIX, RunData
 from studio.widgets.chart_export import ChartExportDialog
+from studio.widgets.chart_placeholder import ChartPlaceholder
+from studio.widgets.chart_style import (
+    ChartTheme, ThemeFollower, compact_ticks, is_flat, outside_legend, padded_range, set_title, style_plot,
+)
 
-pg.setConfigOptions(antialias=False, background="w", foreground="#333")
+pg.setConfigOptions(antialias=False)
 
 X_AXIS_LABELS = {"step": ("step", None), "tokens": ("tokens", None), "flops": ("FLOPs spent", "FLOP"),
                  "wall_time": ("wall time", "s")}
-RAW_PEN = pg.mkPen("#9ecae1", width=1)
-EMA_PEN = pg.mkPen("#08519c", width=1)
-VAL_PEN = pg.mkPen("#e6550d", width=1)
+LOSS_COLOR, VAL_COLOR = "#08519c", "#e6550d"  # the raw loss is a faint shade of the smoothed one
 REFRESH_MS = 100
 MAX_BINS = 1024  # min+max per bin: ~2k points per curve, ~4 per pixel of a chart a third of the screen wide
 ZOOM_MS = 60  # after a zoom or pan settles, the visible part is re-read at full detail
@@ -41,6 +49,8 @@ TASK_NAMES = {"dev_accuracy": "accuracy", "dev_macro_f1": "macro-F1", "dev_micro
 # a baseline's reference line: pen style and where its label sits along the line (majority on the left,
 # TF-IDF on the right, so two close values do not print over each other)
 BASELINE_STYLES = {MAJORITY: (Qt.PenStyle.DashLine, 0.02, (0, 1)), TFIDF: (Qt.PenStyle.DotLine, 0.98, (1, 1))}
+FIT_PAD = 0.02  # a finished run's x range: its data and this fraction of it past the last point
+WAITING = "waiting for the first step…"
 
 
 def _nice_ceil(v: float) -> float:
@@ -49,13 +59,16 @@ def _nice_ceil(v: float) -> float:
     return float(next(m * k for m in (1, 2, 2.5, 5, 10) if m * k >= v))
 
 
-def _configure(plot: pg.PlotItem, title: str, y_label: str, units: str | None = None) -> None:
-    plot.setTitle(title, size="10pt")
+def _configure(plot: pg.PlotItem, title: str, y_label: str, units: str | None = None, legend: bool = True) -> None:
+    set_title(plot, title, ChartTheme.of())
     plot.setLabel("left", y_label, units=units)
     plot.showGrid(x=False, y=False)  # grid lines cost more to paint than the curves; toggle in the bar
     plot.setDownsampling(auto=True, mode="peak")
     plot.setClipToView(True)
-    plot.addLegend(offset=(-8, 8), labelTextSize="8pt")
+    for side in ("left", "bottom"):
+        compact_ticks(plot.getAxis(side))
+    if legend:  # a chart of one curve is named by its title
+        outside_legend(plot)
 
 
 class LiveMonitor(QWidget):
@@ -116,7 +129,7 @@ class LiveMonitor(QWidget):
         self.export_button.clicked.connect(lambda _c=False: self.export_chart_dialog())
         bar.addWidget(self.export_button)
 
-        # headline numbers, as in a W&B run summary
+        # headline numbers, as in a W&B run summary: palette colours and sizes relative to the font
         self.summary: dict[str, QLabel] = {}
         self.summary_titles: dict[str, QLabel] = {}
         strip = QGridLayout()
@@ -124,9 +137,8 @@ class LiveMonitor(QWidget):
                                           ("val", "Val loss / ppl"), ("tps", "Tokens/s"), ("sparsity", "Sparsity"),
                                           ("saved", "FLOPs saved"))):
             t = QLabel(title)
-            t.setStyleSheet("color: #777; font-size: 11px;")
+            t.setForegroundRole(QPalette.ColorRole.PlaceholderText)
             v = QLabel("–", objectName=f"summary:{key}")
-            v.setStyleSheet("font-size: 15px; font-weight: 600;")
             strip.addWidget(t, 0, i)
             strip.addWidget(v, 1, i)
             self.summary[key] = v
@@ -134,44 +146,48 @@ class LiveMonitor(QWidget):
         self.flops_saved_label = self.summary["saved"]
 
         self.glw = pg.GraphicsLayoutWidget()
+        self._pens: dict[pg.GraphicsObject, tuple[str, dict, bool]] = {}  # item -> (colour, pen options, faint)
         self.loss_plot = self.glw.addPlot(row=0, col=0)
         _configure(self.loss_plot, "Loss", "loss")
-        self.loss_raw = self.loss_plot.plot(pen=RAW_PEN, name="train")
-        self.loss_ema = self.loss_plot.plot(pen=EMA_PEN, name="train (EMA)")
-        self.val_curve = self.loss_plot.plot(pen=VAL_PEN, symbol="o", symbolSize=6, symbolBrush="#e6550d",
-                                             symbolPen=None, name="validation")
+        self.loss_raw = self._styled(self.loss_plot.plot(name="train"), LOSS_COLOR, faint=True)
+        self.loss_ema = self._styled(self.loss_plot.plot(name="train (EMA)"), LOSS_COLOR)
+        self.val_curve = self._styled(self.loss_plot.plot(symbol="o", symbolSize=6, symbolPen=None, name="validation"),
+                                      VAL_COLOR)
         # a task fine-tune's loss on the development set; its legend entry appears with its first point
-        self.dev_loss_curve = pg.PlotDataItem(pen=VAL_PEN, symbol="o", symbolSize=6, symbolBrush="#e6550d",
-                                              symbolPen=None, name="development")
+        self.dev_loss_curve = self._styled(pg.PlotDataItem(symbol="o", symbolSize=6, symbolPen=None,
+                                                           name="development"), VAL_COLOR)
         self.lr_plot = self.glw.addPlot(row=0, col=1)
-        _configure(self.lr_plot, "Learning rate", "lr")
-        self.lr_curve = self.lr_plot.plot(pen=pg.mkPen("#31a354", width=1), name="lr")
+        _configure(self.lr_plot, "Learning rate", "lr", legend=False)
+        self.lr_curve = self._styled(self.lr_plot.plot(name="lr"), "#31a354")
         self.tps_plot = self.glw.addPlot(row=0, col=2)
-        _configure(self.tps_plot, "Throughput", "tokens/s")
-        self.tps_curve = self.tps_plot.plot(pen=pg.mkPen("#756bb1", width=1), name="tokens/s")
+        _configure(self.tps_plot, "Throughput", "tokens/s", legend=False)
+        self.tps_curve = self._styled(self.tps_plot.plot(name="tokens/s"), "#756bb1")
         self.flops_plot = self.glw.addPlot(row=1, col=0)
         _configure(self.flops_plot, "Cumulative training FLOPs", "FLOPs", units="FLOP")
-        self.dense_curve = self.flops_plot.plot(pen=pg.mkPen("#999", width=1, style=Qt.PenStyle.DashLine),
-                                                name="dense-equivalent")
-        self.sparse_curve = self.flops_plot.plot(pen=pg.mkPen("#d62728", width=1), name="sparse (spent)")
+        self.dense_curve = self._styled(self.flops_plot.plot(name="dense-equivalent"), "#999999",
+                                        style=Qt.PenStyle.DashLine)
+        self.sparse_curve = self._styled(self.flops_plot.plot(name="sparse (spent)"), "#d62728")
         self.sparsity_plot = self.glw.addPlot(row=1, col=1)
         _configure(self.sparsity_plot, "Sparsity, mask churn and gradient norm", "sparsity / churn / grad norm")
-        self.sparsity_curve = self.sparsity_plot.plot(pen=pg.mkPen("#636363", width=1), name="sparsity")
-        self.grad_curve = self.sparsity_plot.plot(pen=pg.mkPen("#fdae6b", width=1), name="grad norm")
+        self.sparsity_curve = self._styled(self.sparsity_plot.plot(name="sparsity"), "#636363")
+        self.grad_curve = self._styled(self.sparsity_plot.plot(name="grad norm"), "#fdae6b")
         # dynamic sparsity: the fraction of connections each mask update replaced, a point per update
-        self.churn_curve = self.sparsity_plot.plot(pen=None, symbol="t", symbolSize=7, symbolBrush="#3182bd",
-                                                   symbolPen=None, name="mask churn")
+        self.churn_curve = self._styled(self.sparsity_plot.plot(pen=None, symbol="t", symbolSize=7, symbolPen=None,
+                                                                name="mask churn"), "#3182bd", line=False)
         self.heat_plot = self.glw.addPlot(row=1, col=2)
-        self.heat_plot.setTitle("Sparsity per layer (layer × step)", size="10pt")
+        set_title(self.heat_plot, "Sparsity per layer (layer × step)", ChartTheme.of())
         self.heat_plot.setLabel("bottom", "step")
         self.heat_img = pg.ImageItem(axisOrder="col-major")
         self.heat_plot.addItem(self.heat_img)
         self.heat_bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"), width=12,
                                         interactive=False)
         self.heat_bar.setImageItem(self.heat_img, insert_in=self.heat_plot)
-        self.heat_empty = pg.TextItem("no per-layer sparsity logged yet", color="#999", anchor=(0.5, 0.5))
+        self.heat_empty = pg.TextItem("no per-layer sparsity logged yet", anchor=(0.5, 0.5))
         self.heat_plot.addItem(self.heat_empty)
         self.heat_empty.setPos(0.5, 0.5)
+        self.heat_shown = True  # hidden for static masks: one flat colour says nothing
+        self._waiting = WAITING
+        self._sparsity_wide = False
         # task scores: built now (plot items are created once), put on the grid with the first score
         self.task_plot = pg.PlotItem()
         _configure(self.task_plot, "Task scores (development set)", "score")
@@ -182,8 +198,9 @@ class LiveMonitor(QWidget):
         self.line_plots = [self.loss_plot, self.lr_plot, self.tps_plot, self.flops_plot, self.sparsity_plot]
         for p in self.line_plots[1:]:
             p.setXLink(self.loss_plot)
-        # the shared x range follows the run in ~25 % jumps until the user zooms or pans (see _follow_x)
+        # the shared x range follows the run (to max_steps, or in ~25 % jumps) until the user zooms or pans
         self._following_x = True
+        self._flat: set[pg.PlotItem] = set()  # charts whose y range we padded around a flat series
         for p in [*self.line_plots, self.task_plot]:
             p.getViewBox().sigRangeChangedManually.connect(self._stop_following_x)
         self._label_x()
@@ -195,11 +212,47 @@ class LiveMonitor(QWidget):
             plot.legend.removeItem(curve)
             self._unlisted[curve] = (plot, curve.name())
 
+        # before the first step: a line of text instead of six empty 0–1 charts
+        self.charts = ChartPlaceholder(self.glw, WAITING)
+        self.charts.show_text(WAITING)
+
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addLayout(bar)
         lay.addLayout(strip)
-        lay.addWidget(self.glw, 1)
+        lay.addWidget(self.charts, 1)
+        self.follower = ThemeFollower(self, self._apply_theme)
+
+    def _styled(self, item, color: str, faint: bool = False, line: bool = True, **pen):
+        """Remember ``item``'s colour, so a palette change can redraw it readably (``_apply_theme``)."""
+        self._pens[item] = (color, pen if line else None, faint)
+        return item
+
+    def _apply_theme(self, theme: ChartTheme) -> None:
+        """Colours and text sizes from the palette and the font: after any change of either."""
+        self.glw.setBackground(theme.background)
+        for p in [*self.line_plots, self.task_plot, self.heat_plot]:
+            style_plot(p, theme)
+        for item, (color, pen, faint) in self._pens.items():
+            c = theme.faint(color) if faint else theme.readable(color)
+            if pen is not None:
+                item.setPen(pg.mkPen(c, width=1, **pen))
+            if item.opts.get("symbol") is not None:
+                item.setSymbolBrush(c)
+        for name, curve in self.task_curves.items():
+            c = theme.readable(TASK_COLORS.get(name, "#777"))
+            curve.setPen(pg.mkPen(c, width=1))
+            curve.setSymbolBrush(c)
+        self.heat_empty.setColor(theme.muted)
+        self.heat_bar.axis.setTextPen(theme.text)
+        self.heat_bar.axis.setTickFont(theme.font(0.9))
+        for line in self.baseline_lines:
+            line.label.setColor(theme.readable(TASK_COLORS.get(line.score_name, "#777")))
+        value_font = theme.font(1.3, bold=True)
+        for v in self.summary.values():
+            v.setFont(value_font)
+        for t in self.summary_titles.values():
+            t.setFont(theme.font(1.0))
 
     # -- options ---------------------------------------------------------------------------------------
     def set_x_axis(self, axis: str) -> None:
@@ -233,11 +286,24 @@ class LiveMonitor(QWidget):
     def _stop_following_x(self, *_args) -> None:
         self._following_x = False
 
+    def _x_target(self, x0: float, x1: float) -> tuple[float, float] | None:
+        """The x range the charts should show, or None to grow in jumps: a finished run's data with a
+        small margin; a training run on the step axis up to its ``max_steps`` (where it is heading)."""
+        lo = min(x0, 0.0)
+        if not self.data.training():
+            return lo, x1 + FIT_PAD * max(x1 - lo, 1e-12)
+        end = self.data.max_steps
+        if self.x_axis == "step" and end and end > x1:
+            return lo, end + FIT_PAD * (end - lo)
+        return None
+
     def _follow_x(self) -> None:
-        """Grow the shared x range in steps of about 25 % instead of with every point.
+        """Keep the shared x range on the run without changing it with every point.
 
         Axis ticks are laid out again whenever a range changes; with auto-range that happened on
-        every redraw and cost about a third of it. A view the user zoomed or panned is left alone."""
+        every redraw and cost about a third of it. So a training run's range is set once to its
+        ``max_steps`` (step axis) or grows in jumps of about 25 %; a finished run's fits its data. A
+        view the user zoomed or panned is left alone."""
         d = self.data
         vb = self.loss_plot.getViewBox()
         auto = bool(vb.autoRangeEnabled()[0])
@@ -248,11 +314,39 @@ class LiveMonitor(QWidget):
         xs = d.frames.column({"step": 0, "tokens": 1, "flops": 2, "wall_time": 3}[self.x_axis])
         x0, x1 = float(xs[0]), float(xs[-1])
         lo, hi = vb.viewRange()[0]
-        if not auto and lo <= x0 and x1 <= hi and (hi - x0) <= 3 * max(x1 - x0, 1e-12):
+        target = self._x_target(x0, x1)
+        if target is not None:
+            if not auto and abs(lo - target[0]) + abs(hi - target[1]) <= 1e-9 * max(abs(target[1]), 1.0):
+                return
+        elif not auto and lo <= x0 and x1 <= hi and (hi - x0) <= 3 * max(x1 - x0, 1e-12):
             return
         for p in [*self.line_plots, self.task_plot]:
             p.enableAutoRange(x=False)
-        self.loss_plot.setXRange(min(x0, 0.0) if x0 >= 0 else x0, x0 + _nice_ceil(1.25 * max(x1 - x0, 1e-12)), padding=0)
+        if target is None:
+            target = (min(x0, 0.0) if x0 >= 0 else x0, x0 + _nice_ceil(1.25 * max(x1 - x0, 1e-12)))
+        self.loss_plot.setXRange(*target, padding=0)
+
+    def _pad_flat(self) -> None:
+        """A chart whose curves are all flat (a constant learning rate, a fixed sparsity) gets a padded y
+        range around the value; pyqtgraph's auto-range would keep an arbitrary span (40.0–41.0). When the
+        series stop being flat, auto-range takes over again."""
+        for p in self.line_plots:
+            vb = p.getViewBox()
+            if p.getAxis("left").logMode or not (vb.autoRangeEnabled()[1] or p in self._flat):
+                continue
+            ys = [c.yData[np.isfinite(c.yData)] for c in p.listDataItems()
+                  if c.isVisible() and c.yData is not None and len(c.yData)]
+            ys = [y for y in ys if y.size]
+            if not ys:
+                continue
+            lo, hi = min(float(y.min()) for y in ys), max(float(y.max()) for y in ys)
+            if is_flat(lo, hi):
+                vb.enableAutoRange(y=False)
+                p.setYRange(*padded_range(lo, hi), padding=0)
+                self._flat.add(p)
+            elif p in self._flat:
+                self._flat.discard(p)
+                vb.enableAutoRange(y=True)
 
     # -- task scores -----------------------------------------------------------------------------------
     def _show_task_plot(self) -> None:
@@ -261,9 +355,9 @@ class LiveMonitor(QWidget):
         if self.task_shown:
             return
         self.task_shown = True
-        if not self.data.layer_names():
-            self.glw.removeItem(self.heat_plot)
-            self.heat_plot.hide()
+        if not self.data.layer_names() or not self.heat_shown:
+            self._hide_heatmap()
+            self._widen_sparsity(False)
             self.glw.addItem(self.task_plot, row=1, col=2)
         else:
             self.glw.addItem(self.task_plot, row=2, col=0, colspan=3)
@@ -273,7 +367,7 @@ class LiveMonitor(QWidget):
     def _task_curve(self, name: str) -> pg.PlotDataItem:
         curve = self.task_curves.get(name)
         if curve is None:
-            color = TASK_COLORS.get(name, pg.intColor(len(self.task_curves) + 3).name())
+            color = self.follower.theme.readable(TASK_COLORS.get(name, pg.intColor(len(self.task_curves) + 3).name()))
             curve = self.task_plot.plot(pen=pg.mkPen(color, width=1), symbol="o", symbolSize=5, symbolBrush=color,
                                         symbolPen=None, name=TASK_NAMES.get(name, name[len(TASK_PREFIX):]))
             self.task_curves[name] = curve
@@ -287,11 +381,11 @@ class LiveMonitor(QWidget):
             self.baseline_lines.remove(line)
         style, position, anchor = BASELINE_STYLES.get(kind, BASELINE_STYLES[MAJORITY])
         for name, value in baselines.items():
-            color = TASK_COLORS.get(name, "#777")
+            color = self.follower.theme.readable(TASK_COLORS.get(name, "#777"))
             line = pg.InfiniteLine(pos=value, angle=0, pen=pg.mkPen(color, width=1, style=style),
                                    label=f"{BASELINE_LABELS.get(kind, kind)} {TASK_NAMES.get(name, name)} {value:.3f}",
                                    labelOpts={"position": position, "color": color, "anchors": [anchor, anchor]})
-            line.baseline_kind = kind
+            line.baseline_kind, line.score_name = kind, name
             self.task_plot.addItem(line)
             self.baseline_lines.append(line)
 
@@ -309,7 +403,7 @@ class LiveMonitor(QWidget):
     def plots(self) -> dict[str, pg.PlotItem]:
         """Chart title -> PlotItem of the charts on screen (for export)."""
         out = {}
-        for p in [*self.line_plots, *([self.heat_plot] if not self.task_shown or self.data.layer_names() else [])]:
+        for p in [*self.line_plots, *([self.heat_plot] if self.heat_plot.scene() is not None else [])]:
             title = p.titleLabel.text or "chart"
             out[title] = p
         return out
@@ -407,20 +501,57 @@ class LiveMonitor(QWidget):
                 plot.legend.addItem(curve, name)
         if any(n.startswith(LAYER_PREFIX) for n in dirty) and d.version != self._heat_version:
             self._draw_heatmap()
+        self._show_charts(bool(len(d.frames) or d.series))
         self._follow_x()
+        self._pad_flat()
         self._update_summary()
+
+    def _show_charts(self, on: bool) -> None:
+        """The charts once there is something to draw; the placeholder before."""
+        self.charts.show_text(None if on else self._waiting)
+
+    def set_placeholder(self, text: str | None) -> None:
+        """What stands in for the charts while no step is logged (``None``: the default waiting text);
+        e.g. why a run that failed at launch has no charts."""
+        self._waiting = text or WAITING
+        self._show_charts(bool(len(self.data.frames) or self.data.series))
+
+    def _hide_heatmap(self) -> None:
+        self.heat_shown = False
+        if self.heat_plot.scene() is not None:
+            self.glw.removeItem(self.heat_plot)
+        self.heat_plot.hide()
+
+    def _widen_sparsity(self, wide: bool) -> None:
+        """With nothing in the heatmap's place, the sparsity chart takes its room."""
+        if wide != self._sparsity_wide:
+            self._sparsity_wide = wide
+            self.glw.removeItem(self.sparsity_plot)
+            self.glw.addItem(self.sparsity_plot, row=1, col=1, colspan=2 if wide else 1)
 
     def _draw_heatmap(self) -> None:
         self._heat_version = self.data.version
+        if self.data.static_masks():  # every layer keeps its initial level: one flat colour says nothing
+            if self.heat_shown and not self.task_shown:
+                self._hide_heatmap()
+                self._widen_sparsity(True)
+            return
+        if not self.heat_shown and not self.task_shown:  # (no config known, and the levels began to move)
+            self.heat_shown = True
+            self.heat_plot.show()
+            self._widen_sparsity(False)
+            self.glw.addItem(self.heat_plot, row=1, col=2)
         hm = self.data.heatmap()
         if hm is None:
             return
         img, layers, (s0, s1) = hm
         self.heat_empty.hide()
         self.heat_img.setImage(img, autoLevels=False, levels=(0.0, 1.0))
-        width = max(s1 - s0, 1.0)
-        self.heat_img.setRect(QRectF(s0, 0, width, len(layers)))
-        ticks = [(i + 0.5, name) for i, name in enumerate(layers)]
+        # each column centred on its steps: one column (a single evaluation) is not 1 step wide
+        cols = img.shape[0]
+        col = (s1 - s0) / (cols - 1) if cols > 1 and s1 > s0 else max(s0, 1.0)
+        self.heat_img.setRect(QRectF(s0 - col / 2, 0, (s1 - s0) + col, len(layers)))
+        ticks = [(i + 0.5, name.removeprefix("blocks.")) for i, name in enumerate(layers)]  # "0.mlp.fc": room for the map
         step = max(1, len(ticks) // 12)  # keep labels readable on deep models
         self.heat_plot.getAxis("left").setTicks([ticks[::step]])
 

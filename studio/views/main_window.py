@@ -1,6 +1,9 @@
 """The main window: New run (form + estimate), Runs (browser), Compare (opened from the browser's
 selection) and one tab per opened run.
 
+Everything fits a 1280×720 screen whatever the run names: tab titles and the status bar's path are
+shortened (full text in tooltips), and a tab's own controls wrap or scroll rather than widen the window.
+
 Closing never kills a run: the default answer keeps runs going, and the next start re-attaches to
 every run still marked running (after reaping the ones whose engine died).
 
@@ -14,13 +17,14 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget
+from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QTabWidget, QWidget
 
 from engine.core.paths import default_db_path, default_runs_dir
 from studio.commands.engine_process import EngineProcess, train_args
 from studio.commands.hf_export import HfExportJob
 from studio.commands.run_commands import Commands
 from studio.models.config_form import PARENT_STATUSES
+from studio.models.formatting import elide
 from studio.models.labels import STATUS_MARKS
 from studio.models.run_store import LIVE_STATUSES, RunStore
 from studio.views.compare_view import ComparePanel
@@ -29,10 +33,13 @@ from studio.views.run_form import RunForm
 from studio.views.run_view import RunView
 from studio.views.runs_browser import RunsBrowser
 from studio.views.study_view import StudyView
+from studio.widgets.elided_label import ElidedLabel
 from studio.widgets.estimate_panel import EstimatePanel
 from studio.widgets.schedule_preview import SchedulePreview
 
 KEEP, STOP, CANCEL = "keep", "stop", "cancel"
+TAB_TITLE_CHARS = 32  # a run's tab title beyond this is cut with "…" (the whole name is its tooltip)
+START_KEYS = (QKeySequence("Ctrl+Return"), QKeySequence("Ctrl+Enter"))  # Return and the keypad's Enter
 
 
 class MainWindow(QMainWindow):
@@ -48,7 +55,7 @@ class MainWindow(QMainWindow):
         self.import_jobs: list[EngineProcess] = []
         self.close_policy: str | None = None  # tests and scripts answer the close question without a dialog
         self.setWindowTitle(f"MediSwift Studio — {self.store.path}")
-        self.resize(1500, 950)
+        self._initial_size()
 
         self.form = RunForm(self.store, self.runs_dir)
         self.schedule = SchedulePreview()  # below the estimate: what the masks will do, before launch
@@ -71,6 +78,8 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget(objectName="tabs")
         self.tabs.setTabsClosable(True)
         self.tabs.setDocumentMode(True)
+        self.tabs.setElideMode(Qt.TextElideMode.ElideRight)
+        self.tabs.tabBar().setUsesScrollButtons(True)  # many tabs scroll; they never widen the window
         self.tabs.tabCloseRequested.connect(self._close_tab)
         self.tabs.addTab(self.form, "New run")
         self.tabs.addTab(self.browser, "Runs")
@@ -82,7 +91,7 @@ class MainWindow(QMainWindow):
             self.tabs.tabBar().setTabButton(i, self.tabs.tabBar().ButtonPosition.RightSide, None)
         self.setCentralWidget(self.tabs)
         self._menus()
-        self.db_label = QLabel(f"database: {self.store.path}")
+        self.db_label = ElidedLabel(f"database: {self.store.path}", mode=Qt.TextElideMode.ElideMiddle)
         self.statusBar().addPermanentWidget(self.db_label)
         self.store.status_changed.connect(self._store_status)
         self.estimate.config_changed(self.form.is_valid())
@@ -93,20 +102,25 @@ class MainWindow(QMainWindow):
     def _menus(self) -> None:
         file = self.menuBar().addMenu("&File")
         for text, slot, key in (("New run", lambda: self.tabs.setCurrentWidget(self.form), QKeySequence.StandardKey.New),
+                                ("New sweep…", lambda: (self.tabs.setCurrentWidget(self.queue),
+                                                        self.queue.new_sweep(self.runs_dir)), QKeySequence()),
                                 ("Import TOML…", self.form.import_toml, QKeySequence.StandardKey.Open),
                                 ("Import model…", lambda: self.import_model(), QKeySequence()),
                                 ("Export TOML…", self.form.export_toml, QKeySequence.StandardKey.SaveAs),
+                                ("Close tab", self.close_current_tab, QKeySequence("Ctrl+W")),
                                 ("Quit", self.close, QKeySequence.StandardKey.Quit)):
             a = QAction(text, self)
             a.setShortcut(key)
             a.triggered.connect(slot)
             file.addAction(a)
         run = self.menuBar().addMenu("&Run")
-        for text, slot in (("Start", self.start_run), ("Pause", lambda: self._on_current("pause")),
+        for text, slot in (("Start", self.start_from_form), ("Pause", lambda: self._on_current("pause")),
                            ("Resume", lambda: self._on_current("resume")), ("Stop", lambda: self._on_current("stop"))):
             a = QAction(text, self)
             a.triggered.connect(slot)
             run.addAction(a)
+            if text == "Start":
+                a.setShortcuts(list(START_KEYS))
         a = QAction("Export chart…", self)
         a.triggered.connect(self._export_current_chart)
         run.addAction(a)
@@ -117,6 +131,63 @@ class MainWindow(QMainWindow):
             a = QAction(text, self)
             a.triggered.connect(slot)
             view.addAction(a)
+        view.addSeparator()
+        for text, slot, key in (("Find run…", self.focus_search, QKeySequence.StandardKey.Find),
+                                ("Refresh", self.refresh_current, QKeySequence.StandardKey.Refresh)):
+            a = QAction(text, self)
+            a.setShortcut(key)
+            a.triggered.connect(slot)
+            view.addAction(a)
+        self.menu_actions = {a.text(): a for m in (file, run, view) for a in m.actions() if a.text()}
+
+    def _initial_size(self) -> None:
+        """Roomy where the screen allows, never larger than the screen (a 1366×768 laptop included)."""
+        screen = self.screen().availableGeometry() if self.screen() else None
+        w, h = 1500, 950
+        if screen is not None and screen.width() > 0:
+            w, h = min(w, screen.width()), min(h, screen.height())
+        self.resize(w, h)
+
+    # -- keyboard ----------------------------------------------------------------------------------------
+    def start_from_form(self) -> RunView | None:
+        """Ctrl+Enter, Run → Start: starts the form's run when the form is on screen; elsewhere it shows the
+        form first (a run is never started from a form the user is not looking at)."""
+        if self.tabs.currentWidget() is not self.form:
+            self.tabs.setCurrentWidget(self.form)
+            self.statusBar().showMessage("Check the run, then Ctrl+Enter starts it.", 5000)
+            return None
+        return self.start_run()
+
+    def close_current_tab(self) -> None:
+        """Ctrl+W: the current run, Compare or Study tab (New run, Runs and Queue stay)."""
+        self._close_tab(self.tabs.currentIndex())
+
+    def focus_search(self) -> None:
+        """Ctrl+F: the runs list's search box, its text selected for typing over."""
+        self.tabs.setCurrentWidget(self.browser)
+        box = self.browser.findChild(QWidget, "search")
+        if box is not None:
+            box.setFocus(Qt.FocusReason.ShortcutFocusReason)
+            box.selectAll()
+
+    def refresh_current(self) -> None:
+        """F5: re-read the database now and redraw the current list."""
+        self.store.refresh()
+        page = self.tabs.currentWidget()
+        if page is self.form:
+            self.form.refresh_parents()
+        elif page is self.compare and page is not None:
+            page.charts.reload_runs()
+        elif callable(getattr(page, "refresh", None)):
+            page.refresh()
+        self.statusBar().showMessage("refreshed", 2000)
+
+    def set_tab_title(self, page: QWidget, title: str) -> None:
+        """A tab's title, cut to a few words's width; the whole title in its tooltip."""
+        i = self.tabs.indexOf(page)
+        if i >= 0:
+            self.tabs.setTabText(i, elide(title, TAB_TITLE_CHARS))
+            self.tabs.setTabToolTip(i, title)
 
     def import_model(self, folder: str | None = None) -> EngineProcess | None:
         """A Hugging Face GPT-2 folder as a run to start from (``mediswift import-hf``, in the background);
@@ -153,7 +224,9 @@ class MainWindow(QMainWindow):
         view.resume_requested.connect(self.resume_run)
         view.engine_error.connect(self._engine_error)
         view.status_changed.connect(self._view_status)
+        view.launch_failed.connect(lambda message, v=view: self._launch_failed(v, message))
         self.tabs.addTab(view, title)
+        self.set_tab_title(view, STATUS_MARKS.get(view.status, "") + title)
         self.tabs.setCurrentWidget(view)
         return view
 
@@ -189,7 +262,8 @@ class MainWindow(QMainWindow):
             view.run_activated.connect(self.open_run)
             view.compare_requested.connect(lambda ids: ids and self.open_compare(ids))
             self.studies[sweep_id] = view
-            self.tabs.addTab(view, f"Study: {view.study['sweep']['name']}")
+            self.tabs.addTab(view, "Study")
+            self.set_tab_title(view, f"Study: {view.study['sweep']['name']}")
         else:
             view.refresh()
         self.tabs.setCurrentWidget(view)
@@ -288,16 +362,22 @@ class MainWindow(QMainWindow):
         return ids
 
     def _retitle(self, view: RunView) -> None:
-        i = self.tabs.indexOf(view)
-        if i >= 0:
-            self.tabs.setTabText(i, view.title)
+        self.set_tab_title(view, view.title)
 
     def _view_status(self, run_id: str, status: str) -> None:
         view = self.view_for(run_id)
         if view is not None:
-            i = self.tabs.indexOf(view)
-            if i >= 0:
-                self.tabs.setTabText(i, STATUS_MARKS.get(status, "") + view.title)
+            self.set_tab_title(view, STATUS_MARKS.get(status, "") + view.title)
+
+    def _launch_failed(self, view: RunView, message: str) -> None:
+        """The engine refused the run before creating it: its tab would only hold empty charts, so it goes,
+        and the form (where the fix is made) says why; a field or file the error names is marked there."""
+        i = self.tabs.indexOf(view)
+        if i >= 0:
+            self._close_tab(i)
+        self.form.show_launch_error(message)
+        self.tabs.setCurrentWidget(self.form)
+        self.statusBar().showMessage(f"The run did not start: {message}", 15000)
 
     def _store_status(self, _run_id: str, status: str) -> None:
         """A run finished (here, elsewhere or in the queue): it may now be a parent."""

@@ -1,14 +1,18 @@
-"""The Queue view: every queued, running and finished entry of the run queue, in order, with pause and
-resume, how many runs at once, move up/down, cancel, and the way to a run and to its sweep's study.
+"""The Queue view: every queued, running and finished entry of the run queue, in order, each with its
+run's step, progress and time left, with pause and resume, how many runs at once, move up/down, cancel,
+the way to a run and to its sweep's study, and **New sweep…** (``sweep_dialog``). An empty queue shows
+how to fill it instead of an empty table.
 
 The queue lives in the run database and is worked by a runner process of its own (``mediswift queue
 work``) that the studio's commands start, detached, whenever entries wait and none works them: closing
 the studio changes nothing for the queue, and a reopened studio shows it as it stands. The view follows
-the run store's ``queue_changed``; its buttons go through ``studio.commands``.
+the run store's ``queue_changed`` (entries) and ``runs_progressed`` (their runs' steps, at most once a
+second); its buttons go through ``studio.commands``.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
@@ -19,9 +23,18 @@ from PySide6.QtWidgets import (
 from engine.core.errors import InputError
 from studio.commands.run_commands import Commands
 from studio.models.labels import STATUS_COLORS
+from studio.models.queue_progress import entry_progress
 from studio.models.run_store import MAX_PARALLEL, RUNNING, WAITING, RunStore
+from studio.models.throttle import Throttle
+from studio.widgets.progress_delegate import PROGRESS_ROLE, ProgressDelegate
 
-COLUMNS = ("#", "Sweep", "Point", "Stage", "Status", "Run", "Started", "Note")
+COLUMNS = ("#", "Sweep", "Point", "Stage", "Status", "Run", "Step", "Progress", "ETA", "Started", "Note")
+STEP, PROGRESS, ETA = (COLUMNS.index(c) for c in ("Step", "Progress", "ETA"))
+PROGRESS_MS = 1000  # while runs progress, their steps and ETAs are re-read at most this often
+EMPTY_HINT = ("<p><b>The queue is empty.</b></p>"
+              "<p><b>New sweep…</b> queues a grid of runs (keys and values, an equal-FLOPs budget, chained "
+              "fine-tuning or prompting); <b>Add to queue</b> in the New run form queues one run.</p>"
+              "<p>From a terminal: <code>mediswift sweep CONFIG --grid KEY=V1,V2</code>.</p>")
 
 
 class QueueView(QWidget):
@@ -33,8 +46,13 @@ class QueueView(QWidget):
         self.store, self.commands = store, commands
         self.entries: list[dict] = []
         self.paused = False
+        self.last_sweep: tuple[str, list[int]] | None = None  # what the New sweep dialog queued last
         self._build()
+        self._progress_stale = False  # runs progressed while the view was hidden
+        self.progress = Throttle(self._progress_due, PROGRESS_MS, self)
         store.queue_changed.connect(self.refresh)
+        store.runs_progressed.connect(self.progress.request)
+        store.status_changed.connect(self._run_status)
         commands.runner_failed.connect(self.message.setText)
         self.refresh()
 
@@ -46,8 +64,12 @@ class QueueView(QWidget):
         self.parallel = QSpinBox(objectName="parallel", minimum=1, maximum=MAX_PARALLEL, prefix="runs at once: ")
         self.parallel.setToolTip("How many queued runs may train at the same time (they share this machine)")
         self.parallel.valueChanged.connect(self._parallel_changed)
+        self.sweep_button = QPushButton("New sweep…", objectName="new_sweep")
+        self.sweep_button.setToolTip("Queue a grid of runs, as `mediswift sweep` does")
+        self.sweep_button.clicked.connect(lambda: self.new_sweep())
         bar = QHBoxLayout()
         bar.addWidget(self.state_label, 1)
+        bar.addWidget(self.sweep_button)
         bar.addWidget(self.parallel)
         bar.addWidget(self.pause_button)
 
@@ -58,8 +80,13 @@ class QueueView(QWidget):
         self.tree.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.tree.itemSelectionChanged.connect(self._selection_changed)
         self.tree.itemDoubleClicked.connect(lambda *_: self.open_selected())
-        for i, w in enumerate((40, 180, 260, 80, 90, 80, 80)):
+        for i, w in enumerate((40, 150, 200, 80, 80, 72, 80, 130, 80, 70)):
             self.tree.setColumnWidth(i, w)
+        self.tree.setItemDelegateForColumn(PROGRESS, ProgressDelegate(self.tree))
+        self.empty_hint = QLabel(EMPTY_HINT, objectName="queue_empty")
+        self.empty_hint.setWordWrap(True)
+        self.empty_hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.empty_hint.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.up_button = QPushButton("Move up", objectName="move_up")
         self.down_button = QPushButton("Move down", objectName="move_down")
@@ -85,6 +112,7 @@ class QueueView(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(bar)
         lay.addWidget(self.tree, 1)
+        lay.addWidget(self.empty_hint, 1)
         lay.addLayout(actions)
         lay.addWidget(self.message)
         self._selection_changed()
@@ -102,7 +130,7 @@ class QueueView(QWidget):
             started = time.strftime("%H:%M:%S", time.localtime(e["started_at"])) if e["started_at"] else ""
             status = e["status"] if e["status"] != RUNNING or e["run_id"] else "starting"
             item = QTreeWidgetItem([str(e["id"]), sweeps.get(e["sweep_id"], ""), e["label"] or e["config_name"],
-                                    e["stage"], status, e["run_id"] or "", started,
+                                    e["stage"], status, e["run_id"] or "", "", "", "", started,
                                     e["error"] if e["status"] not in (WAITING, RUNNING, "completed") else ""])
             item.setData(0, Qt.ItemDataRole.UserRole, e["id"])
             item.setForeground(4, QColor(STATUS_COLORS.get(e["status"], "#555")))
@@ -110,6 +138,9 @@ class QueueView(QWidget):
             self.tree.addTopLevelItem(item)
             item.setSelected(e["id"] in selected)
         self.tree.blockSignals(False)
+        self.tree.setVisible(bool(self.entries))
+        self.empty_hint.setVisible(not self.entries)
+        self.update_progress()
         waiting = sum(1 for e in self.entries if e["status"] == WAITING)
         running = sum(1 for e in self.entries if e["status"] == RUNNING)
         runner = self.store.runner_pid()
@@ -122,6 +153,39 @@ class QueueView(QWidget):
         self.parallel.setValue(state["parallel"])
         self.parallel.blockSignals(False)
         self._selection_changed()
+
+    def _run_status(self, _run_id: str, _status: str) -> None:
+        self.progress.request()
+
+    def _progress_due(self) -> None:
+        if self.isVisible():
+            self.update_progress()
+        else:
+            self._progress_stale = True
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._progress_stale:
+            self.update_progress()
+
+    def update_progress(self) -> None:
+        """Each entry's run: step of planned steps, share done, time left at its pace so far (running runs'
+        last rows are read in one query; an ended run's come from its summary)."""
+        self.progress.cancel()
+        self._progress_stale = False
+        runs = {e["run_id"]: self.store.known_run(e["run_id"]) for e in self.entries if e["run_id"]}
+        live = [rid for rid, r in runs.items() if r is not None and (r["status"] == "running"
+                                                                  or "step" not in (r.get("summary") or {}))]
+        last = self.store.last_points("loss", live)
+        for i in range(self.tree.topLevelItemCount()):
+            item = self.tree.topLevelItem(i)
+            rid = item.text(COLUMNS.index("Run"))
+            p = entry_progress(runs.get(rid), last.get(rid))  # (no run yet: blank cells)
+            item.setText(STEP, p.step_text)
+            item.setText(PROGRESS, p.percent_text)
+            item.setData(PROGRESS, PROGRESS_ROLE, p.fraction)
+            item.setText(ETA, p.eta_text)
+            item.setToolTip(ETA, "time left at the run's mean pace so far" if p.eta_text else "")
 
     def selected_ids(self) -> list[int]:
         return [it.data(0, Qt.ItemDataRole.UserRole) for it in self.tree.selectedItems()]
@@ -182,6 +246,21 @@ class QueueView(QWidget):
         sel = self._selected_entries()
         if sel and sel[0]["sweep_id"]:
             self.study_requested.emit(sel[0]["sweep_id"])
+
+    def new_sweep(self, runs_dir: str | Path | None = None) -> tuple[str, list[int]] | None:
+        """The New sweep dialog; what it queued (sweep id, entry ids), or None when cancelled. ``runs_dir``:
+        where the runs' folders go (default: the window's, else next to the database)."""
+        from studio.views.sweep_dialog import SweepDialog  # a dialog: imported when asked for
+
+        runs_dir = runs_dir or getattr(self.window(), "runs_dir", None)
+        dlg = SweepDialog(self.store, self.commands, runs_dir, self)
+        if dlg.exec() != SweepDialog.DialogCode.Accepted or dlg.queued is None:
+            return None
+        self.last_sweep = dlg.queued
+        sweep_id, ids = dlg.queued
+        self.message.setText(f"queued sweep {sweep_id} ({dlg.queued_name}): entries {ids[0]}–{ids[-1]}")
+        self.refresh()
+        return dlg.queued
 
     def add_run(self, config_text: str, config_name: str, sets: list[str], runs_dir: str, cwd: str) -> int:
         """Queue one run from the form (no sweep); returns its entry id."""

@@ -1,9 +1,11 @@
 """The new-run form, generated from the engine's config dataclasses.
 
-Field docs become tooltips, ``choices`` combo boxes, min/max spin ranges. Every edit is validated by
-the engine's own code (``engine.core.config``), and the message lands next to the field it names; Start
-stays disabled until the whole configuration is valid. The run is described as a base TOML file plus
-``--set`` overrides, which is also the command line shown in the preview.
+Field docs become tooltips, ``choices`` combo boxes, min/max spin ranges. The keys set on most runs come
+first (Basic); the rest are folded by section (Advanced). Every edit is validated by the engine's own code
+(``engine.core.config``), and the message lands next to the field it names; Start stays disabled until the
+whole configuration is valid. Pre-flight warnings (``studio.models.preflight``: missing files, evaluation or
+checkpoints beyond the run, a long warm-up) show the same way but never hold Start back. The run is
+described as a base TOML file plus ``--set`` overrides, which is also the command line shown in the preview.
 """
 from __future__ import annotations
 
@@ -11,24 +13,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtWidgets import (
-    QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
-    QScrollArea, QSplitter, QVBoxLayout, QWidget,
+    QComboBox, QFileDialog, QFormLayout, QFrame, QGroupBox, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
+    QScrollArea, QSplitter, QToolButton, QVBoxLayout, QWidget,
 )
 
 from engine.core import config as cfgmod
 from engine.core.config import SECTIONS, RunConfig, field_docs, from_dict
 from engine.core.errors import InputError
 from engine.core.paths import list_presets, resolve_preset
-from engine.core.registry import PRETRAIN, task_fields
+from engine.core.registry import PRETRAIN
 from studio.commands.engine_process import command_preview, train_args
-from studio.models.config_form import flatten, nested, validate
+from studio.models.config_form import (
+    BASIC_KEYS, RUN_KEYS, applies, flatten, nested, parent_shape, shape_text, shown_for_stage, takes_parent_shape,
+    validate,
+)
 from studio.models.labels import SECTION_TITLES, STAGE_LABELS, hidden_sections, parent_stages
+from studio.models.preflight import preflight
 from studio.models.run_store import RunStore
+from studio.widgets.elided_label import ElidedLabel
 from studio.widgets.field_editors import FieldEditor, ParentEditor, make_editor
+from studio.widgets.flow_layout import FlowLayout
 
 DEFAULT_PRESET = "demo"
+SIDE_MIN_WIDTH = 300
 
 
 class RunForm(QWidget):
@@ -43,7 +52,10 @@ class RunForm(QWidget):
         self.store, self.runs_dir = store, Path(runs_dir)
         self.docs = field_docs()
         self.editors: dict[str, FieldEditor] = {}
-        self.groups: dict[str, QGroupBox] = {}
+        self.groups: dict[str, QGroupBox] = {}  # the Advanced part's box of each section
+        self.forms: dict[str, QFormLayout] = {}  # "basic" and each section's
+        self.rows: dict[str, tuple[QFormLayout, QWidget]] = {}  # config key -> its row (not name/stage/parent)
+        self.warnings: dict[str, str] = {}  # pre-flight, by key: shown, never blocking
         self.base_path: Path | None = None
         self.base_flat: dict[str, Any] = {}
         self.config: RunConfig | None = None
@@ -55,7 +67,7 @@ class RunForm(QWidget):
 
     # -- layout ----------------------------------------------------------------------------------------
     def _build(self) -> None:
-        top = QHBoxLayout()
+        top = FlowLayout()  # wraps on a narrow window rather than widening it
         self.preset_combo = QComboBox(objectName="preset")
         self.preset_combo.addItems(list_presets())
         self.preset_combo.setToolTip("Bundled starting points (resources/presets); the form shows their values")
@@ -72,27 +84,28 @@ class RunForm(QWidget):
             b.setToolTip(tip)
             b.clicked.connect(slot)
             top.addWidget(b)
-        top.addStretch(1)
-        self.base_label = QLabel(objectName="base")
+        self.base_label = ElidedLabel(objectName="base", mode=Qt.TextElideMode.ElideMiddle)
         self.base_label.setStyleSheet("color: #666;")
         top.addWidget(self.base_label)
-
-        # stage, name and parent come first: they decide which sections matter
-        head = QFormLayout()
-        for key in ("name", "stage", "parent"):
-            info = self.docs[key]
-            ed = make_editor(key, info, self, labels=STAGE_LABELS) if key != "parent" else None
-            if key == "parent":
-                ed = ParentEditor(key, info, self)
-            self._add_editor(ed)
-            head.addRow(key.capitalize(), ed.container)
-        self.editors["stage"].changed.connect(self._stage_changed)
-        head_box = QGroupBox("Run")
-        head_box.setLayout(head)
+        # why the last Start did not start (the engine refused the run before creating it)
+        self.launch_banner = QLabel(objectName="launch_error")
+        self.launch_banner.setWordWrap(True)
+        self.launch_banner.setMinimumWidth(1)
+        self.launch_banner.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.launch_banner.setStyleSheet("background: #fdecea; color: #611a15; padding: 6px;")
+        self.launch_banner.hide()
 
         fields = QWidget()
         col = QVBoxLayout(fields)
-        col.addWidget(head_box)
+        col.addWidget(self._basic_box())
+        self.advanced_toggle = QToolButton(objectName="advanced_toggle")
+        self.advanced_toggle.setCheckable(True)
+        self.advanced_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_toggle.setStyleSheet("QToolButton { border: none; font-weight: 600; }")
+        self.advanced_toggle.toggled.connect(self.show_advanced)
+        self.advanced = QWidget(objectName="advanced")
+        adv = QVBoxLayout(self.advanced)
+        adv.setContentsMargins(0, 0, 0, 0)
         # the sections pre-training does not read first (task, prompt): a fine-tune or prompt run is
         # mostly about them, and pre-training hides them
         first = hidden_sections(PRETRAIN)
@@ -100,54 +113,130 @@ class RunForm(QWidget):
             box = QGroupBox(SECTION_TITLES.get(sec, sec))
             form = QFormLayout(box)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-            for key, info in self.docs.items():
-                if key.startswith(sec + "."):
-                    ed = make_editor(key, info, box)
-                    self._add_editor(ed)
-                    label = QLabel(key.split(".", 1)[1])
-                    label.setToolTip(ed.widget.toolTip())
-                    form.addRow(label, ed.container)
+            for key in self.docs:
+                if key.startswith(sec + ".") and key not in BASIC_KEYS:
+                    self._add_row(form, key, key.split(".", 1)[1], box)
+            self.forms[sec] = form
             self.groups[sec] = box
-            col.addWidget(box)
-        self.editors["task.name"].changed.connect(self._task_changed)
+            adv.addWidget(box)
+        col.addWidget(self.advanced_toggle)
+        col.addWidget(self.advanced)
         col.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(fields)
+        self.editors["stage"].changed.connect(self._stage_changed)
+        self.editors["task.name"].changed.connect(self._update_applicable)
+        self.editors["sparsity.method"].changed.connect(self._update_applicable)
+        self.editors["parent"].changed.connect(self._show_parent_shape)
+        self.fields_scroll = QScrollArea()
+        self.fields_scroll.setWidgetResizable(True)
+        self.fields_scroll.setWidget(fields)
 
-        # right: estimate slot, command preview, Start
-        self.side = QVBoxLayout()
+        # right: estimate slot, schedule, command preview and messages scroll; Start and Queue stay in view
+        side_content = QWidget()
+        self.side = QVBoxLayout(side_content)
+        self.side.setContentsMargins(0, 0, 4, 0)
         self.summary = QLabel(objectName="summary")
         self.summary.setWordWrap(True)
+        self.summary.setMinimumWidth(1)
+        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.preview = QPlainTextEdit(objectName="preview")
         self.preview.setReadOnly(True)
         self.preview.setMaximumHeight(110)
         self.preview.setToolTip("The same run from a terminal")
+        self.side.addWidget(QLabel("<b>Command</b>"))
+        self.side.addWidget(self.preview)
+        self.side.addStretch(1)
+        self.side_scroll = QScrollArea(objectName="side_scroll")
+        self.side_scroll.setWidgetResizable(True)
+        self.side_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.side_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.side_scroll.setWidget(side_content)
         self.start_button = QPushButton("Start run", objectName="start")
         self.start_button.setMinimumHeight(36)
         self.start_button.setStyleSheet("QPushButton:enabled { font-weight: bold; }")
+        self.start_button.setToolTip("Start the run now (Ctrl+Enter)")
         self.start_button.clicked.connect(self.start_requested)
         self.queue_button = QPushButton("Add to queue", objectName="queue")
         self.queue_button.setToolTip("Start it after the queued runs before it (the Queue tab); the queue outlives the studio")
         self.queue_button.clicked.connect(self.queue_requested)
-        self.side.addWidget(QLabel("<b>Command</b>"))
-        self.side.addWidget(self.preview)
-        self.side.addWidget(self.summary)
-        self.side.addStretch(1)
-        self.side.addWidget(self.queue_button)
-        self.side.addWidget(self.start_button)
         side_w = QWidget()
-        side_w.setLayout(self.side)
-        side_w.setMinimumWidth(340)
+        side = QVBoxLayout(side_w)
+        side.setContentsMargins(0, 0, 0, 0)
+        side.addWidget(self.side_scroll, 1)
+        side.addWidget(self.summary)  # errors and warnings, next to the button they concern
+        side.addWidget(self.queue_button)
+        side.addWidget(self.start_button)
 
         split = QSplitter(Qt.Orientation.Horizontal)
-        split.addWidget(scroll)
+        split.addWidget(self.fields_scroll)
         split.addWidget(side_w)
         split.setStretchFactor(0, 3)
         split.setStretchFactor(1, 2)
+        split.setSizes([700, 460])  # a share, not pixels: the side panel gets about 40 % of the width
+        split.setChildrenCollapsible(False)
         lay = QVBoxLayout(self)
         lay.addLayout(top)
+        lay.addWidget(self.launch_banner)
         lay.addWidget(split, 1)
+        self.show_advanced(False)
+
+    def _basic_box(self) -> QGroupBox:
+        """Name, stage and parent (they decide which sections matter), the parent's model shape for a run that
+        takes it, then the keys set on most runs."""
+        box = QGroupBox("Basic", objectName="basic")
+        self.basic_form = QFormLayout(box)
+        self.basic_form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        for key in RUN_KEYS:
+            info = self.docs[key]
+            ed = ParentEditor(key, info, box) if key == "parent" else make_editor(key, info, box, labels=STAGE_LABELS)
+            self._add_editor(ed)
+            self.basic_form.addRow(key.capitalize(), ed.container)
+        self.shape_label = QLabel(objectName="parent_shape")
+        self.shape_label.setWordWrap(True)
+        self.shape_label.setMinimumWidth(1)
+        self.shape_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.shape_label.setToolTip("A fine-tuning or prompting run trains its parent's model: the shape is read "
+                                    "from the parent run's stored configuration (only model.n_ctx may be set)")
+        self.basic_form.addRow("Model", self.shape_label)
+        for key in BASIC_KEYS:
+            self._add_row(self.basic_form, key, key, box)
+        self.forms["basic"] = self.basic_form
+        return box
+
+    def _add_row(self, form: QFormLayout, key: str, text: str, parent: QWidget) -> None:
+        ed = make_editor(key, self.docs[key], parent)
+        self._add_editor(ed)
+        label = QLabel(text)
+        label.setToolTip(ed.widget.toolTip())
+        form.addRow(label, ed.container)
+        self.rows[key] = (form, ed.container)
+
+    def show_advanced(self, on: bool) -> None:
+        """Unfold (or fold) the Advanced part: every key not in Basic, by section."""
+        if self.advanced_toggle.isChecked() != on:
+            self.advanced_toggle.setChecked(on)  # comes back here through toggled
+            return
+        self.advanced.setVisible(on)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        self._advanced_title()
+
+    def _advanced_title(self) -> None:
+        """The fold's title counts what it holds: settings, and the errors and warnings inside it."""
+        shown = [k for k in self.advanced_keys() if self._row_shown(k)]
+        notes = []
+        errors = sum(1 for k in shown if self.editors[k].error)
+        warnings = sum(1 for k in shown if self.editors[k].warning and not self.editors[k].error)
+        if errors:
+            notes.append(f"{errors} error{'s' * (errors > 1)}")
+        if warnings:
+            notes.append(f"{warnings} warning{'s' * (warnings > 1)}")
+        self.advanced_toggle.setText(f"Advanced ({len(shown)} settings{''.join(', ' + n for n in notes)})")
+
+    def advanced_keys(self) -> list[str]:
+        return [k for k in self.rows if k not in BASIC_KEYS]
+
+    def _row_shown(self, key: str) -> bool:
+        form, container = self.rows[key]
+        return form.isRowVisible(container) and not self.groups[key.split(".", 1)[0]].isHidden()
 
     def _add_editor(self, ed: FieldEditor) -> None:
         self.editors[ed.key] = ed
@@ -156,6 +245,19 @@ class RunForm(QWidget):
     def add_side_widget(self, w: QWidget) -> None:
         """The estimate panel sits above the command preview."""
         self.side.insertWidget(0, w)
+        self._fit_side_width()
+
+    def _fit_side_width(self) -> None:
+        """The side panel scrolls up and down only: it is at least as wide as its content needs (more with a
+        larger font), never less than SIDE_MIN_WIDTH."""
+        bar = self.side_scroll.verticalScrollBar().sizeHint().width()
+        need = self.side_scroll.widget().minimumSizeHint().width() + bar
+        self.side_scroll.setMinimumWidth(max(SIDE_MIN_WIDTH, need))
+
+    def changeEvent(self, event) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.FontChange:
+            self._fit_side_width()
 
     # -- loading ---------------------------------------------------------------------------------------
     def load_preset(self, name: str | None) -> None:
@@ -190,7 +292,6 @@ class RunForm(QWidget):
         self.engine_errors.clear()
         self.base_label.setText(f"from {base_path.name}" if base_path else "from defaults")
         self._stage_changed()
-        self._task_changed()
         self.revalidate()
 
     def reset(self) -> None:
@@ -244,10 +345,39 @@ class RunForm(QWidget):
     # -- stage and parent --------------------------------------------------------------------------------
     def _stage_changed(self) -> None:
         stage = self.editors["stage"].value()
-        hidden = hidden_sections(stage)  # sections a stage does not read: the form only asks what matters
-        for sec, box in self.groups.items():
-            box.setVisible(sec not in hidden)
+        self._update_rows()
+        model = self.groups.get("model")
+        if model is not None:
+            model.setTitle("Model (the parent's, but the context length)" if takes_parent_shape(stage)
+                           else SECTION_TITLES.get("model", "model"))
         self.refresh_parents()
+        self._show_parent_shape()
+        self._update_applicable()
+        self._advanced_title()
+
+    def _update_rows(self) -> None:
+        """Show the keys the stage reads (and any key with an error, so it can be fixed); a section's box
+        only while it has a row to show."""
+        stage = self.editors["stage"].value()
+        hidden = hidden_sections(stage)  # sections a stage does not read: the form only asks what matters
+        for key, (form, container) in self.rows.items():
+            shown = key.split(".", 1)[0] not in hidden and shown_for_stage(key, stage)
+            form.setRowVisible(container, shown or bool(self.editors[key].error))
+        for sec, box in self.groups.items():
+            keys = [k for k in self.advanced_keys() if k.startswith(sec + ".")]
+            box.setVisible(any(self.rows[k][0].isRowVisible(self.rows[k][1]) for k in keys))
+
+    def _show_parent_shape(self) -> None:
+        """A run that takes its parent's model shows that shape (from the parent's stored config), read-only."""
+        show = takes_parent_shape(self.editors["stage"].value())
+        self.basic_form.setRowVisible(self.shape_label, show)
+        if not show:
+            return
+        parent_id = self.editors["parent"].value()
+        shape = parent_shape(self.store.run(parent_id)) if parent_id else None
+        self.shape_label.setText(f"from the parent: {shape_text(shape)}" if shape
+                                 else "from the parent run (choose one)" if not parent_id
+                                 else f"from the parent run {parent_id} (not in this database)")
 
     def refresh_parents(self) -> None:
         """Re-list the runs the current stage can start from (after a run finished, say)."""
@@ -255,15 +385,13 @@ class RunForm(QWidget):
         parent = self.editors["parent"]
         stages = parent_stages(stage)
         parent.refresh(self.store.runs(include_archived=False), stages)
-        parent.widget.setEnabled(bool(stages))
+        parent.set_applicable(bool(stages))
 
-    def _task_changed(self) -> None:
-        task = self.editors["task.name"].value()
-        for key, tasks in task_fields().items():  # task fields another task does not read are greyed out
-            if key in self.editors:
-                self.editors[key].widget.setEnabled(task in tasks)
-                for b in self.editors[key].container.findChildren(QPushButton):
-                    b.setEnabled(task in tasks)
+    def _update_applicable(self) -> None:
+        """Grey out what the task or the sparsity method does not read (dynamic-sparsity keys for static)."""
+        flat = self.values()
+        for key, ed in self.editors.items():
+            ed.set_applicable(applies(key, flat))
 
     # -- validation --------------------------------------------------------------------------------------
     def values(self) -> dict[str, Any]:
@@ -273,26 +401,47 @@ class RunForm(QWidget):
         if self._loading:
             return
         self.engine_errors.pop(key, None)
+        self.clear_launch_error()
         self.revalidate()
 
     def revalidate(self) -> None:
         self.config, self.errors = validate(self.values())
         shown = {**self.errors, **self.engine_errors}
+        self.warnings = preflight(self.config) if self.config is not None else {}
         for key, ed in self.editors.items():
             ed.set_error(shown.get(key))
+            ed.set_warning(self.warnings.get(key))
+        self._update_rows()
+        if any(k in shown and self._row_shown(k) for k in self.advanced_keys()):
+            self.show_advanced(True)  # an error must be seen where it is fixed
+        self._update_applicable()
+        self._advanced_title()
         loose = [msg for key, msg in shown.items() if key not in self.editors]
         if shown:
-            self.summary.setText("<span style='color:#c9302c'>" + "<br>".join(
-                f"• {m}" for m in [*loose, *[shown[k] for k in shown if k in self.editors]]) + "</span>")
+            text = "<span style='color:#c9302c'>" + "<br>".join(
+                f"• {m}" for m in [*loose, *[shown[k] for k in shown if k in self.editors]]) + "</span>"
         else:
-            self.summary.setText("<span style='color:#2e7d32'>Configuration is valid.</span>")
+            text = "<span style='color:#2e7d32'>Configuration is valid.</span>"
+        if self.warnings:
+            text += "<br><span style='color:#a66d00'>" + "<br>".join(f"⚠ {m}" if k in m else f"⚠ {k}: {m}"
+                                                                    for k, m in self.warnings.items()) + "</span>"
+        self.summary.setText(text)
         self.start_button.setEnabled(self.is_valid())
         self.queue_button.setEnabled(self.is_valid())
         self.preview.setPlainText(self.command_preview())
         self.changed.emit()
 
     def is_valid(self) -> bool:
+        """Errors hold Start back; pre-flight warnings do not."""
         return self.config is not None and not self.errors and not self.engine_errors
+
+    def show_launch_error(self, message: str) -> None:
+        """The engine refused the last Start before creating the run: say why above the form."""
+        self.launch_banner.setText(f"The run did not start: {message}")
+        self.launch_banner.show()
+
+    def clear_launch_error(self) -> None:
+        self.launch_banner.hide()
 
     def show_engine_error(self, message: str, key: str | None = None, path: str | None = None) -> None:
         """An error the engine reported at launch: put it on the field (or the file's field) it names."""

@@ -1,8 +1,10 @@
 """Tags, free-text notes, archive and delete for one run: the editor under the runs browser, or a dialog.
 
 What the buttons change is written by ``studio.commands`` (``Commands.save_annotations``, ``set_archived``,
-``delete_run``); this view asks first and shows the result. Deleting is refused while the run's engine
-process is alive (it is the writer).
+``trash_run`` or ``delete_run``); this view asks first where there is no way back and shows the result.
+Under the runs browser, Delete puts the run in the trash at once (Undo brings it back, nothing is removed
+until the trash is emptied); elsewhere it deletes for good after a yes. Deleting is refused while the
+run's engine process is alive (it is the writer).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from studio.commands.run_commands import Commands, RunBusyError, is_live, parse_
 from studio.models.run_store import RunStore
 
 
-def _ask(parent: QWidget, title: str, text: str) -> bool:
+def ask(parent: QWidget, title: str, text: str) -> bool:
     answer = QMessageBox.question(parent, title, text, QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
                                   QMessageBox.StandardButton.Cancel)
     return answer == QMessageBox.StandardButton.Yes
@@ -35,11 +37,13 @@ class RunNotesEditor(QWidget):
     archived_changed = Signal(str, bool)
     deleted = Signal(str)
 
-    def __init__(self, store: RunStore, commands: Commands, run_id: str | None = None, parent: QWidget | None = None):
+    def __init__(self, store: RunStore, commands: Commands, run_id: str | None = None, parent: QWidget | None = None,
+                 *, use_trash: bool = False):
         super().__init__(parent)
         self.store, self.commands = store, commands
+        self.use_trash = use_trash  # Delete puts the run in the trash (with Undo) instead of asking, then deleting
         self.run_id: str | None = None
-        self.confirm: Callable[[QWidget, str, str], bool] = _ask
+        self.confirm: Callable[[QWidget, str, str], bool] = ask
         self.title = QLabel()
         self.tags = QLineEdit(placeholderText="comma-separated, e.g. sparse, baseline", objectName="tags")
         self.notes = QPlainTextEdit(objectName="notes")
@@ -48,8 +52,10 @@ class RunNotesEditor(QWidget):
         self.save_button.clicked.connect(self.save)
         self.archive_button = QPushButton("Archive", objectName="archive")
         self.archive_button.clicked.connect(self.toggle_archive)
-        self.delete_button = QPushButton("Delete…", objectName="delete")
-        self.delete_button.setStyleSheet("color: #c9302c")
+        self.delete_button = QPushButton("Delete" if use_trash else "Delete…", objectName="delete")
+        self.delete_button.setToolTip("To the trash: Undo brings it back; its rows and folder go when the trash is "
+                                      "emptied" if use_trash else "Delete the run's rows and folder for good")
+        self.delete_button.setStyleSheet("QPushButton:enabled { color: #c9302c; }")  # greyed like any button when off
         self.delete_button.clicked.connect(self.delete)
         form = QFormLayout()
         form.addRow("Tags", self.tags)
@@ -106,6 +112,8 @@ class RunNotesEditor(QWidget):
         if is_live(run):
             QMessageBox.warning(self, "Delete run", f"Run {run['id']} is {run['status']}; stop it before deleting it.")
             return False
+        if self.use_trash:
+            return self._trash(run)
         folder = run_folder(run)
         kids = self.store.children(run["id"])
         text = (f"Delete run {run['id']} ({run.get('name')}) for good?\n\n"
@@ -124,6 +132,16 @@ class RunNotesEditor(QWidget):
         rid = run["id"]
         self.set_run(None)
         self.deleted.emit(rid)
+        return True
+
+    def _trash(self, run: dict) -> bool:
+        try:
+            self.commands.trash_run(run["id"])
+        except (RunBusyError, KeyError) as e:
+            QMessageBox.warning(self, "Delete run", str(e))
+            return False
+        self.set_run(None)
+        self.deleted.emit(run["id"])
         return True
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import QLabel, QMessageBox, QSplitter, QTabWidget, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QLabel, QSplitter, QTabWidget, QVBoxLayout, QWidget
 
 from studio.commands.engine_process import GRACEFUL_STOP_S, EngineProcess
 from studio.commands.run_control import RunControl
@@ -34,6 +34,7 @@ class RunView(QWidget):
     resume_requested = Signal(str)  # run id: start `train --resume` for it
     engine_error = Signal(dict)  # an `error` event (with key/path) for the form to show at its field
     status_changed = Signal(str, str)  # run id, status
+    launch_failed = Signal(str)  # the engine ended before creating the run: nothing to show here but the error
 
     def __init__(self, store: RunStore, parent: QWidget | None = None):
         super().__init__(parent)
@@ -44,6 +45,7 @@ class RunView(QWidget):
         self.status = "starting"
         self.has_checkpoint = False
         self.process_exit_code: int | None = None
+        self.last_error: str | None = None  # the last `error` event's message
         self.log_tail: FileTail | None = None
         self._watching: str | None = None
         self._meta: dict = {}
@@ -74,6 +76,7 @@ class RunView(QWidget):
         self.banner = QLabel("", objectName="banner")
         self.banner.setWordWrap(True)
         self.banner.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.banner.setMinimumWidth(1)  # word wrap only: a long log line must not widen the window
         self.banner.setStyleSheet("background: #fdecea; color: #611a15; padding: 6px; font-family: monospace;")
         self.banner.hide()
 
@@ -157,12 +160,13 @@ class RunView(QWidget):
             self.run = run
             self.control.pid = run.get("pid") or self.pid
         self._set_status(status)
+        if status in ENDED_BADLY:
+            # shown at once; when our own process's end arrives it adds the exit code and stderr
+            self._show_crash(None, self.process_stderr)
         if status in FINAL_STATUSES and self.process is None:
             self._stop_following()
             if run is not None:
                 self._show_results(run)
-            if status in ENDED_BADLY:
-                self._show_crash(None)
             self._update_progress()
 
     def _store_row(self, run_id: str, row: dict) -> None:
@@ -228,6 +232,7 @@ class RunView(QWidget):
         self._watch(run["id"])
         cfg = run.get("config") or {}
         self.data.max_steps = (cfg.get("train") or {}).get("max_steps") or self.data.max_steps
+        self.data.config = cfg  # the monitor hides the per-layer heatmap of a static mask
         self.title = run.get("name") or run["id"]
         self.control.pgid = int((run.get("meta") or {}).get("pgid") or 0)
         self._show_precision(run)
@@ -271,6 +276,7 @@ class RunView(QWidget):
         elif t == "checkpoint":
             self.log.append("log", f"checkpoint at step {ev['step']}: {ev['path']}")
         elif t == "error":
+            self.last_error = ev["message"]
             self.show_banner(ev["message"] + (f"\n(field {ev['key']})" if ev.get("key") else "")
                              + (f"\n(file {ev['path']})" if ev.get("path") else ""))
             self.engine_error.emit(ev)
@@ -283,7 +289,7 @@ class RunView(QWidget):
     def _start_failed(self, message: str) -> None:
         self._set_status("failed")
         self.show_banner(message)
-        QMessageBox.critical(self, "Could not start the engine", message)
+        self.launch_failed.emit(message)
 
     def _process_finished(self, code: int) -> None:
         self.process_exit_code = code
@@ -306,8 +312,12 @@ class RunView(QWidget):
         if status in ENDED_BADLY:
             self._show_crash(code, self.process_stderr)
         self.log.append("studio", f"engine exited with code {code}; run {status}")
+        stderr = [ln for ln in self.process_stderr if ln.strip()]
         self.control.process = None
         self._update_progress()
+        if run is None:  # refused before the run existed (a bad config, a missing file): no run to show
+            self.launch_failed.emit(self.last_error or (stderr[-1] if stderr else
+                                                        f"the engine exited with code {code} before the run started"))
 
     def _show_crash(self, code: int | None, stderr: list[str] | None = None) -> None:
         lines = []
@@ -331,6 +341,13 @@ class RunView(QWidget):
     def _set_status(self, status: str) -> None:
         changed = status != self.status
         self.status = status
+        if self.data.live != (status in LIVE):  # charts of a run that stopped early fit its data, not max_steps
+            self.data.live = status in LIVE
+            self.data.version += 1
+        # a run that ended before its first step has no charts to show: the error and the log take the tab
+        charts = not (status in ENDED_BADLY and self.data.last_step is None)
+        self.monitor.setVisible(charts)
+        self.progress.setVisible(charts)
         self.header.show_status(status, self._status_detail())
         if changed and status in FINAL_STATUSES and self.run_id:  # read once per change, not per header tick
             self.has_checkpoint = self.store.latest_checkpoint(self.run_id) is not None

@@ -2,8 +2,10 @@
 next to its majority and TF-IDF baselines, tags and notes, with filter and search. Opening a run shows its charts
 from the database; a live one keeps filling (re-attach). Several selected runs open in the Compare tab
 or export their metrics; one selected run exports its config (TOML) or its model (Hugging Face).
-Tags, notes, archive and delete use the one ``RunNotesEditor``. The list follows the run store: rebuilt
-when a run appears, goes or changes, and at most every few seconds while live runs progress.
+Tags, notes, archive and delete use the one ``RunNotesEditor``; delete puts a run in the studio's trash
+(``studio.commands.run_trash``), with Undo in a bar above the list. The list follows the run store: rebuilt
+when a run appears, goes or changes (within a tick of the store's poll), and at most every few seconds
+while live runs progress. Its columns sort by value (steps, FLOPs, scores and dates as numbers).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 from pathlib import Path
 
 from PySide6.QtCore import QItemSelectionModel, Qt, Signal
-from PySide6.QtGui import QAction, QColor
+from PySide6.QtGui import QAction, QColor, QKeySequence, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
     QLineEdit, QMessageBox, QPlainTextEdit, QPushButton, QSizePolicy, QSplitter, QTreeWidget, QTreeWidgetItem,
@@ -21,16 +23,24 @@ from PySide6.QtWidgets import (
 from engine.core.errors import InputError
 from studio.commands.exports import FORMATS, write_config, write_metrics
 from studio.commands.run_commands import Commands
+from studio.models import formatting as fmt
 from studio.models.labels import STAGE_LABELS, STATUS_COLORS, STATUSES, exports_model, stage_text
 from studio.models.lineage import BASELINES_TIP, best_scores, chain_html, score_text
 from studio.models.run_details import config_text, detail_html
 from studio.models.run_filter import run_matches
 from studio.models.run_store import RunStore
 from studio.models.throttle import Throttle
-from studio.views.run_notes import RunNotesEditor
+from studio.views.run_notes import RunNotesEditor, ask
+from studio.widgets.sorted_items import SortedItem
+from studio.widgets.trash_bar import TrashBar
 
-COLUMNS = ("Name", "Id", "Stage", "Status", "Steps", "Loss", "Val loss", "Best score (baselines)", "Created", "Tags",
-           "Notes")
+COLUMNS = ("Name", "Id", "Stage", "Status", "Best score (baselines)", "Steps", "FLOPs", "Loss", "Val loss", "Created",
+           "Tags", "Notes")
+NAME, STATUS, SCORE, STEPS, FLOPS, LOSS, VAL, CREATED, TAGS, NOTES = (COLUMNS.index(c) for c in (
+    "Name", "Status", "Best score (baselines)", "Steps", "FLOPs", "Loss", "Val loss", "Created", "Tags", "Notes"))
+WIDTHS = {"Name": 160, "Id": 66, "Stage": 128, "Status": 74, "Steps": 54, "FLOPs": 86, "Loss": 58, "Val loss": 62,
+          "Created": 112, "Tags": 110}
+SCORE_MAX_W = 520  # the score column fits its longest text up to this width (the rest is in its tooltip)
 REFRESH_MS = 3000  # while live runs progress, the list is rebuilt at most this often
 
 
@@ -49,6 +59,8 @@ class RunsBrowser(QWidget):
         self.scores: dict[str, dict] = {}
         self._current: str | None = None
         self._stale = False  # the store reported a change while the list was hidden
+        self._score_width = 0  # the score column's width as last fitted (a user's own width stays until it changes)
+        self.confirm = ask  # the question before emptying the trash (replaceable in tests)
         self._build()
         self.progress = Throttle(self._auto_refresh, REFRESH_MS, self)
         store.runs_changed.connect(self._runs_changed)
@@ -84,15 +96,30 @@ class RunsBrowser(QWidget):
         self.tree.headerItem().setToolTip(COLUMNS.index("Best score (baselines)"),
                                           "The run's best evaluation score. " + BASELINES_TIP)
         self.tree.setAlternatingRowColors(True)
-        self.tree.setSortingEnabled(False)
+        self.tree.setSortingEnabled(True)  # a header click sorts by value (SortedItem); oldest first to begin with
+        self.tree.sortByColumn(CREATED, Qt.SortOrder.AscendingOrder)
         self.tree.setUniformRowHeights(True)
         # several runs selected (Ctrl/Shift-click) are compared or exported together
         self.tree.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.tree.itemDoubleClicked.connect(lambda item, _c: self.open_requested.emit(item.data(0, Qt.ItemDataRole.UserRole)))
         self.tree.currentItemChanged.connect(self._selected)
         self.tree.itemSelectionChanged.connect(self._selection_changed)
-        for i, w in enumerate((190, 72, 130, 76, 50, 60, 64, 400, 112, 110)):
-            self.tree.setColumnWidth(i, w)
+        for i, c in enumerate(COLUMNS):
+            if c in WIDTHS:
+                self.tree.setColumnWidth(i, WIDTHS[c])
+        self.tree.headerItem().setToolTip(FLOPS, "Training FLOPs spent (the run's total once it ended)")
+        delete = QAction("Delete", self.tree)  # the Delete key on the list: to the trash, with Undo
+        delete.setShortcut(QKeySequence.StandardKey.Delete)
+        delete.setShortcutContext(Qt.ShortcutContext.WidgetShortcut)
+        delete.triggered.connect(lambda: self.notes.delete())
+        undo = QAction("Undo delete", self)
+        undo.setShortcut(QKeySequence.StandardKey.Undo)
+        undo.setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        undo.triggered.connect(self.undo_delete)
+        self.addAction(undo)
+        self.trash_bar = TrashBar()
+        self.trash_bar.undo_requested.connect(self.undo_delete)
+        self.trash_bar.empty_requested.connect(self.empty_trash)
 
         # details of the selected run
         side = QWidget()
@@ -109,13 +136,13 @@ class RunsBrowser(QWidget):
         self.config_view.setReadOnly(True)
         self.config_view.setStyleSheet("font-family: monospace; font-size: 11px;")
         self.action_buttons: dict[str, QPushButton] = {}
-        rows = (
+        rows = (  # short rows: the side panel stays narrow enough for the list's score column at 1280 px
             (("open", "Open charts", lambda: self._emit_current(self.open_requested)),
              ("clone", "Clone config", lambda: self._emit_current(self.clone_requested)),
              ("resume", "Resume", lambda: self._emit_current(self.resume_requested))),
             (("compare", "Compare selected", self.compare_selected),
-             ("export_metrics", "Export metrics…", lambda: self.export_metrics_dialog()),
-             ("export_toml", "Export TOML…", lambda: self.export_toml_dialog()),
+             ("export_metrics", "Export metrics…", lambda: self.export_metrics_dialog())),
+            (("export_toml", "Export TOML…", lambda: self.export_toml_dialog()),
              ("export_hf", "Export to Hugging Face…", lambda: self._emit_current(self.export_hf_requested))),
         )
         tips = {"compare": "Overlay the selected runs (Ctrl/Shift-click to pick several) in the Compare tab",
@@ -136,7 +163,8 @@ class RunsBrowser(QWidget):
                 self.tree.addAction(act)
             form.addRow(line)
         self.tree.setContextMenuPolicy(Qt.ContextMenuPolicy.ActionsContextMenu)
-        self.notes = RunNotesEditor(self.store, self.commands)
+        self.notes = RunNotesEditor(self.store, self.commands, use_trash=True)
+        self.tree.addAction(delete)
         self.notes.layout().setContentsMargins(0, 0, 0, 0)
         self.notes.title.hide()  # the details above already name the run
         self.notes.notes.setMaximumHeight(90)
@@ -157,9 +185,10 @@ class RunsBrowser(QWidget):
         split.addWidget(side)
         split.setStretchFactor(0, 3)
         split.setStretchFactor(1, 2)
-        split.setSizes([1000, 560])
+        split.setSizes([1100, 460])
         lay = QVBoxLayout(self)
         lay.addLayout(bar)
+        lay.addWidget(self.trash_bar)
         lay.addWidget(split, 1)
 
     # -- data ------------------------------------------------------------------------------------------
@@ -193,7 +222,7 @@ class RunsBrowser(QWidget):
         runs = self.store.runs(include_archived=self.archived_box.isChecked())
         self.runs = {r["id"]: r for r in runs}
         self.scores = best_scores(self.store.evaluations_by_run())
-        last = self.store.last_values("loss")  # one query each: the browser must stay fast with thousands of runs
+        last = self.store.last_points("loss")  # one query each: the browser must stay fast with thousands of runs
         vals = self.store.last_eval_metrics("val", "loss")
         text = self.search.text().strip()
         status, stage = self.status_filter.currentData(), self.stage_filter.currentData()
@@ -206,30 +235,22 @@ class RunsBrowser(QWidget):
                 p = self.runs[p].get("parent_id")
         current, selected = self._current, set(self.selected_ids())
         self.tree.blockSignals(True)  # a rebuild is not a new selection
+        self.tree.setSortingEnabled(False)  # (sorted once, when every row is in)
         self.tree.clear()
         items: dict[str, QTreeWidgetItem] = {}
         for r in sorted((self.runs[i] for i in shown), key=lambda r: r["created_at"]):
-            loss = last.get(r["id"])
-            item = QTreeWidgetItem([
-                r.get("name") or "", r["id"], stage_text(r["stage"]), r["status"],
-                f"{loss[1]:,}" if loss else "", f"{loss[0]:.4f}" if loss else "",
-                f"{vals[r['id']]:.4f}" if vals.get(r["id"]) is not None else "",
-                score_text(self.scores.get(r["id"])),
-                time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])), ", ".join(r.get("tags") or []),
-                (r.get("notes") or "").splitlines()[0] if r.get("notes") else "",
-            ])
-            item.setData(0, Qt.ItemDataRole.UserRole, r["id"])
-            item.setForeground(3, QColor(STATUS_COLORS.get(r["status"], "#333")))
-            item.setForeground(7, QColor("#2e5c8a"))
-            if item.text(7):  # the column is often narrower than score and baselines
-                item.setToolTip(7, f"{item.text(7)}\n{BASELINES_TIP}")
+            item = self._item(r, last.get(r["id"]), vals.get(r["id"]))
             if r.get("archived"):
+                faint = self.tree.palette().color(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Text)
                 for c in range(len(COLUMNS)):
-                    item.setForeground(c, QColor("#999"))
+                    item.setForeground(c, faint)
             parent = items.get(r.get("parent_id") or "")
             (parent.addChild(item) if parent else self.tree.addTopLevelItem(item))
             items[r["id"]] = item
+        self.tree.setSortingEnabled(True)  # sorts by the header's column and order
         self.tree.expandAll()
+        self._fit_score_column(items.values())
+        self.trash_bar.show_trash(self.store.hidden_runs())
         # keep the multi-selection across the periodic rebuild
         if current in items:
             self.tree.setCurrentItem(items[current], 0, QItemSelectionModel.SelectionFlag.NoUpdate)
@@ -240,6 +261,47 @@ class RunsBrowser(QWidget):
             current = None
         self._selected(items.get(current) if current else None)
         self._selection_changed()
+
+    def _item(self, r: dict, last: dict | None, val_loss: float | None) -> SortedItem:
+        """One run's row: formatted text, and the value each column sorts by."""
+        best = self.scores.get(r["id"])
+        summary = r.get("summary") or {}
+        flops = summary.get("flops") if summary.get("flops") is not None else (last or {}).get("flops")
+        step = (last or {}).get("step")
+        loss = (last or {}).get("value")
+        texts = [""] * len(COLUMNS)
+        texts[:4] = [r.get("name") or "", r["id"], stage_text(r["stage"]), r["status"]]
+        texts[SCORE] = score_text(best)
+        texts[STEPS] = f"{step:,}" if step is not None else ""
+        texts[FLOPS] = fmt.flops(flops) if flops else ""
+        texts[LOSS] = f"{loss:.4f}" if loss is not None else ""
+        texts[VAL] = f"{val_loss:.4f}" if val_loss is not None else ""
+        texts[CREATED] = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        texts[TAGS] = ", ".join(r.get("tags") or [])
+        texts[NOTES] = (r.get("notes") or "").splitlines()[0] if r.get("notes") else ""
+        score = next(iter(best["metrics"].values()), None) if best else None
+        item = SortedItem(texts, {SCORE: score, STEPS: step, FLOPS: flops or None, LOSS: loss, VAL: val_loss,
+                                  CREATED: r["created_at"]})
+        item.setData(0, Qt.ItemDataRole.UserRole, r["id"])
+        item.setToolTip(NAME, f"{texts[NAME]} ({r['id']})" if texts[NAME] else r["id"])
+        item.setForeground(STATUS, QColor(STATUS_COLORS.get(r["status"], "#333")))
+        item.setForeground(SCORE, self.tree.palette().color(QPalette.ColorRole.Link))  # (readable light or dark)
+        if texts[SCORE]:
+            item.setToolTip(SCORE, f"{texts[SCORE]}\n{BASELINES_TIP}")
+        if flops:
+            item.setToolTip(FLOPS, f"{flops:,.0f} training FLOPs")
+        return item
+
+    def _fit_score_column(self, items) -> None:
+        """Widen the score column to its longest text (not cut off), unless that has not changed since the
+        last fit (a width the user dragged stays)."""
+        metrics = self.tree.fontMetrics()
+        header = self.tree.header().fontMetrics().horizontalAdvance(COLUMNS[SCORE]) + 24
+        texts = {it.text(SCORE) for it in items}
+        width = min(SCORE_MAX_W, max([header] + [metrics.horizontalAdvance(t) + 16 for t in texts]))
+        if width != self._score_width:
+            self._score_width = width
+            self.tree.setColumnWidth(SCORE, width)
 
     def item_for(self, run_id: str) -> QTreeWidgetItem | None:
         for i in range(self.tree.topLevelItemCount()):
@@ -262,6 +324,7 @@ class RunsBrowser(QWidget):
             self.detail.setText("")
             self.pipeline.setText("")
             self.notes.set_run(None)
+            self.config_view.clear()  # (a deleted run's config must not linger)
             return
         self.action_buttons["resume"].setEnabled(run["status"] in ("stopped", "crashed", "failed"))
         # the model lives in a checkpoint; a vocabulary run has none
@@ -319,6 +382,32 @@ class RunsBrowser(QWidget):
         self._current = None
         self.refresh()
         self.run_deleted.emit(run_id)
+        win = self.window()
+        if hasattr(win, "statusBar"):
+            win.statusBar().showMessage(f"deleted run {run_id}: Undo (in the Runs tab) brings it back", 8000)
+
+    # -- the trash -------------------------------------------------------------------------------------
+    def undo_delete(self) -> str | None:
+        """Bring the last deleted run back (it was never gone: only hidden); its id."""
+        run = self.commands.restore_run()
+        if run is None:
+            return None
+        self.refresh()
+        self.select(run["id"])
+        return run["id"]
+
+    def empty_trash(self) -> list[str]:
+        """Delete the trashed runs for good (rows and folders), after a yes."""
+        runs = self.store.hidden_runs()
+        if not runs or not self.confirm(self, "Empty trash", f"Delete {len(runs)} run(s) for good?\n\n"
+                                        "Their metrics, evaluations, checkpoint records and artifacts are removed "
+                                        "from the database, and their run folders are deleted."):
+            return []
+        deleted, kept = self.commands.empty_trash()
+        if kept:
+            QMessageBox.warning(self, "Empty trash", "Still running, so not deleted: " + ", ".join(kept))
+        self.refresh()
+        return deleted
 
     # -- exports -------------------------------------------------------------------------------------------
     def export_metrics_dialog(self, path: str | None = None, fmt: str | None = None) -> int | None:

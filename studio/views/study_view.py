@@ -9,7 +9,9 @@
 * **A table** of every point and chained run; CSV export of it, PNG/SVG export of both charts.
 
 Everything comes from the run store (the sweep's study); it refreshes, at most every few seconds, while
-the sweep's runs progress.
+the sweep's runs progress. Legends sit under the charts; each bar's tick label is three short lines (grid
+point, stage, task) cut to the bar's width, so neighbours never print over each other; colours and text
+sizes follow the palette and the application font.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QFontMetrics
 from PySide6.QtWidgets import (
     QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout,
     QWidget,
@@ -28,14 +31,20 @@ from studio.models.labels import MAJORITY, PALETTE, TFIDF, ZERO_SHOT, stage_tick
 from studio.models.run_store import RunStore, study_csv
 from studio.models.throttle import Throttle
 from studio.widgets.chart_export import ChartExportDialog
+from studio.widgets.chart_placeholder import ChartPlaceholder
+from studio.widgets.chart_style import (
+    TICK, ChartTheme, ThemeFollower, compact_ticks, outside_legend, set_title, style_plot,
+)
 
 TABLE_COLUMNS = ("Entry", "Run", "Point", "Status", "Sparsity", "d_model", "Steps", "FLOPs", "Final val loss",
                  "Best val loss", "Chained run", "Task", "Score", "Majority", "TF-IDF", "Zero-shot")
 # the baselines beside each chained run's bar: kind -> (legend name, symbol, size, pen colour, brush)
-BASELINE_MARKERS = {MAJORITY: ("majority baseline", "_", 28, "#000", None),
+BASELINE_MARKERS = {MAJORITY: ("majority baseline", "_", 28, "#000000", None),
                     TFIDF: ("TF-IDF + LR baseline", "d", 11, "#8C564B", "#8C564B"),
                     ZERO_SHOT: ("zero-shot parent", "x", 12, "#555", "#555")}
 REFRESH_MS = 3000  # while the sweep's runs progress, the study is read again at most this often
+LOSS_TITLE, SCORE_TITLE = "Validation loss against training FLOPs", "Downstream dev scores of the chained runs"
+NO_SCORES = "no downstream scores yet: chain runs after the grid (sweep … --then CONFIG)"
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -86,18 +95,24 @@ class StudyView(QWidget):
         bar.addWidget(export)
         bar.addWidget(export_csv)
 
-        self.loss_plot = pg.PlotWidget(background="w")
-        self.loss_plot.setTitle("Validation loss against training FLOPs")
+        theme = ChartTheme.of()
+        self.loss_plot = pg.PlotWidget()
+        set_title(self.loss_plot.getPlotItem(), LOSS_TITLE, theme)
         self.loss_plot.setLabel("bottom", "training FLOPs", units="FLOP")
         self.loss_plot.setLabel("left", "validation loss")
         self.loss_plot.showGrid(x=True, y=True, alpha=0.2)
-        self.loss_legend = self.loss_plot.addLegend(offset=(-10, 10))
-        self.score_plot = pg.PlotWidget(background="w")
-        self.score_plot.setTitle("Downstream scores of the chained runs")
+        for side in ("left", "bottom"):
+            compact_ticks(self.loss_plot.getAxis(side))
+        self.loss_legend = outside_legend(self.loss_plot.getPlotItem(), theme)
+        self.score_plot = pg.PlotWidget()
+        set_title(self.score_plot.getPlotItem(), SCORE_TITLE, theme)
         self.score_plot.setLabel("left", "dev score")
         self.score_plot.showGrid(y=True, alpha=0.2)
         self.score_plot.getAxis("left").enableAutoSIPrefix(False)  # scores in [0, 1], not "x0.001"
-        self.score_legend = self.score_plot.addLegend(offset=(-10, 10))
+        self.score_legend = outside_legend(self.score_plot.getPlotItem(), theme)
+        self.score_bars: list = []
+        # the tick labels are cut to each bar's width: again when the chart is resized
+        self.score_plot.getPlotItem().getViewBox().sigResized.connect(lambda *_a: self._score_ticks())
 
         self.table = QTableWidget(objectName="study_table")
         self.table.setColumnCount(len(TABLE_COLUMNS))
@@ -109,9 +124,11 @@ class StudyView(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.cellDoubleClicked.connect(self._open_row)
 
+        self.loss_holder = ChartPlaceholder(self.loss_plot, "no validation loss logged by the sweep's runs yet")
+        self.score_holder = ChartPlaceholder(self.score_plot, NO_SCORES)
         charts = QSplitter(Qt.Orientation.Horizontal)
-        charts.addWidget(self.loss_plot)
-        charts.addWidget(self.score_plot)
+        charts.addWidget(self.loss_holder)
+        charts.addWidget(self.score_holder)
         charts.setStretchFactor(0, 3)
         charts.setStretchFactor(1, 2)
         split = QSplitter(Qt.Orientation.Vertical)
@@ -122,6 +139,14 @@ class StudyView(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(bar)
         lay.addWidget(split, 1)
+        self.follower = ThemeFollower(self, self._apply_theme)
+
+    def _apply_theme(self, theme: ChartTheme) -> None:
+        for w in (self.loss_plot, self.score_plot):
+            w.setBackground(theme.background)
+            style_plot(w.getPlotItem(), theme)
+        if self.study:
+            self._draw()
 
     # -- data -------------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -155,21 +180,22 @@ class StudyView(QWidget):
         self.loss_plot.clear()
         self.loss_legend.clear()
         self.marker_series: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        theme = self.follower.theme
         for i, level in enumerate(self.levels()):
-            color = PALETTE[i % len(PALETTE)]
+            color = theme.readable(PALETTE[i % len(PALETTE)])
             pts = [p for p in self.study["points"] if p["sparsity"] == level]
             for p in pts:
                 c = p["curve"]
                 if len(c["flops"]) > 1:
-                    faint = pg.mkColor(color)
-                    faint.setAlpha(90)
-                    self.loss_plot.plot(c["flops"], c["val_loss"], pen=pg.mkPen(faint, width=1))
+                    self.loss_plot.plot(c["flops"], c["val_loss"], pen=pg.mkPen(theme.faint(color), width=1))
             ends = sorted((p["flops"], p[key]) for p in pts if p["flops"] and p[key] is not None)
             if ends:
                 x, y = np.array([e[0] for e in ends]), np.array([e[1] for e in ends])
                 self.marker_series[level] = (x, y)
                 self.loss_plot.plot(x, y, pen=pg.mkPen(color, width=2), symbol="o", symbolSize=9,
-                                    symbolBrush=color, symbolPen="w", name=f"sparsity {level:.0%}")
+                                    symbolBrush=color, symbolPen=theme.background, name=f"sparsity {level:.0%}")
+        self.loss_holder.show_text(None if self.loss_plot.getPlotItem().listDataItems() else
+                                   "no validation loss logged by the sweep's runs yet")
         self._draw_scores()
 
     def _draw_scores(self) -> None:
@@ -178,13 +204,18 @@ class StudyView(QWidget):
         rows = [(p, c) for p in self.study["points"] for c in p["children"] if c["metric"]]
         self.score_bars = rows
         self.baseline_markers: dict[str, pg.PlotDataItem] = {}  # kind -> its markers (only kinds some run has)
+        self.score_holder.show_text(None if rows else NO_SCORES)
         if not rows:
-            self.score_plot.setTitle("Downstream scores of the chained runs (none yet: sweep … --then CONFIG)")
             return
-        metrics = ", ".join(sorted({f"{c['task']}: {c['metric']}" for _, c in rows}))
-        self.score_plot.setTitle(f"Downstream dev scores of the chained runs ({metrics})")
+        # the metrics go on the axis label, not the title: a long title was cut at the chart's width
+        metrics = ", ".join(sorted({f"{c['task']} {c['metric']}" for _, c in rows}))
+        self.score_plot.setLabel("left", f"dev score ({metrics})" if len(metrics) <= 40 else "dev score")
+        keys = list(self.study["spec"].get("grid", {}))
+        self.score_plot.setLabel("bottom", " · ".join(k.split(".")[-1] for k in keys) + " → stage" if keys else "")
+        self.score_plot.getAxis("left").setToolTip(f"dev scores: {metrics}")
+        theme = self.follower.theme
         x = np.arange(len(rows), dtype=float)
-        colors = {lv: PALETTE[i % len(PALETTE)] for i, lv in enumerate(self.levels())}
+        colors = {lv: theme.readable(PALETTE[i % len(PALETTE)]) for i, lv in enumerate(self.levels())}
         scores = [c["metrics"].get(c["metric"]) or 0.0 for _, c in rows]
         brushes = [pg.mkBrush(colors.get(p["sparsity"], "#888")) for p, _ in rows]
         self.score_plot.addItem(pg.BarGraphItem(x=x, height=scores, width=0.6, brushes=brushes))
@@ -194,11 +225,40 @@ class StudyView(QWidget):
             if at:
                 self.baseline_markers[kind] = self.score_plot.plot(
                     [x[i] for i in at], [values[i] for i in at], pen=None, symbol=symbol, symbolSize=size,
-                    symbolPen=pg.mkPen(pen, width=2 if kind == MAJORITY else 1), name=name,
-                    **({"symbolBrush": brush} if brush else {}))
-        ticks = [(float(i), f"{p['label']}\n{stage_tick(c['stage'])} {c['task']}")
-                 for i, (p, c) in enumerate(rows)]
-        self.score_plot.getAxis("bottom").setTicks([ticks])
+                    symbolPen=pg.mkPen(theme.readable(pen), width=2 if kind == MAJORITY else 1), name=name,
+                    **({"symbolBrush": theme.readable(brush)} if brush else {}))
+        self.score_plot.setRange(xRange=(-0.5, len(rows) - 0.5), padding=0.02)
+        self.score_plot.enableAutoRange(y=True)
+        self._score_ticks()
+
+    def score_tick_lines(self) -> list[tuple[str, ...]]:
+        """Per bar, its label's lines, whole (the axis cuts them to fit): the grid point's values (their keys
+        are the axis label), the stage, and the task where the bars are not all of one task."""
+        several_tasks = len({c["task"] for _p, c in self.score_bars}) > 1
+        out = []
+        for p, c in self.score_bars:
+            values = p.get("values") or {}
+            point = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values.values()) or p["label"]
+            out.append((point, stage_tick(c["stage"]), *([c["task"] or ""] if several_tasks else [])))
+        return out
+
+    def _score_ticks(self) -> None:
+        """Tick labels of the bars, each line cut to the bar's share of the width (with room between
+        neighbours): labels such as "ft pubmedqa" and "prompt pubmedqa" never run into each other."""
+        if not self.score_bars:
+            return
+        axis = self.score_plot.getAxis("bottom")
+        vb = self.score_plot.getPlotItem().getViewBox()
+        (x0, x1), _ = vb.viewRange()
+        slot = vb.width() / max(x1 - x0, 1e-9) - 8  # pixels per bar (one x unit), less a gap
+        fm = QFontMetrics(self.follower.theme.font(TICK))
+        lines = self.score_tick_lines()
+        ticks = [(float(i), "\n".join(fm.elidedText(line, Qt.TextElideMode.ElideRight, max(int(slot), 12))
+                                      for line in bar))
+                 for i, bar in enumerate(lines)]
+        self.score_ticks = ticks
+        axis.setTicks([ticks])
+        axis.setHeight(max(len(bar) for bar in lines) * fm.lineSpacing() + 12)  # (pyqtgraph makes room for one)
 
     def _fill_table(self) -> None:
         rows = []

@@ -2,8 +2,9 @@
 
 pyqtgraph's exporters scale the item they are given and lock its aspect ratio, so an exact
 width × height is reached by laying the chart out again at that size: a hidden copy of the plot
-(same curves, pens, labels, view range, plus a legend) is sized, exported and dropped. Text then
-keeps its point size instead of being stretched with the pixels.
+(same curves, pens, labels, view range, plus a legend under the plot, where it covers no curve) is
+sized, exported and dropped. Text then keeps its point size instead of being stretched with the pixels;
+colours and sizes are the palette's and the font's, as on screen.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from PySide6.QtWidgets import (
     QSpinBox, QWidget,
 )
 
+from studio.widgets.chart_style import ChartTheme, compact_ticks, outside_legend, set_title, style_plot
+
 FORMATS = ("png", "svg")
 
 
@@ -26,32 +29,48 @@ def _axis_label(src: pg.PlotItem, side: str) -> tuple[str, str | None]:
     return axis.labelText or "", axis.labelUnits or None
 
 
+def _short(name: str | None, limit: int = 56) -> str | None:
+    """A legend entry cut in the middle, so a long run name keeps its start and its sparsity and id."""
+    if name is None or len(name) <= limit:
+        return name
+    return name[:limit - 25].rstrip() + "…" + name[-24:]
+
+
 def _copy(src: pg.PlotItem, width: int, height: int, legend: bool) -> pg.PlotWidget:
-    view = pg.PlotWidget(background="w")
+    theme = ChartTheme.of()
+    view = pg.PlotWidget(background=theme.background)
     view.setAttribute(Qt.WidgetAttribute.WA_DontShowOnScreen, True)
     view.setFrameShape(view.frameShape().NoFrame)
     view.resize(width, height)
     dst = view.getPlotItem()
-    dst.setTitle(src.titleLabel.text, size="11pt")
+    set_title(dst, src.titleLabel.text, theme)
     for side in ("bottom", "left"):
         text, units = _axis_label(src, side)
         dst.setLabel(side, text, units=units)
+        dst.getAxis(side).enableAutoSIPrefix(src.getAxis(side).autoSIPrefix)
+        if "tickStrings" in vars(src.getAxis(side)):  # the chart's short tick labels (chart_style.compact_ticks)
+            compact_ticks(dst.getAxis(side))
     dst.showGrid(x=True, y=True, alpha=0.25)
     log_x, log_y = src.getAxis("bottom").logMode, src.getAxis("left").logMode
     if legend:
-        dst.addLegend(offset=(-10, 10), labelTextSize="9pt")
+        outside_legend(dst, theme)
     for item in src.listDataItems():
         if not item.isVisible():
             continue
-        x, y = item.getOriginalDataset()
+        o = item.opts
+        if isinstance(item, pg.PlotDataItem):
+            x, y = item.getOriginalDataset()
+            marks = {k: o[k] for k in ("symbol", "symbolSize", "symbolPen", "symbolBrush")}
+        else:  # a plain line (Compare draws its curves so): no markers
+            x, y = item.getData()
+            marks = {}
         if x is None or y is None:
             continue
-        o = item.opts
-        dst.addItem(pg.PlotDataItem(x, y, pen=o["pen"], symbol=o["symbol"], symbolSize=o["symbolSize"],
-                                    symbolPen=o["symbolPen"], symbolBrush=o["symbolBrush"], name=item.name()))
+        dst.addItem(pg.PlotDataItem(x, y, pen=o["pen"], name=_short(item.name()), **marks))
     dst.setLogMode(x=log_x, y=log_y)
     dst.setDownsampling(auto=True, mode="peak")
     dst.setClipToView(True)
+    style_plot(dst, theme)
     (x0, x1), (y0, y1) = src.viewRange()
     dst.setRange(xRange=(x0, x1), yRange=(y0, y1), padding=0)
     view.show()
@@ -104,7 +123,7 @@ def _qt_svg(item: pg.PlotItem, path: Path, width: int, height: int) -> None:
     gen.setTitle(item.titleLabel.text or "chart")
     painter = QPainter(gen)
     try:
-        painter.fillRect(QRectF(0, 0, width, height), pg.mkColor("w"))
+        painter.fillRect(QRectF(0, 0, width, height), ChartTheme.of().background)
         item.scene().render(painter, QRectF(0, 0, width, height), item.sceneBoundingRect())
     finally:
         painter.end()

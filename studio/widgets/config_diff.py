@@ -1,17 +1,32 @@
-"""Config diff: every config key of the selected runs side by side, "differences only" by default."""
+"""Config diff: every config key of the selected runs side by side, "differences only" by default.
+
+Columns come in the order given (Compare's run order), headed by the name (elided) and short id; differing
+rows are tinted with a shade that reads on the palette's background, light or dark."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QBrush, QColor
+from PySide6.QtGui import QBrush, QColor, QPalette
 from PySide6.QtWidgets import QCheckBox, QLabel, QTableWidget, QTableWidgetItem, QWidget
 
 from studio.models.run_store import RunStore, config_diff
+from studio.widgets.chart_style import ThemeFollower, blend
 from studio.widgets.table_page import table_page
 
-DIFF_BRUSH = QBrush(QColor("#fff3c4"))
+DIFF_TINT = QColor("#ffc400")  # amber, mixed into the table's background: pale on white, dim on dark
+NAME_CHARS = 24  # a column header's name is cut to this (its tooltip has it whole)
+
+
+def diff_brush(palette: QPalette) -> QBrush:
+    return QBrush(blend(DIFF_TINT, palette.color(QPalette.ColorRole.Base), 0.25))
+
+
+def column_title(run: dict) -> str:
+    name = run.get("name") or ""
+    short = name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 1] + "…"
+    return f"{short} [{run['id'][:6]}]"
 
 
 def display_value(v: Any) -> str:
@@ -34,6 +49,8 @@ class ConfigDiffView(QWidget):
         self.info = QLabel()
         self.table = QTableWidget(objectName="config_diff")
         table_page(self, self.table, self.info, self.only_diff)
+        self.runs: list[dict] = []
+        self.follower = ThemeFollower(self, lambda _theme: self._fill())
         self.set_runs(list(run_ids))
 
     def set_runs(self, run_ids: list[str]) -> None:
@@ -50,7 +67,10 @@ class ConfigDiffView(QWidget):
         n_diff = sum(1 for *_x, differs in rows if differs) if not self.only_diff.isChecked() else len(rows)
         self.table.clear()
         self.table.setColumnCount(1 + len(self.runs))
-        self.table.setHorizontalHeaderLabels(["key"] + [f"{r.get('name') or ''} [{r['id'][:6]}]" for r in self.runs])
+        self.table.setHorizontalHeaderLabels(["key"] + [column_title(r) for r in self.runs])
+        for j, r in enumerate(self.runs):
+            self.table.horizontalHeaderItem(j + 1).setToolTip(f"{r.get('name') or ''} [{r['id']}]")
+        brush = diff_brush(self.table.palette())
         self.table.setRowCount(len(rows))
         for i, (key, values, differs) in enumerate(rows):
             k = QTableWidgetItem(key)
@@ -59,7 +79,7 @@ class ConfigDiffView(QWidget):
                 item = QTableWidgetItem(display_value(v))
                 item.setData(Qt.ItemDataRole.UserRole, v)
                 if differs:
-                    item.setBackground(DIFF_BRUSH)
+                    item.setBackground(brush)
                 self.table.setItem(i, j + 1, item)
             if differs:
                 f = k.font()

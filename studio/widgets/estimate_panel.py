@@ -9,11 +9,12 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import (
-    QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QCheckBox, QFormLayout, QGroupBox, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
 
 from studio.commands.estimate_runner import EstimateRunner
 from studio.models import formatting as fmt
+from studio.widgets.flow_layout import FlowLayout
 
 
 class EstimatePanel(QGroupBox):
@@ -37,6 +38,7 @@ class EstimatePanel(QGroupBox):
                            ("tokens", "Tokens"), ("memory", "Memory"), ("eta", "ETA")):
             lab = QLabel("–", objectName=f"estimate:{key}")
             lab.setTextInteractionFlags(lab.textInteractionFlags() | lab.textInteractionFlags().TextSelectableByMouse)
+            lab.setWordWrap(True)  # the side panel is narrow on a laptop: long values wrap, never clip
             self.labels[key] = lab
             form.addRow(title, lab)
         lay.addLayout(form)
@@ -44,7 +46,7 @@ class EstimatePanel(QGroupBox):
         self.status.setWordWrap(True)
         self.status.setStyleSheet("color: #666;")
         lay.addWidget(self.status)
-        row = QHBoxLayout()
+        row = FlowLayout()  # wraps in a narrow side panel
         self.button = QPushButton("Estimate", objectName="estimate")
         self.button.clicked.connect(self.estimate)
         self.probe = QSpinBox(objectName="probe_steps")
@@ -54,15 +56,16 @@ class EstimatePanel(QGroupBox):
         self.auto = QCheckBox("auto", objectName="estimate:auto")
         self.auto.setToolTip("Re-estimate a moment after each change")
         self.auto.setChecked(True)
+        self.auto.toggled.connect(lambda on: on or self.debounce.stop())  # off: no estimate is still pending
         row.addWidget(self.button)
         row.addWidget(QLabel("probe steps"))
         row.addWidget(self.probe)
         row.addWidget(self.auto)
-        row.addStretch(1)
         lay.addLayout(row)
 
     def config_changed(self, valid: bool) -> None:
         self.button.setEnabled(valid)
+        self._mark_stale(self.result is not None)  # numbers of an earlier configuration (another parent, say)
         if valid and self.auto.isChecked():
             self.debounce.start()
         elif not valid:
@@ -81,8 +84,15 @@ class EstimatePanel(QGroupBox):
         self.status.setText("Estimating… (timing a few steps)" if self.probe.value() else "Estimating…")
         self.runner.run(args)
 
+    def _mark_stale(self, stale: bool) -> None:
+        """Greyed while they describe an earlier configuration, until the new estimate arrives."""
+        for lab in self.labels.values():
+            lab.setEnabled(not stale)
+            lab.setToolTip("from an earlier configuration" if stale else "")
+
     def show_result(self, r: dict) -> None:
         self.result, self.error = r, None
+        self._mark_stale(False)
         p, f = r.get("params") or {}, r.get("flops") or {}
         total, nonzero = p.get("total"), p.get("nonzero")
         share = f" ({100 * nonzero / total:.0f} % nonzero)" if total and nonzero is not None else ""

@@ -1,7 +1,8 @@
 """One editor widget per config field, chosen from the field's type and UI hints in ``field_docs()``.
 
-Every editor exposes ``value()``/``set_value()``, a ``changed`` signal and ``set_error()``. Values the
-user typed that do not parse are passed on as text, so the engine's own validation names the problem.
+Every editor exposes ``value()``/``set_value()``, a ``changed`` signal, ``set_error()`` (the engine's
+refusal: Start waits) and ``set_warning()`` (pre-flight: shown, Start does not wait). Values the user typed
+that do not parse are passed on as text, so the engine's own validation names the problem.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from studio.models.config_form import PARENT_STATUSES, parent_label
 
 INT_LIMIT = 2**31 - 1
 ERROR_STYLE = "border: 1px solid #d9534f; background: #fff3f3;"
+WARNING_STYLE = "border: 1px solid #e0a800;"
+NOTE_COLORS = {"error": "#c9302c", "warning": "#a66d00"}  # the text under a field
 BUILTIN_CORPUS = "builtin:hpo"
+PARENT_MIN_CHARS = 24
 
 
 def tooltip(key: str, info: dict) -> str:
@@ -45,7 +49,6 @@ class FieldEditor(QObject):
         lay.addLayout(self.row)
         self.error_label = QLabel(self.container)
         self.error_label.setObjectName(f"error:{key}")
-        self.error_label.setStyleSheet("color: #c9302c; font-size: 11px;")
         self.error_label.setWordWrap(True)
         self.error_label.hide()
         lay.addWidget(self.error_label)
@@ -54,6 +57,7 @@ class FieldEditor(QObject):
         self.widget.setToolTip(tooltip(key, info))
         self.row.insertWidget(0, self.widget, 1)
         self.error: str | None = None
+        self.warning: str | None = None
 
     def _build(self) -> QWidget:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -66,9 +70,28 @@ class FieldEditor(QObject):
 
     def set_error(self, message: str | None) -> None:
         self.error = message
-        self.widget.setStyleSheet(ERROR_STYLE if message else "")
-        self.error_label.setText(message or "")
-        self.error_label.setVisible(bool(message))
+        self._show_note()
+
+    def set_warning(self, message: str | None) -> None:
+        self.warning = message
+        self._show_note()
+
+    def _show_note(self) -> None:
+        """The error if there is one, else the warning, under the field (one label, so the form's rows keep
+        their height)."""
+        kind = "error" if self.error else "warning" if self.warning else None
+        self.widget.setStyleSheet({"error": ERROR_STYLE, "warning": WARNING_STYLE}.get(kind, ""))
+        self.error_label.setStyleSheet(f"color: {NOTE_COLORS.get(kind, '#c9302c')}; font-size: 11px;")
+        self.error_label.setText(self.error or self.warning or "")
+        self.error_label.setVisible(kind is not None)
+
+    def set_applicable(self, on: bool) -> None:
+        """Greyed out where the rest of the configuration makes the field meaningless (a field with an error
+        stays editable: the user must be able to fix it)."""
+        on = on or bool(self.error)
+        self.widget.setEnabled(on)
+        for b in self.container.findChildren(QPushButton):
+            b.setEnabled(on)
 
 
 class PropertyEditor(FieldEditor):
@@ -247,6 +270,10 @@ class ParentEditor(FieldEditor):
         w = QComboBox()
         w.setEditable(True)
         w.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        # a run's label is long ("id — name (stage, …)"): the combo must not ask for the longest one's width
+        w.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        w.setMinimumContentsLength(PARENT_MIN_CHARS)
+        w.view().setTextElideMode(Qt.TextElideMode.ElideMiddle)
         w.lineEdit().setPlaceholderText("none")
         w.currentTextChanged.connect(self.changed)
         return w
@@ -260,7 +287,9 @@ class ParentEditor(FieldEditor):
         offered = [r for r in runs if r["stage"] in stages and r["status"] in PARENT_STATUSES]
         offered.sort(key=lambda r: stages.index(r["stage"]))  # stable: newest first within a stage
         for run in offered:
-            self.widget.addItem(parent_label(run), run["id"])
+            label = parent_label(run)
+            self.widget.addItem(label, run["id"])
+            self.widget.setItemData(self.widget.count() - 1, label, Qt.ItemDataRole.ToolTipRole)
         self.widget.blockSignals(False)
         self.set_value(current)
 

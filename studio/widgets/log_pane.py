@@ -1,14 +1,20 @@
 """The log pane: engine stderr, ``log``/``warning``/``error`` events and the engine.log tail of re-attached
-runs (read by ``studio.models.log_tail``)."""
+runs (read by ``studio.models.log_tail``). Text colours come from the palette (warnings and errors in a
+shade that reads on its background) and the monospace font follows the application's size; both are
+applied again, to every line, after a palette or font change."""
 from __future__ import annotations
 
 import html
 import time
 
-from PySide6.QtGui import QTextCursor
+from PySide6.QtGui import QFontDatabase, QTextCursor
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QPushButton, QTextEdit, QVBoxLayout, QWidget
 
-COLORS = {"stderr": "#555", "log": "#222", "warning": "#b8860b", "error": "#c9302c", "studio": "#1f77b4"}
+from studio.widgets.chart_style import ChartTheme, ThemeFollower
+
+# accents per kind, made readable on the palette's background; plain log lines take the palette's text
+# colour and stderr a muted one
+COLORS = {"warning": "#b8860b", "error": "#c9302c", "studio": "#1f77b4"}
 MAX_BLOCKS = 20000  # keep memory bounded on week-long runs
 
 
@@ -19,7 +25,7 @@ class LogPane(QWidget):
         self.view = QTextEdit(objectName="log")
         self.view.setReadOnly(True)
         self.view.document().setMaximumBlockCount(MAX_BLOCKS)
-        self.view.setStyleSheet("font-family: monospace; font-size: 11px;")
+        self.colors: dict[str, str] = {}
         self.filter = QLineEdit(placeholderText="filter log…")
         self.filter.textChanged.connect(self._refilter)
         self.show_stderr = QCheckBox("stderr", checked=True)
@@ -34,6 +40,15 @@ class LogPane(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addLayout(bar)
         lay.addWidget(self.view, 1)
+        self.follower = ThemeFollower(self, self._apply_theme)
+
+    def _apply_theme(self, theme: ChartTheme) -> None:
+        font = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
+        font.setPointSizeF(theme.points(0.95))
+        self.view.setFont(font)
+        self.colors = {"log": theme.text.name(), "stderr": theme.muted.name(),
+                       **{k: theme.readable(c).name() for k, c in COLORS.items()}}
+        self._refilter()
 
     def append(self, kind: str, text: str) -> None:
         self.lines.append((kind, text))
@@ -55,7 +70,7 @@ class LogPane(QWidget):
         return not f or f in text.lower()
 
     def _write(self, kind: str, text: str) -> None:
-        color = COLORS.get(kind, "#222")
+        color = self.colors.get(kind) or self.colors["log"]
         self.view.append(f"<span style='color:{color}; white-space: pre-wrap'>{html.escape(text)}</span>")
         self.view.moveCursor(QTextCursor.MoveOperation.End)
 

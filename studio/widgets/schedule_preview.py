@@ -15,6 +15,7 @@ from engine.core.config import RunConfig
 from engine.core.flops import flop_model_for_config
 from engine.core.registry import PRETRAIN
 from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
+from studio.widgets.chart_style import ChartTheme, ThemeFollower, compact_ticks, outside_legend, style_plot
 
 MAX_POINTS = 2000  # a long run is drawn on a coarser grid; the plan itself is per step
 GROUP_PENS = {"attention": "#3182bd", "mlp": "#e6550d"}
@@ -32,9 +33,9 @@ class SchedulePreview(QGroupBox):
         self.glw.setMinimumHeight(230)
         self.sparsity_plot = self.glw.addPlot(row=0, col=0)
         self.sparsity_plot.setLabel("left", "sparsity")
-        self.sparsity_plot.addLegend(offset=(-5, -5))  # bottom right: the curves rise toward the top
+        self.sparsity_plot.legend = outside_legend(self.sparsity_plot)  # under the plot: never over a curve
         self.sparsity_plot.setYRange(0, 1, padding=0.02)
-        self.total = self.sparsity_plot.plot(pen=pg.mkPen("#444", width=2), name="all")
+        self.total = self.sparsity_plot.plot(pen=pg.mkPen("#444", width=2), name="all")  # recoloured per theme
         self.groups = {g: self.sparsity_plot.plot(pen=pg.mkPen(c, width=1, style=pg.QtCore.Qt.PenStyle.DashLine),
                                                   name=g) for g, c in GROUP_PENS.items()}
         self.ticks = self.sparsity_plot.plot(pen=None, symbol="t1", symbolSize=6, symbolBrush="#31a354",
@@ -44,9 +45,20 @@ class SchedulePreview(QGroupBox):
         self.flops_plot.setLabel("bottom", "step")
         self.flops_plot.setXLink(self.sparsity_plot)
         self.flops = self.flops_plot.plot(pen=pg.mkPen("#d62728", width=1))
+        for plot in (self.sparsity_plot, self.flops_plot):
+            for side in ("left", "bottom"):
+                compact_ticks(plot.getAxis(side))  # '1.05G', not '1046898278.44'
         lay.addWidget(self.glw)
         lay.addWidget(self.note)
         self.plan: dict | None = None
+        self.follower = ThemeFollower(self, self._apply_theme)
+
+    def _apply_theme(self, theme: ChartTheme) -> None:
+        self.glw.setBackground(theme.background)
+        for plot in (self.sparsity_plot, self.flops_plot):
+            style_plot(plot, theme)
+        self.total.setPen(pg.mkPen(theme.text, width=2))
+        self.note.setStyleSheet(f"color: {theme.muted.name()};")
 
     def show_config(self, cfg: RunConfig | None) -> None:
         """Draw the plan of ``cfg`` (a pre-training config); hidden for other stages."""
@@ -68,6 +80,8 @@ class SchedulePreview(QGroupBox):
         self.ticks.setData(upd, np.asarray(self.plan["sparsity"])[upd.astype(int) - 1] if len(upd) else upd)
         fl = np.asarray(self.plan["flops_per_token"]) * tokens
         self.flops.setData(step, fl)  # every step: RigL's update steps are single-step spikes
+        # from zero: a static run's flat line would otherwise get a hair-thin range and ten-digit tick labels
+        self.flops_plot.setYRange(0, float(fl.max()) * 1.08 if len(fl) and fl.max() > 0 else 1, padding=0)
         total = float(fl.sum())
         self.note.setText(f"{sched.method}: {len(upd)} mask updates"
                           + (f" from step {int(upd[0])} to {int(upd[-1])}" if len(upd) else "")

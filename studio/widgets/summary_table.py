@@ -1,6 +1,7 @@
 """Summary table: one row per run — status, stage, parameters, sparsity, tokens, FLOPs spent vs
-dense-equivalent, wall time, best validation loss, task scores, parent. Sortable by the numbers
-(not their text); "Copy as CSV" puts the raw values on the clipboard."""
+dense-equivalent, wall time, best validation loss, task scores, parent. Rows come in the order given
+(Compare's run order) until a column header is clicked; then sorted by the numbers (not their text).
+"Copy as CSV" puts the raw values on the clipboard."""
 from __future__ import annotations
 
 import csv
@@ -19,6 +20,7 @@ from studio.models.run_store import RunStore
 from studio.widgets.table_page import table_page
 
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+NAME_CHARS = 32  # the Run column's widest, in average characters
 
 # (header, row key, formatter) — the CSV uses the row key as its column name and the raw value
 COLUMNS: tuple[tuple[str, str, Any], ...] = (
@@ -66,6 +68,9 @@ class SummaryTable(QWidget):
         self.proxy.setSortRole(SORT_ROLE)
         self.view = QTableView(objectName="summary_table")
         self.view.setModel(self.proxy)
+        # rows in the order given (the compare order) until the user sorts by a column; Qt would sort
+        # by the first column (the names, descending) as soon as sorting is enabled
+        self.view.horizontalHeader().setSortIndicator(-1, Qt.SortOrder.AscendingOrder)
         self.view.setSortingEnabled(True)
         self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.view.doubleClicked.connect(self._activated)
@@ -93,9 +98,15 @@ class SummaryTable(QWidget):
                 item.setData(r["id"], Qt.ItemDataRole.UserRole)
                 if isinstance(v, (int, float)):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                if key == "name":
+                    item.setToolTip(f"{v} [{r['id']}]")
                 items.append(item)
             self.model.appendRow(items)
         self.view.resizeColumnsToContents()
+        # a long run name is elided (its tooltip has it whole) instead of pushing every number off screen
+        limit = self.view.fontMetrics().averageCharWidth() * NAME_CHARS
+        if self.view.columnWidth(0) > limit:
+            self.view.setColumnWidth(0, limit)
         self.info.setText(f"{len(self.rows)} run{'s' if len(self.rows) != 1 else ''}")
 
     def csv_text(self) -> str:
