@@ -19,17 +19,19 @@ def register(sub, with_db) -> None:
 
 
 def cmd_train(args) -> int:
-    # torch loads with these (the other commands start without it)
-    from engine.train.group import is_follower
-    from engine.train.launch import run_plan
-    from engine.train.plan import RunRequest, prepare_run
+    from engine.train.request import RunRequest, in_group, is_follower, read_request
 
     request = RunRequest(config=args.config, overrides=tuple(args.set), resume=args.resume, runs_dir=args.runs_dir,
                          ignore_memory_check=args.ignore_memory_check)
     follower = is_follower()  # a worker of a user's `torchrun -m engine train`, not its rank 0
     db = RunDB(args.db) if follower else open_db(args)  # rank 0 alone notices crashed runs
     try:
-        plan = prepare_run(request, db)
+        read = read_request(request, db, check_status=not in_group())  # before torch loads: bad input answered at once
+        # torch loads with these (the other commands start without it)
+        from engine.train.launch import run_plan
+        from engine.train.plan import prepare_run
+
+        plan = prepare_run(request, db, read)
     except InputError:
         if follower:
             return EXIT_BAD_INPUT  # its rank 0 says it, once

@@ -50,22 +50,13 @@ from engine.core.events import EventWriter
 from engine.core.machine_checks import check_processes
 from engine.core.processes import pid_alive, process_start
 from engine.train.control import Control
+from engine.train.request import in_group, is_follower  # noqa: F401  (torch-free; re-exported)
 from engine.train.reporter import record_lost_run
 
 GROUP_DIR_ENV = "MEDISWIFT_GROUP_DIR"
 RDZV_WAIT_ENV = "MEDISWIFT_RDZV_WAIT_S"  # how long a node waits for a remote rendezvous host to answer
 RDZV_PROGRESS_S = 10.0  # a rendezvous that waits says so this often
 GROUP_PREFIX = "mediswift-group-"  # the launcher's temporary folder: mediswift-group-PID-START-XXXXXXXX
-
-
-def in_group() -> bool:
-    """This process is a worker that torchrun started (ours or a user's own ``torchrun -m engine``)."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def is_follower() -> bool:
-    """A worker of a group other than rank 0: rank 0 speaks for the run."""
-    return in_group() and os.environ.get("RANK") != "0"
 
 
 def world_size(cfg) -> int:

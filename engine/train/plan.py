@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from engine.core import registry
-from engine.core.config import RunConfig, from_dict, load_config, load_toml, parse_overrides
+from engine.core.config import RunConfig, from_dict
 from engine.core.errors import FileSystemError, InputError
-from engine.core.paths import default_runs_dir, list_presets, resolve_preset
+from engine.core.paths import default_runs_dir
 from engine.data.corpus import check_corpus_spec
 from engine.model.checkpoint import load_checkpoint
 from engine.model.runs import RunRef, check_parent, good_checkpoint
@@ -35,21 +35,12 @@ from engine.tasks.base import Encoder, ExampleLoader
 from engine.train.child import child_config
 from engine.core.machine_checks import available_memory
 from engine.train.estimate import StepShape, estimate
-from engine.train.group import check_group, in_group, world_size
+from engine.train.group import check_group, world_size
 from engine.train.identity import continues_import
 from engine.train.metrics import check_reporters
 from engine.train.precision import Precision, choose_precision
+from engine.train.request import ReadRequest, RunRequest, in_group, read_request
 from engine.train.runtime import resolve_device
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """What a user asks for: ``mediswift train CONFIG`` or ``--resume RUN_ID``."""
-    config: str | None = None          # CONFIG.toml, or a preset name
-    overrides: tuple[str, ...] = ()    # KEY=VALUE items, as given to --set
-    resume: str | None = None          # a run id (or a unique prefix)
-    runs_dir: str | None = None        # where run folders go (default: next to the database)
-    ignore_memory_check: bool = False
 
 
 @dataclass
@@ -82,28 +73,18 @@ class RunPlan:
     notes: tuple[str, ...] = ()          # said once the run exists (how a resume keeps its global batch)
 
 
-def prepare_run(request: RunRequest, db: RunDB) -> RunPlan:
+def prepare_run(request: RunRequest, db: RunDB, read: ReadRequest | None = None) -> RunPlan:
+    """``read``: what ``read_request`` already returned for this request (the CLI checks it before torch loads)."""
     worker = in_group()  # a process of a torchrun group a user started: its group is checked already
-    overrides = parse_overrides(list(request.overrides))
-    if request.resume and request.config:
-        raise InputError("give either CONFIG or --resume RUN_ID (a resumed run keeps its own config; adjust it with --set)",
-                         key="config")
-    explicit: set[str] = set(overrides)  # config keys the user gave (a child's model shape is its parent's otherwise)
+    read = read or read_request(request, db, check_status=not worker)
+    overrides, explicit = read.overrides, set(read.explicit)
     notes: tuple[str, ...] = ()
     resume = None
-    if request.resume:
-        cfg, resume, note = _resume(db, request.resume, overrides, check_status=not worker)
+    if read.row is not None:
+        cfg, resume, note = _resume(db, read.row, overrides)
         notes = (note,) if note else ()
     else:
-        if not request.config:
-            raise InputError("train needs a CONFIG.toml (or a preset name such as 'demo'), or --resume RUN_ID",
-                             key="config")
-        path = resolve_preset(request.config)
-        if not path.is_file():
-            raise InputError(f"config file not found: {request.config} (presets: {', '.join(list_presets())})",
-                             key="config", path=str(path))
-        cfg = load_config(path, overrides)
-        explicit |= {f"model.{k}" for k in load_toml(path).get("model", {})}
+        cfg = read.cfg
     spec = registry.stage(cfg.stage)
     parent, precision = check_inputs(cfg, db)
     if spec.takes_parent_shape or continues_import(cfg, parent):
@@ -148,16 +129,8 @@ def check_writable_folder(folder: Path) -> None:
     os.unlink(name)
 
 
-def _resume(db: RunDB, run_id: str, overrides: dict, check_status: bool) -> tuple[RunConfig, Resume, str | None]:
-    row = db.get_run(run_id)
-    if row is None:
-        raise InputError(f"cannot resume: unknown run {run_id}", key="resume")
-    # (a worker of a group reads the row after its rank 0 may have claimed it: the claim itself is the check)
-    if check_status and row["status"] in ("running", "paused"):
-        raise InputError(f"cannot resume run {row['id']}: it is still {row['status']} (pid {row['pid']})", key="resume")
-    if check_status and row["status"] == "completed" and not {"train.max_steps", "train.epochs"} & set(overrides):
-        more = "train.epochs" if row["config"].get("train", {}).get("epochs") else "train.max_steps"
-        raise InputError(f"run {row['id']} already completed; to train further add --set {more}=N", key="resume")
+def _resume(db: RunDB, row: dict, overrides: dict) -> tuple[RunConfig, Resume, str | None]:
+    """The stored config with ``overrides`` and the checkpoint to continue from (``row`` passed read_request)."""
     stored = from_dict(row["config"])
     cfg, note = keep_global_batch(stored, stored.replace(overrides), overrides)
     path = good_checkpoint(db, row["id"])
