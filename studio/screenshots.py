@@ -1,5 +1,9 @@
 """Regenerate the README screenshots: ``python -m studio.screenshots OUTDIR``.
 
+Every view is taken four times: at 1600x1000 in the light palette (``OUTDIR/NAME.png``, the README's),
+and at 1280x720 and 1600x1000 in light and dark (``OUTDIR/1280x720-light/NAME.png`` and so on), so a
+laptop's screen and a dark desktop are looked at whenever the screenshots are.
+
 Works offscreen. Uses a temporary database and launches real tiny runs itself: one that completes,
 one (a child of the first) caught mid-run for the live monitor and then stopped, a third at another
 sparsity (the three are compared at equal FLOPs), and, when the shared PubMedQA data is there, a dense
@@ -16,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 SIZE = (1600, 1000)
+LOOKS = [((1280, 720), "light"), ((1280, 720), "dark"), (SIZE, "dark"), (SIZE, "light")]  # the last stays on
 # the shared PubMedQA data (next to the checkout); without it the pipeline shots are skipped
 PUBMEDQA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pubmedqa/pqal_trainval.json"
 TASK_QUICK = {"task.train": str(PUBMEDQA), "task.fold": 0, "task.max_examples": 48, "train.max_steps": 24,
@@ -64,6 +69,23 @@ def pipeline_run(app, win, preset: str, values: dict):
     return view
 
 
+def dark_palette():
+    """A dark Fusion palette, as a dark desktop theme gives the application."""
+    from PySide6.QtGui import QColor, QPalette
+
+    pal = QPalette()
+    role, group = QPalette.ColorRole, QPalette.ColorGroup
+    for r, c in ((role.Window, "#2b2b2b"), (role.WindowText, "#e6e6e6"), (role.Base, "#1e1e1e"),
+                 (role.AlternateBase, "#2f2f2f"), (role.Text, "#e6e6e6"), (role.Button, "#353535"),
+                 (role.ButtonText, "#e6e6e6"), (role.Highlight, "#3d7bd9"), (role.HighlightedText, "#ffffff"),
+                 (role.ToolTipBase, "#353535"), (role.ToolTipText, "#e6e6e6"), (role.PlaceholderText, "#8a8a8a"),
+                 (role.Link, "#6fa8ff")):
+        pal.setColor(r, QColor(c))
+    for r in (role.WindowText, role.Text, role.ButtonText):
+        pal.setColor(group.Disabled, r, QColor("#7a7a7a"))
+    return pal
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -76,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from studio.views.main_window import KEEP, MainWindow
 
     app = QApplication.instance() or QApplication([])
+    app.setStyle("Fusion")  # the same widgets under both palettes
+    palettes = {"light": app.style().standardPalette(), "dark": dark_palette()}
     tmp = Path(tempfile.mkdtemp(prefix="mediswift-shots-"))
     win = MainWindow(tmp / "runs.db", tmp / "runs")
     win.close_policy = KEEP
@@ -85,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     shots = []
 
     def shoot(name: str) -> None:
-        settle(app)
-        path = out / name
-        win.grab().save(str(path))
-        shots.append(path)
-        print(path, flush=True)
+        for size, look in LOOKS:
+            app.setPalette(palettes[look])
+            win.resize(*size)
+            settle(app)
+            folder = out if (size, look) == (SIZE, "light") else out / f"{size[0]}x{size[1]}-{look}"
+            folder.mkdir(exist_ok=True)
+            image = win.grab()
+            image.save(str(folder / name))
+            shots.append(folder / name)
+            print(folder / name, f"{image.width()}x{image.height()}", flush=True)
 
     # 1. a run that completes
     for k, v in {**TINY, "name": "hpo-sparse75"}.items():

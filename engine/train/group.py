@@ -25,6 +25,7 @@ the Python API behind the ``torchrun`` command), and what the launching process 
 from __future__ import annotations
 
 import _thread
+import errno
 import ipaddress
 import logging
 import os
@@ -198,22 +199,27 @@ def _exchange(addr: str, port: int, data: bytes, timeout: float, half_close: boo
     silent then."""
     deadline = time.monotonic() + timeout
     with socket.create_connection((addr, port), timeout=timeout) as s:
-        s.sendall(data)
-        if half_close:
-            s.shutdown(socket.SHUT_WR)  # a line-based server waits for the end of a line: give it the end of input
         reply = b""
-        while len(reply) < 512:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return reply, True
-            s.settimeout(left)
-            try:
-                chunk = s.recv(512)
-            except socket.timeout:
-                return reply, True
-            if not chunk:
-                break
-            reply += chunk
+        try:
+            s.sendall(data)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)  # a line-based server waits for the end of a line: give it the end of input
+            while len(reply) < 512:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return reply, True
+                s.settimeout(left)
+                try:
+                    chunk = s.recv(512)
+                except socket.timeout:
+                    return reply, True
+                if not chunk:
+                    break
+                reply += chunk
+        except OSError as e:
+            # connected, then the server closed or reset before (or while) we spoke: what it said so far
+            if not isinstance(e, ConnectionError) and e.errno != errno.ENOTCONN:
+                raise
         return reply, False
 
 
