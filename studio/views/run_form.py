@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QComboBox, QFileDialog, QFormLayout, QFrame, QGroupBox, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
     QScrollArea, QSplitter, QToolButton, QVBoxLayout, QWidget,
@@ -85,7 +86,7 @@ class RunForm(QWidget):
             b.clicked.connect(slot)
             top.addWidget(b)
         self.base_label = ElidedLabel(objectName="base", mode=Qt.TextElideMode.ElideMiddle)
-        self.base_label.setStyleSheet("color: #666;")
+        self.base_label.setForegroundRole(QPalette.ColorRole.PlaceholderText)  # follows a dark palette
         top.addWidget(self.base_label)
         # why the last Start did not start (the engine refused the run before creating it)
         self.launch_banner = QLabel(objectName="launch_error")

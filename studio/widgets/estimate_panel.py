@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from PySide6.QtCore import QTimer
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QCheckBox, QFormLayout, QGroupBox, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )
@@ -44,7 +45,7 @@ class EstimatePanel(QGroupBox):
         lay.addLayout(form)
         self.status = QLabel("", objectName="estimate:status")
         self.status.setWordWrap(True)
-        self.status.setStyleSheet("color: #666;")
+        self.status.setForegroundRole(QPalette.ColorRole.PlaceholderText)  # follows a dark palette
         lay.addWidget(self.status)
         row = FlowLayout()  # wraps in a narrow side panel
         self.button = QPushButton("Estimate", objectName="estimate")

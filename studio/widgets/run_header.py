@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from studio.models.labels import STATUS_COLORS
@@ -22,6 +23,7 @@ BUTTONS = (
     ("restart", "Resume from checkpoint", "Continue a stopped or crashed run from its last checkpoint"),
 )
 PROGRESS_WIDTH = 220
+MUTED = QPalette.ColorRole.PlaceholderText  # secondary text in the palette's own grey (light or dark)
 
 
 class RunHeader(QWidget):
@@ -30,7 +32,7 @@ class RunHeader(QWidget):
         self.name_label = ElidedLabel("Starting…", objectName="run_name")
         self.name_label.setStyleSheet("font-size: 16px; font-weight: 600;")
         self.id_label = QLabel("", objectName="run_id")
-        self.id_label.setStyleSheet("color: #888;")
+        self.id_label.setForegroundRole(MUTED)
         self.id_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status_word = QLabel("", objectName="run_status_word")
         self.status_label = ElidedLabel("", objectName="run_status")  # the detail: step, speed, loss, pid
@@ -40,10 +42,12 @@ class RunHeader(QWidget):
         self.eta_label = QLabel("", objectName="eta")
         # the precision the run trains in (and the CPU features it was chosen from, in the tooltip)
         self.precision_label = QLabel("", objectName="precision")
-        self.precision_label.setStyleSheet("color: #555; padding: 0 6px;")
+        self.precision_label.setStyleSheet("padding: 0 6px;")
+        self.precision_label.setForegroundRole(MUTED)
         # a run on several processes: world size, strategy, throughput per rank
         self.world_label = QLabel("", objectName="world")
-        self.world_label.setStyleSheet("color: #555; padding: 0 6px;")
+        self.world_label.setStyleSheet("padding: 0 6px;")
+        self.world_label.setForegroundRole(MUTED)
         self.buttons: dict[str, QPushButton] = {}
 
         title = QHBoxLayout()
