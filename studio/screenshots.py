@@ -202,6 +202,34 @@ def main(argv: list[str] | None = None) -> int:
     view.monitor.redraw(force=True)
     shoot("past_run.png")
 
+    # 6. a sweep from the studio: the New sweep dialog planning a grid at equal FLOPs, then the queue
+    # holding its entries (paused first, so nothing trains here)
+    from studio.views.sweep_dialog import SweepDialog
+
+    win.tabs.setCurrentWidget(win.queue)
+    if not win.store.queue_state()["paused"]:
+        win.queue.toggle_pause()
+    dlg = SweepDialog(win.store, win.commands, tmp / "runs", win)
+    dlg.config.setCurrentText("demo")
+    dlg.sets.setPlainText("\n".join(f"{k}={v}" for k, v in TINY.items() if not k.startswith("sparsity.")))
+    dlg.set_grid([("sparsity.level", "0.5, 0.75, 0.9"), ("train.lr", "0.001, 0.003")])
+    dlg.equal.setChecked(True)
+    dlg.budget.setText("5e10")
+    dlg.replan()
+    dlg.show()
+    for size, look in LOOKS:
+        app.setPalette(palettes[look])
+        settle(app)
+        folder = out if (size, look) == (SIZE, "light") else out / f"{size[0]}x{size[1]}-{look}"
+        dlg.grab().save(str(folder / "sweep_dialog.png"))
+        shots.append(folder / "sweep_dialog.png")
+    print(out / "sweep_dialog.png", flush=True)
+    if dlg.queue() is not None:
+        win.queue.refresh()
+        shoot("queue.png")
+    else:
+        print(f"the sweep was not queued: {dlg.error}", flush=True)
+
     win.close()
     print(f"{len(shots)} screenshots in {out} (database {tmp / 'runs.db'})")
     return 0
