@@ -85,7 +85,7 @@ def test_an_imported_model_fine_tunes_directly(exported, imported):
 @pytest.mark.quick
 @pytest.mark.parametrize("files,expect", [
     ({}, "has no config.json"),
-    ({"config.json": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}}, "unsupported architecture"),
+    ({"config.json": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}}, "unsupported architecture"),
     ({"config.json": {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}}, "has no weights"),
 ])
 def test_unsupported_or_incomplete_folders_exit_2_with_one_line(tmp_path, capsys, files, expect):

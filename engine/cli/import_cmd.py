@@ -18,7 +18,7 @@ def cmd_import_hf(args) -> int:
     if args.json:
         sys.stdout.write(json.dumps(report) + "\n")
         return 0
-    print(f"imported {report['from']} as run {report['run_id']} ({report['name']}): {report['n_layer']} layers, width "
+    print(f"imported {report['from']} as run {report['run_id']} ({report['name']}): {report['family']}, {report['n_layer']} layers, width "
           f"{report['d_model']}, {report['n_head']} heads, {report['n_positions']} positions, vocabulary "
           f"{report['vocab_size']}, {report['params']:,} parameters")
     print(f"start from it with parent = \"{report['run_id']}\": sparse continued pre-training (stage pretrain), "
@@ -27,7 +27,7 @@ def cmd_import_hf(args) -> int:
 
 
 def register(sub, common) -> None:
-    i = common(sub.add_parser("import-hf", help="register a local Hugging Face GPT-2 model folder as a run to start from"))
+    i = common(sub.add_parser("import-hf", help="register a local Hugging Face model folder (gpt2, llama, qwen2) as a run to start from"))
     i.add_argument("dir", metavar="DIR", help="folder with config.json, model.safetensors (or pytorch_model.bin) and "
                    "tokenizer.json (or vocab.json + merges.txt)")
     i.add_argument("--name", help="the run's name (default: the folder's name)")

@@ -58,6 +58,21 @@ def nonzero_counts(shapes: dict[str, tuple[int, int]], level: float, distributio
     return {n: s[0] * s[1] - int(round((1.0 - dens[n]) * s[0] * s[1])) for n, s in shapes.items()}
 
 
+def layer_shapes(m) -> dict[str, tuple[int, int]]:
+    """(out, in) of every masked matrix of a model of config ``m`` (engine.core.config.ModelConfig), any
+    family, by the names ``GPT.sparse_layers()`` gives: grouped-query attention's k and v are n_kv_head
+    heads wide, SwiGLU has three matrices (gate, up, down) where GELU's MLP has two (fc, proj)."""
+    if m.family == "gpt2":
+        return gpt_layer_shapes(m.n_layer, m.d_model)
+    d, ff, kv = m.d_model, m.inner, m.kv_heads * (m.d_model // m.n_head)
+    out = {}
+    for i in range(m.n_layer):
+        b = f"blocks.{i}."
+        out.update({b + "attn.q": (d, d), b + "attn.k": (kv, d), b + "attn.v": (kv, d), b + "attn.out": (d, d),
+                    b + "mlp.gate": (ff, d), b + "mlp.up": (ff, d), b + "mlp.down": (d, ff)})
+    return out
+
+
 def gpt_layer_shapes(n_layer: int, d_model: int) -> dict[str, tuple[int, int]]:
     """(out, in) of every masked matrix of our GPT, by the names ``GPT.sparse_layers()`` gives."""
     out = {}

@@ -1,9 +1,9 @@
 """Training FLOPs of a built model: the formula (engine.core.flops) with the model's actual masks."""
 from __future__ import annotations
 
-from engine.core.flops import FlopModel, flop_model_for_config, sparse_numel_for
+from engine.core.flops import FlopModel, flop_model_for_config, flop_model_for_model, sparse_numel_for
 
-__all__ = ["FlopModel", "flop_model_for", "flop_model_for_config", "sparse_numel_for"]
+__all__ = ["FlopModel", "flop_model_for", "flop_model_for_config", "flop_model_for_model", "sparse_numel_for"]
 
 
 def flop_model_for(model, n_ctx: int | None = None) -> FlopModel:

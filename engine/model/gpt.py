@@ -1,9 +1,12 @@
-"""GPT-2/3 style decoder, readable top to bottom.
+"""The decoder of every model family, readable top to bottom.
 
-Pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output embeddings, init std 0.02 with
-residual projections scaled by 1/sqrt(2 * n_layer), attention through scaled_dot_product_attention.
-The attention q/k/v/output and both MLP matrices are SparseLinear: they may carry a static mask
-(sparse pre-training) or none (dense fine-tuning). Embeddings, norms, biases and the LM head are dense.
+GPT-2/3 style by default: pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output
+embeddings, init std 0.02 with residual projections scaled by 1/sqrt(2 * n_layer), attention through
+scaled_dot_product_attention. The llama family swaps in named variations (engine.model.family):
+RMSNorm, rotary positions, a SwiGLU MLP, grouped-query attention (fewer key/value heads, each serving
+n_head / n_kv_head query heads), q/k/v biases (qwen2) and an untied head.
+Every attention and MLP matrix is SparseLinear: it may carry a static mask (sparse pre-training) or
+none (dense fine-tuning). Embeddings, norms, biases and the LM head are dense.
 Greedy generation runs the same blocks with a key/value cache (``hidden(idx, cache=KVCache(n_layer))``).
 """
 from __future__ import annotations
@@ -15,7 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.core.config import ModelConfig
+from engine.model.family import Variations, variations
 from engine.model.head_loss import lm_head_loss
+from engine.model.rms_norm import RMSNorm
+from engine.model.rotary import rotary_angles, rotate
 from engine.model.sparse_linear import SparseGroup, SparseLinear
 
 
@@ -51,15 +57,24 @@ class KVCache:
         return self.blocks[0].positions if self.blocks else 0
 
 
+def make_norm(cfg: ModelConfig, var: Variations) -> nn.Module:
+    if var.norm == "rms":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=var.bias)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, var: Variations):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.n_kv = cfg.n_head, cfg.kv_heads
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.rotary_theta = cfg.rope_theta if var.positions == "rotary" else None
         self.dropout = cfg.dropout
-        self.q = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.k = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.v = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.out = SparseLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        kv_width = self.n_kv * self.head_dim  # narrower than d_model under grouped-query attention
+        self.q = SparseLinear(cfg.d_model, cfg.d_model, bias=var.qkv_bias)
+        self.k = SparseLinear(cfg.d_model, kv_width, bias=var.qkv_bias)
+        self.v = SparseLinear(cfg.d_model, kv_width, bias=var.qkv_bias)
+        self.out = SparseLinear(cfg.d_model, cfg.d_model, bias=var.bias)
         self.out.residual = True
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.qkv = SparseGroup()  # q, k, v in one product on the sparse core
@@ -68,16 +83,25 @@ class CausalSelfAttention(nn.Module):
         """Causal self-attention over x [B, T, C]; with ``cache``, x holds the positions after the cached
         ones, which it attends to as well (and the cache takes x's keys and values)."""
         B, T, C = x.shape
-        h = self.n_head
-        q, k, v = (t.view(B, T, h, C // h).transpose(1, 2) for t in self.qkv((self.q, self.k, self.v), x))  # [B, h, T, C/h]
+        hd = self.head_dim
+        q, k, v = self.qkv((self.q, self.k, self.v), x)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)     # [B, h, T, hd]
+        k = k.view(B, T, self.n_kv, hd).transpose(1, 2)       # [B, kv, T, hd]
+        v = v.view(B, T, self.n_kv, hd).transpose(1, 2)
+        past = cache.positions if cache is not None else 0
+        if self.rotary_theta is not None:
+            cos, sin = rotary_angles(torch.arange(past, past + T, device=x.device), hd, self.rotary_theta)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         causal, mask = True, None
         if cache is not None:
-            past = cache.positions
-            k, v = cache.extend(k, v)                          # [B, h, past+T, C/h]
+            k, v = cache.extend(k, v)                          # [B, kv, past+T, hd]
             if past:
                 # position past+i sees every cached position and the new ones up to itself
                 causal = False
                 mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # [T, past+T]
+        if self.n_kv != self.n_head:  # key/value head j serves query heads j*g .. j*g+g-1
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # [B, h, past+T, hd]
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # [B, h, T, C/h]
         y = y.transpose(1, 2).contiguous().view(B, T, C)      # [B, T, C]
@@ -85,10 +109,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, var: Variations):
         super().__init__()
-        self.fc = SparseLinear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.proj = SparseLinear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.fc = SparseLinear(cfg.d_model, cfg.inner, bias=var.bias)
+        self.proj = SparseLinear(cfg.inner, cfg.d_model, bias=var.bias)
         self.proj.residual = True
         self.drop = nn.Dropout(cfg.dropout)
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"  # original GPT-2: tanh
@@ -98,13 +122,30 @@ class MLP(nn.Module):
         return self.drop(self.proj(x))  # [B, T, 4C] -> [B, T, C]
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class SwiGLU(nn.Module):
+    """The llama family's MLP: down(silu(gate(x)) * up(x)), three matrices where GELU's MLP has two."""
+
+    def __init__(self, cfg: ModelConfig, var: Variations):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.gate = SparseLinear(cfg.d_model, cfg.inner, bias=var.bias)
+        self.up = SparseLinear(cfg.d_model, cfg.inner, bias=var.bias)
+        self.down = SparseLinear(cfg.inner, cfg.d_model, bias=var.bias)
+        self.down.residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pair = SparseGroup()  # gate and up in one product on the sparse core
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.pair((self.gate, self.up), x)         # [B, T, F] each
+        return self.drop(self.down(F.silu(gate) * up))        # [B, T, F] -> [B, T, C]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, var: Variations):
+        super().__init__()
+        self.ln1 = make_norm(cfg, var)
+        self.attn = CausalSelfAttention(cfg, var)
+        self.ln2 = make_norm(cfg, var)
+        self.mlp = SwiGLU(cfg, var) if var.mlp == "swiglu" else MLP(cfg, var)
 
     def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache)                # [B, T, C]
@@ -116,13 +157,16 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        var = variations(cfg)
+        # the modules are made in the same order for every family: gpt2's random init draws stay as they were
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model) if var.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.blocks = nn.ModuleList(Block(cfg, var) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg, var)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied embeddings
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -146,6 +190,8 @@ class GPT(nn.Module):
         end = start + tok.shape[1]
         if end > self.cfg.max_positions:
             raise ValueError(f"sequence of {end} tokens exceeds the model's maximum context {self.cfg.max_positions}")
+        if self.wpe is None:  # rotary positions enter in attention
+            return self.drop(tok)
         pos = torch.arange(start, end, device=idx.device)
         return self.drop(tok + self.wpe(pos))                  # [B, T, C]
 

@@ -37,7 +37,7 @@ from engine.core import registry
 from engine.core.config import (MAX_NAME, RunConfig, config_from, load_config, load_toml, name_problem,
                                 parse_overrides, parse_value, safe_name)
 from engine.core.errors import InputError
-from engine.core.flops import flop_model_for_config
+from engine.core.flops import flop_model_for_model
 from engine.core.machine_checks import check_processes, gpu_count
 from engine.core.paths import default_runs_dir, list_presets, resolve_preset
 from engine.orchestrate.queue import Queue, absolute_sets, check_parallel
@@ -198,13 +198,13 @@ def run_flops(cfg: RunConfig, steps: int, vocab_size: int | None = None) -> floa
     vocab = vocab_size or cfg.tokenizer.vocab_size
     tokens = tc.batch_size * tc.grad_accum * m.n_ctx * tc.nproc * tc.nnodes
     if cfg.sparsity.method == "static":
-        fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, cfg.sparsity.level)
+        fm = flop_model_for_model(m, vocab, cfg.sparsity.level)
         return steps * tokens * fm.train_per_token(True)
-    from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned_flops_per_token
+    from engine.core.sparsity_schedule import Schedule, layer_shapes, planned_flops_per_token
 
     c = cfg.with_values({"train.max_steps": steps})  # validated; the schedule's default end_step follows it
-    return tokens * planned_flops_per_token(Schedule.from_config(c), gpt_layer_shapes(m.n_layer, m.d_model), steps,
-                                            flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
+    return tokens * planned_flops_per_token(Schedule.from_config(c), layer_shapes(m), steps,
+                                            flop_model_for_model(m, vocab, 0.0))
 
 
 def equalize(p: Point, budget: float, vocab_size: int | None = None) -> None:

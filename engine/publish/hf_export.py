@@ -6,6 +6,9 @@ transpose of nn.Linear) and fuses q, k, v into one ``c_attn``. Our MLP uses the 
 is transformers' ``"gelu"``; ``"gelu_new"`` (tanh) would drift by ~1e-3 in the logits. Sparse weights are
 written as dense tensors holding their zeros: transformers has no sparse format, and the card says so.
 
+The llama family (llama, qwen2) goes to ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``, whose layout is ours
+up to names (engine.publish.hf_llama).
+
 transformers itself is not needed to export (config.json is written by hand); ``verify_export`` uses it
 when installed.
 """
@@ -26,6 +29,7 @@ from engine.core import registry
 from engine.core.config import RunConfig, from_dict
 from engine.core.errors import InputError
 from engine.store.queries import lineage, summary_row
+from engine.publish import hf_llama
 from engine.publish.run_export import check_target, file_kind, write_atomic
 from engine.store.rundb import PROMPT_ARTIFACT, RunDB
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
@@ -56,14 +60,20 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)
 
 
-def gpt2_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict | None = None
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Our state dict -> GPT-2's tensor names and layout; also the names we could not place."""
+def _masked_cpu(state: dict[str, torch.Tensor], masks: dict | None) -> dict[str, torch.Tensor]:
+    """The GPT's tensors on the CPU, masked weights multiplied by their masks (zero already; enforced for the export)."""
     src = {k: v.detach().to("cpu") for k, v in _strip_prefix(state).items()}
-    for name, mask in (masks or {}).items():  # masked weights are zero already; enforce it for the export
+    for name, mask in (masks or {}).items():
         key = f"{name}.weight"
         if key in src:
             src[key] = src[key] * mask.to(src[key].dtype)
+    return src
+
+
+def gpt2_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our state dict -> GPT-2's tensor names and layout; also the names we could not place."""
+    src = _masked_cpu(state, masks)
     d = cfg.model.d_model
     used: set[str] = set()
 
@@ -102,6 +112,21 @@ def gpt2_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict 
         used.add("lm_head.weight")  # tied: GPT-2 re-ties it on load, so it is not stored twice
     out = {k: v.contiguous() for k, v in out.items()}
     return out, sorted(set(src) - used)
+
+
+def llama_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict | None = None
+                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our state dict -> transformers' llama/qwen2 names; also the names we could not place."""
+    src = _masked_cpu(state, masks)
+    m = cfg.model
+    out = hf_llama.to_theirs(src, m.n_layer, m.family, m.tie_embeddings)
+    used = hf_llama.our_names(m.n_layer, m.family, m.tie_embeddings) | {"lm_head.weight"}  # a tied head: the same tensor
+    return out, sorted(set(src) - used)
+
+
+def hf_class(cfg: RunConfig) -> str:
+    """The transformers class an export of this config loads in."""
+    return hf_llama.ARCHITECTURES.get(cfg.model.family, "GPT2LMHeadModel")
 
 
 def gpt2_config(cfg: RunConfig, vocab_size: int, eot: int, pad: int) -> dict:
@@ -219,10 +244,15 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
         raise InputError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint {vocab_size}")
     eot, pad = special_ids(tok)
 
-    tensors, skipped = gpt2_state_dict(ck["model"], cfg, ck.get("masks"))
+    if cfg.model.family == "gpt2":
+        tensors, skipped = gpt2_state_dict(ck["model"], cfg, ck.get("masks"))
+        hf_cfg = gpt2_config(cfg, vocab_size, eot, pad)
+    else:
+        tensors, skipped = llama_state_dict(ck["model"], cfg, ck.get("masks"))
+        hf_cfg = hf_llama.hf_config(cfg.model, vocab_size, eot, pad)
     out.mkdir(parents=True, exist_ok=True)
     _place(out, "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _write_json(out / "config.json", gpt2_config(cfg, vocab_size, eot, pad))
+    _write_json(out / "config.json", hf_cfg)
     _write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": pad})
     _place(out, TOKENIZER_FILE, lambda tmp: shutil.copyfile(tok_path, tmp))
     _write_json(out / "tokenizer_config.json", {
@@ -334,7 +364,8 @@ def _exported_sparsity(tensors: dict[str, torch.Tensor]) -> dict:
     """Zeros in the exported attention and MLP matrices, counted from the tensors written."""
     zeros = total = 0
     for k, t in tensors.items():
-        if k.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight")):
+        if k.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight")) or (
+                k.endswith("_proj.weight") and (".self_attn." in k or ".mlp." in k)):
             zeros += int((t == 0).sum())
             total += t.numel()
     all_params = sum(t.numel() for t in tensors.values())
@@ -407,20 +438,29 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
     and not exported; without it, the head in ``ck`` if any."""
     chain = lineage(db, model_run["id"]) + ([run] if run is not model_run else [])
     m = cfg.model
+    cls = hf_class(cfg)
     title = run.get("name") or run["id"]
     meta = card_metadata(db, run, chain, title, options or {})
+    if m.family == "gpt2":
+        style = "A GPT-2-style"
+        shape = "- pre-LayerNorm blocks, learned positions, exact (erf) GELU (`activation_function: gelu`), tied input/output embeddings"
+    else:
+        style = f"A {m.family}-family"
+        shape = (f"- pre-RMSNorm blocks, rotary positions (theta {m.rope_theta:g}), SwiGLU MLP of width {m.inner}, "
+                 f"{m.kv_heads} key-value heads, {'q/k/v biases, ' if m.family == 'qwen2' else ''}"
+                 f"{'tied' if m.tie_embeddings else 'untied'} input/output embeddings")
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags: [gpt2, mediswift, sparse-pretraining, biomedical]",
+        f"tags: [{m.family}, mediswift, sparse-pretraining, biomedical]",
         # JSON is YAML's flow style: each value quoted exactly, whatever its characters
         *(f"{k}: {json.dumps(v)}" for k, v in meta.items()),
         "---",
         "",
         f"# {title} ({run['id']})",
         "",
-        f"A GPT-2-style causal language model trained with MediSwift Studio {__version__} "
+        f"{style} causal language model trained with MediSwift Studio {__version__} "
         f"(stage **{run['stage']}**, status {run['status']}). Exported from checkpoint step {ck.get('step')} "
         f"of run `{model_run['id']}`.",
         "",
@@ -429,7 +469,7 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
         f"- {m.n_layer} layer{'s' if m.n_layer != 1 else ''}, width {m.d_model}, {m.n_head} heads, context {m.max_positions} tokens, "
         f"vocabulary {ck.get('vocab_size')} (byte-level BPE with `{EOT}` and `{PAD}`)",
         f"- {sparsity['params_total']:,} parameters, {sparsity['params_nonzero']:,} nonzero",
-        "- pre-LayerNorm blocks, learned positions, exact (erf) GELU (`activation_function: gelu`), tied input/output embeddings",
+        shape,
         "",
         "## Sparsity",
         "",
@@ -489,9 +529,9 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
         lines.append("No evaluations recorded.")
     lines += [
         "", "## Use", "", "```python",
-        "from transformers import AutoTokenizer, GPT2LMHeadModel",
+        f"from transformers import AutoTokenizer, {cls}",
         "tok = AutoTokenizer.from_pretrained(\"PATH\")",
-        "model = GPT2LMHeadModel.from_pretrained(\"PATH\")",
+        f"model = {cls}.from_pretrained(\"PATH\")",
         "ids = tok(\"Abnormality of the\", return_tensors=\"pt\").input_ids",
         "print(tok.decode(model.generate(ids, max_new_tokens=20)[0]))",
         "```",
@@ -506,20 +546,20 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
             "The model weights above are those of the parent run. Put the prompt in front of the token embeddings:",
             "", "```python", "from safetensors.torch import load_file",
             f"prompt = load_file(\"PATH/{prompt_info['file']}\")[\"prompt_embeddings\"]",
-            "emb = model.transformer.wte(ids)                       # [1, T, d]",
+            "emb = model.get_input_embeddings()(ids)                # [1, T, d]",
             "x = torch.cat([prompt[None].to(emb.dtype), emb], 1)    # [1, P+T, d]",
             "logits = model(inputs_embeds=x).logits[:, prompt.shape[0]:]",
             "```",
             "", "Positions count the prompt tokens too (prompt at positions 0..P-1), as in training.",
             "", f"The same prompt as a PEFT prompt-tuning adapter is in `{ADAPTER_DIR}/`:",
             "", "```python", "from peft import PeftModel",
-            f"model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(\"PATH\"), \"PATH/{ADAPTER_DIR}\")",
+            f"model = PeftModel.from_pretrained({cls}.from_pretrained(\"PATH\"), \"PATH/{ADAPTER_DIR}\")",
             "logits = model(input_ids=ids).logits[:, model.peft_config['default'].num_virtual_tokens:]",
             "```",
         ]
     if skipped:
         lines += ["", "## Not exported", "",
-                  "These checkpoint tensors have no place in GPT2LMHeadModel (e.g. a classification head): "
+                  f"These checkpoint tensors have no place in {cls} (e.g. a classification head): "
                   + ", ".join(f"`{k}`" for k in skipped)]
     if head is None and ck.get("head") and run["stage"] != registry.PROMPT:
         head = (cfg, ck["head"], int(ck.get("step") or 0))
@@ -619,7 +659,7 @@ def head_section(cfg: RunConfig, state: dict, prompt_run: bool = False, step: in
 @torch.no_grad()
 def verify_export(db: RunDB, run_id: str, out_dir: str | Path, text: str = "Abnormality of the heart.") -> dict:
     """Load the export with transformers (offline) and compare logits and tokenization with the engine."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.model.gpt import GPT
     from engine.model.sparsity import load_masks
@@ -633,7 +673,7 @@ def verify_export(db: RunDB, run_id: str, out_dir: str | Path, text: str = "Abno
     ours.eval()
     tok = load_tokenizer(tok_path)
     hf_tok = AutoTokenizer.from_pretrained(str(out_dir))
-    hf = GPT2LMHeadModel.from_pretrained(str(out_dir)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()  # the class config.json names
     ids = tok.encode(text).ids[: cfg.model.max_positions]
     hf_ids = hf_tok(text)["input_ids"][: cfg.model.max_positions]
     x = torch.tensor([ids])

@@ -1,4 +1,4 @@
-"""What ``import-hf`` checks in a Hugging Face GPT-2 folder before it allocates anything.
+"""What ``import-hf`` checks in a Hugging Face model folder (gpt2, llama, qwen2) before it allocates anything.
 
 ``check_folder`` reads only small things: ``config.json`` (size- and depth-limited JSON, the type and
 range of every field the import uses), the safetensors headers (every tensor's name, dtype and shape
@@ -16,6 +16,7 @@ Hugging Face hub cache (``.../snapshots/REV/``), whose files are links into the 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,8 +34,10 @@ from engine.core.errors import InputError
 from engine.core.machine_checks import available_memory
 from engine.core.registry import PRETRAIN
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE
+from engine.publish import hf_llama
 
-SUPPORTED = "GPT-2-architecture models (config.json model_type 'gpt2', GPT2LMHeadModel)"
+SUPPORTED = ("the model families gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) and qwen2 (Qwen2ForCausalLM) "
+             "(config.json model_type 'gpt2', 'llama' or 'qwen2')")
 
 CONFIG_LIMIT = 1 << 20            # config.json: GPT-2's is 1 KB
 INDEX_LIMIT = 16 << 20            # model.safetensors.index.json
@@ -51,7 +54,8 @@ ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # tensors some GPT-2 files carry and the import does not use: the causal-mask buffers of older
 # transformers and the LM head (tied to wte)
-_BUFFER = re.compile(r"h\.(\d+)\.attn\.(bias|masked_bias)")
+# (and the rotary tables older llama files hold)
+_BUFFER = re.compile(r"h\.(\d+)\.attn\.(?:bias|masked_bias)|model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq")
 _MISSING = object()
 
 
@@ -183,7 +187,7 @@ def _json(data: bytes, shown: Path, what: str):
 def _int(cfg: dict, key: str, bounds: tuple[int, int], f: Path, default=_MISSING) -> int:
     v = cfg.get(key, default)
     if v is _MISSING:
-        raise _fail(f, f"lacks {key}, which a GPT-2 config gives")
+        raise _fail(f, f"lacks {key}, which the model's config must give")
     if isinstance(v, bool) or not isinstance(v, int):
         raise _fail(f, f"{key} must be an integer, got {_val(v)}")
     lo, hi = bounds
@@ -214,6 +218,8 @@ def check_config(folder: Path) -> tuple[dict, Path]:
     if not isinstance(cfg, dict):
         raise _fail(f, f"must hold a JSON object, not {type(cfg).__name__}")
     arch = cfg.get("model_type")
+    if isinstance(arch, str) and arch in hf_llama.ARCHITECTURES:
+        return cfg, f  # its fields are read by hf_llama.model_fields
     if arch != "gpt2":
         archs = cfg.get("architectures")
         names = ", ".join(a for a in archs if isinstance(a, str))[:80] if isinstance(archs, list) else ""
@@ -260,6 +266,11 @@ def gpt2_params(n_layer: int, d: int, positions: int, vocab: int) -> int:
     return (vocab + positions) * d + 2 * d + n_layer * (12 * d * d + 13 * d)
 
 
+def _llama_params(expected: dict[str, tuple], vocab: int) -> int:
+    """Parameters of a llama-family model: its tensors, the embedding (and an untied head) at ``vocab`` rows."""
+    return sum(math.prod(vocab if s is None else s for s in shape) for shape in expected.values())
+
+
 def import_memory(params: int, weight_bytes: int, all_fp32: bool) -> int:
     """Bytes the import holds at its peak: the weights as read, their copies in our layout (and in fp32
     where the file's are not), the model."""
@@ -293,9 +304,11 @@ def expected_shapes(n_layer: int, d: int, positions: int) -> dict[str, tuple]:
 class _Tensors:
     """Collects tensors (name, dtype, shape) from the weight files and checks them against the config."""
 
-    def __init__(self, n_layer: int, d: int, positions: int, vocab: int | None):
+    def __init__(self, n_layer: int, d: int, positions: int, vocab: int | None, expected: dict | None = None,
+                 embed: str = "wte.weight", what: str = "GPT-2"):
         self.n_layer, self.d, self.vocab = n_layer, d, vocab
-        self.expected = expected_shapes(n_layer, d, positions)
+        self.expected = expected if expected is not None else expected_shapes(n_layer, d, positions)
+        self.embed, self.what = embed, what  # the token embedding's name; the family, for messages
         self.where: dict[str, Path] = {}       # tensor (without "transformer.") -> file
         self.rows: dict[str, int] = {}          # wte's and lm_head's rows
         self.numel = 0                          # of every tensor read (buffers included)
@@ -310,21 +323,21 @@ class _Tensors:
         self.numel += numel
         self.nbytes += numel * width
         buffer = _BUFFER.fullmatch(name)
-        if buffer and int(buffer.group(1)) < self.n_layer:
+        if buffer and int(buffer.group(1) or buffer.group(2)) < self.n_layer:
             self.where[name] = f
             return  # an attention-mask buffer of older transformers: not read
         if name not in self.expected and name != "lm_head.weight":
-            raise _fail(f, f"holds the tensor {_val(raw)}, which a {self.n_layer}-layer GPT-2 has no place for")
+            raise _fail(f, f"holds the tensor {_val(raw)}, which a {self.n_layer}-layer {self.what} has no place for")
         if dtype not in FLOAT_DTYPES:
-            raise _fail(f, f"the tensor {_val(raw)} has dtype {dtype}; GPT-2's weights are floating point")
+            raise _fail(f, f"the tensor {_val(raw)} has dtype {dtype}; {self.what}'s weights are floating point")
         self.all_fp32 &= dtype == "F32"
         want = self.expected.get(name, (None, self.d))
         if want[0] is None:  # the token embedding (and the LM head tied to it): [vocab, d]
             want = (self.vocab if self.vocab is not None else shape[0] if len(shape) == 2 else "rows", self.d)
         if tuple(shape) != want:
-            raise _fail(f, f"the tensor {_val(raw)} has shape {list(shape)}, where the config (n_layer {self.n_layer}, "
-                           f"n_embd {self.d}) gives {list(want)}")
-        if len(want) == 2 and name in ("wte.weight", "lm_head.weight"):
+            raise _fail(f, f"the tensor {_val(raw)} has shape {list(shape)}, where the config ({self.n_layer} layers of "
+                           f"width {self.d}) gives {list(want)}")
+        if len(want) == 2 and name in (self.embed, "lm_head.weight"):
             if not VOCAB[0] <= shape[0] <= VOCAB[1]:
                 raise _fail(f, f"the tensor {_val(raw)} has {shape[0]:,} rows (1 to {VOCAB[1]:,} are read)")
             self.rows[name] = shape[0]
@@ -336,11 +349,11 @@ class _Tensors:
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise _fail(index_or_file, f"the weights lack {missing[0]}{more}, which the config's {self.n_layer}-layer "
-                                       "GPT-2 has")
-        rows = self.rows["wte.weight"]
+                                       f"{self.what} has")
+        rows = self.rows[self.embed]
         if self.rows.get("lm_head.weight", rows) != rows:
             raise _fail(self.where["lm_head.weight"], f"lm_head.weight has {self.rows['lm_head.weight']:,} rows and "
-                                                      f"the token embedding {rows:,}; they are tied")
+                                                      f"the token embedding {rows:,}; they must match")
         return rows
 
 
@@ -535,15 +548,30 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
     if not folder.is_dir():
         raise InputError(f"{show_path(folder)} is not a folder", key="dir", path=str(folder))
     hf, cfg_file = check_config(folder)
-    n_layer, d, n_head = hf["n_layer"], hf["n_embd"], hf["n_head"]
-    positions = hf.get("n_positions", 1024)
+    family = hf["model_type"]
+    if family == "gpt2":
+        n_layer, d, n_head = hf["n_layer"], hf["n_embd"], hf["n_head"]
+        positions = hf.get("n_positions", 1024)
+        act = "gelu" if hf.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh"
+        fields = {"n_layer": n_layer, "n_head": n_head, "d_model": d, "n_ctx": min(positions, 1024),
+                  "n_positions": positions, "dropout": 0.0, "bias": True, "activation": act}
+        params_of = functools.partial(gpt2_params, n_layer, d, positions)
+        embed, what, tensors_of = "wte.weight", f"a {n_layer}-layer GPT-2 of width {d}", None
+    else:
+        fields = hf_llama.model_fields(hf, cfg_file, _fail, _int)
+        n_layer, d, n_head, positions, act = (fields["n_layer"], fields["d_model"], fields["n_head"],
+                                              fields["n_positions"], "silu")
+        tensors_of = hf_llama.expected_shapes(fields)
+        params_of = functools.partial(_llama_params, tensors_of)
+        embed, what = "model.embed_tokens.weight", f"a {n_layer}-layer {family} of width {d}"
     vocab_cfg = hf.get("vocab_size")
-    what = f"a {n_layer}-layer GPT-2 of width {d}"
+    if family != "gpt2" and vocab_cfg is not None:
+        _int(hf, "vocab_size", VOCAB, cfg_file)
     # the config alone says how large the model is: refused here before a header is read
-    params = gpt2_params(n_layer, d, positions, vocab_cfg or 0)
+    params = params_of(vocab_cfg or 0)
     check_memory(import_memory(params, 4 * params, True), cfg_file, f"{what} has {params:,} parameters", available)
 
-    tensors = _Tensors(n_layer, d, positions, vocab_cfg)
+    tensors = _Tensors(n_layer, d, positions, vocab_cfg, tensors_of, embed, "GPT-2" if family == "gpt2" else family)
     files = check_safetensors(folder, tensors, n_layer)
     bin_state = None
     if not files:
@@ -552,11 +580,11 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
             raise InputError(f"{show_path(folder)} has no weights: model.safetensors, model.safetensors.index.json or "
                              "pytorch_model.bin", key="dir", path=str(folder))
         files, bin_state = [loaded[0]], loaded[1]
-    rows = tensors.rows["wte.weight"]
+    rows = tensors.rows[embed]
     # again with the weights' own sizes (the token rows where the config gives no vocab_size, the buffers)
-    params = gpt2_params(n_layer, d, positions, rows)
+    params = params_of(rows)
     need = import_memory(params, tensors.nbytes, tensors.all_fp32)
-    check_memory(need, tensors.where["wte.weight"], f"{what} with {rows:,} token rows", available)
+    check_memory(need, tensors.where[embed], f"{what} with {rows:,} token rows", available)
 
     tok, tok_file = check_tokenizer(folder)
     notes = []
@@ -574,10 +602,7 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
     if vocab < MIN_VOCAB:
         raise _fail(tok_file, f"the tokenizer has {vocab} tokens; at least {MIN_VOCAB} (256 bytes and 2 special "
                               "tokens) are needed")
-    act = "gelu" if hf.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh"
-    config = from_dict({"name": name or folder.name, "stage": PRETRAIN,
-                        "model": {"n_layer": n_layer, "n_head": n_head, "d_model": d, "n_ctx": min(positions, 1024),
-                                  "n_positions": positions, "dropout": 0.0, "bias": True, "activation": act},
+    config = from_dict({"name": name or folder.name, "stage": PRETRAIN, "model": fields,
                         "tokenizer": {"vocab_size": vocab}, "sparsity": {"level": 0.0}})
     return CheckedFolder(folder=folder, hf_config=hf, config=config, n_layer=n_layer, n_embd=d, n_head=n_head,
                          n_positions=positions, activation=act, rows=rows, vocab=vocab, tokenizer=tok,

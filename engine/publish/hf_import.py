@@ -1,5 +1,5 @@
-"""``mediswift import-hf DIR``: a local Hugging Face GPT-2-architecture model folder as a run of stage
-``import``, usable as a parent everywhere (sparse continued pre-training, dense fine-tuning, soft prompting).
+"""``mediswift import-hf DIR``: a local Hugging Face model folder of a supported family (gpt2, llama, qwen2)
+as a run of stage ``import``, usable as a parent everywhere (sparse continued pre-training, dense fine-tuning, soft prompting).
 
 What is read, and nothing else: ``config.json`` (JSON), the weights as ``model.safetensors`` (or
 sharded ``model-*.safetensors`` with their index) or ``pytorch_model.bin`` loaded with
@@ -7,7 +7,7 @@ sharded ``model-*.safetensors`` with their index) or ``pytorch_model.bin`` loade
 ``merges.txt``). All of it is checked before a tensor is read (engine.publish.hf_folder_check): a
 hostile folder is one line and exit 2, and leaves no run row or folder behind. The weights are mapped
 back from GPT-2's layout (Conv1D, fused q/k/v) to ours, the inverse of engine.publish.hf_export, so
-export-hf -> import-hf gives the same function.
+export-hf -> import-hf gives the same function; the llama family's are renamed only (engine.publish.hf_llama).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from engine.core.registry import IMPORT
 from engine.data.vocab import TOKENIZER_FILE, save_tokenizer
 from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_checkpoint
 from engine.model.gpt import GPT
+from engine.publish import hf_llama
 from engine.publish.hf_folder_check import SUPPORTED, CheckedFolder, check_folder, is_buffer, show_path
 from engine.store.rundb import TOKENIZER_ARTIFACT, RunDB
 
@@ -87,16 +88,20 @@ def import_hf(db: RunDB, folder: str | Path, runs_dir: Path, name: str | None = 
         if key in checked.tensor_file and not is_buffer(key) and not bool(torch.isfinite(t).all()):
             where = checked.tensor_file[key]
             raise InputError(f"{show_path(where)}: the tensor {raw} holds NaN or infinite values", key="dir", path=str(where))
-    state = our_state_dict(hf, n_layer)
+    m = cfg.model
+    state = our_state_dict(hf, n_layer) if m.family == "gpt2" else hf_llama.to_ours(hf, n_layer, m.family,
+                                                                                     m.tie_embeddings)
     del hf
-    if vocab > rows:
-        state["wte.weight"] = torch.cat([state["wte.weight"], state["wte.weight"].new_zeros(vocab - rows, d)])
+    if vocab > rows:  # the <|pad|> row the tokenizer gained: zeros (an untied head's too, so its logit is 0)
+        for key in ("wte.weight", "lm_head.weight"):
+            if key in state:
+                state[key] = torch.cat([state[key], state[key].new_zeros(vocab - rows, d)])
     act = checked.activation
     model = GPT(cfg.model, vocab)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    missing = [k for k in missing if not (m.tie_embeddings and k.endswith("lm_head.weight"))]
     if missing or unexpected:
-        raise InputError(f"the weights do not fit a {n_layer}-layer GPT-2 of width {d}: missing {missing[:3]}, "
+        raise InputError(f"the weights do not fit a {n_layer}-layer {m.family} of width {d}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}", key="dir", path=str(folder))
     del state
     run_id = db.create_run(name=cfg.name, stage=IMPORT, config=cfg.to_dict())
@@ -125,6 +130,6 @@ def import_hf(db: RunDB, folder: str | Path, runs_dir: Path, name: str | None = 
         raise
     for n in notes:
         warn(n)
-    return {"run_id": run_id, "name": cfg.name, "from": str(folder), "n_layer": n_layer, "d_model": d, "n_head": n_head,
+    return {"run_id": run_id, "name": cfg.name, "from": str(folder), "family": m.family, "n_layer": n_layer, "d_model": d, "n_head": n_head,
             "n_positions": positions, "vocab_size": vocab, "params": params, "activation": act,
             "checkpoint": str(path), "notes": notes}

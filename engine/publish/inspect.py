@@ -11,8 +11,8 @@ from engine.model.checkpoint import load_checkpoint
 from engine.model.flops import FlopModel
 from engine.model.runs import model_source, resolve_run
 
-# attention q/k/v/out and MLP fc/proj weights: the sparse-eligible matrices
-SPARSE_WEIGHT = re.compile(r"^blocks\.\d+\.(attn\.(q|k|v|out)|mlp\.(fc|proj))\.weight$")
+# attention q/k/v/out and MLP fc/proj (SwiGLU: gate/up/down) weights: the sparse-eligible matrices
+SPARSE_WEIGHT = re.compile(r"^blocks\.\d+\.(attn\.(q|k|v|out)|mlp\.(fc|proj|gate|up|down))\.weight$")
 
 
 def inspect_state(model_state: dict[str, torch.Tensor], n_layer: int, d_model: int, n_ctx: int, vocab_size: int) -> dict:

@@ -27,7 +27,8 @@ from engine.train.reporter import Reporter
 from engine.train.step import MicroBatch
 from engine.train.task_feeds import make_feed
 
-SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias", "activation")
+SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias", "activation", "family", "n_kv_head", "d_ff",
+              "rope_theta", "norm_eps", "tie_embeddings")
 MIN_TOKENS = 16  # room left for text after the soft prompt
 
 

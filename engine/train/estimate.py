@@ -11,7 +11,7 @@ import torch
 from engine.core import registry
 from engine.core.config import RunConfig
 from engine.core.machine_checks import available_memory
-from engine.model.flops import flop_model_for_config
+from engine.model.flops import flop_model_for_model
 from engine.model.gpt import GPT
 from engine.model.sparsity import apply_sparsity
 from engine.train.optim import make_optimizer
@@ -68,7 +68,7 @@ def memory_breakdown(cfg: RunConfig, shape: StepShape | None = None) -> dict[str
     level = cfg.sparsity.level if sparse else 0.0
     if sparse and cfg.sparsity.method == "gmp":
         level = cfg.sparsity.initial  # GMP holds its densest masks first
-    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, level)
+    fm = flop_model_for_model(m, vocab, level)
     with torch.device("meta"):
         total = GPT(m, vocab).num_params()
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
@@ -109,7 +109,7 @@ def estimate(cfg: RunConfig, probe_steps: int = 3, shape: StepShape | None = Non
     sparse = sparse_stage(cfg)
     # a classification head's step forms no vocabulary logits: no LM-head term, as the run counts it
     logits_vocab = vocab if shape is None or shape.lm_logits else 0
-    fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, logits_vocab, cfg.sparsity.level if sparse else 0.0)
+    fm = flop_model_for_model(m, logits_vocab, cfg.sparsity.level if sparse else 0.0)
     nonzero = total - fm.sparse_numel + fm.sparse_nonzero
     world = tc.nproc * tc.nnodes
     tokens = shape.tokens if shape is not None else tc.max_steps * tc.batch_size * tc.grad_accum * m.n_ctx * world
@@ -123,10 +123,10 @@ def estimate(cfg: RunConfig, probe_steps: int = 3, shape: StepShape | None = Non
     if sparse and cfg.sparsity.method != "static":
         # a dynamic method's planned FLOPs (GMP's denser early steps, RigL's dense-gradient updates),
         # summed per mask update rather than per step: a long run's estimate stays instant
-        from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned_flops_per_token
+        from engine.core.sparsity_schedule import Schedule, layer_shapes, planned_flops_per_token
 
-        per_run = planned_flops_per_token(Schedule.from_config(cfg), gpt_layer_shapes(m.n_layer, m.d_model),
-                                          tc.max_steps, flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, vocab, 0.0))
+        per_run = planned_flops_per_token(Schedule.from_config(cfg), layer_shapes(m), tc.max_steps,
+                                          flop_model_for_model(m, vocab, 0.0))
         sparse_flops = per_run * tokens / tc.max_steps
     # each process of a group holds its own activations and paths; FSDP shards the trained state
     shards = world if tc.strategy == "fsdp" else 1
