@@ -33,7 +33,7 @@ class SchedulePreview(QGroupBox):
         self.glw.setMinimumHeight(230)
         self.sparsity_plot = self.glw.addPlot(row=0, col=0)
         self.sparsity_plot.setLabel("left", "sparsity")
-        self.sparsity_plot.legend = outside_legend(self.sparsity_plot)  # under the plot: never over a curve
+        outside_legend(self.sparsity_plot)  # under the plot (it becomes the plot's legend): never over a curve
         self.sparsity_plot.setYRange(0, 1, padding=0.02)
         self.total = self.sparsity_plot.plot(pen=pg.mkPen("#444", width=2), name="all")  # recoloured per theme
         self.groups = {g: self.sparsity_plot.plot(pen=pg.mkPen(c, width=1, style=pg.QtCore.Qt.PenStyle.DashLine),
