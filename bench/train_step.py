@@ -1,7 +1,8 @@
 """Training-step throughput and model FLOPs utilisation, measured in one run on this machine.
 
 Configurations (one optimizer step each: forward, backward, gradient clipping, AdamW):
-  hf_fp32             Hugging Face transformers' GPT2LMHeadModel of the same shape, fp32
+  hf_fp32             Hugging Face transformers' model of the same shape, fp32 (GPT2LMHeadModel, or
+                      LlamaForCausalLM for --shape smollm2-135m)
   hf_bf16             the same under torch.autocast("cpu", dtype=torch.bfloat16), as its docs suggest
   ours_fp32           our dense step in fp32
   ours_auto           our dense step as the engine runs it: train.precision = "auto"
@@ -14,7 +15,7 @@ Model FLOPs utilisation (MFU) = the step's training FLOPs by the engine's own FL
 by the step time, over the peak measured in this run: the median of 4096^3 dense products in that
 precision on all threads.
 
-Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo|mediswift-xl] [--steps N]
+Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo|mediswift-xl|smollm2-135m] [--steps N]
                                   [--batch B] [--json]
 All configurations of the default mode run round-robin in one process (per round each runs an
 untimed step, then a timed one, after warm-up rounds); each figure is the median over the rounds.
@@ -42,7 +43,7 @@ import torch  # noqa: E402
 
 from engine.core.config import from_dict  # noqa: E402
 from engine.core.hardware import cpu_header, cpu_info  # noqa: E402
-from engine.model.flops import flop_model_for, flop_model_for_config  # noqa: E402
+from engine.model.flops import flop_model_for, flop_model_for_model  # noqa: E402
 from engine.model.gpt import GPT  # noqa: E402
 from engine.model.sparsity import apply_sparsity  # noqa: E402
 from engine.train.kernel_choice import KernelTrial, choose_kernels  # noqa: E402
@@ -62,7 +63,12 @@ SHAPES = {
     "gpt2-small": dict(n_layer=12, n_head=12, d_model=768, n_ctx=512, vocab=50257, batch=1),
     "demo": dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, vocab=4096, batch=16),
     "mediswift-xl": dict(n_layer=24, n_head=16, d_model=2048, n_ctx=2048, vocab=42384, batch=1),
+    # SmolLM2-135M's shape (llama family: grouped-query attention with 3 key/value heads, SwiGLU MLP,
+    # tied head), at a 512-token window
+    "smollm2-135m": dict(family="llama", n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
+                         rope_theta=100000.0, n_ctx=512, vocab=49152, batch=1),
 }
+MODEL_KEYS = ("family", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "rope_theta", "n_ctx")
 CONFIGS = ("hf_fp32", "hf_bf16", "ours_fp32", "ours_auto", "ours_sparse75_core", "ours_sparse75_auto")
 XL_CONFIGS = ("hf_fp32", "ours_auto", "ours_sparse75_core")  # the dense ones only to say they cannot fit
 
@@ -87,7 +93,7 @@ class Config:
 
 def run_config(shape: dict, level: float):
     """The engine's config for this shape, as a run would build it (precision auto)."""
-    return from_dict({"model": {k: shape[k] for k in ("n_layer", "n_head", "d_model", "n_ctx")},
+    return from_dict({"model": {k: shape[k] for k in MODEL_KEYS if k in shape},
                       "tokenizer": {"vocab_size": shape["vocab"]}, "sparsity": {"level": level, "kernel": "auto"},
                       "train": {"batch_size": shape["batch"], "precision": "auto"}})
 
@@ -146,15 +152,30 @@ def ours(name: str, shape: dict, verbose: bool) -> Config:
     return Config(name, precision.name, kernel, fm.train_per_token(True) * tokens, fm.train_per_token(False) * tokens, step)
 
 
-def hf(name: str, shape: dict) -> Config:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hf_model(shape: dict):
+    """transformers' own model class of the shape's family, randomly initialised, attention through SDPA."""
+    if shape.get("family", "gpt2") == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=shape["vocab"], n_positions=shape["n_ctx"], n_embd=shape["d_model"],
-                        n_layer=shape["n_layer"], n_head=shape["n_head"], activation_function="gelu",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM")
+        config = GPT2Config(vocab_size=shape["vocab"], n_positions=shape["n_ctx"], n_embd=shape["d_model"],
+                            n_layer=shape["n_layer"], n_head=shape["n_head"], activation_function="gelu",
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM")
+        config._attn_implementation = "sdpa"
+        return GPT2LMHeadModel(config)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
+                         num_hidden_layers=shape["n_layer"], num_attention_heads=shape["n_head"],
+                         num_key_value_heads=shape["n_kv_head"], max_position_embeddings=shape["n_ctx"],
+                         rope_theta=shape["rope_theta"], rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         attention_dropout=0.0, loss_type="ForCausalLM")
     config._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(config)
+    return LlamaForCausalLM(config)
+
+
+def hf(name: str, shape: dict) -> Config:
+    torch.manual_seed(0)
+    model = hf_model(shape)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     x = torch.randint(0, shape["vocab"], (shape["batch"], shape["n_ctx"]))
@@ -171,7 +192,7 @@ def hf(name: str, shape: dict) -> Config:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    fm = flop_model_for_config(shape["n_layer"], shape["d_model"], shape["n_ctx"], shape["vocab"], 0.0)
+    fm = flop_model_for_model(run_config(shape, 0.0).model, shape["vocab"], 0.0)  # the family's formula
     tokens = x.numel()
     return Config(name, "bf16" if bf16 else "fp32", "dense", fm.train_per_token(False) * tokens,
                   fm.train_per_token(False) * tokens, step)

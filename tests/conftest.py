@@ -26,6 +26,17 @@ def db(db_path: Path):
 
 
 @pytest.fixture
+def form(qtbot, db, tmp_path):
+    """The studio's run form on the ``db`` fixture's database (a run store that does not poll)."""
+    from studio.models.run_store import RunStore
+    from studio.views.run_form import RunForm
+
+    f = RunForm(RunStore(db, start=False), tmp_path / "runs")
+    qtbot.addWidget(f)
+    return f
+
+
+@pytest.fixture
 def cli(tmp_path: Path, db_path: Path):
     """Run `python -m engine ...` for real; --db is added for every command that takes it."""
 

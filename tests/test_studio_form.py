@@ -22,23 +22,14 @@ SMALL = {"n_layer": 2, "d_model": 64, "n_head": 2, "n_ctx": 64}
 WIDE = {"n_layer": 6, "d_model": 192, "n_head": 6, "n_ctx": 128, "n_positions": 256}
 
 
-def parent_run(db: RunDB, name: str, model: dict, vocab: int) -> str:
-    """A completed pre-training run with this model shape, as a parent is stored."""
+def parent_run(db: RunDB, name: str, model: dict, vocab: int, stage: str = "pretrain") -> str:
+    """A completed run of ``stage`` with this model shape, as a parent is stored (the config the engine
+    validated)."""
     cfg = from_dict({"name": name, "stage": "pretrain", "model": model, "tokenizer": {"vocab_size": vocab}}).to_dict()
-    rid = db.create_run(name=name, stage="pretrain", config=cfg)
+    rid = db.create_run(name=name, stage=stage, config=cfg)
     db.merge_meta(rid, vocab_size=vocab)
     db.set_status(rid, "completed")
     return rid
-
-
-@pytest.fixture
-def form(qtbot, db, tmp_path):
-    from studio.models.run_store import RunStore
-    from studio.views.run_form import RunForm
-
-    f = RunForm(RunStore(db, start=False), tmp_path / "runs")
-    qtbot.addWidget(f)
-    return f
 
 
 def shown(form, key: str) -> bool:

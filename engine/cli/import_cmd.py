@@ -1,4 +1,4 @@
-"""``mediswift import-hf DIR``: a local Hugging Face GPT-2 model folder as a run to start from."""
+"""``mediswift import-hf DIR``: a local Hugging Face model folder (gpt2, llama, qwen2, biogpt) as a run to start from."""
 from __future__ import annotations
 
 import json
@@ -27,9 +27,9 @@ def cmd_import_hf(args) -> int:
 
 
 def register(sub, common) -> None:
-    i = common(sub.add_parser("import-hf", help="register a local Hugging Face model folder (gpt2, llama, qwen2) as a run to start from"))
+    i = common(sub.add_parser("import-hf", help="register a local Hugging Face model folder (gpt2, llama, qwen2, biogpt) as a run to start from"))
     i.add_argument("dir", metavar="DIR", help="folder with config.json, model.safetensors (or pytorch_model.bin) and "
-                   "tokenizer.json (or vocab.json + merges.txt)")
+                   "tokenizer.json (or vocab.json + merges.txt: GPT-2's byte-level BPE, BioGPT's Moses + BPE)")
     i.add_argument("--name", help="the run's name (default: the folder's name)")
     i.add_argument("--runs-dir", help="folder for run folders (default: next to the database)")
     i.add_argument("--json", action="store_true")

@@ -42,7 +42,7 @@ HEADS = ("lm", "classifier")  # task.head: labels as text from the language-mode
 POOLINGS = ("mean", "attention")  # task.pooling: how a classifier head reduces a window's hidden states
 PROMPT_INITS = ("vocab", "text")  # prompt.init: sampled vocabulary embeddings, or init_text's
 INITS = ("parent", "random")  # train.init: a child run starts from its parent's weights, or from fresh ones
-FAMILIES = ("gpt2", "llama", "qwen2")  # model.family: the variations of engine.model.gpt (engine.model.family)
+FAMILIES = ("gpt2", "llama", "qwen2", "biogpt")  # model.family: the variations of engine.model.gpt (engine.model.family)
 INT64_MAX = 2**63 - 1  # every integer key stays a signed 64-bit value (SQLite, torch and numpy take it)
 MAX_NAME = 200  # characters in a run (or sweep) name
 
@@ -200,18 +200,21 @@ class ModelConfig(_Section):
     dropout: float = _f(0.0, "Dropout on attention and residual paths (0 disables it).", min=0.0, max=1.0, max_open=True)
     bias: bool = _f(True, "Use biases in linear layers and layer norms (GPT-2 style).")
     activation: str = _f("gelu", "MLP activation: exact (erf) GELU, or the tanh approximation original GPT-2 checkpoints "
-                         "use (gelu_tanh; transformers' gelu_new). gpt2 only: the llama family's MLP is SwiGLU.",
+                         "use (gelu_tanh; transformers' gelu_new). gpt2 and biogpt: the llama family's MLP is SwiGLU.",
                          choices=("gelu", "gelu_tanh"))
     family: str = _f("gpt2", "Architecture: gpt2 (LayerNorm, learned positions, GELU MLP, tied head), llama (RMSNorm, "
-                     "rotary positions, SwiGLU MLP, grouped-query attention, no biases) or qwen2 (llama with q/k/v "
-                     "biases). model.bias and model.activation apply to gpt2 only.", choices=FAMILIES)
+                     "rotary positions, SwiGLU MLP, grouped-query attention, no biases), qwen2 (llama with q/k/v "
+                     "biases) or biogpt (gpt2 with BioGPT's position offset, model.d_ff and model.scale_embedding). "
+                     "model.bias applies to gpt2 only, model.activation to gpt2 and biogpt.", choices=FAMILIES)
     n_kv_head: int = _f(0, "Key/value heads of grouped-query attention (llama, qwen2): n_head must be a multiple of it; "
                         "0 means n_head (multi-head attention).", min=0, max=256)
-    d_ff: int = _f(0, "Inner width of the MLP (SwiGLU's gate and up projections in llama, qwen2); 0 means 4 x d_model.",
+    d_ff: int = _f(0, "Inner width of the MLP (SwiGLU's gate and up projections in llama, qwen2; fc in biogpt); 0 means 4 x d_model.",
                    min=0, max=1 << 20)
     rope_theta: float = _f(10000.0, "Base of the rotary position angles (llama, qwen2).", min=0.0, min_open=True)
-    norm_eps: float = _f(1e-5, "Epsilon of the normalisation layers (gpt2 keeps 1e-5).", min=0.0, max=1.0, min_open=True)
+    norm_eps: float = _f(1e-5, "Epsilon of the normalisation layers (gpt2 and biogpt keep 1e-5).", min=0.0, max=1.0, min_open=True)
     tie_embeddings: bool = _f(True, "The LM head shares the token embedding's matrix (gpt2 always does).")
+    scale_embedding: bool = _f(False, "Multiply the token embeddings by sqrt(d_model) before the positions are added "
+                               "(BioGPT's scale_embedding; biogpt only).")
 
     def check(self) -> None:
         if self.d_model % self.n_head:
@@ -219,15 +222,22 @@ class ModelConfig(_Section):
         if self.n_kv_head and self.n_head % self.n_kv_head:
             raise InputError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})",
                              key="model.n_kv_head")
-        if self.family == "gpt2":
-            # GPT-2 has one shape of each variation; these keys only describe the llama family
+        if self.scale_embedding and self.family != "biogpt":
+            # only BioGPT's transformers class scales its token embeddings: another family could not be exported
+            raise InputError(f"model.scale_embedding must be false for model.family {self.family!r} (it is BioGPT's: "
+                             "model.family 'biogpt')", key="model.scale_embedding")
+        if self.family in ("gpt2", "biogpt"):
+            # GPT-2 has one shape of each variation; these keys only describe the llama family. BioGPT frees
+            # the MLP width and the head, and always has biases; transformers builds its LayerNorms with eps 1e-5
+            gpt2 = self.family == "gpt2"
             fixed = (("n_kv_head", self.n_kv_head in (0, self.n_head), "0 (every head has its keys and values)"),
-                     ("d_ff", self.d_ff in (0, 4 * self.d_model), "0 (4 x d_model)"),
-                     ("norm_eps", self.norm_eps == 1e-5, "1e-5"), ("tie_embeddings", self.tie_embeddings, "true"))
+                     ("d_ff", not gpt2 or self.d_ff in (0, 4 * self.d_model), "0 (4 x d_model)"),
+                     ("norm_eps", self.norm_eps == 1e-5, "1e-5"), ("tie_embeddings", not gpt2 or self.tie_embeddings, "true"),
+                     ("bias", gpt2 or self.bias, "true"))
             for key, ok, want in fixed:
                 if not ok:
-                    raise InputError(f"model.{key} must be {want} for model.family 'gpt2', got {getattr(self, key)!r}",
-                                     key=f"model.{key}")
+                    raise InputError(f"model.{key} must be {want} for model.family {self.family!r}, got "
+                                     f"{getattr(self, key)!r}", key=f"model.{key}")
         elif (self.d_model // self.n_head) % 2:
             raise InputError(f"rotary positions need an even head width: model.d_model / model.n_head is "
                              f"{self.d_model // self.n_head}", key="model.n_head")

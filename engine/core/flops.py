@@ -3,9 +3,10 @@
 forward per token ≈ 2·N_sparse·(1−s) + 2·N_dense_matmul + 4·L·n_ctx·d + 2·d·V, training ≈ 3 × forward.
 
 N_sparse, the weights of the attention and MLP matrices, depends on the family: per block
-gpt2 has 4·d² (q, k, v, out) + 2·d·d_ff (fc, proj); llama and qwen2 have 2·d² (q, out) + 2·d·d_kv (k, v
-of n_kv_head heads, grouped-query attention) + 3·d·d_ff (SwiGLU's gate, up, down). The attention term
-stays 4·L·n_ctx·d: every query head still scores and mixes all positions, however few the key heads.
+gpt2 and biogpt have 4·d² (q, k, v, out) + 2·d·d_ff (fc, proj; d_ff is 4·d in gpt2); llama and qwen2
+have 2·d² (q, out) + 2·d·d_kv (k, v of n_kv_head heads, grouped-query attention) + 3·d·d_ff (SwiGLU's
+gate, up, down). The attention term stays 4·L·n_ctx·d: every query head still scores and mixes all
+positions, however few the key heads.
 
 ``sparse`` counts only the nonzero weights (what hardware that skips zeros must do); ``dense`` is the
 same model with every weight present (the dense-equivalent). Wall-clock is measured separately.
@@ -55,7 +56,7 @@ def sparse_numel_for(n_layer: int, d_model: int) -> int:
 def sparse_numel_of(m) -> int:
     """N_sparse of a model config of any family (engine.core.config.ModelConfig)."""
     d, ff, d_kv = m.d_model, m.d_ff or 4 * m.d_model, (m.n_kv_head or m.n_head) * (m.d_model // m.n_head)
-    if m.family == "gpt2":
+    if m.family in ("gpt2", "biogpt"):  # the same blocks: BioGPT differs in its embeddings only
         return m.n_layer * (4 * d * d + 2 * d * ff)
     return m.n_layer * (2 * d * d + 2 * d * d_kv + 3 * d * ff)
 

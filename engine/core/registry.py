@@ -90,6 +90,13 @@ def stage(name: str) -> StageSpec:
     return STAGES[name]
 
 
+def shape_from_parent(name: str, parent_stage: str | None) -> bool:
+    """Whether a run of stage ``name`` takes its model shape from a parent of ``parent_stage``: a stage
+    that always does (fine-tuning, prompting), and a pre-training that continues an imported model."""
+    spec = STAGES.get(name)
+    return bool(spec and (spec.takes_parent_shape or (name == PRETRAIN and parent_stage == IMPORT)))
+
+
 def task(name: str) -> TaskSpec:
     return TASKS[name]
 

@@ -61,13 +61,18 @@ def nonzero_counts(shapes: dict[str, tuple[int, int]], level: float, distributio
 def layer_shapes(m) -> dict[str, tuple[int, int]]:
     """(out, in) of every masked matrix of a model of config ``m`` (engine.core.config.ModelConfig), any
     family, by the names ``GPT.sparse_layers()`` gives: grouped-query attention's k and v are n_kv_head
-    heads wide, SwiGLU has three matrices (gate, up, down) where GELU's MLP has two (fc, proj)."""
+    heads wide, SwiGLU has three matrices (gate, up, down) where GELU's MLP has two (fc, proj; biogpt's
+    model.d_ff wide)."""
     if m.family == "gpt2":
         return gpt_layer_shapes(m.n_layer, m.d_model)
     d, ff, kv = m.d_model, m.inner, m.kv_heads * (m.d_model // m.n_head)
     out = {}
     for i in range(m.n_layer):
         b = f"blocks.{i}."
+        if m.family == "biogpt":  # GPT-2's matrices, the MLP model.d_ff wide
+            out.update({b + "attn.q": (d, d), b + "attn.k": (d, d), b + "attn.v": (d, d), b + "attn.out": (d, d),
+                        b + "mlp.fc": (ff, d), b + "mlp.proj": (d, ff)})
+            continue
         out.update({b + "attn.q": (d, d), b + "attn.k": (kv, d), b + "attn.v": (kv, d), b + "attn.out": (d, d),
                     b + "mlp.gate": (ff, d), b + "mlp.up": (ff, d), b + "mlp.down": (d, ff)})
     return out

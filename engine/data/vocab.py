@@ -1,4 +1,5 @@
-"""Domain vocabulary: byte-level BPE learned on the run's corpus with `tokenizers`.
+"""Domain vocabulary: byte-level BPE learned on the run's corpus with `tokenizers` (an imported
+BioGPT keeps its own Moses + BPE: engine.data.biogpt_tokenizer).
 
 Byte-level means every string encodes (no unknown token); two special tokens delimit documents
 and pad batches. The tokenizer is saved as ``tokenizer.json`` in the run folder and reused by
@@ -59,13 +60,21 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A run's tokenizer: byte-level BPE (``tokenizers``), or an imported BioGPT's Moses + BPE
+    (engine.data.biogpt_tokenizer, which answers the same calls)."""
     p = Path(path)
     if p.is_dir():
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise InputError(f"tokenizer file not found: {p}", key="tokenizer", path=str(p))
+    from engine.data import biogpt_tokenizer
+
     try:
+        if biogpt_tokenizer.is_biogpt_file(p):
+            return biogpt_tokenizer.from_file(p)
         return Tokenizer.from_file(str(p))
+    except InputError:
+        raise  # a BioGPT tokenizer without transformers or sacremoses: what to install, not "damaged"
     except Exception as e:  # tokenizers raises its own exception type for any unreadable file
         raise InputError(f"tokenizer file {p} is damaged: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
                          key="tokenizer", path=str(p)) from None

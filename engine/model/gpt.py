@@ -4,7 +4,8 @@ GPT-2/3 style by default: pre-LayerNorm blocks, learned positions, GELU MLP, tie
 embeddings, init std 0.02 with residual projections scaled by 1/sqrt(2 * n_layer), attention through
 scaled_dot_product_attention. The llama family swaps in named variations (engine.model.family):
 RMSNorm, rotary positions, a SwiGLU MLP, grouped-query attention (fewer key/value heads, each serving
-n_head / n_kv_head query heads), q/k/v biases (qwen2) and an untied head.
+n_head / n_kv_head query heads), q/k/v biases (qwen2) and an untied head; biogpt keeps GPT-2's blocks
+with a position table offset by two rows and token embeddings scaled by sqrt(d_model).
 Every attention and MLP matrix is SparseLinear: it may carry a static mask (sparse pre-training) or
 none (dense fine-tuning). Embeddings, norms, biases and the LM head are dense.
 Greedy generation runs the same blocks with a key/value cache (``hidden(idx, cache=KVCache(n_layer))``).
@@ -160,7 +161,11 @@ class GPT(nn.Module):
         var = variations(cfg)
         # the modules are made in the same order for every family: gpt2's random init draws stay as they were
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model) if var.positions == "learned" else None
+        # BioGPT's table has position_offset unused rows in front: kept, so its weights map one to one
+        self.position_offset = var.position_offset
+        self.wpe = nn.Embedding(cfg.max_positions + var.position_offset, cfg.d_model) if var.positions == "learned" else None
+        # what the token embeddings are multiplied by (BioGPT's scale_embedding), 1 (none) otherwise
+        self.embed_scale = math.sqrt(cfg.d_model) if var.scale_embedding else 1.0
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, var) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg, var)
@@ -183,8 +188,11 @@ class GPT(nn.Module):
 
     def embed(self, idx: torch.Tensor, prefix: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
         """Token + position embeddings from position ``start`` on; ``prefix`` [B, P, C] (soft prompt
-        vectors) goes in front."""
+        vectors) goes in front. Only the tokens are scaled (``embed_scale``): a prefix is already a vector
+        of the scaled space, as transformers' ``inputs_embeds``."""
         tok = self.wte(idx)                                    # [B, T, C]
+        if self.embed_scale != 1.0:  # gpt2 and llama skip the multiply: their runs stay bit for bit as they were
+            tok = tok * self.embed_scale
         if prefix is not None:
             tok = torch.cat([prefix.to(tok.dtype), tok], dim=1)  # [B, P+T, C]
         end = start + tok.shape[1]
@@ -192,7 +200,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {end} tokens exceeds the model's maximum context {self.cfg.max_positions}")
         if self.wpe is None:  # rotary positions enter in attention
             return self.drop(tok)
-        pos = torch.arange(start, end, device=idx.device)
+        pos = torch.arange(start + self.position_offset, end + self.position_offset, device=idx.device)
         return self.drop(tok + self.wpe(pos))                  # [B, T, C]
 
     def hidden(self, idx: torch.Tensor, prefix: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ is transformers' ``"gelu"``; ``"gelu_new"`` (tanh) would drift by ~1e-3 in the l
 written as dense tensors holding their zeros: transformers has no sparse format, and the card says so.
 
 The llama family (llama, qwen2) goes to ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``, whose layout is ours
-up to names (engine.publish.hf_llama).
+up to names (engine.publish.hf_llama); biogpt to ``BioGptForCausalLM``, likewise (engine.publish.hf_biogpt),
+with an imported BioGPT's own tokenizer files (vocab.json, merges.txt) as it shipped them.
 
 transformers itself is not needed to export (config.json is written by hand); ``verify_export`` uses it
 when installed.
@@ -29,9 +30,10 @@ from engine.core import registry
 from engine.core.config import RunConfig, from_dict
 from engine.core.errors import InputError
 from engine.store.queries import lineage, summary_row
-from engine.publish import hf_llama
+from engine.publish import hf_biogpt, hf_llama
 from engine.publish.run_export import check_target, file_kind, write_atomic
 from engine.store.rundb import PROMPT_ARTIFACT, RunDB
+from engine.data.biogpt_tokenizer import BioGptTokens
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 from engine.model.checkpoint import load_checkpoint
 from engine.model.classifier import LAST, MEAN, head_from_state
@@ -124,8 +126,20 @@ def llama_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict
     return out, sorted(set(src) - used)
 
 
+def biogpt_state_dict(state: dict[str, torch.Tensor], cfg: RunConfig, masks: dict | None = None
+                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our state dict -> transformers' BioGPT names; also the names we could not place."""
+    src = _masked_cpu(state, masks)
+    m = cfg.model
+    out = hf_biogpt.to_theirs(src, m.n_layer, m.tie_embeddings)
+    used = hf_biogpt.our_names(m.n_layer, m.tie_embeddings) | {"lm_head.weight"}  # a tied head: the same tensor
+    return out, sorted(set(src) - used)
+
+
 def hf_class(cfg: RunConfig) -> str:
     """The transformers class an export of this config loads in."""
+    if cfg.model.family == hf_biogpt.MODEL_TYPE:
+        return hf_biogpt.ARCHITECTURE
     return hf_llama.ARCHITECTURES.get(cfg.model.family, "GPT2LMHeadModel")
 
 
@@ -243,26 +257,23 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     if tok.get_vocab_size() != vocab_size:
         raise InputError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint {vocab_size}")
     eot, pad = special_ids(tok)
+    # an imported BioGPT's tokenizer has a bos token of its own; our byte-level BPE starts nothing
+    bos = tok.token_to_id(tok.specials["bos_token"]) if isinstance(tok, BioGptTokens) else eot
 
     if cfg.model.family == "gpt2":
         tensors, skipped = gpt2_state_dict(ck["model"], cfg, ck.get("masks"))
         hf_cfg = gpt2_config(cfg, vocab_size, eot, pad)
+    elif cfg.model.family == hf_biogpt.MODEL_TYPE:
+        tensors, skipped = biogpt_state_dict(ck["model"], cfg, ck.get("masks"))
+        hf_cfg = hf_biogpt.hf_config(cfg.model, vocab_size, bos, eot, pad)
     else:
         tensors, skipped = llama_state_dict(ck["model"], cfg, ck.get("masks"))
         hf_cfg = hf_llama.hf_config(cfg.model, vocab_size, eot, pad)
     out.mkdir(parents=True, exist_ok=True)
     _place(out, "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_json(out / "config.json", hf_cfg)
-    _write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": pad})
-    _place(out, TOKENIZER_FILE, lambda tmp: shutil.copyfile(tok_path, tmp))
-    _write_json(out / "tokenizer_config.json", {
-        # the generic fast tokenizer reads tokenizer.json as is: same pre-tokenizer, merges and specials
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD,
-        "model_max_length": cfg.model.max_positions,
-        "clean_up_tokenization_spaces": False,
-    })
-    _write_json(out / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD})
+    _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eot, "pad_token_id": pad})
+    write_tokenizer(out, tok, tok_path, cfg.model.max_positions)
 
     prompt_info = None
     if run["stage"] == registry.PROMPT:
@@ -278,7 +289,8 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     sparsity = _exported_sparsity(tensors)
     head = _run_head(db, run, cfg, ck)
     card = model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info,
-                      {"license": license, "language": [x.strip() for x in language.split(",") if x.strip()]}, head=head)
+                      {"license": license, "language": [x.strip() for x in language.split(",") if x.strip()]}, head=head,
+                      biogpt_tokens=isinstance(tok, BioGptTokens))
     _place(out, "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
     head_info = None
     if head is not None:  # described in the card, not exported (head_section says why)
@@ -287,6 +299,28 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     return {"run_id": run["id"], "model_run": model_run["id"], "checkpoint": str(ck_path), "out": str(out),
             "tensors": len(tensors), "skipped": skipped, "sparsity": sparsity, REPORT_PROMPT: prompt_info,
             REPORT_HEAD: head_info, "files": sorted(p.name for p in out.iterdir())}
+
+
+def write_tokenizer(out: Path, tok, tok_path: Path, max_positions: int) -> None:
+    """The run's tokenizer files: our byte-level BPE as tokenizer.json for the generic fast tokenizer, or
+    an imported BioGPT's vocab.json and merges.txt, as it shipped them, for BioGptTokenizer."""
+    if isinstance(tok, BioGptTokens):
+        for name, text in tok.files().items():
+            _place(out, name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+        specials = dict(tok.specials)
+        _write_json(out / "tokenizer_config.json", {"tokenizer_class": "BioGptTokenizer", **specials,
+                                                    "model_max_length": max_positions})
+        _write_json(out / "special_tokens_map.json", specials)
+        return
+    _place(out, TOKENIZER_FILE, lambda tmp: shutil.copyfile(tok_path, tmp))
+    _write_json(out / "tokenizer_config.json", {
+        # the generic fast tokenizer reads tokenizer.json as is: same pre-tokenizer, merges and specials
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD,
+        "model_max_length": max_positions,
+        "clean_up_tokenization_spaces": False,
+    })
+    _write_json(out / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD})
 
 
 def write_prompt_adapter(folder: Path, prompt: torch.Tensor, cfg: RunConfig) -> str:
@@ -310,7 +344,7 @@ def write_prompt_adapter(folder: Path, prompt: torch.Tensor, cfg: RunConfig) -> 
 
 
 EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", TOKENIZER_FILE, "tokenizer_config.json",
-                "special_tokens_map.json", "README.md", PROMPT_FILE)
+                "special_tokens_map.json", "README.md", PROMPT_FILE, "vocab.json", "merges.txt")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -364,8 +398,8 @@ def _exported_sparsity(tensors: dict[str, torch.Tensor]) -> dict:
     """Zeros in the exported attention and MLP matrices, counted from the tensors written."""
     zeros = total = 0
     for k, t in tensors.items():
-        if k.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight")) or (
-                k.endswith("_proj.weight") and (".self_attn." in k or ".mlp." in k)):
+        if k.endswith(("c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "mlp.c_proj.weight", ".fc1.weight",
+                       ".fc2.weight")) or (k.endswith("_proj.weight") and (".self_attn." in k or ".mlp." in k)):
             zeros += int((t == 0).sum())
             total += t.numel()
     all_params = sum(t.numel() for t in tensors.values())
@@ -433,9 +467,10 @@ def card_metadata(db: RunDB, run: dict, chain: list[dict], title: str, options: 
 
 def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, tensors: dict,
                skipped: list[str], sparsity: dict, prompt_info: dict | None, options: dict | None = None,
-               head: tuple[RunConfig, dict, int] | None = None) -> str:
+               head: tuple[RunConfig, dict, int] | None = None, biogpt_tokens: bool = False) -> str:
     """The README.md of an export. ``head``: the run's classification head (``_run_head``), described
-    and not exported; without it, the head in ``ck`` if any."""
+    and not exported; without it, the head in ``ck`` if any. ``biogpt_tokens``: the run's tokenizer is
+    an imported BioGPT's Moses + BPE (engine.data.biogpt_tokenizer), not our byte-level BPE."""
     chain = lineage(db, model_run["id"]) + ([run] if run is not model_run else [])
     m = cfg.model
     cls = hf_class(cfg)
@@ -444,6 +479,12 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
     if m.family == "gpt2":
         style = "A GPT-2-style"
         shape = "- pre-LayerNorm blocks, learned positions, exact (erf) GELU (`activation_function: gelu`), tied input/output embeddings"
+    elif m.family == hf_biogpt.MODEL_TYPE:
+        style = "A BioGPT-style"
+        act = "tanh GELU (`hidden_act: gelu_pytorch_tanh`)" if m.activation == "gelu_tanh" else "exact (erf) GELU"
+        shape = (f"- pre-LayerNorm blocks with biases, learned positions (table offset by 2 rows, as BioGPT's), {act} "
+                 f"MLP of width {m.inner}, token embeddings {'scaled by sqrt(d_model)' if m.scale_embedding else 'unscaled'}, "
+                 f"{'tied' if m.tie_embeddings else 'untied'} input/output embeddings")
     else:
         style = f"A {m.family}-family"
         shape = (f"- pre-RMSNorm blocks, rotary positions (theta {m.rope_theta:g}), SwiGLU MLP of width {m.inner}, "
@@ -467,7 +508,8 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
         "## Architecture",
         "",
         f"- {m.n_layer} layer{'s' if m.n_layer != 1 else ''}, width {m.d_model}, {m.n_head} heads, context {m.max_positions} tokens, "
-        f"vocabulary {ck.get('vocab_size')} (byte-level BPE with `{EOT}` and `{PAD}`)",
+        f"vocabulary {ck.get('vocab_size')} " + ("(BioGPT's Moses + BPE, `</s>` ending each document, `<pad>`)"
+                                                 if biogpt_tokens else f"(byte-level BPE with `{EOT}` and `{PAD}`)"),
         f"- {sparsity['params_total']:,} parameters, {sparsity['params_nonzero']:,} nonzero",
         shape,
         "",
@@ -535,9 +577,13 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
         "ids = tok(\"Abnormality of the\", return_tensors=\"pt\").input_ids",
         "print(tok.decode(model.generate(ids, max_new_tokens=20)[0]))",
         "```",
-        "", "The tokenizer adds no BOS token (as in training): documents are separated by "
-        f"`{EOT}`, batches padded with `{PAD}`.",
     ]
+    if biogpt_tokens:
+        lines += ["", "BioGptTokenizer (Moses + BPE; it needs the `sacremoses` package) puts `</s>` in front of a "
+                  "text, as BioGPT was trained: documents were separated by `</s>`, batches padded with `<pad>`."]
+    else:
+        lines += ["", "The tokenizer adds no BOS token (as in training): documents are separated by "
+                  f"`{EOT}`, batches padded with `{PAD}`."]
     if prompt_info:
         lines += [
             "", "## Soft prompt", "",

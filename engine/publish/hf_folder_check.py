@@ -1,4 +1,4 @@
-"""What ``import-hf`` checks in a Hugging Face model folder (gpt2, llama, qwen2) before it allocates anything.
+"""What ``import-hf`` checks in a Hugging Face model folder (gpt2, llama, qwen2, biogpt) before it allocates anything.
 
 ``check_folder`` reads only small things: ``config.json`` (size- and depth-limited JSON, the type and
 range of every field the import uses), the safetensors headers (every tensor's name, dtype and shape
@@ -34,10 +34,10 @@ from engine.core.errors import InputError
 from engine.core.machine_checks import available_memory
 from engine.core.registry import PRETRAIN
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE
-from engine.publish import hf_llama
+from engine.publish import hf_biogpt, hf_llama
 
-SUPPORTED = ("the model families gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM) and qwen2 (Qwen2ForCausalLM) "
-             "(config.json model_type 'gpt2', 'llama' or 'qwen2')")
+SUPPORTED = ("the model families gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM), qwen2 (Qwen2ForCausalLM) and "
+             "biogpt (BioGptForCausalLM) (config.json model_type 'gpt2', 'llama', 'qwen2' or 'biogpt')")
 
 CONFIG_LIMIT = 1 << 20            # config.json: GPT-2's is 1 KB
 INDEX_LIMIT = 16 << 20            # model.safetensors.index.json
@@ -218,8 +218,8 @@ def check_config(folder: Path) -> tuple[dict, Path]:
     if not isinstance(cfg, dict):
         raise _fail(f, f"must hold a JSON object, not {type(cfg).__name__}")
     arch = cfg.get("model_type")
-    if isinstance(arch, str) and arch in hf_llama.ARCHITECTURES:
-        return cfg, f  # its fields are read by hf_llama.model_fields
+    if isinstance(arch, str) and (arch in hf_llama.ARCHITECTURES or arch == hf_biogpt.MODEL_TYPE):
+        return cfg, f  # its fields are read by hf_llama.model_fields or hf_biogpt.model_fields
     if arch != "gpt2":
         archs = cfg.get("architectures")
         names = ", ".join(a for a in archs if isinstance(a, str))[:80] if isinstance(archs, list) else ""
@@ -267,7 +267,8 @@ def gpt2_params(n_layer: int, d: int, positions: int, vocab: int) -> int:
 
 
 def _llama_params(expected: dict[str, tuple], vocab: int) -> int:
-    """Parameters of a llama-family model: its tensors, the embedding (and an untied head) at ``vocab`` rows."""
+    """Parameters of a llama-family (or biogpt) model: its tensors, the embedding (and an untied head) at
+    ``vocab`` rows."""
     return sum(math.prod(vocab if s is None else s for s in shape) for shape in expected.values())
 
 
@@ -305,10 +306,11 @@ class _Tensors:
     """Collects tensors (name, dtype, shape) from the weight files and checks them against the config."""
 
     def __init__(self, n_layer: int, d: int, positions: int, vocab: int | None, expected: dict | None = None,
-                 embed: str = "wte.weight", what: str = "GPT-2"):
+                 embed: str = "wte.weight", what: str = "GPT-2", head: str = "lm_head.weight"):
         self.n_layer, self.d, self.vocab = n_layer, d, vocab
         self.expected = expected if expected is not None else expected_shapes(n_layer, d, positions)
         self.embed, self.what = embed, what  # the token embedding's name; the family, for messages
+        self.head = head  # the LM head's name: stored for an untied head, and may be for a tied one
         self.where: dict[str, Path] = {}       # tensor (without "transformer.") -> file
         self.rows: dict[str, int] = {}          # wte's and lm_head's rows
         self.numel = 0                          # of every tensor read (buffers included)
@@ -326,7 +328,7 @@ class _Tensors:
         if buffer and int(buffer.group(1) or buffer.group(2)) < self.n_layer:
             self.where[name] = f
             return  # an attention-mask buffer of older transformers: not read
-        if name not in self.expected and name != "lm_head.weight":
+        if name not in self.expected and name != self.head:
             raise _fail(f, f"holds the tensor {_val(raw)}, which a {self.n_layer}-layer {self.what} has no place for")
         if dtype not in FLOAT_DTYPES:
             raise _fail(f, f"the tensor {_val(raw)} has dtype {dtype}; {self.what}'s weights are floating point")
@@ -337,7 +339,7 @@ class _Tensors:
         if tuple(shape) != want:
             raise _fail(f, f"the tensor {_val(raw)} has shape {list(shape)}, where the config ({self.n_layer} layers of "
                            f"width {self.d}) gives {list(want)}")
-        if len(want) == 2 and name in (self.embed, "lm_head.weight"):
+        if len(want) == 2 and name in (self.embed, self.head):
             if not VOCAB[0] <= shape[0] <= VOCAB[1]:
                 raise _fail(f, f"the tensor {_val(raw)} has {shape[0]:,} rows (1 to {VOCAB[1]:,} are read)")
             self.rows[name] = shape[0]
@@ -351,9 +353,9 @@ class _Tensors:
             raise _fail(index_or_file, f"the weights lack {missing[0]}{more}, which the config's {self.n_layer}-layer "
                                        f"{self.what} has")
         rows = self.rows[self.embed]
-        if self.rows.get("lm_head.weight", rows) != rows:
-            raise _fail(self.where["lm_head.weight"], f"lm_head.weight has {self.rows['lm_head.weight']:,} rows and "
-                                                      f"the token embedding {rows:,}; they must match")
+        if self.rows.get(self.head, rows) != rows:
+            raise _fail(self.where[self.head], f"{self.head} has {self.rows[self.head]:,} rows and "
+                                               f"the token embedding {rows:,}; they must match")
         return rows
 
 
@@ -502,10 +504,58 @@ def check_bin(folder: Path, tensors: _Tensors, params: int, available: int | Non
 # -- tokenizer --------------------------------------------------------------------------------------
 
 
-def check_tokenizer(folder: Path):
+def _biogpt_specials(folder: Path) -> dict[str, str]:
+    """The special tokens tokenizer_config.json names (strings, or transformers' AddedToken objects);
+    BioGptTokenizer's defaults for the others."""
+    member = _member(folder, "tokenizer_config.json", CONFIG_LIMIT)
+    if member is None:
+        return {}
+    f = folder / "tokenizer_config.json"
+    cfg = _json(_read(member[0], f, member[1]), f, "the tokenizer config")
+    if not isinstance(cfg, dict):
+        raise _fail(f, f"must hold a JSON object, not {type(cfg).__name__}")
+    out = {}
+    for key in ("bos_token", "eos_token", "sep_token", "unk_token", "pad_token"):
+        v = cfg.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        if v is not None and not isinstance(v, str):
+            raise _fail(f, f"{key} must be a token (a string), got {_val(v)}")
+        if v:
+            out[key] = v
+    return out
+
+
+def check_biogpt_tokenizer(folder: Path):
+    """BioGPT's Moses + BPE (vocab.json, merges.txt, tokenizer_config.json), as transformers'
+    BioGptTokenizer reads it (engine.data.biogpt_tokenizer); needs transformers and sacremoses."""
+    from engine.data.biogpt_tokenizer import BioGptTokens
+
+    vocab = _member(folder, "vocab.json", TOKENIZER_LIMIT)
+    merges = _member(folder, "merges.txt", TOKENIZER_LIMIT)
+    if vocab is None or merges is None:
+        raise InputError(f"{show_path(folder)} has no tokenizer: BioGPT's vocab.json with merges.txt (or a "
+                         "tokenizer.json)", key="dir", path=str(folder))
+    texts = []
+    for (real, size), name in ((vocab, "vocab.json"), (merges, "merges.txt")):
+        try:
+            texts.append(_read(real, folder / name, size).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise _fail(folder / name, f"is not UTF-8 text ({_first_line(e)})") from None
+    shown = folder / "vocab.json"
+    try:
+        return BioGptTokens(texts[0], texts[1], _biogpt_specials(folder)), shown
+    except InputError:
+        raise  # transformers or sacremoses missing: what to install
+    except Exception as e:  # noqa: BLE001 - whatever transformers makes of odd files is one line too
+        raise _fail(shown, f"with merges.txt is not a BioGPT tokenizer that loads ({_first_line(e)})") from None
+
+
+def check_tokenizer(folder: Path, family: str = "gpt2"):
     from tokenizers import Tokenizer
 
     member = _member(folder, TOKENIZER_FILE, TOKENIZER_LIMIT)
+    if member is None and family == hf_biogpt.MODEL_TYPE:
+        return check_biogpt_tokenizer(folder)  # vocab.json + merges.txt of a BioGPT: Moses + BPE, not byte-level
     if member is not None:
         shown = folder / TOKENIZER_FILE
         try:
@@ -549,6 +599,7 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
         raise InputError(f"{show_path(folder)} is not a folder", key="dir", path=str(folder))
     hf, cfg_file = check_config(folder)
     family = hf["model_type"]
+    head = "lm_head.weight"
     if family == "gpt2":
         n_layer, d, n_head = hf["n_layer"], hf["n_embd"], hf["n_head"]
         positions = hf.get("n_positions", 1024)
@@ -558,12 +609,14 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
         params_of = functools.partial(gpt2_params, n_layer, d, positions)
         embed, what, tensors_of = "wte.weight", f"a {n_layer}-layer GPT-2 of width {d}", None
     else:
-        fields = hf_llama.model_fields(hf, cfg_file, _fail, _int)
-        n_layer, d, n_head, positions, act = (fields["n_layer"], fields["d_model"], fields["n_head"],
-                                              fields["n_positions"], "silu")
-        tensors_of = hf_llama.expected_shapes(fields)
+        biogpt = family == hf_biogpt.MODEL_TYPE
+        fields = (hf_biogpt if biogpt else hf_llama).model_fields(hf, cfg_file, _fail, _int)
+        n_layer, d, n_head, positions = fields["n_layer"], fields["d_model"], fields["n_head"], fields["n_positions"]
+        act = fields["activation"] if biogpt else "silu"
+        tensors_of = (hf_biogpt if biogpt else hf_llama).expected_shapes(fields)
         params_of = functools.partial(_llama_params, tensors_of)
-        embed, what = "model.embed_tokens.weight", f"a {n_layer}-layer {family} of width {d}"
+        embed, what = hf_biogpt.EMBED if biogpt else "model.embed_tokens.weight", f"a {n_layer}-layer {family} of width {d}"
+        head = hf_biogpt.HEAD if biogpt else head
     vocab_cfg = hf.get("vocab_size")
     if family != "gpt2" and vocab_cfg is not None:
         _int(hf, "vocab_size", VOCAB, cfg_file)
@@ -571,7 +624,7 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
     params = params_of(vocab_cfg or 0)
     check_memory(import_memory(params, 4 * params, True), cfg_file, f"{what} has {params:,} parameters", available)
 
-    tensors = _Tensors(n_layer, d, positions, vocab_cfg, tensors_of, embed, "GPT-2" if family == "gpt2" else family)
+    tensors = _Tensors(n_layer, d, positions, vocab_cfg, tensors_of, embed, "GPT-2" if family == "gpt2" else family, head)
     files = check_safetensors(folder, tensors, n_layer)
     bin_state = None
     if not files:
@@ -586,7 +639,7 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
     need = import_memory(params, tensors.nbytes, tensors.all_fp32)
     check_memory(need, tensors.where[embed], f"{what} with {rows:,} token rows", available)
 
-    tok, tok_file = check_tokenizer(folder)
+    tok, tok_file = check_tokenizer(folder, family)
     notes = []
     if tok.token_to_id(EOT) is None:
         raise _fail(tok_file, f"the tokenizer lacks {EOT}, which every document ends with here")

@@ -1,13 +1,14 @@
-"""``mediswift import-hf DIR``: a local Hugging Face model folder of a supported family (gpt2, llama, qwen2)
+"""``mediswift import-hf DIR``: a local Hugging Face model folder of a supported family (gpt2, llama, qwen2, biogpt)
 as a run of stage ``import``, usable as a parent everywhere (sparse continued pre-training, dense fine-tuning, soft prompting).
 
 What is read, and nothing else: ``config.json`` (JSON), the weights as ``model.safetensors`` (or
 sharded ``model-*.safetensors`` with their index) or ``pytorch_model.bin`` loaded with
 ``weights_only=True`` (tensors only, no code), and ``tokenizer.json`` (or GPT-2's ``vocab.json`` +
-``merges.txt``). All of it is checked before a tensor is read (engine.publish.hf_folder_check): a
+``merges.txt``, or BioGPT's, which are Moses + BPE: engine.data.biogpt_tokenizer). All of it is checked before a tensor is read (engine.publish.hf_folder_check): a
 hostile folder is one line and exit 2, and leaves no run row or folder behind. The weights are mapped
 back from GPT-2's layout (Conv1D, fused q/k/v) to ours, the inverse of engine.publish.hf_export, so
-export-hf -> import-hf gives the same function; the llama family's are renamed only (engine.publish.hf_llama).
+export-hf -> import-hf gives the same function; the llama family's and BioGPT's are renamed only
+(engine.publish.hf_llama, engine.publish.hf_biogpt).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from engine.core.registry import IMPORT
 from engine.data.vocab import TOKENIZER_FILE, save_tokenizer
 from engine.model.checkpoint import FORMAT, checkpoint_name, file_sha256, save_checkpoint
 from engine.model.gpt import GPT
-from engine.publish import hf_llama
+from engine.publish import hf_biogpt, hf_llama
 from engine.publish.hf_folder_check import SUPPORTED, CheckedFolder, check_folder, is_buffer, show_path
 from engine.store.rundb import TOKENIZER_ARTIFACT, RunDB
 
@@ -89,8 +90,12 @@ def import_hf(db: RunDB, folder: str | Path, runs_dir: Path, name: str | None = 
             where = checked.tensor_file[key]
             raise InputError(f"{show_path(where)}: the tensor {raw} holds NaN or infinite values", key="dir", path=str(where))
     m = cfg.model
-    state = our_state_dict(hf, n_layer) if m.family == "gpt2" else hf_llama.to_ours(hf, n_layer, m.family,
-                                                                                     m.tie_embeddings)
+    if m.family == "gpt2":
+        state = our_state_dict(hf, n_layer)
+    elif m.family == hf_biogpt.MODEL_TYPE:
+        state = hf_biogpt.to_ours(hf, n_layer, m.tie_embeddings)
+    else:
+        state = hf_llama.to_ours(hf, n_layer, m.family, m.tie_embeddings)
     del hf
     if vocab > rows:  # the <|pad|> row the tokenizer gained: zeros (an untied head's too, so its logit is 0)
         for key in ("wte.weight", "lm_head.weight"):

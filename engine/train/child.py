@@ -28,7 +28,7 @@ from engine.train.step import MicroBatch
 from engine.train.task_feeds import make_feed
 
 SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias", "activation", "family", "n_kv_head", "d_ff",
-              "rope_theta", "norm_eps", "tie_embeddings")
+              "rope_theta", "norm_eps", "tie_embeddings", "scale_embedding")
 MIN_TOKENS = 16  # room left for text after the soft prompt
 
 

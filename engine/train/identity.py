@@ -26,4 +26,4 @@ class RunIdentity:
 def continues_import(cfg: RunConfig, parent: RunRef | None) -> bool:
     """A pre-training whose parent is an imported model continues that model's weights (and so takes
     its shape, as a fine-tune does); from any other parent it reuses only the vocabulary."""
-    return cfg.stage == registry.PRETRAIN and parent is not None and parent.stage == registry.IMPORT
+    return cfg.stage == registry.PRETRAIN and parent is not None and registry.shape_from_parent(cfg.stage, parent.stage)

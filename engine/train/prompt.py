@@ -41,7 +41,9 @@ class PromptStage:
         self.prompt = SoftPrompt(cfg.prompt.n_tokens, cfg.model.d_model).to(rt.device)
         self.init_ids = init_ids(self.child.tok, cfg.prompt, cfg.train.seed)
         with torch.no_grad():
-            self.prompt.weight.copy_(self.model.wte.weight[torch.tensor(self.init_ids, device=rt.device)])
+            # the vectors those tokens enter the blocks as: BioGPT scales its token embeddings (x 1 elsewhere)
+            rows = self.model.wte.weight[torch.tensor(self.init_ids, device=rt.device)]
+            self.prompt.weight.copy_(rows * getattr(self.model, "embed_scale", 1.0))
         self.head = None
         if registry.task(cfg.task.name).labelled and cfg.task.head == "classifier":
             self.head = new_head(cfg.model.d_model, len(get_task(cfg.task.name).CLASSES), cfg.task.pooling).to(rt.device)

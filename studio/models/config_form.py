@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.core.config import METHODS, SECTIONS, RunConfig, from_dict
+from engine.core.config import METHODS, SECTIONS, ModelConfig, RunConfig, from_dict
 from engine.core.errors import InputError
-from engine.core.registry import FINETUNE, STAGES, TASK_STAGES, TASKS, task_fields
+from engine.core.registry import FINETUNE, STAGES, TASK_STAGES, TASKS, shape_from_parent, task_fields
+from studio.models.families import DEFAULT_FAMILY, heads_text
 from studio.models.labels import is_sparse_stage, is_task_stage, parent_stages, stage_text
 
 PARENT_STATUSES = ("completed", "stopped")  # a finished model (stopped runs end on a checkpoint)
@@ -48,15 +49,16 @@ def applies(key: str, flat: dict[str, Any]) -> bool:
     return True
 
 
-def takes_parent_shape(stage_name: str) -> bool:
-    spec = STAGES.get(stage_name)
-    return bool(spec and spec.takes_parent_shape)
+def takes_parent_shape(stage_name: str, parent: dict | None = None) -> bool:
+    """Whether the run takes its model from ``parent`` (a run row): fine-tuning and prompting always, a
+    pre-training when the parent is an imported model it continues (the engine's rule)."""
+    return shape_from_parent(stage_name, (parent or {}).get("stage"))
 
 
-def shown_for_stage(key: str, stage_name: str) -> bool:
+def shown_for_stage(key: str, stage_name: str, parent: dict | None = None) -> bool:
     """A key of a section the stage reads that the stage may set (a child run's model keys are its parent's
     but the context length; fine-tuning keys belong to fine-tuning)."""
-    if key.startswith("model.") and takes_parent_shape(stage_name):
+    if key.startswith("model.") and takes_parent_shape(stage_name, parent):
         return key in CHILD_MODEL_KEYS
     return stage_name in STAGE_KEYS.get(key, (stage_name,))
 
@@ -73,11 +75,35 @@ def parent_shape(run: dict | None) -> dict | None:
     return {**model, "vocab_size": vocab}
 
 
+def with_parent_shape(cfg: RunConfig, parent: dict | None) -> RunConfig:
+    """``cfg`` as the engine will train it where it takes ``parent``'s model: the parent's shape and family,
+    the context length the form sets if not the default (as the engine reads a model.n_ctx given), and the
+    parent's vocabulary. What the schedule preview and other FLOP counts must use; ``cfg`` unchanged
+    otherwise (or when the parent's stored config no longer validates)."""
+    shape = parent_shape(parent) if takes_parent_shape(cfg.stage, parent) else None
+    if not shape:
+        return cfg
+    d = cfg.to_dict()
+    vocab = shape.pop("vocab_size", None)
+    n_ctx = d["model"]["n_ctx"] if d["model"]["n_ctx"] != ModelConfig().n_ctx else shape.get("n_ctx")
+    d["model"] = {**shape, "n_ctx": n_ctx, "n_positions": shape.get("n_positions") or shape.get("n_ctx")}
+    if vocab and "tokenizer" in d:
+        d["tokenizer"]["vocab_size"] = int(vocab)
+    try:
+        return from_dict(d)
+    except InputError:
+        return cfg
+
+
 def shape_text(shape: dict) -> str:
-    """'4 layers · d_model 128 · 4 heads · context 128 (up to 256) · vocabulary 8,192'."""
+    """'llama · 4 layers · d_model 128 · 4 heads / 2 kv · d_ff 344 · context 128 (up to 256) · vocabulary 8,192'
+    (grouped-query heads and the MLP width only where the model has them)."""
     n_ctx, n_pos = shape.get("n_ctx"), shape.get("n_positions") or shape.get("n_ctx")
-    parts = [f"{shape.get('n_layer')} layers", f"d_model {shape.get('d_model')}", f"{shape.get('n_head')} heads",
-             f"context {n_ctx}" + (f" (up to {n_pos})" if n_pos and n_pos != n_ctx else "")]
+    parts = [shape.get("family") or DEFAULT_FAMILY, f"{shape.get('n_layer')} layers", f"d_model {shape.get('d_model')}",
+             heads_text(shape)]
+    if shape.get("d_ff"):
+        parts.append(f"d_ff {shape['d_ff']}")
+    parts.append(f"context {n_ctx}" + (f" (up to {n_pos})" if n_pos and n_pos != n_ctx else ""))
     if shape.get("vocab_size"):
         parts.append(f"vocabulary {int(shape['vocab_size']):,}")
     return " · ".join(parts)

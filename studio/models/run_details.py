@@ -7,17 +7,21 @@ import json
 from engine.core.config import from_dict
 from engine.core.errors import InputError
 from studio.models import formatting as fmt
+from studio.models.config_form import shape_text
+from studio.models.families import run_model
 from studio.models.labels import STATUS_COLORS, stage_text
 from studio.models.run_store import disk_usage
 
 
 def detail_html(run: dict, checkpoints: list[dict]) -> str:
-    """Name, stage, status, parent, checkpoints and disk use, folder, duration, summary, error: one a line."""
+    """Name, stage, status, model, parent, checkpoints and disk use, folder, duration, summary, error: one a
+    line."""
     rid = run["id"]
     disk = disk_usage(run, checkpoints)
     summary = run.get("summary") or {}
     lines = [f"<b>{run.get('name') or rid}</b> ({rid}) — {stage_text(run['stage'])}",
              f"status <b style='color:{STATUS_COLORS.get(run['status'], '#333')}'>{run['status']}</b>",
+             *([f"model: {shape_text(model)}"] if (model := run_model(run)) else []),
              f"parent: {run.get('parent_id') or '—'}",
              f"checkpoints: {len(checkpoints)}" + (f", last at step {checkpoints[-1]['step']}" if checkpoints else "")
              + (f" · disk: {fmt.nbytes(disk['checkpoint_bytes'])} in checkpoints, {fmt.nbytes(disk['run_dir_bytes'])} "

@@ -19,11 +19,13 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QMainWindow, QMessageBox, QTabWidget, QWidget
 
+from engine.core.config import FAMILIES
 from engine.core.paths import default_db_path, default_runs_dir
 from studio.commands.engine_process import EngineProcess, train_args
 from studio.commands.hf_export import HfExportJob
 from studio.commands.run_commands import Commands
 from studio.models.config_form import PARENT_STATUSES
+from studio.models.families import model_line, run_model
 from studio.models.formatting import elide
 from studio.models.labels import STATUS_MARKS
 from studio.models.run_store import LIVE_STATUSES, RunStore
@@ -60,7 +62,7 @@ class MainWindow(QMainWindow):
         self.form = RunForm(self.store, self.runs_dir)
         self.schedule = SchedulePreview()  # below the estimate: what the masks will do, before launch
         self.form.add_side_widget(self.schedule)
-        self.form.changed.connect(lambda: self.schedule.show_config(self.form.config if self.form.is_valid() else None))
+        self.form.changed.connect(lambda: self.schedule.show_config(self.form.planned_config()))
         self.estimate = EstimatePanel(lambda n: self.form.estimate_args(n) if self.form.is_valid() else None)
         self.form.add_side_widget(self.estimate)
         self.form.changed.connect(lambda: self.estimate.config_changed(self.form.is_valid()))
@@ -95,7 +97,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.db_label)
         self.store.status_changed.connect(self._store_status)
         self.estimate.config_changed(self.form.is_valid())
-        self.schedule.show_config(self.form.config if self.form.is_valid() else None)
+        self.schedule.show_config(self.form.planned_config())
         if attach:
             self.reattach()
 
@@ -190,9 +192,10 @@ class MainWindow(QMainWindow):
             self.tabs.setTabToolTip(i, title)
 
     def import_model(self, folder: str | None = None) -> EngineProcess | None:
-        """A Hugging Face GPT-2 folder as a run to start from (``mediswift import-hf``, in the background);
-        it then appears in the runs browser and in the parent pickers."""
-        folder = folder or QFileDialog.getExistingDirectory(self, "Import a Hugging Face GPT-2 model folder")
+        """A Hugging Face model folder (of a family the engine has) as a run to start from (``mediswift
+        import-hf``, in the background); it then appears in the runs browser and in the parent pickers."""
+        folder = folder or QFileDialog.getExistingDirectory(
+            self, f"Import a Hugging Face model folder ({', '.join(FAMILIES)})")
         if not folder:
             return None
         out: list[str] = []
@@ -210,8 +213,12 @@ class MainWindow(QMainWindow):
             report = json.loads(out[-1])
             self.browser.refresh()
             self.form.refresh_parents()
-            self.statusBar().showMessage(f"imported {report['from']} as run {report['run_id']} ({report['params']:,} "
-                                         "parameters): pick it as the parent of a run", 15000)
+            # the family and shape as stored (grouped-query heads included), as the runs list shows them
+            run = self.store.run(report["run_id"])
+            model = run_model(run) if run else None
+            shape = model_line(model) if model else report.get("family", "")
+            self.statusBar().showMessage(f"imported {report['from']} as run {report['run_id']} ({shape}, "
+                                         f"{report['params']:,} parameters): pick it as the parent of a run", 15000)
         else:
             lines = [ln.split("error: ", 1)[-1] for ln in proc.stderr_lines if ln.strip()]
             message = lines[-1] if lines else f"import-hf failed (exit code {code})"

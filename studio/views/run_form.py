@@ -28,8 +28,9 @@ from engine.core.registry import PRETRAIN
 from studio.commands.engine_process import command_preview, train_args
 from studio.models.config_form import (
     BASIC_KEYS, RUN_KEYS, applies, flatten, nested, parent_shape, shape_text, shown_for_stage, takes_parent_shape,
-    validate,
+    validate, with_parent_shape,
 )
+from studio.models.families import FAMILY_KEY, reads
 from studio.models.labels import SECTION_TITLES, STAGE_LABELS, hidden_sections, parent_stages
 from studio.models.preflight import preflight
 from studio.models.run_store import RunStore
@@ -114,9 +115,11 @@ class RunForm(QWidget):
             box = QGroupBox(SECTION_TITLES.get(sec, sec))
             form = QFormLayout(box)
             form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-            for key in self.docs:
-                if key.startswith(sec + ".") and key not in BASIC_KEYS:
-                    self._add_row(form, key, key.split(".", 1)[1], box)
+            # model.family first: it decides which of the model keys below it are shown
+            keys = sorted((k for k in self.docs if k.startswith(sec + ".") and k not in BASIC_KEYS),
+                          key=lambda k: k != FAMILY_KEY)
+            for key in keys:
+                self._add_row(form, key, key.split(".", 1)[1], box)
             self.forms[sec] = form
             self.groups[sec] = box
             adv.addWidget(box)
@@ -126,7 +129,7 @@ class RunForm(QWidget):
         self.editors["stage"].changed.connect(self._stage_changed)
         self.editors["task.name"].changed.connect(self._update_applicable)
         self.editors["sparsity.method"].changed.connect(self._update_applicable)
-        self.editors["parent"].changed.connect(self._show_parent_shape)
+        self.editors["parent"].changed.connect(self._parent_changed)
         self.fields_scroll = QScrollArea()
         self.fields_scroll.setWidgetResizable(True)
         self.fields_scroll.setWidget(fields)
@@ -345,37 +348,58 @@ class RunForm(QWidget):
 
     # -- stage and parent --------------------------------------------------------------------------------
     def _stage_changed(self) -> None:
-        stage = self.editors["stage"].value()
         self._update_rows()
-        model = self.groups.get("model")
-        if model is not None:
-            model.setTitle("Model (the parent's, but the context length)" if takes_parent_shape(stage)
-                           else SECTION_TITLES.get("model", "model"))
+        self._model_title()
         self.refresh_parents()
         self._show_parent_shape()
         self._update_applicable()
         self._advanced_title()
 
     def _update_rows(self) -> None:
-        """Show the keys the stage reads (and any key with an error, so it can be fixed); a section's box
-        only while it has a row to show."""
-        stage = self.editors["stage"].value()
+        """Show the keys the stage and the model family read (and any key with an error, so it can be
+        fixed); a section's box only while it has a row to show."""
+        stage, parent = self.editors["stage"].value(), self.parent_run()
+        family = self.editors[FAMILY_KEY].value()
         hidden = hidden_sections(stage)  # sections a stage does not read: the form only asks what matters
         for key, (form, container) in self.rows.items():
-            shown = key.split(".", 1)[0] not in hidden and shown_for_stage(key, stage)
+            shown = (key.split(".", 1)[0] not in hidden and shown_for_stage(key, stage, parent)
+                     and reads(family, key))
             form.setRowVisible(container, shown or bool(self.editors[key].error))
         for sec, box in self.groups.items():
             keys = [k for k in self.advanced_keys() if k.startswith(sec + ".")]
             box.setVisible(any(self.rows[k][0].isRowVisible(self.rows[k][1]) for k in keys))
 
+    def parent_run(self) -> dict | None:
+        """The chosen parent's row in the run store (None: no parent, or one not in this database)."""
+        parent_id = self.editors["parent"].value()
+        return self.store.run(parent_id) if parent_id else None
+
+    def planned_config(self) -> RunConfig | None:
+        """The valid config as the engine will train it: with the parent's model where the run takes it (a
+        fine-tune, or a pre-training that continues an imported model), so FLOP counts use that family."""
+        return with_parent_shape(self.config, self.parent_run()) if self.is_valid() else None
+
+    def _model_title(self) -> None:
+        model = self.groups.get("model")
+        if model is not None:
+            model.setTitle("Model (the parent's, but the context length)"
+                           if takes_parent_shape(self.editors["stage"].value(), self.parent_run())
+                           else SECTION_TITLES.get("model", "model"))
+
+    def _parent_changed(self) -> None:
+        # a pre-training that continues an imported parent takes that parent's model keys
+        self._model_title()
+        self._update_rows()
+        self._show_parent_shape()
+
     def _show_parent_shape(self) -> None:
         """A run that takes its parent's model shows that shape (from the parent's stored config), read-only."""
-        show = takes_parent_shape(self.editors["stage"].value())
+        parent_id, run = self.editors["parent"].value(), self.parent_run()
+        show = takes_parent_shape(self.editors["stage"].value(), run)
         self.basic_form.setRowVisible(self.shape_label, show)
         if not show:
             return
-        parent_id = self.editors["parent"].value()
-        shape = parent_shape(self.store.run(parent_id)) if parent_id else None
+        shape = parent_shape(run)
         self.shape_label.setText(f"from the parent: {shape_text(shape)}" if shape
                                  else "from the parent run (choose one)" if not parent_id
                                  else f"from the parent run {parent_id} (not in this database)")

@@ -1,7 +1,8 @@
-"""Every run in the database: status, stage, lineage (parent → child tree) with each stage's best score
-next to its majority and TF-IDF baselines, tags and notes, with filter and search. Opening a run shows its charts
-from the database; a live one keeps filling (re-attach). Several selected runs open in the Compare tab
-or export their metrics; one selected run exports its config (TOML) or its model (Hugging Face).
+"""Every run in the database: status, stage, model (family and shape), lineage (parent → child tree)
+with each stage's best score next to its majority and TF-IDF baselines, tags and notes, with filter and
+search. Opening a run shows its charts from the database; a live one keeps filling (re-attach).
+Several selected runs open in the Compare tab or export their metrics; one selected run exports its
+config (TOML) or its model (Hugging Face).
 Tags, notes, archive and delete use the one ``RunNotesEditor``; delete puts a run in the studio's trash
 (``studio.commands.run_trash``), with Undo in a bar above the list. The list follows the run store: rebuilt
 when a run appears, goes or changes (within a tick of the store's poll), and at most every few seconds
@@ -24,6 +25,8 @@ from engine.core.errors import InputError
 from studio.commands.exports import FORMATS, write_config, write_metrics
 from studio.commands.run_commands import Commands
 from studio.models import formatting as fmt
+from studio.models.config_form import shape_text
+from studio.models.families import model_line, run_model
 from studio.models.labels import STAGE_LABELS, STATUS_COLORS, STATUSES, exports_model, stage_text
 from studio.models.lineage import BASELINES_TIP, best_scores, chain_html, score_text
 from studio.models.run_details import config_text, detail_html
@@ -34,12 +37,13 @@ from studio.views.run_notes import RunNotesEditor, ask
 from studio.widgets.sorted_items import SortedItem
 from studio.widgets.trash_bar import TrashBar
 
-COLUMNS = ("Name", "Id", "Stage", "Status", "Best score (baselines)", "Steps", "FLOPs", "Loss", "Val loss", "Created",
-           "Tags", "Notes")
-NAME, STATUS, SCORE, STEPS, FLOPS, LOSS, VAL, CREATED, TAGS, NOTES = (COLUMNS.index(c) for c in (
-    "Name", "Status", "Best score (baselines)", "Steps", "FLOPs", "Loss", "Val loss", "Created", "Tags", "Notes"))
-WIDTHS = {"Name": 160, "Id": 66, "Stage": 128, "Status": 74, "Steps": 54, "FLOPs": 86, "Loss": 58, "Val loss": 62,
-          "Created": 112, "Tags": 110}
+COLUMNS = ("Name", "Id", "Stage", "Status", "Model", "Best score (baselines)", "Steps", "FLOPs", "Loss", "Val loss",
+           "Created", "Tags", "Notes")
+NAME, STATUS, MODEL, SCORE, STEPS, FLOPS, LOSS, VAL, CREATED, TAGS, NOTES = (COLUMNS.index(c) for c in (
+    "Name", "Status", "Model", "Best score (baselines)", "Steps", "FLOPs", "Loss", "Val loss", "Created", "Tags",
+    "Notes"))
+WIDTHS = {"Name": 160, "Id": 66, "Stage": 128, "Status": 74, "Model": 200, "Steps": 54, "FLOPs": 86, "Loss": 58,
+          "Val loss": 62, "Created": 112, "Tags": 110}
 SCORE_MAX_W = 520  # the score column fits its longest text up to this width (the rest is in its tooltip)
 REFRESH_MS = 3000  # while live runs progress, the list is rebuilt at most this often
 
@@ -108,6 +112,8 @@ class RunsBrowser(QWidget):
             if c in WIDTHS:
                 self.tree.setColumnWidth(i, WIDTHS[c])
         self.tree.headerItem().setToolTip(FLOPS, "Training FLOPs spent (the run's total once it ended)")
+        self.tree.headerItem().setToolTip(MODEL, "The model's family (model.family) and shape: layers, width, "
+                                                 "attention heads / key-value heads")
         delete = QAction("Delete", self.tree)  # the Delete key on the list: to the trash, with Undo
         delete.setShortcut(QKeySequence.StandardKey.Delete)
         delete.setShortcutContext(Qt.ShortcutContext.WidgetShortcut)
@@ -271,6 +277,8 @@ class RunsBrowser(QWidget):
         loss = (last or {}).get("value")
         texts = [""] * len(COLUMNS)
         texts[:4] = [r.get("name") or "", r["id"], stage_text(r["stage"]), r["status"]]
+        model = run_model(r)
+        texts[MODEL] = model_line(model) if model else ""
         texts[SCORE] = score_text(best)
         texts[STEPS] = f"{step:,}" if step is not None else ""
         texts[FLOPS] = fmt.flops(flops) if flops else ""
@@ -288,6 +296,8 @@ class RunsBrowser(QWidget):
         item.setForeground(SCORE, self.tree.palette().color(QPalette.ColorRole.Link))  # (readable light or dark)
         if texts[SCORE]:
             item.setToolTip(SCORE, f"{texts[SCORE]}\n{BASELINES_TIP}")
+        if model:
+            item.setToolTip(MODEL, shape_text(model))
         if flops:
             item.setToolTip(FLOPS, f"{flops:,.0f} training FLOPs")
         return item

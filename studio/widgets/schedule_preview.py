@@ -1,9 +1,10 @@
 """Before launch: the sparsity a pre-training run plans, step by step, and its FLOPs per step.
 
 Drawn from the same schedule the engine follows (engine.core.sparsity_schedule, plain arithmetic),
-for the form's current method, distribution and shape: the overall sparsity and each layer group's
-(attention, MLP; they differ under ERK), the mask updates as ticks, and the training FLOPs per step
-(GMP's denser early steps, RigL's dense-gradient update steps).
+for the form's current method, distribution, model family and shape: the overall sparsity and each
+layer group's (attention, MLP; they differ under ERK), the mask updates as ticks, and the training
+FLOPs per step (the family's formula, engine.core.flops; GMP's denser early steps, RigL's
+dense-gradient update steps).
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pyqtgraph as pg
 from PySide6.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from engine.core.config import RunConfig
-from engine.core.flops import flop_model_for_config
+from engine.core.flops import flop_model_for_model
 from engine.core.registry import PRETRAIN
-from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, planned
+from engine.core.sparsity_schedule import Schedule, layer_shapes, planned
 from studio.widgets.chart_style import ChartTheme, ThemeFollower, compact_ticks, outside_legend, style_plot
 
 MAX_POINTS = 2000  # a long run is drawn on a coarser grid; the plan itself is per step
@@ -68,8 +69,10 @@ class SchedulePreview(QGroupBox):
         self.setVisible(True)
         m, tc = cfg.model, cfg.train
         sched = Schedule.from_config(cfg)
-        fm = flop_model_for_config(m.n_layer, m.d_model, m.n_ctx, cfg.tokenizer.vocab_size, 0.0)
-        self.plan = planned(sched, gpt_layer_shapes(m.n_layer, m.d_model), tc.max_steps, fm)
+        # the family's matrices and FLOP formula (grouped-query k/v, SwiGLU's three MLP matrices), as the
+        # engine's estimate counts them
+        fm = flop_model_for_model(m, cfg.tokenizer.vocab_size, 0.0)
+        self.plan = planned(sched, layer_shapes(m), tc.max_steps, fm)
         tokens = tc.batch_size * tc.grad_accum * m.n_ctx * tc.nproc * tc.nnodes
         step = np.asarray(self.plan["step"], dtype=float)
         keep = np.unique(np.linspace(0, len(step) - 1, min(len(step), MAX_POINTS)).astype(int))
