@@ -12,8 +12,9 @@ Configurations (one optimizer step each: forward, backward, gradient clipping, A
 
 Model FLOPs utilisation (MFU) = the step's training FLOPs by the engine's own FLOP formula
 (engine/model/flops.py; for a sparse model both the sparse count and the dense-equivalent one) divided
-by the step time, over the peak measured in this run: the median of 4096^3 dense products in that
-precision on all threads.
+by the step time, over the peak measured in this run: the median of dense n^3 products (x @ W^T, as
+nn.Linear multiplies; n = 4096, or less where bf16 has no native instructions) in that precision on all
+threads. A configuration whose step would take longer than --step-budget even at that peak is not timed.
 
 Usage: python bench/train_step.py [--quick] [--shape gpt2-small|demo|mediswift-xl|smollm2-135m] [--steps N]
                                   [--batch B] [--json]
@@ -202,16 +203,25 @@ def build(name: str, shape: dict, verbose: bool = False) -> Config:
     return hf(name, shape) if name.startswith("hf_") else ours(name, shape, verbose)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
-    """Median FLOP/s of n^3 dense products in ``dtype`` on all threads."""
+def matmul_peak(dtype: torch.dtype, n_max: int = 4096, repeats: int = 3, budget_s: float = 4.0) -> float:
+    """Median FLOP/s of n^3 dense products in ``dtype`` on all threads, in nn.Linear's layout (x @ W^T), n
+    up to ``n_max``: the largest power of two whose product takes under ``budget_s`` (a CPU without native
+    bf16 multiplies bf16 about ten times slower than fp32, where a 4096^3 product takes minutes)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
-    a @ b
+    n = 256
+    while True:
+        a = torch.randn(n, n, generator=g).to(dtype)
+        w = torch.randn(n, n, generator=g).to(dtype)
+        a @ w.t()
+        t = time.perf_counter()
+        a @ w.t()
+        if n >= n_max or (time.perf_counter() - t) * 8 > budget_s:  # the next size takes 8x as long
+            break
+        n *= 2
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        a @ b
+        a @ w.t()
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times)
 
@@ -224,8 +234,27 @@ def row(c: Config, seconds: float, tokens: int, peaks: dict, faults: int | None,
             "flops_dense_per_step": c.flops_dense, "peak_rss_gib": rss, "page_faults_per_step": faults}
 
 
-def interleaved(shape: dict, names, steps: int, warmup: int, verbose: bool) -> tuple[list[Config], dict, dict]:
-    configs = [build(n, shape, verbose) for n in names]
+def too_slow(c: Config, peaks: dict, budget_s: float) -> str:
+    """Why a configuration is not timed: even at this CPU's measured matmul peak in its precision (a bound
+    no step reaches) one step would take longer than ``budget_s``; '' otherwise."""
+    peak = peaks["bf16" if c.precision == "bf16" else "fp32"]
+    bound = c.flops / peak
+    if bound <= budget_s:
+        return ""
+    return (f"not run: {c.flops:.3g} FLOPs a step at this CPU's measured {c.precision} matmul peak "
+            f"({peak / 1e9:.1f} GFLOP/s) take at least {bound:.0f} s (over --step-budget {budget_s:g} s)")
+
+
+def interleaved(shape: dict, names, steps: int, warmup: int, verbose: bool, peaks: dict,
+                budget_s: float) -> tuple[list[Config], dict, dict, list[dict]]:
+    configs, skipped = [], []
+    for n in names:
+        c = build(n, shape, verbose)
+        why = too_slow(c, peaks, budget_s)
+        if why:
+            skipped.append({"config": n, "skipped": why})
+        else:
+            configs.append(c)
     for _ in range(warmup):  # warm-up rounds alike, so the heap reaches what every configuration needs
         for c in configs:
             c.step()
@@ -242,7 +271,8 @@ def interleaved(shape: dict, names, steps: int, warmup: int, verbose: bool) -> t
             c.step()
             times[c.name].append(time.perf_counter() - t)
             faults[c.name].append(minor_faults() - f0)
-    return configs, {k: statistics.median(v) for k, v in times.items()}, {k: int(statistics.median(v)) for k, v in faults.items()}
+    return (configs, {k: statistics.median(v) for k, v in times.items()},
+            {k: int(statistics.median(v)) for k, v in faults.items()}, skipped)
 
 
 def worker(name: str, shape: dict, steps: int) -> dict:
@@ -321,6 +351,10 @@ def summary(rows: list[dict]) -> dict:
     for key, name in (("auto_vs_best_hf", "ours_auto"), ("sparse75_auto_vs_best_hf", "ours_sparse75_auto"),
                       ("sparse75_core_vs_best_hf", "ours_sparse75_core")):
         out[key] = hf_best / by[name]["s_per_step"] if hf_best and name in by else None
+    for ref in ("hf_fp32", "hf_bf16"):  # each of what a user would pick instead, where it was timed
+        for key, name in (("auto", "ours_auto"), ("sparse75_auto", "ours_sparse75_auto")):
+            if ref in by and name in by:
+                out[f"{key}_vs_{ref}"] = by[ref]["s_per_step"] / by[name]["s_per_step"]
     if "ours_auto" in by and "ours_sparse75_auto" in by:
         out["sparse75_auto_vs_ours_auto"] = by["ours_auto"]["s_per_step"] / by["ours_sparse75_auto"]["s_per_step"]
     return out
@@ -349,6 +383,9 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--json", action="store_true", help="one JSON object per configuration, then a summary object")
     ap.add_argument("--verbose", action="store_true", help="the engine's kernel-choice lines on stderr")
+    ap.add_argument("--step-budget", type=float, default=600.0,
+                    help="seconds: a configuration whose step would take longer even at the measured matmul peak "
+                         "of its precision is not timed (its row says why)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     kept = keep_freed_memory()  # as every engine stage runs (engine/train/memory.py); for all configurations
@@ -367,7 +404,8 @@ def main() -> None:
     if xl:
         results = isolated(shape_name, shape, names, args.steps)
     else:
-        configs, times, faults = interleaved(shape, names, args.steps, args.warmup, args.verbose)
+        configs, times, faults, skipped = interleaved(shape, names, args.steps, args.warmup, args.verbose, peaks,
+                                                      args.step_budget)
     peaks_after = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     head["peak_tflops_after"] = {k: v / 1e12 for k, v in peaks_after.items()}
     # MFU against the higher of the two measurements: a peak taken while the machine was slow must
@@ -382,7 +420,7 @@ def main() -> None:
             c = Config(r["config"], r["precision"], r["kernel"], r["flops"], r["flops_dense"], lambda: None)
             rows.append(row(c, r["seconds"], tokens, peak, None, r["peak_rss_gib"]))
     else:
-        rows = [row(c, times[c.name], tokens, peak, faults[c.name], None) for c in configs]
+        rows = [row(c, times[c.name], tokens, peak, faults[c.name], None) for c in configs] + skipped
     summ = summary(rows)
     summ["logging_ms_per_step"] = logging_overhead_ms()
     if args.json:
@@ -392,7 +430,7 @@ def main() -> None:
     print(cpu_header())
     print(f"shape {shape} — {tokens} tokens/step, {head['threads']} threads, torch {torch.__version__}; "
           f"auto precision here: {head['auto_precision']}; sparse core bf16 path: {head['sparse_core_bf16_path']}")
-    print("matmul peak (4096^3, all threads): " + ", ".join(
+    print("matmul peak (x @ W^T, n^3 up to 4096, all threads): " + ", ".join(
         f"{k} {peaks[k] / 1e12:.3f} TFLOP/s before, {peaks_after[k] / 1e12:.3f} after" for k in peaks)
         + " (MFU against the higher)")
     print(f"{'config':20} {'precision':9} {'kernel':20} {'s/step':>8} {'tokens/s':>9} {'MFU':>6} {'MFU dense-eq':>12} "
@@ -404,7 +442,8 @@ def main() -> None:
         rss = f"{r['peak_rss_gib']:.2f}" if r["peak_rss_gib"] is not None else "shared"
         print(f"{r['config']:20} {r['precision']:9} {r['kernel']:20} {r['s_per_step']:8.3f} {r['tokens_per_s']:9.0f} "
               f"{r['mfu']:6.1%} {r['mfu_dense_equivalent']:12.1%} {rss:>12}")
-    for key in ("auto_vs_best_hf", "sparse75_auto_vs_best_hf", "sparse75_core_vs_best_hf", "sparse75_auto_vs_ours_auto"):
+    for key in ("auto_vs_best_hf", "sparse75_auto_vs_best_hf", "sparse75_core_vs_best_hf", "auto_vs_hf_fp32",
+                "sparse75_auto_vs_hf_fp32", "auto_vs_hf_bf16", "sparse75_auto_vs_hf_bf16", "sparse75_auto_vs_ours_auto"):
         if summ.get(key) is not None:
             print(f"{key:28} {summ[key]:.2f}x" + (f"  (best HF: {summ['best_hf']})" if "hf" in key else ""))
     print(f"metrics logging (event line + SQLite rows) per step: {summ['logging_ms_per_step']:.2f} ms")
