@@ -138,15 +138,6 @@ class BioGptTokens:
         self.__dict__.update(from_str(state["text"]).__dict__)
 
 
-def is_biogpt_file(path: str | os.PathLike) -> bool:
-    """Whether a tokenizer.json holds this kind of tokenizer (its first bytes say so)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(len(HEADER)) == HEADER.encode()
-    except OSError:
-        return False
-
-
 def from_str(text: str) -> BioGptTokens:
     obj = json.loads(text)
     if not isinstance(obj, dict) or obj.get("mediswift_tokenizer") != KIND or obj.get("version") != 1:

@@ -1,5 +1,6 @@
 """Domain vocabulary: byte-level BPE learned on the run's corpus with `tokenizers` (an imported
-BioGPT keeps its own Moses + BPE: engine.data.biogpt_tokenizer).
+BioGPT keeps its own Moses + BPE: engine.data.biogpt_tokenizer; an imported model without
+``<|endoftext|>`` its own tokenizer, its eos token ending documents: engine.data.role_tokenizer).
 
 Byte-level means every string encodes (no unknown token); two special tokens delimit documents
 and pad batches. The tokenizer is saved as ``tokenizer.json`` in the run folder and reused by
@@ -60,18 +61,22 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A run's tokenizer: byte-level BPE (``tokenizers``), or an imported BioGPT's Moses + BPE
-    (engine.data.biogpt_tokenizer, which answers the same calls)."""
+    """A run's tokenizer: byte-level BPE (``tokenizers``), an imported BioGPT's Moses + BPE
+    (engine.data.biogpt_tokenizer), or an imported model's own tokenizer whose end-of-text token is
+    not EOT (engine.data.role_tokenizer); the last two answer the same calls."""
     p = Path(path)
     if p.is_dir():
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise InputError(f"tokenizer file not found: {p}", key="tokenizer", path=str(p))
-    from engine.data import biogpt_tokenizer
+    from engine.data import biogpt_tokenizer, role_tokenizer
 
     try:
-        if biogpt_tokenizer.is_biogpt_file(p):
-            return biogpt_tokenizer.from_file(p)
+        with open(p, "rb") as fh:
+            head = fh.read(64)
+        for kind in (biogpt_tokenizer, role_tokenizer):  # the wrappers' files say so in their first bytes
+            if head.startswith(kind.HEADER.encode()):
+                return kind.from_file(p)
         return Tokenizer.from_file(str(p))
     except InputError:
         raise  # a BioGPT tokenizer without transformers or sacremoses: what to install, not "damaged"

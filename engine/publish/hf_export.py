@@ -34,6 +34,7 @@ from engine.publish import hf_biogpt, hf_llama
 from engine.publish.run_export import check_target, file_kind, write_atomic
 from engine.store.rundb import PROMPT_ARTIFACT, RunDB
 from engine.data.biogpt_tokenizer import BioGptTokens
+from engine.data.role_tokenizer import RoleTokens
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE, load_tokenizer, special_ids
 from engine.model.checkpoint import load_checkpoint
 from engine.model.classifier import LAST, MEAN, head_from_state
@@ -143,7 +144,7 @@ def hf_class(cfg: RunConfig) -> str:
     return hf_llama.ARCHITECTURES.get(cfg.model.family, "GPT2LMHeadModel")
 
 
-def gpt2_config(cfg: RunConfig, vocab_size: int, eot: int, pad: int) -> dict:
+def gpt2_config(cfg: RunConfig, vocab_size: int, bos: int, eot: int, pad: int) -> dict:
     m = cfg.model
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -166,7 +167,7 @@ def gpt2_config(cfg: RunConfig, vocab_size: int, eot: int, pad: int) -> dict:
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
         "use_cache": True,
-        "bos_token_id": eot,
+        "bos_token_id": bos,
         "eos_token_id": eot,
         "pad_token_id": pad,
         "dtype": "float32",
@@ -257,18 +258,20 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     if tok.get_vocab_size() != vocab_size:
         raise InputError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, the checkpoint {vocab_size}")
     eot, pad = special_ids(tok)
-    # an imported BioGPT's tokenizer has a bos token of its own; our byte-level BPE starts nothing
-    bos = tok.token_to_id(tok.specials["bos_token"]) if isinstance(tok, BioGptTokens) else eot
+    # an imported BioGPT's tokenizer (or a llama's with its own eos) has a bos token of its own; our
+    # byte-level BPE starts nothing
+    own = tok.specials if isinstance(tok, (BioGptTokens, RoleTokens)) else {}
+    bos = tok.token_to_id(own["bos_token"]) if own.get("bos_token") else eot
 
     if cfg.model.family == "gpt2":
         tensors, skipped = gpt2_state_dict(ck["model"], cfg, ck.get("masks"))
-        hf_cfg = gpt2_config(cfg, vocab_size, eot, pad)
+        hf_cfg = gpt2_config(cfg, vocab_size, bos, eot, pad)
     elif cfg.model.family == hf_biogpt.MODEL_TYPE:
         tensors, skipped = biogpt_state_dict(ck["model"], cfg, ck.get("masks"))
         hf_cfg = hf_biogpt.hf_config(cfg.model, vocab_size, bos, eot, pad)
     else:
         tensors, skipped = llama_state_dict(ck["model"], cfg, ck.get("masks"))
-        hf_cfg = hf_llama.hf_config(cfg.model, vocab_size, eot, pad)
+        hf_cfg = hf_llama.hf_config(cfg.model, vocab_size, bos, eot, pad)
     out.mkdir(parents=True, exist_ok=True)
     _place(out, "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _write_json(out / "config.json", hf_cfg)
@@ -290,7 +293,8 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
     head = _run_head(db, run, cfg, ck)
     card = model_card(db, run, model_run, cfg, ck, tensors, skipped, sparsity, prompt_info,
                       {"license": license, "language": [x.strip() for x in language.split(",") if x.strip()]}, head=head,
-                      biogpt_tokens=isinstance(tok, BioGptTokens))
+                      biogpt_tokens=isinstance(tok, BioGptTokens),
+                      own_eos=tok.specials["eos_token"] if isinstance(tok, RoleTokens) else None)
     _place(out, "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
     head_info = None
     if head is not None:  # described in the card, not exported (head_section says why)
@@ -302,8 +306,9 @@ def export_hf(db: RunDB, run_id: str, out_dir: str | Path, overwrite: bool = Fal
 
 
 def write_tokenizer(out: Path, tok, tok_path: Path, max_positions: int) -> None:
-    """The run's tokenizer files: our byte-level BPE as tokenizer.json for the generic fast tokenizer, or
-    an imported BioGPT's vocab.json and merges.txt, as it shipped them, for BioGptTokenizer."""
+    """The run's tokenizer files: our byte-level BPE (or an imported model's own tokenizer.json, with its
+    own special tokens) for the generic fast tokenizer, or an imported BioGPT's vocab.json and merges.txt,
+    as it shipped them, for BioGptTokenizer."""
     if isinstance(tok, BioGptTokens):
         for name, text in tok.files().items():
             _place(out, name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
@@ -312,15 +317,20 @@ def write_tokenizer(out: Path, tok, tok_path: Path, max_positions: int) -> None:
                                                     "model_max_length": max_positions})
         _write_json(out / "special_tokens_map.json", specials)
         return
-    _place(out, TOKENIZER_FILE, lambda tmp: shutil.copyfile(tok_path, tmp))
+    if isinstance(tok, RoleTokens):  # the model's own tokenizer.json, not the run's file that wraps it
+        specials = dict(tok.specials)
+        _place(out, TOKENIZER_FILE, lambda tmp: tmp.write_text(tok.shipped(), encoding="utf-8"))
+    else:
+        specials = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        _place(out, TOKENIZER_FILE, lambda tmp: shutil.copyfile(tok_path, tmp))
+    specials["pad_token"] = PAD
     _write_json(out / "tokenizer_config.json", {
         # the generic fast tokenizer reads tokenizer.json as is: same pre-tokenizer, merges and specials
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD,
+        "tokenizer_class": "PreTrainedTokenizerFast", **specials,
         "model_max_length": max_positions,
         "clean_up_tokenization_spaces": False,
     })
-    _write_json(out / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": PAD})
+    _write_json(out / "special_tokens_map.json", specials)
 
 
 def write_prompt_adapter(folder: Path, prompt: torch.Tensor, cfg: RunConfig) -> str:
@@ -467,15 +477,24 @@ def card_metadata(db: RunDB, run: dict, chain: list[dict], title: str, options: 
 
 def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, tensors: dict,
                skipped: list[str], sparsity: dict, prompt_info: dict | None, options: dict | None = None,
-               head: tuple[RunConfig, dict, int] | None = None, biogpt_tokens: bool = False) -> str:
+               head: tuple[RunConfig, dict, int] | None = None, biogpt_tokens: bool = False,
+               own_eos: str | None = None) -> str:
     """The README.md of an export. ``head``: the run's classification head (``_run_head``), described
     and not exported; without it, the head in ``ck`` if any. ``biogpt_tokens``: the run's tokenizer is
-    an imported BioGPT's Moses + BPE (engine.data.biogpt_tokenizer), not our byte-level BPE."""
+    an imported BioGPT's Moses + BPE (engine.data.biogpt_tokenizer), not our byte-level BPE.
+    ``own_eos``: the run's tokenizer is an imported model's own, this token ending documents
+    (engine.data.role_tokenizer)."""
     chain = lineage(db, model_run["id"]) + ([run] if run is not model_run else [])
     m = cfg.model
     cls = hf_class(cfg)
     title = run.get("name") or run["id"]
     meta = card_metadata(db, run, chain, title, options or {})
+    if biogpt_tokens:
+        vocab = "(BioGPT's Moses + BPE, `</s>` ending each document, `<pad>`)"
+    elif own_eos:
+        vocab = f"(the imported model's own tokenizer, `{own_eos}` ending each document, `{PAD}`)"
+    else:
+        vocab = f"(byte-level BPE with `{EOT}` and `{PAD}`)"
     if m.family == "gpt2":
         style = "A GPT-2-style"
         shape = "- pre-LayerNorm blocks, learned positions, exact (erf) GELU (`activation_function: gelu`), tied input/output embeddings"
@@ -508,8 +527,7 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
         "## Architecture",
         "",
         f"- {m.n_layer} layer{'s' if m.n_layer != 1 else ''}, width {m.d_model}, {m.n_head} heads, context {m.max_positions} tokens, "
-        f"vocabulary {ck.get('vocab_size')} " + ("(BioGPT's Moses + BPE, `</s>` ending each document, `<pad>`)"
-                                                 if biogpt_tokens else f"(byte-level BPE with `{EOT}` and `{PAD}`)"),
+        f"vocabulary {ck.get('vocab_size')} {vocab}",
         f"- {sparsity['params_total']:,} parameters, {sparsity['params_nonzero']:,} nonzero",
         shape,
         "",
@@ -581,6 +599,9 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
     if biogpt_tokens:
         lines += ["", "BioGptTokenizer (Moses + BPE; it needs the `sacremoses` package) puts `</s>` in front of a "
                   "text, as BioGPT was trained: documents were separated by `</s>`, batches padded with `<pad>`."]
+    elif own_eos:
+        lines += ["", "The tokenizer is the imported model's own, as it shipped. MediSwift's stages add no BOS token: "
+                  f"documents are separated by its end-of-text token `{own_eos}`, batches padded with `{PAD}`."]
     else:
         lines += ["", "The tokenizer adds no BOS token (as in training): documents are separated by "
                   f"`{EOT}`, batches padded with `{PAD}`."]

@@ -5,7 +5,8 @@ range of every field the import uses), the safetensors headers (every tensor's n
 against the config, the data offsets in range, contiguous and non-overlapping, the file's length equal
 to what the header describes), the shard index (file names inside the folder only), a ``.bin`` through
 ``torch.load(weights_only=True, mmap=True)`` (a mapping of tensors, nothing else), and the tokenizer
-files (inside the folder, regular, non-empty, loadable). The memory the import needs is compared with
+files (inside the folder, regular, non-empty, loadable; for a tokenizer without ``<|endoftext|>``, the
+eos token tokenizer_config.json or an eos_token_id names). The memory the import needs is compared with
 what the machine has before a tensor is read. Any problem is an ``InputError`` whose one-line message
 names the file and the problem; ``engine.publish.hf_import`` reads the weights only after all of it held.
 
@@ -33,6 +34,7 @@ from engine.core.config import from_dict
 from engine.core.errors import InputError
 from engine.core.machine_checks import available_memory
 from engine.core.registry import PRETRAIN
+from engine.data.role_tokenizer import RoleTokens
 from engine.data.vocab import EOT, PAD, TOKENIZER_FILE
 from engine.publish import hf_biogpt, hf_llama
 
@@ -504,16 +506,24 @@ def check_bin(folder: Path, tensors: _Tensors, params: int, available: int | Non
 # -- tokenizer --------------------------------------------------------------------------------------
 
 
-def _biogpt_specials(folder: Path) -> dict[str, str]:
-    """The special tokens tokenizer_config.json names (strings, or transformers' AddedToken objects);
-    BioGptTokenizer's defaults for the others."""
-    member = _member(folder, "tokenizer_config.json", CONFIG_LIMIT)
+def _small_json(folder: Path, name: str, what: str) -> dict | None:
+    """A small JSON object file of the folder (a config), or None without one."""
+    member = _member(folder, name, CONFIG_LIMIT)
     if member is None:
-        return {}
-    f = folder / "tokenizer_config.json"
-    cfg = _json(_read(member[0], f, member[1]), f, "the tokenizer config")
+        return None
+    f = folder / name
+    cfg = _json(_read(member[0], f, member[1]), f, what)
     if not isinstance(cfg, dict):
         raise _fail(f, f"must hold a JSON object, not {type(cfg).__name__}")
+    return cfg
+
+
+def _specials(folder: Path) -> dict[str, str]:
+    """The special tokens tokenizer_config.json names (strings, or transformers' AddedToken objects)."""
+    cfg = _small_json(folder, "tokenizer_config.json", "the tokenizer config")
+    if cfg is None:
+        return {}
+    f = folder / "tokenizer_config.json"
     out = {}
     for key in ("bos_token", "eos_token", "sep_token", "unk_token", "pad_token"):
         v = cfg.get(key)
@@ -543,7 +553,7 @@ def check_biogpt_tokenizer(folder: Path):
             raise _fail(folder / name, f"is not UTF-8 text ({_first_line(e)})") from None
     shown = folder / "vocab.json"
     try:
-        return BioGptTokens(texts[0], texts[1], _biogpt_specials(folder)), shown
+        return BioGptTokens(texts[0], texts[1], _specials(folder)), shown
     except InputError:
         raise  # transformers or sacremoses missing: what to install
     except Exception as e:  # noqa: BLE001 - whatever transformers makes of odd files is one line too
@@ -584,6 +594,40 @@ def check_tokenizer(folder: Path, family: str = "gpt2"):
     if min(ids) < 0 or max(ids) >= size:
         raise _fail(shown, f"gives token ids up to {max(ids):,} with a vocabulary of {size:,}")
     return tok, shown
+
+
+def _eos_by_id(folder: Path, hf: dict, cfg_file: Path, tok) -> str | None:
+    """The token config.json's, else generation_config.json's ``eos_token_id`` names (an id, or a list: the first)."""
+    gen = folder / "generation_config.json"
+    for cfg, f in ((hf, cfg_file), (_small_json(folder, gen.name, "the generation config") or {}, gen)):
+        v = cfg.get("eos_token_id")
+        v = (v or [None])[0] if isinstance(v, list) else v
+        if v is None:
+            continue
+        token = tok.id_to_token(v) if isinstance(v, int) and 0 <= v < tok.get_vocab_size() else None
+        if isinstance(v, bool) or token is None:
+            raise _fail(f, f"eos_token_id must be the id of a token of the tokenizer, got {_val(v)}")
+        return token
+    return None
+
+
+def _own_eos(folder: Path, family: str, hf: dict, cfg_file: Path, tok, tok_file: Path) -> RoleTokens:
+    """A tokenizer without EOT: the model's own end-of-text token plays its role (Llama 2's ``</s>``, Llama 3's
+    ``<|end_of_text|>``), named by tokenizer_config.json's eos_token, else by an eos_token_id. A gpt2 config's
+    ids are not asked: transformers writes GPT-2's 50256 there whatever the tokenizer holds."""
+    specials = _specials(folder)
+    eos = specials.get("eos_token")
+    if eos is not None and tok.token_to_id(eos) is None:
+        raise _fail(folder / "tokenizer_config.json", f"its eos_token {_val(eos)} is not a token of the tokenizer")
+    if eos is None and family != "gpt2":
+        eos = _eos_by_id(folder, hf, cfg_file, tok)
+    if eos is None:
+        where = "tokenizer_config.json" + ("" if family == "gpt2" else ", nor an eos_token_id in config.json or "
+                                                                          "generation_config.json")
+        raise _fail(tok_file, f"the tokenizer lacks {EOT}, which every document ends with here, and the folder names "
+                              f"no end-of-text token of its own (no eos_token in {where})")
+    # bos/unk only where the tokenizer has them: export-hf writes them back beside the eos token
+    return RoleTokens(tok, {**{k: v for k, v in specials.items() if tok.token_to_id(v) is not None}, "eos_token": eos})
 
 
 # -- the whole folder -------------------------------------------------------------------------------
@@ -642,7 +686,9 @@ def check_folder(folder: str | Path, name: str | None = None, available: int | N
     tok, tok_file = check_tokenizer(folder, family)
     notes = []
     if tok.token_to_id(EOT) is None:
-        raise _fail(tok_file, f"the tokenizer lacks {EOT}, which every document ends with here")
+        tok = _own_eos(folder, family, hf, cfg_file, tok, tok_file)
+        notes.append(f"documents end with the model's own end-of-text token {tok.roles[EOT]} (id "
+                     f"{tok.token_to_id(EOT)}): the tokenizer has no {EOT}")
     if tok.token_to_id(PAD) is None:
         # our batches pad with <|pad|>; a new row of zeros gives it logit 0 (it is never a target)
         tok.add_special_tokens([PAD])

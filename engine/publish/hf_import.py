@@ -4,11 +4,14 @@ as a run of stage ``import``, usable as a parent everywhere (sparse continued pr
 What is read, and nothing else: ``config.json`` (JSON), the weights as ``model.safetensors`` (or
 sharded ``model-*.safetensors`` with their index) or ``pytorch_model.bin`` loaded with
 ``weights_only=True`` (tensors only, no code), and ``tokenizer.json`` (or GPT-2's ``vocab.json`` +
-``merges.txt``, or BioGPT's, which are Moses + BPE: engine.data.biogpt_tokenizer). All of it is checked before a tensor is read (engine.publish.hf_folder_check): a
-hostile folder is one line and exit 2, and leaves no run row or folder behind. The weights are mapped
-back from GPT-2's layout (Conv1D, fused q/k/v) to ours, the inverse of engine.publish.hf_export, so
-export-hf -> import-hf gives the same function; the llama family's and BioGPT's are renamed only
-(engine.publish.hf_llama, engine.publish.hf_biogpt).
+``merges.txt``, or BioGPT's, which are Moses + BPE: engine.data.biogpt_tokenizer). A tokenizer without
+``<|endoftext|>`` ends documents with the model's own eos token (engine.data.role_tokenizer), which
+``tokenizer_config.json`` names, else ``config.json`` or ``generation_config.json``. All of it is
+checked before a tensor is read (engine.publish.hf_folder_check): a hostile folder is one line and
+exit 2, and leaves no run row or folder behind. The weights are mapped back from GPT-2's layout
+(Conv1D, fused q/k/v) to ours, the inverse of engine.publish.hf_export, so export-hf -> import-hf
+gives the same function; the llama family's and BioGPT's are renamed only (engine.publish.hf_llama,
+engine.publish.hf_biogpt).
 """
 from __future__ import annotations
 

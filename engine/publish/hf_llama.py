@@ -136,14 +136,14 @@ def to_theirs(state: dict[str, torch.Tensor], n_layer: int, family: str, tied: b
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def hf_config(m, vocab_size: int, eot: int, pad: int) -> dict:
+def hf_config(m, vocab_size: int, bos: int, eot: int, pad: int) -> dict:
     """config.json for our ModelConfig ``m`` of the llama family."""
     cfg = {"architectures": [ARCHITECTURES[m.family]], "model_type": m.family, "vocab_size": vocab_size,
            "hidden_size": m.d_model, "intermediate_size": m.inner, "num_hidden_layers": m.n_layer,
            "num_attention_heads": m.n_head, "num_key_value_heads": m.kv_heads, "hidden_act": "silu",
            "max_position_embeddings": m.max_positions, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "tie_word_embeddings": m.tie_embeddings, "attention_dropout": m.dropout,
-           "initializer_range": 0.02, "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
+           "initializer_range": 0.02, "use_cache": True, "bos_token_id": bos, "eos_token_id": eot,
            "pad_token_id": pad, "torch_dtype": "float32"}
     if m.family == "llama":
         cfg.update({"attention_bias": False, "mlp_bias": False})
