@@ -101,10 +101,12 @@ class Scorer:
                 x = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
                 done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
                 cache = KVCache(len(self.model.blocks))
-                for step in range(min(max_new, limit - length)):
+                feed = x  # the prompts first, then each step's new token: the cache holds the rest
+                for _ in range(min(max_new, limit - length)):
                     with self.autocast():
-                        h = self._cached_hidden(x if step == 0 else nxt.unsqueeze(1), cache)
+                        h = self._cached_hidden(feed, cache)
                         nxt = self.model.lm_head(h[:, -1]).float().argmax(-1)  # [B]
+                    feed = nxt.unsqueeze(1)
                     for j, r in enumerate(rows):
                         if not done[j]:
                             out[r].append(int(nxt[j]))
