@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import InputError
+from engine.data.special_tokens import EOT, PAD
 
 KIND = "biogpt"
 HEADER = '{"mediswift_tokenizer": "biogpt"'  # how a run's tokenizer.json of this kind begins
@@ -77,9 +78,7 @@ class BioGptTokens:
         if absent:
             raise ValueError(f"vocab.json lacks the special token {absent[0]!r} its tokenizer config names")
         self.inverse = {i: t for t, i in self.vocab.items()}
-        # the engine's roles (engine.data.vocab): documents end with the eos token, batches pad with pad
-        from engine.data.vocab import EOT, PAD
-
+        # the engine's roles (engine.data.special_tokens): documents end with the eos token, batches pad with pad
         self.roles = {EOT: self.specials["eos_token"], PAD: self.specials["pad_token"]}
         cls = _tokenizer_class()
         with tempfile.TemporaryDirectory(prefix="mediswift-biogpt-") as tmp:  # it reads files, not strings

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from engine.data.special_tokens import EOT
+
 KIND = "roles"
 HEADER = '{"mediswift_tokenizer": "roles"'  # how a run's tokenizer.json of this kind begins
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token")
@@ -28,8 +30,6 @@ class RoleTokens:
 
     def __init__(self, tok: Tokenizer, specials: dict[str, str]):
         """``specials``: the model's bos/eos/unk tokens, eos required; raises ValueError if the tokenizer lacks one."""
-        from engine.data.vocab import EOT
-
         self.specials = {k: specials[k] for k in SPECIAL_KEYS if specials.get(k)}
         absent = [t for t in self.specials.values() if tok.token_to_id(t) is None]
         if "eos_token" not in self.specials or absent:

@@ -16,10 +16,9 @@ from typing import Callable, Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from engine.core.errors import InputError
+from engine.data.special_tokens import EOT, PAD, SPECIAL_TOKENS
 
-EOT = "<|endoftext|>"
-PAD = "<|pad|>"
-SPECIAL_TOKENS = [EOT, PAD]
+__all__ = ["EOT", "PAD", "SPECIAL_TOKENS"]  # (with the functions below) what the rest of the engine imports
 TOKENIZER_FILE = "tokenizer.json"
 
 
