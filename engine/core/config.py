@@ -43,6 +43,7 @@ POOLINGS = ("mean", "attention")  # task.pooling: how a classifier head reduces 
 PROMPT_INITS = ("vocab", "text")  # prompt.init: sampled vocabulary embeddings, or init_text's
 INITS = ("parent", "random")  # train.init: a child run starts from its parent's weights, or from fresh ones
 FAMILIES = ("gpt2", "llama", "qwen2", "biogpt")  # model.family: the variations of engine.model.gpt (engine.model.family)
+ROPE_SCALINGS = ("none", "linear", "llama3")  # model.rope_scaling: how the rotary frequencies are stretched (engine.model.rotary)
 INT64_MAX = 2**63 - 1  # every integer key stays a signed 64-bit value (SQLite, torch and numpy take it)
 MAX_NAME = 200  # characters in a run (or sweep) name
 
@@ -195,7 +196,8 @@ class ModelConfig(_Section):
     d_model: int = _f(128, "Width of the residual stream (embedding size).", min=8, max=65536)
     n_ctx: int = _f(128, "Training context length in tokens.", min=8, max=65536)
     n_positions: int = _f(
-        0, "Size of the learned position table (the model's maximum context); 0 means equal to n_ctx.", min=0, max=65536
+        0, "Size of the learned position table (the model's maximum context; rotary families have no table, only this "
+        "limit); 0 means equal to n_ctx.", min=0, max=1 << 20
     )
     dropout: float = _f(0.0, "Dropout on attention and residual paths (0 disables it).", min=0.0, max=1.0, max_open=True)
     bias: bool = _f(True, "Use biases in linear layers and layer norms (GPT-2 style).")
@@ -211,6 +213,19 @@ class ModelConfig(_Section):
     d_ff: int = _f(0, "Inner width of the MLP (SwiGLU's gate and up projections in llama, qwen2; fc in biogpt); 0 means 4 x d_model.",
                    min=0, max=1 << 20)
     rope_theta: float = _f(10000.0, "Base of the rotary position angles (llama, qwen2).", min=0.0, min_open=True)
+    rope_scaling: str = _f("none", "Rotary position scaling (llama, qwen2), as transformers' rope_type: none; linear (every "
+                           "frequency divided by model.rope_factor); llama3 (Llama 3.1's: frequencies whose wavelength "
+                           "exceeds rope_original_max_positions / rope_low_freq_factor divided by rope_factor, those "
+                           "shorter than rope_original_max_positions / rope_high_freq_factor kept, a smooth blend between).",
+                           choices=ROPE_SCALINGS)
+    rope_factor: float = _f(1.0, "Factor of model.rope_scaling linear or llama3 (Llama 3.1: 8, Llama 3.2: 32).",
+                            min=0.0, min_open=True)
+    rope_low_freq_factor: float = _f(1.0, "low_freq_factor of model.rope_scaling llama3.", min=0.0, min_open=True)
+    rope_high_freq_factor: float = _f(4.0, "high_freq_factor of model.rope_scaling llama3; above rope_low_freq_factor.",
+                                      min=0.0, min_open=True)
+    rope_original_max_positions: int = _f(0, "The context the model was pre-trained with, before model.rope_scaling llama3 "
+                                          "stretched it (original_max_position_embeddings, Llama 3.x: 8192); 0 means "
+                                          "model.n_positions.", min=0, max=1 << 20)
     norm_eps: float = _f(1e-5, "Epsilon of the normalisation layers (gpt2 and biogpt keep 1e-5).", min=0.0, max=1.0, min_open=True)
     tie_embeddings: bool = _f(True, "The LM head shares the token embedding's matrix (gpt2 always does).")
     scale_embedding: bool = _f(False, "Multiply the token embeddings by sqrt(d_model) before the positions are added "
@@ -233,7 +248,13 @@ class ModelConfig(_Section):
             fixed = (("n_kv_head", self.n_kv_head in (0, self.n_head), "0 (every head has its keys and values)"),
                      ("d_ff", not gpt2 or self.d_ff in (0, 4 * self.d_model), "0 (4 x d_model)"),
                      ("norm_eps", self.norm_eps == 1e-5, "1e-5"), ("tie_embeddings", not gpt2 or self.tie_embeddings, "true"),
-                     ("bias", gpt2 or self.bias, "true"))
+                     ("bias", gpt2 or self.bias, "true"),
+                     # rotary scaling: these families have learned positions
+                     ("rope_scaling", self.rope_scaling == "none", "'none' (learned positions have no rotary scaling)"),
+                     ("rope_factor", self.rope_factor == 1.0, "1.0"),
+                     ("rope_low_freq_factor", self.rope_low_freq_factor == 1.0, "1.0"),
+                     ("rope_high_freq_factor", self.rope_high_freq_factor == 4.0, "4.0"),
+                     ("rope_original_max_positions", self.rope_original_max_positions == 0, "0"))
             for key, ok, want in fixed:
                 if not ok:
                     raise InputError(f"model.{key} must be {want} for model.family {self.family!r}, got "
@@ -241,6 +262,11 @@ class ModelConfig(_Section):
         elif (self.d_model // self.n_head) % 2:
             raise InputError(f"rotary positions need an even head width: model.d_model / model.n_head is "
                              f"{self.d_model // self.n_head}", key="model.n_head")
+        elif self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            # the blend between the two wavelengths divides by their difference
+            raise InputError(f"model.rope_high_freq_factor ({self.rope_high_freq_factor:g}) must exceed "
+                             f"model.rope_low_freq_factor ({self.rope_low_freq_factor:g}) for model.rope_scaling 'llama3'",
+                             key="model.rope_high_freq_factor")
         if self.n_positions and self.n_ctx > self.n_positions:
             raise InputError(f"model.n_ctx ({self.n_ctx}) exceeds the model's maximum context model.n_positions ({self.n_positions})", key="model.n_ctx")
 

@@ -22,7 +22,7 @@ from engine.core.config import ModelConfig
 from engine.model.family import Variations, variations
 from engine.model.head_loss import lm_head_loss
 from engine.model.rms_norm import RMSNorm
-from engine.model.rotary import rotary_angles, rotate
+from engine.model.rotary import Scaling, rotary_angles, rotate
 from engine.model.sparse_linear import SparseGroup, SparseLinear
 
 
@@ -70,6 +70,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv = cfg.n_head, cfg.kv_heads
         self.head_dim = cfg.d_model // cfg.n_head
         self.rotary_theta = cfg.rope_theta if var.positions == "rotary" else None
+        self.rotary_scaling = Scaling.of(cfg) if var.positions == "rotary" else None
         self.dropout = cfg.dropout
         kv_width = self.n_kv * self.head_dim  # narrower than d_model under grouped-query attention
         self.q = SparseLinear(cfg.d_model, cfg.d_model, bias=var.qkv_bias)
@@ -91,7 +92,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv, hd).transpose(1, 2)
         past = cache.positions if cache is not None else 0
         if self.rotary_theta is not None:
-            cos, sin = rotary_angles(torch.arange(past, past + T, device=x.device), hd, self.rotary_theta)
+            cos, sin = rotary_angles(torch.arange(past, past + T, device=x.device), hd, self.rotary_theta,
+                                     self.rotary_scaling)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         causal, mask = True, None
         if cache is not None:

@@ -506,7 +506,8 @@ def model_card(db: RunDB, run: dict, model_run: dict, cfg: RunConfig, ck: dict, 
                  f"{'tied' if m.tie_embeddings else 'untied'} input/output embeddings")
     else:
         style = f"A {m.family}-family"
-        shape = (f"- pre-RMSNorm blocks, rotary positions (theta {m.rope_theta:g}), SwiGLU MLP of width {m.inner}, "
+        scaled = "" if m.rope_scaling == "none" else f", {m.rope_scaling} scaling by {m.rope_factor:g}"
+        shape = (f"- pre-RMSNorm blocks, rotary positions (theta {m.rope_theta:g}{scaled}), SwiGLU MLP of width {m.inner}, "
                  f"{m.kv_heads} key-value heads, {'q/k/v biases, ' if m.family == 'qwen2' else ''}"
                  f"{'tied' if m.tie_embeddings else 'untied'} input/output embeddings")
     lines = [

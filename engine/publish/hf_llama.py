@@ -3,8 +3,10 @@ fields import-hf reads and checks, the tensors a folder must hold, and the name 
 
 transformers keeps these models' projections as nn.Linear ([out, in], unfused), so the mapping is names
 only: ``model.layers.N.self_attn.q_proj`` <-> ``blocks.N.attn.q``, ``mlp.gate_proj`` <-> ``mlp.gate``.
-Variants our model does not have (rope scaling, sliding windows, biases on the output or the MLP, a head
-width other than hidden / heads) are refused by name, so an import is exact or is not made.
+Rotary scaling of the types ``linear`` and ``llama3`` (Llama 3.x) becomes model.rope_scaling and its numbers.
+Variants our model does not have (other rotary scalings such as yarn, partial rotary heads, sliding windows,
+biases on the output or the MLP, a head width other than hidden / heads) are refused by name, so an import is
+exact or is not made.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # config.json's default of max_position_embeddings where a folder omits it (transformers' own defaults)
 DEFAULT_POSITIONS = {"llama": 2048, "qwen2": 32768}
+# transformers' rope_type -> our model.rope_scaling (the ones our rotary positions compute exactly)
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 # our names -> theirs, per block
 _ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "o_proj"}
 _MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -38,7 +42,7 @@ def model_fields(hf: dict, f: Path, fail, read_int) -> dict:
     n_kv = read_int(hf, "num_key_value_heads", (1, 256), f, n_head) if hf.get("num_key_value_heads") is not None \
         else n_head
     ff = read_int(hf, "intermediate_size", (1, 1 << 20), f)
-    positions = read_int(hf, "max_position_embeddings", (8, 65536), f, DEFAULT_POSITIONS[kind])  # model.n_positions
+    positions = read_int(hf, "max_position_embeddings", (8, 1 << 20), f, DEFAULT_POSITIONS[kind])  # model.n_positions
     if d % n_head or (d // n_head) % 2:
         raise fail(f, f"hidden_size ({d}) must be num_attention_heads ({n_head}) heads of even width")
     if n_head % n_kv:
@@ -49,32 +53,71 @@ def model_fields(hf: dict, f: Path, fail, read_int) -> dict:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise fail(f, f"unsupported {kind} variant: hidden_act {_short(act)} (SwiGLU uses silu)")
-    for key in ("rope_scaling", "sliding_window") if kind == "llama" else ("rope_scaling",):
-        if hf.get(key) is not None:
-            raise fail(f, f"unsupported {kind} variant: {key} is set (not supported yet)")
+    if kind == "llama" and hf.get("sliding_window") is not None:
+        raise fail(f, f"unsupported {kind} variant: sliding_window is set (not supported yet)")
+    rope = _rope_fields(hf, kind, positions, f, fail, read_int)
     for key in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if hf.get(key) not in (None, False):
             raise fail(f, f"unsupported {kind} variant: {key} = {_short(hf[key])}")
-    # transformers 5 writes the rotary settings as rope_parameters; older versions as rope_theta (+ rope_scaling)
-    rope = hf.get("rope_parameters")
-    if rope is not None:
-        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-            kind_of = rope.get("rope_type") if isinstance(rope, dict) else rope
-            raise fail(f, f"unsupported {kind} variant: rope_parameters of type {_short(kind_of)} (only 'default' rotary "
-                          "positions, without scaling, are supported yet)")
-    numbers = {}
-    for key, default in (("rms_norm_eps", 1e-6), ("rope_theta", 10000.0)):
-        v = (rope or {}).get(key, hf.get(key, default)) if key == "rope_theta" else hf.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise fail(f, f"{key} must be a positive number, got {_short(v)}")
-        numbers[key] = float(v)
+    eps = _positive(hf, "rms_norm_eps", 1e-6, f, fail)
     tie = hf.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise fail(f, f"tie_word_embeddings must be true or false, got {_short(tie)}")
     return {"family": kind, "n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv if n_kv != n_head else 0,
             "d_model": d, "d_ff": ff, "n_positions": positions, "n_ctx": min(positions, 1024),
-            "rope_theta": numbers["rope_theta"], "norm_eps": numbers["rms_norm_eps"], "tie_embeddings": tie,
-            "dropout": 0.0, "bias": False}
+            **rope, "norm_eps": eps, "tie_embeddings": tie, "dropout": 0.0, "bias": False}
+
+
+def _positive(cfg: dict, key: str, default, f: Path, fail, where: str = "") -> float:
+    """A positive finite number ``cfg[key]`` (``default`` where absent); ``where`` names the dict it is in."""
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise fail(f, f"{where}{key} must be a positive number, got {_short(v)}")
+    return float(v)
+
+
+def _rope_fields(hf: dict, kind: str, positions: int, f: Path, fail, read_int) -> dict:
+    """model.rope_* from config.json. transformers 5 writes the rotary settings as rope_parameters (theta
+    included), older versions as rope_theta + rope_scaling; where both are given, transformers reads
+    rope_scaling (its rope_theta, else the top-level one)."""
+    rope, name = hf.get("rope_scaling"), "rope_scaling"
+    if rope is None or rope == {}:  # transformers passes over an empty one too
+        rope, name = hf.get("rope_parameters"), "rope_parameters"
+    rope = {} if rope is None else rope
+    if not isinstance(rope, dict):
+        raise fail(f, f"{name} must be an object, got {_short(rope)}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+        raise fail(f, f"unsupported {kind} variant: {name} of type {_short(rope_type)} (supported: "
+                      f"{', '.join(map(repr, ROPE_TYPES))})")
+    for where, d in ((f"{name}.", rope), ("", hf)):
+        if d.get("partial_rotary_factor") not in (None, 1, 1.0):
+            raise fail(f, f"unsupported {kind} variant: {where}partial_rotary_factor = "
+                          f"{_short(d['partial_rotary_factor'])} (every feature of a head is rotated here)")
+    theta = _positive(rope, "rope_theta", hf.get("rope_theta", 10000.0), f, fail,
+                      f"{name}." if "rope_theta" in rope else "")
+    out = {"rope_theta": theta, "rope_scaling": ROPE_TYPES[rope_type]}
+    if rope_type == "default":
+        return out
+    where = f"{name}."
+    if "factor" not in rope:
+        raise fail(f, f"{name} of type {rope_type!r} lacks factor")
+    out["rope_factor"] = _positive(rope, "factor", None, f, fail, where)
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if key not in rope:
+                raise fail(f, f"{name} of type 'llama3' lacks {key}")
+            out[f"rope_{key}"] = _positive(rope, key, None, f, fail, where)
+        if out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
+            raise fail(f, f"{where}high_freq_factor ({out['rope_high_freq_factor']:g}) must exceed low_freq_factor "
+                          f"({out['rope_low_freq_factor']:g})")
+        # the pre-training context: the dict's, else the model's (transformers' default)
+        key = "original_max_position_embeddings"
+        original = read_int(rope, key, (1, 1 << 20), f, positions)
+        if hf.get(key, original) != original:  # transformers' versions differ on which one wins
+            raise fail(f, f"{key} ({_short(hf[key])}) contradicts {where}{key} ({original})")
+        out["rope_original_max_positions"] = original
+    return out
 
 
 def expected_shapes(m: dict) -> dict[str, tuple]:
@@ -138,15 +181,30 @@ def to_theirs(state: dict[str, torch.Tensor], n_layer: int, family: str, tied: b
 
 def hf_config(m, vocab_size: int, bos: int, eot: int, pad: int) -> dict:
     """config.json for our ModelConfig ``m`` of the llama family."""
+    scaling = rope_scaling(m)
     cfg = {"architectures": [ARCHITECTURES[m.family]], "model_type": m.family, "vocab_size": vocab_size,
            "hidden_size": m.d_model, "intermediate_size": m.inner, "num_hidden_layers": m.n_layer,
            "num_attention_heads": m.n_head, "num_key_value_heads": m.kv_heads, "hidden_act": "silu",
            "max_position_embeddings": m.max_positions, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-           "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "tie_word_embeddings": m.tie_embeddings, "attention_dropout": m.dropout,
+           "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta, **(scaling or {})},
+           "tie_word_embeddings": m.tie_embeddings, "attention_dropout": m.dropout,
            "initializer_range": 0.02, "use_cache": True, "bos_token_id": bos, "eos_token_id": eot,
            "pad_token_id": pad, "torch_dtype": "float32"}
+    if scaling:  # transformers before 5 reads rope_scaling (with rope_theta beside it); 5 reads either
+        cfg["rope_scaling"] = scaling
     if m.family == "llama":
         cfg.update({"attention_bias": False, "mlp_bias": False})
     else:
         cfg.update({"use_sliding_window": False, "sliding_window": None})
     return cfg
+
+
+def rope_scaling(m) -> dict | None:
+    """transformers' rope_scaling for our ModelConfig ``m`` (rope_type and its numbers); None without scaling."""
+    if m.rope_scaling == "none":
+        return None
+    out = {"rope_type": m.rope_scaling, "factor": m.rope_factor}
+    if m.rope_scaling == "llama3":
+        out.update({"low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
+                    "original_max_position_embeddings": m.rope_original_max_positions or m.max_positions})
+    return out

@@ -28,7 +28,8 @@ from engine.train.step import MicroBatch
 from engine.train.task_feeds import make_feed
 
 SHAPE_KEYS = ("n_layer", "n_head", "d_model", "dropout", "bias", "activation", "family", "n_kv_head", "d_ff",
-              "rope_theta", "norm_eps", "tie_embeddings", "scale_embedding")
+              "rope_theta", "norm_eps", "tie_embeddings", "scale_embedding", "rope_scaling", "rope_factor",
+              "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions")
 MIN_TOKENS = 16  # room left for text after the soft prompt
 
 

@@ -29,7 +29,8 @@ BUILDS_DIFFERENTLY = "builds differently"
 # need none: the other value, the next choice); the other numeric keys (the shape, context, dropout) are
 # every family's
 PROBES: dict[str, object] = {"model.n_kv_head": 2, "model.d_ff": 256, "model.norm_eps": 1e-6,
-                             "model.rope_theta": 500000.0}
+                             "model.rope_theta": 500000.0, "model.rope_factor": 8.0, "model.rope_low_freq_factor": 2.0,
+                             "model.rope_high_freq_factor": 8.0, "model.rope_original_max_positions": 8192}
 # keys a family takes without complaint yet reads only if it builds this: a (Variations attribute, value)
 # pair, or BUILDS_DIFFERENTLY (what is built changes with the key)
 PARTS: dict[str, object] = {"model.rope_theta": ("positions", "rotary"), "model.activation": ("mlp", "gelu"),

@@ -68,7 +68,7 @@ def trained(tmp_path_factory):
 # -- kills ------------------------------------------------------------------------------------------
 
 
-KILLS = 8  # each costs an engine start; the random points land in training, checkpoint writes and commits
+KILLS = 6  # each costs an engine start; the random points land in training, checkpoint writes and commits
 
 
 def test_sigkills_at_random_points_then_resume_equal_an_uninterrupted_run(tmp_path, record):
