@@ -6,9 +6,11 @@ import torch
 from helpers import PUBMED_TRAIN, needs_shared_data, tiny
 
 from engine.core.config import RunConfig, from_dict
-from engine.core.flops import flop_model_for_config
+from engine.core.flops import flop_model_for_config, flop_model_for_model
 from engine.store.rundb import RunDB
-from engine.core.sparsity_schedule import Schedule, gpt_layer_shapes, nonzero_counts, planned, step_flops_per_token
+from engine.core.sparsity_schedule import (
+    Schedule, gpt_layer_shapes, layer_shapes, nonzero_counts, planned, step_flops_per_token,
+)
 from engine.model.mask_updates import drop_and_grow, install_mask, magnitude_prune
 from engine.model.sparse_linear import SparseLinear
 
@@ -94,20 +96,24 @@ def test_the_end_step_defaults_to_three_quarters_of_the_run():
 
 
 @needs_shared_data()
-# (SET with uniform levels: test_the_sparse_core_keeps_working_after_updates; RigL here in bf16)
-@pytest.mark.parametrize("method,distribution,precision", [("gmp", "erk", "fp32"), ("rigl", "erk", "bf16")])
+# (SET with uniform levels: test_the_sparse_core_keeps_working_after_updates; RigL here in bf16, and on a
+# llama-family model: grouped-query k and v narrower than q, SwiGLU's three MLP matrices)
+@pytest.mark.parametrize("method,distribution,precision,family", [
+    ("gmp", "erk", "fp32", ()), ("rigl", "erk", "bf16", ()),
+    ("rigl", "erk", "fp32", ("model.family=llama", "model.n_kv_head=1", "model.d_ff=48"))])
 def test_every_update_leaves_each_layer_its_exact_count_and_flops_follow_the_formula(cli, db_path, method,
-                                                                                      distribution, precision):
+                                                                                      distribution, precision, family):
     args = tiny(CORPUS, f"sparsity.method={method}", f"sparsity.distribution={distribution}", "sparsity.update_every=2",
                 "sparsity.initial=0.3", "train.max_steps=10", "sparsity.end_step=8", "sparsity.kernel=dense",
-                "model.n_layer=2", f"train.precision={precision}")
+                "model.n_layer=2", f"train.precision={precision}", *family)
     r = cli("train", "demo", *args)
     assert r.rc == 0, r.stderr
     db = RunDB(db_path)
     run = db.get_run(r.run_id)
     cfg = from_dict(run["config"])
     sched = Schedule.from_config(cfg)
-    shapes = gpt_layer_shapes(cfg.model.n_layer, cfg.model.d_model)
+    shapes = layer_shapes(cfg.model)  # the family's matrices
+    assert len(shapes) == 2 * (7 if family else 6)
     updates = sched.updates(10)
     assert updates == [2, 4, 6, 8]
     churn = {m["step"]: m["value"] for m in db.metrics(r.run_id, names=["mask_churn"])}
@@ -121,7 +127,7 @@ def test_every_update_leaves_each_layer_its_exact_count_and_flops_follow_the_for
     if method != "gmp":
         assert churn[2] == pytest.approx(sched.drop_fraction(2), abs=0.01)
     # the FLOPs spent: the documented per-step formula summed over the run's steps
-    fm = flop_model_for_config(cfg.model.n_layer, cfg.model.d_model, cfg.model.n_ctx, run["meta"]["vocab_size"], 0.0)
+    fm = flop_model_for_model(cfg.model, run["meta"]["vocab_size"], 0.0)  # the family's formula
     plan = planned(sched, shapes, 10, fm)
     tokens = cfg.train.batch_size * cfg.model.n_ctx
     assert run["summary"]["flops"] == pytest.approx(tokens * sum(plan["flops_per_token"]), rel=1e-9)
